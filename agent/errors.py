@@ -1,0 +1,116 @@
+"""The one error hierarchy of backup-agent.
+
+Every error a user can meet is a :class:`BackupAgentError`: the CLI prints its
+one-line message and exits with its ``exit_code``. Anything else is a bug and
+gets a traceback. Each class owns a distinct exit status so scripts and the
+agent can tell failures apart without parsing text.
+"""
+
+from __future__ import annotations
+
+import signal
+
+# Exit statuses, documented in the README. 1 is left to Python for bugs.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_REPOSITORY = 3
+EXIT_BUSY = 4
+EXIT_STEP_FAILED = 5
+EXIT_DISK_MISSING = 6
+EXIT_PARTIAL = 7
+EXIT_NOT_AVAILABLE = 8
+EXIT_INTERRUPTED = 130
+
+
+class BackupAgentError(Exception):
+    """Base of every expected failure; ``str()`` is the one line shown."""
+
+    exit_code = EXIT_STEP_FAILED
+
+    def __init__(self, message: str, *, step: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.step = step
+        # Set by the cycle: True when no complete snapshot was touched.
+        self.snapshots_untouched: bool | None = None
+
+
+class UsageError(BackupAgentError):
+    """The command line is wrong (bad option, bad value, missing argument)."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(BackupAgentError):
+    """The configuration file is unreadable, unsafe or invalid."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, path: str, key: str | None, problem: str) -> None:
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {problem}", step="config")
+        self.path = path
+        self.key = key
+        self.problem = problem
+
+
+class NotAvailableError(BackupAgentError):
+    """An option is recognised but its capability is not built yet."""
+
+    exit_code = EXIT_NOT_AVAILABLE
+
+
+class RepositoryError(BackupAgentError):
+    """The destination is not a repository we may write to, or is damaged."""
+
+    exit_code = EXIT_REPOSITORY
+
+
+class BusyError(BackupAgentError):
+    """Another backup cycle holds the lock."""
+
+    exit_code = EXIT_BUSY
+
+
+class DiskMissingError(BackupAgentError):
+    """The configured backup disk is not attached."""
+
+    exit_code = EXIT_DISK_MISSING
+
+
+class CommandError(BackupAgentError):
+    """An external program failed; carries its argv, status and stderr tail."""
+
+    exit_code = EXIT_STEP_FAILED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: tuple[str, ...] = (),
+        returncode: int | None = None,
+        stderr_tail: tuple[str, ...] = (),
+        step: str | None = None,
+    ) -> None:
+        super().__init__(message, step=step)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+class StepError(BackupAgentError):
+    """A step of the cycle failed for a reason that is not a command's status."""
+
+    exit_code = EXIT_STEP_FAILED
+
+
+class Interrupted(BackupAgentError):
+    """The cycle received SIGINT or SIGTERM and stopped after cleaning up."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, signum: int, *, step: str | None = None) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name}", step=step)
+        self.signum = signum
+        self.exit_code = 128 + signum
