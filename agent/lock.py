@@ -1,0 +1,90 @@
+"""One cycle at a time: flock-based locks that a killed run never leaves held.
+
+The kernel drops an flock when its holder dies, so a crashed or SIGKILLed run
+never blocks the next one. The holder writes who it is into the file so the
+second run can name it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from typing import Any, Iterator
+
+from .errors import BusyError
+
+
+def machine_lock_path() -> str:
+    """Where the per-machine lock lives: /run for root, the runtime dir otherwise."""
+    if os.geteuid() == 0:
+        return "/run/backup-agent.lock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        return os.path.join(runtime, "backup-agent.lock")
+    return f"/tmp/backup-agent-{os.getuid()}.lock"
+
+
+def _describe_holder(fd: int, path: str) -> str:
+    try:
+        raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        holder = json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return f"another backup holds {path}"
+    what = f"pid {holder['pid']}"
+    if holder.get("started"):
+        what += f", started {holder['started']}"
+    if holder.get("repository"):
+        what += f", writing to {holder['repository']}"
+    return f"another backup is running ({what})"
+
+
+@contextlib.contextmanager
+def hold(path: str, holder: dict[str, Any]) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the block."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise BusyError(f"cannot open the lock file {path}: {exc.strerror}", step="lock") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise BusyError(
+                f"{_describe_holder(fd, path)}; wait for it to finish or stop it, then try again", step="lock"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def probe(path: str) -> None:
+    """Raise BusyError if someone holds ``path``; creates nothing (for --dry-run)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BusyError(f"cannot open the lock file {path}: {exc.strerror}", step="lock") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise BusyError(f"{_describe_holder(fd, path)}; wait for it to finish", step="lock") from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
