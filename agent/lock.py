@@ -18,7 +18,14 @@ from .errors import BusyError
 
 
 def machine_lock_path() -> str:
-    """Where the per-machine lock lives: /run for root, the runtime dir otherwise."""
+    """Where the per-machine lock lives: /run for root, the runtime dir otherwise.
+
+    ``BACKUP_AGENT_RUNTIME_DIR`` moves it (tests, a second instance), except
+    through sudo, where the caller's environment is never trusted.
+    """
+    override = os.environ.get("BACKUP_AGENT_RUNTIME_DIR")
+    if override and os.path.isabs(override) and "SUDO_UID" not in os.environ:
+        return os.path.join(override, "backup-agent.lock")
     if os.geteuid() == 0:
         return "/run/backup-agent.lock"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
