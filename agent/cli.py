@@ -1,0 +1,326 @@
+"""Command-line front end: each subcommand is a thin call into the layers below.
+
+Errors the user can act on (:class:`BackupAgentError`) print one line and exit
+with their own status; anything else is a bug and gets a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .commands import IONICE_CLASSES, Runner
+from .config import Settings, effective_excludes, load_settings, running_through_sudo
+from .cycle import STEPS, Cycle, Request, check_platform
+from .errors import EXIT_OK, EXIT_PARTIAL, BackupAgentError, Interrupted, NotAvailableError, UsageError
+from .events import Emitter
+from .repository import Repository
+from .rotation import FREQUENCIES, Count, Plan, Scheme
+
+log = logging.getLogger("agent")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so errors stay one line."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _count(text: str) -> Count:
+    if text.strip().lower() == "always":
+        return "always"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a count: give a whole number or "always"') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: give a whole number of 0 or more, or \"always\"")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="backup-agent", description="Hard-linked rsync snapshots on a backup disk.")
+    parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    common = _Parser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="read this config instead of /etc/backup-agent/config.toml")
+    common.add_argument("-v", "--verbose", action="store_true", help="say more (every command run, rsync's output)")
+    common.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
+
+    backup = sub.add_parser("backup", parents=[common], help="run a backup cycle", description="Run a backup cycle.")
+    backup.add_argument("-b", "--backup", action="store_true", help="transfer into a new <name>.in-progress")
+    backup.add_argument("-s", "--snapshot", action="store_true", help="complete the finished transfer as a snapshot")
+    backup.add_argument("-r", "--rotate", action="store_true", help="rotate old snapshots (none of -b/-s/-r: all three)")
+    backup.add_argument("-m", "--mount", metavar="DIRECTORY", help="mount the backup filesystem first")
+    backup.add_argument("-c", "--crypto", metavar="NAME", help="unlock the encrypted backup disk first")
+    backup.add_argument("-t", "--tunnel", metavar="TUNNEL_SPEC", help="reach an rsync daemon over SSH")
+    backup.add_argument("--disk", metavar="NAME", help="back up to this configured disk")
+    backup.add_argument("-i", "--ionice", metavar="CLASS", choices=sorted((*IONICE_CLASSES, "none")), help="I/O class for rsync and rm")
+    backup.add_argument("-u", "--no-sudo", action="store_true", help="run as the current user (no root needed)")
+    backup.add_argument("-n", "--dry-run", action="store_true", help="write nothing anywhere; say what would happen")
+    backup.add_argument("--multi-fs", action="store_true", help="cross filesystem boundaries")
+    backup.add_argument("-x", "--exclude", metavar="PATTERN", action="append", default=[], help="rsync exclude pattern (repeatable)")
+    backup.add_argument("-f", "--force", action="store_true", help="run on a system other than Linux")
+    backup.add_argument("--disable-notifications", action="store_true", help="no desktop notifications for this run")
+    backup.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
+    backup.add_argument("source", nargs="?", metavar="SOURCE", help="directory to back up (default: config, else /)")
+    backup.add_argument("destination", nargs="?", metavar="DESTINATION", help="the repository directory")
+
+    listing = sub.add_parser("list", parents=[common], help="list the snapshots of a repository")
+    listing.add_argument("--json", action="store_true", help="one JSON array of snapshots")
+    listing.add_argument("repository", nargs="?", metavar="REPOSITORY")
+
+    rotate = sub.add_parser("rotate", parents=[common], help="rotate old snapshots now")
+    rotate.add_argument("-n", "--dry-run", action="store_true", help="show the plan; delete nothing")
+    rotate.add_argument("--json", action="store_true", help='print {"keep": {...}, "delete": [...]}')
+    for frequency in FREQUENCIES:
+        rotate.add_argument(f"--{frequency}", type=_count, metavar="N", help=f'{frequency} snapshots to keep (or "always")')
+    rotate.add_argument("--prefer-recent", action="store_true", default=None, help="keep the newest of each period")
+    rotate.add_argument("--relaxed", action="store_true", help="count periods, not time since the newest")
+    rotate.add_argument("repository", nargs="?", metavar="REPOSITORY")
+    return parser
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("backup-agent: %(message)s"))
+    root = logging.getLogger("agent")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, through_sudo=running_through_sudo())
+
+
+def _repository_path(given: str | None, settings: Settings) -> str:
+    path = given or settings.repository
+    if not path:
+        raise UsageError("no repository: give DESTINATION (or REPOSITORY), or set [backup] repository in the config")
+    return os.path.abspath(path)
+
+
+@dataclasses.dataclass
+class _Signals:
+    """Turns the first SIGINT/SIGTERM into an exception; later ones are logged."""
+
+    received: int | None = None
+
+    def install(self) -> Callable[[], None]:
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            log.warning("received %s again; still cleaning up", signal.Signals(signum).name)
+            return
+        self.received = signum
+        raise Interrupted(signum)
+
+
+# -- subcommands -----------------------------------------------------------------
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    for option, value, later in (("--mount", args.mount, "the disk lifecycle"), ("--crypto", args.crypto, "the disk lifecycle"),
+                                 ("--disk", args.disk, "the disk lifecycle"), ("--tunnel", args.tunnel, "remote backups")):
+        if value:
+            raise NotAvailableError(
+                f"{option} is not available in this version ({later} is not built yet): "
+                "back up to a mounted directory with SOURCE DESTINATION instead"
+            )
+    check_platform(args.force)
+    if os.geteuid() != 0 and not args.no_sudo:
+        raise UsageError(
+            "backing up needs root to read every file and keep owners: run it with sudo, "
+            "or pass --no-sudo to back up as this user"
+        )
+    settings = _load(args)
+    source, destination = args.source, args.destination
+    if source is not None and destination is None:
+        source, destination = None, source
+    overrides: dict[str, Any] = {}
+    if source is not None:
+        overrides["source"] = os.path.abspath(source)
+    if args.ionice:
+        overrides["ionice"] = args.ionice
+    if args.multi_fs:
+        overrides["one_file_system"] = False
+    if args.disable_notifications:
+        overrides["notifications"] = False
+    if args.exclude:
+        for pattern in args.exclude:
+            if not pattern or "\n" in pattern or "\0" in pattern:
+                raise UsageError(f"--exclude {pattern!r}: give a non-empty rsync pattern on one line")
+        overrides["exclude"] = effective_excludes(settings) + tuple(args.exclude)
+    settings = dataclasses.replace(settings, **overrides)
+    steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)
+    request = Request(
+        settings=settings,
+        source=settings.source,
+        repository=_repository_path(destination, settings),
+        steps=steps,
+        dry_run=args.dry_run,
+    )
+    emitter = Emitter(sys.stdout if args.json else None)
+    outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
+    if not args.json and not args.quiet:
+        print(_summary(outcome, request))
+    return EXIT_PARTIAL if outcome.partial else EXIT_OK
+
+
+def _human_size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _summary(outcome: Any, request: Request) -> str:
+    stats = outcome.statistics or {}
+    prefix = "dry run: would make" if request.dry_run else "made"
+    parts = []
+    if outcome.snapshot and "backup" in request.steps:
+        parts.append(
+            f"{prefix} snapshot {outcome.snapshot}: {stats.get('files', 0)} files, "
+            f"{stats.get('transferred_files', 0)} changed ({_human_size(stats.get('transferred_size', 0))})"
+        )
+    elif outcome.snapshot:
+        parts.append(f"completed snapshot {outcome.snapshot}")
+    if outcome.partial:
+        parts.append("PARTIAL: some files could not be read (see warnings)")
+    if outcome.flagged:
+        parts.append("FLAGGED: " + outcome.flagged)
+    if outcome.plan is not None:
+        verb = "would delete" if request.dry_run else "deleted"
+        parts.append(f"rotation kept {len(outcome.plan.keep)}, {verb} {len(outcome.plan.delete)}")
+    parts.append(f"in {outcome.duration:.1f} s")
+    return "; ".join(parts)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    repo = Repository.open(_repository_path(args.repository, settings))
+    rows = []
+    for name in repo.snapshot_names():
+        metadata = repo.read_metadata(name) or {}
+        rows.append({"name": name, "path": repo.snapshot_path(name), **{k: v for k, v in metadata.items() if k != "name"}})
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print(f"{repo.root}: no snapshots yet")
+        return EXIT_OK
+    latest = repo.latest_name()
+    print(f"{'SNAPSHOT':<26} {'FILES':>9} {'CHANGED':>9} {'SIZE':>10} {'TOOK':>7}  NOTES")
+    for row in rows:
+        stats = row.get("statistics") or {}
+        notes = [n for n, on in (("latest", row["name"] == latest), ("partial", row.get("partial")), ("flagged", row.get("flagged"))) if on]
+        if not row.get("state"):
+            notes.append("no metadata")
+        took = f"{row['duration']:.0f}s" if isinstance(row.get("duration"), (int, float)) else "?"
+        print(
+            f"{row['name']:<26} {stats.get('files', '?'):>9} {stats.get('transferred_files', '?'):>9} "
+            f"{_human_size(stats.get('total_size', 0)):>10} {took:>7}  {', '.join(notes)}"
+        )
+    in_progress = repo.in_progress_names()
+    if in_progress:
+        print(f"unfinished transfers (resumed by the next backup): {', '.join(in_progress)}")
+    return EXIT_OK
+
+
+def _plan_json(plan: Plan) -> str:
+    return json.dumps({"keep": {k: list(v) for k, v in plan.keep.items()}, "delete": list(plan.delete)}, indent=2)
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    given = {f: getattr(args, f) for f in FREQUENCIES if getattr(args, f) is not None}
+    scheme = settings.rotation
+    if given:
+        counts = {f: c for f, c in given.items() if c != 0}
+        if not counts:
+            raise UsageError("every count is 0: that scheme would delete every snapshot but the newest; give a count of 1 or more")
+        scheme = Scheme(counts=counts, prefer_recent=scheme.prefer_recent, strict=scheme.strict)
+    if args.prefer_recent:
+        scheme = dataclasses.replace(scheme, prefer_recent=True)
+    if args.relaxed:
+        scheme = dataclasses.replace(scheme, strict=False)
+    settings = dataclasses.replace(settings, rotation=scheme)
+    request = Request(
+        settings=settings,
+        source=settings.source,
+        repository=_repository_path(args.repository, settings),
+        steps=frozenset({"rotate"}),
+        dry_run=args.dry_run,
+    )
+    outcome = Cycle(request, Emitter(None), Runner(dry_run=args.dry_run)).run()
+    plan = outcome.plan or Plan(keep={}, delete=())
+    if args.json:
+        print(_plan_json(plan))
+        return EXIT_OK
+    for name, reasons in plan.keep.items():
+        print(f"keep    {name}  ({', '.join(reasons)})")
+    verb = "would delete" if args.dry_run else "deleted"
+    for name in plan.delete:
+        print(f"{verb:<7} {name}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "backup": cmd_backup,
+    "list": cmd_list,
+    "rotate": cmd_rotate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    signals = _Signals()
+    restore = signals.install()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        _setup_logging(args.verbose, args.quiet)
+        return COMMANDS[args.command](args)
+    except BackupAgentError as exc:
+        print(_error_line(exc), file=sys.stderr)
+        return exc.exit_code
+    finally:
+        restore()
+
+
+def _error_line(exc: BackupAgentError) -> str:
+    line = f"backup-agent: {exc.message}"
+    if exc.step and exc.step not in ("config",):
+        line = f"backup-agent: {exc.step} failed: {exc.message}"
+    if exc.snapshots_untouched:
+        line += " (earlier snapshots are untouched)"
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

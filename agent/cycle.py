@@ -1,0 +1,468 @@
+"""One backup cycle: lock → prepare → transfer → snapshot → rotate.
+
+The cycle keeps DESIGN.md's rules: it writes only into a fresh
+``<name>.in-progress`` (never into a completed snapshot), completes a snapshot
+by an atomic rename, deletes old snapshots only after a new one completed,
+runs one at a time, and with ``dry_run`` writes nothing at all. Every step is
+announced as an event; each resource is released by the ``ExitStack`` that
+took it, also when a step fails, so later steps (unlock, mount, hooks) slot in
+as more context managers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from . import __version__, lock, rsync
+from .commands import Runner, priority_prefix
+from .config import Settings, effective_excludes
+from .errors import BackupAgentError, CommandError, RepositoryError, StepError, UsageError
+from .events import Emitter, complete, error, progress, step, warning
+from .mounts import find_skipped_mounts
+from .repository import Repository, classify, reserve_name
+from .rotation import Plan, plan_rotation
+
+log = logging.getLogger(__name__)
+
+STEPS = ("backup", "snapshot", "rotate")
+# A snapshot with fewer than this share of the previous one's files is flagged.
+SHRINK_ALARM = 0.5
+# Progress events at most this often (seconds).
+PROGRESS_INTERVAL = 0.5
+MAX_LINK_DESTS = 20
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the caller asked for, after the config and the command line merged."""
+
+    settings: Settings
+    source: str
+    repository: str
+    steps: frozenset[str] = frozenset(STEPS)
+    dry_run: bool = False
+
+
+@dataclass
+class Outcome:
+    """What the cycle did; the CLI turns it into an exit status and a summary."""
+
+    snapshot: str | None = None
+    partial: bool = False
+    flagged: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    plan: Plan | None = None
+    deleted: tuple[str, ...] = ()
+    duration: float = 0.0
+
+
+def find_cachedir_tagged(source: str, one_file_system: bool) -> list[str]:
+    """Directories under ``source`` holding a valid CACHEDIR.TAG (not below one another)."""
+    found: list[str] = []
+    try:
+        top_dev = os.lstat(source).st_dev
+    except OSError:
+        return found
+    stack = [source]
+    while stack:
+        directory = stack.pop()
+        subdirs: list[str] = []
+        tagged = False
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.path)
+                        elif entry.name == "CACHEDIR.TAG" and entry.is_file(follow_symlinks=False):
+                            with open(entry.path, "rb") as handle:
+                                tagged = rsync.is_cachedir_tag(handle.read(len(rsync.CACHEDIR_SIGNATURE)))
+                    except OSError as exc:
+                        log.debug("skipping %s while looking for CACHEDIR.TAG: %s", entry.path, exc)
+        except OSError as exc:
+            log.debug("cannot list %s while looking for CACHEDIR.TAG: %s", directory, exc)
+            continue
+        if tagged and directory != source:
+            found.append(directory)
+            continue
+        for sub in subdirs:
+            if one_file_system:
+                try:
+                    if os.lstat(sub).st_dev != top_dev:
+                        continue
+                except OSError:
+                    continue
+            stack.append(sub)
+    return sorted(found)
+
+
+class Cycle:
+    """Runs one request; emits events; raises BackupAgentError on failure."""
+
+    def __init__(self, request: Request, emitter: Emitter, runner: Runner) -> None:
+        self.request = request
+        self.settings = request.settings
+        self.emitter = emitter
+        self.runner = runner
+        self.outcome = Outcome()
+        self.current_step: str | None = None
+        self.repository: Repository | None = None
+        self._started = time.monotonic()
+
+    # -- helpers ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _step(self, name: str, **detail: Any) -> Iterator[dict[str, Any]]:
+        """Announce a step; the block may add detail to its ``done`` event."""
+        self.current_step = name
+        self.emitter.emit(step(name, "start", **detail))
+        done: dict[str, Any] = {}
+        yield done
+        self.emitter.emit(step(name, "done", **done))
+
+    def _warn(self, message: str, **detail: Any) -> None:
+        log.warning("%s", message)
+        self.outcome.warnings.append(message)
+        self.emitter.emit(warning(self.current_step or "cycle", message, **detail))
+
+    def _priority(self, ionice_class: str | None = None) -> tuple[str, ...]:
+        commands = self.settings.commands
+        return priority_prefix(
+            commands.ionice, commands.nice, ionice_class or self.settings.ionice, self.settings.nice
+        )
+
+    def _holder(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "repository": self.request.repository,
+        }
+
+    # -- the cycle -----------------------------------------------------------
+
+    def run(self) -> Outcome:
+        try:
+            with contextlib.ExitStack() as stack:
+                self._lock_machine(stack)
+                self._prepare(stack)
+                name: str | None = None
+                if "backup" in self.request.steps:
+                    name = self._transfer()
+                if "snapshot" in self.request.steps:
+                    name = self._snapshot(name)
+                if "rotate" in self.request.steps:
+                    self._rotate(name)
+        except BackupAgentError as exc:
+            exc.step = exc.step or self.current_step
+            exc.snapshots_untouched = not self.outcome.deleted
+            self.emitter.emit(error(exc.step, exc.message, exc.exit_code, exc.snapshots_untouched))
+            raise
+        self.outcome.duration = round(time.monotonic() - self._started, 3)
+        self.emitter.emit(
+            complete(
+                self.outcome.snapshot,
+                partial=self.outcome.partial,
+                flagged=self.outcome.flagged,
+                statistics=self.outcome.statistics,
+                warnings=len(self.outcome.warnings),
+                deleted=list(self.outcome.deleted),
+                duration=self.outcome.duration,
+                dry_run=self.request.dry_run,
+            )
+        )
+        return self.outcome
+
+    def _lock_machine(self, stack: contextlib.ExitStack) -> None:
+        with self._step("lock"):
+            path = lock.machine_lock_path()
+            if self.request.dry_run:
+                lock.probe(path)
+            else:
+                stack.enter_context(lock.hold(path, self._holder()))
+
+    def _prepare(self, stack: contextlib.ExitStack) -> None:
+        request = self.request
+        with self._step("prepare", repository=request.repository) as done:
+            source = request.source
+            if "backup" in request.steps:
+                self._check_source(source)
+            state = classify(request.repository)
+            needs_repository = "backup" in request.steps or "snapshot" in request.steps
+            if state in ("missing", "empty") and not needs_repository:
+                raise RepositoryError(f"{request.repository} holds no repository yet: nothing to rotate", step="prepare")
+            if request.dry_run:
+                if state == "foreign":
+                    Repository.create(request.repository)  # raises the same refusal, creating nothing
+                if state == "repository":
+                    self.repository = Repository.open(request.repository)
+                    lock.probe(self.repository.lock_path)
+                else:
+                    log.info("would create the repository %s", request.repository)
+                done["created"] = state != "repository"
+                return
+            self.repository = Repository.create(request.repository)
+            stack.enter_context(lock.hold(self.repository.lock_path, self._holder()))
+            done["created"] = state != "repository"
+            done["id"] = self.repository.marker.id
+
+    def _check_source(self, source: str) -> None:
+        if not os.path.isdir(source):
+            raise UsageError(f"source {source} is not a directory: give the directory to back up", step="prepare")
+        if classify(source) == "repository":
+            raise UsageError(
+                f"source {source} is a backup-agent repository: did you swap SOURCE and DESTINATION?",
+                step="prepare",
+            )
+        repo_real = os.path.realpath(self.request.repository)
+        source_real = os.path.realpath(source)
+        if repo_real == source_real or source_real.startswith(repo_real.rstrip("/") + "/"):
+            raise UsageError(
+                f"source {source} lies inside the repository {self.request.repository}: give another source",
+                step="prepare",
+            )
+
+    # -- transfer ------------------------------------------------------------
+
+    def _transfer(self) -> str:
+        settings = self.settings
+        request = self.request
+        repo = self.repository
+        start = dt.datetime.now().astimezone()
+        if repo is None:
+            snapshots_dir = os.path.join(request.repository, "snapshots")
+            name = reserve_name(snapshots_dir, start, create=False)
+            latest = None
+            leftovers: list[str] = []
+            target = os.path.join(snapshots_dir, name + ".in-progress")
+        elif request.dry_run:
+            name = reserve_name(repo.snapshots_dir, start, create=False)
+            latest = repo.latest_name()
+            leftovers = repo.in_progress_names()
+            target = repo.in_progress_path(name)
+        else:
+            leftovers = repo.in_progress_names()
+            name = repo.reserve(start)
+            latest = repo.latest_name()
+            target = repo.in_progress_path(name)
+        # Newest leftovers first: they hold the most recent partial copies.
+        leftovers = [n for n in reversed(leftovers) if n != name][: MAX_LINK_DESTS - 1]
+        link_dests: list[str] = []
+        if latest is not None and repo is not None:
+            link_dests.append(repo.snapshot_path(latest))
+        if repo is not None:
+            link_dests.extend(repo.in_progress_path(n) for n in leftovers)
+
+        with self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done:
+            skipped = find_skipped_mounts(request.source) if settings.one_file_system else ()
+            tagged = find_cachedir_tagged(request.source, settings.one_file_system) if settings.skip_cachedir_tagged else []
+            filters = rsync.cachedir_filter_rules(request.source, tagged) + rsync.exclude_repository_rule(
+                request.source, request.repository
+            )
+            excludes = effective_excludes(settings)
+            argv = rsync.build_argv(
+                rsync=settings.commands.rsync,
+                source=request.source,
+                target=target,
+                link_dests=link_dests,
+                one_file_system=settings.one_file_system,
+                excludes=excludes,
+                filter_rules=filters,
+                io_timeout=settings.io_timeout,
+                dry_run=request.dry_run,
+                priority_prefix=self._priority(),
+            )
+            parser = rsync.ProgressParser()
+            errors = rsync.ErrorCollector()
+            other_lines: list[str] = []
+            last_emit = 0.0
+
+            def on_stdout(line: str) -> None:
+                nonlocal last_emit
+                update = parser.feed(line)
+                if update is None:
+                    other_lines.append(line)
+                    return
+                now = time.monotonic()
+                if now - last_emit >= PROGRESS_INTERVAL or update.percent >= 100:
+                    last_emit = now
+                    self.emitter.emit(progress(update.percent, update.bytes, update.files, update.rate, update.eta))
+
+            result = self.runner.run(
+                argv,
+                step="transfer",
+                exit_table=rsync.EXIT_TABLE,
+                on_stdout=on_stdout,
+                on_stderr=errors.feed,
+                mutating=False if request.dry_run else True,
+                check=False,
+            )
+            if result.kind == "error":
+                raise CommandError(
+                    f"rsync failed ({result.meaning}): {' | '.join(result.stderr_tail[-3:]) or 'no error output'}; "
+                    "the unfinished transfer is kept and the next run resumes from it",
+                    argv=result.argv,
+                    returncode=result.returncode,
+                    stderr_tail=result.stderr_tail,
+                    step="transfer",
+                )
+            stats = rsync.parse_stats(other_lines)
+            self.outcome.statistics = stats.as_dict()
+            if result.kind == "warning":
+                self._warn(f"rsync: {result.meaning} ({errors.vanished} files)", code=result.returncode)
+            if result.kind == "partial":
+                self.outcome.partial = True
+                self._warn(
+                    f"snapshot {name} is partial: {errors.count} files could not be transferred",
+                    code=result.returncode,
+                    errors=list(errors.first),
+                )
+            metadata = {
+                "format": 1,
+                "name": name,
+                "state": "transferred",
+                "host": socket.gethostname(),
+                "source": request.source,
+                "tool_version": __version__,
+                "start": start.isoformat(timespec="seconds"),
+                "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "link_dest": latest,
+                "resumed_from": leftovers,
+                "statistics": self.outcome.statistics,
+                "partial": self.outcome.partial,
+                "errors": {"count": errors.count, "first": list(errors.first)},
+                "vanished": errors.vanished,
+                "warnings": list(self.outcome.warnings),
+                "excludes": list(excludes),
+                "cachedir_tagged": tagged,
+                "skipped_mounts": list(skipped),
+                "one_file_system": settings.one_file_system,
+            }
+            if repo is not None and not request.dry_run:
+                repo.write_metadata(name, metadata)
+            done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(skipped))
+        self.outcome.snapshot = name
+        return name
+
+    # -- snapshot ------------------------------------------------------------
+
+    def _snapshot(self, name: str | None) -> str | None:
+        repo = self.repository
+        with self._step("snapshot", snapshot=name) as done:
+            if repo is None or self.request.dry_run:
+                if name is None and repo is not None:
+                    name = self._finished_transfer(repo)
+                log.info("would complete snapshot %s", name)
+                done["snapshot"] = name
+                return name
+            if name is None:
+                name = self._finished_transfer(repo)
+            metadata = repo.read_metadata(name) or {}
+            if metadata.get("state") != "transferred":
+                raise StepError(f"the transfer into {name} did not finish: run the backup again", step="snapshot")
+            previous = repo.latest_name()
+            self.outcome.flagged = self._shrink_check(repo, previous, metadata)
+            end = dt.datetime.now().astimezone()
+            start = dt.datetime.fromisoformat(metadata["start"])
+            metadata.update(
+                state="complete",
+                end=end.isoformat(timespec="seconds"),
+                duration=round((end - start).total_seconds(), 3),
+                flagged=self.outcome.flagged,
+                previous=previous,
+                warnings=sorted(set(metadata.get("warnings", [])) | set(self.outcome.warnings)),
+            )
+            self.outcome.partial = bool(metadata.get("partial"))
+            self.outcome.statistics = metadata.get("statistics", {})
+            repo.write_metadata(name, metadata)
+            repo.complete(name)
+            log.info("snapshot %s complete", name)
+            # Earlier unfinished transfers served as --link-dest; they are not needed now.
+            leftovers = [n + ".in-progress" for n in repo.in_progress_names() if n != name]
+            repo.discard(leftovers, self.runner, self._rm_argv(), step="snapshot")
+            done.update(snapshot=name, partial=self.outcome.partial, flagged=self.outcome.flagged, discarded=leftovers)
+        self.outcome.snapshot = name
+        return name
+
+    def _finished_transfer(self, repo: Repository) -> str:
+        for candidate in reversed(repo.in_progress_names()):
+            if (repo.read_metadata(candidate) or {}).get("state") == "transferred":
+                return candidate
+        raise StepError(
+            f"{repo.root} has no finished transfer to complete: run backup-agent backup --backup first",
+            step="snapshot",
+        )
+
+    def _shrink_check(self, repo: Repository, previous: str | None, metadata: dict[str, Any]) -> str | None:
+        if previous is None:
+            return None
+        before = ((repo.read_metadata(previous) or {}).get("statistics") or {}).get("files")
+        after = (metadata.get("statistics") or {}).get("files")
+        if not isinstance(before, int) or not isinstance(after, int) or before <= 0:
+            return None
+        if after < before * SHRINK_ALARM:
+            message = (
+                f"file count dropped from {before} to {after} since {previous}: the snapshot is kept but flagged, "
+                "and old snapshots are not rotated; check the source, then run backup-agent rotate"
+            )
+            self._warn(message)
+            return message
+        return None
+
+    def _rm_argv(self) -> tuple[str, ...]:
+        return (*self._priority("idle"), self.settings.commands.rm)
+
+    # -- rotate --------------------------------------------------------------
+
+    def _rotate(self, made: str | None) -> None:
+        request = self.request
+        repo = self.repository
+        with self._step("rotate") as done:
+            if self.outcome.flagged:
+                self._warn("rotation skipped: the new snapshot is flagged")
+                done["skipped"] = "flagged"
+                return
+            names = repo.snapshot_names() if repo is not None else []
+            if request.dry_run and made is not None and made not in names:
+                names.append(made)
+            protected = self.protected(repo, names) if repo is not None else {}
+            if not names:
+                done["keep"], done["delete"] = {}, []
+                return
+            plan = plan_rotation(names, self.settings.rotation, protected)
+            self.outcome.plan = plan
+            done["keep"] = {k: list(v) for k, v in plan.keep.items()}
+            done["delete"] = list(plan.delete)
+            if request.dry_run or repo is None:
+                for victim in plan.delete:
+                    log.info("would delete snapshot %s", victim)
+                return
+            repo.discard(list(plan.delete), self.runner, self._rm_argv(), step="rotate")
+            repo.empty_trash(self.runner, self._rm_argv(), step="rotate")
+            self.outcome.deleted = plan.delete
+
+    @staticmethod
+    def protected(repo: Repository, names: list[str]) -> dict[str, str]:
+        """Snapshots rotation must leave alone: partial and flagged ones."""
+        reasons: dict[str, str] = {}
+        for name in names:
+            metadata = repo.read_metadata(name) or {}
+            if metadata.get("partial"):
+                reasons[name] = "partial"
+            elif metadata.get("flagged"):
+                reasons[name] = "flagged"
+        return reasons
+
+
+def check_platform(force: bool) -> None:
+    """backup-agent is built for Linux; --force runs it elsewhere at the user's risk."""
+    if platform.system() != "Linux" and not force:
+        raise UsageError(f"backup-agent runs on Linux, not {platform.system()}: pass --force to try anyway")
