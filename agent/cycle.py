@@ -332,8 +332,8 @@ class Cycle:
                 "host": socket.gethostname(),
                 "source": request.source,
                 "tool_version": __version__,
-                "start": start.isoformat(timespec="seconds"),
-                "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "start": start.isoformat(timespec="milliseconds"),
+                "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
                 "link_dest": latest,
                 "resumed_from": leftovers,
                 "statistics": self.outcome.statistics,
@@ -374,7 +374,7 @@ class Cycle:
             start = dt.datetime.fromisoformat(metadata["start"])
             metadata.update(
                 state="complete",
-                end=end.isoformat(timespec="seconds"),
+                end=end.isoformat(timespec="milliseconds"),
                 duration=round((end - start).total_seconds(), 3),
                 flagged=self.outcome.flagged,
                 previous=previous,
