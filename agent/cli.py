@@ -31,7 +31,7 @@ log = logging.getLogger("agent")
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so errors stay one line."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
