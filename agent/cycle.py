@@ -105,6 +105,25 @@ def find_cachedir_tagged(source: str, one_file_system: bool) -> list[str]:
     return sorted(found)
 
 
+def transfer_progress(update: rsync.Progress, elapsed: float) -> tuple[int, int | None]:
+    """Percent done and seconds left, by files checked rather than bytes sent.
+
+    rsync's own percent counts bytes sent, so an incremental snapshot where
+    nearly every file is a hard link sits at 0% to the end; the share of
+    files checked moves steadily (it may step back while rsync is still
+    scanning and the total grows).
+    """
+    percent = update.percent
+    if update.total and update.checked is not None:
+        percent = max(0, min(100, (100 * update.checked) // update.total))
+    eta = None
+    if 0 < percent < 100 and not update.scanning:
+        eta = int(elapsed * (100 - percent) / percent)
+    elif percent >= 100:
+        eta = 0
+    return percent, eta
+
+
 class Cycle:
     """Runs one request; emits events; raises BackupAgentError on failure."""
 
@@ -284,6 +303,7 @@ class Cycle:
             errors = rsync.ErrorCollector()
             other_lines: list[str] = []
             last_emit = 0.0
+            transfer_started = time.monotonic()
 
             def on_stdout(line: str) -> None:
                 nonlocal last_emit
@@ -294,7 +314,8 @@ class Cycle:
                 now = time.monotonic()
                 if now - last_emit >= PROGRESS_INTERVAL or update.percent >= 100:
                     last_emit = now
-                    self.emitter.emit(progress(update.percent, update.bytes, update.files, update.rate, update.eta))
+                    percent, eta = transfer_progress(update, now - transfer_started)
+                    self.emitter.emit(progress(percent, update.bytes, update.files, update.rate, eta))
 
             result = self.runner.run(
                 argv,
