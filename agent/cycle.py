@@ -180,6 +180,16 @@ class Cycle:
                     name = self._snapshot(name)
                 if "rotate" in self.request.steps:
                     self._rotate(name)
+        except OSError as exc:
+            # The filesystem said no (disk full, read-only, permission): the
+            # user can act on that, so it is an error message, not a bug.
+            what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+            if self.current_step in ("transfer", "snapshot"):
+                what += "; the unfinished transfer is kept and the next run resumes from it"
+            failure = StepError(what, step=self.current_step)
+            failure.snapshots_untouched = not self.outcome.deleted
+            self.emitter.emit(error(failure.step, failure.message, failure.exit_code, failure.snapshots_untouched))
+            raise failure from exc
         except BackupAgentError as exc:
             exc.step = exc.step or self.current_step
             exc.snapshots_untouched = not self.outcome.deleted
