@@ -469,6 +469,11 @@ class Cycle:
                 done["keep"], done["delete"] = {}, []
                 return
             plan = plan_rotation(names, self.settings.rotation, protected)
+            if made is not None and made in plan.delete:
+                # Names sort by wall-clock time; in the hour repeated when
+                # clocks go back, the snapshot just made may sort before an
+                # older one. It is the newest in fact, so it stays.
+                plan = Plan(keep={**plan.keep, made: ("just made",)}, delete=tuple(n for n in plan.delete if n != made))
             self.outcome.plan = plan
             done["keep"] = {k: list(v) for k, v in plan.keep.items()}
             done["delete"] = list(plan.delete)
