@@ -27,7 +27,7 @@ from .config import Settings, effective_excludes
 from .errors import BackupAgentError, CommandError, RepositoryError, StepError, UsageError
 from .events import Emitter, complete, error, progress, step, warning
 from .mounts import find_skipped_mounts
-from .repository import Repository, classify, reserve_name
+from .repository import IN_PROGRESS, Repository, classify, reserve_name
 from .rotation import Plan, plan_rotation
 
 log = logging.getLogger(__name__)
@@ -465,6 +465,12 @@ class Cycle:
             if request.dry_run and made is not None and made not in names:
                 names.append(made)
             protected = self.protected(repo, names) if repo is not None else {}
+            if repo is not None:
+                # Everything else in snapshots/ is shown as kept, with why.
+                names += repo.foreign_names()
+                unfinished = [n + IN_PROGRESS for n in repo.in_progress_names()]
+                names += unfinished
+                protected.update((n, "unfinished transfer") for n in unfinished)
             if not names:
                 done["keep"], done["delete"] = {}, []
                 return

@@ -1,0 +1,88 @@
+"""`backup-agent rotate --dry-run --json` on real repositories agrees with rotate-backups.
+
+The planner's parity is tested at length in test_rotation.py; this checks the
+whole command on directories: the names it reads from snapshots/, the scheme
+it builds from its options, the JSON it prints, and that a dry run deletes
+nothing while a real run deletes exactly the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+
+from agent.cli import main
+from agent.repository import Repository
+from agent.rotation import Scheme
+from tests.test_rotation import Oracle, name_sets, peers_python, schemes, weeks_agree, with_newest_kept
+
+
+@pytest.fixture(scope="module")
+def oracle() -> Iterator[Oracle]:
+    oracle = Oracle(peers_python())
+    yield oracle
+    oracle.close()
+
+
+def scheme_options(scheme: Scheme) -> list[str]:
+    options = [f"--{frequency}={count}" for frequency, count in scheme.counts.items()]
+    if scheme.prefer_recent:
+        options.append("--prefer-recent")
+    if not scheme.strict:
+        options.append("--relaxed")
+    return options
+
+
+def make_repository(root: Path, names: set[str]) -> Repository:
+    repo = Repository.create(str(root))
+    for name in names:
+        os.mkdir(repo.snapshot_path(name))
+        (Path(repo.snapshot_path(name)) / "file").write_text(name)
+    return repo
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name_sets(), schemes)
+def test_rotate_json_agrees_with_rotate_backups(
+    oracle: Oracle, capsys: pytest.CaptureFixture[str], names: set[str], scheme: Scheme
+) -> None:
+    if "weekly" in scheme.counts and not weeks_agree(names):
+        # difference 1 (ISO weeks) has its own tests in test_rotation.py
+        scheme = Scheme({f: c for f, c in scheme.counts.items() if f != "weekly"}, scheme.prefer_recent, scheme.strict)
+        assume(scheme.counts)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = make_repository(Path(tmp) / "repo", names)
+        (Path(repo.snapshots_dir) / "not-a-snapshot").mkdir()
+        capsys.readouterr()
+        config = Path(tmp) / "empty.toml"
+        config.write_text("")
+        status = main(["rotate", "--dry-run", "--json", "--config", str(config), *scheme_options(scheme), repo.root])
+        printed = json.loads(capsys.readouterr().out)
+        assert status == 0
+        expected = with_newest_kept(oracle.ask(names, scheme))
+        assert printed["delete"] == expected["delete"]
+        assert {k: v for k, v in printed["keep"].items() if k in names} == expected["keep"]
+        assert printed["keep"]["not-a-snapshot"] == ["not a snapshot name"]
+        # the dry run deleted nothing
+        assert set(os.listdir(repo.snapshots_dir)) == names | {"not-a-snapshot"}
+        # a real run deletes exactly the plan, and nothing else
+        status = main(["rotate", "-q", "--config", str(config), *scheme_options(scheme), repo.root])
+        assert status == 0
+        assert set(os.listdir(repo.snapshots_dir)) == (names - set(expected["delete"])) | {"not-a-snapshot"}
+        assert not os.path.exists(repo.trash_dir) or not os.listdir(repo.trash_dir)
+
+
+def test_an_empty_scheme_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = make_repository(tmp_path / "repo", {"2026-11-22T13-00-00+0100"})
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    status = main(["rotate", "--config", str(config), "--hourly=0", "--daily=0", repo.root])
+    assert status == 2
+    assert "would delete every snapshot but the newest" in capsys.readouterr().err
+    assert os.listdir(repo.snapshots_dir) == ["2026-11-22T13-00-00+0100"]
