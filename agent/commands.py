@@ -23,6 +23,7 @@ import selectors
 import shlex
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -136,8 +137,15 @@ class Runner:
         mutating: bool = True,
         check: bool = True,
         cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Result:
-        """Run ``argv`` to the end; raise :class:`CommandError` on an error status."""
+        """Run ``argv`` to the end; raise :class:`CommandError` on an error status.
+
+        ``env`` is added to the clean environment (hooks learn the disk and
+        snapshot this way); ``timeout`` stops the command (SIGTERM, then
+        SIGKILL) and raises CommandError saying it timed out.
+        """
         argv = tuple(argv)
         if not argv:
             raise ValueError("empty argv")
@@ -167,9 +175,13 @@ class Runner:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=clean_environment(),
+                env={**clean_environment(), **(env or {})},
                 cwd=cwd,
                 close_fds=True,
+                # Its own process group: stopping it stops what it started
+                # (a hook's children), and a terminal's Ctrl-C reaches only
+                # us, so we stop it in order.
+                start_new_session=True,
             )
         except FileNotFoundError:
             raise CommandError(
@@ -179,9 +191,21 @@ class Runner:
             ) from None
         except PermissionError:
             raise CommandError(f"{argv[0]} cannot be executed (permission denied)", argv=argv, step=step) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            self._pump(process, _LineSplitter(stdout_line), _LineSplitter(stderr_line))
+            finished = self._pump(process, _LineSplitter(stdout_line), _LineSplitter(stderr_line), deadline)
+            if not finished:
+                self._stop(process, shown)
+                raise CommandError(
+                    f"{program} did not finish within {timeout:g} s and was stopped",
+                    argv=argv,
+                    returncode=process.returncode,
+                    stderr_tail=tuple(tail),
+                    step=step,
+                )
             returncode = process.wait()
+        except CommandError:
+            raise
         except BaseException:
             # Interrupted (SIGTERM/SIGINT turned into an exception): stop the
             # child first so nothing keeps writing while we clean up.
@@ -202,15 +226,23 @@ class Runner:
         return result
 
     @staticmethod
-    def _pump(process: "subprocess.Popen[bytes]", out: _LineSplitter, err: _LineSplitter) -> None:
-        """Read both pipes as data arrives (big reads: rsync prints a line per file)."""
+    def _pump(
+        process: "subprocess.Popen[bytes]", out: _LineSplitter, err: _LineSplitter, deadline: float | None
+    ) -> bool:
+        """Read both pipes as data arrives (big reads: rsync prints a line per file).
+
+        Returns False when the deadline passed first.
+        """
         streams = {process.stdout: out, process.stderr: err}
         with selectors.DefaultSelector() as selector:
             for stream in streams:
                 if stream is not None:
                     selector.register(stream, selectors.EVENT_READ)
             while selector.get_map():
-                for key, _events in selector.select():
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    return False
+                for key, _events in selector.select(wait):
                     data = os.read(key.fd, 65536)
                     splitter = streams[key.fileobj]  # type: ignore[index]
                     if data:
@@ -219,16 +251,32 @@ class Runner:
                         selector.unregister(key.fileobj)
                         splitter.close()
                         key.fileobj.close()  # type: ignore[union-attr]
+        if deadline is None:
+            return True
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def _stop(self, process: "subprocess.Popen[bytes]", shown: str) -> None:
         """Terminate a running child, then kill it if it does not go."""
         if process.poll() is not None:
             return
         log.warning("stopping: %s", shown)
-        process.terminate()
+        _signal_group(process, signal.SIGTERM)
         try:
             process.wait(timeout=self.kill_grace)
         except subprocess.TimeoutExpired:
             log.warning("still running after %ss, killing: %s", self.kill_grace, shown)
-            process.kill()
+            _signal_group(process, signal.SIGKILL)
             process.wait()
+        # What the command started may outlive it in the group: end it too.
+        _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: "subprocess.Popen[bytes]", signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass  # the group is gone: nothing left to stop

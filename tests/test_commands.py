@@ -1,0 +1,79 @@
+"""The one runner: real processes, no mocks."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.commands import Runner, clean_environment, describe_status, priority_prefix
+from agent.errors import CommandError
+
+
+def test_lines_end_at_newline_and_carriage_return() -> None:
+    lines: list[str] = []
+    Runner().run(["/bin/sh", "-c", r"printf 'a\rb\r\nc\n\nd'"], step="t", on_stdout=lines.append)
+    assert lines == ["a", "b", "c", "d"]
+
+
+def test_error_carries_the_stderr_tail_and_status() -> None:
+    with pytest.raises(CommandError) as caught:
+        Runner(stderr_tail=2).run(["/bin/sh", "-c", "echo one >&2; echo two >&2; echo three >&2; exit 3"], step="t")
+    assert caught.value.returncode == 3
+    assert caught.value.stderr_tail == ("two", "three")
+    assert "exit status 3" in str(caught.value) and "three" in str(caught.value)
+
+
+def test_exit_table_decides_what_is_an_error() -> None:
+    result = Runner().run(["/bin/sh", "-c", "exit 24"], step="t", exit_table={0: ("ok", "ok"), 24: ("warning", "vanished")})
+    assert (result.kind, result.meaning) == ("warning", "vanished")
+
+
+def test_death_by_signal_is_named() -> None:
+    assert describe_status(-9, {}) == ("error", "killed by SIGKILL")
+    result = Runner().run(["/bin/sh", "-c", "kill -TERM $$"], step="t", check=False)
+    assert result.meaning == "killed by SIGTERM"
+
+
+def test_missing_program_says_how_to_fix() -> None:
+    with pytest.raises(CommandError, match=r"/nonexistent/rsync was not found: install it, or set its path in the \[commands\]"):
+        Runner().run(["/nonexistent/rsync"], step="t")
+
+
+def test_environment_is_clean_plus_what_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LD_PRELOAD", "/tmp/evil.so")
+    monkeypatch.setenv("PATH", "/tmp/evil:" + os.environ["PATH"])
+    lines: list[str] = []
+    Runner().run(["/usr/bin/env"], step="t", on_stdout=lines.append, env={"BACKUP_AGENT_STEP": "before_backup"})
+    seen = dict(line.split("=", 1) for line in lines)
+    assert seen == {**clean_environment(), "BACKUP_AGENT_STEP": "before_backup"}
+
+
+def test_timeout_stops_the_command_and_what_it_started(tmp_path: Path) -> None:
+    marker = tmp_path / "child-alive"
+    script = f"(sleep 2; touch {marker}) & sleep 5"
+    started = time.monotonic()
+    with pytest.raises(CommandError, match="did not finish within 0.3 s"):
+        Runner(kill_grace=1).run(["/bin/sh", "-c", script], step="hook", timeout=0.3)
+    assert time.monotonic() - started < 2
+    time.sleep(2.3)
+    assert not marker.exists(), "a child of the timed-out command kept running"
+
+
+def test_dry_run_runs_only_what_changes_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "made"
+    runner = Runner(dry_run=True)
+    assert runner.run(["/usr/bin/touch", str(target)], step="t").meaning == "not run (dry run)"
+    assert not target.exists()
+    lines: list[str] = []
+    runner.run(["/bin/echo", "read-only"], step="t", mutating=False, on_stdout=lines.append)
+    assert lines == ["read-only"]
+
+
+def test_priority_prefix() -> None:
+    assert priority_prefix("/usr/bin/ionice", "/usr/bin/nice", "idle", 19) == (
+        "/usr/bin/ionice", "-c", "3", "/usr/bin/nice", "-n", "19")
+    assert priority_prefix("/i", "/n", "none", 0) == ()
+    assert priority_prefix("/i", "/n", "best-effort", None) == ("/i", "-c", "2")
