@@ -127,6 +127,51 @@ class Commands:
     ionice: str = "/usr/bin/ionice"
     nice: str = "/usr/bin/nice"
     rm: str = "/bin/rm"
+    # /bin and /sbin: right with and without Debian's merged /usr.
+    blkid: str = "/sbin/blkid"
+    cryptdisks_start: str = "/sbin/cryptdisks_start"
+    cryptdisks_stop: str = "/sbin/cryptdisks_stop"
+    systemctl: str = "/bin/systemctl"
+    mount: str = "/bin/mount"
+    umount: str = "/bin/umount"
+    sync: str = "/bin/sync"
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One encrypted backup disk: how to find, unlock and mount it, and its repository."""
+
+    name: str  # the crypttab target name; the mapped device is /dev/mapper/<name>
+    luks_uuid: str  # UUID of the LUKS partition (lower case, canonical form)
+    mount_point: str
+    mapped_device: str  # default /dev/mapper/<name>
+    repository: str  # default <mount_point>/<hostname>; always strictly below mount_point
+    unlock: str = "auto"  # auto | cryptdisks | systemd
+    # When filesystem is set, the cycle mounts the mapped device itself
+    # (mount -t FILESYSTEM -o OPTIONS); otherwise through the fstab entry.
+    filesystem: str | None = None
+    mount_options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A command pair run around the whole cycle ("backup") or the transfer ("snapshot")."""
+
+    name: str
+    around: str  # "backup" | "snapshot"
+    before: tuple[str, ...] | None = None  # argv; no shell unless the user writes sh -c
+    after: tuple[str, ...] | None = None
+    timeout: int = 600  # seconds, for each of before and after
+    critical: bool = True  # a failed critical before-hook stops the cycle before anything is written
+
+
+@dataclass(frozen=True)
+class KeepFree:
+    """Free space to make before a transfer by deleting the oldest snapshots (opt-in)."""
+
+    bytes: int | None = None
+    percent: float | None = None
+    min_snapshots: int = 3  # never delete below this many complete snapshots
 
 
 @dataclass(frozen=True)
@@ -145,6 +190,12 @@ class Settings:
     rotation: Scheme = DEFAULT_SCHEME
     commands: Commands = Commands()
     notifications: bool = True
+    disks: tuple[Disk, ...] = ()
+    hooks: tuple[Hook, ...] = ()
+    keep_free: KeepFree | None = None
+    state_dir: str = "/var/lib/backup-agent"  # where init records each disk's repository id
+    crypttab: str = "/etc/crypttab"
+    fstab: str = "/etc/fstab"
 
 
 def effective_excludes(settings: Settings) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ EXIT_STEP_FAILED = 5
 EXIT_DISK_MISSING = 6
 EXIT_PARTIAL = 7
 EXIT_NOT_AVAILABLE = 8
+EXIT_DISK_BUSY = 9
 EXIT_INTERRUPTED = 130
 
 
@@ -76,6 +77,34 @@ class DiskMissingError(BackupAgentError):
     """The configured backup disk is not attached."""
 
     exit_code = EXIT_DISK_MISSING
+
+
+class WrongDiskError(RepositoryError):
+    """The mounted filesystem is not the configured disk's, or carries another repository."""
+
+
+class DiskError(BackupAgentError):
+    """Unlocking, mounting or checking the backup disk failed."""
+
+    exit_code = EXIT_STEP_FAILED
+
+
+class DiskBusyError(BackupAgentError):
+    """The disk could not be unmounted: it is left mounted and unlocked, on purpose."""
+
+    exit_code = EXIT_DISK_BUSY
+
+
+class UnsafeKeyFileError(BackupAgentError):
+    """crypttab names a key file others could read or change, or one on the backup disk."""
+
+    exit_code = EXIT_USAGE
+
+
+class HookError(BackupAgentError):
+    """A critical before-hook failed: the cycle stops before anything is written."""
+
+    exit_code = EXIT_STEP_FAILED
 
 
 class CommandError(BackupAgentError):
