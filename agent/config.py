@@ -12,12 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import os
+import posixpath
 import re
+import socket
 import stat
 import sys
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Mapping, NoReturn, Sequence
+from typing import Any, Final, Iterable, Mapping, NoReturn, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,20 +102,80 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "skip_cachedir_tagged",
             "io_timeout",
         ),
-        "rotation": (*FREQUENCIES, "prefer_recent", "strict"),
-        "commands": ("rsync", "ionice", "nice", "rm"),
+        "rotation": (*FREQUENCIES, "prefer_recent", "strict", "keep_free", "min_snapshots"),
+        "commands": (
+            "rsync",
+            "ionice",
+            "nice",
+            "rm",
+            "blkid",
+            "cryptdisks_start",
+            "cryptdisks_stop",
+            "systemctl",
+            "mount",
+            "umount",
+            "sync",
+        ),
         "notifications": ("enabled",),
+        "system": ("state_dir", "crypttab", "fstab"),
     }
 )
+# Arrays of tables ([[disk]], [[hooks]]): each element has these keys.
+_ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "disk": (
+            "name",
+            "luks_uuid",
+            "mount_point",
+            "mapped_device",
+            "repository",
+            "unlock",
+            "filesystem",
+            "mount_options",
+        ),
+        "hooks": ("name", "around", "before", "after", "timeout", "critical"),
+    }
+)
+# What one element of each array of tables is, for messages.
+_ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType({"disk": "disk", "hooks": "hook"})
+
+UNLOCK_METHODS: Final[tuple[str, ...]] = ("auto", "cryptdisks", "systemd")
+HOOK_AROUND: Final[tuple[str, ...]] = ("backup", "snapshot")
+# The crypttab target name: also a file name under /dev/mapper and part of a
+# systemd unit name (systemd-cryptsetup@NAME.service), so nothing to escape.
+DISK_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
+_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
+_FILESYSTEM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.+-]{0,31}", re.ASCII)
+# Filesystems that cannot hold a snapshot: no hard links, or no Unix owners and modes.
+FILESYSTEMS_WITHOUT_LINKS_OR_OWNERS: Final = frozenset({"vfat", "msdos", "fat", "exfat", "ntfs", "ntfs3", "ntfs-3g"})
+# Mounting the disk over one of these would hide what the system or its users need.
+MOUNT_POINTS_REFUSED: Final = SYSTEM_DIRECTORIES | {"/home", "/root", "/tmp", "/opt", "/srv"}
+DEFAULT_HOOK_TIMEOUT: Final = 600
+# Longer than a week is a stuck hook, not a slow one (and keeps timers in range).
+MAX_HOOK_TIMEOUT: Final = 7 * 86400
+DEFAULT_MIN_SNAPSHOTS: Final = 3
+_SIZE_UNITS: Final[Mapping[str, int]] = MappingProxyType({"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4})
+_SIZE_RE: Final = re.compile(r"([0-9]+)([KMGT]?)", re.ASCII)
+_PERCENT_RE: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)%", re.ASCII)
+# A plain number below this could as well be a percentage without its sign.
+_AMBIGUOUS_BELOW: Final = 100
+MAX_KEEP_FREE_BYTES: Final = 2**63 - 1
 
 _COUNT_EXPECTED: Final = 'a whole number of 0 or more, or "always"'
 _DURATION_EXPECTED: Final = (
     'a duration string such as "90s", "10m", "1h30m" or "7d" (whole numbers with the units d, h, m, s, '
     'largest first), or "0" for none'
 )
+_KEEP_FREE_EXPECTED: Final = (
+    'a size with a binary unit such as "500M", "20G" or "1T" (K, M, G, T: 1024, 1024^2, 1024^3, 1024^4 bytes; '
+    'a plain number of 100 or more is bytes), or a percentage of the disk above 0 and below 100 such as "10%"'
+)
+_MIN_SNAPSHOTS_EXPECTED: Final = f"a whole number from 1 to {MAX_COUNT}"
 _DURATION_RE: Final = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?", re.ASCII)
 _DURATION_UNITS: Final = (86400, 3600, 60, 1)
 _SHOW_LIMIT: Final = 80
+# Python refuses int() of longer digit strings (4300 digits, since 3.11).
+_MAX_DIGITS: Final = 1000
 
 
 @dataclass(frozen=True)
@@ -303,6 +365,8 @@ def _duration_seconds(text: str) -> int | None:
     match = _DURATION_RE.fullmatch(text)
     if not text or match is None:
         return None
+    if any(part is not None and len(part) > _MAX_DIGITS for part in match.groups()):
+        return None  # int() refuses such a string; no one means it
     return sum(int(part) * unit for part, unit in zip(match.groups(), _DURATION_UNITS) if part is not None)
 
 
@@ -374,17 +438,25 @@ def _count(file: str, key: str, value: object) -> Count:
     return value
 
 
-def _check_keys(file: str, table: str, data: Mapping[str, Any]) -> None:
-    """Refuse a key the table does not have, suggesting the likely one."""
-    accepted = _TABLE_KEYS[table]
+def _table_label(name: str) -> str:
+    """How a table's header looks in the file: [name], or [[name]] for an array of tables."""
+    return f"[[{name}]]" if name in _ARRAY_KEYS else f"[{name}]"
+
+
+def _check_keys(file: str, table: str, data: Mapping[str, Any], *, prefix: str | None = None) -> None:
+    """Refuse a key the table does not have, suggesting the likely one.
+
+    ``prefix`` names an element of an array of tables in messages (``disk[1]``).
+    """
+    accepted = _ARRAY_KEYS[table] if table in _ARRAY_KEYS else _TABLE_KEYS[table]
     for key in data:
         if key not in accepted:
             close = _suggest(key, accepted)
             hint = f", did you mean {close}?" if close else ""
             _fail(
                 file,
-                f"{table}.{key}",
-                f"unknown key {_quote(key)} in [{table}]{hint}; expected one of {', '.join(accepted)}",
+                f"{prefix or table}.{key}",
+                f"unknown key {_quote(key)} in {_table_label(table)}{hint}; expected one of {', '.join(accepted)}",
             )
 
 
@@ -459,15 +531,21 @@ def _nice(file: str, value: object) -> int:
     return value
 
 
-def _io_timeout(file: str, value: object) -> int:
+def _duration(file: str, key: str, value: object) -> int:
+    """Seconds of a duration string in the file; anything else is refused with a hint."""
     if not isinstance(value, str):
         hint = ""
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             hint = f' (write "{value}s" for {value} seconds)' if value else ' (write "0")'
-        _fail(file, "backup.io_timeout", f"{_got_type(value)}; expected {_DURATION_EXPECTED}{hint}")
+        _fail(file, key, f"{_got_type(value)}; expected {_DURATION_EXPECTED}{hint}")
     seconds = _duration_seconds(value)
     if seconds is None:
-        _fail(file, "backup.io_timeout", f"got {_show(value)}{_duration_hint(value)}; expected {_DURATION_EXPECTED}")
+        _fail(file, key, f"got {_show(value)}{_duration_hint(value)}; expected {_DURATION_EXPECTED}")
+    return seconds
+
+
+def _io_timeout(file: str, value: object) -> int:
+    seconds = _duration(file, "backup.io_timeout", value)
     if seconds > MAX_IO_TIMEOUT:
         _fail(
             file,
@@ -513,29 +591,445 @@ def _notifications(file: str, data: Mapping[str, Any]) -> bool:
     return _bool(file, "notifications.enabled", data.get("enabled", True))
 
 
+# --------------------------------------------------------------------------
+# keep_free: room to make before a transfer
+
+
+def parse_keep_free(text: str) -> tuple[int | None, float | None]:
+    """``(bytes, None)`` for "500M", "20G", "1T", "123"; ``(None, percent)`` for "10%".
+
+    Units are binary (K = 1024). A plain number below 100 is refused: it may
+    as well be a percentage written without its sign. Raises ValueError whose
+    message is the config's one-line problem ("got ...; expected ...").
+    """
+    shown = _show(text)
+    percent = _PERCENT_RE.fullmatch(text)
+    if percent is not None:
+        value = float(percent.group(1))
+        if not 0 < value < 100:
+            raise ValueError(f'got {shown}; expected a percentage of the disk above 0 and below 100, such as "10%"')
+        return None, value
+    size = _SIZE_RE.fullmatch(text)
+    if size is None:
+        hint = ""
+        lower = re.fullmatch(r"([0-9]+)([kmgt])", text, re.ASCII)
+        if lower is not None:
+            hint = f' (the units are upper case: "{lower.group(1)}{lower.group(2).upper()}")'
+        raise ValueError(f"got {shown}{hint}; expected {_KEEP_FREE_EXPECTED}")
+    if len(size.group(1)) > _MAX_DIGITS:
+        raise ValueError(f"got {shown}, more than any disk holds; expected at most {MAX_KEEP_FREE_BYTES // 1024**4}T")
+    number, unit = int(size.group(1)), size.group(2)
+    if number == 0:
+        raise ValueError(f"got {shown}; expected a size above 0 (leave keep_free out to make no room)")
+    if not unit and number < _AMBIGUOUS_BELOW:
+        raise ValueError(
+            f"got {shown}, a number without a unit that could mean {number} bytes or {number} percent; "
+            f'expected "{number}%" for a percentage of the disk, or a size with its unit such as "{number}G"'
+        )
+    amount = number * _SIZE_UNITS[unit]
+    if amount > MAX_KEEP_FREE_BYTES:
+        raise ValueError(f"got {shown}, more than any disk holds; expected at most {MAX_KEEP_FREE_BYTES // 1024**4}T")
+    return amount, None
+
+
+def _keep_free(file: str, data: Mapping[str, Any]) -> KeepFree | None:
+    """rotation.keep_free and rotation.min_snapshots as KeepFree (None when not asked for)."""
+    if "keep_free" not in data:
+        if "min_snapshots" in data:
+            _fail(
+                file,
+                "rotation.min_snapshots",
+                f"got {_show(data['min_snapshots'])} without keep_free; expected min_snapshots only together with "
+                "keep_free (it is the fewest snapshots that making room may leave)",
+            )
+        return None
+    value = data["keep_free"]
+    if not isinstance(value, str):
+        hint = ""
+        if isinstance(value, int) and not isinstance(value, bool):
+            hint = f' (write it as a string: "{value}%" for a percentage, "{value}G" for a size)'
+        _fail(file, "rotation.keep_free", f"{_got_type(value)}; expected a string holding {_KEEP_FREE_EXPECTED}{hint}")
+    try:
+        amount, percent = parse_keep_free(value)
+    except ValueError as error:
+        _fail(file, "rotation.keep_free", str(error))
+    min_snapshots = DEFAULT_MIN_SNAPSHOTS
+    if "min_snapshots" in data:
+        count = data["min_snapshots"]
+        if isinstance(count, bool) or not isinstance(count, int):
+            _fail(file, "rotation.min_snapshots", f"{_got_type(count)}; expected {_MIN_SNAPSHOTS_EXPECTED}")
+        if not 1 <= count <= MAX_COUNT:
+            _fail(
+                file,
+                "rotation.min_snapshots",
+                f"got {count}; expected {_MIN_SNAPSHOTS_EXPECTED} (the newest snapshot is never deleted)",
+            )
+        min_snapshots = count
+    return KeepFree(bytes=amount, percent=percent, min_snapshots=min_snapshots)
+
+
+# --------------------------------------------------------------------------
+# [system]
+
+
+def _system(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The [system] table as keyword arguments of Settings."""
+    _check_keys(file, "system", data)
+    out: dict[str, Any] = {}
+    if "state_dir" in data:
+        state_dir = _path(file, "system.state_dir", data["state_dir"], what="an absolute directory path")
+        if state_dir in SYSTEM_DIRECTORIES:
+            _fail(
+                file,
+                "system.state_dir",
+                f"got {_show(data['state_dir'])}, a system directory; "
+                "expected a directory of backup-agent's own, such as /var/lib/backup-agent",
+            )
+        out["state_dir"] = state_dir
+    for key in ("crypttab", "fstab"):
+        if key in data:
+            out[key] = _path(file, f"system.{key}", data[key], what="an absolute path to the file")
+    return out
+
+
+# --------------------------------------------------------------------------
+# [[disk]] and [[hooks]]
+
+
+def _elements(file: str, table: str, value: object) -> list[Mapping[str, Any]]:
+    """The tables of an array of tables, each refused unless it is a table."""
+    element = _ARRAY_ELEMENT[table]
+    if not isinstance(value, list):
+        _fail(
+            file,
+            table,
+            f"{_got_type(value)}; expected the array of tables [[{table}]], one [[{table}]] section per {element}",
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            _fail(
+                file, f"{table}[{index}]", f"{_got_type(item)}; expected a table: one [[{table}]] section per {element}"
+            )
+    return value
+
+
+def _required(file: str, prefix: str, data: Mapping[str, Any], key: str, expected: str) -> object:
+    if key not in data:
+        _fail(file, f"{prefix}.{key}", f"missing; expected {expected}")
+    return data[key]
+
+
+def _choice(file: str, key: str, value: object, choices: Sequence[str]) -> str:
+    shown = ", ".join(_quote(choice) for choice in choices)
+    if not isinstance(value, str):
+        _fail(file, key, f"{_got_type(value)}; expected one of the strings {shown}")
+    if value not in choices:
+        close = _suggest(value, choices)
+        hint = f" (did you mean {_quote(close)}?)" if close else ""
+        _fail(file, key, f"got {_show(value)}{hint}; expected one of {shown}")
+    return value
+
+
+_DISK_NAME_EXPECTED: Final = (
+    'a name of 1 to 64 ASCII letters, digits, "_", "." and "-" that starts with a letter or digit, '
+    'such as "backup1" (the crypttab target name)'
+)
+_UUID_EXPECTED: Final = (
+    'the UUID of the LUKS partition, 8-4-4-4-12 hex digits such as "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0" '
+    '(blkid shows it as UUID="..." with TYPE="crypto_LUKS")'
+)
+
+
+def _disk_name(file: str, key: str, value: object) -> str:
+    if not isinstance(value, str):
+        _fail(file, key, f"{_got_type(value)}; expected a string holding {_DISK_NAME_EXPECTED}")
+    if DISK_NAME_RE.fullmatch(value) is None:
+        _fail(file, key, f"got {_show(value)}; expected {_DISK_NAME_EXPECTED}")
+    return value
+
+
+def _luks_uuid(file: str, key: str, value: object) -> str:
+    if not isinstance(value, str):
+        _fail(file, key, f"{_got_type(value)}; expected a string holding {_UUID_EXPECTED}")
+    if _UUID_RE.fullmatch(value) is None:
+        hint = ""
+        for prefix in ("UUID=", "/dev/disk/by-uuid/"):
+            if value.startswith(prefix) and _UUID_RE.fullmatch(value[len(prefix) :]):
+                hint = f" (write the UUID alone: {_quote(value[len(prefix) :])})"
+        _fail(file, key, f"got {_show(value)}{hint}; expected {_UUID_EXPECTED}")
+    return value.lower()
+
+
+def _mount_options(file: str, key: str, value: object) -> tuple[str, ...]:
+    example = '["noatime", "nodev"]'
+    if not isinstance(value, list):
+        _fail(file, key, f"{_got_type(value)}; expected an array of mount options such as {example}")
+    options = []
+    for index, item in enumerate(value):
+        item_key = f"{key}[{index}]"
+        if not isinstance(item, str):
+            _fail(file, item_key, f"{_got_type(item)}; expected a string holding one mount option such as \"noatime\"")
+        if not item:
+            _fail(file, item_key, 'got ""; expected a non-empty mount option such as "noatime"')
+        if "," in item:
+            _fail(
+                file,
+                item_key,
+                f"got {_show(item)}, which holds a comma; expected one mount option per string, such as {example}",
+            )
+        if "\x00" in item or any(char.isspace() for char in item):
+            _fail(
+                file,
+                item_key,
+                f"got {_show(item)}, which holds whitespace or a NUL character; expected one mount option without them",
+            )
+        options.append(item)
+    return tuple(options)
+
+
+def _disk(file: str, index: int, data: Mapping[str, Any], hostname: str) -> Disk:
+    prefix = f"disk[{index}]"
+    _check_keys(file, "disk", data, prefix=prefix)
+    name = _disk_name(file, f"{prefix}.name", _required(file, prefix, data, "name", _DISK_NAME_EXPECTED))
+    luks_uuid = _luks_uuid(file, f"{prefix}.luks_uuid", _required(file, prefix, data, "luks_uuid", _UUID_EXPECTED))
+    mount_what = "an absolute directory path"
+    raw_mount = _required(file, prefix, data, "mount_point", f"{mount_what} to mount the disk on, such as /mnt/{name}")
+    mount_point = _path(file, f"{prefix}.mount_point", raw_mount, what=mount_what)
+    if mount_point in MOUNT_POINTS_REFUSED:
+        _fail(
+            file,
+            f"{prefix}.mount_point",
+            f"got {_show(raw_mount)}, a directory the system or its users need; "
+            f"expected a directory of its own to mount the disk on, such as /mnt/{name}",
+        )
+    mapped_device = f"/dev/mapper/{name}"
+    if "mapped_device" in data:
+        mapped_device = _path(
+            file, f"{prefix}.mapped_device", data["mapped_device"], what="an absolute path to the unlocked device"
+        )
+    example = posixpath.join(mount_point, hostname) if hostname else f"{mount_point}/<hostname>"
+    if "repository" in data:
+        raw_repository: object = data["repository"]
+        repository = _path(file, f"{prefix}.repository", raw_repository, what="an absolute directory path")
+        shown = _show(raw_repository)
+    else:
+        # The default must be a directory of its own below the mount point.
+        if not hostname or hostname in (".", "..") or "/" in hostname or hostname.startswith("-"):
+            _fail(
+                file,
+                f"{prefix}.repository",
+                f"not set, and this machine's host name {_quote(hostname)} makes no directory name; "
+                f"expected repository set to a directory below the mount point, such as {mount_point}/backups",
+            )
+        repository = posixpath.join(mount_point, hostname)
+        shown = _quote(repository)
+    if repository == mount_point:
+        _fail(
+            file,
+            f"{prefix}.repository",
+            f"got {shown}, the mount point itself; expected a directory below it such as {example}: "
+            "the repository must be a directory on the disk, not its root",
+        )
+    if not repository.startswith(mount_point.rstrip("/") + "/"):
+        _fail(
+            file,
+            f"{prefix}.repository",
+            f"got {shown}, which is not below the disk's mount point {_quote(mount_point)}; "
+            f"expected a directory on the disk, such as {example}",
+        )
+    unlock = "auto"
+    if "unlock" in data:
+        unlock = _choice(file, f"{prefix}.unlock", data["unlock"], UNLOCK_METHODS)
+    filesystem: str | None = None
+    if "filesystem" in data:
+        filesystem = _filesystem(file, f"{prefix}.filesystem", data["filesystem"])
+    mount_options: tuple[str, ...] = ()
+    if "mount_options" in data:
+        if filesystem is None:
+            _fail(
+                file,
+                f"{prefix}.mount_options",
+                f"got {_show(data['mount_options'])} without filesystem; expected mount_options only together with "
+                "filesystem (without it, the disk is mounted through its fstab entry, whose options apply)",
+            )
+        mount_options = _mount_options(file, f"{prefix}.mount_options", data["mount_options"])
+    return Disk(
+        name=name,
+        luks_uuid=luks_uuid,
+        mount_point=mount_point,
+        mapped_device=mapped_device,
+        repository=repository,
+        unlock=unlock,
+        filesystem=filesystem,
+        mount_options=mount_options,
+    )
+
+
+def _filesystem(file: str, key: str, value: object) -> str:
+    expected = 'a filesystem type as mount -t takes it, such as "ext4", "btrfs" or "xfs"'
+    if not isinstance(value, str):
+        _fail(file, key, f"{_got_type(value)}; expected a string holding {expected}")
+    if _FILESYSTEM_RE.fullmatch(value) is None:
+        _fail(file, key, f"got {_show(value)}; expected {expected}")
+    if value in FILESYSTEMS_WITHOUT_LINKS_OR_OWNERS:
+        _fail(
+            file,
+            key,
+            f"got {_show(value)}, which cannot keep hard links with Unix owners and permissions as snapshots need; "
+            'expected a Linux filesystem such as "ext4", "btrfs" or "xfs"',
+        )
+    return value
+
+
+def _disks(file: str, value: object, hostname: str) -> tuple[Disk, ...]:
+    disks: list[Disk] = []
+    for index, data in enumerate(_elements(file, "disk", value)):
+        disk = _disk(file, index, data, hostname)
+        for key, what in (("name", "name"), ("mount_point", "mount point"), ("mapped_device", "mapped device")):
+            for other_index, other in enumerate(disks):
+                if getattr(disk, key) == getattr(other, key):
+                    _fail(
+                        file,
+                        f"disk[{index}].{key}",
+                        f"got {_quote(getattr(disk, key))}, already the {what} of disk[{other_index}] "
+                        f"({_quote(other.name)}); expected a {what} of its own for each disk",
+                    )
+        disks.append(disk)
+    return tuple(disks)
+
+
+_ARGV_EXAMPLE: Final = '["/usr/bin/pg_dumpall", "-f", "/var/backups/db.sql"]'
+_ARGV_EXPECTED: Final = (
+    f"an array of strings, the program and its arguments, such as {_ARGV_EXAMPLE} "
+    '(no shell: write ["/bin/sh", "-c", "..."] for one)'
+)
+_PROGRAM: Final = "an absolute path to the program"
+
+
+def _argv(file: str, key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        _fail(file, key, f"{_got_type(value)}; expected {_ARGV_EXPECTED}")
+    if not value:
+        _fail(file, key, f"got an empty array; expected {_ARGV_EXPECTED}")
+    program = value[0]
+    if isinstance(program, str) and not program.startswith("/") and "\x00" not in program and "\n" not in program:
+        _fail(
+            file,
+            f"{key}[0]",
+            f"got {_show(program)}, a relative path; expected {_PROGRAM} (starting with /): hooks are run "
+            f"without a PATH lookup, and `command -v {program or 'NAME'}` shows the full path",
+        )
+    argv = [_path(file, f"{key}[0]", program, what=_PROGRAM)]
+    for index, item in enumerate(value[1:], start=1):
+        if not isinstance(item, str):
+            number = isinstance(item, (int, float)) and not isinstance(item, bool)
+            hint = f" (write {_quote(_literal(item))})" if number else ""
+            _fail(file, f"{key}[{index}]", f"{_got_type(item)}; expected a string, as every argument is one{hint}")
+        if "\x00" in item:
+            _fail(
+                file, f"{key}[{index}]", f"got {_show(item)}, which holds a NUL character; expected an argument without it"
+            )
+        argv.append(item)
+    return tuple(argv)
+
+
+def _hook(file: str, index: int, data: Mapping[str, Any]) -> Hook:
+    prefix = f"hooks[{index}]"
+    _check_keys(file, "hooks", data, prefix=prefix)
+    name_expected = 'a non-empty name for the hook, such as "database dump"'
+    name = _required(file, prefix, data, "name", name_expected)
+    if not isinstance(name, str):
+        _fail(file, f"{prefix}.name", f"{_got_type(name)}; expected a string holding {name_expected}")
+    if "\x00" in name or "\n" in name or "\r" in name:
+        _fail(
+            file,
+            f"{prefix}.name",
+            f"got {_show(name)}, which holds a NUL or newline character; expected a name without them",
+        )
+    if not name.strip():
+        _fail(file, f"{prefix}.name", f"got {_show(name)}; expected {name_expected}")
+    around_expected = 'one of "backup" (around the whole cycle) or "snapshot" (around the transfer)'
+    around = _choice(
+        file, f"{prefix}.around", _required(file, prefix, data, "around", around_expected), HOOK_AROUND
+    )
+    before = _argv(file, f"{prefix}.before", data["before"]) if "before" in data else None
+    after = _argv(file, f"{prefix}.after", data["after"]) if "after" in data else None
+    if before is None and after is None:
+        _fail(
+            file,
+            prefix,
+            f"got neither before nor after in [[hooks]] {_quote(name)}; "
+            f"expected at least one of them, {_ARGV_EXPECTED}",
+        )
+    timeout = DEFAULT_HOOK_TIMEOUT
+    if "timeout" in data:
+        timeout = _duration(file, f"{prefix}.timeout", data["timeout"])
+        if timeout == 0:
+            _fail(
+                file,
+                f"{prefix}.timeout",
+                f'got {_show(data["timeout"])}; expected a duration of 1 second or more, such as "10m": '
+                "a hook needs a time limit",
+            )
+        if timeout > MAX_HOOK_TIMEOUT:
+            _fail(
+                file,
+                f"{prefix}.timeout",
+                f'got {_show(data["timeout"])} ({timeout} seconds); expected at most "7d" ({MAX_HOOK_TIMEOUT} seconds)',
+            )
+    critical = _bool(file, f"{prefix}.critical", data["critical"]) if "critical" in data else True
+    return Hook(name=name, around=around, before=before, after=after, timeout=timeout, critical=critical)
+
+
+def _hooks(file: str, value: object) -> tuple[Hook, ...]:
+    hooks: list[Hook] = []
+    for index, data in enumerate(_elements(file, "hooks", value)):
+        hook = _hook(file, index, data)
+        for other_index, other in enumerate(hooks):
+            if hook.name == other.name:
+                _fail(
+                    file,
+                    f"hooks[{index}].name",
+                    f"got {_quote(hook.name)}, already the name of hooks[{other_index}]; "
+                    "expected a name of its own for each hook",
+                )
+        hooks.append(hook)
+    return tuple(hooks)
+
+
 def _check_tables(file: str, data: Mapping[str, Any]) -> None:
     """Refuse anything at the top level that is not one of the known tables."""
-    tables = ", ".join(f"[{name}]" for name in _TABLE_KEYS)
+    known = [*_TABLE_KEYS, *_ARRAY_KEYS]
+    tables = ", ".join(_table_label(name) for name in known)
     for name, value in data.items():
         if name in _TABLE_KEYS:
             if not isinstance(value, Mapping):
                 _fail(file, name, f"{_got_type(value)}; expected the table [{name}]")
             continue
-        if isinstance(value, Mapping):
-            close = _suggest(name, list(_TABLE_KEYS))
-            hint = f", did you mean [{close}]?" if close else ""
-            _fail(file, name, f"unknown table [{name}]{hint}; expected one of the tables {tables}")
-        owners = [table for table, keys in _TABLE_KEYS.items() if name in keys]
+        if name in _ARRAY_KEYS:
+            continue  # checked with its elements
+        is_array_of_tables = (
+            isinstance(value, list) and bool(value) and all(isinstance(item, Mapping) for item in value)
+        )
+        if isinstance(value, Mapping) or is_array_of_tables:
+            close = _suggest(name, known)
+            hint = f", did you mean {_table_label(close)}?" if close else ""
+            header = f"[[{name}]]" if is_array_of_tables else f"[{name}]"
+            _fail(file, name, f"unknown table {header}{hint}; expected one of the tables {tables}")
+        owners = [table for table, keys in (*_TABLE_KEYS.items(), *_ARRAY_KEYS.items()) if name in keys]
         if owners:
-            where = " or ".join(f"[{table}]" for table in owners)
+            where = " or ".join(_table_label(table) for table in owners)
             _fail(file, name, f"got the key {_quote(name)} outside any table; expected it below the line {where}")
         _fail(file, name, f"unknown key {_quote(name)} outside any table; expected only the tables {tables}")
 
 
-def settings_from_mapping(data: Mapping[str, Any], path: str) -> Settings:
+def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str | None = None) -> Settings:
     """Validate parsed TOML into Settings; ``path`` only names the file in errors.
 
-    Pure (no I/O), so every rule is tested with plain dicts.
+    ``hostname`` names the default repository on each disk
+    (``<mount_point>/<hostname>``); by default this machine's,
+    :func:`socket.gethostname`. Otherwise pure (no I/O), so every rule is
+    tested with plain dicts.
     """
     _check_tables(path, data)
     fields: dict[str, Any] = {}
@@ -543,10 +1037,17 @@ def settings_from_mapping(data: Mapping[str, Any], path: str) -> Settings:
         fields.update(_backup(path, data["backup"]))
     if "rotation" in data:
         fields["rotation"] = _rotation(path, data["rotation"])
+        fields["keep_free"] = _keep_free(path, data["rotation"])
     if "commands" in data:
         fields["commands"] = _commands(path, data["commands"])
     if "notifications" in data:
         fields["notifications"] = _notifications(path, data["notifications"])
+    if "system" in data:
+        fields.update(_system(path, data["system"]))
+    if "disk" in data:
+        fields["disks"] = _disks(path, data["disk"], socket.gethostname() if hostname is None else hostname)
+    if "hooks" in data:
+        fields["hooks"] = _hooks(path, data["hooks"])
     return Settings(path=path, **fields)
 
 
@@ -559,51 +1060,137 @@ def running_through_sudo() -> bool:
     return os.geteuid() == 0 and "SUDO_UID" in os.environ
 
 
-def _untrusted(path: str, problem: str) -> NoReturn:
-    _fail(
-        path,
-        None,
-        f"refusing an unsafe config: {problem}; expected the file and every directory above it "
-        "to be owned by root and writable by root only, with no symbolic links",
-    )
+_MAX_SYMLINKS: Final = 40
+_UNSAFE_EXPECTED: Final = (
+    "expected the file and every directory above it to be owned by root and writable by root only, "
+    "and any symbolic link on the way to be root's"
+)
+_PROGRAM_EXPECTED: Final = (
+    "expected a program owned by root and writable only by root, in directories owned by root and writable only "
+    "by root (symbolic links on the way included), because backup-agent runs it as root"
+)
 
 
-def _check_owner_mode(path: str, name: str, info: os.stat_result) -> None:
+class _Distrust(Exception):
+    """Why a path is not under root's sole control; ``missing`` names a component that does not exist."""
+
+    def __init__(self, problem: str, *, missing: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.missing = missing
+
+
+def _owner_mode_problem(name: str, info: os.stat_result) -> str | None:
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        _untrusted(path, f"{name} is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})")
+        return f"{name} is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})"
     if info.st_uid != 0:
-        _untrusted(path, f"{name} is owned by uid {info.st_uid}, not root")
+        return f"{name} is owned by uid {info.st_uid}, not root"
+    return None
 
 
-def _lstat(path: str, name: str) -> os.stat_result:
+def _lstat_component(name: str, *, missing_ok: bool) -> os.stat_result | None:
     try:
         return os.lstat(name)
     except FileNotFoundError:
-        _fail(path, None, f"{name} does not exist; expected the config file at this path")
+        if missing_ok:
+            return None
+        raise _Distrust(f"{name} does not exist", missing=name) from None
     except OSError as error:
-        _fail(path, None, f"cannot examine {name} ({error.strerror}); expected a readable path")
+        raise _Distrust(f"cannot examine {name} ({error.strerror})") from None
 
 
-def _trusted_stat(path: str) -> os.stat_result:
-    """check_trusted that returns the file's lstat, for the caller to compare after opening."""
+def _check_component(name: str, info: os.stat_result, *, last: bool) -> None:
+    """A resolved (not symlink) component: a directory on the way, a regular file at the end, root's alone."""
+    if last and not stat.S_ISREG(info.st_mode):
+        raise _Distrust(f"{name} is not a regular file")
+    if not last and not stat.S_ISDIR(info.st_mode):
+        raise _Distrust(f"{name} is not a directory")
+    problem = _owner_mode_problem(name, info)
+    if problem is not None:
+        raise _Distrust(problem)
+
+
+def _root_symlink(name: str, info: os.stat_result) -> None:
+    if info.st_uid != 0:
+        raise _Distrust(f"{name} is a symbolic link owned by uid {info.st_uid}, not root")
+
+
+def _walk_trusted(path: str, *, missing_ok: bool = False) -> tuple[str, os.stat_result] | None:
+    """The regular file ``path`` leads to, and its lstat, if only root can have put it there.
+
+    The file itself is examined first (its own problem is the likeliest),
+    then every component from "/" down with lstat. A symbolic link is
+    followed only when root owns it: the directory holding it has already
+    been found root's and closed to others, so no one else can have made or
+    changed it. Any other symbolic link, a component owned by someone else
+    or writable by group or others, is refused with a :class:`_Distrust`.
+
+    ``missing_ok``: a path that does not exist is accepted (returns None)
+    when the directories down to where it would be are root's alone, as no
+    one else can create it there.
+    """
+    info = _lstat_component(path, missing_ok=missing_ok)
+    if info is not None:
+        if stat.S_ISLNK(info.st_mode):
+            _root_symlink(path, info)
+        else:
+            _check_component(path, info, last=True)
+    root = _lstat_component("/", missing_ok=False)
+    assert root is not None
+    _check_component("/", root, last=False)
+    current = "/"
+    pending = [part for part in path.split("/") if part]
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = posixpath.dirname(current)  # already examined, as was everything above it
+            continue
+        name = posixpath.join(current, part)
+        found = _lstat_component(name, missing_ok=missing_ok)
+        if found is None:
+            return None
+        if stat.S_ISLNK(found.st_mode):
+            _root_symlink(name, found)
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise _Distrust(f"{path} leads through more than {_MAX_SYMLINKS} symbolic links")
+            try:
+                target = os.readlink(name)
+            except OSError as error:
+                raise _Distrust(f"cannot read the symbolic link {name} ({error.strerror})") from None
+            if target.startswith("/"):
+                current = "/"
+            pending[:0] = target.split("/")
+            continue
+        _check_component(name, found, last=not pending)
+        current = name
+    final = _lstat_component(current, missing_ok=False)
+    assert final is not None
+    _check_component(current, final, last=True)  # a path that ends in ".." is a directory
+    return current, final
+
+
+def _untrusted(path: str, problem: str) -> NoReturn:
+    _fail(path, None, f"refusing an unsafe config: {problem}; {_UNSAFE_EXPECTED}")
+
+
+def _trusted_stat(path: str) -> tuple[str, os.stat_result]:
+    """check_trusted that returns the file's real path and lstat, for the caller to compare after opening."""
     if not path.startswith("/") or path != "/" + "/".join(p for p in path.split("/") if p not in ("", ".", "..")):
         _fail(path, None, "refusing an unsafe config path; expected an absolute path without //, . or .. components")
-    info = _lstat(path, path)
-    if stat.S_ISLNK(info.st_mode):
-        _untrusted(path, f"{path} is a symbolic link")
-    if not stat.S_ISREG(info.st_mode):
-        _untrusted(path, f"{path} is not a regular file")
-    _check_owner_mode(path, path, info)
-    parts = path.split("/")[1:-1]
-    for depth in range(len(parts) + 1):
-        directory = "/" + "/".join(parts[:depth])
-        dir_info = _lstat(path, directory)
-        if stat.S_ISLNK(dir_info.st_mode):
-            _untrusted(path, f"{directory} is a symbolic link")
-        if not stat.S_ISDIR(dir_info.st_mode):
-            _untrusted(path, f"{directory} is not a directory")
-        _check_owner_mode(path, directory, dir_info)
-    return info
+    try:
+        found = _walk_trusted(path)
+    except _Distrust as distrust:
+        if distrust.missing is not None:
+            _fail(path, None, f"{distrust.missing} does not exist; expected the config file at this path")
+        if distrust.problem.startswith("cannot examine "):
+            _fail(path, None, f"{distrust.problem}; expected a readable path")
+        _untrusted(path, distrust.problem)
+    assert found is not None
+    return found
 
 
 def check_trusted(path: str) -> None:
@@ -611,19 +1198,64 @@ def check_trusted(path: str) -> None:
 
     As root, the file decides what is executed and deleted, so it and every
     directory above it must be root's and writable by root only. Each
-    component is examined with lstat: a symbolic link anywhere is refused,
-    as its target could be swapped.
+    component is examined with lstat. A symbolic link is followed only when
+    root owns it (its directory, already examined, is root's alone), as on
+    merged-/usr systems where /bin is a link to usr/bin; a symbolic link
+    owned by anyone else is refused, as its target could be swapped.
     """
     _trusted_stat(path)
 
 
-def _read_bytes(path: str, *, trusted: tuple[int, int] | None) -> bytes:
-    """The file's bytes; ``trusted`` (dev, inode) must match what was checked."""
+def untrusted_program(path: str) -> str | None:
+    """Why root must not run the program at ``path``, or None when only root can have written it.
+
+    The same rules as :func:`check_trusted`. A program that does not exist
+    is accepted when only root could create it there: running it then fails
+    with its own message.
+    """
+    try:
+        _walk_trusted(path, missing_ok=True)
+    except _Distrust as distrust:
+        return distrust.problem
+    return None
+
+
+def named_programs(data: Mapping[str, Any], settings: Settings) -> tuple[tuple[str, str], ...]:
+    """``(key, path)`` of every program the file itself names, that the cycle may run.
+
+    The ``[commands]`` keys given in ``data`` (defaults are system paths and
+    are not listed), then each hook's before and after program.
+    """
+    given = data.get("commands", {})
+    programs = [
+        (f"commands.{key}", getattr(settings.commands, key)) for key in _TABLE_KEYS["commands"] if key in given
+    ]
+    for index, hook in enumerate(settings.hooks):
+        for side, argv in (("before", hook.before), ("after", hook.after)):
+            if argv is not None:
+                programs.append((f"hooks[{index}].{side}", argv[0]))
+    return tuple(programs)
+
+
+def check_programs(file: str, programs: Iterable[tuple[str, str]]) -> None:
+    """Refuse, naming its key, a program that anyone but root could have written (for a cycle run as root)."""
+    for key, program in programs:
+        problem = untrusted_program(program)
+        if problem is not None:
+            _fail(file, key, f"got {_show(program)}, but {problem}; {_PROGRAM_EXPECTED}")
+
+
+def _read_bytes(path: str, *, trusted: tuple[str, os.stat_result] | None) -> bytes:
+    """The file's bytes; ``trusted``: the real path that was checked, and its lstat.
+
+    Then that real path (no symbolic link in it) is opened, and what was
+    opened must be the file that was checked.
+    """
     flags = os.O_RDONLY | os.O_CLOEXEC
     if trusted is not None:
         flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path if trusted is None else trusted[0], flags)
     except FileNotFoundError:
         _fail(path, None, "the file does not exist; expected a TOML config file: check the path")
     except IsADirectoryError:
@@ -634,7 +1266,7 @@ def _read_bytes(path: str, *, trusted: tuple[int, int] | None) -> bytes:
         _fail(path, None, f"cannot open the file ({error.strerror}); expected a readable TOML config file")
     try:
         info = os.fstat(fd)
-        if trusted is not None and (info.st_dev, info.st_ino) != trusted:
+        if trusted is not None and (info.st_dev, info.st_ino) != (trusted[1].st_dev, trusted[1].st_ino):
             _untrusted(path, "the file changed while it was being checked")
         if stat.S_ISDIR(info.st_mode):
             _fail(path, None, "this is a directory; expected a TOML config file")
@@ -679,6 +1311,11 @@ def load_settings(path: str | None = None, *, through_sudo: bool = False) -> Set
 
     ``through_sudo``: the caller is not root, so only the system file is
     read, and only if root alone could have written it.
+
+    Running as root (through sudo or not), root executes only what root
+    owns: every program the file names must pass :func:`check_programs`, and
+    ``[[hooks]]`` are accepted only from a file that passes
+    :func:`check_trusted`.
     """
     system = SYSTEM_CONFIG
     explicit = path is not None
@@ -697,9 +1334,27 @@ def load_settings(path: str | None = None, *, through_sudo: bool = False) -> Set
             return Settings(path=None)
         except OSError:
             pass  # reported with its reason by the reading below
-    trusted: tuple[int, int] | None = None
+    as_root = os.geteuid() == 0
+    trusted: tuple[str, os.stat_result] | None = None
+    distrust: str | None = None  # why root does not control the file, as root
     if through_sudo:
-        info = _trusted_stat(file)
-        trusted = (info.st_dev, info.st_ino)
+        trusted = _trusted_stat(file)
+    elif as_root:
+        try:
+            trusted = _walk_trusted(file if file.startswith("/") else posixpath.join(os.getcwd(), file))
+        except _Distrust as error:
+            distrust = error.problem  # refused below if the file holds hooks; read as any file
     raw = _read_bytes(file, trusted=trusted)
-    return settings_from_mapping(_parse(file, _decode(file, raw)), file)
+    data = _parse(file, _decode(file, raw))
+    settings = settings_from_mapping(data, file)
+    if as_root:
+        if settings.hooks and distrust is not None:
+            _fail(
+                file,
+                "hooks",
+                f"got [[hooks]] in a file that root does not control ({distrust}); hooks are run as root, so they are "
+                "read only from a file that root owns and only root can write: expected this file and every "
+                f"directory above it to be owned by root and writable by root only (such as {system})",
+            )
+        check_programs(file, named_programs(data, settings))
+    return settings

@@ -10,8 +10,11 @@ missing, and that fails the run. A test that may legitimately skip even there
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Generator
 
@@ -64,6 +67,64 @@ def rsync_path() -> str:
 def cli_argv() -> list[str]:
     """argv prefix that runs this checkout's CLI in a subprocess."""
     return [sys.executable, "-m", "agent.cli"]
+
+
+def _only_root_can_write(path: str) -> bool:
+    """True when path (no symbolic link in it) and every directory above it are root's and closed to others."""
+    current = path
+    while True:
+        info = os.lstat(current)
+        if stat.S_ISLNK(info.st_mode) or info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return False
+        if current == "/":
+            return True
+        current = os.path.dirname(current)
+
+
+def _trusted_base() -> str | None:
+    """``<root's home>/.cache/backup-agent-tests``, made 0755 where missing, if only root can write it."""
+    homes = [os.path.expanduser("~"), pwd.getpwuid(0).pw_dir, "/root"]
+    for home in dict.fromkeys(os.path.realpath(home) for home in homes if os.path.isabs(home)):
+        if not os.path.isdir(home) or not _only_root_can_write(home):
+            continue
+        base = home
+        for part in (".cache", "backup-agent-tests"):
+            base = os.path.join(base, part)
+            try:
+                os.mkdir(base, 0o755)
+                os.chmod(base, 0o755)  # whatever the umask
+            except FileExistsError:
+                pass
+        if _only_root_can_write(base):
+            return base
+    return None
+
+
+@pytest.fixture
+def trusted_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Generator[Path, None, None]:
+    """A fresh directory for stand-in programs and configs with hooks; tmp_path unless root.
+
+    As root, backup-agent runs a program named in the config (``[commands]``,
+    a hook's argv[0]), and reads ``[[hooks]]`` from a config file, only if
+    root owns it and only root can write it and every directory above it
+    (agent.config.check_trusted). pytest's tmp_path lies under /tmp, which
+    anyone may write, so as root this directory is made under root's home
+    (``~/.cache/backup-agent-tests/``, 0755) and removed afterwards. Not as
+    root nothing is checked, and it is tmp_path.
+    """
+    if os.geteuid() != 0:
+        yield tmp_path
+        return
+    base = _trusted_base()
+    if base is None:
+        request.applymarker(pytest.mark.may_skip)
+        pytest.skip("no root-owned home directory closed to others to make a trusted directory in")
+    directory = tempfile.mkdtemp(prefix="test-", dir=base)
+    os.chmod(directory, 0o755)
+    try:
+        yield Path(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, other owners); run the suite as root")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -26,11 +28,16 @@ from agent.config import (
     DEFAULT_SYSTEM_EXCLUDES,
     SYSTEM_CONFIG,
     Commands,
+    Disk,
+    Hook,
+    KeepFree,
     Settings,
     check_trusted,
     effective_excludes,
     load_settings,
+    named_programs,
     parse_duration,
+    parse_keep_free,
     running_through_sudo,
     settings_from_mapping,
 )
@@ -41,7 +48,7 @@ FILE = "/etc/backup-agent/config.toml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.toml"
 IS_ROOT = os.geteuid() == 0
 
-TABLES = "[backup], [rotation], [commands], [notifications]"
+TABLES = "[backup], [rotation], [commands], [notifications], [system], [[disk]], [[hooks]]"
 BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout"
 COUNT = 'expected a whole number of 0 or more, or "always"'
 DURATION = (
@@ -53,8 +60,9 @@ DIR = "expected a string holding an absolute directory path"
 PROGRAM = "an absolute path to the program"
 UNSAFE = (
     "expected the file and every directory above it to be owned by root and writable by root only, "
-    "with no symbolic links"
+    "and any symbolic link on the way to be root's"
 )
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: only root can make files owned by root, or chown")
 
 
 def write(directory: Path, text: str | bytes, name: str = "config.toml") -> str:
@@ -68,7 +76,7 @@ def write(directory: Path, text: str | bytes, name: str = "config.toml") -> str:
 
 def config_error(data: dict[str, Any]) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        settings_from_mapping(data, FILE)
+        settings_from_mapping(data, FILE, hostname="testhost")
     return info.value
 
 
@@ -84,9 +92,9 @@ ERRORS = [
         id="unknown-table-suggested",
     ),
     pytest.param(
-        {"hooks": {"pre": "x"}},
-        "hooks",
-        f"unknown table [hooks]; expected one of the tables {TABLES}",
+        {"scripts": {"pre": "x"}},
+        "scripts",
+        f"unknown table [scripts]; expected one of the tables {TABLES}",
         id="unknown-table",
     ),
     pytest.param(
@@ -99,7 +107,7 @@ ERRORS = [
         {"rotation": {"hourley": 3}},
         "rotation.hourley",
         'unknown key "hourley" in [rotation], did you mean hourly?; '
-        "expected one of hourly, daily, weekly, monthly, yearly, prefer_recent, strict",
+        "expected one of hourly, daily, weekly, monthly, yearly, prefer_recent, strict, keep_free, min_snapshots",
         id="unknown-rotation-key-suggested",
     ),
     pytest.param(
@@ -450,7 +458,646 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("data", "key", "problem"), ERRORS)
+# --------------------------------------------------------------------------
+# Every message of the disk lifecycle's keys: [system], [[disk]], [[hooks]],
+# the new [commands] keys, keep_free and min_snapshots
+
+HOST = "testhost"
+UUID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+DISK_KEYS = "name, luks_uuid, mount_point, mapped_device, repository, unlock, filesystem, mount_options"
+HOOK_KEYS = "name, around, before, after, timeout, critical"
+DISK_NAME = (
+    'a name of 1 to 64 ASCII letters, digits, "_", "." and "-" that starts with a letter or digit, '
+    'such as "backup1" (the crypttab target name)'
+)
+LUKS_UUID = (
+    'the UUID of the LUKS partition, 8-4-4-4-12 hex digits such as "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0" '
+    '(blkid shows it as UUID="..." with TYPE="crypto_LUKS")'
+)
+FILESYSTEM = 'a filesystem type as mount -t takes it, such as "ext4", "btrfs" or "xfs"'
+UNLOCK = '"auto", "cryptdisks", "systemd"'
+ARGV = (
+    'an array of strings, the program and its arguments, such as ["/usr/bin/pg_dumpall", "-f", "/var/backups/db.sql"] '
+    '(no shell: write ["/bin/sh", "-c", "..."] for one)'
+)
+KEEP_FREE = (
+    'a size with a binary unit such as "500M", "20G" or "1T" (K, M, G, T: 1024, 1024^2, 1024^3, 1024^4 bytes; '
+    'a plain number of 100 or more is bytes), or a percentage of the disk above 0 and below 100 such as "10%"'
+)
+PERCENT = 'expected a percentage of the disk above 0 and below 100, such as "10%"'
+HOOK_NAME = 'a non-empty name for the hook, such as "database dump"'
+
+
+def disk(**changes: Any) -> dict[str, Any]:
+    """A valid [[disk]] table, changed; a value of None removes the key."""
+    table: dict[str, Any] = {"name": "backup1", "luks_uuid": UUID, "mount_point": "/mnt/backup1"}
+    table.update(changes)
+    return {key: value for key, value in table.items() if value is not None}
+
+
+def hook(**changes: Any) -> dict[str, Any]:
+    """A valid [[hooks]] table, changed; a value of None removes the key."""
+    table: dict[str, Any] = {"name": "dump", "around": "snapshot", "before": ["/usr/bin/true"]}
+    table.update(changes)
+    return {key: value for key, value in table.items() if value is not None}
+
+
+LIFECYCLE_ERRORS = [
+    # the tables themselves
+    pytest.param({"system": "x"}, "system", 'got a string ("x"); expected the table [system]', id="system-not-a-table"),
+    pytest.param(
+        {"disk": {"name": "backup1"}},
+        "disk",
+        'got a table ({ name = "backup1" }); expected the array of tables [[disk]], one [[disk]] section per disk',
+        id="disk-single-table",
+    ),
+    pytest.param(
+        {"disk": "backup1"},
+        "disk",
+        'got a string ("backup1"); expected the array of tables [[disk]], one [[disk]] section per disk',
+        id="disk-string",
+    ),
+    pytest.param(
+        {"hooks": {"pre": "x"}},
+        "hooks",
+        'got a table ({ pre = "x" }); expected the array of tables [[hooks]], one [[hooks]] section per hook',
+        id="hooks-single-table",
+    ),
+    pytest.param(
+        {"disk": [disk(), 1]},
+        "disk[1]",
+        "got an integer (1); expected a table: one [[disk]] section per disk",
+        id="disk-element-not-a-table",
+    ),
+    pytest.param(
+        {"hooks": [["/bin/true"]]},
+        "hooks[0]",
+        'got an array (["/bin/true"]); expected a table: one [[hooks]] section per hook',
+        id="hooks-element-not-a-table",
+    ),
+    pytest.param(
+        {"disks": [disk()]},
+        "disks",
+        f"unknown table [[disks]], did you mean [[disk]]?; expected one of the tables {TABLES}",
+        id="unknown-array-of-tables-suggested",
+    ),
+    pytest.param(
+        {"hook": [hook()]},
+        "hook",
+        f"unknown table [[hook]], did you mean [[hooks]]?; expected one of the tables {TABLES}",
+        id="unknown-hook-array-suggested",
+    ),
+    pytest.param(
+        {"sytem": {"state_dir": "/x"}},
+        "sytem",
+        f"unknown table [sytem], did you mean [system]?; expected one of the tables {TABLES}",
+        id="unknown-system-table-suggested",
+    ),
+    pytest.param(
+        {"name": "backup1"},
+        "name",
+        'got the key "name" outside any table; expected it below the line [[disk]] or [[hooks]]',
+        id="key-outside-table-arrays",
+    ),
+    pytest.param(
+        {"repository": "/srv/backup"},
+        "repository",
+        'got the key "repository" outside any table; expected it below the line [backup] or [[disk]]',
+        id="key-outside-table-backup-or-disk",
+    ),
+    pytest.param(
+        {"keep_free": "10%"},
+        "keep_free",
+        'got the key "keep_free" outside any table; expected it below the line [rotation]',
+        id="keep-free-outside-table",
+    ),
+    # [system]
+    pytest.param(
+        {"system": {"statedir": "/var/lib/x"}},
+        "system.statedir",
+        'unknown key "statedir" in [system], did you mean state_dir?; expected one of state_dir, crypttab, fstab',
+        id="system-unknown-key",
+    ),
+    pytest.param(
+        {"system": {"state_dir": "var/lib/backup-agent"}},
+        "system.state_dir",
+        'got "var/lib/backup-agent", a relative path; expected an absolute directory path (starting with /)',
+        id="state-dir-relative",
+    ),
+    pytest.param(
+        {"system": {"state_dir": "/var/"}},
+        "system.state_dir",
+        'got "/var/", a system directory; expected a directory of backup-agent\'s own, such as /var/lib/backup-agent',
+        id="state-dir-system-directory",
+    ),
+    pytest.param(
+        {"system": {"crypttab": 1}},
+        "system.crypttab",
+        "got an integer (1); expected a string holding an absolute path to the file",
+        id="crypttab-int",
+    ),
+    pytest.param(
+        {"system": {"fstab": "/etc/../tmp/fstab"}},
+        "system.fstab",
+        'got "/etc/../tmp/fstab", which holds a ".." component; expected an absolute path to the file without ".."',
+        id="fstab-dotdot",
+    ),
+    # [commands], the new keys
+    pytest.param(
+        {"commands": {"cryptdisks_start": "cryptdisks_start"}},
+        "commands.cryptdisks_start",
+        f'got "cryptdisks_start", a relative path; expected {PROGRAM} (starting with /)',
+        id="cryptdisks-start-relative",
+    ),
+    pytest.param(
+        {"commands": {"umount": "/bin/umount\n"}},
+        "commands.umount",
+        f'got "/bin/umount\\n", which holds a NUL or newline character; expected {PROGRAM} without them',
+        id="umount-newline",
+    ),
+    pytest.param(
+        {"commands": {"cryptdisk_stop": "/sbin/cryptdisks_stop"}},
+        "commands.cryptdisk_stop",
+        'unknown key "cryptdisk_stop" in [commands], did you mean cryptdisks_stop?; expected one of rsync, ionice, '
+        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, systemctl, mount, umount, sync",
+        id="commands-unknown-key-suggested",
+    ),
+    # [[disk]]: keys, required keys
+    pytest.param(
+        {"disk": [disk(mountpoint="/mnt/b")]},
+        "disk[0].mountpoint",
+        f'unknown key "mountpoint" in [[disk]], did you mean mount_point?; expected one of {DISK_KEYS}',
+        id="disk-unknown-key",
+    ),
+    pytest.param({"disk": [disk(name=None)]}, "disk[0].name", f"missing; expected {DISK_NAME}", id="disk-name-missing"),
+    pytest.param(
+        {"disk": [disk(), disk(name="backup2", luks_uuid=None)]},
+        "disk[1].luks_uuid",
+        f"missing; expected {LUKS_UUID}",
+        id="disk-uuid-missing",
+    ),
+    pytest.param(
+        {"disk": [disk(mount_point=None)]},
+        "disk[0].mount_point",
+        "missing; expected an absolute directory path to mount the disk on, such as /mnt/backup1",
+        id="disk-mount-point-missing",
+    ),
+    # name
+    pytest.param({"disk": [disk(name=1)]}, "disk[0].name", f"got an integer (1); expected a string holding {DISK_NAME}", id="disk-name-int"),
+    pytest.param({"disk": [disk(name="")]}, "disk[0].name", f'got ""; expected {DISK_NAME}', id="disk-name-empty"),
+    pytest.param({"disk": [disk(name="back up")]}, "disk[0].name", f'got "back up"; expected {DISK_NAME}', id="disk-name-space"),
+    pytest.param({"disk": [disk(name="-backup")]}, "disk[0].name", f'got "-backup"; expected {DISK_NAME}', id="disk-name-dash"),
+    pytest.param({"disk": [disk(name=".backup")]}, "disk[0].name", f'got ".backup"; expected {DISK_NAME}', id="disk-name-dot"),
+    pytest.param({"disk": [disk(name="a/b")]}, "disk[0].name", f'got "a/b"; expected {DISK_NAME}', id="disk-name-slash"),
+    pytest.param({"disk": [disk(name="bäckup")]}, "disk[0].name", f'got "bäckup"; expected {DISK_NAME}', id="disk-name-non-ascii"),
+    pytest.param({"disk": [disk(name="backup\n")]}, "disk[0].name", f'got "backup\\n"; expected {DISK_NAME}', id="disk-name-newline"),
+    pytest.param({"disk": [disk(name="a" * 65)]}, "disk[0].name", f'got "{"a" * 65}"; expected {DISK_NAME}', id="disk-name-too-long"),
+    # luks_uuid
+    pytest.param(
+        {"disk": [disk(luks_uuid=12)]},
+        "disk[0].luks_uuid",
+        f"got an integer (12); expected a string holding {LUKS_UUID}",
+        id="uuid-int",
+    ),
+    pytest.param(
+        {"disk": [disk(luks_uuid="0f1e2d3c4b5a69788796a5b4c3d2e1f0")]},
+        "disk[0].luks_uuid",
+        f'got "0f1e2d3c4b5a69788796a5b4c3d2e1f0"; expected {LUKS_UUID}',
+        id="uuid-without-dashes",
+    ),
+    pytest.param(
+        {"disk": [disk(luks_uuid="0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg")]},
+        "disk[0].luks_uuid",
+        f'got "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg"; expected {LUKS_UUID}',
+        id="uuid-not-hex",
+    ),
+    pytest.param(
+        {"disk": [disk(luks_uuid=f"UUID={UUID}")]},
+        "disk[0].luks_uuid",
+        f'got "UUID={UUID}" (write the UUID alone: "{UUID}"); expected {LUKS_UUID}',
+        id="uuid-with-prefix",
+    ),
+    pytest.param(
+        {"disk": [disk(luks_uuid=f"/dev/disk/by-uuid/{UUID}")]},
+        "disk[0].luks_uuid",
+        f'got "/dev/disk/by-uuid/{UUID}" (write the UUID alone: "{UUID}"); expected {LUKS_UUID}',
+        id="uuid-device-path",
+    ),
+    # mount_point
+    pytest.param(
+        {"disk": [disk(mount_point="/")]},
+        "disk[0].mount_point",
+        'got "/", a directory the system or its users need; expected a directory of its own to mount the disk on, '
+        "such as /mnt/backup1",
+        id="mount-point-root",
+    ),
+    pytest.param(
+        {"disk": [disk(mount_point="/home/")]},
+        "disk[0].mount_point",
+        'got "/home/", a directory the system or its users need; expected a directory of its own to mount the disk '
+        "on, such as /mnt/backup1",
+        id="mount-point-home",
+    ),
+    pytest.param(
+        {"disk": [disk(mount_point="/etc")]},
+        "disk[0].mount_point",
+        'got "/etc", a directory the system or its users need; expected a directory of its own to mount the disk '
+        "on, such as /mnt/backup1",
+        id="mount-point-etc",
+    ),
+    pytest.param(
+        {"disk": [disk(mount_point="mnt/backup1")]},
+        "disk[0].mount_point",
+        'got "mnt/backup1", a relative path; expected an absolute directory path (starting with /)',
+        id="mount-point-relative",
+    ),
+    # mapped_device
+    pytest.param(
+        {"disk": [disk(mapped_device="mapper/backup1")]},
+        "disk[0].mapped_device",
+        'got "mapper/backup1", a relative path; expected an absolute path to the unlocked device (starting with /)',
+        id="mapped-device-relative",
+    ),
+    # repository
+    pytest.param(
+        {"disk": [disk(repository="/mnt/backup1/")]},
+        "disk[0].repository",
+        'got "/mnt/backup1/", the mount point itself; expected a directory below it such as /mnt/backup1/testhost: '
+        "the repository must be a directory on the disk, not its root",
+        id="repository-is-the-mount-point",
+    ),
+    pytest.param(
+        {"disk": [disk(repository="/mnt/backup1/./")]},
+        "disk[0].repository",
+        'got "/mnt/backup1/./", the mount point itself; expected a directory below it such as /mnt/backup1/testhost: '
+        "the repository must be a directory on the disk, not its root",
+        id="repository-is-the-mount-point-dot",
+    ),
+    pytest.param(
+        {"disk": [disk(repository="/srv/backup/host")]},
+        "disk[0].repository",
+        'got "/srv/backup/host", which is not below the disk\'s mount point "/mnt/backup1"; '
+        "expected a directory on the disk, such as /mnt/backup1/testhost",
+        id="repository-outside",
+    ),
+    pytest.param(
+        {"disk": [disk(repository="/mnt/backup10/host")]},
+        "disk[0].repository",
+        'got "/mnt/backup10/host", which is not below the disk\'s mount point "/mnt/backup1"; '
+        "expected a directory on the disk, such as /mnt/backup1/testhost",
+        id="repository-beside-with-common-prefix",
+    ),
+    pytest.param(
+        {"disk": [disk(repository="/mnt")]},
+        "disk[0].repository",
+        'got "/mnt", which is not below the disk\'s mount point "/mnt/backup1"; '
+        "expected a directory on the disk, such as /mnt/backup1/testhost",
+        id="repository-above",
+    ),
+    pytest.param(
+        {"disk": [disk(repository="/mnt/backup1/../etc")]},
+        "disk[0].repository",
+        'got "/mnt/backup1/../etc", which holds a ".." component; expected an absolute directory path without ".."',
+        id="repository-dotdot",
+    ),
+    # unlock
+    pytest.param({"disk": [disk(unlock="luks")]}, "disk[0].unlock", f'got "luks"; expected one of {UNLOCK}', id="unlock-unknown"),
+    pytest.param(
+        {"disk": [disk(unlock="cryptdisk")]},
+        "disk[0].unlock",
+        f'got "cryptdisk" (did you mean "cryptdisks"?); expected one of {UNLOCK}',
+        id="unlock-suggested",
+    ),
+    pytest.param(
+        {"disk": [disk(unlock=True)]},
+        "disk[0].unlock",
+        f"got a boolean (true); expected one of the strings {UNLOCK}",
+        id="unlock-bool",
+    ),
+    # filesystem, mount_options
+    pytest.param(
+        {"disk": [disk(filesystem=4)]},
+        "disk[0].filesystem",
+        f"got an integer (4); expected a string holding {FILESYSTEM}",
+        id="filesystem-int",
+    ),
+    pytest.param({"disk": [disk(filesystem="EXT4")]}, "disk[0].filesystem", f'got "EXT4"; expected {FILESYSTEM}', id="filesystem-upper"),
+    pytest.param({"disk": [disk(filesystem="")]}, "disk[0].filesystem", f'got ""; expected {FILESYSTEM}', id="filesystem-empty"),
+    pytest.param(
+        {"disk": [disk(filesystem="ext4,ro")]}, "disk[0].filesystem", f'got "ext4,ro"; expected {FILESYSTEM}', id="filesystem-comma"
+    ),
+    pytest.param(
+        {"disk": [disk(filesystem="exfat")]},
+        "disk[0].filesystem",
+        'got "exfat", which cannot keep hard links with Unix owners and permissions as snapshots need; '
+        'expected a Linux filesystem such as "ext4", "btrfs" or "xfs"',
+        id="filesystem-exfat",
+    ),
+    pytest.param(
+        {"disk": [disk(filesystem="vfat")]},
+        "disk[0].filesystem",
+        'got "vfat", which cannot keep hard links with Unix owners and permissions as snapshots need; '
+        'expected a Linux filesystem such as "ext4", "btrfs" or "xfs"',
+        id="filesystem-vfat",
+    ),
+    pytest.param(
+        {"disk": [disk(mount_options=["noatime"])]},
+        "disk[0].mount_options",
+        'got ["noatime"] without filesystem; expected mount_options only together with filesystem (without it, '
+        "the disk is mounted through its fstab entry, whose options apply)",
+        id="mount-options-without-filesystem",
+    ),
+    pytest.param(
+        {"disk": [disk(filesystem="ext4", mount_options="noatime,nodev")]},
+        "disk[0].mount_options",
+        'got a string ("noatime,nodev"); expected an array of mount options such as ["noatime", "nodev"]',
+        id="mount-options-string",
+    ),
+    pytest.param(
+        {"disk": [disk(filesystem="ext4", mount_options=["noatime", "nodev,nosuid"])]},
+        "disk[0].mount_options[1]",
+        'got "nodev,nosuid", which holds a comma; expected one mount option per string, such as ["noatime", "nodev"]',
+        id="mount-option-comma",
+    ),
+    pytest.param(
+        {"disk": [disk(filesystem="ext4", mount_options=["no atime"])]},
+        "disk[0].mount_options[0]",
+        'got "no atime", which holds whitespace or a NUL character; expected one mount option without them',
+        id="mount-option-space",
+    ),
+    pytest.param(
+        {"disk": [disk(filesystem="ext4", mount_options=["noatime\t"])]},
+        "disk[0].mount_options[0]",
+        'got "noatime\\t", which holds whitespace or a NUL character; expected one mount option without them',
+        id="mount-option-tab",
+    ),
+    pytest.param(
+        {"disk": [disk(filesystem="ext4", mount_options=["a\x00"])]},
+        "disk[0].mount_options[0]",
+        'got "a\\u0000", which holds whitespace or a NUL character; expected one mount option without them',
+        id="mount-option-nul",
+    ),
+    pytest.param(
+        {"disk": [disk(filesystem="ext4", mount_options=[""])]},
+        "disk[0].mount_options[0]",
+        'got ""; expected a non-empty mount option such as "noatime"',
+        id="mount-option-empty",
+    ),
+    pytest.param(
+        {"disk": [disk(filesystem="ext4", mount_options=[1])]},
+        "disk[0].mount_options[0]",
+        'got an integer (1); expected a string holding one mount option such as "noatime"',
+        id="mount-option-int",
+    ),
+    # duplicates across disks
+    pytest.param(
+        {"disk": [disk(), disk(mount_point="/mnt/other")]},
+        "disk[1].name",
+        'got "backup1", already the name of disk[0] ("backup1"); expected a name of its own for each disk',
+        id="disk-name-duplicate",
+    ),
+    pytest.param(
+        {"disk": [disk(), disk(name="b2", mount_point="/mnt/x"), disk(name="b3", mount_point="//mnt/backup1/")]},
+        "disk[2].mount_point",
+        'got "/mnt/backup1", already the mount point of disk[0] ("backup1"); '
+        "expected a mount point of its own for each disk",
+        id="disk-mount-point-duplicate-normalised",
+    ),
+    pytest.param(
+        {"disk": [disk(), disk(name="backup2", mount_point="/mnt/backup2", mapped_device="/dev/mapper/backup1")]},
+        "disk[1].mapped_device",
+        'got "/dev/mapper/backup1", already the mapped device of disk[0] ("backup1"); '
+        "expected a mapped device of its own for each disk",
+        id="disk-mapped-device-duplicate",
+    ),
+    # [[hooks]]
+    pytest.param(
+        {"hooks": [hook(before_backup=["/bin/true"])]},
+        "hooks[0].before_backup",
+        f'unknown key "before_backup" in [[hooks]], did you mean before?; expected one of {HOOK_KEYS}',
+        id="hook-unknown-key",
+    ),
+    pytest.param({"hooks": [hook(name=None)]}, "hooks[0].name", f"missing; expected {HOOK_NAME}", id="hook-name-missing"),
+    pytest.param({"hooks": [hook(name="")]}, "hooks[0].name", f'got ""; expected {HOOK_NAME}', id="hook-name-empty"),
+    pytest.param({"hooks": [hook(name="  ")]}, "hooks[0].name", f'got "  "; expected {HOOK_NAME}', id="hook-name-blank"),
+    pytest.param(
+        {"hooks": [hook(name=7)]}, "hooks[0].name", f"got an integer (7); expected a string holding {HOOK_NAME}", id="hook-name-int"
+    ),
+    pytest.param(
+        {"hooks": [hook(name="a\nb")]},
+        "hooks[0].name",
+        'got "a\\nb", which holds a NUL or newline character; expected a name without them',
+        id="hook-name-newline",
+    ),
+    pytest.param(
+        {"hooks": [hook(), hook(around="backup")]},
+        "hooks[1].name",
+        'got "dump", already the name of hooks[0]; expected a name of its own for each hook',
+        id="hook-name-duplicate",
+    ),
+    pytest.param(
+        {"hooks": [hook(around=None)]},
+        "hooks[0].around",
+        'missing; expected one of "backup" (around the whole cycle) or "snapshot" (around the transfer)',
+        id="hook-around-missing",
+    ),
+    pytest.param(
+        {"hooks": [hook(around="transfer")]},
+        "hooks[0].around",
+        'got "transfer"; expected one of "backup", "snapshot"',
+        id="hook-around-unknown",
+    ),
+    pytest.param(
+        {"hooks": [hook(around="snapshots")]},
+        "hooks[0].around",
+        'got "snapshots" (did you mean "snapshot"?); expected one of "backup", "snapshot"',
+        id="hook-around-suggested",
+    ),
+    pytest.param(
+        {"hooks": [hook(before=None)]},
+        "hooks[0]",
+        f'got neither before nor after in [[hooks]] "dump"; expected at least one of them, {ARGV}',
+        id="hook-neither-before-nor-after",
+    ),
+    pytest.param(
+        {"hooks": [hook(before="pg_dumpall -f /var/backups/db.sql")]},
+        "hooks[0].before",
+        f'got a string ("pg_dumpall -f /var/backups/db.sql"); expected {ARGV}',
+        id="hook-argv-string",
+    ),
+    pytest.param({"hooks": [hook(after=[])]}, "hooks[0].after", f"got an empty array; expected {ARGV}", id="hook-argv-empty"),
+    pytest.param(
+        {"hooks": [hook(before=["pg_dumpall", "-f", "/var/backups/db.sql"])]},
+        "hooks[0].before[0]",
+        f'got "pg_dumpall", a relative path; expected {PROGRAM} (starting with /): hooks are run without a PATH '
+        "lookup, and `command -v pg_dumpall` shows the full path",
+        id="hook-program-relative",
+    ),
+    pytest.param(
+        {"hooks": [hook(before=[""])]},
+        "hooks[0].before[0]",
+        f'got "", a relative path; expected {PROGRAM} (starting with /): hooks are run without a PATH '
+        "lookup, and `command -v NAME` shows the full path",
+        id="hook-program-empty",
+    ),
+    pytest.param(
+        {"hooks": [hook(before=[5])]},
+        "hooks[0].before[0]",
+        f"got an integer (5); expected a string holding {PROGRAM}",
+        id="hook-program-int",
+    ),
+    pytest.param(
+        {"hooks": [hook(before=["/usr/bin/../../tmp/x"])]},
+        "hooks[0].before[0]",
+        f'got "/usr/bin/../../tmp/x", which holds a ".." component; expected {PROGRAM} without ".."',
+        id="hook-program-dotdot",
+    ),
+    pytest.param(
+        {"hooks": [hook(after=["/bin/sleep", 5])]},
+        "hooks[0].after[1]",
+        'got an integer (5); expected a string, as every argument is one (write "5")',
+        id="hook-argument-int",
+    ),
+    pytest.param(
+        {"hooks": [hook(after=["/bin/echo", ["a"]])]},
+        "hooks[0].after[1]",
+        'got an array (["a"]); expected a string, as every argument is one',
+        id="hook-argument-array",
+    ),
+    pytest.param(
+        {"hooks": [hook(after=["/bin/echo", "a\x00b"])]},
+        "hooks[0].after[1]",
+        'got "a\\u0000b", which holds a NUL character; expected an argument without it',
+        id="hook-argument-nul",
+    ),
+    pytest.param(
+        {"hooks": [hook(timeout="0")]},
+        "hooks[0].timeout",
+        'got "0"; expected a duration of 1 second or more, such as "10m": a hook needs a time limit',
+        id="hook-timeout-zero",
+    ),
+    pytest.param(
+        {"hooks": [hook(timeout="0m")]},
+        "hooks[0].timeout",
+        'got "0m"; expected a duration of 1 second or more, such as "10m": a hook needs a time limit',
+        id="hook-timeout-zero-minutes",
+    ),
+    pytest.param(
+        {"hooks": [hook(timeout=600)]},
+        "hooks[0].timeout",
+        f'got an integer (600); {DURATION} (write "600s" for 600 seconds)',
+        id="hook-timeout-int",
+    ),
+    pytest.param(
+        {"hooks": [hook(timeout="10")]},
+        "hooks[0].timeout",
+        f'got "10" (a number needs a unit: "10s" for seconds); {DURATION}',
+        id="hook-timeout-no-unit",
+    ),
+    pytest.param(
+        {"hooks": [hook(timeout="8d")]},
+        "hooks[0].timeout",
+        'got "8d" (691200 seconds); expected at most "7d" (604800 seconds)',
+        id="hook-timeout-too-long",
+    ),
+    pytest.param(
+        {"hooks": [hook(critical="yes")]},
+        "hooks[0].critical",
+        'got a string ("yes"); expected a boolean (true or false)',
+        id="hook-critical-string",
+    ),
+    # rotation.keep_free, rotation.min_snapshots
+    pytest.param(
+        {"rotation": {"keep_free": "10"}},
+        "rotation.keep_free",
+        'got "10", a number without a unit that could mean 10 bytes or 10 percent; '
+        'expected "10%" for a percentage of the disk, or a size with its unit such as "10G"',
+        id="keep-free-ambiguous",
+    ),
+    pytest.param({"rotation": {"keep_free": "%"}}, "rotation.keep_free", f'got "%"; expected {KEEP_FREE}', id="keep-free-percent-sign"),
+    pytest.param({"rotation": {"keep_free": "150%"}}, "rotation.keep_free", f'got "150%"; {PERCENT}', id="keep-free-150-percent"),
+    pytest.param({"rotation": {"keep_free": "100%"}}, "rotation.keep_free", f'got "100%"; {PERCENT}', id="keep-free-100-percent"),
+    pytest.param({"rotation": {"keep_free": "0%"}}, "rotation.keep_free", f'got "0%"; {PERCENT}', id="keep-free-0-percent"),
+    pytest.param({"rotation": {"keep_free": "0.0%"}}, "rotation.keep_free", f'got "0.0%"; {PERCENT}', id="keep-free-0.0-percent"),
+    pytest.param({"rotation": {"keep_free": "-5G"}}, "rotation.keep_free", f'got "-5G"; expected {KEEP_FREE}', id="keep-free-negative"),
+    pytest.param({"rotation": {"keep_free": "-5%"}}, "rotation.keep_free", f'got "-5%"; expected {KEEP_FREE}', id="keep-free-negative-percent"),
+    pytest.param({"rotation": {"keep_free": "5X"}}, "rotation.keep_free", f'got "5X"; expected {KEEP_FREE}', id="keep-free-unknown-unit"),
+    pytest.param({"rotation": {"keep_free": "1.5G"}}, "rotation.keep_free", f'got "1.5G"; expected {KEEP_FREE}', id="keep-free-fraction"),
+    pytest.param({"rotation": {"keep_free": "20 G"}}, "rotation.keep_free", f'got "20 G"; expected {KEEP_FREE}', id="keep-free-space"),
+    pytest.param({"rotation": {"keep_free": "20GB"}}, "rotation.keep_free", f'got "20GB"; expected {KEEP_FREE}', id="keep-free-gb"),
+    pytest.param({"rotation": {"keep_free": ""}}, "rotation.keep_free", f'got ""; expected {KEEP_FREE}', id="keep-free-empty"),
+    pytest.param(
+        {"rotation": {"keep_free": "20g"}},
+        "rotation.keep_free",
+        f'got "20g" (the units are upper case: "20G"); expected {KEEP_FREE}',
+        id="keep-free-lower-case-unit",
+    ),
+    pytest.param(
+        {"rotation": {"keep_free": "0"}},
+        "rotation.keep_free",
+        'got "0"; expected a size above 0 (leave keep_free out to make no room)',
+        id="keep-free-zero",
+    ),
+    pytest.param(
+        {"rotation": {"keep_free": "0G"}},
+        "rotation.keep_free",
+        'got "0G"; expected a size above 0 (leave keep_free out to make no room)',
+        id="keep-free-zero-gib",
+    ),
+    pytest.param(
+        {"rotation": {"keep_free": "99999999T"}},
+        "rotation.keep_free",
+        'got "99999999T", more than any disk holds; expected at most 8388607T',
+        id="keep-free-too-large",
+    ),
+    pytest.param(
+        {"rotation": {"keep_free": 10}},
+        "rotation.keep_free",
+        f'got an integer (10); expected a string holding {KEEP_FREE} (write it as a string: "10%" for a percentage, '
+        '"10G" for a size)',
+        id="keep-free-int",
+    ),
+    pytest.param(
+        {"rotation": {"keep_free": 0.1}},
+        "rotation.keep_free",
+        f"got a float (0.1); expected a string holding {KEEP_FREE}",
+        id="keep-free-float",
+    ),
+    pytest.param(
+        {"rotation": {"min_snapshots": 3}},
+        "rotation.min_snapshots",
+        "got 3 without keep_free; expected min_snapshots only together with keep_free "
+        "(it is the fewest snapshots that making room may leave)",
+        id="min-snapshots-without-keep-free",
+    ),
+    pytest.param(
+        {"rotation": {"keep_free": "10%", "min_snapshots": 0}},
+        "rotation.min_snapshots",
+        "got 0; expected a whole number from 1 to 100000 (the newest snapshot is never deleted)",
+        id="min-snapshots-zero",
+    ),
+    pytest.param(
+        {"rotation": {"keep_free": "10%", "min_snapshots": 100001}},
+        "rotation.min_snapshots",
+        "got 100001; expected a whole number from 1 to 100000 (the newest snapshot is never deleted)",
+        id="min-snapshots-too-many",
+    ),
+    pytest.param(
+        {"rotation": {"keep_free": "10%", "min_snapshots": "3"}},
+        "rotation.min_snapshots",
+        'got a string ("3"); expected a whole number from 1 to 100000',
+        id="min-snapshots-string",
+    ),
+    pytest.param(
+        {"rotation": {"keep_free": "10%", "min_snapshots": True}},
+        "rotation.min_snapshots",
+        "got a boolean (true); expected a whole number from 1 to 100000",
+        id="min-snapshots-bool",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "key", "problem"), ERRORS + LIFECYCLE_ERRORS)
 def test_error_message(data: dict[str, Any], key: str, problem: str) -> None:
     error = config_error(data)
     assert (error.path, error.key, error.problem) == (FILE, key, problem)
@@ -636,6 +1283,458 @@ def test_default_system_excludes() -> None:
 
 
 # --------------------------------------------------------------------------
+# The disk lifecycle's settings: defaults and valid values
+
+
+def test_new_defaults() -> None:
+    settings = Settings(path=None)
+    assert (settings.disks, settings.hooks, settings.keep_free) == ((), (), None)
+    assert (settings.state_dir, settings.crypttab, settings.fstab) == ("/var/lib/backup-agent", "/etc/crypttab", "/etc/fstab")
+    assert settings.commands == Commands(
+        rsync="/usr/bin/rsync",
+        ionice="/usr/bin/ionice",
+        nice="/usr/bin/nice",
+        rm="/bin/rm",
+        blkid="/sbin/blkid",
+        cryptdisks_start="/sbin/cryptdisks_start",
+        cryptdisks_stop="/sbin/cryptdisks_stop",
+        systemctl="/bin/systemctl",
+        mount="/bin/mount",
+        umount="/bin/umount",
+        sync="/bin/sync",
+    )
+
+
+def test_disk_defaults() -> None:
+    settings = settings_from_mapping({"disk": [disk()]}, FILE, hostname="myhost")
+    assert settings.disks == (
+        Disk(
+            name="backup1",
+            luks_uuid=UUID,
+            mount_point="/mnt/backup1",
+            mapped_device="/dev/mapper/backup1",
+            repository="/mnt/backup1/myhost",
+            unlock="auto",
+            filesystem=None,
+            mount_options=(),
+        ),
+    )
+
+
+def test_default_repository_is_named_after_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "laptop.example")
+    assert settings_from_mapping({"disk": [disk()]}, FILE).disks[0].repository == "/mnt/backup1/laptop.example"
+
+
+@pytest.mark.parametrize("hostname", ["", ".", "..", "-x"])
+def test_a_host_name_that_makes_no_directory_needs_a_repository(hostname: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings_from_mapping({"disk": [disk()]}, FILE, hostname=hostname)
+    assert (info.value.key, info.value.problem) == (
+        "disk[0].repository",
+        f'not set, and this machine\'s host name "{hostname}" makes no directory name; expected repository set to '
+        "a directory below the mount point, such as /mnt/backup1/backups",
+    )
+    given = settings_from_mapping({"disk": [disk(repository="/mnt/backup1/backups")]}, FILE, hostname=hostname)
+    assert given.disks[0].repository == "/mnt/backup1/backups"
+
+
+def test_every_disk_key() -> None:
+    table = {
+        "name": "Off-site_2.b",
+        "luks_uuid": UUID.upper(),
+        "mount_point": "/media//offsite/",
+        "mapped_device": "/dev/mapper/luks-offsite/",
+        "repository": "/media/offsite/./machines//myhost/",
+        "unlock": "systemd",
+        "filesystem": "ext4",
+        "mount_options": ["noatime", "nodev", "errors=remount-ro"],
+    }
+    assert settings_from_mapping({"disk": [table]}, FILE, hostname="ignored").disks == (
+        Disk(
+            name="Off-site_2.b",
+            luks_uuid=UUID,  # stored in lower case
+            mount_point="/media/offsite",
+            mapped_device="/dev/mapper/luks-offsite",
+            repository="/media/offsite/machines/myhost",
+            unlock="systemd",
+            filesystem="ext4",
+            mount_options=("noatime", "nodev", "errors=remount-ro"),
+        ),
+    )
+
+
+def test_several_disks_keep_their_order() -> None:
+    disks = settings_from_mapping(
+        {"disk": [disk(), disk(name="offsite", mount_point="/mnt/offsite", unlock="cryptdisks")]}, FILE, hostname="h"
+    ).disks
+    assert [(d.name, d.mapped_device, d.repository, d.unlock) for d in disks] == [
+        ("backup1", "/dev/mapper/backup1", "/mnt/backup1/h", "auto"),
+        ("offsite", "/dev/mapper/offsite", "/mnt/offsite/h", "cryptdisks"),
+    ]
+
+
+def test_no_disks_is_fine() -> None:
+    assert settings_from_mapping({"disk": []}, FILE).disks == ()
+
+
+@pytest.mark.parametrize("name", ["b", "0", "backup1", "a" * 64, "my.disk-2_x", "UPPER"])
+def test_disk_names_accepted(name: str) -> None:
+    table = disk(name=name)
+    assert settings_from_mapping({"disk": [table]}, FILE, hostname="h").disks[0].mapped_device == f"/dev/mapper/{name}"
+
+
+@pytest.mark.parametrize("mount_point", ["/mnt", "/media", "/run/media/me/backup", "/mnt/backup1", "/backup"])
+def test_mount_points_accepted(mount_point: str) -> None:
+    assert settings_from_mapping({"disk": [disk(mount_point=mount_point)]}, FILE, hostname="h").disks[0].mount_point == mount_point
+
+
+def test_mount_options_may_be_empty_with_a_filesystem() -> None:
+    found = settings_from_mapping({"disk": [disk(filesystem="btrfs", mount_options=[])]}, FILE, hostname="h").disks[0]
+    assert (found.filesystem, found.mount_options) == ("btrfs", ())
+
+
+def test_settings_from_mapping_asks_for_the_hostname_only_with_disks(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_hostname() -> str:
+        raise AssertionError("gethostname called without disks")
+
+    monkeypatch.setattr(socket, "gethostname", no_hostname)
+    assert settings_from_mapping({"backup": {"nice": 3}}, FILE).nice == 3
+
+
+def test_system_table() -> None:
+    fields = {"state_dir": "/var/lib/backup-agent/", "crypttab": "/etc//crypttab", "fstab": "/etc/fstab.d/./x"}
+    settings = settings_from_mapping({"system": fields}, FILE)
+    assert (settings.state_dir, settings.crypttab, settings.fstab) == ("/var/lib/backup-agent", "/etc/crypttab", "/etc/fstab.d/x")
+
+
+def test_new_commands() -> None:
+    table = {key: f"/opt/tools/{key}" for key in ("blkid", "cryptdisks_start", "cryptdisks_stop", "systemctl", "mount", "umount", "sync")}
+    commands = settings_from_mapping({"commands": table}, FILE).commands
+    assert commands == Commands(**table)
+    assert commands.rsync == "/usr/bin/rsync"  # the others keep their defaults
+
+
+def test_hook_defaults() -> None:
+    hooks = settings_from_mapping({"hooks": [hook()]}, FILE).hooks
+    assert hooks == (
+        Hook(name="dump", around="snapshot", before=("/usr/bin/true",), after=None, timeout=600, critical=True),
+    )
+
+
+def test_every_hook_key() -> None:
+    tables = [
+        {
+            "name": "mail server",
+            "around": "backup",
+            "before": ["/bin/systemctl", "stop", "postfix.service"],
+            "after": ["/bin/systemctl", "start", "postfix.service"],
+            "timeout": "2m",
+            "critical": False,
+        },
+        {"name": "database dump", "around": "snapshot", "after": ["//usr/bin/rm/", "-f", "", "a\nb"], "timeout": "7d"},
+    ]
+    assert settings_from_mapping({"hooks": tables}, FILE).hooks == (
+        Hook("mail server", "backup", ("/bin/systemctl", "stop", "postfix.service"), ("/bin/systemctl", "start", "postfix.service"), 120, False),
+        Hook("database dump", "snapshot", None, ("/usr/bin/rm", "-f", "", "a\nb"), 604800, True),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("123", (123, None)),
+        ("100", (100, None)),
+        ("1K", (1024, None)),
+        ("500M", (500 * 1024**2, None)),
+        ("20G", (20 * 1024**3, None)),
+        ("1T", (1024**4, None)),
+        ("8388607T", (8388607 * 1024**4, None)),
+        ("10%", (None, 10.0)),
+        ("12.5%", (None, 12.5)),
+        ("0.5%", (None, 0.5)),
+        ("99.9%", (None, 99.9)),
+    ],
+)
+def test_parse_keep_free(text: str, expected: tuple[int | None, float | None]) -> None:
+    assert parse_keep_free(text) == expected
+
+
+@pytest.mark.parametrize("text", ["10", "%", "150%", "0%", "-5G", "5X", "", "0", "1.5G", "10 %", "١٠%", "10g"])
+def test_parse_keep_free_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match=r'^got "'):
+        parse_keep_free(text)
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "problem"),
+    [
+        ({"rotation": {"keep_free": "9" * 5000 + "G"}}, "rotation.keep_free", "more than any disk holds"),
+        ({"hooks": [hook(timeout="9" * 5000 + "s")]}, "hooks[0].timeout", "expected a duration string"),
+        ({"backup": {"io_timeout": "9" * 5000 + "s"}}, "backup.io_timeout", "expected a duration string"),
+    ],
+    ids=["keep-free", "hook-timeout", "io-timeout"],
+)
+def test_numbers_too_long_for_int_are_config_errors(table: dict[str, Any], key: str, problem: str) -> None:
+    error = config_error(table)
+    assert error.key == key and problem in error.problem and len(str(error)) < 400
+
+
+def test_keep_free_into_settings() -> None:
+    assert settings_from_mapping({"rotation": {"daily": 7}}, FILE).keep_free is None
+    assert settings_from_mapping({"rotation": {"keep_free": "20G"}}, FILE).keep_free == KeepFree(
+        bytes=20 * 1024**3, percent=None, min_snapshots=3
+    )
+    settings = settings_from_mapping({"rotation": {"keep_free": "10%", "min_snapshots": 1, "daily": 7}}, FILE)
+    assert settings.keep_free == KeepFree(bytes=None, percent=10.0, min_snapshots=1)
+    assert settings.rotation == Scheme(counts={"daily": 7})  # keep_free leaves the scheme alone
+
+
+# --------------------------------------------------------------------------
+# Root executes only what root owns: [commands] and hook programs, hooks' file
+
+PROGRAM_TRUST = (
+    "expected a program owned by root and writable only by root, in directories owned by root and writable only "
+    "by root (symbolic links on the way included), because backup-agent runs it as root"
+)
+
+
+def world_writable_above(path: Path) -> str:
+    """The topmost group/other-writable directory above path (pytest's tmp_path: /tmp)."""
+    found = next((str(parent) for parent in reversed(path.parents) if os.lstat(parent).st_mode & 0o022), None)
+    if found is None:
+        pytest.skip(f"no world-writable directory above {path} (pytest --basetemp elsewhere)")
+    return found
+
+
+def writable_problem(path: Path) -> str:
+    directory = world_writable_above(path)
+    return f"{directory} is writable by group or others (mode {stat.S_IMODE(os.lstat(directory).st_mode):04o})"
+
+
+def make_program(directory: Path, name: str = "rsync") -> str:
+    path = directory / name
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture
+def as_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_settings believes it runs as root: the checks apply to this test's own files too."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+
+
+def test_named_programs() -> None:
+    data = {
+        "commands": {"rsync": "/opt/rsync/", "mount": "/usr/bin/mount"},
+        "hooks": [hook(after=["/bin/rm", "x"]), hook(name="b", before=None, after=["/usr/bin/env", "a"])],
+    }
+    settings = settings_from_mapping(data, FILE)
+    assert named_programs(data, settings) == (
+        ("commands.rsync", "/opt/rsync"),  # normalised, in the field order of Commands
+        ("commands.mount", "/usr/bin/mount"),
+        ("hooks[0].before", "/usr/bin/true"),
+        ("hooks[0].after", "/bin/rm"),
+        ("hooks[1].after", "/usr/bin/env"),
+    )
+    assert named_programs({}, Settings(path=None)) == ()  # defaults are system paths, not checked
+
+
+def test_untrusted_command_refused_as_root(tmp_path: Path, as_root: None) -> None:
+    program = make_program(tmp_path)
+    path = write(tmp_path, f'[commands]\nrsync = "{program}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    # Not as root, the test's own file is owned by the test's uid: that is found first.
+    problem = writable_problem(tmp_path) if IS_ROOT else f"{program} is owned by uid {os.getuid()}, not root"
+    assert str(info.value) == f'{path}: commands.rsync: got "{program}", but {problem}; {PROGRAM_TRUST}'
+
+
+def test_untrusted_hook_program_refused_as_root(trusted_dir: Path, tmp_path: Path, as_root: None) -> None:
+    program = make_program(tmp_path, "dump")
+    path = write(
+        trusted_dir,
+        f'[[hooks]]\nname = "a"\naround = "backup"\nafter = ["/bin/true"]\n'
+        f'[[hooks]]\nname = "b"\naround = "snapshot"\nbefore = ["/bin/true"]\nafter = ["{program}", "--all"]\n',
+    )
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    if not IS_ROOT:  # trusted_dir is tmp_path: the file is the test's own
+        assert info.value.key == "hooks"
+        return
+    assert str(info.value) == (
+        f'{path}: hooks[1].after: got "{program}", but {writable_problem(tmp_path)}; {PROGRAM_TRUST}'
+    )
+
+
+def test_programs_are_not_checked_unless_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    program = make_program(tmp_path)
+    path = write(tmp_path, f'[commands]\nrsync = "{program}"\n[[hooks]]\nname = "x"\naround = "backup"\nbefore = ["{program}"]\n')
+    settings = load_settings(path)
+    assert settings.commands.rsync == program and settings.hooks[0].before == (program,)
+
+
+def test_trusted_program_in_trusted_dir_accepted(trusted_dir: Path) -> None:
+    """The stand-in programs of tests live in trusted_dir, and the cycle run as root accepts them."""
+    program = make_program(trusted_dir)
+    path = write(
+        trusted_dir,
+        f'[commands]\nrsync = "{program}"\n[[hooks]]\nname = "x"\naround = "backup"\nbefore = ["{program}", "-v"]\n',
+    )
+    os.chmod(path, 0o644)
+    settings = load_settings(path)
+    assert settings.commands.rsync == program
+    assert settings.hooks[0].before == (program, "-v")
+
+
+def test_default_paths_through_merged_usr_accepted(tmp_path: Path, as_root: None) -> None:
+    """Every default command path, given explicitly, passes: /bin and /sbin may be root's links to usr/."""
+    if IS_ROOT:
+        assert os.path.islink("/bin") or os.path.isdir("/bin")  # either way it must pass
+    table = "\n".join(f'{key} = "{value}"' for key, value in dataclasses.asdict(Commands()).items())
+    path = write(tmp_path, f"[commands]\n{table}\n")
+    assert load_settings(path).commands == Commands()
+    for program in dataclasses.asdict(Commands()).values():
+        assert config.untrusted_program(program) is None, program
+
+
+def test_merged_usr_symlink_is_root_owned_here() -> None:
+    """So the test above does go through a root-owned symbolic link on this machine (skipped where /usr is split)."""
+    if not os.path.islink("/bin"):
+        pytest.skip("/bin is a directory here: no merged /usr")
+    assert os.lstat("/bin").st_uid == 0
+    assert config.untrusted_program("/bin/sh") is None
+    assert os.path.realpath("/bin/sh") != "/bin/sh"
+
+
+@needs_root
+def test_program_through_a_symlink_owned_by_another_uid_refused(trusted_dir: Path, as_root: None) -> None:
+    program = make_program(trusted_dir)
+    link = trusted_dir / "rsync-link"
+    link.symlink_to(program)
+    path = write(trusted_dir, f'[commands]\nrsync = "{link}"\n')
+    os.chmod(path, 0o644)
+    assert load_settings(path).commands.rsync == str(link)  # root's link: followed
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value) == (
+        f'{path}: commands.rsync: got "{link}", but {link} is a symbolic link owned by uid 65534, not root; {PROGRAM_TRUST}'
+    )
+
+
+@needs_root
+def test_program_in_a_directory_reached_through_a_foreign_symlink_refused(trusted_dir: Path) -> None:
+    real = trusted_dir / "real"
+    real.mkdir(mode=0o755)
+    make_program(real)
+    (trusted_dir / "bin").symlink_to("real")
+    os.lchown(trusted_dir / "bin", 1000, 1000)
+    assert config.untrusted_program(str(trusted_dir / "bin" / "rsync")) == (
+        f"{trusted_dir / 'bin'} is a symbolic link owned by uid 1000, not root"
+    )
+
+
+@needs_root
+def test_program_owned_by_another_uid_refused(trusted_dir: Path) -> None:
+    program = make_program(trusted_dir)
+    os.chown(program, 1000, 1000)
+    assert config.untrusted_program(program) == f"{program} is owned by uid 1000, not root"
+    os.chown(program, 0, 0)
+    os.chmod(program, 0o775)
+    assert config.untrusted_program(program) == f"{program} is writable by group or others (mode 0775)"
+
+
+def test_missing_program_accepted_only_where_no_one_else_can_create_it(tmp_path: Path) -> None:
+    assert config.untrusted_program("/usr/bin/backup-agent-test-no-such-program") is None
+    assert config.untrusted_program("/usr/lib/no-such-dir/no-such-program") is None
+    assert config.untrusted_program(str(tmp_path / "absent")) == writable_problem(tmp_path)
+
+
+def test_hooks_in_an_untrusted_file_refused_as_root(tmp_path: Path, as_root: None) -> None:
+    path = write(tmp_path, '[[hooks]]\nname = "x"\naround = "backup"\nbefore = ["/bin/true"]\n')
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    problem = writable_problem(tmp_path) if IS_ROOT else f"{path} is owned by uid {os.getuid()}, not root"
+    assert str(info.value) == (
+        f"{path}: hooks: got [[hooks]] in a file that root does not control ({problem}); hooks are run as root, "
+        "so they are read only from a file that root owns and only root can write: expected this file and every "
+        f"directory above it to be owned by root and writable by root only (such as {SYSTEM_CONFIG})"
+    )
+    # The same file without hooks is read (no program named, nothing to run).
+    path = write(tmp_path, "[backup]\nnice = 2\n")
+    assert load_settings(path).nice == 2
+
+
+def test_a_validation_error_comes_before_the_hooks_file_check(tmp_path: Path, as_root: None) -> None:
+    path = write(tmp_path, '[[hooks]]\nname = "x"\naround = "backup"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert info.value.key == "hooks[0]"
+
+
+@needs_root
+def test_hooks_in_a_trusted_file_accepted_as_root(trusted_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(trusted_dir, '[[hooks]]\nname = "x"\naround = "backup"\nbefore = ["/bin/true"]\n')
+    os.chmod(path, 0o644)
+    assert load_settings(path).hooks[0].name == "x"
+    monkeypatch.chdir(trusted_dir)
+    assert load_settings("config.toml").hooks[0].name == "x"  # a relative --config too
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", path)
+    assert load_settings(through_sudo=True).hooks[0].name == "x"
+    os.chmod(path, 0o664)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert info.value.key == "hooks"
+    assert f"({path} is writable by group or others (mode 0664))" in info.value.problem
+
+
+# --------------------------------------------------------------------------
+# The example config's commented disk and hooks
+
+
+def uncommented_block(first_line: str) -> str:
+    """The example's commented block from first_line to the next blank line, uncommented."""
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    start = lines.index(first_line)
+    block = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        block.append(line.removeprefix("#").removeprefix(" "))
+    return "\n".join(block) + "\n"
+
+
+def test_example_commented_disk_and_hooks_are_valid() -> None:
+    hooks_text = EXAMPLE.read_text(encoding="utf-8").split("# [[hooks]]", 1)[1]
+    hooks_block = "\n".join(
+        line.removeprefix("#").removeprefix(" ") for line in ("# [[hooks]]" + hooks_text).splitlines()
+    )
+    keep_free = uncommented_block("# keep_free = \"10%\"")
+    data = tomllib.loads(uncommented_block("# [[disk]]") + hooks_block + "\n[rotation]\n" + keep_free)
+    settings = settings_from_mapping(data, str(EXAMPLE), hostname="myhost")
+    assert settings.disks[0] == Disk(
+        name="backup1",
+        luks_uuid="0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+        mount_point="/mnt/backup1",
+        mapped_device="/dev/mapper/backup1",
+        repository="/mnt/backup1/myhost",
+        unlock="auto",
+        filesystem="ext4",
+        mount_options=("noatime", "nodev"),
+    )
+    assert [(hook.name, hook.around) for hook in settings.hooks] == [
+        ("stop the mail server", "backup"),
+        ("database dump", "snapshot"),
+    ]
+    assert settings.keep_free == KeepFree(bytes=None, percent=10.0, min_snapshots=3)
+
+
+# --------------------------------------------------------------------------
 # Durations
 
 
@@ -805,8 +1904,8 @@ def test_example_config_loads_and_shows_the_defaults() -> None:
 
 def test_example_config_mentions_every_key() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
-    for table, keys in config._TABLE_KEYS.items():
-        assert f"[{table}]" in text
+    for table, keys in [*config._TABLE_KEYS.items(), *config._ARRAY_KEYS.items()]:
+        assert f"\n[{table}]\n" in text or f"\n# [[{table}]]\n" in text, f"[{table}] missing from {EXAMPLE}"
         for key in keys:
             assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{table}.{key} missing from {EXAMPLE}"
 
@@ -822,40 +1921,6 @@ def test_example_config_lists_the_default_excludes() -> None:
 
 # --------------------------------------------------------------------------
 # Trust: check_trusted, through_sudo, running_through_sudo
-
-
-def _trusted_ancestry(path: str) -> bool:
-    """True when path and every directory above it are root's and not group/other-writable."""
-    current = path
-    while True:
-        info = os.lstat(current)
-        if stat.S_ISLNK(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
-            return False
-        if current == "/":
-            return True
-        current = os.path.dirname(current)
-
-
-@pytest.fixture
-def trusted_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A root-owned 0755 directory under root's home, whose parents are root's too.
-
-    pytest's tmp_path lies under /tmp, which anyone may write, so check_trusted
-    rightly refuses everything there.
-    """
-    if not IS_ROOT:
-        pytest.skip("needs root: only root can make files owned by root")
-    candidates = [os.path.expanduser("~"), "/root"]
-    home = next((path for path in candidates if os.path.isabs(path) and os.path.isdir(path) and _trusted_ancestry(path)), None)
-    if home is None:
-        request.applymarker(pytest.mark.may_skip)
-        pytest.skip(f"none of {candidates} is a root-owned directory closed to others, with such parents")
-    directory = tempfile.mkdtemp(prefix=".backup-agent-test-", dir=home)
-    os.chmod(directory, 0o755)
-    try:
-        yield Path(directory)
-    finally:
-        shutil.rmtree(directory)
 
 
 def trusted_error(path: str) -> ConfigError:
@@ -875,12 +1940,59 @@ def test_group_or_other_writable_file_refused(tmp_path: Path, mode: int) -> None
     )
 
 
-def test_symlinked_file_refused(tmp_path: Path) -> None:
+@needs_root
+def test_symlinked_file_owned_by_another_uid_refused(trusted_dir: Path) -> None:
+    target = write(trusted_dir, "", "real.toml")
+    os.chmod(target, 0o644)
+    link = trusted_dir / "config.toml"
+    link.symlink_to(target)
+    os.lchown(link, 65534, 65534)
+    error = trusted_error(str(link))
+    assert error.problem == f"refusing an unsafe config: {link} is a symbolic link owned by uid 65534, not root; {UNSAFE}"
+
+
+@needs_root
+def test_root_owned_symlinked_file_in_a_trusted_directory_is_followed(trusted_dir: Path) -> None:
+    target = write(trusted_dir, "", "real.toml")
+    os.chmod(target, 0o644)
+    (trusted_dir / "config.toml").symlink_to("real.toml")  # relative target
+    check_trusted(str(trusted_dir / "config.toml"))
+    os.chmod(target, 0o664)  # the target is examined, not the link
+    error = trusted_error(str(trusted_dir / "config.toml"))
+    assert error.problem == f"refusing an unsafe config: {target} is writable by group or others (mode 0664); {UNSAFE}"
+
+
+@needs_root
+def test_root_owned_symlink_to_an_untrusted_place_refused(trusted_dir: Path, tmp_path: Path) -> None:
+    target = write(tmp_path, "")
+    os.chmod(target, 0o644)
+    (trusted_dir / "config.toml").symlink_to(target)
+    error = trusted_error(str(trusted_dir / "config.toml"))
+    assert error.problem.startswith("refusing an unsafe config: ")
+    assert "is writable by group or others" in error.problem  # /tmp, or a directory below it
+
+
+def test_symlinked_file_in_an_untrusted_directory_refused(tmp_path: Path) -> None:
     target = write(tmp_path, "", "real.toml")
+    os.chmod(target, 0o644)
     link = tmp_path / "config.toml"
     link.symlink_to(target)
     error = trusted_error(str(link))
-    assert error.problem == f"refusing an unsafe config: {link} is a symbolic link; {UNSAFE}"
+    if IS_ROOT:  # the link is root's, but the directory that holds it is not root's alone
+        assert "is writable by group or others" in error.problem
+    else:
+        assert error.problem == (
+            f"refusing an unsafe config: {link} is a symbolic link owned by uid {os.geteuid()}, not root; {UNSAFE}"
+        )
+
+
+def test_symlink_loop_refused(trusted_dir: Path) -> None:
+    (trusted_dir / "a").symlink_to("b")
+    (trusted_dir / "b").symlink_to("a")
+    problem = config.untrusted_program(str(trusted_dir / "a"))
+    assert problem is not None
+    if IS_ROOT:
+        assert problem == f"{trusted_dir / 'a'} leads through more than 40 symbolic links"
 
 
 def test_directory_is_not_a_config(tmp_path: Path) -> None:
@@ -919,6 +2031,7 @@ def test_file_under_world_writable_tmp_refused(tmp_path: Path, request: pytest.F
     )
 
 
+@needs_root
 def test_root_owned_file_under_root_owned_dirs_accepted(trusted_dir: Path) -> None:
     path = write(trusted_dir, "[backup]\n")
     os.chmod(path, 0o644)
@@ -927,6 +2040,7 @@ def test_root_owned_file_under_root_owned_dirs_accepted(trusted_dir: Path) -> No
     check_trusted(path)
 
 
+@needs_root
 def test_file_owned_by_another_uid_refused(trusted_dir: Path) -> None:
     path = write(trusted_dir, "")
     os.chmod(path, 0o644)
@@ -935,6 +2049,7 @@ def test_file_owned_by_another_uid_refused(trusted_dir: Path) -> None:
     assert error.problem == f"refusing an unsafe config: {path} is owned by uid 65534, not root; {UNSAFE}"
 
 
+@needs_root
 def test_directory_owned_by_another_uid_refused(trusted_dir: Path) -> None:
     sub = trusted_dir / "sub"
     sub.mkdir(mode=0o755)
@@ -945,6 +2060,7 @@ def test_directory_owned_by_another_uid_refused(trusted_dir: Path) -> None:
     assert error.problem == f"refusing an unsafe config: {sub} is owned by uid 65534, not root; {UNSAFE}"
 
 
+@needs_root
 def test_group_writable_directory_refused(trusted_dir: Path) -> None:
     sub = trusted_dir / "sub"
     sub.mkdir()
@@ -955,14 +2071,32 @@ def test_group_writable_directory_refused(trusted_dir: Path) -> None:
     assert error.problem == f"refusing an unsafe config: {sub} is writable by group or others (mode 0775); {UNSAFE}"
 
 
-def test_symlinked_directory_refused(trusted_dir: Path) -> None:
+@needs_root
+def test_symlinked_directory_owned_by_another_uid_refused(trusted_dir: Path) -> None:
     real = trusted_dir / "real"
     real.mkdir(mode=0o755)
     os.chmod(write(real, ""), 0o644)
     (trusted_dir / "link").symlink_to(real)
     path = str(trusted_dir / "link" / "config.toml")
+    check_trusted(path)  # root's link in root's directory: followed
+    os.lchown(trusted_dir / "link", 65534, 65534)
     error = trusted_error(path)
-    assert error.problem == f"refusing an unsafe config: {trusted_dir / 'link'} is a symbolic link; {UNSAFE}"
+    assert error.problem == (
+        f"refusing an unsafe config: {trusted_dir / 'link'} is a symbolic link owned by uid 65534, not root; {UNSAFE}"
+    )
+
+
+@needs_root
+def test_through_sudo_reads_a_config_through_a_root_symlink(trusted_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NixOS-style /etc/backup-agent/config.toml -> a root-owned file elsewhere."""
+    real = trusted_dir / "store"
+    real.mkdir(mode=0o755)
+    target = write(real, "[backup]\nnice = 4\n")
+    os.chmod(target, 0o644)
+    link = trusted_dir / "config.toml"
+    link.symlink_to(target)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", str(link))
+    assert load_settings(through_sudo=True) == Settings(path=str(link), nice=4)
 
 
 def test_through_sudo_refuses_config_option(tmp_path: Path) -> None:
@@ -990,6 +2124,7 @@ def test_through_sudo_refuses_an_untrusted_system_config(tmp_path: Path, monkeyp
         )
 
 
+@needs_root
 def test_through_sudo_reads_a_trusted_system_config(trusted_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(trusted_dir, "[backup]\nnice = 3\n")
     os.chmod(path, 0o644)
