@@ -289,6 +289,12 @@ class Cycle:
             link_dests.append(repo.snapshot_path(latest))
         if repo is not None:
             link_dests.extend(repo.in_progress_path(n) for n in leftovers)
+        if request.dry_run and repo is not None and latest is not None:
+            # rsync -n compares with the latest snapshot itself: what differs
+            # is what a real run would copy (rsync 3.5 with --xattrs and
+            # --link-dest fails a dry run into a directory that does not exist).
+            target = repo.snapshot_path(latest)
+            link_dests = []
 
         with self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done:
             skipped = find_skipped_mounts(request.source) if settings.one_file_system else ()

@@ -101,7 +101,9 @@ def classify(path: str) -> str:
         return "repository"
     with os.scandir(path) as entries:
         for entry in entries:
-            if entry.name != "lost+found":
+            # lost+found comes with a new filesystem; a marker's temporary
+            # file is what a create killed mid-way leaves.
+            if entry.name != "lost+found" and not entry.name.startswith(MARKER + ".tmp-"):
                 return "foreign"
     return "empty"
 
@@ -183,9 +185,14 @@ class Repository:
             host or socket.gethostname(),
             dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         )
+        # The marker first: a create killed half-way leaves a repository
+        # (or a directory classify() still calls empty), never a foreign one.
+        _write_atomic(os.path.join(root, MARKER), marker.render().encode())
+        for leftover in os.listdir(root):
+            if leftover.startswith(MARKER + ".tmp-"):
+                os.unlink(os.path.join(root, leftover))
         for sub in (SNAPSHOTS, METADATA):
             os.makedirs(os.path.join(root, sub), mode=0o755, exist_ok=True)
-        _write_atomic(os.path.join(root, MARKER), marker.render().encode())
         log.info("created repository %s (id %s)", root, marker.id)
         return cls(root, marker)
 
@@ -293,16 +300,16 @@ class Repository:
         os.makedirs(self.trash_dir, mode=0o700, exist_ok=True)
         for entry in entries:
             source = os.path.join(self.snapshots_dir, entry)
-            victim = os.path.join(self.trash_dir, entry)
+            # A unique name: a deletion killed half-way may have left the
+            # same name in .trash/ (renaming onto it would fail).
+            victim = os.path.join(self.trash_dir, f"{entry}.{uuid.uuid4().hex[:12]}")
             os.rename(source, victim)
             log.info("deleting %s", entry)
         _fsync_dir(self.snapshots_dir)
         for entry in entries:
-            base = entry.removesuffix(IN_PROGRESS)
-            if base == entry:
-                with_metadata = self.metadata_path(base)
-                if os.path.exists(with_metadata):
-                    os.unlink(with_metadata)
+            with_metadata = self.metadata_path(entry.removesuffix(IN_PROGRESS))
+            if os.path.exists(with_metadata):
+                os.unlink(with_metadata)
         self.empty_trash(runner, rm_argv, step=step)
 
     def empty_trash(self, runner: Runner, rm_argv: Sequence[str], *, step: str) -> None:
@@ -316,6 +323,12 @@ class Repository:
                 (*rm_argv, "-rf", "--one-file-system", "--", *(os.path.join(self.trash_dir, e) for e in leftovers)),
                 step=step,
             )
+
+
+def free_space(path: str) -> tuple[int, int]:
+    """Bytes available to root and total bytes of the filesystem holding ``path``."""
+    info = os.statvfs(path)
+    return info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
 
 
 def _write_atomic(path: str, data: bytes) -> None:
