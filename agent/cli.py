@@ -7,6 +7,7 @@ with their own status; anything else is a bug and gets a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,11 +19,22 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .commands import IONICE_CLASSES, Runner
-from .config import Settings, effective_excludes, load_settings, running_through_sudo
-from .cycle import STEPS, Cycle, Request, check_platform
-from .errors import EXIT_OK, EXIT_PARTIAL, BackupAgentError, Interrupted, NotAvailableError, UsageError
+from . import disk as disks
+from . import lock
+from .config import SYSTEM_CONFIG, Disk, Settings, effective_excludes, load_settings, running_through_sudo
+from .cycle import STEPS, Cycle, Request, check_platform, human_size
+from .errors import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    BackupAgentError,
+    DiskMissingError,
+    Interrupted,
+    NotAvailableError,
+    RepositoryError,
+    UsageError,
+)
 from .events import Emitter
-from .repository import Repository
+from .repository import Repository, classify
 from .rotation import FREQUENCIES, Count, Plan, Scheme
 
 log = logging.getLogger("agent")
@@ -75,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
     backup.add_argument("source", nargs="?", metavar="SOURCE", help="directory to back up (default: config, else /)")
     backup.add_argument("destination", nargs="?", metavar="DESTINATION", help="the repository directory")
+
+    init = sub.add_parser("init", parents=[common], help="create the repository on a new backup disk")
+    init.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to initialise")
+    init.add_argument("-y", "--yes", action="store_true", help="do it without asking")
 
     listing = sub.add_parser("list", parents=[common], help="list the snapshots of a repository")
     listing.add_argument("--json", action="store_true", help="one JSON array of snapshots")
@@ -141,14 +157,38 @@ class _Signals:
 # -- subcommands -----------------------------------------------------------------
 
 
+def select_disk(settings: Settings, *, name: str | None, crypto: str | None, mount: str | None) -> Disk | None:
+    """The configured disk named by --disk, --crypto (crypttab name) or --mount (mount point)."""
+    wanted = [(option, value) for option, value in (("--disk", name), ("--crypto", crypto), ("--mount", mount)) if value]
+    if not wanted:
+        return None
+    if not settings.disks:
+        raise UsageError(
+            f"{wanted[0][0]} {wanted[0][1]}: no [[disk]] is configured in {settings.path or SYSTEM_CONFIG}; "
+            "add one (see crypttab-examples/)"
+        )
+    chosen: Disk | None = None
+    for option, value in wanted:
+        if option == "--mount":
+            value = os.path.normpath(os.path.abspath(value))
+            matches = [d for d in settings.disks if d.mount_point == value]
+        else:
+            matches = [d for d in settings.disks if d.name == value]
+        if not matches:
+            known = ", ".join(f"{d.name} ({d.mount_point})" for d in settings.disks)
+            raise UsageError(f"{option} {value}: no configured disk matches; configured: {known}")
+        if chosen is not None and matches[0] != chosen:
+            raise UsageError(f"{option} {value} names another disk than {chosen.name}: give one disk")
+        chosen = matches[0]
+    return chosen
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
-    for option, value, later in (("--mount", args.mount, "the disk lifecycle"), ("--crypto", args.crypto, "the disk lifecycle"),
-                                 ("--disk", args.disk, "the disk lifecycle"), ("--tunnel", args.tunnel, "remote backups")):
-        if value:
-            raise NotAvailableError(
-                f"{option} is not available in this version ({later} is not built yet): "
-                "back up to a mounted directory with SOURCE DESTINATION instead"
-            )
+    if args.tunnel:
+        raise NotAvailableError(
+            "--tunnel (an rsync daemon over SSH) is not available in this version: "
+            "back up to a local disk or a mounted directory instead"
+        )
     check_platform(args.force)
     if os.geteuid() != 0 and not args.no_sudo:
         raise UsageError(
@@ -175,12 +215,21 @@ def cmd_backup(args: argparse.Namespace) -> int:
         overrides["exclude"] = effective_excludes(settings) + tuple(args.exclude)
     settings = dataclasses.replace(settings, **overrides)
     steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)
+    disk = select_disk(settings, name=args.disk, crypto=args.crypto, mount=args.mount)
+    if disk is not None and destination is not None:
+        raise UsageError(f"give either DESTINATION or a disk ({disk.name}), not both: the disk's repository is {disk.repository}")
+    if disk is None and destination is None and settings.repository is None and settings.disks:
+        disk = _present_disk(settings, quiet=args.quiet)
+        if disk is None:
+            return _no_disk(settings, interactive=sys.stdin.isatty())
     request = Request(
         settings=settings,
         source=settings.source,
-        repository=_repository_path(destination, settings),
+        repository=disk.repository if disk is not None else _repository_path(destination, settings),
         steps=steps,
         dry_run=args.dry_run,
+        disk=disk,
+        interactive=sys.stdin.isatty(),
     )
     emitter = Emitter(sys.stdout if args.json else None)
     outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
@@ -189,22 +238,33 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if outcome.partial else EXIT_OK
 
 
-def _human_size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
+def _present_disk(settings: Settings, *, quiet: bool) -> Disk | None:
+    """Without --disk: the first configured disk that is attached."""
+    present = disks.present_disks(settings, Runner())
+    if present and len(present) > 1 and not quiet:
+        log.info("several backup disks are attached; using %s", present[0][0].name)
+    return present[0][0] if present else None
+
+
+def _no_disk(settings: Settings, *, interactive: bool) -> int:
+    described = "; ".join(f"{d.name} (LUKS UUID {d.luks_uuid})" for d in settings.disks)
+    message = f"no configured backup disk is attached: looked for {described}"
+    if interactive:
+        raise DiskMissingError(message + "; plug one in (`blkid` lists the UUIDs of attached disks)")
+    log.info("%s", message)
+    return EXIT_OK
 
 
 def _summary(outcome: Any, request: Request) -> str:
     stats = outcome.statistics or {}
     prefix = "dry run: would make" if request.dry_run else "made"
     parts = []
+    if outcome.skipped:
+        return f"nothing done: {outcome.skipped}"
     if outcome.snapshot and "backup" in request.steps:
         parts.append(
             f"{prefix} snapshot {outcome.snapshot}: {stats.get('files', 0)} files, "
-            f"{stats.get('transferred_files', 0)} changed ({_human_size(stats.get('transferred_size', 0))})"
+            f"{stats.get('transferred_files', 0)} changed ({human_size(stats.get('transferred_size', 0))})"
         )
     elif outcome.snapshot:
         parts.append(f"completed snapshot {outcome.snapshot}")
@@ -242,11 +302,61 @@ def cmd_list(args: argparse.Namespace) -> int:
         took = f"{row['duration']:.0f}s" if isinstance(row.get("duration"), (int, float)) else "?"
         print(
             f"{row['name']:<26} {stats.get('files', '?'):>9} {stats.get('transferred_files', '?'):>9} "
-            f"{_human_size(stats.get('total_size', 0)):>10} {took:>7}  {', '.join(notes)}"
+            f"{human_size(stats.get('total_size', 0)):>10} {took:>7}  {', '.join(notes)}"
         )
     in_progress = repo.in_progress_names()
     if in_progress:
         print(f"unfinished transfers (resumed by the next backup): {', '.join(in_progress)}")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the repository and its marker on a disk, and record its id for this machine."""
+    if os.geteuid() != 0:
+        raise UsageError("init unlocks and mounts the disk and needs root: run it with sudo")
+    settings = _load(args)
+    disk = select_disk(settings, name=args.disk, crypto=None, mount=None)
+    if disk is None:  # --disk is required, so this is only for the type checker
+        raise UsageError("init needs --disk NAME")
+    runner = Runner()
+    device = disks.find_device(disk, settings, runner)
+    if device is None:
+        raise DiskMissingError(
+            f"backup disk {disk.name} is not attached (looked for the LUKS partition with UUID {disk.luks_uuid}): plug it in"
+        )
+    recorded = disks.recorded_id(settings, disk)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lock.hold(lock.machine_lock_path(), {"pid": os.getpid(), "command": "init"}))
+        stack.enter_context(disks.unlocked(disk, settings, runner, log.warning))
+        stack.enter_context(disks.mounted(disk, settings, runner, log.warning))
+        disks.verify_mount(disk)
+        state = classify(disk.repository)
+        if state == "repository":
+            marker = Repository.open(disk.repository).marker
+            if marker.id == recorded:
+                print(f"{disk.repository} is already this machine's repository on {disk.name} (id {marker.id}): nothing to do")
+                return EXIT_OK
+            raise RepositoryError(
+                f"{disk.repository} already holds a repository (id {marker.id}, host {marker.host}) that this machine "
+                f"has not recorded for {disk.name}: nothing was written; if it is yours, "
+                f"record it with: echo {marker.id} > {disks.id_path(settings, disk)}"
+            )
+        if state == "foreign":
+            raise RepositoryError(
+                f"{disk.repository} exists and is not empty: nothing was written; give [[disk]] repository another path"
+            )
+        print(f"backup disk {disk.name}: {device}, unlocked as {disk.mapped_device}, mounted on {disk.mount_point}")
+        print(f"will create the repository {disk.repository} (snapshots/, metadata/, and a marker with a new random id)")
+        print(f"and record its id in {disks.id_path(settings, disk)}" + (f", replacing {recorded}" if recorded else ""))
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise UsageError("init asks before writing to a disk: pass --yes to confirm when there is no terminal")
+            if input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
+                print("nothing written")
+                return EXIT_OK
+        repo = Repository.create(disk.repository)
+        disks.record_id(settings, disk, repo.marker.id)
+        print(f"initialised {disk.repository} (id {repo.marker.id}); back up with: backup-agent backup --disk {disk.name}")
     return EXIT_OK
 
 
@@ -290,6 +400,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": cmd_backup,
+    "init": cmd_init,
     "list": cmd_list,
     "rotate": cmd_rotate,
 }

@@ -19,15 +19,18 @@ import platform
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import __version__, lock, rsync
+from . import disk as disks
+from . import hooks
 from .commands import Runner, priority_prefix
-from .config import Settings, effective_excludes
-from .errors import BackupAgentError, CommandError, RepositoryError, StepError, UsageError
+from .config import Disk, Settings, effective_excludes
+from .errors import BackupAgentError, CommandError, DiskMissingError, RepositoryError, StepError, UsageError
 from .events import Emitter, complete, error, progress, step, warning
-from .mounts import find_skipped_mounts
-from .repository import IN_PROGRESS, Repository, classify, reserve_name
+from .hooks import HookContext
+from .mounts import find_skipped_mounts, read_mountinfo
+from .repository import IN_PROGRESS, Repository, classify, free_space, reserve_name
 from .rotation import Plan, plan_rotation
 
 log = logging.getLogger(__name__)
@@ -42,13 +45,22 @@ MAX_LINK_DESTS = 20
 
 @dataclass(frozen=True)
 class Request:
-    """What the caller asked for, after the config and the command line merged."""
+    """What the caller asked for, after the config and the command line merged.
+
+    With ``disk``, the cycle unlocks and mounts it, proves it is the right
+    disk, and ``repository`` is the disk's; without, ``repository`` is a
+    directory the caller gave.
+    """
 
     settings: Settings
     source: str
     repository: str
     steps: frozenset[str] = frozenset(STEPS)
     dry_run: bool = False
+    disk: Disk | None = None
+    # Run from a terminal: a missing disk is an error to explain, not a
+    # quiet "nothing to do" as from a timer.
+    interactive: bool = True
 
 
 @dataclass
@@ -63,6 +75,7 @@ class Outcome:
     plan: Plan | None = None
     deleted: tuple[str, ...] = ()
     duration: float = 0.0
+    skipped: str | None = None  # why nothing was done (the disk is not attached)
 
 
 def find_cachedir_tagged(source: str, one_file_system: bool) -> list[str]:
@@ -135,6 +148,9 @@ class Cycle:
         self.outcome = Outcome()
         self.current_step: str | None = None
         self.repository: Repository | None = None
+        self.hook_context = HookContext(
+            disk=request.disk.name if request.disk else None, repository=request.repository
+        )
         self._started = time.monotonic()
 
     # -- helpers ------------------------------------------------------------
@@ -169,17 +185,33 @@ class Cycle:
     # -- the cycle -----------------------------------------------------------
 
     def run(self) -> Outcome:
+        request = self.request
+        settings = self.settings
         try:
             with contextlib.ExitStack() as stack:
                 self._lock_machine(stack)
+                if request.disk is not None and not self._open_disk(stack, request.disk):
+                    self._emit_complete()
+                    return self.outcome
+                if "backup" in request.steps:
+                    self.current_step = "before_backup"
+                    stack.enter_context(
+                        hooks.around("backup", settings.hooks, self.runner, self.hook_context, self._warn, dry_run=request.dry_run)
+                    )
                 self._prepare(stack)
                 name: str | None = None
-                if "backup" in self.request.steps:
-                    name = self._transfer()
-                if "snapshot" in self.request.steps:
+                if "backup" in request.steps:
+                    self._make_room()
+                    self.current_step = "before_snapshot"
+                    with hooks.around(
+                        "snapshot", settings.hooks, self.runner, self.hook_context, self._warn, dry_run=request.dry_run
+                    ):
+                        name = self._transfer()
+                if "snapshot" in request.steps:
                     name = self._snapshot(name)
-                if "rotate" in self.request.steps:
+                if "rotate" in request.steps:
                     self._rotate(name)
+                self._emit_complete()
         except OSError as exc:
             # The filesystem said no (disk full, read-only, permission): the
             # user can act on that, so it is an error message, not a bug.
@@ -195,6 +227,10 @@ class Cycle:
             exc.snapshots_untouched = not self.outcome.deleted
             self.emitter.emit(error(exc.step, exc.message, exc.exit_code, exc.snapshots_untouched))
             raise
+        return self.outcome
+
+    def _emit_complete(self) -> None:
+        """The cycle's result; emitted before the disk is closed, which reports its own steps."""
         self.outcome.duration = round(time.monotonic() - self._started, 3)
         self.emitter.emit(
             complete(
@@ -206,9 +242,93 @@ class Cycle:
                 deleted=list(self.outcome.deleted),
                 duration=self.outcome.duration,
                 dry_run=self.request.dry_run,
+                skipped=self.outcome.skipped,
             )
         )
-        return self.outcome
+
+    # -- the disk ------------------------------------------------------------
+
+    def _open_disk(self, stack: contextlib.ExitStack, disk: Disk) -> bool:
+        """Find, unlock, mount and verify the disk; False when there is nothing to do."""
+        settings = self.settings
+        with self._step("disk", disk=disk.name) as done:
+            device = disks.find_device(disk, settings, self.runner)
+            done["present"] = device is not None
+            done["device"] = device
+        if device is None:
+            message = (
+                f"backup disk {disk.name} is not attached (looked for the LUKS partition with UUID {disk.luks_uuid}): "
+                "plug it in; `blkid` lists the UUIDs of attached disks"
+            )
+            if self.request.interactive:
+                raise DiskMissingError(message, step="disk")
+            log.info("%s", message)
+            self.outcome.skipped = "disk not attached"
+            return False
+        if self.request.dry_run and not self._disk_is_open(disk):
+            log.info("would unlock %s, mount it on %s and back up into %s", disk.name, disk.mount_point, disk.repository)
+            self.outcome.skipped = "dry run: the disk is not unlocked and mounted, so nothing more can be checked"
+            return False
+        # Each undo reports its own step, after it ran (ExitStack unwinds in reverse).
+        stack.push(self._teardown_reporter("lock"))
+        with self._step("unlock", disk=disk.name) as done:
+            done["unlocked_now"] = stack.enter_context(disks.unlocked(disk, settings, self.runner, self._warn))
+        stack.push(self._teardown_reporter("unmount"))
+        with self._step("mount", mount_point=disk.mount_point) as done:
+            done["mounted_now"] = stack.enter_context(disks.mounted(disk, settings, self.runner, self._warn))
+        with self._step("verify", repository=disk.repository) as done:
+            disks.verify_mount(disk)
+            marker = Repository.open(disk.repository).marker if classify(disk.repository) == "repository" else None
+            disks.check_marker(disk, marker, disks.recorded_id(settings, disk), socket.gethostname())
+            done["id"] = marker.id if marker else None
+        return True
+
+    @staticmethod
+    def _disk_is_open(disk: Disk) -> bool:
+        if not os.path.exists(disk.mapped_device):
+            return False
+        return disks.top_mount(read_mountinfo(), os.path.realpath(disk.mount_point)) is not None
+
+    def _teardown_reporter(self, name: str) -> Callable[..., bool]:
+        def report(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+            self.emitter.emit(step(name, "done" if exc_type is None else "after-failure"))
+            return False
+
+        return report
+
+    def _make_room(self) -> None:
+        """Opt-in: delete the oldest snapshots beyond the scheme until keep_free is free."""
+        keep_free = self.settings.keep_free
+        repo = self.repository
+        if keep_free is None or repo is None:
+            return
+        with self._step("make-room") as done:
+            deleted: list[str] = []
+            while True:
+                free, total = free_space(repo.root)
+                wanted = keep_free.bytes if keep_free.bytes is not None else int(total * (keep_free.percent or 0) / 100)
+                if free >= wanted:
+                    break
+                names = repo.snapshot_names()
+                protected = self.protected(repo, names)
+                candidates = [n for n in names[:-1] if n not in protected]
+                if len(names) - 1 < keep_free.min_snapshots or not candidates:
+                    self._warn(
+                        f"only {human_size(free)} free of the {human_size(wanted)} keep_free asks for, and no snapshot may be "
+                        f"deleted (min_snapshots = {keep_free.min_snapshots}, the newest is always kept)"
+                    )
+                    break
+                victim = candidates[0]
+                if self.request.dry_run:
+                    log.info("would delete %s to make room", victim)
+                    deleted.append(victim)
+                    break
+                repo.discard([victim], self.runner, self._rm_argv(), step="make-room")
+                deleted.append(victim)
+            if deleted:
+                self._warn(f"deleted {len(deleted)} old snapshots to keep {human_size(wanted)} free: {', '.join(deleted)}")
+                self.outcome.deleted += tuple(deleted)
+            done["deleted"] = deleted
 
     def _lock_machine(self, stack: contextlib.ExitStack) -> None:
         with self._step("lock"):
@@ -238,7 +358,11 @@ class Cycle:
                     log.info("would create the repository %s", request.repository)
                 done["created"] = state != "repository"
                 return
-            self.repository = Repository.create(request.repository)
+            if request.disk is not None:
+                # The cycle never creates a repository on a disk by itself (init does).
+                self.repository = Repository.open(request.repository)
+            else:
+                self.repository = Repository.create(request.repository)
             stack.enter_context(lock.hold(self.repository.lock_path, self._holder()))
             done["created"] = state != "repository"
             done["id"] = self.repository.marker.id
@@ -296,6 +420,7 @@ class Cycle:
             target = repo.snapshot_path(latest)
             link_dests = []
 
+        self.hook_context.snapshot = name
         with self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done:
             skipped = find_skipped_mounts(request.source) if settings.one_file_system else ()
             tagged = find_cachedir_tagged(request.source, settings.one_file_system) if settings.skip_cachedir_tagged else []
@@ -342,6 +467,8 @@ class Cycle:
                 mutating=False if request.dry_run else True,
                 check=False,
             )
+            if disks.disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
+                raise StepError(self._disk_full_message(), step="transfer")
             if result.kind == "error":
                 raise CommandError(
                     f"rsync failed ({result.meaning}): {' | '.join(result.stderr_tail[-3:]) or 'no error output'}; "
@@ -388,6 +515,19 @@ class Cycle:
             done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(skipped))
         self.outcome.snapshot = name
         return name
+
+    def _disk_full_message(self) -> str:
+        repo = self.repository
+        free, _total = free_space(repo.root if repo else self.request.repository)
+        last = ""
+        if repo is not None and (latest := repo.latest_name()) is not None:
+            stats = (repo.read_metadata(latest) or {}).get("statistics") or {}
+            if isinstance(stats.get("transferred_size"), int):
+                last = f"; the last snapshot ({latest}) added {human_size(stats['transferred_size'])}"
+        return (
+            f"the backup disk is full ({human_size(free)} free{last}): no snapshot was completed; delete old snapshots "
+            "with backup-agent rotate, set keep_free in [rotation], or use a bigger disk"
+        )
 
     # -- snapshot ------------------------------------------------------------
 
@@ -508,6 +648,15 @@ class Cycle:
             elif metadata.get("flagged"):
                 reasons[name] = "flagged"
         return reasons
+
+
+def human_size(count: float) -> str:
+    """Bytes for people: 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
 
 
 def check_platform(force: bool) -> None:

@@ -111,6 +111,14 @@ def write_config(path: Path, *, rsync: str | Path | None = None, rotation: dict[
     return path
 
 
+def install_stand_in(trusted_dir: Path) -> Path:
+    """A copy of the stand-in where the config accepts it as root (root's alone)."""
+    copy = trusted_dir / "rsync"
+    shutil.copyfile(FAKE_RSYNC, copy)
+    copy.chmod(0o755)
+    return copy
+
+
 def make_fake_rsync(directory: Path, **behaviour: Any) -> Path:
     """Tell the stand-in rsync how to behave for repositories in ``directory``.
 
@@ -624,11 +632,11 @@ def test_a_half_emptied_trash_does_not_wedge_later_runs(cli: Cli, tmp_path: Path
 
 
 @pytest.mark.parametrize("scope", ["everything", "cli-only"])
-def test_a_killed_run_never_blocks_the_next(cli: Cli, tmp_path: Path, scope: str) -> None:
+def test_a_killed_run_never_blocks_the_next(cli: Cli, tmp_path: Path, trusted_dir: Path, scope: str) -> None:
     source = small_source(tmp_path / "source")
     repo = tmp_path / "repo"
     fake = make_fake_rsync(tmp_path, exit=0, sleep=60)
-    slow = write_config(tmp_path / "slow.toml", rsync=FAKE_RSYNC)
+    slow = write_config(tmp_path / "slow.toml", rsync=install_stand_in(trusted_dir))
     real = write_config(tmp_path / "real.toml")
     with open(tmp_path / "events.jsonl", "wb") as out:
         process = cli.popen("backup", "--no-sudo", "--json", "--config", slow, source.path, repo, stdout=out, stderr=subprocess.DEVNULL)
@@ -815,7 +823,7 @@ FAKE_CASES: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("case", list(FAKE_CASES))
-def test_rsync_exit_status_through_the_cycle(cli: Cli, tmp_path: Path, case: str) -> None:
+def test_rsync_exit_status_through_the_cycle(cli: Cli, tmp_path: Path, trusted_dir: Path, case: str) -> None:
     behaviour = FAKE_CASES[case]
     source = small_source(tmp_path / "source")
     repo = tmp_path / "repo"
@@ -828,7 +836,7 @@ def test_rsync_exit_status_through_the_cycle(cli: Cli, tmp_path: Path, case: str
     source = dataclasses.replace(source, tree=tree(source.path))
 
     fake = make_fake_rsync(tmp_path, **behaviour)
-    config = write_config(tmp_path / "fake.toml", rsync=FAKE_RSYNC)
+    config = write_config(tmp_path / "fake.toml", rsync=install_stand_in(trusted_dir))
     result = cli.run("backup", "--no-sudo", "-q", "--json", "--config", config, source.path, repo)
     evs = events(result.stdout)
     assert Path(str(fake) + ".argv").exists(), "the stand-in rsync was not run"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A stand-in for rsync, at the process boundary (tests/test_cycle_robustness.py).
 
-A test sets this executable as ``[commands] rsync`` (it stays here, where the
-config accepts it: root-owned directories that only root can write). The
+A test sets a copy of this executable as ``[commands] rsync`` (in a directory
+only root can write, where the config accepts it as root). The
 cycle runs it with a clean environment, so it finds what to do in
 ``fake-rsync.json``, looked for in the directories above its destination
 argument (a test writes it into its tmp_path, beside the repository):
