@@ -272,12 +272,13 @@ class Repository:
 
     def write_metadata(self, name: str, data: dict[str, Any]) -> None:
         os.makedirs(self.metadata_dir, mode=0o755, exist_ok=True)
-        _write_atomic(self.metadata_path(name), (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+        _write_atomic(
+            self.metadata_path(name), (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode(), durable=False
+        )
 
     def complete(self, name: str) -> None:
         """Turn ``<name>.in-progress`` into ``<name>`` (atomic rename), then move ``latest``."""
         os.rename(self.in_progress_path(name), self.snapshot_path(name))
-        _fsync_dir(self.snapshots_dir)
         self.set_latest(name)
 
     def set_latest(self, name: str) -> None:
@@ -286,7 +287,6 @@ class Repository:
             os.unlink(temporary)
         os.symlink(os.path.join(SNAPSHOTS, name), temporary)
         os.replace(temporary, self.latest_link)
-        _fsync_dir(self.root)
 
     def discard(self, entries: Sequence[str], runner: Runner, rm_argv: Sequence[str], *, step: str) -> None:
         """Delete entries of snapshots/ (names with any suffix) and their metadata.
@@ -305,7 +305,6 @@ class Repository:
             victim = os.path.join(self.trash_dir, f"{entry}.{uuid.uuid4().hex[:12]}")
             os.rename(source, victim)
             log.info("deleting %s", entry)
-        _fsync_dir(self.snapshots_dir)
         for entry in entries:
             with_metadata = self.metadata_path(entry.removesuffix(IN_PROGRESS))
             if os.path.exists(with_metadata):
@@ -331,17 +330,27 @@ def free_space(path: str) -> tuple[int, int]:
     return info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write a small file so that readers see the old or the new, never half."""
+def _write_atomic(path: str, data: bytes, *, durable: bool = True) -> None:
+    """Write a small file so that readers see the old or the new, never half.
+
+    ``durable=False`` skips fsync: right after rsync, an fsync commits the
+    filesystem's whole journal (tens of thousands of new hard links), which
+    cost 5% of a no-change backup. Journaled filesystems commit the links,
+    this file and the snapshot's rename in order, so a crash loses at most
+    the newest snapshot (its transfer is resumed); on a disk, unmounting
+    flushes everything before it is locked.
+    """
     temporary = f"{path}.tmp-{os.getpid()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(temporary, path)
-    _fsync_dir(os.path.dirname(path))
+    if durable:
+        _fsync_dir(os.path.dirname(path))
 
 
 def _fsync_dir(path: str) -> None:
