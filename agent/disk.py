@@ -44,13 +44,21 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Final, Iterable, Iterator
+from typing import Callable, Final, Iterable, Iterator, Protocol, TypeVar
 
 from .commands import Result, Runner
 from .config import Commands, Disk, Settings
 from .errors import CommandError, DiskBusyError, DiskError, UnsafeKeyFileError, WrongDiskError
 from .mounts import MountEntry, read_mountinfo
 from .repository import Marker
+
+
+class _HasMountPoint(Protocol):
+    @property
+    def mount_point(self) -> str: ...
+
+
+_AtMountPoint = TypeVar("_AtMountPoint", bound=_HasMountPoint)
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +186,19 @@ def parse_fstab(text: str) -> list[FstabEntry]:
     return entries
 
 
-def fstab_entry_for(entries: Iterable[FstabEntry], mount_point: str) -> FstabEntry | None:
-    """The fstab line for ``mount_point`` (paths compared normalized); the last one wins."""
+def _last_at(entries: Iterable[_AtMountPoint], mount_point: str) -> _AtMountPoint | None:
+    """The last entry for ``mount_point``, paths compared normalized."""
     wanted = _normalize(mount_point)
-    found: FstabEntry | None = None
+    found: _AtMountPoint | None = None
     for entry in entries:
         if _normalize(entry.mount_point) == wanted:
             found = entry
     return found
+
+
+def fstab_entry_for(entries: Iterable[FstabEntry], mount_point: str) -> FstabEntry | None:
+    """The fstab line for ``mount_point``; the last one wins, as for mount."""
+    return _last_at(entries, mount_point)
 
 
 # --------------------------------------------------------------------------
@@ -311,12 +324,7 @@ def _is_within(path: str, directory: str) -> bool:
 
 def top_mount(entries: Iterable[MountEntry], mount_point: str) -> MountEntry | None:
     """What is visible at ``mount_point``: with mounts stacked there, the last in mountinfo."""
-    wanted = _normalize(mount_point)
-    found: MountEntry | None = None
-    for entry in entries:
-        if _normalize(entry.mount_point) == wanted:
-            found = entry
-    return found
+    return _last_at(entries, mount_point)
 
 
 def _unsupported_reason(fstype: str) -> str:
