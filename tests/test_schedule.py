@@ -502,23 +502,24 @@ def test_random_event_sequences_keep_every_rule(
             state = on_finished(state, now, ok)
             model.running = False
             starts_since_finish = 0
+            expected: float | None = None
             if ok:
                 model.last_success, model.failures, model.last_failure = now, 0, None
                 streak_delays = []
             else:
                 model.failures += 1
                 model.last_failure = now
+                # Retry delays: first retry_first, then doubling, capped; reset by a
+                # success. Failures while unplugged count too.
+                expected = policy.retry_first if not streak_delays else min(2 * streak_delays[-1], policy.retry_max)
+                streak_delays.append(expected)
             if model.attached:
                 due = next_due(state, policy, now)
                 assert due is not None
                 if ok:
                     assert due == now + policy.interval
                 else:
-                    # Retry delays: first retry_first, then doubling, capped; reset by a success.
-                    delay = due - now
-                    expected = policy.retry_first if not streak_delays else min(2 * streak_delays[-1], policy.retry_max)
-                    assert delay == expected == model_delay(model.failures, policy)
-                    streak_delays.append(delay)
+                    assert due - now == expected == model_delay(model.failures, policy)
             # The documented follow-up: ask for the next decision.
             state, decision = on_tick(state, policy, now)
             assert not decision.start_now  # due only after a positive delay
