@@ -233,7 +233,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     )
     emitter = Emitter(sys.stdout if args.json else None)
     outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
-    if not args.json and not args.quiet:
+    # From a timer (no terminal), "nothing to do" is the one log line already written.
+    if not args.json and not args.quiet and (outcome.skipped is None or request.interactive):
         print(_summary(outcome, request))
     return EXIT_PARTIAL if outcome.partial else EXIT_OK
 

@@ -269,13 +269,21 @@ class Cycle:
             log.info("would unlock %s, mount it on %s and back up into %s", disk.name, disk.mount_point, disk.repository)
             self.outcome.skipped = "dry run: the disk is not unlocked and mounted, so nothing more can be checked"
             return False
-        # Each undo reports its own step, after it ran (ExitStack unwinds in reverse).
-        stack.push(self._teardown_reporter("lock"))
+        # ExitStack unwinds in reverse: for each undo, first name the step
+        # (so its warnings carry it), then the undo, then report what is true
+        # afterwards.
+        unlocked_now: list[bool] = []
+        stack.callback(self._report_closed, "lock-disk", unlocked_now, lambda: os.path.exists(disk.mapped_device))
         with self._step("unlock", disk=disk.name) as done:
-            done["unlocked_now"] = stack.enter_context(disks.unlocked(disk, settings, self.runner, self._warn))
-        stack.push(self._teardown_reporter("unmount"))
+            unlocked_now.append(stack.enter_context(disks.unlocked(disk, settings, self.runner, self._warn)))
+            done["unlocked_now"] = unlocked_now[0]
+        stack.callback(self._set_step, "lock-disk")
+        mounted_now: list[bool] = []
+        stack.callback(self._report_closed, "unmount", mounted_now, lambda: self._disk_is_mounted(disk))
         with self._step("mount", mount_point=disk.mount_point) as done:
-            done["mounted_now"] = stack.enter_context(disks.mounted(disk, settings, self.runner, self._warn))
+            mounted_now.append(stack.enter_context(disks.mounted(disk, settings, self.runner, self._warn)))
+            done["mounted_now"] = mounted_now[0]
+        stack.callback(self._set_step, "unmount")
         with self._step("verify", repository=disk.repository) as done:
             disks.verify_mount(disk)
             marker = Repository.open(disk.repository).marker if classify(disk.repository) == "repository" else None
@@ -283,18 +291,26 @@ class Cycle:
             done["id"] = marker.id if marker else None
         return True
 
+    @classmethod
+    def _disk_is_open(cls, disk: Disk) -> bool:
+        return os.path.exists(disk.mapped_device) and cls._disk_is_mounted(disk)
+
     @staticmethod
-    def _disk_is_open(disk: Disk) -> bool:
-        if not os.path.exists(disk.mapped_device):
-            return False
+    def _disk_is_mounted(disk: Disk) -> bool:
         return disks.top_mount(read_mountinfo(), os.path.realpath(disk.mount_point)) is not None
 
-    def _teardown_reporter(self, name: str) -> Callable[..., bool]:
-        def report(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-            self.emitter.emit(step(name, "done" if exc_type is None else "after-failure"))
-            return False
+    def _set_step(self, name: str) -> None:
+        self.current_step = name
 
-        return report
+    def _report_closed(self, name: str, opened_now: list[bool], still_open: Callable[[], bool]) -> None:
+        """Say what is true after an undo: closed by us, left as found, or still open."""
+        if not opened_now or not opened_now[0]:
+            state = "left-as-found"
+        elif still_open():
+            state = "failed"
+        else:
+            state = "done"
+        self.emitter.emit(step(name, state))
 
     def _make_room(self) -> None:
         """Opt-in: delete the oldest snapshots beyond the scheme until keep_free is free."""
@@ -635,7 +651,7 @@ class Cycle:
                 return
             repo.discard(list(plan.delete), self.runner, self._rm_argv(), step="rotate")
             repo.empty_trash(self.runner, self._rm_argv(), step="rotate")
-            self.outcome.deleted = plan.delete
+            self.outcome.deleted += plan.delete
 
     @staticmethod
     def protected(repo: Repository, names: list[str]) -> dict[str, str]:
