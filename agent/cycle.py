@@ -212,22 +212,23 @@ class Cycle:
                 if "rotate" in request.steps:
                     self._rotate(name)
                 self._emit_complete()
-        except OSError as exc:
-            # The filesystem said no (disk full, read-only, permission): the
-            # user can act on that, so it is an error message, not a bug.
-            what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
-            if self.current_step in ("transfer", "snapshot"):
-                what += "; the unfinished transfer is kept and the next run resumes from it"
-            failure = StepError(what, step=self.current_step)
+        except (OSError, BackupAgentError) as exc:
+            failure = exc if isinstance(exc, BackupAgentError) else self._filesystem_failure(exc)
+            failure.step = failure.step or self.current_step
             failure.snapshots_untouched = not self.outcome.deleted
             self.emitter.emit(error(failure.step, failure.message, failure.exit_code, failure.snapshots_untouched))
+            if failure is exc:
+                raise
             raise failure from exc
-        except BackupAgentError as exc:
-            exc.step = exc.step or self.current_step
-            exc.snapshots_untouched = not self.outcome.deleted
-            self.emitter.emit(error(exc.step, exc.message, exc.exit_code, exc.snapshots_untouched))
-            raise
         return self.outcome
+
+    def _filesystem_failure(self, exc: OSError) -> StepError:
+        """The filesystem said no (disk full, read-only, permission): the user
+        can act on that, so it is an error message, not a bug."""
+        what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        if self.current_step in ("transfer", "snapshot"):
+            what += "; the unfinished transfer is kept and the next run resumes from it"
+        return StepError(what, step=self.current_step)
 
     def _emit_complete(self) -> None:
         """The cycle's result; emitted before the disk is closed, which reports its own steps."""
