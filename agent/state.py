@@ -1,0 +1,69 @@
+"""What the desktop agent knows and tells: its status, and who listens.
+
+The agent (``daemon``) owns one :class:`AgentStatus` and changes it as udev,
+the schedule and the cycle's JSON lines say; the D-Bus service, the
+notifications and the tray are :class:`Listener` subscribers that only read
+it and relay it. A listener's failure is logged and never stops a backup.
+The controller protocol is what D-Bus methods (and so ``backup-agent now``,
+``stop``, ``status``) call into: no paths, no commands, nothing a caller could
+use to change what root reads, writes or runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+State = Literal["idle", "disk-attached", "running", "failed"]
+Result = Literal["none", "success", "partial", "failure"]
+
+
+@dataclass
+class AgentStatus:
+    """Everything a status query or a tray tooltip needs, as plain values."""
+
+    state: State = "idle"
+    disk: str | None = None  # the attached (or last seen) configured disk's name
+    last_success: float | None = None  # epoch seconds of the last complete snapshot
+    last_result: Result = "none"
+    last_message: str = ""  # one line: the last snapshot's name, or the last error
+    next_due: float | None = None  # epoch seconds; None when no disk is attached
+    step: str | None = None  # the running cycle's current step
+    progress: dict[str, Any] = field(default_factory=dict)  # the last progress event's fields
+    cycle_pid: int | None = None  # the running cycle, also one another agent started
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Controller(Protocol):
+    """What callers may ask of the agent. Replies are short words, not prose."""
+
+    def backup_now(self) -> str:
+        """Start a cycle now: "started", "running" (one already runs) or "no-disk"."""
+        ...
+
+    def stop(self) -> str:
+        """Stop the running cycle (SIGTERM; it cleans up): "stopping" or "not-running"."""
+        ...
+
+    def status(self) -> AgentStatus: ...
+
+
+class Listener(Protocol):
+    """A subscriber to the agent: D-Bus signals, notifications, the tray."""
+
+    def status_changed(self, status: AgentStatus) -> None: ...
+
+    def disk_attached(self, disk: str) -> None: ...
+
+    def disk_removed(self, disk: str, during_backup: bool) -> None: ...
+
+    def backup_started(self, disk: str, reason: str) -> None: ...
+
+    def progress(self, event: dict[str, Any]) -> None: ...
+
+    def backup_completed(self, event: dict[str, Any]) -> None: ...
+
+    def backup_failed(self, step: str | None, message: str) -> None: ...
