@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .commands import IONICE_CLASSES, Runner
 from . import disk as disks
+from . import install as installer
 from . import lock
 from .config import SYSTEM_CONFIG, Disk, Settings, effective_excludes, load_settings, running_through_sudo
 from .cycle import STEPS, Cycle, Request, check_platform, human_size
@@ -104,7 +105,105 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--prefer-recent", action="store_true", default=None, help="keep the newest of each period")
     rotate.add_argument("--relaxed", action="store_true", help="count periods, not time since the newest")
     rotate.add_argument("repository", nargs="?", metavar="REPOSITORY")
+
+    loud = _Parser(add_help=False)
+    loud.add_argument("-v", "--verbose", action="store_true", help="say more (every command run)")
+    loud.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
+    install = sub.add_parser(
+        "install",
+        parents=[loud],
+        help="put the sudo rule for the desktop agent in place (run it with sudo)",
+        description=(
+            f"Write {installer.DROP_IN}: USER may run this backup-agent as root, without a password, only as "
+            "`backup --json` and `backup --json --disk NAME` for each configured disk."
+        ),
+    )
+    install.add_argument("--user", metavar="USER", help="the desktop user (default: the user who ran sudo)")
+    install.add_argument("-n", "--dry-run", action="store_true", help="show the rule and check it with visudo; write nothing")
+    uninstall = sub.add_parser("uninstall", parents=[loud], help="remove what install wrote (run it with sudo)")
+    uninstall.add_argument("-n", "--dry-run", action="store_true", help="say what would be removed")
     return parser
+
+
+# -- the narrow door: what may run through sudo --------------------------------
+
+# The forms the desktop agent runs through sudo; the sudoers rule install
+# writes allows a subset of them (agent.install.agent_argvs).
+# Through sudo the caller may be anyone the sudoers rule lets in, so only the
+# options that cannot change what is read, written or run pass: the system
+# configuration decides those. The agent's rule allows fewer still
+# (agent.install.agent_argvs); an administrator may run these forms.
+SUDO_FORMS: dict[str, str] = {
+    "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
+    "init": "init --disk NAME [--yes] [-q|-v]",
+    "list": "list [--json] [-q|-v]",
+    "rotate": "rotate [-n] [--json] [-q|-v]",
+}
+_SUDO_DESTS: dict[str, frozenset[str]] = {
+    "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
+    "init": frozenset({"disk", "yes", "quiet", "verbose"}),
+    "list": frozenset({"json", "quiet", "verbose"}),
+    "rotate": frozenset({"json", "dry_run", "quiet", "verbose"}),
+}
+# Run by an administrator with sudo (they check for root themselves), or
+# harmless: they only talk to the user's agent.
+_SUDO_ADMIN_COMMANDS = frozenset({"install", "uninstall", "now", "stop", "status"})
+
+
+def sudo_door(command: str) -> str:
+    """The second half of every through-sudo refusal: what is accepted instead."""
+    forms = SUDO_FORMS.get(command)
+    accepted = forms if forms is not None else "; ".join(SUDO_FORMS.values())
+    return (
+        f"through sudo only the forms that cannot change what is read, written or run are accepted ({accepted}); "
+        "run as root directly for anything else"
+    )
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise LookupError(name)
+
+
+def through_sudo_refusal(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> str | None:
+    """Why this command line must not run through sudo, in one line, or None (pure).
+
+    Default deny: any option given with a value other than its default is
+    refused by name unless :data:`_SUDO_DESTS` allows it, so an option added
+    later is refused until someone decides it is safe.
+    """
+    command = args.command
+    if command in _SUDO_ADMIN_COMMANDS:
+        return None
+    door = sudo_door(command)
+    allowed = _SUDO_DESTS.get(command)
+    if allowed is None:
+        return f"`{command}` is not accepted through sudo: {door}"
+    sub = _subparser(parser or build_parser(), command)
+    known = {"command", "help"}
+    for action in sub._actions:
+        known.add(action.dest)
+        if action.dest in allowed or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        if action.option_strings:
+            what = "/".join(action.option_strings)
+        elif command == "backup":  # SOURCE and DESTINATION: one given alone is the DESTINATION
+            what = f"the SOURCE/DESTINATION argument {value}"
+        else:
+            what = f"the {action.metavar or action.dest} argument {value}"
+        if action.dest == "config":
+            return f"{what} is not accepted through sudo (the cycle reads only {SYSTEM_CONFIG}): {door}"
+        return f"{what} is not accepted through sudo: {door}"
+    for dest in vars(args):
+        if dest not in known and dest not in allowed:
+            return f"{dest} is not accepted through sudo: {door}"
+    return None
 
 
 # -- helpers -------------------------------------------------------------------
@@ -184,6 +283,10 @@ def select_disk(settings: Settings, *, name: str | None, crypto: str | None, mou
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    if running_through_sudo():
+        refusal = through_sudo_refusal(args)  # main() checked already; this keeps cmd_backup safe on its own
+        if refusal is not None:
+            raise UsageError(refusal)
     if args.tunnel:
         raise NotAvailableError(
             "--tunnel (an rsync daemon over SSH) is not available in this version: "
@@ -399,11 +502,22 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    # sys.argv[0]: the file this process was started as, not a PATH lookup.
+    return installer.install(user=args.user, dry_run=args.dry_run, argv0=sys.argv[0])
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    return installer.uninstall(dry_run=args.dry_run)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": cmd_backup,
     "init": cmd_init,
     "list": cmd_list,
     "rotate": cmd_rotate,
+    "install": cmd_install,
+    "uninstall": cmd_uninstall,
 }
 
 
@@ -416,6 +530,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if running_through_sudo():
+            refusal = through_sudo_refusal(args, parser)
+            if refusal is not None:
+                raise UsageError(refusal)
         _setup_logging(args.verbose, args.quiet)
         return COMMANDS[args.command](args)
     except BackupAgentError as exc:

@@ -1,0 +1,381 @@
+"""``backup-agent install`` / ``uninstall``: the one sudo rule the desktop agent reaches root through.
+
+The desktop agent runs as the user and starts the root backup cycle with
+``sudo -n backup-agent backup --json [--disk NAME]``. The drop-in written
+here lets exactly one user run exactly those argument lists (sudo compares a
+rule's arguments word for word when the rule gives any), without a password,
+with none of the caller's environment. Everything else through sudo asks for
+a password, and the CLI refuses it too (:func:`agent.cli.through_sudo_refusal`).
+
+Such a rule is only as safe as the program it names: if anyone but root
+could change the executable, the Python that runs it, or the code that
+Python loads, the rule would hand root to that someone. So before writing,
+every one of them, and every directory above them, must be root's alone
+(:func:`agent.config.untrusted_program`, which follows only root-owned
+symbolic links).
+
+:func:`sudoers_rule` is pure and tested directly; :func:`install` and
+:func:`uninstall` do the checks and the file work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import re
+import stat
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Final, Iterable, Sequence, TextIO
+
+from .commands import SAFE_PATH, Runner
+from .config import DISK_NAME_RE, SYSTEM_CONFIG, load_settings, running_through_sudo, untrusted_program
+from .errors import CommandError, NotAvailableError, UsageError
+
+log = logging.getLogger(__name__)
+
+DROP_IN: Final = "/etc/sudoers.d/backup-agent"
+SUDOERS: Final = "/etc/sudoers"
+VISUDO: Final = "/usr/sbin/visudo"
+DROP_IN_MODE: Final = 0o440
+# The first line of every drop-in install writes: uninstall removes only a file that starts with it.
+MARKER: Final = "# backup-agent sudo rule: written by `backup-agent install`, removed by `backup-agent uninstall`"
+
+# Characters sudoers takes literally in each place, so nothing needs escaping:
+# no space, no , : = \ " ! # ( ) and no wildcard (* ? [ ]), which sudo
+# would match against the caller's arguments. A user name starts with a
+# lower-case letter or "_" so it can be neither an alias (upper case, ALL),
+# a uid (#1000), a group (%sudo) nor a netgroup (+name).
+USER_RE: Final = re.compile(r"[a-z_][a-z0-9_.-]{0,31}", re.ASCII)
+# Disk names are config.DISK_NAME_RE: [A-Za-z0-9][A-Za-z0-9_.-]{0,63}, all literal in sudoers.
+_EXECUTABLE_COMPONENT_RE: Final = re.compile(r"[A-Za-z0-9_.+-]+", re.ASCII)
+_MAX_EXECUTABLE: Final = 1024
+_ROOT_ONLY: Final = (
+    "root runs it for the user through sudo, so the program, the Python that runs it, the code it loads "
+    "and every directory above them must be writable by root only: a copy installed by a user (e.g. with "
+    "pip install --user into ~/.local, or in a virtualenv the user owns) would hand root to any program that "
+    'user runs; install system-wide as the README shows ("Install for real"), then run sudo backup-agent install'
+)
+_PROBE: Final = ".backup-agent-trust-probe"
+
+
+def agent_argvs(disk_names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """The argument lists the desktop agent passes to ``sudo -n backup-agent`` (pure)."""
+    return (("backup", "--json"),) + tuple(("backup", "--json", "--disk", name) for name in disk_names)
+
+
+def sudoers_rule(user: str, executable: str, disk_names: Sequence[str]) -> str:
+    """The drop-in's text: ``user`` may run ``executable`` as root only in the agent's forms (pure).
+
+    Raises :class:`UsageError` for a user name, executable path or disk name
+    that sudoers would not take literally.
+    """
+    if not isinstance(user, str) or not USER_RE.fullmatch(user):
+        raise UsageError(
+            f"user name {user!r} cannot go in a sudo rule as it is: expected a lower-case letter or _ "
+            "followed by up to 31 lower-case letters, digits, _, . or -"
+        )
+    if user == "root":
+        raise UsageError("root needs no sudo rule: give --user NAME, the user whose desktop agent starts backups")
+    _check_executable(executable)
+    names: list[str] = []
+    for name in disk_names:
+        if not isinstance(name, str) or not DISK_NAME_RE.fullmatch(name):
+            raise UsageError(
+                f"disk name {name!r} cannot go in a sudo rule as it is: expected a letter or digit followed by "
+                "up to 63 letters, digits, _, . or -"
+            )
+        if name not in names:
+            names.append(name)
+    commands = [f"{executable} {' '.join(argv)}" for argv in agent_argvs(names)]
+    return "\n".join(
+        [
+            MARKER,
+            f"# {user} may start the root backup cycle, and nothing else: sudo compares the arguments",
+            "# word for word, so any other option or subcommand asks for a password. The caller's",
+            "# environment is not kept (no LD_*, PYTHON*, PATH): only sudo's minimal one reaches the cycle.",
+            f'Defaults!{executable} env_reset, !env_keep, !env_check, !setenv, secure_path="{SAFE_PATH}"',
+            f"{user} ALL = (root) NOPASSWD: " + ", \\\n    ".join(commands),
+            "",
+        ]
+    )
+
+
+def _check_executable(executable: str) -> None:
+    problem = None
+    if not isinstance(executable, str) or not executable.startswith("/") or len(executable) > _MAX_EXECUTABLE:
+        problem = "expected an absolute path"
+    else:
+        parts = executable.split("/")[1:]
+        if not all(_EXECUTABLE_COMPONENT_RE.fullmatch(part) and part not in (".", "..") for part in parts):
+            problem = (
+                "expected an absolute path without //, . or .. components, made of letters, digits, "
+                "_, ., + and - (install it under a path such as /opt/backup-agent)"
+            )
+    if problem is not None:
+        raise UsageError(f"executable path {executable!r} cannot go in a sudo rule as it is: {problem}")
+
+
+# -- what the rule would hand root to -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Program:
+    """The installed console script and the interpreter its first line names."""
+
+    executable: str
+    interpreter: str
+
+
+def console_script(argv0: str) -> Program:
+    """The ``backup-agent`` console script this process was started as (from ``sys.argv[0]``).
+
+    Not a PATH lookup: the file that was executed is the one the rule must
+    name. It must be pip's console script for ``agent.cli:main`` whose first
+    line names its Python by absolute path.
+    """
+    run_as = "run it as the installed command, e.g. sudo /usr/local/sbin/backup-agent install"
+    path = os.path.normpath(os.path.abspath(argv0))
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(4096)
+    except OSError as error:
+        raise UsageError(f"cannot read the running program {path} ({error.strerror}): {run_as}") from None
+    first, _, rest = head.partition(b"\n")
+    if not first.startswith(b"#!") or b"from agent.cli import main" not in rest:
+        raise UsageError(f"{path} is not backup-agent's console script (as pip installs it): {run_as}, not python -m")
+    words = first[2:].decode("utf-8", "replace").split()
+    interpreter = words[0] if words else ""
+    if not interpreter.startswith("/") or os.path.basename(interpreter) == "env":
+        raise UsageError(
+            f"{path} starts {first.decode('utf-8', 'replace')!r}: expected its Python named by absolute path "
+            "on the first line (as pip writes it), so no PATH lookup picks the interpreter root runs"
+        )
+    if not os.path.isfile(interpreter):
+        raise UsageError(f"{path} names the interpreter {interpreter}, which does not exist: reinstall backup-agent")
+    return Program(executable=path, interpreter=interpreter)
+
+
+def _package_files() -> list[str]:
+    directory = os.path.dirname(os.path.abspath(__file__))
+    return sorted(os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".py"))
+
+
+def trust_problem(program: Program, *, python: str, search_path: Iterable[str], code: Iterable[str]) -> str | None:
+    """Why root must not run ``program`` for another user, or None (one line, without the advice).
+
+    Checked: the executable, the interpreter its first line names, the
+    running Python (``python``), every directory Python imports from
+    (``search_path``: a writable one could hold a ``.pth`` file or a module
+    that shadows one) and backup-agent's own ``code`` files.
+    """
+    checks: list[tuple[str, str, bool]] = [
+        ("the executable", program.executable, False),
+        ("its Python interpreter", program.interpreter, False),
+        ("the running Python", python, False),
+    ]
+    for entry in search_path:
+        directory = os.path.abspath(entry or ".")
+        if os.path.isdir(directory):
+            checks.append(("Python's module directory", directory, True))
+    checks.extend(("backup-agent's code", path, False) for path in code)
+    for what, path, is_directory in checks:
+        # A directory is examined through a name in it that does not exist:
+        # untrusted_program then checks every directory down to it.
+        problem = untrusted_program(os.path.join(path, _PROBE) if is_directory else path)
+        if problem is not None:
+            return f"{what} {path} is not root's alone: {problem}"
+    return None
+
+
+# -- install and uninstall ------------------------------------------------------
+
+
+def _default_user(given: str | None) -> str:
+    if given is not None:
+        return given
+    if running_through_sudo() and os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
+    raise UsageError(
+        "give --user NAME, the user whose desktop agent starts backups "
+        "(run through sudo, install takes the user who ran sudo)"
+    )
+
+
+def _check_user(user: str) -> None:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"--user {user}: no such user on this system") from None
+    if entry.pw_uid == 0:
+        raise UsageError(f"--user {user}: that is root, which needs no sudo rule; give the desktop user")
+
+
+def _is_ours(path: str) -> bool:
+    """True when ``path`` is a regular file whose first line is our marker (OSError if it cannot be read)."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        first = stream.readline(len(MARKER) + 2)
+    return first.rstrip(b"\n") == MARKER.encode()
+
+
+def check_with_visudo(path: str, runner: Runner) -> None:
+    """Raise unless ``visudo -c -s -f path`` accepts the file.
+
+    ``-s`` (strict): an undefined alias is an error, not a warning; plain
+    ``visudo -cf`` passes ``alice ALL = NOPASSWD`` (NOPASSWD read as an
+    undefined Cmnd_Alias).
+    """
+    if not os.path.isfile(VISUDO):
+        raise NotAvailableError(f"{VISUDO} is missing: install sudo first (apt-get install sudo)")
+    result = runner.run((VISUDO, "-c", "-s", "-f", path), step="install", mutating=False, check=False)
+    if result.returncode != 0:
+        detail = "; ".join(result.stderr_tail) or result.meaning
+        raise CommandError(
+            f"visudo -csf refused the sudo rule, so nothing was installed: {detail}",
+            argv=result.argv,
+            returncode=result.returncode,
+            stderr_tail=result.stderr_tail,
+            step="install",
+        )
+
+
+def _includes_drop_ins(directory: str) -> bool | None:
+    """Whether /etc/sudoers reads ``directory`` (None: cannot tell)."""
+    try:
+        with open(SUDOERS, encoding="utf-8", errors="replace") as stream:
+            text = stream.read()
+    except OSError:
+        return None
+    pattern = re.compile(rf"^\s*[@#]includedir\s+{re.escape(directory)}/?\s*$", re.MULTILINE)
+    return bool(pattern.search(text))
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_checked(text: str, target: str, runner: Runner) -> None:
+    """Write ``target`` (0440 root:root) atomically, after visudo accepted the very file renamed into place.
+
+    The temporary file is made beside the target with a name containing a
+    ".", which sudo skips in an includedir, so a half-written rule is never read.
+    """
+    directory = os.path.dirname(target)
+    fd, temporary = tempfile.mkstemp(prefix=".backup-agent.", suffix=".new", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fchown(stream.fileno(), 0, 0)
+            os.fchmod(stream.fileno(), DROP_IN_MODE)
+            os.fsync(stream.fileno())
+        check_with_visudo(temporary, runner)
+        os.rename(temporary, target)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
+def _check_temporary(text: str, runner: Runner) -> None:
+    """visudo -csf on a private temporary copy (for --dry-run: nothing is written under /etc)."""
+    fd, temporary = tempfile.mkstemp(prefix="backup-agent-sudoers.", suffix=".check")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        check_with_visudo(temporary, runner)
+    finally:
+        os.unlink(temporary)
+
+
+def install(
+    *,
+    user: str | None,
+    dry_run: bool,
+    argv0: str,
+    drop_in: str = DROP_IN,
+    out: TextIO | None = None,
+    runner: Runner | None = None,
+) -> int:
+    """Put the sudo rule for ``user`` in place (or, ``dry_run``, show it and check it with visudo)."""
+    out = out if out is not None else sys.stdout
+    runner = runner if runner is not None else Runner()
+    if not dry_run and os.geteuid() != 0:
+        raise UsageError(f"install writes {drop_in} and needs root: run it with sudo (or see it first with --dry-run)")
+    program = console_script(argv0)
+    problem = trust_problem(program, python=sys.executable, search_path=sys.path, code=_package_files())
+    if problem is not None:
+        raise UsageError(f"refusing to install a sudo rule for {program.executable}: {problem}; {_ROOT_ONLY}")
+    name = _default_user(user)
+    sudoers_rule(name, program.executable, ())  # refuses a name sudoers would not take literally, before lookup
+    _check_user(name)
+    settings = load_settings(None, through_sudo=True)  # the file the cycle will read through sudo
+    disk_names = [disk.name for disk in settings.disks]
+    text = sudoers_rule(name, program.executable, disk_names)
+    if os.path.lexists(drop_in):
+        try:
+            ours = _is_ours(drop_in)
+        except OSError as error:
+            raise UsageError(f"cannot read the existing {drop_in} ({error.strerror}): run it with sudo") from None
+        if not ours:
+            raise UsageError(
+                f"{drop_in} exists and was not written by backup-agent install (its first line is not our marker): "
+                "nothing was written; move it away or merge it by hand"
+            )
+    if not disk_names:
+        log.warning(
+            "no [[disk]] is configured in %s: the rule allows only `backup --json`; "
+            "run install again after adding a disk",
+            settings.path or SYSTEM_CONFIG,
+        )
+    if _includes_drop_ins(os.path.dirname(drop_in)) is False:
+        log.warning("%s has no @includedir %s line: sudo will not read this rule", SUDOERS, os.path.dirname(drop_in))
+    if dry_run:
+        _check_temporary(text, runner)
+        out.write(f"would write {drop_in} (mode 0440, owner root:root), which visudo -csf accepts:\n")
+        out.write(text)
+        return 0
+    _write_checked(text, drop_in, runner)
+    forms = "; ".join(f"{program.executable} {' '.join(argv)}" for argv in agent_argvs(disk_names))
+    out.write(f"wrote {drop_in}: {name} may now run as root, without a password, only: {forms}\n")
+    return 0
+
+
+def uninstall(*, dry_run: bool, drop_in: str = DROP_IN, out: TextIO | None = None) -> int:
+    """Remove the drop-in install wrote, and nothing else."""
+    out = out if out is not None else sys.stdout
+    if not dry_run and os.geteuid() != 0:
+        raise UsageError(f"uninstall removes {drop_in} and needs root: run it with sudo")
+    if not os.path.lexists(drop_in):
+        out.write(f"nothing to remove: {drop_in} does not exist\n")
+        return 0
+    try:
+        ours = _is_ours(drop_in)
+    except OSError as error:
+        raise UsageError(f"cannot read {drop_in} ({error.strerror}): run it with sudo") from None
+    if not ours:
+        raise UsageError(
+            f"{drop_in} was not written by backup-agent install (its first line is not our marker): "
+            "left in place; remove it yourself if it is no longer wanted"
+        )
+    if dry_run:
+        out.write(f"would remove {drop_in}\n")
+        return 0
+    os.unlink(drop_in)
+    _fsync_directory(os.path.dirname(drop_in))
+    out.write(f"removed {drop_in}: the desktop agent can no longer start backups through sudo\n")
+    return 0
