@@ -18,11 +18,13 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from agent import install as installer
 from agent.commands import SAFE_PATH, Runner
+from agent.config import untrusted_program
 from agent.errors import EXIT_USAGE, CommandError, UsageError
 from agent.install import MARKER, Program, agent_argvs, console_script, sudoers_rule, trust_problem
 
@@ -108,6 +110,43 @@ def test_executables_sudoers_would_not_take_literally_are_refused(executable: st
 # -- which program, and whether root alone controls it ----------------------------
 
 
+@pytest.fixture
+def trusted_python(request: pytest.FixtureRequest) -> str:
+    """The real interpreter behind this venv, when root alone controls it.
+
+    A checkout (and so its .venv) may lie anywhere, /tmp included; the
+    interpreter the venv links to is what an installation would use.
+    """
+    python = os.path.realpath(sys.executable)
+    problem = untrusted_program(python)
+    if problem is not None:
+        request.applymarker(pytest.mark.may_skip)
+        pytest.skip(f"the Python running the tests, {python}, is not root's alone ({problem}): no trusted install to test")
+    return python
+
+
+@pytest.fixture
+def trusted_agent(trusted_dir: Path) -> str:
+    """A copy of this checkout's agent package where root alone may change it; the stand-in line that uses it."""
+    lib = trusted_dir / "lib"
+    shutil.copytree(REPO / "agent", lib / "agent", ignore=shutil.ignore_patterns("__pycache__"))
+    for directory, _dirs, files in os.walk(lib):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+    return f"sys.path.insert(0, {str(lib)!r})\n"
+
+
+def trusted_only(trusted_python: str, trusted_dir: Path) -> Callable[..., str | None]:
+    """install's trust check, looking at the trusted copy instead of this test process's checkout."""
+    real = installer.trust_problem
+
+    def check(program: Program, **_ignored: object) -> str | None:
+        return real(program, python=trusted_python, search_path=[str(trusted_dir / "lib")], code=[])
+
+    return check
+
+
 def stand_in(directory: Path, interpreter: str = sys.executable, *, extra: str = "") -> Path:
     """A console script as pip writes it, running this checkout's CLI (``extra``: lines before the import)."""
     path = directory / "backup-agent"
@@ -147,19 +186,19 @@ def test_python_m_is_not_the_installed_command() -> None:
 
 
 @needs_root
-def test_a_root_owned_program_in_root_owned_directories_is_trusted(trusted_dir: Path) -> None:
-    script = stand_in(trusted_dir)
+def test_a_root_owned_program_in_root_owned_directories_is_trusted(trusted_dir: Path, trusted_python: str) -> None:
+    script = stand_in(trusted_dir, trusted_python)
     program = console_script(str(script))
-    assert trust_problem(program, python=sys.executable, search_path=[str(trusted_dir)], code=[str(script)]) is None
+    assert trust_problem(program, python=trusted_python, search_path=[str(trusted_dir)], code=[str(script)]) is None
 
 
 @needs_root
-def test_trust_problem_names_each_part_others_could_change(trusted_dir: Path, tmp_path: Path) -> None:
-    script = stand_in(trusted_dir)
+def test_trust_problem_names_each_part_others_could_change(trusted_dir: Path, tmp_path: Path, trusted_python: str) -> None:
+    script = stand_in(trusted_dir, trusted_python)
     good = console_script(str(script))
 
     def problem(**changes: object) -> str | None:
-        arguments: dict[str, object] = {"python": sys.executable, "search_path": [str(trusted_dir)], "code": []}
+        arguments: dict[str, object] = {"python": trusted_python, "search_path": [str(trusted_dir)], "code": []}
         arguments.update(changes)
         program = arguments.pop("program", good)
         return trust_problem(program, **arguments)  # type: ignore[arg-type]
@@ -201,8 +240,10 @@ def some_user() -> str:
 @pytest.mark.integration
 @needs_visudo
 @needs_root
-def test_install_dry_run_shows_a_rule_visudo_accepts_and_writes_nothing(trusted_dir: Path, tmp_path: Path) -> None:
-    script = stand_in(trusted_dir)
+def test_install_dry_run_shows_a_rule_visudo_accepts_and_writes_nothing(
+    trusted_dir: Path, tmp_path: Path, trusted_python: str, trusted_agent: str
+) -> None:
+    script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     before = sorted(os.listdir("/etc/sudoers.d"))
     user = some_user()
     result = run([str(script), "install", "--dry-run", "--user", user])
@@ -248,8 +289,8 @@ def test_install_refuses_an_interpreter_in_a_directory_another_user_owns(trusted
 
 @pytest.mark.integration
 @needs_root
-def test_install_needs_a_user_and_root(trusted_dir: Path) -> None:
-    script = stand_in(trusted_dir)
+def test_install_needs_a_user_and_root(trusted_dir: Path, trusted_python: str, trusted_agent: str) -> None:
+    script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     missing = run([str(script), "install", "--dry-run"])
     assert missing.returncode == EXIT_USAGE
     assert "give --user NAME" in missing.stderr
@@ -279,8 +320,13 @@ def sudoers_dir(trusted_dir: Path) -> Path:
 @pytest.mark.integration
 @needs_visudo
 @needs_root
-def test_install_writes_0440_root_atomically_and_replaces_only_its_own(trusted_dir: Path, sudoers_dir: Path) -> None:
-    script = stand_in(trusted_dir)
+def test_install_writes_0440_root_atomically_and_replaces_only_its_own(
+    trusted_dir: Path, sudoers_dir: Path, trusted_python: str, trusted_agent: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In this process the checkout is what Python imports from: the trust
+    # check looks at a trusted copy instead (it is tested on its own above).
+    monkeypatch.setattr(installer, "trust_problem", trusted_only(trusted_python, trusted_dir))
+    script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     target = sudoers_dir / "backup-agent"
     out = io.StringIO()
     user = some_user()
@@ -304,13 +350,13 @@ def test_install_writes_0440_root_atomically_and_replaces_only_its_own(trusted_d
 @needs_visudo
 @needs_root
 def test_a_rule_visudo_refuses_is_never_put_in_place(
-    trusted_dir: Path, sudoers_dir: Path, monkeypatch: pytest.MonkeyPatch
+    trusted_dir: Path, sudoers_dir: Path, monkeypatch: pytest.MonkeyPatch, trusted_python: str, trusted_agent: str
 ) -> None:
+    monkeypatch.setattr(installer, "trust_problem", trusted_only(trusted_python, trusted_dir))
     monkeypatch.setattr(installer, "sudoers_rule", lambda *args: MARKER + "\nalice ALL = NOPASSWD\n")
+    script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     with pytest.raises(CommandError, match="visudo -csf refused the sudo rule, so nothing was installed"):
-        installer.install(
-            user=some_user(), dry_run=False, argv0=str(stand_in(trusted_dir)), drop_in=str(sudoers_dir / "backup-agent")
-        )
+        installer.install(user=some_user(), dry_run=False, argv0=str(script), drop_in=str(sudoers_dir / "backup-agent"))
     assert os.listdir(sudoers_dir) == []
 
 
@@ -344,11 +390,13 @@ def test_uninstall_removes_only_our_file(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.mark.integration
 @needs_visudo
 @needs_root
-def test_install_and_uninstall_for_real_in_etc_sudoers_d(trusted_dir: Path, request: pytest.FixtureRequest) -> None:
+def test_install_and_uninstall_for_real_in_etc_sudoers_d(
+    trusted_dir: Path, request: pytest.FixtureRequest, trusted_python: str, trusted_agent: str
+) -> None:
     if os.path.lexists(installer.DROP_IN):
         request.applymarker(pytest.mark.may_skip)
         pytest.skip(f"{installer.DROP_IN} exists (backup-agent is installed here): left alone")
-    script = stand_in(trusted_dir)
+    script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     user = some_user()
     try:
         dry = run([str(script), "install", "-n", "--user", user])
