@@ -152,6 +152,7 @@ class Cycle:
             disk=request.disk.name if request.disk else None, repository=request.repository
         )
         self._started = time.monotonic()
+        self._failed_step: str | None = None
 
     # -- helpers ------------------------------------------------------------
 
@@ -188,7 +189,7 @@ class Cycle:
         request = self.request
         settings = self.settings
         try:
-            with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack, self._remembering_failure():
                 self._lock_machine(stack)
                 if request.disk is not None and not self._open_disk(stack, request.disk):
                     self._emit_complete()
@@ -214,7 +215,7 @@ class Cycle:
                 self._emit_complete()
         except (OSError, BackupAgentError) as exc:
             failure = exc if isinstance(exc, BackupAgentError) else self._filesystem_failure(exc)
-            failure.step = failure.step or self.current_step
+            failure.step = failure.step or self._failed_step or self.current_step
             failure.snapshots_untouched = not self.outcome.deleted
             self.emitter.emit(error(failure.step, failure.message, failure.exit_code, failure.snapshots_untouched))
             if failure is exc:
@@ -222,13 +223,23 @@ class Cycle:
             raise failure from exc
         return self.outcome
 
+    @contextlib.contextmanager
+    def _remembering_failure(self) -> Iterator[None]:
+        """Note the step a failure happened in, before the undo steps (which
+        rename current_step as they run) unwind."""
+        try:
+            yield
+        except BaseException:
+            self._failed_step = self.current_step
+            raise
+
     def _filesystem_failure(self, exc: OSError) -> StepError:
         """The filesystem said no (disk full, read-only, permission): the user
         can act on that, so it is an error message, not a bug."""
         what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
-        if self.current_step in ("transfer", "snapshot"):
+        if (self._failed_step or self.current_step) in ("transfer", "snapshot"):
             what += "; the unfinished transfer is kept and the next run resumes from it"
-        return StepError(what, step=self.current_step)
+        return StepError(what, step=self._failed_step or self.current_step)
 
     def _emit_complete(self) -> None:
         """The cycle's result; emitted before the disk is closed, which reports its own steps."""
