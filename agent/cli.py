@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("-n", "--dry-run", action="store_true", help="show the rule and check it with visudo; write nothing")
     uninstall = sub.add_parser("uninstall", parents=[loud], help="remove what install wrote (run it with sudo)")
     uninstall.add_argument("-n", "--dry-run", action="store_true", help="say what would be removed")
+
+    run = sub.add_parser("run", parents=[common], help="the desktop agent: back up when the disk is plugged in, and hourly")
+    run.add_argument("--no-sudo", action="store_true", help="start the cycle without sudo (as this user, or as root)")
+    sub.add_parser("now", parents=[loud], help="ask the running agent to back up now (D-Bus)")
+    sub.add_parser("stop", parents=[loud], help="ask the running agent to stop the running backup (D-Bus)")
+    status = sub.add_parser("status", parents=[loud], help="the agent's status (its last saved state when it does not run)")
+    status.add_argument("--json", action="store_true", help="one JSON object: agent, saved, state_file, status")
     return parser
 
 
@@ -511,6 +518,30 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return installer.uninstall(dry_run=args.dry_run)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import daemon  # pyudev and asyncio only for this command
+
+    return daemon.main(config=args.config, no_sudo=args.no_sudo, argv0=sys.argv[0])
+
+
+def cmd_now(args: argparse.Namespace) -> int:
+    from .dbus import client  # dbus_fast only for these commands
+
+    return client.run_now()
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .dbus import client
+
+    return client.run_stop()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .dbus import client
+
+    return client.run_status(args.json)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": cmd_backup,
     "init": cmd_init,
@@ -518,6 +549,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "rotate": cmd_rotate,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
+    "run": cmd_run,
+    "now": cmd_now,
+    "stop": cmd_stop,
+    "status": cmd_status,
 }
 
 

@@ -1,0 +1,1121 @@
+"""The desktop agent: udev, the schedule and the backup cycle, on one asyncio loop.
+
+``backup-agent run`` builds an :class:`Agent` and awaits :meth:`Agent.run`.
+Everything the agent does is a reaction on the loop, and nothing polls:
+
+- udev (:class:`agent.udev.Monitor`, its socket on the loop) says a
+  configured disk came or went;
+- at most ONE timer (``loop.call_later``) is armed, for the earliest moment a
+  backup falls due on an attached disk; with no disk attached there is none;
+- the running cycle's stdout and stderr pipes and a pidfd for its exit sit on
+  the loop as readers;
+- ``backup_now``/``stop`` (D-Bus), ``on_resumed`` (logind) call in.
+
+So an idle agent with no disk attached sleeps in the loop's ``epoll_wait``
+until udev has something to say. Two exceptions, both only when asked for:
+``WATCHDOG=1`` pings when systemd set ``$WATCHDOG_USEC``, and a look at the
+machine lock every few seconds while a cycle started by someone else (a
+previous agent, a shell) runs, to notice its end.
+
+The decisions are :mod:`agent.schedule`'s (pure); the agent applies them, one
+cycle at a time across disks and triggers, and keeps what a restart must not
+lose (last success, failures) in a small JSON state file.
+
+The cycle is ``cycle_argv + ("--disk", NAME)``, normally ``sudo -n
+/usr/local/bin/backup-agent backup --json --disk NAME``. It runs in a session
+of its own, so a signal to the agent's process group does not reach it, and
+the agent never kills it on its own shutdown: a cycle outlives its agent (it
+survives losing its reader), and the next agent sees it through the cycle's
+machine lock (:func:`cycle_lock_path`) and shows it instead of starting
+another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
+
+from . import events, lock, schedule
+from .config import Settings
+from .errors import EXIT_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
+from .state import AgentStatus, Listener, Result
+from .udev import DiskGone, DiskSeen, Monitor
+
+log = logging.getLogger(__name__)
+
+#: The machine lock of a cycle that runs as root (through sudo, the caller's
+#: environment cannot move it).
+ROOT_CYCLE_LOCK: Final = "/run/backup-agent.lock"
+STATE_FILE_VERSION: Final = 1
+#: Seconds between looks at the cycle lock, only while another agent's (or a
+#: shell's) cycle runs.
+FOREIGN_POLL: Final = 3.0
+#: Longest line read from the cycle (a ``complete`` event with its statistics
+#: and the first rsync errors is a few KiB).
+_MAX_LINE: Final = 1 << 20
+_READ_SIZE: Final = 65536
+_STDERR_TAIL: Final = 5
+_PROGRESS_FIELDS: Final = ("percent", "bytes", "files", "rate", "eta")
+
+
+# -- where things are -----------------------------------------------------------
+
+
+def cycle_lock_path(*, through_sudo: bool) -> str:
+    """The machine lock the cycle takes (agent.lock.machine_lock_path as the CYCLE computes it).
+
+    Through sudo the cycle is root and ignores the caller's environment:
+    always :data:`ROOT_CYCLE_LOCK`. Without sudo the cycle inherits the
+    agent's environment and user, so it is the agent's own
+    :func:`agent.lock.machine_lock_path` (``$BACKUP_AGENT_RUNTIME_DIR`` when
+    set, as the tests do; /run for root; the runtime dir for a user).
+    """
+    if through_sudo:
+        return ROOT_CYCLE_LOCK
+    return lock.machine_lock_path()
+
+
+def default_state_file(environ: Mapping[str, str] | None = None) -> str:
+    """``$XDG_STATE_HOME/backup-agent/state.json`` (``~/.local/state`` when unset or relative)."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "backup-agent", "state.json")
+
+
+def _through_sudo(argv: Sequence[str]) -> bool:
+    return bool(argv) and os.path.basename(argv[0]) == "sudo"
+
+
+# -- the state file ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """What the agent remembers about one disk across restarts."""
+
+    last_success: float | None = None  # epoch seconds the last complete snapshot is named after
+    last_failure: float | None = None
+    failures: int = 0  # consecutive failures since the last success
+    last_result: Result = "none"
+    last_message: str = ""
+    last_snapshot: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _record_from(value: object) -> DiskRecord | None:
+    if not isinstance(value, dict):
+        return None
+    failures = value.get("failures", 0)
+    result = value.get("last_result", "none")
+    snapshot = value.get("last_snapshot")
+    message = value.get("last_message", "")
+    return DiskRecord(
+        last_success=_number(value.get("last_success")),
+        last_failure=_number(value.get("last_failure")),
+        failures=failures if isinstance(failures, int) and not isinstance(failures, bool) and failures >= 0 else 0,
+        last_result=result if result in ("none", "success", "partial", "failure") else "none",
+        last_message=message if isinstance(message, str) else "",
+        last_snapshot=snapshot if isinstance(snapshot, str) else None,
+    )
+
+
+def load_state(path: str) -> tuple[dict[str, DiskRecord], dict[str, Any]]:
+    """The per-disk records and the last status the agent saved; empty when missing or unreadable.
+
+    A damaged file is logged and ignored: the agent then only knows less (a
+    plugged disk is backed up as if never before), it never refuses to run.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return {}, {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the agent's state file %s: %s", path, exc)
+        return {}, {}
+    if not isinstance(data, dict):
+        log.warning("ignoring the agent's state file %s: not a JSON object", path)
+        return {}, {}
+    records: dict[str, DiskRecord] = {}
+    disks = data.get("disks")
+    if isinstance(disks, dict):
+        for name, value in disks.items():
+            record = _record_from(value)
+            if isinstance(name, str) and record is not None:
+                records[name] = record
+    status = data.get("status")
+    return records, status if isinstance(status, dict) else {}
+
+
+def save_state(path: str, records: Mapping[str, DiskRecord], status: AgentStatus) -> None:
+    """Write the state file atomically (a temporary file beside it, fsync, rename)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    data = {
+        "version": STATE_FILE_VERSION,
+        "saved": time.time(),
+        "disks": {name: record.as_dict() for name, record in records.items()},
+        "status": status.as_dict(),
+    }
+    fd, temporary = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+# -- systemd's notify protocol (no dependency) ---------------------------------------
+
+
+class Notifier:
+    """``sd_notify`` on a datagram socket: READY=1, STATUS=..., WATCHDOG=1. Silent without $NOTIFY_SOCKET."""
+
+    def __init__(self, address: str | None) -> None:
+        self._address: str | None = None
+        self._socket: socket.socket | None = None
+        if not address or not (address.startswith("/") or address.startswith("@")):
+            return
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        try:
+            # Non-blocking: a reader that does not keep up loses a status
+            # line, the agent never waits for it.
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)
+
+    @classmethod
+    def from_environ(cls) -> "Notifier":
+        return cls(os.environ.get("NOTIFY_SOCKET"))
+
+    @property
+    def enabled(self) -> bool:
+        return self._socket is not None
+
+    def send(self, message: str) -> None:
+        if self._socket is None or self._address is None:
+            return
+        try:
+            self._socket.sendto(message.encode("utf-8", "replace"), self._address)
+        except OSError as exc:
+            log.debug("systemd notification %r not sent: %s", message.split("\n", 1)[0], exc)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half systemd's timeout), or None when no watchdog is asked for."""
+    env = os.environ if environ is None else environ
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) <= 0:
+        return None
+    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2e6
+
+
+# -- the agent ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """How the agent starts the cycle and where it keeps its state."""
+
+    #: How to start the cycle, without ``--disk``: ``("sudo", "-n", EXECUTABLE,
+    #: "backup", "--json")``, or without sudo (root, tests) ``(sys.executable,
+    #: "-m", "agent.cli", "backup", "--json", "--config", PATH)``.
+    cycle_argv: Sequence[str]
+    policy: schedule.Policy = schedule.Policy()
+    state_file: str = field(default_factory=default_state_file)
+    #: Takes logind's sleep inhibitor before a cycle starts; what it returns
+    #: (an fd, or an object with ``close()``) is closed when the cycle ends.
+    inhibit: Callable[[], Awaitable[object | None]] | None = None
+    #: The cycle's machine lock; None: :func:`cycle_lock_path` for ``cycle_argv``.
+    cycle_lock: str | None = None
+    #: Seconds between looks at the lock while a foreign cycle runs.
+    foreign_poll: float = FOREIGN_POLL
+
+    def lock_path(self) -> str:
+        if self.cycle_lock is not None:
+            return self.cycle_lock
+        return cycle_lock_path(through_sudo=_through_sudo(self.cycle_argv))
+
+
+@dataclass
+class _Cycle:
+    """The cycle this agent started, while it runs."""
+
+    disk: str
+    reason: str
+    started: float  # agent clock
+    started_monotonic: float
+    process: "subprocess.Popen[bytes] | None" = None
+    pidfd: int = -1
+    stdout_fd: int = -1
+    stderr_fd: int = -1
+    stdout_buffer: bytearray = field(default_factory=bytearray)
+    stderr_buffer: bytearray = field(default_factory=bytearray)
+    stderr_tail: list[str] = field(default_factory=list)
+    complete: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    stop_requested: bool = False
+    inhibitor: object | None = None
+    launch: "asyncio.Task[None] | None" = None
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class _Foreign:
+    """A cycle someone else started (another agent, a shell), seen through the lock."""
+
+    pid: int | None
+    description: str
+
+
+def _holder_pid(path: str, message: str) -> int | None:
+    """The lock holder's pid: from the lock file's JSON, else from the BusyError message."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            holder = json.loads(handle.read(4096) or "{}")
+        pid = holder.get("pid") if isinstance(holder, dict) else None
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+            return pid
+    except (OSError, ValueError):
+        pass
+    found = re.search(r"\bpid (\d+)", message)
+    return int(found.group(1)) if found else None
+
+
+def _exit_description(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+        return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class Agent:
+    """The agent: udev in, decisions by :mod:`agent.schedule`, one cycle at a time, listeners out.
+
+    Implements :class:`agent.state.Controller`. Every method runs on the
+    event loop's thread. A listener that raises is logged and changes nothing.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: AgentOptions,
+        listeners: Sequence[Listener] = (),
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not options.cycle_argv:
+            raise ValueError("cycle_argv is empty: give the command that runs the backup cycle")
+        self._settings = settings
+        self._options = options
+        self._listeners: list[Listener] = list(listeners)
+        self._clock = clock
+        self._disk_names = tuple(disk.name for disk in settings.disks)
+        records, saved_status = load_state(options.state_file)
+        self._records: dict[str, DiskRecord] = {name: records.get(name, DiskRecord()) for name in self._disk_names}
+        # Records of disks no longer configured are kept in the file, untouched.
+        self._other_records = {name: record for name, record in records.items() if name not in self._records}
+        self._states: dict[str, schedule.DiskState] = {
+            name: schedule.DiskState(
+                last_success=record.last_success, failures=record.failures, last_failure=record.last_failure
+            )
+            for name, record in self._records.items()
+        }
+        self._decisions: dict[str, schedule.Decision] = {}
+        self._pending: dict[str, schedule.Trigger] = {}  # triggers held back by another disk's cycle
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._monitor: Monitor | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._foreign_timer: asyncio.TimerHandle | None = None
+        self._watchdog_timer: asyncio.TimerHandle | None = None
+        self._cycle: _Cycle | None = None
+        self._foreign: _Foreign | None = None
+        self._notifier = Notifier(None)
+        self._last_notified = ""
+        last_disk = saved_status.get("disk")
+        self._status = AgentStatus(disk=last_disk if last_disk in self._records else None)
+        self._published: AgentStatus | None = None
+        self._last_returncode: int | None = None
+        self._refresh(publish=False)
+
+    # -- wiring ---------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Subscribe (the D-Bus service, notifications, the tray), also after the agent started."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    @property
+    def timer(self) -> asyncio.TimerHandle | None:
+        """The one schedule timer armed now (None: nothing to wait for, e.g. no disk attached)."""
+        return self._timer
+
+    @property
+    def cycle_pid(self) -> int | None:
+        """The pid of the cycle this agent started, while it runs."""
+        cycle = self._cycle
+        return cycle.process.pid if cycle is not None and cycle.process is not None else None
+
+    @property
+    def watching(self) -> bool:
+        """True once :meth:`run` has started the udev monitor (and read the devices present), until it returns."""
+        return self._monitor is not None
+
+    @property
+    def last_returncode(self) -> int | None:
+        """The exit status of the last cycle this agent saw end (negative: killed by that signal)."""
+        return self._last_returncode
+
+    def attached(self) -> list[str]:
+        """The configured disks attached now, in the configuration's order."""
+        return [name for name in self._disk_names if self._states[name].attached]
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Watch and act until ``stop`` is set.
+
+        The udev monitor starts first, then the devices present are read (a
+        disk plugged in before the agent started is found). On return the
+        monitor and every timer are gone; a cycle still running is left to
+        finish on its own.
+        """
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._notifier = Notifier.from_environ()
+        try:
+            self._look_for_foreign()
+            if not self._disk_names:
+                log.warning(
+                    "no [[disk]] is configured in %s: nothing to watch", self._settings.path or "the configuration"
+                )
+            self._monitor = Monitor(self._settings.disks, self._on_disk_change)
+            self._monitor.start(loop)
+            self._notifier.send("READY=1")
+            self._notify_status()
+            interval = watchdog_interval()
+            if interval is not None and self._notifier.enabled:
+                self._watchdog(interval)
+            log.info("watching for %s", ", ".join(self._disk_names) or "no disk")
+            await stop.wait()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._notifier.send("STOPPING=1")
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+        for handle in (self._timer, self._foreign_timer, self._watchdog_timer):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._foreign_timer = self._watchdog_timer = None
+        cycle = self._cycle
+        if cycle is not None:
+            if cycle.launch is not None and not cycle.launch.done():
+                cycle.launch.cancel()
+            if cycle.process is not None and cycle.process.poll() is None:
+                log.info(
+                    "the backup cycle (pid %d) goes on without the agent; the next agent will show it",
+                    cycle.process.pid,
+                )
+            self._detach(cycle)
+            self._release_inhibitor(cycle)
+            self._cycle = None
+        # Not watching any more: nothing is known to be attached, nothing can start.
+        self._states = {name: dataclasses.replace(state, attached=False, running=False) for name, state in self._states.items()}
+        self._decisions.clear()
+        self._pending.clear()
+        self._loop = None
+        self._notifier.close()
+
+    def _watchdog(self, interval: float) -> None:
+        self._notifier.send("WATCHDOG=1")
+        assert self._loop is not None
+        self._watchdog_timer = self._loop.call_later(interval, self._watchdog, interval)
+
+    # -- Controller -----------------------------------------------------------------------
+
+    def backup_now(self) -> str:
+        """Start a cycle on the first attached disk: "started", "running" or "no-disk"."""
+        if self._cycle is not None or self._foreign is not None:
+            return "running"
+        attached = self.attached()
+        if not attached:
+            return "no-disk"
+        decision = self._trigger(attached[0], "asked")
+        if decision.start_now:
+            return "started"
+        return "running" if decision.reason == "running" else "no-disk"
+
+    def stop(self) -> str:
+        """SIGTERM to the running cycle (it cleans up as after any failure): "stopping" or "not-running"."""
+        cycle = self._cycle
+        if cycle is None:
+            if self._foreign is not None:
+                log.warning(
+                    "the running backup (%s) was not started by this agent: it is not stopped from here",
+                    self._foreign.description,
+                )
+            return "not-running"
+        cycle.stop_requested = True
+        if cycle.process is not None and cycle.process.poll() is None:
+            log.info("stopping the backup cycle (pid %d)", cycle.process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(cycle.process.pid, signal.SIGTERM)
+        return "stopping"
+
+    def status(self) -> AgentStatus:
+        """A copy of the current status."""
+        return self._copy(self._status)
+
+    # -- hooks for logind ---------------------------------------------------------------
+
+    def on_resumed(self) -> None:
+        """The machine woke from sleep (logind's PrepareForSleep(false)): catch up once if due."""
+        for name in self.attached():
+            self._trigger(name, "resumed")
+
+    def tick(self) -> None:
+        """What the schedule timer does when it fires: one decision per attached disk."""
+        if self._timer is not None:
+            self._timer.cancel()  # called by hand (tests, a resume hook): the armed one is replaced
+            self._timer = None
+        self._reevaluate()
+
+    # -- udev -------------------------------------------------------------------------------
+
+    def _on_disk_change(self, change: DiskSeen | DiskGone) -> None:
+        name = change.disk
+        if name not in self._states:
+            return
+        if isinstance(change, DiskSeen):
+            log.info("backup disk %s attached (%s)", name, change.device)
+            if self._cycle is None:  # the status names the running cycle's disk while one runs
+                self._status.disk = name
+            self._tell("disk_attached", name)
+            self._trigger(name, "plugged")
+        else:
+            during = self._cycle is not None and self._cycle.disk == name
+            log.info("backup disk %s removed (%s)%s", name, change.device, " during the backup" if during else "")
+            self._pending.pop(name, None)
+            self._tell("disk_removed", name, during)
+            self._trigger(name, "unplugged")
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def _trigger(self, name: str, trigger: schedule.Trigger) -> schedule.Decision:
+        """Apply one trigger to one disk: decide, start the cycle if so, re-arm the timer."""
+        now = self._clock()
+        state = self._states[name]
+        if trigger == "plugged" and state.attached:
+            state = dataclasses.replace(state, attached=False)  # a held-back plug-in, replayed
+        state, decision = schedule.handle(state, self._options.policy, now, trigger)
+        if decision.start_now:
+            blocker = self._blocker()
+            if blocker is not None:
+                # One cycle at a time, across disks and agents: this trigger
+                # waits for the running cycle to end.
+                state = dataclasses.replace(state, running=False)
+                if trigger != "tick":
+                    self._pending[name] = trigger
+                log.info("backup of %s (%s) waits: %s", name, decision.reason, blocker)
+                decision = schedule.Decision(False, "running", now)
+        self._states[name] = state
+        self._decisions[name] = decision
+        if decision.start_now:
+            self._pending.pop(name, None)
+            self._start(name, decision.reason)
+        self._rearm()
+        self._refresh()
+        return decision
+
+    def _blocker(self) -> str | None:
+        """Why no cycle may start now (one runs), or None."""
+        if self._cycle is not None:
+            return f"the backup of {self._cycle.disk} is running"
+        if self._foreign is None:
+            self._look_for_foreign()
+        if self._foreign is not None:
+            return f"another backup is running ({self._foreign.description})"
+        return None
+
+    def _rearm(self) -> None:
+        """Cancel the timer, and arm one for the earliest due backup among attached disks (if any)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._loop is None:
+            return
+        now = self._clock()
+        delays = [
+            delay
+            for name in self.attached()
+            if name in self._decisions
+            and (delay := schedule.seconds_until(self._decisions[name], now)) is not None
+        ]
+        if delays:
+            self._timer = self._loop.call_later(min(delays), self.tick)
+
+    def _reevaluate(self) -> None:
+        """After a cycle ended: the next decision for every attached disk (held-back triggers first)."""
+        for name in self.attached():
+            if self._cycle is not None or self._foreign is not None:
+                break
+            self._trigger(name, self._pending.pop(name, "tick"))
+        self._rearm()
+
+    # -- the foreign cycle --------------------------------------------------------------------
+
+    def _look_for_foreign(self) -> None:
+        """Probe the cycle's lock; while someone holds it, show that cycle and look again later."""
+        path = self._options.lock_path()
+        try:
+            lock.probe(path)
+        except BusyError as exc:
+            if exc.message.startswith("cannot open the lock file"):
+                # Not a sign of a running cycle (it would be readable): say
+                # so, and let the cycle itself report "busy" if it is.
+                log.warning("cannot look at the backup cycle's lock: %s", exc.message)
+                if self._foreign is not None:
+                    self._foreign = None
+                    self._refresh()
+                return
+            pid = _holder_pid(path, exc.message)
+            found = _Foreign(pid, f"pid {pid}" if pid is not None else f"the lock {path} is held")
+            if self._foreign != found:
+                log.info("a backup cycle started elsewhere is running (%s): waiting for it to end", found.description)
+            self._foreign = found
+            self._arm_foreign_poll()
+            self._refresh()
+            return
+        if self._foreign is not None:
+            log.info("the backup cycle started elsewhere (%s) has ended", self._foreign.description)
+            self._foreign = None
+            self._refresh()
+
+    def _arm_foreign_poll(self) -> None:
+        if self._loop is None or self._foreign_timer is not None:
+            return
+        self._foreign_timer = self._loop.call_later(self._options.foreign_poll, self._poll_foreign)
+
+    def _poll_foreign(self) -> None:
+        self._foreign_timer = None
+        self._look_for_foreign()
+        if self._foreign is None and self._cycle is None:
+            self._reevaluate()
+
+    # -- the cycle -------------------------------------------------------------------------------
+
+    def _start(self, name: str, reason: str) -> None:
+        cycle = _Cycle(disk=name, reason=reason, started=self._clock(), started_monotonic=time.monotonic())
+        self._cycle = cycle
+        self._status.disk = name
+        self._status.step = None
+        self._status.progress = {}
+        log.info("starting the backup of %s (%s)", name, reason)
+        self._tell("backup_started", name, reason)
+        if self._options.inhibit is None:
+            self._spawn(cycle)
+        else:
+            assert self._loop is not None
+            cycle.launch = self._loop.create_task(self._inhibit_then_spawn(cycle))
+
+    async def _inhibit_then_spawn(self, cycle: _Cycle) -> None:
+        inhibit = self._options.inhibit
+        assert inhibit is not None
+        try:
+            cycle.inhibitor = await inhibit()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("could not take the sleep inhibitor; backing up without it")
+        if cycle is not self._cycle:  # the agent shut down meanwhile
+            self._release_inhibitor(cycle)
+            return
+        self._spawn(cycle)
+
+    def _spawn(self, cycle: _Cycle) -> None:
+        if cycle.stop_requested:
+            self._finish(cycle, None, "stopped before it started")
+            return
+        argv = [*self._options.cycle_argv, "--disk", cycle.disk]
+        log.info("running %s", " ".join(argv))
+        try:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # a signal to the agent's process group does not reach it
+                close_fds=True,
+            )
+        except OSError as exc:
+            self._finish(cycle, None, f"could not start the backup cycle ({argv[0]}): {exc.strerror or exc}")
+            return
+        cycle.process = process
+        assert self._loop is not None and process.stdout is not None and process.stderr is not None
+        cycle.stdout_fd = process.stdout.fileno()
+        cycle.stderr_fd = process.stderr.fileno()
+        for fd in (cycle.stdout_fd, cycle.stderr_fd):
+            os.set_blocking(fd, False)
+        self._loop.add_reader(cycle.stdout_fd, self._read, cycle, "stdout")
+        self._loop.add_reader(cycle.stderr_fd, self._read, cycle, "stderr")
+        try:
+            cycle.pidfd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):
+            cycle.pidfd = -1
+        if cycle.pidfd >= 0:
+            self._loop.add_reader(cycle.pidfd, self._exited, cycle)
+        else:  # no pidfd (Linux before 5.3): a thread blocked in waitpid, not polling
+            waiter = self._loop.run_in_executor(None, process.wait)
+            waiter.add_done_callback(lambda _: self._exited(cycle))
+        self._refresh()
+
+    def _read(self, cycle: _Cycle, stream: str) -> None:
+        """Readable: take what is there (without blocking), handle the complete lines."""
+        fd = cycle.stdout_fd if stream == "stdout" else cycle.stderr_fd
+        if fd < 0:
+            return
+        buffer = cycle.stdout_buffer if stream == "stdout" else cycle.stderr_buffer
+        for _ in range(16):
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.warning("reading the backup cycle's %s failed: %s", stream, exc)
+                data = b""
+            if not data:
+                self._close_pipe(cycle, stream)
+                return
+            buffer += data
+            self._lines(cycle, stream, buffer)
+        if len(buffer) > _MAX_LINE:
+            log.warning("dropping an over-long line from the backup cycle (%d bytes)", len(buffer))
+            buffer.clear()
+
+    def _lines(self, cycle: _Cycle, stream: str, buffer: bytearray, *, final: bool = False) -> None:
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                if not final or not buffer:
+                    return
+                end = len(buffer)
+            raw = bytes(buffer[:end])
+            del buffer[: end + 1]
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            if stream == "stdout":
+                self._on_stdout(cycle, line)
+            else:
+                self._on_stderr(cycle, line)
+
+    def _close_pipe(self, cycle: _Cycle, stream: str) -> None:
+        """Stop reading one pipe: handle a last unterminated line, close our end."""
+        fd = cycle.stdout_fd if stream == "stdout" else cycle.stderr_fd
+        if fd < 0:
+            return
+        if stream == "stdout":
+            cycle.stdout_fd = -1
+        else:
+            cycle.stderr_fd = -1
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+        self._lines(cycle, stream, cycle.stdout_buffer if stream == "stdout" else cycle.stderr_buffer, final=True)
+        process = cycle.process
+        if process is not None:
+            pipe = process.stdout if stream == "stdout" else process.stderr
+            if pipe is not None:
+                pipe.close()
+
+    def _on_stderr(self, cycle: _Cycle, line: str) -> None:
+        if not line.strip():
+            return
+        log.info("cycle: %s", line)
+        cycle.stderr_tail.append(line)
+        del cycle.stderr_tail[:-_STDERR_TAIL]
+
+    def _on_stdout(self, cycle: _Cycle, line: str) -> None:
+        if not line.strip():
+            return
+        try:
+            event = events.decode(line)
+        except ValueError:
+            log.warning("the backup cycle wrote a line that is not an event: %.200s", line)
+            return
+        kind = event["event"]
+        if kind == "step":
+            step = event.get("step")
+            self._status.step = step if isinstance(step, str) else None
+            self._refresh()
+        elif kind == "progress":
+            progress = {key: event.get(key) for key in _PROGRESS_FIELDS}
+            progress["elapsed"] = round(time.monotonic() - cycle.started_monotonic, 3)
+            self._status.progress = progress
+            self._tell("progress", event)
+        elif kind == "warning":
+            log.warning("backup of %s: %s", cycle.disk, event.get("message"))
+        elif kind == "complete":
+            cycle.complete = event
+            if not event.get("skipped"):
+                self._tell("backup_completed", event)
+        elif kind == "error":
+            cycle.error = event
+            step = event.get("step")
+            message = str(event.get("message") or "the backup failed")
+            self._tell("backup_failed", step if isinstance(step, str) else None, message)
+
+    def _exited(self, cycle: _Cycle) -> None:
+        """The cycle's process ended: read what it left in the pipes, then conclude."""
+        if cycle.finished or cycle is not self._cycle:
+            return
+        process = cycle.process
+        assert process is not None
+        if process.poll() is None:
+            return  # not yet (a spurious wake-up)
+        # Everything it wrote is in the pipes now; a child of it (a hook's
+        # background job) may keep them open, so read to "nothing more now",
+        # not to end-of-file.
+        for stream in ("stdout", "stderr"):
+            self._read(cycle, stream)
+            self._close_pipe(cycle, stream)
+        self._finish(cycle, process.returncode, None)
+
+    def _detach(self, cycle: _Cycle) -> None:
+        """Stop reading the cycle (it keeps running if it still runs)."""
+        for stream in ("stdout", "stderr"):
+            self._close_pipe(cycle, stream)
+        if cycle.pidfd >= 0:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(cycle.pidfd)
+            os.close(cycle.pidfd)
+            cycle.pidfd = -1
+
+    def _finish(self, cycle: _Cycle, returncode: int | None, failure: str | None) -> None:
+        """Conclude a cycle: the schedule, the record, the state file, listeners, the next decision."""
+        cycle.finished = True
+        self._last_returncode = returncode
+        self._detach(cycle)
+        self._release_inhibitor(cycle)
+        self._cycle = None
+        name = cycle.disk
+        now = self._clock()
+        complete, error = cycle.complete, cycle.error
+        record = self._records[name]
+        busy = (
+            returncode == EXIT_BUSY
+            and error is not None
+            and error.get("step") == "lock"
+        )
+        if busy:
+            self._look_for_foreign()
+        if busy and self._foreign is not None:
+            # Someone else's cycle took the machine lock first: not a failure
+            # of this disk; wait for that cycle, then decide again.
+            log.info("the backup of %s did not start: %s", name, error.get("message") if error else "busy")
+            self._states[name] = dataclasses.replace(self._states[name], running=False)
+            if cycle.reason == "asked":
+                self._pending[name] = "asked"
+            elif cycle.reason.startswith("plugged in"):
+                self._pending[name] = "plugged"
+            self._status.step = None
+            self._status.progress = {}
+            self._refresh()
+            return
+        success = (
+            complete is not None
+            and not complete.get("skipped")
+            and returncode in (EXIT_OK, EXIT_PARTIAL)
+        )
+        if success:
+            assert complete is not None
+            snapshot = complete.get("snapshot")
+            # The snapshot is named after the cycle's start: the moment the
+            # agent started it, on the agent's own clock.
+            taken = cycle.started
+            partial = returncode == EXIT_PARTIAL or bool(complete.get("partial"))
+            result: Result = "partial" if partial else "success"
+            message = f"snapshot {snapshot}" + (" (partial: some files could not be read)" if partial else "")
+            self._states[name] = schedule.on_finished(self._states[name], now, True, snapshot_time=taken)
+            record = DiskRecord(
+                last_success=taken,
+                last_result=result,
+                last_message=message,
+                last_snapshot=snapshot if isinstance(snapshot, str) else record.last_snapshot,
+            )
+            log.info("backup of %s done: %s", name, message)
+        else:
+            if error is not None:
+                message = str(error.get("message") or "the backup failed")
+            elif failure is not None:
+                message = failure
+            elif complete is not None and complete.get("skipped"):
+                message = f"nothing done: {complete.get('skipped')}"
+            else:
+                assert returncode is not None
+                message = f"the backup cycle {_exit_description(returncode)}"
+                if cycle.stderr_tail:
+                    message += f": {cycle.stderr_tail[-1]}"
+            if error is None:
+                self._tell("backup_failed", self._status.step, message)
+            self._states[name] = schedule.on_finished(self._states[name], now, False)
+            state = self._states[name]
+            record = dataclasses.replace(
+                record,
+                last_failure=state.last_failure,
+                failures=state.failures,
+                last_result="failure",
+                last_message=message,
+            )
+            log.warning("backup of %s failed: %s", name, message)
+        self._records[name] = record
+        self._status.step = None
+        self._status.progress = {}
+        self._status.disk = name
+        self._refresh()
+        self._save()
+        self._reevaluate()
+
+    def _release_inhibitor(self, cycle: _Cycle) -> None:
+        held, cycle.inhibitor = cycle.inhibitor, None
+        if held is None:
+            return
+        try:
+            if isinstance(held, int) and not isinstance(held, bool):
+                os.close(held)
+                return
+            close = getattr(held, "close", None)
+            if callable(close):
+                outcome = close()
+                if inspect.isawaitable(outcome) and self._loop is not None and not self._loop.is_closed():
+                    self._loop.create_task(_await(outcome))
+        except Exception:
+            log.exception("releasing the sleep inhibitor failed")
+
+    def _save(self) -> None:
+        try:
+            save_state(self._options.state_file, {**self._other_records, **self._records}, self._status)
+        except OSError as exc:
+            log.warning("could not save the agent's state to %s: %s", self._options.state_file, exc)
+
+    # -- status and listeners ---------------------------------------------------------------------
+
+    def _refresh(self, *, publish: bool = True) -> None:
+        """Recompute the derived fields; tell listeners (and systemd) when anything but progress changed."""
+        status = self._status
+        attached = self.attached()
+        running = self._cycle is not None or self._foreign is not None
+        if self._cycle is not None:
+            status.cycle_pid = self.cycle_pid
+        elif self._foreign is not None:
+            status.cycle_pid = self._foreign.pid
+        else:
+            status.cycle_pid = None
+        if status.disk is None and attached:
+            status.disk = attached[0]
+        record = self._records.get(status.disk) if status.disk is not None else None
+        if record is not None:
+            status.last_success = record.last_success
+            status.last_result = record.last_result
+            status.last_message = record.last_message
+        dues = [d.next_due for n in attached if (d := self._decisions.get(n)) is not None and d.next_due is not None]
+        status.next_due = min(dues) if dues else None
+        if not running:
+            status.step = None
+            status.progress = {}
+        if running:
+            status.state = "running"
+        elif status.last_result == "failure":
+            status.state = "failed"
+        elif attached:
+            status.state = "disk-attached"
+        else:
+            status.state = "idle"
+        if not publish:
+            return
+        comparable = dataclasses.replace(status, progress={})
+        if comparable == self._published:
+            return
+        self._published = comparable
+        self._tell("status_changed", self._copy(status))
+        self._notify_status()
+
+    def _notify_status(self) -> None:
+        text = self._status_line()
+        if text != self._last_notified:
+            self._last_notified = text
+            self._notifier.send(f"STATUS={text}")
+
+    def _status_line(self) -> str:
+        status = self._status
+        if status.state == "running":
+            if self._foreign is not None and self._cycle is None:
+                return f"a backup started elsewhere is running ({self._foreign.description})"
+            return f"backing up to {status.disk}" + (f": {status.step}" if status.step else "")
+        if status.state == "failed":
+            return f"the last backup failed: {status.last_message}"
+        if status.state == "disk-attached":
+            due = status.next_due
+            when = dt.datetime.fromtimestamp(due).strftime("%H:%M") if due is not None else "?"
+            return f"{status.disk} attached; next backup at {when}"
+        return "waiting for a backup disk"
+
+    @staticmethod
+    def _copy(status: AgentStatus) -> AgentStatus:
+        return dataclasses.replace(status, progress=dict(status.progress))
+
+    def _tell(self, method: str, *args: Any) -> None:
+        for listener in list(self._listeners):
+            try:
+                getattr(listener, method)(*args)
+            except Exception:
+                log.exception("listener %r failed in %s", listener, method)
+
+
+async def _await(awaitable: Awaitable[Any]) -> None:
+    try:
+        await awaitable
+    except Exception:
+        log.exception("releasing the sleep inhibitor failed")
+
+
+# -- backup-agent run --------------------------------------------------------------------------------
+
+
+def _this_executable(argv0: str) -> str:
+    """The absolute path of this backup-agent executable (what the sudo rule names)."""
+    name = os.path.basename(argv0)
+    if argv0 and name not in ("cli.py", "__main__.py", "-c", "-m") and not name.endswith(".py"):
+        return os.path.abspath(argv0)
+    found = shutil.which("backup-agent")
+    if found is None:
+        raise UsageError(
+            "cannot tell which backup-agent executable the sudo rule allows: run the installed backup-agent, "
+            "or pass --no-sudo"
+        )
+    return os.path.abspath(found)
+
+
+def cycle_argv_for(*, config: str | None, no_sudo: bool, argv0: str) -> tuple[str, ...]:
+    """How ``backup-agent run`` starts the cycle (pure but for the executable lookup).
+
+    Through sudo (a user's agent): ``sudo -n EXECUTABLE backup --json``, the
+    form the sudoers rule allows; the cycle reads only the system config.
+    Without sudo (``--no-sudo``, or the agent runs as root): this Python
+    runs ``-m agent.cli backup --json`` with the agent's own ``--config``.
+    """
+    if no_sudo or os.geteuid() == 0:
+        argv: tuple[str, ...] = (sys.executable, "-m", "agent.cli", "backup", "--json")
+        if os.geteuid() != 0:
+            argv += ("--no-sudo",)
+        if config is not None:
+            argv += ("--config", os.path.abspath(config))
+        return argv
+    return (shutil.which("sudo") or "/usr/bin/sudo", "-n", _this_executable(argv0), "backup", "--json")
+
+
+def main(*, config: str | None, no_sudo: bool, argv0: str) -> int:
+    """``backup-agent run``: the agent until SIGTERM or SIGINT."""
+    from .config import SYSTEM_CONFIG, load_settings
+
+    settings = load_settings(config, through_sudo=False)
+    argv = cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0)
+    if _through_sudo(argv) and config is not None and os.path.abspath(config) != SYSTEM_CONFIG:
+        log.warning(
+            "--config %s tells the agent which disks to watch; the cycle, through sudo, reads only %s",
+            config,
+            SYSTEM_CONFIG,
+        )
+    async def serve() -> None:
+        # dbus_fast is imported here, not at the top: the cycle (which runs
+        # as root through sudo) never loads it.
+        from .dbus import control, logind
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        system = await logind.system_bus()
+
+        async def inhibit() -> object | None:
+            return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
+
+        agent = Agent(settings, AgentOptions(cycle_argv=argv, inhibit=inhibit if system is not None else None))
+        service = await control.serve(agent)
+        if service is not None:
+            agent.add_listener(service.listener)
+        sleep_watch = await logind.watch_sleep(system, agent.on_resumed)
+        try:
+            await agent.run(stop)
+        finally:
+            if sleep_watch is not None:
+                sleep_watch.close()
+            if service is not None:
+                service.close()
+            if system is not None:
+                system.disconnect()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    asyncio.run(serve())
+    return EXIT_OK
+
+
+__all__ = [
+    "Agent",
+    "AgentOptions",
+    "DiskRecord",
+    "Notifier",
+    "ROOT_CYCLE_LOCK",
+    "cycle_argv_for",
+    "cycle_lock_path",
+    "default_state_file",
+    "load_state",
+    "main",
+    "save_state",
+    "watchdog_interval",
+]
