@@ -118,6 +118,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         ),
         "notifications": ("enabled",),
         "system": ("state_dir", "crypttab", "fstab"),
+        "agent": ("interval", "on_plug"),
     }
 )
 # Arrays of tables ([[disk]], [[hooks]]): each element has these keys.
@@ -255,6 +256,8 @@ class Settings:
     disks: tuple[Disk, ...] = ()
     hooks: tuple[Hook, ...] = ()
     keep_free: KeepFree | None = None
+    interval: int = 3600  # [agent]: seconds between backups while the disk stays attached
+    on_plug: str = "if-due"  # [agent]: "if-due" or "always"
     state_dir: str = "/var/lib/backup-agent"  # where init records each disk's repository id
     crypttab: str = "/etc/crypttab"
     fstab: str = "/etc/fstab"
@@ -584,6 +587,31 @@ def _commands(file: str, data: Mapping[str, Any]) -> Commands:
         for key, value in data.items()
     }
     return Commands(**paths)
+
+
+ON_PLUG_CHOICES: Final = ("if-due", "always")
+MIN_INTERVAL: Final = 60
+
+
+def _agent(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The [agent] table: when the desktop agent backs up."""
+    _check_keys(file, "agent", data)
+    out: dict[str, Any] = {}
+    if "interval" in data:
+        seconds = _duration(file, "agent.interval", data["interval"])
+        if seconds < MIN_INTERVAL:
+            _fail(
+                file,
+                "agent.interval",
+                f"got {_show(data['interval'])}; expected at least \"1m\" (a backup every {seconds} s never rests)",
+            )
+        out["interval"] = seconds
+    if "on_plug" in data:
+        value = data["on_plug"]
+        if value not in ON_PLUG_CHOICES:
+            _fail(file, "agent.on_plug", f"got {_show(value)}; expected \"if-due\" or \"always\"")
+        out["on_plug"] = value
+    return out
 
 
 def _notifications(file: str, data: Mapping[str, Any]) -> bool:
@@ -1044,6 +1072,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields["notifications"] = _notifications(path, data["notifications"])
     if "system" in data:
         fields.update(_system(path, data["system"]))
+    if "agent" in data:
+        fields.update(_agent(path, data["agent"]))
     if "disk" in data:
         fields["disks"] = _disks(path, data["disk"], socket.gethostname() if hostname is None else hostname)
     if "hooks" in data:

@@ -1084,7 +1084,9 @@ def main(*, config: str | None, no_sudo: bool, argv0: str) -> int:
         async def inhibit() -> object | None:
             return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
 
-        agent = Agent(settings, AgentOptions(cycle_argv=argv, inhibit=inhibit if system is not None else None))
+        policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)
+        options = AgentOptions(cycle_argv=argv, policy=policy, inhibit=inhibit if system is not None else None)
+        agent = Agent(settings, options)
         service = await control.serve(agent)
         if service is not None:
             agent.add_listener(service.listener)

@@ -48,7 +48,7 @@ FILE = "/etc/backup-agent/config.toml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.toml"
 IS_ROOT = os.geteuid() == 0
 
-TABLES = "[backup], [rotation], [commands], [notifications], [system], [[disk]], [[hooks]]"
+TABLES = "[backup], [rotation], [commands], [notifications], [system], [agent], [[disk]], [[hooks]]"
 BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout"
 COUNT = 'expected a whole number of 0 or more, or "always"'
 DURATION = (
@@ -2144,3 +2144,31 @@ def test_running_through_sudo(monkeypatch: pytest.MonkeyPatch, euid: int, sudo_u
     else:
         monkeypatch.setenv("SUDO_UID", sudo_uid)
     assert running_through_sudo() is expected
+
+
+# -- [agent] ----------------------------------------------------------------------
+
+
+def test_agent_defaults_and_values() -> None:
+    assert (Settings(path=None).interval, Settings(path=None).on_plug) == (3600, "if-due")
+    settings = settings_from_mapping({"agent": {"interval": "30m", "on_plug": "always"}}, "/c.toml")
+    assert (settings.interval, settings.on_plug) == (1800, "always")
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "problem"),
+    [
+        ({"interval": "30s"}, "agent.interval", 'got "30s"; expected at least "1m"'),
+        ({"interval": 3600}, "agent.interval", "expected a duration string"),
+        ({"interval": "1 hour"}, "agent.interval", "expected a duration string"),
+        ({"on_plug": "sometimes"}, "agent.on_plug", 'got "sometimes"; expected "if-due" or "always"'),
+        ({"on_plug": True}, "agent.on_plug", 'expected "if-due" or "always"'),
+        ({"interva": "1h"}, "agent.interva", "interval"),
+    ],
+)
+def test_agent_errors_name_the_key(table: dict[str, object], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"agent": table}, "/c.toml")
+    assert caught.value.key == key
+    assert problem in str(caught.value)
+    assert str(caught.value).startswith(f"/c.toml: {key}: ")
