@@ -112,14 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     install = sub.add_parser(
         "install",
         parents=[loud],
-        help="put the sudo rule for the desktop agent in place (run it with sudo)",
+        help="put the sudo rule, the udev rule and the user unit in place (run it with sudo)",
         description=(
             f"Write {installer.DROP_IN}: USER may run this backup-agent as root, without a password, only as "
-            "`backup --json` and `backup --json --disk NAME` for each configured disk."
+            "`backup --json` and `backup --json --disk NAME` for each configured disk; "
+            f"{installer.RULES_FILE}: marks each configured disk and hides it from desktop automounters; "
+            f"{installer.UNIT_FILE}: the user unit that runs `backup-agent run` in the graphical session."
         ),
     )
     install.add_argument("--user", metavar="USER", help="the desktop user (default: the user who ran sudo)")
-    install.add_argument("-n", "--dry-run", action="store_true", help="show the rule and check it with visudo; write nothing")
+    install.add_argument(
+        "-n", "--dry-run", action="store_true", help="show the three files (the sudo rule checked with visudo); write nothing"
+    )
     uninstall = sub.add_parser("uninstall", parents=[loud], help="remove what install wrote (run it with sudo)")
     uninstall.add_argument("-n", "--dry-run", action="store_true", help="say what would be removed")
 

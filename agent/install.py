@@ -1,4 +1,17 @@
-"""``backup-agent install`` / ``uninstall``: the one sudo rule the desktop agent reaches root through.
+"""``backup-agent install`` / ``uninstall``: the sudo rule, the udev rule and the user unit.
+
+``install`` puts three files in place, each atomically, each starting with
+its own marker line, and never over a file it did not write:
+
+* ``/etc/sudoers.d/backup-agent`` (0440): the one sudo rule the desktop agent
+  reaches root through (below);
+* ``/etc/udev/rules.d/70-backup-agent.rules`` (0644): marks each configured
+  disk (``BACKUP_AGENT_DISK``) and hides it from desktop automounters
+  (``UDISKS_IGNORE``), never ``RUN+=`` (:func:`udev_rules`);
+* ``/etc/systemd/user/backup-agent.service`` (0644): the user unit that runs
+  ``backup-agent run`` in every user's graphical session (:func:`user_unit`).
+
+``uninstall`` removes those of the three that carry our marker.
 
 The desktop agent runs as the user and starts the root backup cycle with
 ``sudo -n backup-agent backup --json [--disk NAME]``. The drop-in written
@@ -31,7 +44,7 @@ from dataclasses import dataclass
 from typing import Final, Iterable, Sequence, TextIO
 
 from .commands import SAFE_PATH, Runner
-from .config import DISK_NAME_RE, SYSTEM_CONFIG, load_settings, running_through_sudo, untrusted_program
+from .config import DISK_NAME_RE, SYSTEM_CONFIG, Disk, load_settings, running_through_sudo, untrusted_program
 from .errors import CommandError, NotAvailableError, UsageError
 
 log = logging.getLogger(__name__)
@@ -59,6 +72,15 @@ _ROOT_ONLY: Final = (
     'user runs; install system-wide as the README shows ("Install for real"), then run sudo backup-agent install'
 )
 _PROBE: Final = ".backup-agent-trust-probe"
+
+RULES_FILE: Final = "/etc/udev/rules.d/70-backup-agent.rules"
+RULES_MODE: Final = 0o644
+RULES_MARKER: Final = "# backup-agent udev rule: written by `backup-agent install`, removed by `backup-agent uninstall`"
+UNIT_FILE: Final = "/etc/systemd/user/backup-agent.service"
+UNIT_MODE: Final = 0o644
+UNIT_MARKER: Final = "# backup-agent user unit: written by `backup-agent install`, removed by `backup-agent uninstall`"
+UDEVADM: Final = "udevadm"
+_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
 
 
 def agent_argvs(disk_names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
@@ -116,6 +138,83 @@ def _check_executable(executable: str) -> None:
             )
     if problem is not None:
         raise UsageError(f"executable path {executable!r} cannot go in a sudo rule as it is: {problem}")
+
+
+# -- the udev rule and the user unit (pure) ---------------------------------------
+
+_UDEV_HEAD: Final = """\
+# Marks each configured backup disk and keeps desktop automounters away from it.
+# The LUKS partition, recognised by its UUID, gets BACKUP_AGENT_DISK=<disk name> and
+# UDISKS_IGNORE=1 (so GNOME or KDE show no passphrase dialog); the unlocked device
+# /dev/mapper/<name> gets UDISKS_IGNORE=1 too. Nothing is run from here (no RUN+=):
+# the desktop agent (backup-agent run) watches udev and starts the backup itself.
+"""
+
+
+def udev_rules(disks: Sequence[Disk]) -> str:
+    """The rules file's text: one line per configured disk, one per unlocked device (pure).
+
+    Raises :class:`UsageError` for a disk name or LUKS UUID that cannot go in
+    a udev rule as it is (both are checked by the config already).
+    """
+    lines = [RULES_MARKER, _UDEV_HEAD.rstrip("\n"), 'SUBSYSTEM!="block", GOTO="backup_agent_end"']
+    for disk in disks:
+        name, uuid = disk.name, disk.luks_uuid
+        if not isinstance(name, str) or not DISK_NAME_RE.fullmatch(name):
+            raise UsageError(f"disk name {name!r} cannot go in a udev rule as it is")
+        if not isinstance(uuid, str) or not _UUID_RE.fullmatch(uuid):
+            raise UsageError(f"LUKS UUID {uuid!r} of disk {name} cannot go in a udev rule as it is")
+        # udev compares case-sensitively: accept the header's UUID in either case.
+        forms = "|".join(dict.fromkeys((uuid.lower(), uuid.upper())))
+        lines.append(f"# disk {name}")
+        lines.append(
+            f'ENV{{ID_FS_TYPE}}=="crypto_LUKS", ENV{{ID_FS_UUID}}=="{forms}", '
+            f'ENV{{BACKUP_AGENT_DISK}}="{name}", ENV{{UDISKS_IGNORE}}="1"'
+        )
+        if disk.mapped_device == f"/dev/mapper/{name}":
+            lines.append(f'ENV{{DM_NAME}}=="{name}", ENV{{UDISKS_IGNORE}}="1"')
+    lines += ['LABEL="backup_agent_end"', ""]
+    return "\n".join(lines)
+
+
+_UNIT: Final = """\
+# The desktop agent: backs up the configured disk when it is plugged in, and
+# every interval while it stays attached. Installed in /etc/systemd/user for
+# every user; ExecStart names the backup-agent command that ran install.
+# Enable it for every user with: sudo systemctl --global enable backup-agent.service
+# (or for yourself: systemctl --user enable --now backup-agent.service).
+
+[Unit]
+Description=backup-agent: back up when the backup disk is plugged in, and hourly
+PartOf=graphical-session.target
+After=graphical-session.target
+
+[Service]
+# Ready (READY=1) once the udev monitor runs; STATUS= lines say what it does.
+Type=notify
+NotifyAccess=main
+ExecStart={executable} run
+Restart=on-failure
+RestartSec=10
+# The agent pings (WATCHDOG=1) from its event loop every half of this.
+WatchdogSec=60
+# Stopping or restarting the agent stops only the agent: a running backup
+# cycle (sudo backup-agent backup) finishes on its own, and the restarted
+# agent finds it through the lock and shows it.
+KillMode=process
+SyslogIdentifier=backup-agent
+
+[Install]
+# Desktops that start graphical-session.target (GNOME, KDE Plasma) start it with
+# the session; elsewhere, use WantedBy=default.target in a copy of this unit.
+WantedBy=graphical-session.target
+"""
+
+
+def user_unit(executable: str) -> str:
+    """The user unit's text, running ``executable run`` (pure; same path checks as the sudo rule)."""
+    _check_executable(executable)
+    return UNIT_MARKER + "\n" + _UNIT.replace("{executable}", executable)
 
 
 # -- what the rule would hand root to -------------------------------------------
@@ -213,16 +312,16 @@ def _check_user(user: str) -> None:
         raise UsageError(f"--user {user}: that is root, which needs no sudo rule; give the desktop user")
 
 
-def _is_ours(path: str) -> bool:
-    """True when ``path`` is a regular file whose first line is our marker (OSError if it cannot be read)."""
+def _is_ours(path: str, marker: str = MARKER) -> bool:
+    """True when ``path`` is a regular file whose first line is ``marker`` (OSError if it cannot be read)."""
     if not stat.S_ISREG(os.lstat(path).st_mode):
         return False
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as stream:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False
-        first = stream.readline(len(MARKER) + 2)
-    return first.rstrip(b"\n") == MARKER.encode()
+        first = stream.readline(len(marker) + 2)
+    return first.rstrip(b"\n") == marker.encode()
 
 
 def check_with_visudo(path: str, runner: Runner) -> None:
@@ -265,22 +364,27 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def _write_checked(text: str, target: str, runner: Runner) -> None:
-    """Write ``target`` (0440 root:root) atomically, after visudo accepted the very file renamed into place.
+def _write_checked(text: str, target: str, runner: Runner | None, mode: int = DROP_IN_MODE) -> None:
+    """Write ``target`` (``mode``, root:root) atomically; with a ``runner``, after visudo accepted the very file.
 
-    The temporary file is made beside the target with a name containing a
-    ".", which sudo skips in an includedir, so a half-written rule is never read.
+    The temporary file is made beside the target with a name that starts
+    with "." and ends in ".new": sudo skips it in an includedir (it contains
+    a "."), udev reads only ``*.rules`` and systemd only unit suffixes, so a
+    half-written file is never read.
     """
     directory = os.path.dirname(target)
+    if runner is None:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=".backup-agent.", suffix=".new", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
             os.fchown(stream.fileno(), 0, 0)
-            os.fchmod(stream.fileno(), DROP_IN_MODE)
+            os.fchmod(stream.fileno(), mode)
             os.fsync(stream.fileno())
-        check_with_visudo(temporary, runner)
+        if runner is not None:
+            check_with_visudo(temporary, runner)
         os.rename(temporary, target)
     except BaseException:
         try:
@@ -302,20 +406,54 @@ def _check_temporary(text: str, runner: Runner) -> None:
         os.unlink(temporary)
 
 
+@dataclass(frozen=True)
+class _File:
+    what: str
+    path: str
+    marker: str
+    mode: int
+
+
+def _files(drop_in: str, rules: str, unit: str) -> tuple[_File, _File, _File]:
+    return (
+        _File("the sudo rule", drop_in, MARKER, DROP_IN_MODE),
+        _File("the udev rule", rules, RULES_MARKER, RULES_MODE),
+        _File("the user unit", unit, UNIT_MARKER, UNIT_MODE),
+    )
+
+
+def _reload_udev(runner: Runner) -> None:
+    """``udevadm control --reload``; a missing udevadm or a udevd that does not answer is only a warning."""
+    try:
+        result = runner.run((UDEVADM, "control", "--reload"), step="install", check=False, timeout=30)
+    except CommandError as error:
+        log.warning("could not reload the udev rules (%s): they apply after a reboot or udevadm control --reload", error)
+        return
+    if result.returncode != 0:
+        detail = "; ".join(result.stderr_tail) or result.meaning
+        log.warning("udevadm control --reload failed (%s): the rules apply after a reboot or a reload", detail)
+
+
 def install(
     *,
     user: str | None,
     dry_run: bool,
     argv0: str,
     drop_in: str = DROP_IN,
+    rules: str = RULES_FILE,
+    unit: str = UNIT_FILE,
     out: TextIO | None = None,
     runner: Runner | None = None,
 ) -> int:
-    """Put the sudo rule for ``user`` in place (or, ``dry_run``, show it and check it with visudo)."""
+    """Put the sudo rule for ``user``, the udev rule and the user unit in place (``dry_run``: show them)."""
     out = out if out is not None else sys.stdout
     runner = runner if runner is not None else Runner()
+    files = _files(drop_in, rules, unit)
     if not dry_run and os.geteuid() != 0:
-        raise UsageError(f"install writes {drop_in} and needs root: run it with sudo (or see it first with --dry-run)")
+        raise UsageError(
+            f"install writes {', '.join(f.path for f in files)} and needs root: run it with sudo "
+            "(or see it first with --dry-run)"
+        )
     program = console_script(argv0)
     problem = trust_problem(program, python=sys.executable, search_path=sys.path, code=_package_files())
     if problem is not None:
@@ -325,57 +463,125 @@ def install(
     _check_user(name)
     settings = load_settings(None, through_sudo=True)  # the file the cycle will read through sudo
     disk_names = [disk.name for disk in settings.disks]
-    text = sudoers_rule(name, program.executable, disk_names)
-    if os.path.lexists(drop_in):
+    texts = (
+        sudoers_rule(name, program.executable, disk_names),
+        udev_rules(settings.disks),
+        user_unit(program.executable),
+    )
+    for file in files:
+        if not os.path.lexists(file.path):
+            continue
         try:
-            ours = _is_ours(drop_in)
+            ours = _is_ours(file.path, file.marker)
         except OSError as error:
-            raise UsageError(f"cannot read the existing {drop_in} ({error.strerror}): run it with sudo") from None
+            raise UsageError(f"cannot read the existing {file.path} ({error.strerror}): run it with sudo") from None
         if not ours:
             raise UsageError(
-                f"{drop_in} exists and was not written by backup-agent install (its first line is not our marker): "
+                f"{file.path} exists and was not written by backup-agent install (its first line is not our marker): "
                 "nothing was written; move it away or merge it by hand"
             )
     if not disk_names:
         log.warning(
-            "no [[disk]] is configured in %s: the rule allows only `backup --json`; "
+            "no [[disk]] is configured in %s: the rule allows only `backup --json` and the udev rule marks no disk; "
             "run install again after adding a disk",
             settings.path or SYSTEM_CONFIG,
         )
     if _includes_drop_ins(os.path.dirname(drop_in)) is False:
         log.warning("%s has no @includedir %s line: sudo will not read this rule", SUDOERS, os.path.dirname(drop_in))
     if dry_run:
-        _check_temporary(text, runner)
-        out.write(f"would write {drop_in} (mode 0440, owner root:root), which visudo -csf accepts:\n")
-        out.write(text)
+        _check_temporary(texts[0], runner)
+        notes = (", which visudo -csf accepts", f", then run {UDEVADM} control --reload", "")
+        for file, text, note in zip(files, texts, notes):
+            out.write(f"would write {file.path} (mode {file.mode:04o}, owner root:root){note}:\n")
+            out.write(text)
         return 0
-    _write_checked(text, drop_in, runner)
+    _write_checked(texts[0], drop_in, runner)
     forms = "; ".join(f"{program.executable} {' '.join(argv)}" for argv in agent_argvs(disk_names))
     out.write(f"wrote {drop_in}: {name} may now run as root, without a password, only: {forms}\n")
+    _write_checked(texts[1], rules, None, RULES_MODE)
+    _reload_udev(runner)
+    marked = ", ".join(disk_names) or "no disk"
+    out.write(f"wrote {rules}: udev marks {marked} and tells desktop automounters to leave it alone\n")
+    _write_checked(texts[2], unit, None, UNIT_MODE)
+    out.write(
+        f"wrote {unit}: the desktop agent for every user; enable it with "
+        "sudo systemctl --global enable backup-agent.service (all users) or "
+        "systemctl --user daemon-reload && systemctl --user enable --now backup-agent.service (one user)\n"
+    )
     return 0
 
 
-def uninstall(*, dry_run: bool, drop_in: str = DROP_IN, out: TextIO | None = None) -> int:
-    """Remove the drop-in install wrote, and nothing else."""
+def uninstall(
+    *,
+    dry_run: bool,
+    drop_in: str = DROP_IN,
+    rules: str = RULES_FILE,
+    unit: str = UNIT_FILE,
+    out: TextIO | None = None,
+    runner: Runner | None = None,
+) -> int:
+    """Remove the files install wrote (those starting with our marker), and nothing else.
+
+    A file of one of those names that install did not write is left in
+    place; the others are still removed, then :class:`UsageError` names it.
+    """
     out = out if out is not None else sys.stdout
+    runner = runner if runner is not None else Runner()
+    files = _files(drop_in, rules, unit)
     if not dry_run and os.geteuid() != 0:
-        raise UsageError(f"uninstall removes {drop_in} and needs root: run it with sudo")
-    if not os.path.lexists(drop_in):
-        out.write(f"nothing to remove: {drop_in} does not exist\n")
-        return 0
-    try:
-        ours = _is_ours(drop_in)
-    except OSError as error:
-        raise UsageError(f"cannot read {drop_in} ({error.strerror}): run it with sudo") from None
-    if not ours:
+        raise UsageError(f"uninstall removes {', '.join(f.path for f in files)} and needs root: run it with sudo")
+    ours: list[_File] = []
+    foreign: list[str] = []
+    for file in files:
+        if not os.path.lexists(file.path):
+            out.write(f"nothing to remove: {file.path} does not exist\n")
+            continue
+        try:
+            mine = _is_ours(file.path, file.marker)
+        except OSError as error:
+            raise UsageError(f"cannot read {file.path} ({error.strerror}): run it with sudo") from None
+        if mine:
+            ours.append(file)
+        else:
+            foreign.append(file.path)
+    for file in ours:
+        if dry_run:
+            out.write(f"would remove {file.path}\n")
+            continue
+        os.unlink(file.path)
+        _fsync_directory(os.path.dirname(file.path))
+        if file.marker == MARKER:
+            out.write(f"removed {file.path}: the desktop agent can no longer start backups through sudo\n")
+        elif file.marker == RULES_MARKER:
+            _reload_udev(runner)
+            out.write(f"removed {file.path}: udev no longer marks the backup disks\n")
+        else:
+            out.write(f"removed {file.path}: running agents stop when their session ends\n")
+            links = _enabled_links(file.path)
+            if links:
+                log.warning(
+                    "%s still enable the removed unit: remove them with sudo systemctl --global disable "
+                    "backup-agent.service (and each user's systemctl --user disable backup-agent.service)",
+                    ", ".join(links),
+                )
+    if foreign:
         raise UsageError(
-            f"{drop_in} was not written by backup-agent install (its first line is not our marker): "
-            "left in place; remove it yourself if it is no longer wanted"
+            f"{', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not written by backup-agent install "
+            "(the first line is not our marker): left in place; remove it yourself if it is no longer wanted"
         )
-    if dry_run:
-        out.write(f"would remove {drop_in}\n")
-        return 0
-    os.unlink(drop_in)
-    _fsync_directory(os.path.dirname(drop_in))
-    out.write(f"removed {drop_in}: the desktop agent can no longer start backups through sudo\n")
     return 0
+
+
+def _enabled_links(unit: str) -> list[str]:
+    """The ``*.wants/`` links beside ``unit`` that name it (``systemctl --global enable`` made them)."""
+    directory, name = os.path.split(unit)
+    found: list[str] = []
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return found
+    for entry in entries:
+        link = os.path.join(directory, entry, name)
+        if entry.endswith(".wants") and os.path.islink(link):
+            found.append(link)
+    return found

@@ -10,6 +10,7 @@ root-owned temporary directory; one round trip uses the real
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pwd
@@ -18,7 +19,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypedDict
 
 import pytest
 
@@ -26,7 +27,22 @@ from agent import install as installer
 from agent.commands import SAFE_PATH, Runner
 from agent.config import untrusted_program
 from agent.errors import EXIT_USAGE, CommandError, UsageError
-from agent.install import MARKER, Program, agent_argvs, console_script, sudoers_rule, trust_problem
+from agent.config import Disk
+from tests import test_udev
+from tests.test_udev import loops, luks_image  # noqa: F401 (fixtures)
+
+from agent.install import (
+    MARKER,
+    RULES_MARKER,
+    UNIT_MARKER,
+    Program,
+    agent_argvs,
+    console_script,
+    sudoers_rule,
+    trust_problem,
+    udev_rules,
+    user_unit,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 EXE = "/usr/local/sbin/backup-agent"
@@ -229,6 +245,21 @@ def run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/", env=environment)
 
 
+def sections(stdout: str) -> dict[str, tuple[str, str]]:
+    """install --dry-run's output: path -> (what its header says after the path, the file's text)."""
+    shown: dict[str, tuple[str, str]] = {}
+    path = ""
+    for line in stdout.splitlines(keepends=True):
+        if line.startswith("would write "):
+            path, _, rest = line[len("would write "):].partition(" ")
+            assert rest.endswith(":\n"), line
+            shown[path] = (rest[:-2], "")
+        else:
+            assert path, f"text before the first header: {line!r}"
+            shown[path] = (shown[path][0], shown[path][1] + line)
+    return shown
+
+
 def some_user() -> str:
     """An existing user other than root whose name sudoers takes as it is."""
     for entry in pwd.getpwall():
@@ -245,15 +276,24 @@ def test_install_dry_run_shows_a_rule_visudo_accepts_and_writes_nothing(
 ) -> None:
     script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     before = sorted(os.listdir("/etc/sudoers.d"))
+    others = [os.path.lexists(path) for path in (installer.RULES_FILE, installer.UNIT_FILE)]
     user = some_user()
     result = run([str(script), "install", "--dry-run", "--user", user])
     assert result.returncode == 0, result.stderr
-    header, _, text = result.stdout.partition("\n")
-    assert header == "would write /etc/sudoers.d/backup-agent (mode 0440, owner root:root), which visudo -csf accepts:"
+    shown = sections(result.stdout)
+    assert [(path, header) for path, (header, _) in shown.items()] == [
+        (installer.DROP_IN, "(mode 0440, owner root:root), which visudo -csf accepts"),
+        (installer.RULES_FILE, "(mode 0644, owner root:root), then run udevadm control --reload"),
+        (installer.UNIT_FILE, "(mode 0644, owner root:root)"),
+    ]
+    text = shown[installer.DROP_IN][1]
     assert text.startswith(MARKER + "\n")
+    assert shown[installer.RULES_FILE][1].startswith(RULES_MARKER + "\n")
+    assert shown[installer.UNIT_FILE][1] == user_unit(str(script))
     assert f"{user} ALL = (root) NOPASSWD: {script} backup --json" in text
     assert visudo_accepts(text, tmp_path).returncode == 0
     assert sorted(os.listdir("/etc/sudoers.d")) == before
+    assert [os.path.lexists(path) for path in (installer.RULES_FILE, installer.UNIT_FILE)] == others
     # Through sudo (SUDO_USER set by sudo), the user who ran sudo is the default.
     through = run([str(script), "install", "-n"], SUDO_UID="4242", SUDO_USER=user)
     assert through.returncode == 0, through.stderr
@@ -307,114 +347,365 @@ def test_install_and_uninstall_refuse_without_root(monkeypatch: pytest.MonkeyPat
         installer.uninstall(dry_run=False, drop_in=str(tmp_path / "backup-agent"))
 
 
-# -- writing and removing the drop-in ---------------------------------------------
+# -- writing and removing the three files ---------------------------------------
 
 
 @pytest.fixture
 def sudoers_dir(trusted_dir: Path) -> Path:
-    directory = trusted_dir / "sudoers.d"
-    directory.mkdir(mode=0o755)
+    directory = trusted_dir / "etc" / "sudoers.d"
+    directory.mkdir(mode=0o755, parents=True)
     return directory
+
+
+class Targets(TypedDict):
+    drop_in: str
+    rules: str
+    unit: str
+
+
+@pytest.fixture
+def targets(sudoers_dir: Path) -> Targets:
+    """install's three paths under a root-owned temporary etc (the udev and systemd directories not made yet)."""
+    etc = sudoers_dir.parent
+    return Targets(
+        drop_in=str(sudoers_dir / "backup-agent"),
+        rules=str(etc / "udev" / "rules.d" / "70-backup-agent.rules"),
+        unit=str(etc / "systemd" / "user" / "backup-agent.service"),
+    )
+
+
+def written(targets: Targets) -> list[str]:
+    """Every file under the temporary etc (relative), temporary files included."""
+    etc = Path(targets["drop_in"]).parent.parent
+    return sorted(str(path.relative_to(etc)) for path in etc.rglob("*") if not path.is_dir())
+
+
+ALL_THREE = ["sudoers.d/backup-agent", "systemd/user/backup-agent.service", "udev/rules.d/70-backup-agent.rules"]
 
 
 @pytest.mark.integration
 @needs_visudo
 @needs_root
-def test_install_writes_0440_root_atomically_and_replaces_only_its_own(
-    trusted_dir: Path, sudoers_dir: Path, trusted_python: str, trusted_agent: str, monkeypatch: pytest.MonkeyPatch
+def test_install_writes_the_three_files_atomically_and_replaces_only_its_own(
+    trusted_dir: Path,
+    targets: Targets,
+    trusted_python: str,
+    trusted_agent: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # In this process the checkout is what Python imports from: the trust
     # check looks at a trusted copy instead (it is tested on its own above).
     monkeypatch.setattr(installer, "trust_problem", trusted_only(trusted_python, trusted_dir))
     script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
-    target = sudoers_dir / "backup-agent"
     out = io.StringIO()
     user = some_user()
-    assert installer.install(user=user, dry_run=False, argv0=str(script), drop_in=str(target), out=out) == 0
-    info = os.lstat(target)
-    assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o440 and (info.st_uid, info.st_gid) == (0, 0)
-    assert target.read_text() == sudoers_rule(user, str(script), [])
-    assert os.listdir(sudoers_dir) == ["backup-agent"]  # no temporary file left
-    assert out.getvalue().startswith(f"wrote {target}: {user} may now run as root")
+    assert installer.install(user=user, dry_run=False, argv0=str(script), out=out, **targets) == 0
+    assert written(targets) == ALL_THREE  # no temporary file left
+    expected = {
+        "drop_in": (sudoers_rule(user, str(script), []), 0o440),
+        "rules": (udev_rules([]), 0o644),
+        "unit": (user_unit(str(script)), 0o644),
+    }
+    paths = {"drop_in": targets["drop_in"], "rules": targets["rules"], "unit": targets["unit"]}
+    for key, (text, mode) in expected.items():
+        info = os.lstat(paths[key])
+        assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == mode, key
+        assert (info.st_uid, info.st_gid) == (0, 0)
+        assert Path(paths[key]).read_text() == text
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith(f"wrote {targets['drop_in']}: {user} may now run as root")
+    assert lines[1].startswith(f"wrote {targets['rules']}: udev marks no disk")
+    assert lines[2].startswith(f"wrote {targets['unit']}: the desktop agent for every user")
     # Run again: ours, so replaced.
-    assert installer.install(user=user, dry_run=False, argv0=str(script), drop_in=str(target), out=io.StringIO()) == 0
-    # Someone else's file of that name is never overwritten.
-    target.unlink()
-    target.write_text("alice ALL = (ALL) ALL\n")
-    with pytest.raises(UsageError, match="was not written by backup-agent install"):
-        installer.install(user=user, dry_run=False, argv0=str(script), drop_in=str(target), out=io.StringIO())
-    assert target.read_text() == "alice ALL = (ALL) ALL\n"
+    assert installer.install(user=user, dry_run=False, argv0=str(script), out=io.StringIO(), **targets) == 0
+    assert written(targets) == ALL_THREE
+    # Someone else's file of any of the three names is never overwritten, and then nothing is written.
+    for key in paths:
+        for other in paths.values():
+            if os.path.lexists(other):
+                os.unlink(other)
+        Path(paths[key]).write_text("foreign\n")
+        with pytest.raises(UsageError, match="was not written by backup-agent install"):
+            installer.install(user=user, dry_run=False, argv0=str(script), out=io.StringIO(), **targets)
+        assert Path(paths[key]).read_text() == "foreign\n"
+        assert [path for path in paths.values() if os.path.lexists(path)] == [paths[key]]
+
+
+@pytest.mark.integration
+@needs_visudo
+@needs_root
+def test_install_dry_run_into_a_root_shows_three_files_and_writes_nothing(
+    trusted_dir: Path, targets: Targets, trusted_python: str, trusted_agent: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(installer, "trust_problem", trusted_only(trusted_python, trusted_dir))
+    script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
+    out = io.StringIO()
+    user = some_user()
+    assert installer.install(user=user, dry_run=True, argv0=str(script), out=out, **targets) == 0
+    assert sections(out.getvalue()) == {
+        targets["drop_in"]: ("(mode 0440, owner root:root), which visudo -csf accepts", sudoers_rule(user, str(script), [])),
+        targets["rules"]: ("(mode 0644, owner root:root), then run udevadm control --reload", udev_rules([])),
+        targets["unit"]: ("(mode 0644, owner root:root)", user_unit(str(script))),
+    }
+    assert written(targets) == []
 
 
 @pytest.mark.integration
 @needs_visudo
 @needs_root
 def test_a_rule_visudo_refuses_is_never_put_in_place(
-    trusted_dir: Path, sudoers_dir: Path, monkeypatch: pytest.MonkeyPatch, trusted_python: str, trusted_agent: str
+    trusted_dir: Path, targets: Targets, monkeypatch: pytest.MonkeyPatch, trusted_python: str, trusted_agent: str
 ) -> None:
     monkeypatch.setattr(installer, "trust_problem", trusted_only(trusted_python, trusted_dir))
     monkeypatch.setattr(installer, "sudoers_rule", lambda *args: MARKER + "\nalice ALL = NOPASSWD\n")
     script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     with pytest.raises(CommandError, match="visudo -csf refused the sudo rule, so nothing was installed"):
-        installer.install(user=some_user(), dry_run=False, argv0=str(script), drop_in=str(sudoers_dir / "backup-agent"))
-    assert os.listdir(sudoers_dir) == []
+        installer.install(user=some_user(), dry_run=False, argv0=str(script), **targets)
+    assert written(targets) == []
 
 
-def test_uninstall_removes_only_our_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uninstall_removes_only_our_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    target = tmp_path / "backup-agent"
+    paths = {key: tmp_path / name for key, name in (("drop_in", "sudo"), ("rules", "rules"), ("unit", "unit"))}
+    targets = Targets(drop_in=str(paths["drop_in"]), rules=str(paths["rules"]), unit=str(paths["unit"]))
+    markers = {"drop_in": MARKER, "rules": RULES_MARKER, "unit": UNIT_MARKER}
     out = io.StringIO()
-    assert installer.uninstall(dry_run=False, drop_in=str(target), out=out) == 0
-    assert out.getvalue() == f"nothing to remove: {target} does not exist\n"
-    for foreign in ("alice ALL = (ALL) ALL\n", "# backup-agent\n" + MARKER + "\n", MARKER + " (edited)\n", ""):
-        target.write_text(foreign)
-        with pytest.raises(UsageError, match="was not written by backup-agent install.*left in place"):
-            installer.uninstall(dry_run=False, drop_in=str(target), out=io.StringIO())
-        assert target.read_text() == foreign
-    target.unlink()
-    ours = tmp_path / "ours"
-    ours.write_text(MARKER + "\nalice ALL = (root) NOPASSWD: /x backup --json\n")
-    target.symlink_to(ours)  # a link to a file of ours is not the file install wrote
-    with pytest.raises(UsageError, match="left in place"):
-        installer.uninstall(dry_run=False, drop_in=str(target), out=io.StringIO())
-    assert target.is_symlink()
-    target.unlink()
-    os.rename(ours, target)
+    assert installer.uninstall(dry_run=False, out=out, **targets) == 0
+    assert out.getvalue() == "".join(f"nothing to remove: {path} does not exist\n" for path in targets.values())
+    for key, target in paths.items():
+        marker = markers[key]
+        others = [m for m in markers.values() if m != marker]
+        for foreign in ("alice ALL = (ALL) ALL\n", "# backup-agent\n" + marker + "\n", marker + " (edited)\n", "",
+                        others[0] + "\n"):
+            target.write_text(foreign)
+            with pytest.raises(UsageError, match="was not written by backup-agent install.*left in place"):
+                installer.uninstall(dry_run=False, out=io.StringIO(), **targets)
+            assert target.read_text() == foreign
+        target.unlink()
+        ours = tmp_path / f"ours-{key}"
+        ours.write_text(marker + "\nsome text\n")
+        target.symlink_to(ours)  # a link to a file of ours is not the file install wrote
+        with pytest.raises(UsageError, match="left in place"):
+            installer.uninstall(dry_run=False, out=io.StringIO(), **targets)
+        assert target.is_symlink()
+        target.unlink()
+    for key, target in paths.items():
+        os.rename(tmp_path / f"ours-{key}", target)
+    # All three ours: dry run names them, then they go.
     out = io.StringIO()
-    assert installer.uninstall(dry_run=True, drop_in=str(target), out=out) == 0
-    assert out.getvalue() == f"would remove {target}\n" and target.exists()
-    assert installer.uninstall(dry_run=False, drop_in=str(target), out=io.StringIO()) == 0
-    assert not target.exists()
+    assert installer.uninstall(dry_run=True, out=out, **targets) == 0
+    assert out.getvalue() == "".join(f"would remove {path}\n" for path in targets.values())
+    assert all(path.exists() for path in paths.values())
+    out = io.StringIO()
+    assert installer.uninstall(dry_run=False, out=out, **targets) == 0
+    assert [line.partition(":")[0] for line in out.getvalue().splitlines()] == [f"removed {p}" for p in targets.values()]
+    assert not any(path.exists() for path in paths.values())
+    # One foreign file: the other two are still removed, and the foreign one is named.
+    paths["rules"].write_text("foreign\n")
+    for key in ("drop_in", "unit"):
+        paths[key].write_text(markers[key] + "\n")
+    with pytest.raises(UsageError, match=f"{paths['rules']} was not written"):
+        installer.uninstall(dry_run=False, out=io.StringIO(), **targets)
+    assert [path.name for path in tmp_path.iterdir()] == ["rules"]
 
 
 @pytest.mark.integration
 @needs_visudo
 @needs_root
-def test_install_and_uninstall_for_real_in_etc_sudoers_d(
+def test_install_and_uninstall_for_real_in_etc(
     trusted_dir: Path, request: pytest.FixtureRequest, trusted_python: str, trusted_agent: str
 ) -> None:
-    if os.path.lexists(installer.DROP_IN):
+    real = (installer.DROP_IN, installer.RULES_FILE, installer.UNIT_FILE)
+    present = [path for path in real if os.path.lexists(path)]
+    if present:
         request.applymarker(pytest.mark.may_skip)
-        pytest.skip(f"{installer.DROP_IN} exists (backup-agent is installed here): left alone")
+        pytest.skip(f"{', '.join(present)} exists (backup-agent is installed here): left alone")
     script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     user = some_user()
     try:
         dry = run([str(script), "install", "-n", "--user", user])
+        assert dry.returncode == 0, dry.stderr
         result = run([str(script), "install", "--user", user])
         assert result.returncode == 0, result.stderr
-        assert Path(installer.DROP_IN).read_text() == dry.stdout.partition("\n")[2]
+        shown = sections(dry.stdout)
+        assert list(shown) == list(real)
+        for path in real:
+            assert Path(path).read_text() == shown[path][1]
         info = os.lstat(installer.DROP_IN)
         assert stat.S_IMODE(info.st_mode) == 0o440 and (info.st_uid, info.st_gid) == (0, 0)
+        assert [stat.S_IMODE(os.lstat(path).st_mode) for path in real[1:]] == [0o644, 0o644]
         assert not [name for name in os.listdir("/etc/sudoers.d") if name.startswith(".backup-agent")]
         whole = subprocess.run([VISUDO or "visudo", "-c"], capture_output=True, text=True, timeout=30)
         assert whole.returncode == 0, whole.stdout + whole.stderr
         listed = subprocess.run(["sudo", "-l", "-U", user], capture_output=True, text=True, timeout=30)
         assert f"(root) NOPASSWD: {script} backup --json" in listed.stdout
         dry_uninstall = run([str(script), "uninstall", "--dry-run"])
-        assert dry_uninstall.stdout == f"would remove {installer.DROP_IN}\n" and os.path.exists(installer.DROP_IN)
+        assert dry_uninstall.stdout == "".join(f"would remove {path}\n" for path in real)
+        assert all(os.path.exists(path) for path in real)
         removed = run([str(script), "uninstall"])
         assert removed.returncode == 0 and removed.stdout.startswith(f"removed {installer.DROP_IN}")
-        assert not os.path.lexists(installer.DROP_IN)
+        assert not any(os.path.lexists(path) for path in real)
     finally:
-        if os.path.lexists(installer.DROP_IN) and installer._is_ours(installer.DROP_IN):
-            os.unlink(installer.DROP_IN)
+        for path, marker in zip(real, (MARKER, RULES_MARKER, UNIT_MARKER)):
+            if os.path.lexists(path) and installer._is_ours(path, marker):
+                os.unlink(path)
+
+
+# -- the udev rule and the user unit ------------------------------------------------
+
+UUID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+
+
+def disk(name: str = "backup1", uuid: str = UUID, mapped: str | None = None) -> Disk:
+    return Disk(
+        name=name,
+        luks_uuid=uuid,
+        mount_point="/mnt/backup",
+        mapped_device=mapped or f"/dev/mapper/{name}",
+        repository="/mnt/backup/host",
+    )
+
+
+def test_the_udev_rule_marks_each_disk_and_hides_it_and_runs_nothing() -> None:
+    text = udev_rules([disk(), disk("usb.2-B_x", UUID.upper().replace("0F1E", "aaaa"), "/dev/mapper/other")])
+    lines = text.splitlines()
+    assert lines[0] == RULES_MARKER
+    assert 'SUBSYSTEM!="block", GOTO="backup_agent_end"' in lines and lines[-1] == 'LABEL="backup_agent_end"'
+    assert (
+        f'ENV{{ID_FS_TYPE}}=="crypto_LUKS", ENV{{ID_FS_UUID}}=="{UUID}|{UUID.upper()}", '
+        'ENV{BACKUP_AGENT_DISK}="backup1", ENV{UDISKS_IGNORE}="1"'
+    ) in lines
+    assert 'ENV{DM_NAME}=="backup1", ENV{UDISKS_IGNORE}="1"' in lines
+    assert any('ENV{BACKUP_AGENT_DISK}="usb.2-B_x"' in line for line in lines)
+    assert not any("DM_NAME" in line and "usb.2-B_x" in line for line in lines)  # its mapped device is another name
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert not any("RUN" in line or "PROGRAM" in line or "IMPORT" in line for line in rules)
+    assert udev_rules([]).count("\n") == len(udev_rules([]).splitlines())
+
+
+@pytest.mark.parametrize(
+    ("name", "uuid"),
+    [('a"b', UUID), ("a b", UUID), ("", UUID), ("ok", 'x", RUN+="/bin/sh'), ("ok", UUID + "0"), ("ok", "")],
+)
+def test_the_udev_rule_refuses_what_it_cannot_quote(name: str, uuid: str) -> None:
+    with pytest.raises(UsageError, match="cannot go in a udev rule"):
+        udev_rules([disk(name, uuid, "/dev/mapper/x")])
+
+
+def test_the_user_unit_runs_the_installed_command_and_survives_its_cycle() -> None:
+    text = user_unit(EXE)
+    assert text.startswith(UNIT_MARKER + "\n")
+    for line in (
+        "Type=notify", "NotifyAccess=main", f"ExecStart={EXE} run", "Restart=on-failure", "WatchdogSec=60",
+        "KillMode=process", "PartOf=graphical-session.target", "After=graphical-session.target",
+        "WantedBy=graphical-session.target",
+    ):
+        assert line in text.splitlines(), line
+    with pytest.raises(UsageError):
+        user_unit("/opt/with space/backup-agent")
+    with pytest.raises(UsageError):
+        user_unit("/opt/100%/backup-agent")  # % is a systemd specifier
+
+
+def test_the_files_in_the_checkout_are_what_install_writes() -> None:
+    unit = (REPO / "systemd-user" / "backup-agent.service").read_text()
+    assert UNIT_MARKER + "\n" + unit == user_unit("/usr/local/sbin/backup-agent")
+    example = (REPO / "udev" / "70-backup-agent.rules").read_text()
+    assert RULES_MARKER + "\n" + example == udev_rules([disk()])
+
+
+def _ini(text: str) -> dict[str, dict[str, str]]:
+    """A systemd unit as sections of keys (each key once, no continuation lines)."""
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            assert line.endswith("]") and line[1:-1] not in sections, line
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, equals, value = line.partition("=")
+        assert current is not None and equals and key.isalnum() and key not in current, line
+        current[key] = value
+    return sections
+
+
+def test_the_user_unit_parses_as_a_unit() -> None:
+    sections = _ini(user_unit(EXE))
+    assert list(sections) == ["Unit", "Service", "Install"]
+    assert sections["Service"]["Type"] == "notify" and sections["Service"]["KillMode"] == "process"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (apt-get install systemd)")
+def test_systemd_analyze_verify_accepts_the_user_unit(tmp_path: Path) -> None:
+    """``systemd-analyze verify --user``, with a private runtime directory (no user manager needed).
+
+    verify exits 0 even for a key it ignores, so any message counts as a failure.
+    """
+    program = tmp_path / "bin" / "backup-agent"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    unit = tmp_path / "units" / "backup-agent.service"
+    unit.parent.mkdir()
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+
+    def verify(text: str) -> subprocess.CompletedProcess[str]:
+        unit.write_text(text)
+        return subprocess.run(
+            ["systemd-analyze", "verify", "--user", str(unit)], capture_output=True, text=True, timeout=60, env=env
+        )
+
+    good = verify(user_unit(str(program)))
+    if "Failed to initialize manager" in good.stderr:
+        pytest.skip(f"systemd-analyze verify --user cannot run here: {good.stderr.strip()}")
+    assert good.returncode == 0 and good.stderr == "", good.stderr
+    bad = verify(user_unit(str(program)).replace("KillMode=process", "KillMode=proces"))
+    assert "kill mode" in bad.stderr  # the check can fail
+
+
+# -- the udev rule on a real device ----------------------------------------------------
+
+
+@pytest.mark.integration
+def test_udev_applies_the_rule_to_a_real_luks_device(luks_image: tuple[Path, str], loops: Any) -> None:
+    """``udevadm test`` on a loop device holding a real LUKS header, with the rule in /run/udev/rules.d.
+
+    The rule goes under a name of its own in /run (not /etc), removed after;
+    ``udevadm test`` runs the rules without applying anything or running RUN.
+    """
+    missing = test_udev._missing_parts()
+    if missing is not None:
+        pytest.skip(missing)
+    image, uuid = luks_image
+    device = loops.attach(image)
+    directory = Path("/run/udev/rules.d")
+    made = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    rule = directory / f"70-backup-agent-test-{os.getpid()}.rules"
+    rule.write_text(udev_rules([disk("bkatest-disk", uuid)]))
+    try:
+        name = os.path.basename(device)
+        result = subprocess.run(
+            ["udevadm", "test", "--action=change", f"/sys/class/block/{name}"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        shown = result.stdout + result.stderr
+        assert f"ID_FS_UUID={uuid}" in shown
+        assert "BACKUP_AGENT_DISK=bkatest-disk" in shown and "UDISKS_IGNORE=1" in shown
+        # Another disk's UUID leaves the device alone.
+        rule.write_text(udev_rules([disk("bkatest-disk", UUID)]))
+        other = subprocess.run(
+            ["udevadm", "test", "--action=change", f"/sys/class/block/{name}"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert "BACKUP_AGENT_DISK" not in other.stdout + other.stderr
+    finally:
+        rule.unlink()
+        if made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
