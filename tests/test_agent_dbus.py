@@ -1,0 +1,119 @@
+"""``backup-agent now``, ``stop`` and ``status`` against a running agent, over a private session bus.
+
+The agent runs as users run it (``backup-agent run --no-sudo --config CFG`` in
+a subprocess) with the real cycle, real udev and loop devices
+(tests/test_daemon.py's bench, whose stand-in rsync can be slowed so there is
+a cycle to stop); the three commands are the real CLI, finding the agent on a
+private session bus the test started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.daemon import DiskRecord, load_state
+from agent.errors import EXIT_DISK_MISSING
+from tests.test_daemon import REPO, StandIn, detach, here, real, settle, until  # noqa: F401  (here: fixture)
+from tests.test_dbus_control import DBUS_DAEMON, private_bus
+from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
+from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
+from tests.test_udev import udevd  # noqa: F401  (fixture)
+
+
+@real
+def test_now_stop_and_status_reach_the_running_agent(bench: Bench, here: None, tmp_path: Path) -> None:
+    if DBUS_DAEMON is None:
+        pytest.skip("dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
+    bench.init()
+    detach(bench.rig.luks_device)
+    settle()
+    rsync = StandIn(bench)
+    state_file = tmp_path / "xdg-state" / "backup-agent" / "state.json"
+    log_path = tmp_path / "agent.log"
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")
+
+    def record() -> DiskRecord | None:
+        return load_state(str(state_file))[0].get(NAME) if state_file.exists() else None
+
+    with private_bus("session") as session:
+        env = {k: v for k, v in os.environ.items() if k not in ("SUDO_UID", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env.update(DBUS_SESSION_BUS_ADDRESS=session.address, XDG_STATE_HOME=str(tmp_path / "xdg-state"))
+        env.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+
+        def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "agent.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=30
+            )
+
+        async def scenario() -> None:
+            with open(log_path, "wb") as log_file:
+                agent = subprocess.Popen(
+                    [sys.executable, "-m", "agent.cli", "run", "--no-sudo", "--config", str(bench.config)],
+                    cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                await until(lambda: "watching for" in log() or agent.poll() is not None, "the agent to start", 10)
+                assert agent.poll() is None, log()
+                await until(lambda: cli("status", "--json").returncode == 0, "the agent on the bus", 10)
+
+                # no disk: "now" says so, with the disk-missing status
+                nothing = cli("now")
+                assert nothing.returncode == EXIT_DISK_MISSING and "no backup disk is attached" in nothing.stdout
+
+                # plugged in: the first backup, by itself
+                bench.rig.attach(bench.rig.luks_image)
+                first = await until(lambda: (r := record()) is not None and r.last_result != "none" and r, "cycle 1")
+                assert first.last_result == "success", (first, log())
+                live = json.loads(cli("status", "--json").stdout)
+                assert live["agent"] == "running"
+                assert live["status"]["disk"] == NAME and live["status"]["last_result"] == "success", live
+
+                # back up now, though it is not due; asked again while it runs: one cycle
+                rsync.tell(mode="slow", delay=20.0)
+                started = cli("now")
+                assert started.returncode == 0 and started.stdout.strip() == "backup started", started
+                await until(lambda: len(rsync.runs()) == 2, "the asked-for transfer to start", 10)
+                again = cli("now")
+                assert again.returncode == 0 and again.stdout.strip() == "a backup is already running", again
+                assert f"starting the backup of {NAME} (asked)" in log()
+
+                # stop: the cycle gets SIGTERM, cleans up, and the disk is locked again
+                stopping = cli("stop")
+                assert stopping.returncode == 0 and stopping.stdout.startswith("stopping the running backup"), stopping
+                second = await until(
+                    lambda: (r := record()) is not None and r.last_result == "failure" and r, "the stopped cycle to end", 15
+                )
+                assert second.last_snapshot == first.last_snapshot  # nothing new completed
+                bench.assert_locked_and_unmounted()
+                assert cli("stop").stdout.strip() == "no backup is running"
+                assert log().count("starting the backup of") == 2, log()
+
+                agent.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 5
+                while agent.poll() is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert agent.returncode == 0, log()
+                assert "Traceback" not in log(), log()
+                # no agent any more: status still answers from the saved state
+                saved = cli("status", "--json")
+                assert saved.returncode == 0, saved
+                document = json.loads(saved.stdout)
+                assert document["agent"] == "not-running" and document["status"]["last_result"] == "failure", document
+            finally:
+                if agent.poll() is None:
+                    agent.kill()
+                    agent.wait()
+
+        asyncio.run(asyncio.wait_for(scenario(), 90))
