@@ -220,10 +220,25 @@ def through_sudo_refusal(args: argparse.Namespace, parser: argparse.ArgumentPars
 # -- helpers -------------------------------------------------------------------
 
 
+class JournalFormatter(logging.Formatter):
+    """Prefixes each line with its syslog priority (``<4>``), which journald
+    reads from a service's stderr, so the journal keeps the levels."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return f"<{priority}>{record.getMessage()}"
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("backup-agent: %(message)s"))
+    # systemd sets JOURNAL_STREAM when stderr is the journal (the user unit).
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("backup-agent: %(message)s"))
     root = logging.getLogger("agent")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -576,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(args.verbose, args.quiet)
         return COMMANDS[args.command](args)
     except BackupAgentError as exc:
-        print(_error_line(exc), file=sys.stderr)
+        print(("<3>" if os.environ.get("JOURNAL_STREAM") else "") + _error_line(exc), file=sys.stderr)
         return exc.exit_code
     finally:
         restore()

@@ -77,3 +77,24 @@ def test_priority_prefix() -> None:
         "/usr/bin/ionice", "-c", "3", "/usr/bin/nice", "-n", "19")
     assert priority_prefix("/i", "/n", "none", 0) == ()
     assert priority_prefix("/i", "/n", "best-effort", None) == ("/i", "-c", "2")
+
+
+def test_logs_carry_syslog_priorities_when_stderr_is_the_journal(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "source").mkdir()
+    journal = {**os.environ, "JOURNAL_STREAM": "8:12345", "BACKUP_AGENT_RUNTIME_DIR": str(tmp_path)}
+    plain = {k: v for k, v in journal.items() if k != "JOURNAL_STREAM"}
+
+    def backup(source: str, env: dict[str, str]) -> list[str]:
+        argv = [sys.executable, "-m", "agent.cli", "backup", "-u", "-n", str(tmp_path / source), str(tmp_path / "repo")]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=60).stderr.splitlines()
+
+    ran = backup("source", journal)
+    assert ran and all(line.startswith(("<6>", "<7>", "<4>")) for line in ran), ran  # info lines of a dry run
+    failed = backup("missing", journal)
+    assert failed[-1].startswith("<3>backup-agent: prepare failed: source"), failed
+    assert not any(line.startswith("<") for line in backup("source", plain) + backup("missing", plain))
