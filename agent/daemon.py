@@ -46,7 +46,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
@@ -54,6 +53,7 @@ from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
 from . import events, lock, schedule
 from .config import Settings
 from .errors import EXIT_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
+from .files import write_atomic
 from .state import AgentStatus, Listener, Result
 from .udev import DiskGone, DiskSeen, Monitor
 
@@ -173,28 +173,20 @@ def load_state(path: str) -> tuple[dict[str, DiskRecord], dict[str, Any]]:
     return records, status if isinstance(status, dict) else {}
 
 
-def save_state(path: str, records: Mapping[str, DiskRecord], status: AgentStatus) -> None:
-    """Write the state file atomically (a temporary file beside it, fsync, rename)."""
+def save_state(
+    path: str, records: Mapping[str, DiskRecord], status: AgentStatus, *, now: float | None = None
+) -> None:
+    """Write the state file atomically; ``backup-agent status`` reads it when no agent runs."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
     data = {
         "version": STATE_FILE_VERSION,
-        "saved": time.time(),
+        "saved": time.time() if now is None else now,
         "disks": {name: record.as_dict() for name, record in records.items()},
         "status": status.as_dict(),
     }
-    fd, temporary = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    write_atomic(path, text.encode(), mode=0o600, prefix=".state-")
 
 
 # -- systemd's notify protocol (no dependency) ---------------------------------------

@@ -41,7 +41,6 @@ import posixpath
 import re
 import shlex
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Final, Iterable, Iterator, Protocol, TypeVar
@@ -49,6 +48,7 @@ from typing import Callable, Final, Iterable, Iterator, Protocol, TypeVar
 from .commands import Result, Runner
 from .config import Commands, Disk, Settings
 from .errors import CommandError, DiskBusyError, DiskError, UnsafeKeyFileError, WrongDiskError
+from .files import write_atomic
 from .mounts import MountEntry, read_mountinfo
 from .repository import Marker
 
@@ -548,23 +548,7 @@ def record_id(settings: Settings, disk: Disk, repository_id: str) -> None:
     path = id_path(settings, disk)
     directory = os.path.dirname(path)
     _make_directories(directory)
-    fd, temporary = tempfile.mkstemp(prefix=f".{disk.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(repository_id.encode() + b"\n")
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o644)
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
+    write_atomic(path, repository_id.encode() + b"\n", prefix=f".{disk.name}.")
     log.info("recorded repository id %s for disk %s in %s", repository_id, disk.name, path)
 
 

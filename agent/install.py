@@ -46,6 +46,7 @@ from typing import Final, Iterable, Sequence, TextIO
 from .commands import SAFE_PATH, Runner
 from .config import DISK_NAME_RE, SYSTEM_CONFIG, Disk, load_settings, running_through_sudo, untrusted_program
 from .errors import CommandError, NotAvailableError, UsageError
+from .files import fsync_directory, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -356,14 +357,6 @@ def _includes_drop_ins(directory: str) -> bool | None:
     return bool(pattern.search(text))
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_checked(text: str, target: str, runner: Runner | None, mode: int = DROP_IN_MODE) -> None:
     """Write ``target`` (``mode``, root:root) atomically; with a ``runner``, after visudo accepted the very file.
 
@@ -375,24 +368,8 @@ def _write_checked(text: str, target: str, runner: Runner | None, mode: int = DR
     directory = os.path.dirname(target)
     if runner is None:
         os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".backup-agent.", suffix=".new", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fchown(stream.fileno(), 0, 0)
-            os.fchmod(stream.fileno(), mode)
-            os.fsync(stream.fileno())
-        if runner is not None:
-            check_with_visudo(temporary, runner)
-        os.rename(temporary, target)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
+    check = None if runner is None else (lambda temporary: check_with_visudo(temporary, runner))
+    write_atomic(target, text.encode(), mode=mode, owner=(0, 0), prefix=".backup-agent.", suffix=".new", check=check)
 
 
 def _check_temporary(text: str, runner: Runner) -> None:
@@ -549,7 +526,7 @@ def uninstall(
             out.write(f"would remove {file.path}\n")
             continue
         os.unlink(file.path)
-        _fsync_directory(os.path.dirname(file.path))
+        fsync_directory(os.path.dirname(file.path))
         if file.marker == MARKER:
             out.write(f"removed {file.path}: the desktop agent can no longer start backups through sudo\n")
         elif file.marker == RULES_MARKER:

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from .commands import Runner
 from .errors import RepositoryError
+from .files import write_atomic
 from .rotation import format_snapshot_name, parse_snapshot_name
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class Repository:
         )
         # The marker first: a create killed half-way leaves a repository
         # (or a directory classify() still calls empty), never a foreign one.
-        _write_atomic(os.path.join(root, MARKER), marker.render().encode())
+        write_atomic(os.path.join(root, MARKER), marker.render().encode(), prefix=MARKER + ".tmp-")
         for leftover in os.listdir(root):
             if leftover.startswith(MARKER + ".tmp-"):
                 os.unlink(os.path.join(root, leftover))
@@ -272,7 +273,13 @@ class Repository:
 
     def write_metadata(self, name: str, data: dict[str, Any]) -> None:
         os.makedirs(self.metadata_dir, mode=0o755, exist_ok=True)
-        _write_atomic(
+        # No fsync: right after rsync, an fsync commits the filesystem's
+        # whole journal (tens of thousands of new hard links), 5% of a
+        # no-change backup. Journaled filesystems commit the links, this
+        # file and the snapshot's rename in order, so a crash loses at most
+        # the newest snapshot (its transfer is resumed); a disk is flushed
+        # by its unmount before it is locked.
+        write_atomic(
             self.metadata_path(name), (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode(), durable=False
         )
 
@@ -330,32 +337,3 @@ def free_space(path: str) -> tuple[int, int]:
     return info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
 
 
-def _write_atomic(path: str, data: bytes, *, durable: bool = True) -> None:
-    """Write a small file so that readers see the old or the new, never half.
-
-    ``durable=False`` skips fsync: right after rsync, an fsync commits the
-    filesystem's whole journal (tens of thousands of new hard links), which
-    cost 5% of a no-change backup. Journaled filesystems commit the links,
-    this file and the snapshot's rename in order, so a crash loses at most
-    the newest snapshot (its transfer is resumed); on a disk, unmounting
-    flushes everything before it is locked.
-    """
-    temporary = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    if durable:
-        _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

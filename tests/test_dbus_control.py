@@ -31,6 +31,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from agent.dbus import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
+from agent.daemon import save_state
 from agent.dbus import client
 from agent.dbus.control import AgentAlreadyRunningError, ControlInterface, serve
 from agent.errors import EXIT_DISK_MISSING, BackupAgentError
@@ -682,7 +683,7 @@ def test_status_without_an_agent_reads_the_saved_state(session_bus: PrivateBus, 
 
         saved = AgentStatus(state="disk-attached", disk="backup1", last_success=1763812800.0, last_result="failure",
                             last_message="transfer failed: the disk was removed", next_due=1763813100.0)
-        client.save_status(path, saved, now=1763812900.0)
+        save_state(path, {}, saved, now=1763812900.0)
         code, out, err = await backup_agent(env, "status")
         assert (code, err) == (0, "")
         assert out.splitlines()[:3] == [
@@ -705,10 +706,10 @@ def test_status_without_an_agent_reads_the_saved_state(session_bus: PrivateBus, 
 def test_state_file_round_trip_and_defaults(tmp_path: Path) -> None:
     path = str(tmp_path / "deep" / "backup-agent" / "state.json")
     assert client.read_saved_status(path) is None
-    client.save_status(path, RUNNING, now=5.0)
+    save_state(path, {}, RUNNING, now=5.0)
     assert client.read_saved_status(path) == RUNNING
     document = json.loads(Path(path).read_text())
-    assert document == {"version": 1, "saved": 5.0, "status": RUNNING.as_dict()}
+    assert document == {"version": 1, "saved": 5.0, "disks": {}, "status": RUNNING.as_dict()}
     assert os.listdir(os.path.dirname(path)) == ["state.json"]  # no temporary left over
 
     Path(path).write_text('{"status": {"state": "idle", "future_field": 1}}')

@@ -21,7 +21,7 @@ names (``AgentStatus.as_dict()``), times as epoch seconds, null for None.
 ``version`` is 1; ``saved`` is when it was written (epoch seconds; the file's
 mtime when missing). Missing fields take AgentStatus's defaults, unknown ones
 are ignored, and a field of the wrong type is ignored with a warning.
-:func:`save_status` writes it atomically (a temporary file renamed over it).
+:func:`agent.daemon.save_state` writes it atomically (a temporary file renamed over it).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Mapping, cast, get_args
 
@@ -226,29 +225,6 @@ def _read_state_file(path: str) -> tuple[AgentStatus, float | None] | None:
     saved = document.get("saved")
     saved_at = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else mtime
     return status_from_mapping(document["status"], source=path), saved_at
-
-
-def save_status(path: str, status: AgentStatus, *, now: float | None = None) -> None:
-    """Write the state file atomically (the agent calls this; ``status`` reads it)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    document = {
-        "version": STATE_FILE_VERSION,
-        "saved": time.time() if now is None else now,
-        "status": status.as_dict(),
-    }
-    fd, temporary = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, ensure_ascii=False, indent=1, default=str)
-            handle.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # -- what the three commands print ----------------------------------------------

@@ -1,0 +1,58 @@
+"""write_atomic: the old file or the new one, never half of one, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from agent.files import write_atomic
+
+
+def test_replaces_with_the_mode_asked_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("old")
+    write_atomic(str(target), b"new", mode=0o640)
+    assert target.read_text() == "new"
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_a_refusing_check_keeps_the_old_file_and_removes_the_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("old")
+    seen: list[str] = []
+
+    def refuse(temporary: str) -> None:
+        seen.append(Path(temporary).read_text())
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        write_atomic(str(target), b"new", check=refuse, prefix=".x.", suffix=".new")
+    assert seen == ["new"]  # the check saw the finished file
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_the_temporary_is_named_as_asked_beside_the_target(tmp_path: Path) -> None:
+    names: list[str] = []
+    write_atomic(str(tmp_path / "file"), b"x", prefix=".marker.tmp-", suffix=".t", check=lambda t: names.append(t))
+    (name,) = names
+    assert os.path.dirname(name) == str(tmp_path)
+    assert os.path.basename(name).startswith(".marker.tmp-") and name.endswith(".t")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting a file's owner needs root")
+def test_owner_is_set_before_the_file_is_visible(tmp_path: Path) -> None:
+    owners: list[tuple[int, int]] = []
+
+    def look(temporary: str) -> None:
+        info = os.stat(temporary)
+        owners.append((info.st_uid, info.st_gid))
+
+    write_atomic(str(tmp_path / "file"), b"x", owner=(4242, 4343), check=look)
+    assert owners == [(4242, 4343)]
+    info = os.stat(tmp_path / "file")
+    assert (info.st_uid, info.st_gid) == (4242, 4343)
