@@ -1065,7 +1065,7 @@ def main(*, config: str | None, no_sudo: bool, argv0: str) -> int:
     async def serve() -> None:
         # dbus_fast is imported here, not at the top: the cycle (which runs
         # as root through sudo) never loads it.
-        from .dbus import control, logind
+        from .dbus import control, logind, notify
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -1082,12 +1082,19 @@ def main(*, config: str | None, no_sudo: bool, argv0: str) -> int:
         service = await control.serve(agent)
         if service is not None:
             agent.add_listener(service.listener)
+        notifier = None
+        if settings.notifications and service is not None:
+            notifier = await notify.start(service.bus, agent)
+            if notifier is not None:
+                agent.add_listener(notifier)
         sleep_watch = await logind.watch_sleep(system, agent.on_resumed)
         try:
             await agent.run(stop)
         finally:
             if sleep_watch is not None:
                 sleep_watch.close()
+            if notifier is not None:
+                notifier.close()
             if service is not None:
                 service.close()
             if system is not None:

@@ -1,0 +1,672 @@
+"""Desktop notifications (org.freedesktop.Notifications on the session bus).
+
+Two parts:
+
+* the texts: pure functions from the agent's events to a :class:`Text`
+  (summary, body, urgency), short and in the user's terms;
+* :class:`Notifier`, a :class:`~agent.state.Listener` that shows them with
+  dbus-fast: ``Notify`` with ``replaces_id`` so that one cycle is one
+  notification updated in place (started → progress → completed or failed),
+  progress at most once every :data:`PROGRESS_INTERVAL` seconds, actions
+  ("Back up now", "Stop") only when the server advertises ``actions`` and a
+  :class:`~agent.state.Controller` is given.
+
+The listener methods only queue; one task sends, in order, so a progress
+update always knows the id of the notification it replaces. A notifier never
+raises into the agent and never stops a backup: a server that cannot be
+reached is logged once (and again only after it worked in between).
+
+"Safe to unplug": the cycle's ``complete`` event comes before the disk is
+unmounted and locked. The completed notification first says the disk is
+being locked; when :meth:`Notifier.status_changed` shows the cycle ended
+without an error (an unmount or lock failure arrives as ``backup_failed``),
+it is replaced by one that says the disk is safe to unplug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import html
+import logging
+import math
+import time
+from typing import Any, Callable, Mapping, NamedTuple
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from ..state import AgentStatus, Controller, Listener
+
+log = logging.getLogger(__name__)
+
+NOTIFICATIONS_NAME = "org.freedesktop.Notifications"
+NOTIFICATIONS_PATH = "/org/freedesktop/Notifications"
+NOTIFICATIONS_INTERFACE = "org.freedesktop.Notifications"
+SIGNAL_RULE = f"type='signal',interface='{NOTIFICATIONS_INTERFACE}',path='{NOTIFICATIONS_PATH}'"
+
+APP_NAME = "Backups"
+PROGRESS_INTERVAL = 5.0  # seconds between two progress updates, at least
+CALL_TIMEOUT = 5.0
+
+LOW, NORMAL, CRITICAL = 0, 1, 2
+
+ACTION_BACKUP_NOW = "backup-now"
+ACTION_STOP = "stop"
+ACTION_LABELS: dict[str, str] = {ACTION_BACKUP_NOW: "Back up now", ACTION_STOP: "Stop"}
+
+CLOSED_BY_USER = 2  # NotificationClosed's reason: dismissed by the user
+
+
+class Text(NamedTuple):
+    """One notification's words."""
+
+    summary: str
+    body: str
+    urgency: int  # LOW, NORMAL or CRITICAL
+
+
+# -- words (pure) ---------------------------------------------------------------------
+
+_STEPS: dict[str, str] = {
+    "lock": "getting ready",
+    "disk": "looking for the disk",
+    "unlock": "unlocking the disk",
+    "mount": "mounting the disk",
+    "verify": "checking the disk",
+    "prepare": "preparing",
+    "make-room": "making room on the disk",
+    "transfer": "copying files",
+    "snapshot": "saving the snapshot",
+    "rotate": "removing old snapshots",
+    "unmount": "unmounting the disk",
+    "lock-disk": "locking the disk",
+}
+
+_HINTS: dict[str, str] = {
+    "disk": "Plug the backup disk in and try again.",
+    "unlock": "Check the disk's key or passphrase, then try again.",
+    "mount": "Check the disk (for example with GNOME Disks), then try again.",
+    "verify": "Check that this is the right backup disk and that it is healthy, then try again.",
+    "make-room": "Free space on the backup disk or use a bigger one.",
+    "transfer": "Keep the disk plugged in and try again.",
+    "unmount": "Close whatever has files open on the disk, then eject it from the file manager.",
+    "lock-disk": "Eject the disk from the file manager before you unplug it.",
+}
+_DEFAULT_HINT = "Try again with Back up now; the log has the details (journalctl --user -u backup-agent)."
+
+_REASONS: dict[str, str] = {
+    "plugged in, due": "the disk was plugged in",
+    "plugged in, always": "the disk was plugged in",
+    "asked": "you asked for it",
+    "interval elapsed": "one was due",
+    "resumed from sleep, due": "one was due when the computer woke up",
+    "retry after failure": "the last one failed",
+}
+
+
+def step_words(step: str | None) -> str:
+    """A cycle step in the user's words ("transfer" → "copying files")."""
+    if not step:
+        return "working"
+    return _STEPS.get(step, step.replace("-", " "))
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def age(then: float | None, now: float) -> str:
+    """How long ago: "just now", "5 minutes ago", "3 hours ago", "4 days ago"; "never" for None."""
+    if then is None:
+        return "never"
+    seconds = max(0.0, now - then)
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return _plural(int(seconds // 60), "minute") + " ago"
+    if seconds < 48 * 3600:
+        return _plural(int(seconds // 3600), "hour") + " ago"
+    return _plural(int(seconds // 86400), "day") + " ago"
+
+
+def when(moment: float, now: float, tz: dt.tzinfo | None = None) -> str:
+    """A coming moment: "at 16:00", "tomorrow at 09:00", "on Mon 24 Nov at 09:00" (local time unless tz)."""
+    at = dt.datetime.fromtimestamp(moment, tz)
+    today = dt.datetime.fromtimestamp(now, tz).date()
+    clock = at.strftime("%H:%M")
+    if at.date() <= today:
+        return f"at {clock}"
+    if at.date() == today + dt.timedelta(days=1):
+        return f"tomorrow at {clock}"
+    return f"on {at.strftime('%a')} {at.day} {at.strftime('%b')} at {clock}"
+
+
+def size(count: float) -> str:
+    """Bytes in decimal units: "512 bytes", "1.5 MB", "2.0 GB"."""
+    if count < 1000:
+        return _plural(int(count), "byte")
+    value = float(count)
+    for unit in ("kB", "MB", "GB", "TB"):
+        value /= 1000
+        if value < 1000 or unit == "TB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def duration(seconds: float) -> str:
+    """A span: "9 s", "3 min 20 s", "1 h 5 min"."""
+    total = int(round(max(0.0, seconds)))
+    if total < 60:
+        return f"{total} s"
+    if total < 3600:
+        minutes, rest = divmod(total, 60)
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    hours, rest = divmod(total, 3600)
+    minutes = rest // 60
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _time_left(seconds: float) -> str:
+    if seconds < 60:
+        return "less than a minute left"
+    if seconds < 3600:
+        return "about " + _plural(int(round(seconds / 60)), "minute") + " left"
+    hours, rest = divmod(int(seconds), 3600)
+    minutes = rest // 60
+    return f"about {_plural(hours, 'hour')}" + (f" {minutes} min" if minutes else "") + " left"
+
+
+def started_text(disk: str, reason: str, last_success: float | None, now: float) -> Text:
+    """Backup started: which disk, why, and the last backup's age."""
+    why = _REASONS.get(reason, reason)
+    if last_success is None:
+        first = "First backup to this disk: it can take a while."
+    else:
+        first = f"Last backup {age(last_success, now)}."
+    because = f" Started because {why}." if why else ""
+    return Text(
+        f"Backing up to {disk}",
+        f"{first}{because} Keep the disk plugged in until it is safe to unplug.",
+        NORMAL,
+    )
+
+
+def progress_text(disk: str, event: Mapping[str, Any], step: str | None) -> Text:
+    """Progress: percent, time left, the current step (and what was copied so far)."""
+    percent = _number(event.get("percent"))
+    summary = f"Backing up to {disk}" + (f": {int(min(100.0, max(0.0, percent)))}%" if percent is not None else "")
+    eta = _number(event.get("eta", event.get("remaining")))
+    left = _time_left(eta) if eta is not None else "working out the time left"
+    copied = []
+    files = _number(event.get("files"))
+    if files is not None:
+        copied.append(_plural(int(files), "file"))
+    done = _number(event.get("bytes"))
+    if done is not None:
+        copied.append(size(done))
+    so_far = f" ({', '.join(copied)} so far)" if copied else ""
+    return Text(summary, f"{left[0].upper()}{left[1:]}: {step_words(step or 'transfer')}{so_far}.", LOW)
+
+
+def completed_text(disk: str, event: Mapping[str, Any], locked: bool) -> Text:
+    """Completed: what changed, how long it took, the snapshot; "safe to unplug" once locked."""
+    statistics = event.get("statistics")
+    stats: Mapping[str, Any] = statistics if isinstance(statistics, Mapping) else {}
+    files = _number(stats.get("transferred_files"))
+    changed_bytes = _number(stats.get("transferred_size"))
+    if files == 0:
+        changed = "Nothing changed since the last backup"
+    elif files is not None:
+        changed = f"{_plural(int(files), 'file')} changed" + (
+            f" ({size(changed_bytes)})" if changed_bytes is not None else ""
+        )
+    else:
+        changed = "Backed up"
+    took = _number(event.get("duration"))
+    line = changed + (f" in {duration(took)}" if took is not None else "") + "."
+    snapshot = event.get("snapshot")
+    if snapshot:
+        line += f" Snapshot {snapshot}."
+    partial = bool(event.get("partial"))
+    if partial:
+        line += " Some files could not be read: the log lists them."
+    if event.get("flagged"):
+        line += " This snapshot has far fewer files than the last one: check that nothing is missing."
+    tail = f"It is safe to unplug {disk}." if locked else "The disk is being locked… do not unplug it yet."
+    summary = f"Backup to {disk} finished with problems" if partial else f"Backup to {disk} complete"
+    return Text(summary, f"{line}\n{tail}", NORMAL)
+
+
+def failed_text(disk: str | None, step: str | None, message: str, snapshot: str | None = None) -> Text:
+    """Failed: the step, the cause, what to do, and that earlier snapshots are untouched (critical).
+
+    ``snapshot``: the cycle completed this snapshot before failing (it could
+    not unmount or lock the disk).
+    """
+    hint = _HINTS.get(step or "", _DEFAULT_HINT)
+    cause = message.strip().rstrip(".") or "the backup failed"
+    if snapshot:
+        return Text(
+            f"Backed up to {disk or 'the disk'}, but the disk is still open",
+            f"Snapshot {snapshot} is complete, but {step_words(step)} failed: {cause}.\n"
+            f"{hint} Do not unplug it yet. Earlier snapshots are untouched.",
+            CRITICAL,
+        )
+    where = f"to {disk} " if disk else ""
+    return Text(
+        f"Backup {where}failed while {step_words(step)}",
+        f"{cause[0].upper()}{cause[1:]}.\n{hint}\nEarlier snapshots are untouched.",
+        CRITICAL,
+    )
+
+
+def removed_text(disk: str) -> Text:
+    """The disk was unplugged while a backup was being written to it."""
+    return Text(
+        f"{disk} was unplugged during the backup",
+        "This backup did not finish. Plug the disk back in to carry on where it stopped. "
+        "Earlier snapshots are untouched.",
+        CRITICAL,
+    )
+
+
+def skipped_text(
+    disk: str, last_success: float | None, next_due: float, now: float, tz: dt.tzinfo | None = None
+) -> Text:
+    """The user plugged the disk in, but the last backup is recent: when the next one is due."""
+    last = f"Last backup {age(last_success, now)}. " if last_success is not None else ""
+    return Text(
+        f"{disk}: no backup needed yet",
+        f"{last}The next one is due {when(next_due, now, tz)}; leave the disk plugged in, "
+        "or plug it in again then.",
+        LOW,
+    )
+
+
+# -- the notifier ---------------------------------------------------------------------------
+
+
+class _Item(NamedTuple):
+    slot: str  # which notification it updates: "cycle" or "disk"
+    text: Text
+    actions: tuple[str, ...]
+    icon: str
+    category: str
+    value: int | None  # a progress bar's percent
+    transient: bool
+    generation: int  # the cycle it belongs to (a new cycle gets a new notification)
+
+
+class Notifier:
+    """A Listener that shows the agent's events as desktop notifications.
+
+    ``bus`` is a connected session bus; ``controller`` receives "Back up now"
+    and "Stop" (no actions without one); ``clock`` (monotonic seconds) paces
+    progress; ``now`` (epoch seconds) is for ages and due times. Use
+    :func:`start` to make one; :meth:`close` ends it.
+    """
+
+    def __init__(
+        self,
+        bus: MessageBus,
+        controller: Controller | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], float] = time.time,
+        min_interval: float = PROGRESS_INTERVAL,
+        app_name: str = APP_NAME,
+    ) -> None:
+        self.bus = bus
+        self.capabilities: set[str] | None = None  # None: not known (yet)
+        self._controller = controller
+        self._clock = clock
+        self._now = now
+        self._min_interval = min_interval
+        self._app_name = app_name
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._ids: dict[str, int] = {}  # slot → the id the server gave its notification
+        self._ours: dict[int, tuple[str, ...]] = {}  # id → the actions it offers
+        self._warned = False
+        self._closed = False
+        self._handler_added = False
+        # what the agent said so far
+        self._status: AgentStatus | None = None
+        self._generation = 0
+        self._disk: str | None = None  # the running cycle's disk
+        self._last_update: float | None = None  # clock() of the cycle notification's last update
+        self._muted = False  # the user dismissed this cycle's notification: no more progress
+        self._completed: dict[str, Any] | None = None  # complete event, until the cycle ends
+        self._removed = False  # the disk went away during this cycle
+        self._plugged: str | None = None  # a disk just plugged in, until the agent decides
+
+    # -- life -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Subscribe to ActionInvoked and NotificationClosed, and ask the server's capabilities."""
+        self._ensure_worker()
+        self.bus.add_message_handler(self._on_message)
+        self._handler_added = True
+        try:
+            reply = await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                     "AddMatch", "s", [SIGNAL_RULE])
+            if reply.message_type is MessageType.ERROR:
+                log.debug("the session bus refused the notification signals' match rule: %s", reply.body)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        await self._capabilities()
+
+    def close(self) -> None:
+        """Stop: no more notifications; the ones shown stay."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+        if self._handler_added:
+            self.bus.remove_message_handler(self._on_message)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been sent (or failed)."""
+        if self._queue is not None and self._worker is not None and not self._worker.done():
+            await self._queue.join()
+
+    # -- Listener ---------------------------------------------------------------------
+
+    def status_changed(self, status: AgentStatus) -> None:
+        try:
+            self._status = status
+            plugged, self._plugged = self._plugged, None
+            if self._completed is not None and status.state != "running":
+                event, self._completed = self._completed, None
+                if status.last_result in ("success", "partial"):
+                    self._post("cycle", completed_text(self._disk or status.disk or "the disk", event, True),
+                               icon="drive-harddisk", category="transfer.complete")
+            elif (
+                plugged is not None
+                and status.state != "running"
+                and status.disk == plugged
+                and status.next_due is not None
+                and status.next_due > self._now()
+            ):
+                self._post("disk", skipped_text(plugged, status.last_success, status.next_due, self._now()),
+                           actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added")
+        except Exception:
+            log.exception("notifications: status_changed failed")
+
+    def disk_attached(self, disk: str) -> None:
+        self._plugged = disk
+
+    def disk_removed(self, disk: str, during_backup: bool) -> None:
+        try:
+            self._plugged = None
+            if during_backup:
+                self._removed = True
+                self._completed = None
+                self._post("cycle", removed_text(disk), icon="dialog-warning", category="device.removed")
+        except Exception:
+            log.exception("notifications: disk_removed failed")
+
+    def backup_started(self, disk: str, reason: str) -> None:
+        try:
+            self._plugged = None
+            self._generation += 1
+            self._disk = disk
+            self._muted = self._removed = False
+            self._completed = None
+            status = self._status
+            last = status.last_success if status is not None and status.disk == disk else None
+            self._last_update = self._clock()
+            self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP,),
+                       icon="drive-harddisk", category="transfer", transient=True)
+        except Exception:
+            log.exception("notifications: backup_started failed")
+
+    def progress(self, event: dict[str, Any]) -> None:
+        try:
+            if self._muted or self._removed:
+                return
+            now = self._clock()
+            if self._last_update is not None and now - self._last_update < self._min_interval:
+                return
+            self._last_update = now
+            step = self._status.step if self._status is not None and self._status.state == "running" else None
+            percent = _number(event.get("percent"))
+            value = int(min(100.0, max(0.0, percent))) if percent is not None else None
+            self._post("cycle", progress_text(self._disk or "the disk", event, step), actions=(ACTION_STOP,),
+                       icon="drive-harddisk", category="transfer", value=value, transient=True)
+        except Exception:
+            log.exception("notifications: progress failed")
+
+    def backup_completed(self, event: dict[str, Any]) -> None:
+        try:
+            self._completed = dict(event)
+            self._muted = False
+            self._post("cycle", completed_text(self._disk or "the disk", event, False),
+                       icon="drive-harddisk", category="transfer")
+        except Exception:
+            log.exception("notifications: backup_completed failed")
+
+    def backup_failed(self, step: str | None, message: str) -> None:
+        try:
+            completed, self._completed = self._completed, None
+            if self._removed:
+                return  # the removal notification already says it all
+            self._muted = False
+            snapshot = completed.get("snapshot") if completed is not None else None
+            text = failed_text(self._disk, step, message, snapshot if isinstance(snapshot, str) else None)
+            self._post("cycle", text, actions=(ACTION_BACKUP_NOW,) if not snapshot else (),
+                       icon="dialog-error", category="transfer.error")
+        except Exception:
+            log.exception("notifications: backup_failed failed")
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _post(
+        self,
+        slot: str,
+        text: Text,
+        *,
+        actions: tuple[str, ...] = (),
+        icon: str,
+        category: str,
+        value: int | None = None,
+        transient: bool = False,
+    ) -> None:
+        if self._closed or not self._ensure_worker():
+            return
+        assert self._queue is not None
+        generation = self._generation if slot == "cycle" else 0
+        self._queue.put_nowait(_Item(slot, text, actions, icon, category, value, transient, generation))
+
+    def _ensure_worker(self) -> bool:
+        if self._worker is not None and not self._worker.done():
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            log.debug("notifications: no event loop running; nothing shown")
+            return False
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        self._worker = loop.create_task(self._work())
+        return True
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        generations: dict[str, int] = {}
+        while True:
+            item = await self._queue.get()
+            try:
+                if generations.get(item.slot) != item.generation:
+                    self._ids.pop(item.slot, None)  # a new cycle: a new notification
+                    generations[item.slot] = item.generation
+                await self._send(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(exc)
+            finally:
+                self._queue.task_done()
+
+    async def _send(self, item: _Item) -> None:
+        if self.capabilities is None:
+            await self._capabilities()
+        capabilities = self.capabilities or set()
+        actions: list[str] = []
+        if "actions" in capabilities and self._controller is not None:
+            for key in item.actions:
+                actions += [key, ACTION_LABELS[key]]
+        summary, body, urgency = item.text
+        if "body-markup" in capabilities:
+            body = html.escape(body, quote=False)
+        hints: dict[str, Variant] = {
+            "urgency": Variant("y", urgency),
+            "category": Variant("s", item.category),
+        }
+        if item.value is not None:
+            hints["value"] = Variant("i", item.value)
+        if item.transient:
+            hints["transient"] = Variant("b", True)
+        replaces = self._ids.get(item.slot, 0)
+        reply = await self._call(
+            NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE, "Notify", "susssasa{sv}i",
+            [self._app_name, replaces, item.icon, summary, body, actions, hints, 0 if urgency == CRITICAL else -1],
+        )
+        if reply.message_type is MessageType.ERROR:
+            raise RuntimeError(f"{reply.error_name}: {' '.join(str(part) for part in reply.body)}")
+        new_id = int(reply.body[0])
+        if replaces and replaces != new_id:
+            self._ours.pop(replaces, None)
+        self._ids[item.slot] = new_id
+        self._ours[new_id] = tuple(actions[::2])
+        if self._warned:
+            log.info("desktop notifications work again")
+            self._warned = False
+
+    async def _capabilities(self) -> None:
+        try:
+            reply = await self._call(NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE,
+                                     "GetCapabilities", "", [])
+            if reply.message_type is MessageType.ERROR:
+                raise RuntimeError(f"{reply.error_name}: {' '.join(str(part) for part in reply.body)}")
+            self.capabilities = {str(name) for name in reply.body[0]}
+        except Exception as exc:
+            self._failed(exc)
+
+    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
+                    body: list[Any]) -> Message:
+        message = Message(destination=destination, path=path, interface=interface, member=member,
+                          signature=signature, body=body)
+        reply = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT)
+        assert reply is not None
+        return reply
+
+    def _failed(self, exc: BaseException) -> None:
+        self.capabilities = None  # ask again next time: the server may be a new one
+        if self._warned:
+            log.debug("desktop notification not shown: %s", exc)
+            return
+        self._warned = True
+        log.warning("cannot show desktop notifications (%s); backups go on without them", exc or type(exc).__name__)
+
+    # -- signals from the server --------------------------------------------------------
+
+    def _on_message(self, message: Message) -> bool:
+        if (
+            message.message_type is not MessageType.SIGNAL
+            or message.interface != NOTIFICATIONS_INTERFACE
+            or self._closed
+        ):
+            return False
+        try:
+            if message.member == "ActionInvoked" and message.signature == "us":
+                ident, key = int(message.body[0]), str(message.body[1])
+                if key in self._ours.get(ident, ()):
+                    self._act(key)
+            elif message.member == "NotificationClosed" and message.signature == "uu":
+                ident, reason = int(message.body[0]), int(message.body[1])
+                if ident in self._ours:
+                    del self._ours[ident]
+                    for slot, shown in list(self._ids.items()):
+                        if shown == ident:
+                            del self._ids[slot]
+                            if slot == "cycle" and reason == CLOSED_BY_USER and self._completed is None:
+                                self._muted = True  # dismissed: no more progress for this cycle
+        except Exception:
+            log.exception("notifications: a signal from the server could not be handled")
+        return False
+
+    def _act(self, key: str) -> None:
+        controller = self._controller
+        if controller is None:
+            return
+        try:
+            reply = controller.stop() if key == ACTION_STOP else controller.backup_now()
+            log.info("notification action %s: %s", ACTION_LABELS.get(key, key), reply)
+        except Exception:
+            log.exception("notification action %s failed", key)
+
+
+def _listener(notifier: Notifier) -> Listener:
+    return notifier  # mypy checks here that Notifier is a Listener
+
+
+_no_bus_logged = False
+
+
+async def start(
+    bus: MessageBus | None,
+    controller: Controller | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    now: Callable[[], float] = time.time,
+    min_interval: float = PROGRESS_INTERVAL,
+) -> Notifier | None:
+    """A running :class:`Notifier` on ``bus`` (the session bus), or None without one (logged once).
+
+    A notification server that is missing now is logged once and asked
+    again at the next notification (one may start later); nothing raises.
+    """
+    global _no_bus_logged
+    if bus is None:
+        if not _no_bus_logged:
+            _no_bus_logged = True
+            log.warning("no session bus: no desktop notifications")
+        return None
+    notifier = Notifier(bus, controller, clock=clock, now=now, min_interval=min_interval)
+    try:
+        await notifier.open()
+    except Exception as exc:  # open() already keeps its failures; this is a last guard
+        notifier._failed(exc)
+    return notifier
+
+
+__all__ = [
+    "CRITICAL",
+    "LOW",
+    "NORMAL",
+    "Notifier",
+    "PROGRESS_INTERVAL",
+    "Text",
+    "age",
+    "completed_text",
+    "duration",
+    "failed_text",
+    "progress_text",
+    "removed_text",
+    "size",
+    "skipped_text",
+    "start",
+    "started_text",
+    "step_words",
+    "when",
+]
