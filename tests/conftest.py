@@ -59,7 +59,7 @@ def private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Generator[P
 def rsync_path() -> str:
     path = shutil.which("rsync")
     if path is None:
-        pytest.skip("rsync is not installed: run scripts/test, which installs it")
+        pytest.skip(reason="rsync is not installed: run scripts/test, which installs it")
     return path
 
 
@@ -118,7 +118,7 @@ def trusted_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Generator[Pat
     base = _trusted_base()
     if base is None:
         request.applymarker(pytest.mark.may_skip)
-        pytest.skip("no root-owned home directory closed to others to make a trusted directory in")
+        pytest.skip(reason="no root-owned home directory closed to others to make a trusted directory in")
     directory = tempfile.mkdtemp(prefix="test-", dir=base)
     os.chmod(directory, 0o755)
     try:

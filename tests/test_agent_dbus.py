@@ -32,7 +32,7 @@ from tests.test_udev import udevd  # noqa: F401  (fixture)
 @real
 def test_now_stop_and_status_reach_the_running_agent(bench: Bench, here: None, tmp_path: Path) -> None:
     if DBUS_DAEMON is None:
-        pytest.skip("dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
+        pytest.skip(reason="dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
     bench.init()
     detach(bench.rig.luks_device)
     settle()

@@ -60,7 +60,7 @@ def test_a_cycle_holds_a_sleep_block_lock_and_a_resume_catches_up_once_only_when
     bench: Bench, here: None, tmp_path: Path
 ) -> None:
     if DBUS_DAEMON is None:
-        pytest.skip("dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
+        pytest.skip(reason="dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
     bench.init()
     detach(bench.rig.luks_device)
     settle()

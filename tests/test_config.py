@@ -1503,7 +1503,7 @@ def world_writable_above(path: Path) -> str:
     """The topmost group/other-writable directory above path (pytest's tmp_path: /tmp)."""
     found = next((str(parent) for parent in reversed(path.parents) if os.lstat(parent).st_mode & 0o022), None)
     if found is None:
-        pytest.skip(f"no world-writable directory above {path} (pytest --basetemp elsewhere)")
+        pytest.skip(reason=f"no world-writable directory above {path} (pytest --basetemp elsewhere)")
     return found
 
 
@@ -1604,7 +1604,7 @@ def test_default_paths_through_merged_usr_accepted(tmp_path: Path, as_root: None
 def test_merged_usr_symlink_is_root_owned_here() -> None:
     """So the test above does go through a root-owned symbolic link on this machine (skipped where /usr is split)."""
     if not os.path.islink("/bin"):
-        pytest.skip("/bin is a directory here: no merged /usr")
+        pytest.skip(reason="/bin is a directory here: no merged /usr")
     assert os.lstat("/bin").st_uid == 0
     assert config.untrusted_program("/bin/sh") is None
     assert os.path.realpath("/bin/sh") != "/bin/sh"
@@ -2021,7 +2021,7 @@ def test_file_under_world_writable_tmp_refused(tmp_path: Path, request: pytest.F
     )
     if writable is None:
         request.applymarker(pytest.mark.may_skip)
-        pytest.skip(f"no world-writable directory above {tmp_path} (pytest --basetemp elsewhere)")
+        pytest.skip(reason=f"no world-writable directory above {tmp_path} (pytest --basetemp elsewhere)")
     path = write(tmp_path, "")
     os.chmod(path, 0o644)
     error = trusted_error(path)

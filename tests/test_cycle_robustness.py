@@ -52,7 +52,7 @@ IN_PROGRESS = ".in-progress"
 SEED = 20261122
 
 if not os.access(REAL_RSYNC, os.X_OK):  # pragma: no cover - scripts/test installs it
-    pytest.skip(f"{REAL_RSYNC} is not installed: run scripts/test, which installs it", allow_module_level=True)
+    pytest.skip(reason=f"{REAL_RSYNC} is not installed: run scripts/test, which installs it", allow_module_level=True)
 
 
 # -- running the CLI -----------------------------------------------------------
@@ -992,7 +992,7 @@ def test_refuses_to_run_without_root_unless_no_sudo(cli: Cli, tmp_path: Path) ->
             continue
         break
     if result is None:
-        pytest.skip(f"cannot run the CLI as an unprivileged user here: {'; '.join(problems)}")
+        pytest.skip(reason=f"cannot run the CLI as an unprivileged user here: {'; '.join(problems)}")
     assert result.returncode == EXIT_USAGE, result.stderr
     line = error_lines(result.stderr)[-1]
     assert "needs root" in line and "--no-sudo" in line

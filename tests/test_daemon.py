@@ -206,7 +206,7 @@ def cycle_argv(bench: Bench) -> tuple[str, ...]:
 def here(monkeypatch: pytest.MonkeyPatch) -> None:
     """The cycle runs as ``python -m agent.cli`` from this checkout, as root and not through sudo."""
     if shutil.which("udevadm") is None:
-        pytest.skip("udevadm is not installed: run scripts/test, which installs udev")
+        pytest.skip(reason="udevadm is not installed: run scripts/test, which installs udev")
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("SUDO_UID", raising=False)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)

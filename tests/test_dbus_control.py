@@ -126,7 +126,7 @@ def _stop(pid: int) -> None:
 @pytest.fixture
 def session_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
     if DBUS_DAEMON is None:
-        pytest.skip("dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
+        pytest.skip(reason="dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
     with private_bus("session") as bus:
         monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", bus.address)
         yield bus
@@ -546,7 +546,7 @@ def test_close_gives_the_name_back(session_bus: PrivateBus) -> None:
 @integration
 def test_the_client_never_starts_an_agent_through_bus_activation(tmp_path: Path) -> None:
     if DBUS_DAEMON is None:
-        pytest.skip("dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
+        pytest.skip(reason="dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
     marker = tmp_path / "activated"
     with private_bus("session", {BUS_NAME: f"/usr/bin/touch {marker}"}) as bus:
 

@@ -127,7 +127,7 @@ def test_systemd_escape(name: str, escaped: str) -> None:
 def test_systemd_escape_agrees_with_systemd() -> None:
     program = shutil.which("systemd-escape")
     if program is None:
-        pytest.skip("systemd-escape is not installed (package systemd)")
+        pytest.skip(reason="systemd-escape is not installed (package systemd)")
     names = ["backup", "backup-disk", ".x", "a b/c", "a\\b", "é", "x:y_z.w", "-lead", "trail-"]
     for name in names:
         real = subprocess.run([program, "--", name], capture_output=True, text=True, check=True).stdout.strip()
@@ -312,12 +312,12 @@ def test_record_and_read_the_repository_id(tmp_path: Path) -> None:
 
 def _require_parts(*programs: str) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root for loop devices, cryptsetup and mount: run the suite as root")
+        pytest.skip(reason="needs root for loop devices, cryptsetup and mount: run the suite as root")
     missing = [program for program in ("losetup", "cryptsetup", "mkfs.ext4", "blkid", "mount", "umount", *programs) if shutil.which(program) is None]
     if missing:
-        pytest.skip(f"missing {', '.join(missing)}: run scripts/test, which installs them")
+        pytest.skip(reason=f"missing {', '.join(missing)}: run scripts/test, which installs them")
     if not os.path.exists("/dev/loop-control"):
-        pytest.skip("no /dev/loop-control: this kernel has no loop devices")
+        pytest.skip(reason="no /dev/loop-control: this kernel has no loop devices")
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -701,7 +701,7 @@ def test_vfat_is_refused_and_closed_again(rig: Rig, request: pytest.FixtureReque
         kernel = {line.split()[-1] for line in handle if line.strip()}
     if "vfat" not in kernel:
         request.applymarker(pytest.mark.may_skip)
-        pytest.skip("this kernel has no vfat driver (not in /proc/filesystems); NTFS through FUSE is tested instead")
+        pytest.skip(reason="this kernel has no vfat driver (not in /proc/filesystems); NTFS through FUSE is tested instead")
     _require_parts("mkfs.vfat")
     vfat = rig.attach(rig.image("vfat.img", "vfat"))
     disk, settings = rig.setup(target=vfat, filesystem="vfat")
@@ -889,12 +889,12 @@ def test_a_dry_run_neither_unlocks_nor_mounts(rig: Rig) -> None:
 def test_real_cryptdisks_start_where_device_mapper_exists(rig: Rig) -> None:
     real_start, real_stop = shutil.which("cryptdisks_start"), shutil.which("cryptdisks_stop")
     if real_start is None or real_stop is None:
-        pytest.skip("cryptdisks_start is not installed (Debian package cryptsetup)")
+        pytest.skip(reason="cryptdisks_start is not installed (Debian package cryptsetup)")
     name = f"ba-test-{secrets.token_hex(4)}"
     probe = _run("cryptsetup", "open", "--key-file", str(rig.key), rig.luks_device, name, check=False)
     if probe.returncode != 0:
         if "device-mapper" in probe.stderr:
-            pytest.skip("this kernel has no device-mapper: cryptsetup open fails with Cannot initialize device-mapper")
+            pytest.skip(reason="this kernel has no device-mapper: cryptsetup open fails with Cannot initialize device-mapper")
         pytest.fail(f"cryptsetup open failed: {probe.stderr}")
     mapped = f"/dev/mapper/{name}"
     try:

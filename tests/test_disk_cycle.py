@@ -339,7 +339,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def bench(rig: Rig, trusted_dir: Path) -> Iterator[Bench]:
     if shutil.which("rsync") is None:
-        pytest.skip("rsync is not installed: run scripts/test, which installs it")
+        pytest.skip(reason="rsync is not installed: run scripts/test, which installs it")
     made = Bench(rig, trusted_dir)
     try:
         yield made
@@ -640,7 +640,7 @@ def test_a_cloned_disk_with_another_repository_is_refused(bench: Bench) -> None:
 
 def test_a_filesystem_without_hard_links_is_refused(bench: Bench) -> None:
     if shutil.which("mkntfs") is None or shutil.which("mount.ntfs-3g") is None:
-        pytest.skip("mkntfs and mount.ntfs-3g are not installed (package ntfs-3g): run scripts/test")
+        pytest.skip(reason="mkntfs and mount.ntfs-3g are not installed (package ntfs-3g): run scripts/test")
     bench.prepared()
     ntfs = bench.rig.attach(bench.rig.image("ntfs.img", "ntfs"))
     # The config refuses filesystem = "ntfs-3g" itself; through fstab the disk is what it is.

@@ -137,7 +137,7 @@ def trusted_python(request: pytest.FixtureRequest) -> str:
     problem = untrusted_program(python)
     if problem is not None:
         request.applymarker(pytest.mark.may_skip)
-        pytest.skip(f"the Python running the tests, {python}, is not root's alone ({problem}): no trusted install to test")
+        pytest.skip(reason=f"the Python running the tests, {python}, is not root's alone ({problem}): no trusted install to test")
     return python
 
 
@@ -519,7 +519,7 @@ def test_install_and_uninstall_for_real_in_etc(
     present = [path for path in real if os.path.lexists(path)]
     if present:
         request.applymarker(pytest.mark.may_skip)
-        pytest.skip(f"{', '.join(present)} exists (backup-agent is installed here): left alone")
+        pytest.skip(reason=f"{', '.join(present)} exists (backup-agent is installed here): left alone")
     script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     user = some_user()
     try:
@@ -661,7 +661,7 @@ def test_systemd_analyze_verify_accepts_the_user_unit(tmp_path: Path) -> None:
 
     good = verify(user_unit(str(program)))
     if "Failed to initialize manager" in good.stderr:
-        pytest.skip(f"systemd-analyze verify --user cannot run here: {good.stderr.strip()}")
+        pytest.skip(reason=f"systemd-analyze verify --user cannot run here: {good.stderr.strip()}")
     assert good.returncode == 0 and good.stderr == "", good.stderr
     bad = verify(user_unit(str(program)).replace("KillMode=process", "KillMode=proces"))
     assert "kill mode" in bad.stderr  # the check can fail
@@ -679,7 +679,7 @@ def test_udev_applies_the_rule_to_a_real_luks_device(luks_image: tuple[Path, str
     """
     missing = test_udev._missing_parts()
     if missing is not None:
-        pytest.skip(missing)
+        pytest.skip(reason=missing)
     image, uuid = luks_image
     device = loops.attach(image)
     directory = Path("/run/udev/rules.d")

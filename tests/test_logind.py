@@ -70,7 +70,7 @@ class LogindStandIn(ServiceInterface):
 @pytest.fixture
 def system_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
     if DBUS_DAEMON is None:
-        pytest.skip("dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
+        pytest.skip(reason="dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
     monkeypatch.setattr(logind, "_warned", set())
     with private_bus("system") as bus:
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)

@@ -118,7 +118,7 @@ def test_find_skipped_mounts_unstatable_and_same_device(tmp_path: Path, monkeypa
 def tmpfs_mounts(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     """source/, with a tmpfs at "source/mnt point" and another inside it."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a tmpfs")
+        pytest.skip(reason="needs root to mount a tmpfs")
     source = tmp_path / "src"
     outer = source / "mnt point"
     outer.mkdir(parents=True)
@@ -129,7 +129,7 @@ def tmpfs_mounts(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
             point.mkdir(exist_ok=True)
             completed = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(point)], capture_output=True, text=True)
             if completed.returncode != 0:
-                pytest.skip(f"cannot mount a tmpfs: {completed.stderr.strip()}")
+                pytest.skip(reason=f"cannot mount a tmpfs: {completed.stderr.strip()}")
             mounted.append(point)
             (point / "data").write_text("x")
         yield source, outer, outer / "inner"

@@ -214,7 +214,7 @@ class FakeClock:
 @pytest.fixture
 def session_bus() -> Iterator[PrivateBus]:
     if DBUS_DAEMON is None:
-        pytest.skip("dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
+        pytest.skip(reason="dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
     with private_bus("session") as bus:
         yield bus
 

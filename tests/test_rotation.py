@@ -452,11 +452,11 @@ def peers_python() -> str:
         f"{python} (or set BACKUP_AGENT_PEERS_PYTHON); run scripts/test, which creates .venv-peers"
     )
     if not Path(python).exists():
-        pytest.skip(how)
+        pytest.skip(reason=how)
     probe = subprocess.run([python, "-c", "import rotate_backups"], capture_output=True, timeout=60)
     if probe.returncode != 0:
         last_line = (probe.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"{how} ({python}: {last_line})")
+        pytest.skip(reason=f"{how} ({python}: {last_line})")
     return python
 
 

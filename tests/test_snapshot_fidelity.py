@@ -69,7 +69,7 @@ def config(tmp_path: Path) -> Path:
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
     if shutil.which("setfacl") is None:
-        pytest.skip("setfacl is missing: run scripts/test, which installs the acl package")
+        pytest.skip(reason="setfacl is missing: run scripts/test, which installs the acl package")
     root = tmp_path / "source"
     build_source(root)
     return root

@@ -236,10 +236,10 @@ def _run(argv: list[str], *, check: bool = False) -> subprocess.CompletedProcess
 @pytest.fixture
 def real_sudo() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root (useradd, /etc/sudoers.d): run the suite as root")
+        pytest.skip(reason="needs root (useradd, /etc/sudoers.d): run the suite as root")
     missing = _missing_tools()
     if missing:
-        pytest.skip(f"{', '.join(missing)} missing: apt-get install -y sudo passwd")
+        pytest.skip(reason=f"{', '.join(missing)} missing: apt-get install -y sudo passwd")
 
 
 @pytest.fixture

@@ -316,7 +316,7 @@ def udevd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """
     missing = _missing_parts()
     if missing is not None:
-        pytest.skip(missing)
+        pytest.skip(reason=missing)
     if _udevd_answers():
         yield
         return
@@ -331,9 +331,9 @@ def udevd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         while not _udevd_answers():
             if process.poll() is not None:
                 output = log_path.read_text(errors="replace").strip()[-500:]
-                pytest.skip(f"{UDEVD} could not start (exit status {process.returncode}): {output}")
+                pytest.skip(reason=f"{UDEVD} could not start (exit status {process.returncode}): {output}")
             if time.monotonic() > deadline:
-                pytest.skip(f"{UDEVD} (pid {process.pid}) did not answer udevadm control --ping within 5 s")
+                pytest.skip(reason=f"{UDEVD} (pid {process.pid}) did not answer udevadm control --ping within 5 s")
             time.sleep(0.05)
         yield
     finally:
