@@ -467,6 +467,14 @@ def _check_keys(file: str, table: str, data: Mapping[str, Any], *, prefix: str |
 # Tables
 
 
+def _own_directory(file: str, key: str, value: object, expected: str) -> str:
+    """An absolute directory path that is not / or a system directory (backup-agent writes there)."""
+    path = _path(file, key, value, what="an absolute directory path")
+    if path in SYSTEM_DIRECTORIES:
+        _fail(file, key, f"got {_show(value)}, a system directory; expected {expected}")
+    return path
+
+
 def _backup(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     """The [backup] table as keyword arguments of Settings."""
     _check_keys(file, "backup", data)
@@ -474,15 +482,9 @@ def _backup(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     if "source" in data:
         out["source"] = _path(file, "backup.source", data["source"], what="an absolute directory path")
     if "repository" in data:
-        repository = _path(file, "backup.repository", data["repository"], what="an absolute directory path")
-        if repository in SYSTEM_DIRECTORIES:
-            _fail(
-                file,
-                "backup.repository",
-                f"got {_show(data['repository'])}, a system directory; "
-                "expected a directory of its own for the snapshots, such as /srv/backup/<host>",
-            )
-        out["repository"] = repository
+        out["repository"] = _own_directory(
+            file, "backup.repository", data["repository"], "a directory of its own for the snapshots, such as /srv/backup/<host>"
+        )
     if "exclude" in data:
         out["exclude"] = _excludes(file, data["exclude"])
     for key in ("one_file_system", "skip_cachedir_tagged"):
@@ -705,15 +707,9 @@ def _system(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     _check_keys(file, "system", data)
     out: dict[str, Any] = {}
     if "state_dir" in data:
-        state_dir = _path(file, "system.state_dir", data["state_dir"], what="an absolute directory path")
-        if state_dir in SYSTEM_DIRECTORIES:
-            _fail(
-                file,
-                "system.state_dir",
-                f"got {_show(data['state_dir'])}, a system directory; "
-                "expected a directory of backup-agent's own, such as /var/lib/backup-agent",
-            )
-        out["state_dir"] = state_dir
+        out["state_dir"] = _own_directory(
+            file, "system.state_dir", data["state_dir"], "a directory of backup-agent's own, such as /var/lib/backup-agent"
+        )
     for key in ("crypttab", "fstab"):
         if key in data:
             out[key] = _path(file, f"system.{key}", data[key], what="an absolute path to the file")
