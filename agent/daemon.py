@@ -54,7 +54,7 @@ from . import events, lock, schedule
 from .config import Settings
 from .errors import EXIT_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
 from .files import write_atomic
-from .state import AgentStatus, Listener, Result
+from .state import STATE_FILE_VERSION, AgentStatus, Listener, Result, state_file_path
 from .udev import DiskGone, DiskSeen, Monitor
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 #: The machine lock of a cycle that runs as root (through sudo, the caller's
 #: environment cannot move it).
 ROOT_CYCLE_LOCK: Final = "/run/backup-agent.lock"
-STATE_FILE_VERSION: Final = 1
 #: Seconds between looks at the cycle lock, only while another agent's (or a
 #: shell's) cycle runs.
 FOREIGN_POLL: Final = 3.0
@@ -89,15 +88,6 @@ def cycle_lock_path(*, through_sudo: bool) -> str:
     if through_sudo:
         return ROOT_CYCLE_LOCK
     return lock.machine_lock_path()
-
-
-def default_state_file(environ: Mapping[str, str] | None = None) -> str:
-    """``$XDG_STATE_HOME/backup-agent/state.json`` (``~/.local/state`` when unset or relative)."""
-    env = os.environ if environ is None else environ
-    base = env.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(base):
-        base = os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "backup-agent", "state.json")
 
 
 def _through_sudo(argv: Sequence[str]) -> bool:
@@ -254,7 +244,7 @@ class AgentOptions:
     #: "-m", "agent.cli", "backup", "--json", "--config", PATH)``.
     cycle_argv: Sequence[str]
     policy: schedule.Policy = schedule.Policy()
-    state_file: str = field(default_factory=default_state_file)
+    state_file: str = field(default_factory=state_file_path)
     #: Takes logind's sleep inhibitor before a cycle starts; what it returns
     #: (an fd, or an object with ``close()``) is closed when the cycle ends.
     inhibit: Callable[[], Awaitable[object | None]] | None = None
@@ -1114,7 +1104,6 @@ __all__ = [
     "ROOT_CYCLE_LOCK",
     "cycle_argv_for",
     "cycle_lock_path",
-    "default_state_file",
     "load_state",
     "main",
     "save_state",

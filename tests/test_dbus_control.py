@@ -35,7 +35,7 @@ from agent.daemon import save_state
 from agent.dbus import client
 from agent.dbus.control import AgentAlreadyRunningError, ControlInterface, serve
 from agent.errors import EXIT_DISK_MISSING, BackupAgentError
-from agent.state import AgentStatus
+from agent.state import AgentStatus, state_file_path
 
 REPO = Path(__file__).resolve().parent.parent
 DBUS_DAEMON = shutil.which("dbus-daemon")
@@ -673,7 +673,7 @@ def test_now_and_stop_without_an_agent_say_so_in_one_line(session_bus: PrivateBu
 @integration
 def test_status_without_an_agent_reads_the_saved_state(session_bus: PrivateBus, tmp_path: Path) -> None:
     env = cli_env(tmp_path, session_bus.address)
-    path = client.state_file_path(env)
+    path = state_file_path(env)
     assert path == str(tmp_path / "state" / "backup-agent" / "state.json")
 
     async def scenario() -> None:
@@ -742,6 +742,6 @@ def test_a_bad_state_file_is_ignored_with_a_warning(tmp_path: Path) -> None:
 
 
 def test_state_file_path_follows_xdg() -> None:
-    assert client.state_file_path({"XDG_STATE_HOME": "/s", "HOME": "/h"}) == "/s/backup-agent/state.json"
-    assert client.state_file_path({"HOME": "/h"}) == "/h/.local/state/backup-agent/state.json"
-    assert client.state_file_path({"XDG_STATE_HOME": "rel", "HOME": "/h"}) == "/h/.local/state/backup-agent/state.json"
+    assert state_file_path({"XDG_STATE_HOME": "/s", "HOME": "/h"}) == "/s/backup-agent/state.json"
+    assert state_file_path({"HOME": "/h"}) == "/h/.local/state/backup-agent/state.json"
+    assert state_file_path({"XDG_STATE_HOME": "rel", "HOME": "/h"}) == "/h/.local/state/backup-agent/state.json"

@@ -5,7 +5,7 @@ Calls go to the well-known name on the session bus, never start anything
 (:class:`NoAgentError`, exit status :data:`~agent.dbus.EXIT_NO_AGENT`).
 
 ``status`` also works when no agent runs: the agent saves its status in
-:func:`state_file_path` (``$XDG_STATE_HOME/backup-agent/state.json``, by
+:func:`agent.state.state_file_path` (``$XDG_STATE_HOME/backup-agent/state.json``, by
 default ``~/.local/state/backup-agent/state.json``), and :func:`read_saved_status`
 reads it back. The file is one JSON object::
 
@@ -38,12 +38,11 @@ from dbus_fast import Message, MessageFlag, MessageType, unpack_variants
 from dbus_fast.aio import MessageBus
 
 from ..errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, BackupAgentError
-from ..state import AgentStatus, Result, State
+from ..state import STATE_FILE_VERSION, AgentStatus, Result, State, state_file_path
 from . import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
 
 log = logging.getLogger(__name__)
 
-STATE_FILE_VERSION = 1
 CALL_TIMEOUT = 10.0  # seconds: an agent that does not answer by then is stuck
 
 _NO_OWNER = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
@@ -121,15 +120,6 @@ async def get_status(bus: MessageBus | None = None) -> AgentStatus:
 
 
 # -- the saved state file ---------------------------------------------------------
-
-
-def state_file_path(environ: Mapping[str, str] | None = None) -> str:
-    """``$XDG_STATE_HOME/backup-agent/state.json`` (a relative XDG_STATE_HOME is ignored, as the spec says)."""
-    env = os.environ if environ is None else environ
-    base = env.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(base):
-        base = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "backup-agent", "state.json")
 
 
 _STATE_VALUES = frozenset(get_args(State))
