@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import stat
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator
@@ -617,3 +619,55 @@ def test_the_tray_follows_a_real_agent_and_its_menu_works(
 
     run(scenario(), timeout=60)
     bench.assert_locked_and_unmounted()
+
+
+# -- backup-agent run -------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("enabled", [True, False])
+def test_backup_agent_run_shows_the_tray_and_quit_stops_it(
+    session_bus: PrivateBus, tmp_path: Path, enabled: bool
+) -> None:
+    """The wiring in daemon.main: ``[tray] enabled`` decides, the item registers, Quit is SIGTERM's stop."""
+    config = tmp_path / "config.toml"
+    config.write_text(f"[tray]\nenabled = {'true' if enabled else 'false'}\n[notifications]\nenabled = false\n")
+    log_path = tmp_path / "agent.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("SUDO_UID", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env.update(DBUS_SESSION_BUS_ADDRESS=session_bus.address, XDG_STATE_HOME=str(tmp_path / "xdg-state"))
+    env.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+
+    async def scenario() -> None:
+        watcher_bus, watcher = await start_watcher(session_bus.address)
+        with open(log_path, "wb") as log_file:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--no-sudo", "--config", str(config)],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            await until(lambda: "watching for" in log_path.read_text() or agent.poll() is not None,
+                        "the agent to start", 10)
+            assert agent.poll() is None, log_path.read_text()
+            if not enabled:
+                await asyncio.sleep(0.3)
+                assert watcher.items == []
+                agent.send_signal(signal.SIGTERM)
+            else:
+                assert watcher.items == [f"org.kde.StatusNotifierItem-{agent.pid}-1"], log_path.read_text()
+                host = await Host.connect(session_bus.address, watcher.items[0])
+                assert (await host.properties())["IconName"] == "drive-removable-media"
+                await host.click(QUIT)
+                host.bus.disconnect()
+            await until(lambda: agent.poll() is not None, "the agent to stop", 10)
+            assert agent.returncode == 0, log_path.read_text()
+            assert "Traceback" not in log_path.read_text()
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+            watcher_bus.disconnect()
+
+    run(scenario(), timeout=30)
