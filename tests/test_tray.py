@@ -201,6 +201,17 @@ def test_what_eject_says() -> None:
     assert unlocked.body.endswith("run: sudo /sbin/cryptdisks_stop backup1")
 
 
+def test_the_readme_names_the_icons_and_menu_items() -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("### The tray icon", 1)[1].split("\n## ", 1)[0]
+    for state, icon in tray.ICONS.items():
+        assert f"`{icon}` | {tray.STATUSES[state]}" in section, (state, icon)
+    for item in tray.menu_items(AgentStatus(state="disk-attached", disk="d"), ["d"], ["d"], Place()):
+        if not item.separator:
+            label = item.label.split(" (")[0].replace("Eject d", "Eject *disk*")
+            assert f"| {label} |" in section, label
+
+
 def test_the_lock_command_follows_the_unlock_method(tmp_path: Path) -> None:
     systemctl = tmp_path / "systemctl"
     systemctl.write_text("")
