@@ -117,6 +117,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "sync",
         ),
         "notifications": ("enabled",),
+        "tray": ("enabled",),
         "system": ("state_dir", "crypttab", "fstab"),
         "agent": ("interval", "on_plug"),
     }
@@ -253,6 +254,7 @@ class Settings:
     rotation: Scheme = DEFAULT_SCHEME
     commands: Commands = Commands()
     notifications: bool = True
+    tray: bool = True  # [tray]: the agent's status icon (StatusNotifierItem) where the desktop shows one
     disks: tuple[Disk, ...] = ()
     hooks: tuple[Hook, ...] = ()
     keep_free: KeepFree | None = None
@@ -619,6 +621,11 @@ def _agent(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
 def _notifications(file: str, data: Mapping[str, Any]) -> bool:
     _check_keys(file, "notifications", data)
     return _bool(file, "notifications.enabled", data.get("enabled", True))
+
+
+def _tray(file: str, data: Mapping[str, Any]) -> bool:
+    _check_keys(file, "tray", data)
+    return _bool(file, "tray.enabled", data.get("enabled", True))
 
 
 # --------------------------------------------------------------------------
@@ -1066,6 +1073,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields["commands"] = _commands(path, data["commands"])
     if "notifications" in data:
         fields["notifications"] = _notifications(path, data["notifications"])
+    if "tray" in data:
+        fields["tray"] = _tray(path, data["tray"])
     if "system" in data:
         fields.update(_system(path, data["system"]))
     if "agent" in data:

@@ -1055,7 +1055,7 @@ def main(*, config: str | None, no_sudo: bool, argv0: str) -> int:
     async def serve() -> None:
         # dbus_fast is imported here, not at the top: the cycle (which runs
         # as root through sudo) never loads it.
-        from .dbus import control, logind, notify
+        from .dbus import control, logind, notify, tray
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -1077,6 +1077,11 @@ def main(*, config: str | None, no_sudo: bool, argv0: str) -> int:
             notifier = await notify.start(service.bus, agent)
             if notifier is not None:
                 agent.add_listener(notifier)
+        icon = None
+        if settings.tray and service is not None:
+            icon = await tray.start(service.bus, agent, settings, stop.set)  # its Quit is SIGTERM's stop
+            if icon is not None:
+                agent.add_listener(icon)
         sleep_watch = await logind.watch_sleep(system, agent.on_resumed)
         try:
             await agent.run(stop)
@@ -1085,6 +1090,8 @@ def main(*, config: str | None, no_sudo: bool, argv0: str) -> int:
                 sleep_watch.close()
             if notifier is not None:
                 notifier.close()
+            if icon is not None:
+                icon.close()
             if service is not None:
                 service.close()
             if system is not None:

@@ -48,7 +48,7 @@ FILE = "/etc/backup-agent/config.toml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.toml"
 IS_ROOT = os.geteuid() == 0
 
-TABLES = "[backup], [rotation], [commands], [notifications], [system], [agent], [[disk]], [[hooks]]"
+TABLES = "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [[disk]], [[hooks]]"
 BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout"
 COUNT = 'expected a whole number of 0 or more, or "always"'
 DURATION = (
@@ -183,6 +183,18 @@ ERRORS = [
         "notifications.enabled",
         'got a string ("no"); expected a boolean (true or false)',
         id="notifications-string",
+    ),
+    pytest.param(
+        {"tray": {"enabled": 1}},
+        "tray.enabled",
+        "got an integer (1); expected a boolean (true or false)",
+        id="tray-int",
+    ),
+    pytest.param(
+        {"tray": {"icon": "x"}},
+        "tray.icon",
+        'unknown key "icon" in [tray]; expected one of enabled',
+        id="tray-unknown-key",
     ),
     pytest.param(
         {"backup": {"nice": "19"}},
@@ -1145,6 +1157,7 @@ def test_defaults() -> None:
     assert settings.rotation == DEFAULT_SCHEME
     assert settings.commands == Commands("/usr/bin/rsync", "/usr/bin/ionice", "/usr/bin/nice", "/bin/rm")
     assert settings.notifications is True
+    assert settings.tray is True
 
 
 def test_every_key() -> None:
@@ -1167,6 +1180,7 @@ def test_every_key() -> None:
             "rm": "/usr/bin/rm",
         },
         "notifications": {"enabled": False},
+        "tray": {"enabled": False},
     }
     assert settings_from_mapping(data, FILE) == Settings(
         path=FILE,
@@ -1181,6 +1195,7 @@ def test_every_key() -> None:
         rotation=Scheme(counts={"daily": 14, "weekly": "always"}, prefer_recent=True, strict=False),
         commands=Commands("/opt/rsync/bin/rsync", "/bin/ionice", "/bin/nice", "/usr/bin/rm"),
         notifications=False,
+        tray=False,
     )
 
 
