@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="the desktop agent: back up when the disk is plugged in, and hourly")
     run.add_argument("--no-sudo", action="store_true", help="start the cycle without sudo (as this user, or as root)")
+    run.add_argument("--disable-notifications", action="store_true", help="no desktop notifications (whatever the config says)")
     sub.add_parser("now", parents=[loud], help="ask the running agent to back up now (D-Bus)")
     sub.add_parser("stop", parents=[loud], help="ask the running agent to stop the running backup (D-Bus)")
     status = sub.add_parser("status", parents=[loud], help="the agent's status (its last saved state when it does not run)")
@@ -540,7 +541,9 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import daemon  # pyudev and asyncio only for this command
 
-    return daemon.main(config=args.config, no_sudo=args.no_sudo, argv0=sys.argv[0])
+    return daemon.main(
+        config=args.config, no_sudo=args.no_sudo, argv0=sys.argv[0], notifications=not args.disable_notifications
+    )
 
 
 def cmd_now(args: argparse.Namespace) -> int:

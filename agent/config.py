@@ -89,6 +89,7 @@ NICE_RANGE: Final = (0, 19)
 MAX_COUNT: Final = 100_000
 # rsync's --timeout is a C int.
 MAX_IO_TIMEOUT: Final = 2**31 - 1
+MAX_REMIND_DAYS: Final = 3650  # [notifications] remind_after: ten years
 
 _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
@@ -116,7 +117,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "umount",
             "sync",
         ),
-        "notifications": ("enabled",),
+        "notifications": ("enabled", "remind_after"),
         "tray": ("enabled",),
         "system": ("state_dir", "crypttab", "fstab"),
         "agent": ("interval", "on_plug"),
@@ -255,6 +256,7 @@ class Settings:
     commands: Commands = Commands()
     notifications: bool = True
     tray: bool = True  # [tray]: the agent's status icon (StatusNotifierItem) where the desktop shows one
+    remind_after: int = 7  # [notifications]: days without a successful backup before a reminder; 0: never
     disks: tuple[Disk, ...] = ()
     hooks: tuple[Hook, ...] = ()
     keep_free: KeepFree | None = None
@@ -618,9 +620,27 @@ def _agent(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _notifications(file: str, data: Mapping[str, Any]) -> bool:
+def _notifications(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     _check_keys(file, "notifications", data)
-    return _bool(file, "notifications.enabled", data.get("enabled", True))
+    out: dict[str, Any] = {"notifications": _bool(file, "notifications.enabled", data.get("enabled", True))}
+    if "remind_after" in data:
+        out["remind_after"] = _remind_after(file, data["remind_after"])
+    return out
+
+
+def _remind_after(file: str, value: object) -> int:
+    """Whole days (0: no reminders); a duration string gets a hint, as people write "7d"."""
+    key = "notifications.remind_after"
+    expected = f"a whole number of days from 0 (no reminders) to {MAX_REMIND_DAYS}, such as 7"
+    if isinstance(value, str):
+        seconds = _duration_seconds(value)
+        hint = f" (write {seconds // 86400} for {seconds // 86400} days)" if seconds and seconds % 86400 == 0 else ""
+        _fail(file, key, f"got {_show(value)}{hint}; expected {expected}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(file, key, f"{_got_type(value)}; expected {expected}")
+    if not 0 <= value <= MAX_REMIND_DAYS:
+        _fail(file, key, f"got {value}; expected {expected}")
+    return value
 
 
 def _tray(file: str, data: Mapping[str, Any]) -> bool:
@@ -1072,7 +1092,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
     if "commands" in data:
         fields["commands"] = _commands(path, data["commands"])
     if "notifications" in data:
-        fields["notifications"] = _notifications(path, data["notifications"])
+        fields.update(_notifications(path, data["notifications"]))
     if "tray" in data:
         fields["tray"] = _tray(path, data["tray"])
     if "system" in data:

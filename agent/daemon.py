@@ -54,7 +54,8 @@ from . import events, lock, schedule
 from .config import Settings
 from .errors import EXIT_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
 from .files import write_atomic
-from .state import STATE_FILE_VERSION, AgentStatus, Listener, Result, state_file_path
+from .reminder import notice_state_path
+from .state import STATE_FILE_VERSION, AgentStatus, Listener, Result, disk_left, state_file_path
 from .udev import DiskGone, DiskSeen, Monitor
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,8 @@ class _Cycle:
     complete: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     stop_requested: bool = False
+    closing: dict[str, str] = field(default_factory=dict)  # "unmount"/"lock-disk" -> the state reported
+    lock_warning: str = ""  # why locking the disk failed, when it did
     inhibitor: object | None = None
     launch: "asyncio.Task[None] | None" = None
     finished: bool = False
@@ -395,6 +398,10 @@ class Agent:
     def attached(self) -> list[str]:
         """The configured disks attached now, in the configuration's order."""
         return [name for name in self._disk_names if self._states[name].attached]
+
+    def last_successes(self) -> dict[str, float | None]:
+        """Each configured disk's last successful backup (epoch seconds; None: never), for reminders."""
+        return {name: record.last_success for name, record in self._records.items()}
 
     # -- running ----------------------------------------------------------------------
 
@@ -639,6 +646,7 @@ class Agent:
         self._status.disk = name
         self._status.step = None
         self._status.progress = {}
+        self._status.disk_left, self._status.disk_left_detail = "", ""
         log.info("starting the backup of %s (%s)", name, reason)
         self._tell("backup_started", name, reason)
         if self._options.inhibit is None:
@@ -772,6 +780,9 @@ class Agent:
         kind = event["event"]
         if kind == "step":
             step = event.get("step")
+            state = event.get("state")
+            if step in ("unmount", "lock-disk") and state in ("done", "left-as-found", "failed"):
+                cycle.closing[str(step)] = str(state)
             self._status.step = step if isinstance(step, str) else None
             self._refresh()
         elif kind == "progress":
@@ -781,6 +792,8 @@ class Agent:
             self._tell("progress", event)
         elif kind == "warning":
             log.warning("backup of %s: %s", cycle.disk, event.get("message"))
+            if event.get("step") == "lock-disk":
+                cycle.lock_warning = str(event.get("message") or "")
         elif kind == "complete":
             cycle.complete = event
             if not event.get("skipped"):
@@ -898,6 +911,11 @@ class Agent:
         self._status.step = None
         self._status.progress = {}
         self._status.disk = name
+        self._status.disk_left = disk_left(cycle.closing)
+        self._status.disk_left_detail = {
+            "mounted": next((d.mount_point for d in self._settings.disks if d.name == name), ""),
+            "lock-failed": cycle.lock_warning,
+        }.get(self._status.disk_left, "")
         self._refresh()
         self._save()
         self._reevaluate()
@@ -1040,8 +1058,8 @@ def cycle_argv_for(*, config: str | None, no_sudo: bool, argv0: str) -> tuple[st
     return (shutil.which("sudo") or "/usr/bin/sudo", "-n", _this_executable(argv0), "backup", "--json")
 
 
-def main(*, config: str | None, no_sudo: bool, argv0: str) -> int:
-    """``backup-agent run``: the agent until SIGTERM or SIGINT."""
+def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool = True) -> int:
+    """``backup-agent run``: the agent until SIGTERM or SIGINT (``notifications=False``: none, whatever the config says)."""
     from .config import SYSTEM_CONFIG, load_settings
 
     settings = load_settings(config, through_sudo=False)
@@ -1073,16 +1091,24 @@ def main(*, config: str | None, no_sudo: bool, argv0: str) -> int:
         if service is not None:
             agent.add_listener(service.listener)
         notifier = None
-        if settings.notifications and service is not None:
-            notifier = await notify.start(service.bus, agent)
-            if notifier is not None:
-                agent.add_listener(notifier)
+        if settings.notifications and notifications:
+            notifier = await notify.start(
+                service.bus if service is not None else None, agent, disks=agent, settings=settings,
+                state_path=notice_state_path(options.state_file),
+            )
+            agent.add_listener(notifier)
+        else:
+            log.info("desktop notifications are turned off")
         icon = None
         if settings.tray and service is not None:
             icon = await tray.start(service.bus, agent, settings, stop.set)  # its Quit is SIGTERM's stop
             if icon is not None:
                 agent.add_listener(icon)
         sleep_watch = await logind.watch_sleep(system, agent.on_resumed)
+        if notifier is not None:
+            # Runs once agent.run below has read the disks present (it does so
+            # before its first await): the login's reminders and missed failures.
+            loop.call_soon(notifier.login)
         try:
             await agent.run(stop)
         finally:

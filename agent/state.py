@@ -32,6 +32,29 @@ def state_file_path(environ: Mapping[str, str] | None = None) -> str:
 
 State = Literal["idle", "disk-attached", "running", "failed"]
 Result = Literal["none", "success", "partial", "failure"]
+#: How the last cycle left the disk: "locked" (unmounted and locked by the
+#: cycle: safe to unplug), "unlocked" (unmounted, but left unlocked as it was
+#: found), "mounted" (left unlocked and mounted as it was found),
+#: "lock-failed" (unmounted, but locking it failed); "" while a cycle runs or
+#: when the cycle did not say.
+DiskLeft = Literal["", "locked", "unlocked", "mounted", "lock-failed"]
+
+
+def disk_left(closing: Mapping[str, str]) -> DiskLeft:
+    """How a cycle left the disk, from its closing steps' reports (pure).
+
+    ``closing`` maps "unmount" and "lock-disk" to the state the cycle
+    reported for them ("done", "left-as-found" or "failed"); a cycle that
+    reported neither (it never opened the disk) gives "".
+    """
+    lock = closing.get("lock-disk")
+    if lock == "done":
+        return "locked"  # a filesystem is never locked under a mount: unmounted too
+    if lock == "failed":
+        return "lock-failed"
+    if lock == "left-as-found":
+        return "unlocked" if closing.get("unmount") == "done" else "mounted"
+    return ""
 
 
 @dataclass
@@ -47,6 +70,8 @@ class AgentStatus:
     step: str | None = None  # the running cycle's current step
     progress: dict[str, Any] = field(default_factory=dict)  # the last progress event's fields
     cycle_pid: int | None = None  # the running cycle, also one another agent started
+    disk_left: DiskLeft = ""  # how the last cycle left the disk (see DiskLeft)
+    disk_left_detail: str = ""  # the mount point ("mounted"), or why locking failed ("lock-failed")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -113,7 +113,7 @@ ERRORS = [
     pytest.param(
         {"notifications": {"sound": True}},
         "notifications.sound",
-        'unknown key "sound" in [notifications]; expected one of enabled',
+        'unknown key "sound" in [notifications]; expected one of enabled, remind_after',
         id="unknown-key",
     ),
     pytest.param(
@@ -195,6 +195,30 @@ ERRORS = [
         "tray.icon",
         'unknown key "icon" in [tray]; expected one of enabled',
         id="tray-unknown-key",
+    ),
+    pytest.param(
+        {"notifications": {"remind_after": "7d"}},
+        "notifications.remind_after",
+        'got "7d" (write 7 for 7 days); expected a whole number of days from 0 (no reminders) to 3650, such as 7',
+        id="remind-after-duration",
+    ),
+    pytest.param(
+        {"notifications": {"remind_after": -1}},
+        "notifications.remind_after",
+        "got -1; expected a whole number of days from 0 (no reminders) to 3650, such as 7",
+        id="remind-after-negative",
+    ),
+    pytest.param(
+        {"notifications": {"remind_after": 7.5}},
+        "notifications.remind_after",
+        "got a float (7.5); expected a whole number of days from 0 (no reminders) to 3650, such as 7",
+        id="remind-after-float",
+    ),
+    pytest.param(
+        {"notifications": {"remind_after": True}},
+        "notifications.remind_after",
+        "got a boolean (true); expected a whole number of days from 0 (no reminders) to 3650, such as 7",
+        id="remind-after-bool",
     ),
     pytest.param(
         {"backup": {"nice": "19"}},
@@ -1158,6 +1182,7 @@ def test_defaults() -> None:
     assert settings.commands == Commands("/usr/bin/rsync", "/usr/bin/ionice", "/usr/bin/nice", "/bin/rm")
     assert settings.notifications is True
     assert settings.tray is True
+    assert settings.remind_after == 7
 
 
 def test_every_key() -> None:
@@ -1179,7 +1204,7 @@ def test_every_key() -> None:
             "nice": "/bin/nice",
             "rm": "/usr/bin/rm",
         },
-        "notifications": {"enabled": False},
+        "notifications": {"enabled": False, "remind_after": 0},
         "tray": {"enabled": False},
     }
     assert settings_from_mapping(data, FILE) == Settings(
@@ -1195,6 +1220,7 @@ def test_every_key() -> None:
         rotation=Scheme(counts={"daily": 14, "weekly": "always"}, prefer_recent=True, strict=False),
         commands=Commands("/opt/rsync/bin/rsync", "/bin/ionice", "/bin/nice", "/usr/bin/rm"),
         notifications=False,
+        remind_after=0,
         tray=False,
     )
 

@@ -292,6 +292,8 @@ def test_methods_reach_the_controller_and_return_its_word(session_bus: PrivateBu
             "progress": ("a{sv}", {"percent": ("d", 42.0), "bytes": ("x", 1048576), "files": ("x", 12),
                                     "rate": ("d", 350000.0)}),
             "cycle_pid": ("u", 4242),
+            "disk_left": ("s", ""),
+            "disk_left_detail": ("s", ""),
         }
         # the client reads it back into the same AgentStatus (eta: None is left out, so it is missing)
         expected = AgentStatus(**{**RUNNING.as_dict(), "progress": {k: v for k, v in RUNNING.progress.items() if v is not None}})
@@ -306,6 +308,7 @@ def test_get_status_leaves_out_what_is_unknown(session_bus: PrivateBus) -> None:
         reply = await call(other, "GetStatus")
         assert plain(reply.body[0]) == {
             "state": ("s", "idle"), "last_result": ("s", "none"), "last_message": ("s", ""), "progress": ("a{sv}", {}),
+            "disk_left": ("s", ""), "disk_left_detail": ("s", ""),
         }
         assert await client.get_status(other) == AgentStatus()
 
@@ -745,3 +748,9 @@ def test_state_file_path_follows_xdg() -> None:
     assert state_file_path({"XDG_STATE_HOME": "/s", "HOME": "/h"}) == "/s/backup-agent/state.json"
     assert state_file_path({"HOME": "/h"}) == "/h/.local/state/backup-agent/state.json"
     assert state_file_path({"XDG_STATE_HOME": "rel", "HOME": "/h"}) == "/h/.local/state/backup-agent/state.json"
+
+
+def test_the_client_reads_how_the_disk_was_left_and_refuses_other_values() -> None:
+    read = client.status_from_mapping({"disk_left": "mounted", "disk_left_detail": "/mnt/x"}, source="test")
+    assert (read.disk_left, read.disk_left_detail) == ("mounted", "/mnt/x")
+    assert client.status_from_mapping({"disk_left": "sort of", "disk_left_detail": 3}, source="test") == AgentStatus()

@@ -15,7 +15,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Iterator
 
 import pytest
@@ -24,10 +30,17 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
+from agent.config import Disk, Settings, load_settings
+from agent.cycle import human_size
 from agent.dbus import notify
 from agent.dbus.notify import CRITICAL, LOW, NORMAL, Notifier, Text
+from agent.reminder import MissedFailure, MissedSummary, NoticeState, load_notice_state, save_notice_state
 from agent.state import AgentStatus
+from tests.test_daemon import REPO, agent_on, here, one_cycle, real, settle  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import DBUS_DAEMON, PrivateBus, private_bus, run
+from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
+from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
+from tests.test_udev import udevd  # noqa: F401  (fixture)
 
 NOW = 1763812800.0  # 2025-11-22 12:00:00 UTC
 UTC = dt.timezone.utc
@@ -48,9 +61,11 @@ def test_words() -> None:
     assert notify.age(NOW - 60, NOW) == "1 minute ago"
     assert notify.age(NOW - 3 * 3600 - 5, NOW) == "3 hours ago"
     assert notify.age(NOW - 4 * 86400, NOW) == "4 days ago"
-    assert notify.size(512) == "512 bytes"
-    assert notify.size(1_500_000) == "1.5 MB"
-    assert notify.size(2 * 10**12) == "2.0 TB"
+    assert notify.day(NOW - 7 * 86400, NOW, UTC) == "Sat 15 Nov"
+    assert notify.day(NOW - 365 * 86400, NOW, UTC) == "Fri 22 Nov 2024"
+    assert notify.past(NOW - 3600, NOW, UTC) == "today at 11:00"
+    assert notify.past(NOW - 86400, NOW, UTC) == "yesterday at 12:00"
+    assert notify.past(NOW - 3 * 86400, NOW, UTC) == "on Wed 19 Nov at 12:00"
     assert notify.duration(9.2) == "9 s"
     assert notify.duration(200) == "3 min 20 s"
     assert notify.duration(3900) == "1 h 5 min"
@@ -76,25 +91,34 @@ def test_started_text() -> None:
 def test_progress_text() -> None:
     event = {"event": "progress", "percent": 42, "bytes": 1048576, "files": 12, "rate": 350000.0, "eta": 240}
     assert notify.progress_text("backup1", event, "transfer") == Text(
-        "Backing up to backup1: 42%", "About 4 minutes left: copying files (12 files, 1.0 MB so far).", LOW
+        "Backing up to backup1: 42%", "About 4 minutes left: copying files (12 files, 1.0 MiB so far).", LOW
     )
     unknown = notify.progress_text("backup1", {"percent": None, "eta": None}, None)
     assert unknown == Text("Backing up to backup1", "Working out the time left: copying files.", LOW)
 
 
+def test_sizes_are_the_cli_s_binary_units() -> None:
+    """One formatter for the CLI and the notifications (agent.cycle.human_size): MiB, not MB."""
+    assert human_size(1_500_000) == "1.4 MiB"
+    assert "(1.4 MiB)" in notify.completed_text("backup1", COMPLETE, "locked").body
+    event = {"percent": 1, "bytes": 3 * 2**30, "files": 2, "eta": 60}
+    assert "(2 files, 3.0 GiB so far)" in notify.progress_text("backup1", event, "transfer").body
+    assert "(1 file, 512 B so far)" in notify.progress_text("backup1", {"bytes": 512, "files": 1}, None).body
+
+
 def test_completed_text_says_safe_to_unplug_only_once_locked() -> None:
-    locking = notify.completed_text("backup1", COMPLETE, locked=False)
+    locking = notify.completed_text("backup1", COMPLETE, None)
     assert locking.summary == "Backup to backup1 complete"
     assert locking.body == (
-        "12 files changed (1.5 MB) in 3 min 20 s. Snapshot 2025-11-22T12-00-00+0000.\n"
+        "12 files changed (1.4 MiB) in 3 min 20 s. Snapshot 2025-11-22T12-00-00+0000.\n"
         "The disk is being locked… do not unplug it yet."
     )
     assert "safe to unplug" not in locking.body
-    locked = notify.completed_text("backup1", COMPLETE, locked=True)
+    locked = notify.completed_text("backup1", COMPLETE, "locked")
     assert locked.body.endswith("\nIt is safe to unplug backup1.")
-    nothing = notify.completed_text("backup1", {**COMPLETE, "statistics": {"transferred_files": 0}}, True)
+    nothing = notify.completed_text("backup1", {**COMPLETE, "statistics": {"transferred_files": 0}}, "locked")
     assert nothing.body.startswith("Nothing changed since the last backup in 3 min 20 s.")
-    partial = notify.completed_text("backup1", {**COMPLETE, "partial": True}, True)
+    partial = notify.completed_text("backup1", {**COMPLETE, "partial": True}, "locked")
     assert partial.summary == "Backup to backup1 finished with problems"
     assert "Some files could not be read" in partial.body
 
@@ -262,7 +286,7 @@ def test_a_whole_cycle_is_one_notification_updated_in_place(session_bus: Private
         # at most one update every 5 s of the (fake) clock, each replacing the same notification
         assert [p.summary for p in progress] == ["Backing up to backup1: 30%", "Backing up to backup1: 50%"]
         assert {p.replaces_id for p in progress} == {started.id} and progress[0].hints["value"] == 30
-        assert progress[0].body == "About 2 minutes left: copying files (1 file, 1.0 kB so far)."
+        assert progress[0].body == "About 2 minutes left: copying files (1 file, 1000 B so far)."
 
         # "Stop" clicked: the controller is asked
         server.action_invoked(started.id, "stop")
@@ -277,7 +301,7 @@ def test_a_whole_cycle_is_one_notification_updated_in_place(session_bus: Private
         assert "safe to unplug" not in server.shown[-1].body
         assert server.shown[-1].body.endswith("The disk is being locked… do not unplug it yet.")
         notifier.status_changed(AgentStatus(state="disk-attached", disk="backup1", last_success=NOW,
-                                            last_result="success", next_due=NOW + 3600))
+                                            last_result="success", next_due=NOW + 3600, disk_left="locked"))
         await notifier.flush()
         done = server.shown[-1]
         assert done.summary == "Backup to backup1 complete" and done.replaces_id == started.id
@@ -385,5 +409,404 @@ def test_no_server_is_logged_once_and_nothing_raises(
     run(scenario())
 
 
-def test_no_bus_means_no_notifier() -> None:
-    assert run(notify.start(None)) is None
+def test_no_bus_is_logged_once_and_nothing_raises(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        with caplog.at_level(logging.DEBUG, logger="agent.dbus.notify"):
+            notifier = await notify.start(None, FakeController(), clock=FakeClock(), now=lambda: NOW)
+            notifier.login()
+            notifier.backup_started("backup1", "asked")
+            notifier.backup_failed("transfer", "it broke")
+            await notifier.flush()
+            notifier.close()
+
+    run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["no session bus: no desktop notifications (a failed backup is shown at the next login)"]
+
+
+# -- how the disk was left, reminders, missed failures (texts, pure) ------------------------------
+
+
+def test_the_completed_text_says_what_is_true_about_the_disk() -> None:
+    def tail(left: Any, detail: str = "") -> str:
+        return notify.completed_text("backup1", COMPLETE, left, detail).body.split("\n")[-1]
+
+    assert tail("locked") == "It is safe to unplug backup1."
+    assert tail("mounted", "/mnt/x") == (
+        "backup1 stays unlocked and mounted at /mnt/x, as it was found: eject it before you unplug it."
+    )
+    assert tail("unlocked") == "backup1 was unmounted but stays unlocked, as it was found: eject it before you unplug it."
+    failed = notify.completed_text("backup1", COMPLETE, "lock-failed", "locking backup1 failed (exit status 1).")
+    assert failed.summary == "Backup to backup1 complete, but the disk is still unlocked"
+    assert failed.body.endswith("Could not lock backup1: locking backup1 failed (exit status 1). Do not unplug it yet.")
+    assert tail("") == "Eject backup1 from the file manager before you unplug it."
+    for left in ("mounted", "unlocked", "lock-failed", "", None):
+        assert "safe to unplug" not in notify.completed_text("backup1", COMPLETE, left, "x").body
+
+
+def test_reminder_and_missed_texts() -> None:
+    assert notify.reminder_text("backup1", NOW - 8 * 86400 - 60, NOW, UTC) == Text(
+        "No backup to backup1 for 8 days",
+        "Last backup on Fri 14 Nov. Plug backup1 in: the backup starts by itself.",
+        NORMAL,
+    )
+    never = notify.reminder_text("backup1", None, NOW, UTC)
+    assert never.summary == "No backup to backup1 yet" and never.body.startswith("Last backup: never.")
+    latest = MissedFailure(NOW - 86400, "backup1", "unlock", "no key")
+    once = notify.missed_text(MissedSummary(latest, 1, latest.time), NOW, UTC)
+    assert once.summary == "Backup to backup1 failed while unlocking the disk yesterday at 12:00"
+    assert once.urgency == CRITICAL and once.body.endswith("Earlier snapshots are untouched.")
+    thrice = notify.missed_text(MissedSummary(latest, 3, NOW - 3 * 86400), NOW, UTC)
+    assert thrice.body.endswith("\nBackups to backup1 failed 3 times since Wed 19 Nov.")
+
+
+# -- reminders, missed failures and Open backups on a real bus ---------------------------------------
+
+
+@dataclass
+class FakeDisks:
+    """The agent's side of reminders: what is attached, and each disk's last success."""
+
+    successes: dict[str, float | None]
+    here: list[str] = field(default_factory=list)
+
+    def attached(self) -> list[str]:
+        return list(self.here)
+
+    def last_successes(self) -> dict[str, float | None]:
+        return dict(self.successes)
+
+
+def one_disk(tmp_path: Path, name: str = "backup1") -> Settings:
+    mount = tmp_path / "mnt"
+    disk = Disk(name=name, luks_uuid=str(uuid.uuid4()), mount_point=str(mount), mapped_device=f"/dev/mapper/{name}",
+                repository=str(mount / "host"))
+    return Settings(path=None, disks=(disk,), remind_after=7)
+
+
+class Clock:
+    """Epoch seconds the test moves on."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.integration
+def test_a_reminder_at_login_then_once_a_day_until_the_disk_is_seen_across_restarts(
+    session_bus: PrivateBus, tmp_path: Path
+) -> None:
+    state = str(tmp_path / "state" / "notifications.json")
+    settings = one_disk(tmp_path)
+    last = NOW - 9 * 86400
+    disks = FakeDisks({"backup1": last})
+    clock = Clock(NOW)  # Saturday 12:00 UTC
+
+    async def login(server_address: str) -> tuple[Notifier, MessageBus]:
+        bus = await MessageBus(bus_address=server_address).connect()
+        notifier = await notify.start(bus, FakeController(), disks=disks, settings=settings, state_path=state,
+                                      clock=FakeClock(), now=clock, tz=UTC)
+        notifier.login()
+        await notifier.flush()
+        return notifier, bus
+
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["body"])
+        notifier, bus = await login(session_bus.address)
+        [shown] = server.shown
+        assert (shown.summary, shown.body) == (
+            "No backup to backup1 for 9 days", "Last backup on Thu 13 Nov. Plug backup1 in: the backup starts by itself."
+        )
+        # one timer, a day ahead (nothing wakes the agent before)
+        timer = notifier.reminder_timer
+        assert timer is not None and abs(timer.when() - asyncio.get_running_loop().time() - 86400) < 5
+        clock.now += 6 * 3600
+        notifier.remind()  # what the timer does: nothing yet
+        await notifier.flush()
+        assert len(server.shown) == 1
+        notifier.close()
+        bus.disconnect()
+
+        # an agent restart the same day: not again
+        notifier, bus = await login(session_bus.address)
+        assert len(server.shown) == 1
+        clock.now = NOW + 86400  # the day after, still running: once more, in place of yesterday's
+        notifier.remind()
+        await notifier.flush()
+        assert len(server.shown) == 2 and server.shown[1].summary == "No backup to backup1 for 10 days"
+        # the disk is seen: no more reminders, no timer
+        notifier.disk_attached("backup1")
+        assert notifier.reminder_timer is None
+        clock.now += 2 * 86400
+        notifier.remind()
+        await notifier.flush()
+        assert len(server.shown) == 2
+        notifier.close()
+        bus.disconnect()
+
+        # a login the next morning, 20 hours after the last reminder: a new day, so at once
+        clock.now = NOW + 86400 + 20 * 3600
+        notifier, bus = await login(session_bus.address)
+        assert len(server.shown) == 3 and server.shown[2].summary == "No backup to backup1 for 10 days"
+        notifier.close()
+        bus.disconnect()
+        # a backup succeeded: no reminder at the next login
+        disks.successes["backup1"] = clock.now + 3600
+        clock.now += 2 * 3600
+        notifier, bus = await login(session_bus.address)
+        assert len(server.shown) == 3 and notifier.reminder_timer is not None
+        notifier.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_a_failure_no_one_could_be_told_is_shown_at_the_next_login_once(session_bus: PrivateBus, tmp_path: Path) -> None:
+    state = str(tmp_path / "state" / "notifications.json")
+    settings = one_disk(tmp_path)
+    disks = FakeDisks({"backup1": NOW - 86400})
+    clock = Clock(NOW)
+
+    async def scenario() -> None:
+        # no notification server on the bus: the failure cannot be shown
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, FakeController(), disks=disks, settings=settings, state_path=state,
+                                      clock=FakeClock(), now=clock, tz=UTC)
+        notifier.login()
+        notifier.backup_started("backup1", "asked")
+        notifier.backup_failed("transfer", "rsync failed (exit status 11)")
+        await notifier.flush()
+        notifier.close()
+        bus.disconnect()
+        assert [f.step for f in load_notice_state(state).missed] == ["transfer"]
+
+        # no session bus at all: kept too
+        clock.now += 3600
+        offline = await notify.start(None, FakeController(), disks=disks, settings=settings, state_path=state,
+                                     clock=FakeClock(), now=clock, tz=UTC)
+        offline.login()
+        offline.backup_started("backup1", "asked")
+        offline.backup_failed("unlock", "no key")
+        await offline.flush()
+        offline.close()
+        assert [f.step for f in load_notice_state(state).missed] == ["transfer", "unlock"]
+
+        # the next login, with a server: shown once, then forgotten
+        clock.now = NOW + 86400
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        for _ in range(2):
+            bus = await MessageBus(bus_address=session_bus.address).connect()
+            notifier = await notify.start(bus, FakeController(), disks=disks, settings=settings, state_path=state,
+                                          clock=FakeClock(), now=clock, tz=UTC)
+            notifier.login()
+            await notifier.flush()
+            notifier.close()
+            bus.disconnect()
+        [missed] = server.shown
+        assert missed.summary == "Backup to backup1 failed while unlocking the disk yesterday at 13:00"
+        assert missed.hints["urgency"] == CRITICAL and missed.actions == ["backup-now", "Back up now"]
+        assert missed.body.endswith("Backups to backup1 failed 2 times since Sat 22 Nov.")
+        assert load_notice_state(state).missed == []
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_a_failure_followed_by_a_success_is_not_shown_at_login(session_bus: PrivateBus, tmp_path: Path) -> None:
+    state = str(tmp_path / "notifications.json")
+    save_notice_state(state, NoticeState(missed=[MissedFailure(NOW - 7200, "backup1", "transfer", "it broke")]))
+    disks = FakeDisks({"backup1": NOW - 3600})
+
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["body"])
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, None, disks=disks, settings=one_disk(tmp_path), state_path=state,
+                                      now=lambda: NOW, tz=UTC)
+        notifier.login()
+        await notifier.flush()
+        assert server.shown == [] and load_notice_state(state).missed == []
+        notifier.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+XDG_OPEN = """#!/bin/sh
+# A stand-in for xdg-open (tests/test_notify.py): records its argv, one per line.
+for arg in "$@"; do printf '%s\\n' "$arg"; done > {record}
+"""
+
+
+@pytest.mark.integration
+def test_open_backups_is_offered_only_when_the_snapshot_can_be_reached_and_runs_xdg_open(
+    session_bus: PrivateBus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "xdg-open.argv"
+    (bin_dir / "xdg-open").write_text(XDG_OPEN.format(record=record))
+    (bin_dir / "xdg-open").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    settings = one_disk(tmp_path)
+    snapshot = tmp_path / "mnt" / "host" / "snapshots" / str(COMPLETE["snapshot"])
+    snapshot.mkdir(parents=True)
+
+    def ended(left: str, detail: str = "") -> AgentStatus:
+        return AgentStatus(state="disk-attached", disk="backup1", last_success=NOW, last_result="success",
+                           disk_left=left, disk_left_detail=detail)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, None, settings=settings, clock=FakeClock(), now=lambda: NOW)
+
+        # locked again (the normal case): nothing to open
+        notifier.backup_started("backup1", "asked")
+        notifier.backup_completed(COMPLETE)
+        notifier.status_changed(ended("locked"))
+        await notifier.flush()
+        assert server.shown[-1].body.endswith("It is safe to unplug backup1.") and server.shown[-1].actions == []
+
+        # found mounted, left mounted: the snapshot is there, so it is offered
+        notifier.backup_started("backup1", "asked")
+        notifier.backup_completed(COMPLETE)
+        notifier.status_changed(ended("mounted", str(tmp_path / "mnt")))
+        await notifier.flush()
+        done = server.shown[-1]
+        assert done.actions == ["open-backups", "Open backups"]
+        assert "stays unlocked and mounted at" in done.body and "safe to unplug" not in done.body
+        server.action_invoked(done.id, "open-backups")
+        await until(lambda: record.exists() and record.read_text().endswith("\n"))
+        assert record.read_text().splitlines() == [str(snapshot)]
+
+        # mounted, but the snapshot is not there for this user: not offered
+        snapshot.rename(snapshot.with_name("elsewhere"))
+        notifier.backup_started("backup1", "asked")
+        notifier.backup_completed(COMPLETE)
+        notifier.status_changed(ended("mounted", str(tmp_path / "mnt")))
+        await notifier.flush()
+        assert server.shown[-1].actions == []
+        notifier.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+# -- the real agent and cycle: "safe to unplug" only when it is ------------------------------------
+
+
+@real
+@pytest.mark.parametrize("case", ["locked", "found unlocked", "found mounted", "lock fails"])
+def test_the_completed_notification_tells_how_the_real_cycle_left_the_disk(
+    bench: Bench, here: None, session_bus: PrivateBus, case: str
+) -> None:
+    bench.prepared()  # one snapshot made by the CLI; the disk stays attached
+    if case == "lock fails":
+        bench.write_config(variant="stop-fails")
+    elif case != "locked":
+        bench.rig.unlock_by_hand()
+    if case == "found mounted":
+        bench.rig.mount_by_hand(str(bench.rig.mapped))
+    settle()
+
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, None, settings=load_settings(str(bench.config)))
+        try:
+            async with agent_on(bench, extra_listeners=(notifier,)) as (agent, recorder):
+                await one_cycle(agent, recorder)
+                status = agent.status()
+                await notifier.flush()
+        finally:
+            notifier.close()
+            bus.disconnect()
+            server_bus.disconnect()
+        assert status.last_result == "success", (status, recorder.calls)
+        final = server.shown[-1]
+        assert final.summary.startswith(f"Backup to {NAME} complete"), server.shown
+        if case == "locked":
+            assert (status.disk_left, status.disk_left_detail) == ("locked", "")
+            assert final.body.endswith(f"It is safe to unplug {NAME}.")
+        else:
+            assert "safe to unplug" not in final.body
+        if case == "found unlocked":
+            assert status.disk_left == "unlocked"
+            assert final.body.endswith(f"{NAME} was unmounted but stays unlocked, as it was found: eject it before you unplug it.")
+        if case == "found mounted":
+            assert (status.disk_left, status.disk_left_detail) == ("mounted", str(bench.rig.mount_point))
+            assert final.body.endswith(
+                f"{NAME} stays unlocked and mounted at {bench.rig.mount_point}, as it was found: eject it before you unplug it."
+            )
+            assert final.actions == ["open-backups", "Open backups"]  # the snapshot is there to open
+        if case == "lock fails":
+            assert status.disk_left == "lock-failed" and f"locking {NAME} failed" in status.disk_left_detail
+            assert final.summary == f"Backup to {NAME} complete, but the disk is still unlocked"
+            assert f"Could not lock {NAME}: locking {NAME} failed" in final.body
+            assert final.body.endswith("Do not unplug it yet.")
+        if case != "found mounted":
+            assert final.actions == []
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+# -- backup-agent run: the login's reminder, and both ways to turn notifications off -----------------
+
+
+@real
+@pytest.mark.parametrize("switch", ["on", "--disable-notifications", "enabled = false"])
+def test_backup_agent_run_reminds_at_login_unless_notifications_are_off(
+    session_bus: PrivateBus, here: None, trusted_dir: Path, tmp_path: Path, switch: str
+) -> None:
+    config = trusted_dir / "config.toml"
+    lines = ["[notifications]", "remind_after = 7"]
+    if switch == "enabled = false":
+        lines.append("enabled = false")
+    lines += ["[[disk]]", 'name = "backup1"', f'luks_uuid = "{uuid.uuid4()}"', f'mount_point = "{tmp_path / "mnt"}"']
+    config.write_text("\n".join(lines) + "\n")
+    state_home = tmp_path / "xdg-state"
+    # the agent has known the disk for a month, and it never had a backup
+    save_notice_state(str(state_home / "backup-agent" / "notifications.json"),
+                      NoticeState(known_since={"backup1": NOW - 30 * 86400}))
+    env = {k: v for k, v in os.environ.items() if k not in ("SUDO_UID", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env.update(DBUS_SESSION_BUS_ADDRESS=session_bus.address, XDG_STATE_HOME=str(state_home))
+    env.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+    argv = [sys.executable, "-m", "agent.cli", "run", "--no-sudo", "--config", str(config)]
+    if switch == "--disable-notifications":
+        argv.append(switch)
+    log_path = tmp_path / "agent.log"
+
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        with open(log_path, "wb") as log_file:
+            agent = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            await until(lambda: "watching for" in log_path.read_text() or agent.poll() is not None, 15)
+            assert agent.poll() is None, log_path.read_text()
+            if switch == "on":
+                await until(lambda: server.shown, 5)
+                [reminder] = server.shown
+                assert reminder.summary == "No backup to backup1 yet" and reminder.app_name == "Backups"
+            else:
+                await asyncio.sleep(1.0)  # the reminder comes within milliseconds when notifications are on
+                assert server.shown == []
+                assert "desktop notifications are turned off" in log_path.read_text()
+            agent.send_signal(signal.SIGTERM)
+            while agent.poll() is None:
+                await asyncio.sleep(0.05)
+            assert agent.returncode == 0 and "Traceback" not in log_path.read_text(), log_path.read_text()
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+            server_bus.disconnect()
+
+    asyncio.run(asyncio.wait_for(scenario(), 40))

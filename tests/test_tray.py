@@ -101,7 +101,7 @@ def test_the_tooltip_shows_the_progress_or_the_last_backup() -> None:
     running = AgentStatus(state="running", disk="backup1", step="transfer", last_success=NOW - 7200)
     event = {"percent": 42, "eta": 240, "files": 12, "bytes": 1048576}
     assert tray.tooltip(running, event, NOW) == (
-        "Backing up to backup1: 42%", "About 4 minutes left: copying files (12 files, 1.0 MB so far)."
+        "Backing up to backup1: 42%", "About 4 minutes left: copying files (12 files, 1.0 MiB so far)."
     )
     assert tray.tooltip(AgentStatus(state="running", disk="backup1", step="unlock"), {}, NOW) == (
         "Backing up to backup1", "Working out the time left: unlocking the disk."
@@ -394,7 +394,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             shown = await host.properties()
             assert (shown["IconName"], shown["Status"]) == ("document-save", "Active")
             assert shown["ToolTip"][2:] == ("Backing up to backup1: 50%",
-                                            "About 2 minutes left: copying files (1 file, 1.0 kB so far).")
+                                            "About 2 minutes left: copying files (1 file, 1000 B so far).")
             assert [(ident, enabled) for ident, _, enabled in await host.menu()][:4] == [
                 (BACK_UP_NOW, False), (STOP, True), (OPEN_LATEST, False), (EJECT_BASE, True)]
             updated = [body for name, body in host.signals if name == "ItemsPropertiesUpdated"]

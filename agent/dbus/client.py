@@ -38,7 +38,7 @@ from dbus_fast import Message, MessageFlag, MessageType, unpack_variants
 from dbus_fast.aio import MessageBus
 
 from ..errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, BackupAgentError
-from ..state import STATE_FILE_VERSION, AgentStatus, Result, State, state_file_path
+from ..state import STATE_FILE_VERSION, AgentStatus, DiskLeft, Result, State, state_file_path
 from . import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ async def get_status(bus: MessageBus | None = None) -> AgentStatus:
 
 _STATE_VALUES = frozenset(get_args(State))
 _RESULT_VALUES = frozenset(get_args(Result))
+_DISK_LEFT_VALUES = frozenset(get_args(DiskLeft))
 
 
 def _number(value: Any) -> bool:
@@ -165,6 +166,16 @@ def status_from_mapping(values: Any, *, source: str) -> AgentStatus:
         elif name == "last_message":
             if isinstance(value, str):
                 status.last_message = value
+            else:
+                bad(name, "a string")
+        elif name == "disk_left":
+            if value in _DISK_LEFT_VALUES:
+                status.disk_left = cast(DiskLeft, value)
+            else:
+                bad(name, "one of " + ", ".join(repr(v) for v in sorted(_DISK_LEFT_VALUES)))
+        elif name == "disk_left_detail":
+            if isinstance(value, str):
+                status.disk_left_detail = value
             else:
                 bad(name, "a string")
         elif name in ("last_success", "next_due"):

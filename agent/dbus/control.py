@@ -45,6 +45,8 @@ STATUS_SIGNATURES: dict[str, str] = {
     "step": "s",
     "progress": "a{sv}",
     "cycle_pid": "u",
+    "disk_left": "s",
+    "disk_left_detail": "s",
 }
 
 # Progress signal: key in the dictionary <- keys of the cycle's progress event

@@ -19,24 +19,60 @@ reached is logged once (and again only after it worked in between).
 "Safe to unplug": the cycle's ``complete`` event comes before the disk is
 unmounted and locked. The completed notification first says the disk is
 being locked; when :meth:`Notifier.status_changed` shows the cycle ended
-without an error (an unmount or lock failure arrives as ``backup_failed``),
-it is replaced by one that says the disk is safe to unplug.
+without an error (an unmount failure arrives as ``backup_failed``), it is
+replaced by one that says what is true, from the status's ``disk_left``:
+safe to unplug only when the cycle unmounted and locked the disk; else
+that it stays unlocked (and mounted) as it was found, or why it could not
+be locked.
+
+"Open backups" opens the latest snapshot with ``xdg-open``. After a normal
+cycle the disk is locked and there is nothing to open, so the action is
+offered only where the snapshot can be reached: the cycle left the disk
+mounted as it found it, and the snapshot's directory is there for this user.
+
+Reminders and missed failures (:mod:`agent.reminder` decides): at login
+(:meth:`Notifier.login`, once the agent has read the disks present) the
+failures no one could be told about are shown, and a disk that had no
+successful backup for ``remind_after`` days gets a reminder, then once a
+day while the agent runs, until the disk is seen. One timer waits for the
+next one. Without a session bus the notifier still records failures, for
+the next login.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import html
 import logging
 import math
+import os
+import shutil
+import threading
 import time
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from ..state import AgentStatus, Controller, Listener
+from ..commands import Runner
+from ..config import Settings
+from ..cycle import human_size
+from ..errors import CommandError
+from ..reminder import (
+    DAY,
+    DiskView,
+    MissedFailure,
+    MissedSummary,
+    NoticeState,
+    load_notice_state,
+    missed_to_show,
+    plan_reminders,
+    save_notice_state,
+)
+from ..repository import SNAPSHOTS
+from ..state import AgentStatus, Controller, DiskLeft, Listener
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +89,9 @@ LOW, NORMAL, CRITICAL = 0, 1, 2
 
 ACTION_BACKUP_NOW = "backup-now"
 ACTION_STOP = "stop"
-ACTION_LABELS: dict[str, str] = {ACTION_BACKUP_NOW: "Back up now", ACTION_STOP: "Stop"}
+ACTION_OPEN = "open-backups"
+ACTION_LABELS: dict[str, str] = {ACTION_BACKUP_NOW: "Back up now", ACTION_STOP: "Stop", ACTION_OPEN: "Open backups"}
+REMINDER_RETRY = 3600.0  # seconds before a reminder that could not be shown is tried again
 
 CLOSED_BY_USER = 2  # NotificationClosed's reason: dismissed by the user
 
@@ -142,16 +180,23 @@ def when(moment: float, now: float, tz: dt.tzinfo | None = None) -> str:
     return f"on {at.strftime('%a')} {at.day} {at.strftime('%b')} at {clock}"
 
 
-def size(count: float) -> str:
-    """Bytes in decimal units: "512 bytes", "1.5 MB", "2.0 GB"."""
-    if count < 1000:
-        return _plural(int(count), "byte")
-    value = float(count)
-    for unit in ("kB", "MB", "GB", "TB"):
-        value /= 1000
-        if value < 1000 or unit == "TB":
-            break
-    return f"{value:.1f} {unit}"
+def day(moment: float, now: float, tz: dt.tzinfo | None = None) -> str:
+    """A past day: "Sat 15 Nov", with the year when it is not this one's (local time unless tz)."""
+    at = dt.datetime.fromtimestamp(moment, tz)
+    year = f" {at.year}" if at.year != dt.datetime.fromtimestamp(now, tz).year else ""
+    return f"{at.strftime('%a')} {at.day} {at.strftime('%b')}{year}"
+
+
+def past(moment: float, now: float, tz: dt.tzinfo | None = None) -> str:
+    """A past moment: "today at 14:03", "yesterday at 14:03", "on Sat 15 Nov at 14:03"."""
+    at = dt.datetime.fromtimestamp(moment, tz)
+    today = dt.datetime.fromtimestamp(now, tz).date()
+    clock = at.strftime("%H:%M")
+    if at.date() == today:
+        return f"today at {clock}"
+    if at.date() == today - dt.timedelta(days=1):
+        return f"yesterday at {clock}"
+    return f"on {day(moment, now, tz)} at {clock}"
 
 
 def duration(seconds: float) -> str:
@@ -210,13 +255,34 @@ def progress_text(disk: str, event: Mapping[str, Any], step: str | None) -> Text
         copied.append(_plural(int(files), "file"))
     done = _number(event.get("bytes"))
     if done is not None:
-        copied.append(size(done))
+        copied.append(human_size(done))
     so_far = f" ({', '.join(copied)} so far)" if copied else ""
     return Text(summary, f"{left[0].upper()}{left[1:]}: {step_words(step or 'transfer')}{so_far}.", LOW)
 
 
-def completed_text(disk: str, event: Mapping[str, Any], locked: bool) -> Text:
-    """Completed: what changed, how long it took, the snapshot; "safe to unplug" once locked."""
+def _left_words(disk: str, left: DiskLeft | None, detail: str) -> str:
+    if left is None:
+        return "The disk is being locked… do not unplug it yet."
+    if left == "locked":
+        return f"It is safe to unplug {disk}."
+    if left == "mounted":
+        where = f" at {detail}" if detail else ""
+        return f"{disk} stays unlocked and mounted{where}, as it was found: eject it before you unplug it."
+    if left == "unlocked":
+        return f"{disk} was unmounted but stays unlocked, as it was found: eject it before you unplug it."
+    if left == "lock-failed":
+        why = detail.strip().rstrip(".") or "it is still unlocked"
+        return f"Could not lock {disk}: {why}. Do not unplug it yet."
+    return f"Eject {disk} from the file manager before you unplug it."
+
+
+def completed_text(disk: str, event: Mapping[str, Any], left: DiskLeft | None, detail: str = "") -> Text:
+    """Completed: what changed, how long it took, the snapshot, and how the disk was left.
+
+    ``left``: None while the disk is still being closed; otherwise the
+    status's ``disk_left`` ("locked" is the only one that says "safe to
+    unplug"), with ``disk_left_detail`` (the mount point, or why locking failed).
+    """
     statistics = event.get("statistics")
     stats: Mapping[str, Any] = statistics if isinstance(statistics, Mapping) else {}
     files = _number(stats.get("transferred_files"))
@@ -225,7 +291,7 @@ def completed_text(disk: str, event: Mapping[str, Any], locked: bool) -> Text:
         changed = "Nothing changed since the last backup"
     elif files is not None:
         changed = f"{_plural(int(files), 'file')} changed" + (
-            f" ({size(changed_bytes)})" if changed_bytes is not None else ""
+            f" ({human_size(changed_bytes)})" if changed_bytes is not None else ""
         )
     else:
         changed = "Backed up"
@@ -239,9 +305,10 @@ def completed_text(disk: str, event: Mapping[str, Any], locked: bool) -> Text:
         line += " Some files could not be read: the log lists them."
     if event.get("flagged"):
         line += " This snapshot has far fewer files than the last one: check that nothing is missing."
-    tail = f"It is safe to unplug {disk}." if locked else "The disk is being locked… do not unplug it yet."
     summary = f"Backup to {disk} finished with problems" if partial else f"Backup to {disk} complete"
-    return Text(summary, f"{line}\n{tail}", NORMAL)
+    if left == "lock-failed":
+        summary += ", but the disk is still unlocked"
+    return Text(summary, f"{line}\n{_left_words(disk, left, detail)}", NORMAL)
 
 
 def failed_text(disk: str | None, step: str | None, message: str, snapshot: str | None = None) -> Text:
@@ -264,6 +331,27 @@ def failed_text(disk: str | None, step: str | None, message: str, snapshot: str 
         f"Backup {where}failed while {step_words(step)}",
         f"{cause[0].upper()}{cause[1:]}.\n{hint}\nEarlier snapshots are untouched.",
         CRITICAL,
+    )
+
+
+def missed_text(missed: MissedSummary, now: float, tz: dt.tzinfo | None = None) -> Text:
+    """A failure no one could be told about, shown at the next login: when, and how many since."""
+    failure = missed.latest
+    text = failed_text(failure.disk, failure.step, failure.message, failure.snapshot)
+    body = text.body
+    if missed.times > 1:
+        body += f"\nBackups to {failure.disk} failed {missed.times} times since {day(missed.first, now, tz)}."
+    return Text(f"{text.summary} {past(failure.time, now, tz)}", body, CRITICAL)
+
+
+def reminder_text(disk: str, last_success: float | None, now: float, tz: dt.tzinfo | None = None) -> Text:
+    """No backup succeeded for a while: the disk, and the date of its last backup ("never")."""
+    plug = f"Plug {disk} in: the backup starts by itself."
+    if last_success is None:
+        return Text(f"No backup to {disk} yet", f"Last backup: never. {plug}", NORMAL)
+    days = max(0, int((now - last_success) // DAY))
+    return Text(
+        f"No backup to {disk} for {_plural(days, 'day')}", f"Last backup on {day(last_success, now, tz)}. {plug}", NORMAL
     )
 
 
@@ -293,8 +381,16 @@ def skipped_text(
 # -- the notifier ---------------------------------------------------------------------------
 
 
+class DiskSource(Protocol):
+    """What reminders need to know of the agent (agent.daemon.Agent is one)."""
+
+    def attached(self) -> list[str]: ...
+
+    def last_successes(self) -> dict[str, float | None]: ...
+
+
 class _Item(NamedTuple):
-    slot: str  # which notification it updates: "cycle" or "disk"
+    slot: str  # which notification it updates: "cycle", "disk", "missed:DISK" or "reminder:DISK"
     text: Text
     actions: tuple[str, ...]
     icon: str
@@ -302,24 +398,37 @@ class _Item(NamedTuple):
     value: int | None  # a progress bar's percent
     transient: bool
     generation: int  # the cycle it belongs to (a new cycle gets a new notification)
+    open_path: str | None = None  # what "Open backups" opens
+    shown: Callable[[], None] | None = None  # called once the server showed it
+    missed: Callable[[], None] | None = None  # called when it could not be shown
 
 
 class Notifier:
     """A Listener that shows the agent's events as desktop notifications.
 
-    ``bus`` is a connected session bus; ``controller`` receives "Back up now"
-    and "Stop" (no actions without one); ``clock`` (monotonic seconds) paces
-    progress; ``now`` (epoch seconds) is for ages and due times. Use
-    :func:`start` to make one; :meth:`close` ends it.
+    ``bus`` is a connected session bus (None: there is none; failures are
+    only recorded for the next login); ``controller`` receives "Back up now"
+    and "Stop" (no such actions without one); ``disks`` and ``settings``
+    (remind_after, each disk's repository) are for reminders and "Open
+    backups"; ``state_path`` is where reminders and missed failures are kept
+    (:func:`agent.reminder.notice_state_path`; None: not kept). ``clock``
+    (monotonic seconds) paces progress; ``now`` (epoch seconds) is for ages,
+    due times and reminders; ``tz`` for dates (None: local time). Use
+    :func:`start` to make one; :meth:`login` once the agent watches;
+    :meth:`close` ends it.
     """
 
     def __init__(
         self,
-        bus: MessageBus,
+        bus: MessageBus | None,
         controller: Controller | None = None,
         *,
+        disks: DiskSource | None = None,
+        settings: Settings | None = None,
+        state_path: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], float] = time.time,
+        tz: dt.tzinfo | None = None,
         min_interval: float = PROGRESS_INTERVAL,
         app_name: str = APP_NAME,
     ) -> None:
@@ -328,13 +437,25 @@ class Notifier:
         self._controller = controller
         self._clock = clock
         self._now = now
+        self._tz = tz
         self._min_interval = min_interval
         self._app_name = app_name
+        self._disks = disks
+        self._remind_after = settings.remind_after if settings is not None else 0
+        self._repositories = {disk.name: disk.repository for disk in settings.disks} if settings is not None else {}
+        self._state_path = state_path
+        self._notice = load_notice_state(state_path) if state_path is not None else NoticeState()
+        self._logged_in = False
+        self._attached: set[str] = set()
+        self._reminding: set[str] = set()  # reminders queued, not yet shown or failed
+        self._retry_at: float | None = None  # a reminder could not be shown: not again before this
+        self._reminder_timer: asyncio.TimerHandle | None = None
+        self._open_paths: dict[int, str] = {}  # notification id → the snapshot "Open backups" opens
         self._queue: asyncio.Queue[_Item] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._ids: dict[str, int] = {}  # slot → the id the server gave its notification
         self._ours: dict[int, tuple[str, ...]] = {}  # id → the actions it offers
-        self._warned = False
+        self._warned = bus is None  # start() already said there is no bus
         self._closed = False
         self._handler_added = False
         # what the agent said so far
@@ -352,6 +473,8 @@ class Notifier:
     async def open(self) -> None:
         """Subscribe to ActionInvoked and NotificationClosed, and ask the server's capabilities."""
         self._ensure_worker()
+        if self.bus is None:
+            return
         self.bus.add_message_handler(self._on_message)
         self._handler_added = True
         try:
@@ -371,7 +494,10 @@ class Notifier:
         self._closed = True
         if self._worker is not None:
             self._worker.cancel()
-        if self._handler_added:
+        if self._reminder_timer is not None:
+            self._reminder_timer.cancel()
+            self._reminder_timer = None
+        if self._handler_added and self.bus is not None:
             self.bus.remove_message_handler(self._on_message)
 
     async def flush(self) -> None:
@@ -379,17 +505,123 @@ class Notifier:
         if self._queue is not None and self._worker is not None and not self._worker.done():
             await self._queue.join()
 
+    # -- login: missed failures and reminders --------------------------------------------------
+
+    def login(self) -> None:
+        """The agent started (a login) and has read the disks present: missed failures, then reminders."""
+        try:
+            self._logged_in = True
+            successes: dict[str, float | None] = {}
+            if self._disks is not None:
+                self._attached = set(self._disks.attached())
+                successes = self._disks.last_successes()
+                now = self._now()
+                for name in successes:
+                    self._notice.known_since.setdefault(name, now)
+            summaries = missed_to_show(self._notice.missed, successes)
+            # Failures a later success made moot are forgotten.
+            self._notice.missed = [f for f in self._notice.missed if any(f.disk == s.latest.disk for s in summaries)]
+            self._save_notice()
+            for summary in summaries:
+                self._post(f"missed:{summary.latest.disk}", missed_text(summary, self._now(), self._tz),
+                           actions=(ACTION_BACKUP_NOW,), icon="dialog-error", category="transfer.error",
+                           shown=functools.partial(self._forget_missed, summary.latest))
+            self._replan(login=True)
+        except Exception:
+            log.exception("notifications: login failed")
+
+    def _forget_missed(self, shown: MissedFailure) -> None:
+        self._notice.missed = [f for f in self._notice.missed if f.disk != shown.disk or f.time > shown.time]
+        self._save_notice()
+
+    def _record_missed(self, failure: MissedFailure) -> None:
+        if self._state_path is None:
+            return
+        self._notice.missed.append(failure)
+        self._save_notice()
+        log.info("the failure of the backup to %s is kept and shown at the next login", failure.disk)
+
+    def _save_notice(self) -> None:
+        if self._state_path is None:
+            return
+        try:
+            save_notice_state(self._state_path, self._notice)
+        except OSError as exc:
+            log.warning("could not save the notifications' state to %s: %s", self._state_path, exc)
+
+    def _replan(self, *, login: bool = False) -> None:
+        """Show the reminders due now; arm the one timer for the next."""
+        if self._reminder_timer is not None:
+            self._reminder_timer.cancel()
+            self._reminder_timer = None
+        if self._disks is None or not self._logged_in or self._closed or self._remind_after <= 0:
+            return
+        now = self._now()
+        successes = self._disks.last_successes()
+        views = {
+            name: DiskView(last, name in self._attached, self._notice.known_since.get(name),
+                           self._notice.reminded.get(name))
+            for name, last in successes.items()
+        }
+        plan = plan_reminders(now, views, self._remind_after, login=login, tz=self._tz)
+        wake = plan.next_check
+        if self._retry_at is not None and now < self._retry_at:
+            wake = self._retry_at if wake is None else min(wake, self._retry_at)
+        else:
+            self._retry_at = None
+            for reminder in plan.due:
+                if reminder.disk in self._reminding:
+                    continue
+                self._reminding.add(reminder.disk)
+                self._post(f"reminder:{reminder.disk}", reminder_text(reminder.disk, reminder.last_success, now, self._tz),
+                           icon="drive-harddisk", category="device",
+                           shown=functools.partial(self._reminded, reminder.disk, True),
+                           missed=functools.partial(self._reminded, reminder.disk, False))
+        if wake is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            # At least a second: a clock that disagrees with the plan never spins.
+            self._reminder_timer = loop.call_later(max(1.0, wake - now), self.remind)
+
+    @property
+    def reminder_timer(self) -> asyncio.TimerHandle | None:
+        """The one timer armed for the next reminder (None: none to wait for)."""
+        return self._reminder_timer
+
+    def remind(self) -> None:
+        """What the reminder timer does: show the reminders due, arm the timer for the next."""
+        try:
+            self._replan()
+        except Exception:
+            log.exception("notifications: reminders failed")
+
+    def _reminded(self, disk: str, shown: bool) -> None:
+        self._reminding.discard(disk)
+        if shown:
+            self._notice.reminded[disk] = self._now()
+            self._save_notice()
+        else:
+            self._retry_at = self._now() + REMINDER_RETRY
+        self._replan()
+
     # -- Listener ---------------------------------------------------------------------
 
     def status_changed(self, status: AgentStatus) -> None:
         try:
             self._status = status
             plugged, self._plugged = self._plugged, None
+            if status.state != "running":
+                self._replan()  # a cycle ended: a success ends the reminders
             if self._completed is not None and status.state != "running":
                 event, self._completed = self._completed, None
                 if status.last_result in ("success", "partial"):
-                    self._post("cycle", completed_text(self._disk or status.disk or "the disk", event, True),
-                               icon="drive-harddisk", category="transfer.complete")
+                    disk = self._disk or status.disk or "the disk"
+                    open_path = self._reachable_snapshot(disk, event, status)
+                    self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail),
+                               actions=(ACTION_OPEN,) if open_path else (), icon="drive-harddisk",
+                               category="transfer.complete", open_path=open_path)
             elif (
                 plugged is not None
                 and status.state != "running"
@@ -404,10 +636,14 @@ class Notifier:
 
     def disk_attached(self, disk: str) -> None:
         self._plugged = disk
+        self._attached.add(disk)
+        self._replan()
 
     def disk_removed(self, disk: str, during_backup: bool) -> None:
         try:
             self._plugged = None
+            self._attached.discard(disk)
+            self._replan()
             if during_backup:
                 self._removed = True
                 self._completed = None
@@ -450,7 +686,7 @@ class Notifier:
         try:
             self._completed = dict(event)
             self._muted = False
-            self._post("cycle", completed_text(self._disk or "the disk", event, False),
+            self._post("cycle", completed_text(self._disk or "the disk", event, None),
                        icon="drive-harddisk", category="transfer")
         except Exception:
             log.exception("notifications: backup_completed failed")
@@ -462,13 +698,29 @@ class Notifier:
                 return  # the removal notification already says it all
             self._muted = False
             snapshot = completed.get("snapshot") if completed is not None else None
-            text = failed_text(self._disk, step, message, snapshot if isinstance(snapshot, str) else None)
+            done = snapshot if isinstance(snapshot, str) else None
+            text = failed_text(self._disk, step, message, done)
+            failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done)
             self._post("cycle", text, actions=(ACTION_BACKUP_NOW,) if not snapshot else (),
-                       icon="dialog-error", category="transfer.error")
+                       icon="dialog-error", category="transfer.error",
+                       missed=lambda: self._record_missed(failure))
         except Exception:
             log.exception("notifications: backup_failed failed")
 
     # -- sending ----------------------------------------------------------------------
+
+    def _reachable_snapshot(self, disk: str, event: Mapping[str, Any], status: AgentStatus) -> str | None:
+        """The completed snapshot's directory when "Open backups" can honestly open it, else None.
+
+        Only when the cycle left the disk mounted (as it found it) and the
+        directory is there for this user: a locked disk has nothing to open.
+        """
+        snapshot = event.get("snapshot")
+        repository = self._repositories.get(disk)
+        if status.disk_left != "mounted" or not isinstance(snapshot, str) or not snapshot or repository is None:
+            return None
+        path = os.path.join(repository, SNAPSHOTS, snapshot)
+        return path if os.path.isdir(path) else None
 
     def _post(
         self,
@@ -480,12 +732,17 @@ class Notifier:
         category: str,
         value: int | None = None,
         transient: bool = False,
+        open_path: str | None = None,
+        shown: Callable[[], None] | None = None,
+        missed: Callable[[], None] | None = None,
     ) -> None:
         if self._closed or not self._ensure_worker():
             return
         assert self._queue is not None
         generation = self._generation if slot == "cycle" else 0
-        self._queue.put_nowait(_Item(slot, text, actions, icon, category, value, transient, generation))
+        self._queue.put_nowait(
+            _Item(slot, text, actions, icon, category, value, transient, generation, open_path, shown, missed)
+        )
 
     def _ensure_worker(self) -> bool:
         if self._worker is not None and not self._worker.done():
@@ -514,17 +771,30 @@ class Notifier:
                 raise
             except Exception as exc:
                 self._failed(exc)
+                self._then(item.missed)
+            else:
+                self._then(item.shown)
             finally:
                 self._queue.task_done()
+
+    @staticmethod
+    def _then(callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            return
+        try:
+            callback()
+        except Exception:
+            log.exception("notifications: keeping what was shown failed")
 
     async def _send(self, item: _Item) -> None:
         if self.capabilities is None:
             await self._capabilities()
         capabilities = self.capabilities or set()
         actions: list[str] = []
-        if "actions" in capabilities and self._controller is not None:
+        if "actions" in capabilities:
             for key in item.actions:
-                actions += [key, ACTION_LABELS[key]]
+                if self._controller is not None or key == ACTION_OPEN:
+                    actions += [key, ACTION_LABELS[key]]
         summary, body, urgency = item.text
         if "body-markup" in capabilities:
             body = html.escape(body, quote=False)
@@ -546,8 +816,13 @@ class Notifier:
         new_id = int(reply.body[0])
         if replaces and replaces != new_id:
             self._ours.pop(replaces, None)
+            self._open_paths.pop(replaces, None)
         self._ids[item.slot] = new_id
         self._ours[new_id] = tuple(actions[::2])
+        if item.open_path is not None and ACTION_OPEN in self._ours[new_id]:
+            self._open_paths[new_id] = item.open_path
+        else:
+            self._open_paths.pop(new_id, None)
         if self._warned:
             log.info("desktop notifications work again")
             self._warned = False
@@ -564,6 +839,8 @@ class Notifier:
 
     async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
                     body: list[Any]) -> Message:
+        if self.bus is None:
+            raise RuntimeError("no session bus")
         message = Message(destination=destination, path=path, interface=interface, member=member,
                           signature=signature, body=body)
         reply = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT)
@@ -591,11 +868,15 @@ class Notifier:
             if message.member == "ActionInvoked" and message.signature == "us":
                 ident, key = int(message.body[0]), str(message.body[1])
                 if key in self._ours.get(ident, ()):
-                    self._act(key)
+                    if key == ACTION_OPEN:
+                        self._open(self._open_paths.get(ident))
+                    else:
+                        self._act(key)
             elif message.member == "NotificationClosed" and message.signature == "uu":
                 ident, reason = int(message.body[0]), int(message.body[1])
                 if ident in self._ours:
                     del self._ours[ident]
+                    self._open_paths.pop(ident, None)
                     for slot, shown in list(self._ids.items()):
                         if shown == ident:
                             del self._ids[slot]
@@ -616,33 +897,59 @@ class Notifier:
             log.exception("notification action %s failed", key)
 
 
+    def _open(self, path: str | None) -> None:
+        """"Open backups": ``xdg-open SNAPSHOT`` (argv, no shell), in a thread: a file manager may stay in front."""
+        if path is None or not os.path.isdir(path):
+            log.warning("cannot open the backups: %s is not there any more (the disk was unmounted?)", path)
+            return
+        program = shutil.which("xdg-open")
+        if program is None:
+            log.warning("cannot open the backups: xdg-open is not installed (apt-get install xdg-utils)")
+            return
+        argv = (program, path)
+        # The session's environment (display, bus, locale), not the cycle's clean one: the file manager
+        # is this user's. An empty LC_ALL is as good as none.
+        env = {**os.environ, "LC_ALL": os.environ.get("LC_ALL", "")}
+
+        def run() -> None:
+            try:
+                result = Runner().run(argv, step="open backups", env=env, check=False)
+            except CommandError as exc:
+                log.warning("cannot open the backups: %s", exc.message)
+                return
+            if result.kind == "error":
+                tail = f": {result.stderr_tail[-1]}" if result.stderr_tail else ""
+                log.warning("xdg-open %s failed (%s)%s", path, result.meaning, tail)
+
+        threading.Thread(target=run, name="open-backups", daemon=True).start()
+
+
 def _listener(notifier: Notifier) -> Listener:
     return notifier  # mypy checks here that Notifier is a Listener
-
-
-_no_bus_logged = False
 
 
 async def start(
     bus: MessageBus | None,
     controller: Controller | None = None,
     *,
+    disks: DiskSource | None = None,
+    settings: Settings | None = None,
+    state_path: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     now: Callable[[], float] = time.time,
+    tz: dt.tzinfo | None = None,
     min_interval: float = PROGRESS_INTERVAL,
-) -> Notifier | None:
-    """A running :class:`Notifier` on ``bus`` (the session bus), or None without one (logged once).
+) -> Notifier:
+    """A running :class:`Notifier` on ``bus`` (the session bus); nothing raises.
 
-    A notification server that is missing now is logged once and asked
-    again at the next notification (one may start later); nothing raises.
+    Without a bus (logged here, once) it shows nothing but keeps failures
+    for the next login. A notification server that is missing now is logged
+    once and asked again at the next notification (one may start later).
     """
-    global _no_bus_logged
     if bus is None:
-        if not _no_bus_logged:
-            _no_bus_logged = True
-            log.warning("no session bus: no desktop notifications")
-        return None
-    notifier = Notifier(bus, controller, clock=clock, now=now, min_interval=min_interval)
+        log.warning("no session bus: no desktop notifications (a failed backup is shown at the next login)")
+    notifier = Notifier(bus, controller, disks=disks, settings=settings, state_path=state_path, clock=clock, now=now,
+                        tz=tz, min_interval=min_interval)
     try:
         await notifier.open()
     except Exception as exc:  # open() already keeps its failures; this is a last guard
@@ -654,16 +961,20 @@ __all__ = [
     "CRITICAL",
     "LOW",
     "NORMAL",
+    "DiskSource",
     "Notifier",
     "PROGRESS_INTERVAL",
     "Text",
     "age",
     "completed_text",
     "duration",
+    "day",
     "failed_text",
+    "missed_text",
+    "past",
     "progress_text",
+    "reminder_text",
     "removed_text",
-    "size",
     "skipped_text",
     "start",
     "started_text",
