@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import logging
 import os
+import pwd
 import signal
 import sys
 from types import FrameType
 from typing import Any, Callable, Sequence
 
-from . import __version__
+from . import __version__, access, history, when
+from . import restore as restoring
 from .commands import IONICE_CLASSES, Runner
 from . import disk as disks
 from . import install as installer
@@ -106,6 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--relaxed", action="store_true", help="count periods, not time since the newest")
     rotate.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
+    reading = _Parser(add_help=False)
+    reading.add_argument("--repository", metavar="DIR", help="read the repository at DIR (no disk is opened)")
+    reading.add_argument("--disk", metavar="NAME", help="read this configured disk (default: the one attached)")
+
+    versions = sub.add_parser(
+        "versions", parents=[common, reading], help="every version of a file or directory across the snapshots"
+    )
+    versions.add_argument("--json", action="store_true", help="one JSON object: path, versions")
+    versions.add_argument("path", metavar="PATH", help="as it is (or was) on this machine; relative to here")
+
+    differ = sub.add_parser("diff", parents=[common, reading], help="what changed between two snapshots")
+    differ.add_argument("--json", action="store_true", help="one JSON object: a, b, source, changes")
+    differ.add_argument("a", nargs="?", metavar="A", help="the older snapshot (default: the one before the newest)")
+    differ.add_argument("b", nargs="?", metavar="B", help="the newer snapshot (default: the newest)")
+
+    restore = sub.add_parser(
+        "restore", parents=[common, reading], help="copy files or trees back out of a snapshot, every attribute kept"
+    )
+    when = restore.add_mutually_exclusive_group()
+    when.add_argument("--snapshot", metavar="NAME", help="from this snapshot (default: the newest that holds the path)")
+    when.add_argument("--at", metavar="TIME", help='as it was at TIME: "yesterday 14:00", "2 days ago", "2026-11-20"')
+    where = restore.add_mutually_exclusive_group()
+    where.add_argument("--to", metavar="DIR", help="into DIR (default: a new restored-<snapshot> beside the original)")
+    where.add_argument("--in-place", action="store_true", help="back where it was; what is there now is moved aside")
+    restore.add_argument("-n", "--dry-run", action="store_true", help="say what would be restored where; change nothing")
+    restore.add_argument("paths", nargs="+", metavar="PATH", help="as it is (or was) on this machine; relative to here")
+
     loud = _Parser(add_help=False)
     loud.add_argument("-v", "--verbose", action="store_true", help="say more (every command run)")
     loud.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
@@ -150,12 +180,22 @@ SUDO_FORMS: dict[str, str] = {
     "init": "init --disk NAME [--yes] [-q|-v]",
     "list": "list [--json] [-q|-v]",
     "rotate": "rotate [-n] [--json] [-q|-v]",
+    "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
+    "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
+    "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
     "list": frozenset({"json", "quiet", "verbose"}),
     "rotate": frozenset({"json", "dry_run", "quiet", "verbose"}),
+    # Reading only, and restoring only into a new directory beside the
+    # original (restore itself checks the caller owns that directory and
+    # could reach the path): --repository, --to and --in-place choose what is
+    # read or written, so they need a root shell.
+    "versions": frozenset({"json", "disk", "path", "quiet", "verbose"}),
+    "diff": frozenset({"json", "disk", "a", "b", "quiet", "verbose"}),
+    "restore": frozenset({"disk", "snapshot", "at", "dry_run", "paths", "quiet", "verbose"}),
 }
 # Run by an administrator with sudo (they check for root themselves), or
 # harmless: they only talk to the user's agent.
@@ -283,32 +323,6 @@ class _Signals:
 # -- subcommands -----------------------------------------------------------------
 
 
-def select_disk(settings: Settings, *, name: str | None, crypto: str | None, mount: str | None) -> Disk | None:
-    """The configured disk named by --disk, --crypto (crypttab name) or --mount (mount point)."""
-    wanted = [(option, value) for option, value in (("--disk", name), ("--crypto", crypto), ("--mount", mount)) if value]
-    if not wanted:
-        return None
-    if not settings.disks:
-        raise UsageError(
-            f"{wanted[0][0]} {wanted[0][1]}: no [[disk]] is configured in {settings.path or SYSTEM_CONFIG}; "
-            "add one (see crypttab-examples/)"
-        )
-    chosen: Disk | None = None
-    for option, value in wanted:
-        if option == "--mount":
-            value = os.path.normpath(os.path.abspath(value))
-            matches = [d for d in settings.disks if d.mount_point == value]
-        else:
-            matches = [d for d in settings.disks if d.name == value]
-        if not matches:
-            known = ", ".join(f"{d.name} ({d.mount_point})" for d in settings.disks)
-            raise UsageError(f"{option} {value}: no configured disk matches; configured: {known}")
-        if chosen is not None and matches[0] != chosen:
-            raise UsageError(f"{option} {value} names another disk than {chosen.name}: give one disk")
-        chosen = matches[0]
-    return chosen
-
-
 def cmd_backup(args: argparse.Namespace) -> int:
     if running_through_sudo():
         refusal = through_sudo_refusal(args)  # main() checked already; this keeps cmd_backup safe on its own
@@ -345,11 +359,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         overrides["exclude"] = effective_excludes(settings) + tuple(args.exclude)
     settings = dataclasses.replace(settings, **overrides)
     steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)
-    disk = select_disk(settings, name=args.disk, crypto=args.crypto, mount=args.mount)
+    disk = disks.select_disk(settings, name=args.disk, crypto=args.crypto, mount=args.mount)
     if disk is not None and destination is not None:
         raise UsageError(f"give either DESTINATION or a disk ({disk.name}), not both: the disk's repository is {disk.repository}")
     if disk is None and destination is None and settings.repository is None and settings.disks:
-        disk = _present_disk(settings, quiet=args.quiet)
+        disk = disks.first_present(settings, Runner())
         if disk is None:
             return _no_disk(settings, interactive=sys.stdin.isatty())
     request = Request(
@@ -369,17 +383,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if outcome.partial else EXIT_OK
 
 
-def _present_disk(settings: Settings, *, quiet: bool) -> Disk | None:
-    """Without --disk: the first configured disk that is attached."""
-    present = disks.present_disks(settings, Runner())
-    if present and len(present) > 1 and not quiet:
-        log.info("several backup disks are attached; using %s", present[0][0].name)
-    return present[0][0] if present else None
-
-
 def _no_disk(settings: Settings, *, interactive: bool) -> int:
-    described = "; ".join(f"{d.name} (LUKS UUID {d.luks_uuid})" for d in settings.disks)
-    message = f"no configured backup disk is attached: looked for {described}"
+    message = disks.none_attached(settings)
     if interactive:
         raise DiskMissingError(message + "; plug one in (`blkid` lists the UUIDs of attached disks)")
     log.info("%s", message)
@@ -446,7 +451,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise UsageError("init unlocks and mounts the disk and needs root: run it with sudo")
     settings = _load(args)
-    disk = select_disk(settings, name=args.disk, crypto=None, mount=None)
+    disk = disks.select_disk(settings, name=args.disk, crypto=None, mount=None)
     if disk is None:  # --disk is required, so this is only for the type checker
         raise UsageError("init needs --disk NAME")
     runner = Runner()
@@ -529,6 +534,121 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reading(args: argparse.Namespace, settings: Settings) -> "contextlib.AbstractContextManager[Repository]":
+    return access.open_repository(
+        settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command=args.command
+    )
+
+
+def _partial(snapshot: str, partial: Sequence[str]) -> str:
+    return f"{snapshot} (partial)" if snapshot in partial else snapshot
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    path = history.live_path(args.path, os.getcwd())
+    with _reading(args, settings) as repo:
+        snaps = history.snapshots(repo)
+        found = history.versions(snaps, path)
+        if not found:
+            raise history.not_held(snaps, path)
+    if args.json:
+        print(json.dumps({"path": path, "versions": [v.as_dict() for v in found]}, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    print(f"{path}: {len(found)} version{'s' if len(found) != 1 else ''} in {len(snaps)} snapshots")
+    print(f"{'FIRST':<26} {'LAST':<26} {'SIZE':>10}  {'MODIFIED':<25} NOTES")
+    for version in found:
+        notes = [] if version.kind == "file" else [version.kind]
+        if version.kind == "symlink":
+            notes.append(f"-> {version.target}")
+        if version.kind == "directory":
+            notes.append(f"{version.entries} entries")
+            notes += [f"{sign}{len(names)}" for sign, names in (("+", version.added), ("-", version.removed), ("~", version.replaced)) if names]
+        if version.partial:
+            notes.append("partial: " + ", ".join(version.partial))
+        print(
+            f"{version.first:<26} {version.last:<26} {human_size(version.size or 0):>10}  "
+            f"{history.iso_time(version.mtime_ns):<25} {' '.join(notes)}"
+        )
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    with _reading(args, settings) as repo:
+        snaps = history.snapshots(repo)
+        a, b = history.pick_pair(snaps, args.a, args.b)
+        if a.source != b.source:
+            raise UsageError(f"{a.name} backs up {a.source} and {b.name} backs up {b.source}: they cannot be compared")
+        changes = history.diff(a.path, b.path)
+    if args.json:
+        body = {
+            "a": a.name,
+            "b": b.name,
+            "source": b.source,
+            "partial": [s.name for s in (a, b) if s.partial],
+            "changes": [c.as_dict(b.source) for c in changes],
+        }
+        print(json.dumps(body, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    print(f"{_partial(a.name, [s.name for s in (a, b) if s.partial])} -> {_partial(b.name, [b.name] if b.partial else [])}")
+    signs = {"added": "+", "removed": "-", "changed": "~"}
+    counts = {"added": 0, "removed": 0, "changed": 0}
+    for change in changes:
+        counts[change.change] += 1
+        shown = os.path.join(b.source, change.path) + ("/" if change.kind == "directory" else "")
+        if change.change == "changed":
+            sizes = "" if change.kind == "directory" else f"{human_size(change.size_before or 0)} -> {human_size(change.size_after or 0)}, "
+            print(f"{signs[change.change]} {shown}  ({sizes}{change.what})")
+        else:
+            size = change.size_after if change.change == "added" else change.size_before
+            print(f"{signs[change.change]} {shown}" + ("" if size is None else f"  ({human_size(size)})"))
+    print(", ".join(f"{count} {name}" for name, count in counts.items()))
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    now = dt.datetime.now().astimezone()
+    at = when.parse_when(args.at, now, when.local_zone()) if args.at else None
+    cwd = os.getcwd()
+    paths = [history.live_path(path, cwd) for path in args.paths]
+    to = history.live_path(args.to, cwd) if args.to else None
+    with _reading(args, settings) as repo:
+        snaps = history.snapshots(repo)
+        targets = []
+        for path in paths:
+            try:
+                targets.append(restoring.choose(snaps, path, snapshot=args.snapshot, at=at))
+            except LookupError:
+                raise history.not_held(snaps, path) from None
+        plan = restoring.plan_restore(
+            targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir
+        )
+        if running_through_sudo():
+            uid = int(os.environ["SUDO_UID"])
+            refusal = restoring.caller_refusal(plan, targets, uid, _groups(uid))
+            if refusal is not None:
+                raise UsageError(refusal)
+        verb = "would restore" if args.dry_run else "restoring"
+        for item in plan.items:
+            moved = f" (the current one moved aside to {item.aside})" if item.aside and args.dry_run else ""
+            print(f"{verb} {item.path} from {_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}{moved}")
+        if not args.dry_run:
+            restoring.execute(plan, Runner(), settings.commands.rsync, say=print)
+            print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
+    return EXIT_OK
+
+
+def _groups(uid: int) -> list[int]:
+    """The groups of the user sudo was called by."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return []
+    return os.getgrouplist(entry.pw_name, entry.pw_gid)
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     # sys.argv[0]: the file this process was started as, not a PATH lookup.
     return installer.install(user=args.user, dry_run=args.dry_run, argv0=sys.argv[0])
@@ -569,6 +689,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init": cmd_init,
     "list": cmd_list,
     "rotate": cmd_rotate,
+    "versions": cmd_versions,
+    "diff": cmd_diff,
+    "restore": cmd_restore,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
     "run": cmd_run,

@@ -435,3 +435,23 @@ def exclude_repository_rule(source: str, repository: str) -> tuple[str, ...]:
     if relative == "":
         raise ValueError(f"the repository {repository!r} is the source itself")
     return (f"--exclude={_literal('/' + relative)}",)
+
+
+def restore_argv(*, rsync: str, source: str, destination: str, dry_run: bool = False) -> tuple[str, ...]:
+    """The argv that copies ``source`` out of a snapshot into ``destination`` with every attribute (pure).
+
+    ``source`` is ``<snapshot>/<where>/./<path>``: with ``--relative`` rsync
+    recreates ``<path>`` below ``destination``, its directories with the
+    snapshot's owners, modes and times. Without a trailing slash a directory
+    is copied as itself, and a symbolic link as a link.
+    """
+    if not rsync:
+        raise ValueError("the rsync program must not be empty")
+    _check_absolute("source", source)
+    _check_absolute("destination", destination)
+    if "/./" not in source:
+        raise ValueError(f"source {source!r} must mark where the restored path starts with /./")
+    argv = [rsync, *BASE_OPTIONS, "--relative"]
+    if dry_run:
+        argv.append("--dry-run")
+    return (*argv, source.rstrip("/") if not source.endswith("/./") else source, _with_slash(destination))
