@@ -282,32 +282,6 @@ class _Signals:
 # -- subcommands -----------------------------------------------------------------
 
 
-def select_disk(settings: Settings, *, name: str | None, crypto: str | None, mount: str | None) -> Disk | None:
-    """The configured disk named by --disk, --crypto (crypttab name) or --mount (mount point)."""
-    wanted = [(option, value) for option, value in (("--disk", name), ("--crypto", crypto), ("--mount", mount)) if value]
-    if not wanted:
-        return None
-    if not settings.disks:
-        raise UsageError(
-            f"{wanted[0][0]} {wanted[0][1]}: no [[disk]] is configured in {settings.path or SYSTEM_CONFIG}; "
-            "add one (see crypttab-examples/)"
-        )
-    chosen: Disk | None = None
-    for option, value in wanted:
-        if option == "--mount":
-            value = os.path.normpath(os.path.abspath(value))
-            matches = [d for d in settings.disks if d.mount_point == value]
-        else:
-            matches = [d for d in settings.disks if d.name == value]
-        if not matches:
-            known = ", ".join(f"{d.name} ({d.mount_point})" for d in settings.disks)
-            raise UsageError(f"{option} {value}: no configured disk matches; configured: {known}")
-        if chosen is not None and matches[0] != chosen:
-            raise UsageError(f"{option} {value} names another disk than {chosen.name}: give one disk")
-        chosen = matches[0]
-    return chosen
-
-
 def cmd_backup(args: argparse.Namespace) -> int:
     if running_through_sudo():
         refusal = through_sudo_refusal(args)  # main() checked already; this keeps cmd_backup safe on its own
@@ -344,11 +318,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         overrides["exclude"] = effective_excludes(settings) + tuple(args.exclude)
     settings = dataclasses.replace(settings, **overrides)
     steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)
-    disk = select_disk(settings, name=args.disk, crypto=args.crypto, mount=args.mount)
+    disk = disks.select_disk(settings, name=args.disk, crypto=args.crypto, mount=args.mount)
     if disk is not None and destination is not None:
         raise UsageError(f"give either DESTINATION or a disk ({disk.name}), not both: the disk's repository is {disk.repository}")
     if disk is None and destination is None and settings.repository is None and settings.disks:
-        disk = _present_disk(settings, quiet=args.quiet)
+        disk = disks.first_present(settings, Runner())
         if disk is None:
             return _no_disk(settings, interactive=sys.stdin.isatty())
     request = Request(
@@ -368,17 +342,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if outcome.partial else EXIT_OK
 
 
-def _present_disk(settings: Settings, *, quiet: bool) -> Disk | None:
-    """Without --disk: the first configured disk that is attached."""
-    present = disks.present_disks(settings, Runner())
-    if present and len(present) > 1 and not quiet:
-        log.info("several backup disks are attached; using %s", present[0][0].name)
-    return present[0][0] if present else None
-
-
 def _no_disk(settings: Settings, *, interactive: bool) -> int:
-    described = "; ".join(f"{d.name} (LUKS UUID {d.luks_uuid})" for d in settings.disks)
-    message = f"no configured backup disk is attached: looked for {described}"
+    message = disks.none_attached(settings)
     if interactive:
         raise DiskMissingError(message + "; plug one in (`blkid` lists the UUIDs of attached disks)")
     log.info("%s", message)
@@ -445,7 +410,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise UsageError("init unlocks and mounts the disk and needs root: run it with sudo")
     settings = _load(args)
-    disk = select_disk(settings, name=args.disk, crypto=None, mount=None)
+    disk = disks.select_disk(settings, name=args.disk, crypto=None, mount=None)
     if disk is None:  # --disk is required, so this is only for the type checker
         raise UsageError("init needs --disk NAME")
     runner = Runner()

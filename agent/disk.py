@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from typing import Callable, Final, Iterable, Iterator, Protocol, TypeVar
 
 from .commands import Result, Runner
-from .config import Commands, Disk, Settings
-from .errors import CommandError, DiskBusyError, DiskError, UnsafeKeyFileError, WrongDiskError
+from .config import SYSTEM_CONFIG, Commands, Disk, Settings
+from .errors import CommandError, DiskBusyError, DiskError, UnsafeKeyFileError, UsageError, WrongDiskError
 from .files import write_atomic
 from .mounts import MountEntry, read_mountinfo
 from .repository import Marker
@@ -486,6 +486,54 @@ def present_disks(settings: Settings, runner: Runner) -> list[tuple[Disk, str]]:
         if device is not None:
             present.append((disk, device))
     return present
+
+
+def select_disk(settings: Settings, *, name: str | None, crypto: str | None, mount: str | None) -> Disk | None:
+    """The configured disk named by --disk, --crypto (crypttab name) or --mount (mount point)."""
+    wanted = [(option, value) for option, value in (("--disk", name), ("--crypto", crypto), ("--mount", mount)) if value]
+    if not wanted:
+        return None
+    if not settings.disks:
+        raise UsageError(
+            f"{wanted[0][0]} {wanted[0][1]}: no [[disk]] is configured in {settings.path or SYSTEM_CONFIG}; "
+            "add one (see crypttab-examples/)"
+        )
+    chosen: Disk | None = None
+    for option, value in wanted:
+        if option == "--mount":
+            value = os.path.normpath(os.path.abspath(value))
+            matches = [d for d in settings.disks if d.mount_point == value]
+        else:
+            matches = [d for d in settings.disks if d.name == value]
+        if not matches:
+            known = ", ".join(f"{d.name} ({d.mount_point})" for d in settings.disks)
+            raise UsageError(f"{option} {value}: no configured disk matches; configured: {known}")
+        if chosen is not None and matches[0] != chosen:
+            raise UsageError(f"{option} {value} names another disk than {chosen.name}: give one disk")
+        chosen = matches[0]
+    return chosen
+
+
+def first_present(settings: Settings, runner: Runner) -> Disk | None:
+    """Without --disk: the first configured disk that is attached (None when none is)."""
+    present = present_disks(settings, runner)
+    if len(present) > 1:
+        log.info("several backup disks are attached; using %s", present[0][0].name)
+    return present[0][0] if present else None
+
+
+def none_attached(settings: Settings) -> str:
+    """What was looked for when no configured disk is attached, in one line."""
+    described = "; ".join(f"{d.name} (LUKS UUID {d.luks_uuid})" for d in settings.disks)
+    return f"no configured backup disk is attached: looked for {described}"
+
+
+def not_attached(disk: Disk) -> str:
+    """Why a named disk cannot be used, and what to do, in one line."""
+    return (
+        f"backup disk {disk.name} is not attached (looked for the LUKS partition with UUID {disk.luks_uuid}): "
+        "plug it in; `blkid` lists the UUIDs of attached disks"
+    )
 
 
 def id_path(settings: Settings, disk: Disk) -> str:

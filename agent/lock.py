@@ -47,6 +47,8 @@ def _describe_holder(fd: int, path: str) -> str:
         what += f", started {holder['started']}"
     if holder.get("repository"):
         what += f", writing to {holder['repository']}"
+    if holder.get("command"):
+        return f"backup-agent {holder['command']} is using the backup disk ({what})"
     return f"another backup is running ({what})"
 
 

@@ -1,0 +1,94 @@
+"""Opening a repository for a command that reads it (versions, diff, restore, verify).
+
+Three ways, in this order:
+
+- ``--repository DIR``: the repository at that path, as it is; no disk is touched.
+- a disk (``--disk NAME``; else, when no ``[backup] repository`` is set,
+  the first configured disk that is attached): opened through the same
+  lifecycle as the backup cycle, under the machine lock so a backup cannot
+  unmount it underneath: find it by its LUKS UUID, unlock, mount, prove the
+  mount is the disk's and the repository the one this machine recorded.
+  Each step registers its own undo, so on exit the disk is left as found.
+  A disk mounted by the command itself is mounted read-only when its config
+  gives ``filesystem`` (the mount options are ours to extend); through an
+  fstab line the line's own options apply (``mount --fstab`` takes them
+  from the file), so it is mounted as the backup mounts it.
+- otherwise ``[backup] repository`` from the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import os
+import socket
+from typing import Callable, Iterator
+
+from . import disk as disks
+from . import lock
+from .commands import Runner
+from .config import Disk, Settings
+from .errors import DiskMissingError, UsageError
+from .repository import Repository, classify
+
+
+def read_only(disk: Disk) -> Disk:
+    """The disk as a reading command mounts it: read-only when the mount options are ours."""
+    if disk.filesystem is None or "ro" in disk.mount_options:
+        return disk
+    return dataclasses.replace(disk, mount_options=(*(o for o in disk.mount_options if o != "rw"), "ro"))
+
+
+@contextlib.contextmanager
+def open_repository(
+    settings: Settings,
+    runner: Runner,
+    *,
+    repository: str | None,
+    disk: str | None,
+    warn: Callable[[str], None],
+    command: str = "read",
+) -> Iterator[Repository]:
+    """The repository to read, opened for the block and closed as found afterwards."""
+    if repository is not None and disk is not None:
+        raise UsageError(f"give either --repository {repository} or --disk {disk}, not both")
+    if repository is not None:
+        yield Repository.open(os.path.abspath(repository))
+        return
+    chosen = disks.select_disk(settings, name=disk, crypto=None, mount=None)
+    if chosen is None and settings.repository is None and settings.disks:
+        chosen = disks.first_present(settings, runner)
+        if chosen is None:
+            raise DiskMissingError(disks.none_attached(settings) + "; plug one in, or give --repository DIR")
+    if chosen is None:
+        if settings.repository is None:
+            raise UsageError(
+                "no repository: give --repository DIR, or configure a [[disk]] or [backup] repository "
+                f"in {settings.path or 'the config'}"
+            )
+        yield Repository.open(os.path.abspath(settings.repository))
+        return
+    with contextlib.ExitStack() as stack:
+        yield _open_disk(stack, settings, runner, chosen, warn, command)
+
+
+def _open_disk(
+    stack: contextlib.ExitStack, settings: Settings, runner: Runner, disk: Disk, warn: Callable[[str], None], command: str
+) -> Repository:
+    """Lock, find, unlock, mount, verify: each undo registered on ``stack`` as its step succeeds."""
+    if os.geteuid() != 0:
+        raise UsageError(
+            f"reading the backup disk {disk.name} needs root (it is unlocked and mounted for the command): "
+            "run it with sudo, or give --repository DIR for a repository you can read"
+        )
+    holder = {"pid": os.getpid(), "command": command, "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    stack.enter_context(lock.hold(lock.machine_lock_path(), holder))
+    if disks.find_device(disk, settings, runner) is None:
+        raise DiskMissingError(disks.not_attached(disk), step="disk")
+    stack.enter_context(disks.unlocked(disk, settings, runner, warn))
+    stack.enter_context(disks.mounted(read_only(disk), settings, runner, warn))
+    disks.verify_mount(disk)
+    marker = Repository.open(disk.repository).marker if classify(disk.repository) == "repository" else None
+    disks.check_marker(disk, marker, disks.recorded_id(settings, disk), socket.gethostname())
+    return Repository.open(disk.repository)
