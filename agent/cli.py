@@ -14,10 +14,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from types import FrameType
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from . import access
+from . import verify as verifier
 from .commands import IONICE_CLASSES, Runner
 from . import disk as disks
 from . import install as installer
@@ -25,6 +28,7 @@ from . import lock
 from .config import SYSTEM_CONFIG, Disk, Settings, effective_excludes, load_settings, running_through_sudo
 from .cycle import STEPS, Cycle, Request, check_platform, human_size
 from .errors import (
+    EXIT_DAMAGED,
     EXIT_OK,
     EXIT_PARTIAL,
     BackupAgentError,
@@ -106,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--relaxed", action="store_true", help="count periods, not time since the newest")
     rotate.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
+    verify = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="read snapshots back and check them against their manifests",
+        description="Read snapshots back and report every file whose content no longer matches its manifest.",
+    )
+    verify.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="the snapshot to check (default: the latest)")
+    verify.add_argument("--all", action="store_true", help="check every snapshot")
+    verify.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    verify.add_argument("--repository", metavar="DIR", help="the repository at this path (no disk is touched)")
+    verify.add_argument("--disk", metavar="NAME", help="this configured disk (unlocked and mounted, then left as found)")
+
     loud = _Parser(add_help=False)
     loud.add_argument("-v", "--verbose", action="store_true", help="say more (every command run)")
     loud.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
@@ -149,12 +165,16 @@ SUDO_FORMS: dict[str, str] = {
     "init": "init --disk NAME [--yes] [-q|-v]",
     "list": "list [--json] [-q|-v]",
     "rotate": "rotate [-n] [--json] [-q|-v]",
+    "verify": "verify [SNAPSHOT | --all] [--disk NAME] [--json] [-q|-v]",
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
     "list": frozenset({"json", "quiet", "verbose"}),
     "rotate": frozenset({"json", "dry_run", "quiet", "verbose"}),
+    # Read-only; SNAPSHOT must be one of the repository's snapshot names.
+    # --repository is refused: root would read and report on any directory.
+    "verify": frozenset({"snapshot", "all", "disk", "json", "quiet", "verbose"}),
 }
 # Run by an administrator with sudo (they check for root themselves), or
 # harmless: they only talk to the user's agent.
@@ -493,6 +513,59 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _ProgressLine:
+    """A progress line on a terminal's stderr, at most twice a second."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, progress: verifier.Progress) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.5:
+            return
+        self.last = now
+        rate = progress.bytes / max(now - self.started, 1e-6)
+        sys.stderr.write(
+            f"\r\033[Kverifying {progress.snapshot} ({progress.index}/{progress.snapshots}): {progress.files} files, "
+            f"{human_size(progress.bytes)} of {human_size(progress.bytes_total)}, {human_size(rate)}/s"
+        )
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    runner = Runner()
+    progress = _ProgressLine() if sys.stderr.isatty() and not args.quiet else None
+    with access.open_repository(
+        settings, runner, repository=args.repository, disk=args.disk, warn=log.warning, command="verify"
+    ) as repo:
+        names = verifier.choose(repo.snapshot_names(), args.snapshot, args.all)
+        if not names:
+            print(json.dumps(verifier.Report(repo.root).as_json(), indent=2) if args.json else f"{repo.root}: no snapshots yet, nothing to verify")
+            return EXIT_OK
+        verifier.read_gently(settings.commands.ionice, settings.nice, runner)
+        try:
+            report = verifier.verify(repo, names, on_progress=progress)
+        finally:
+            if progress is not None:
+                progress.clear()
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(verifier.summary(report))
+        for problem in report.problems:
+            print(verifier.describe(problem))
+    return EXIT_OK if report.intact else EXIT_DAMAGED
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     # sys.argv[0]: the file this process was started as, not a PATH lookup.
     return installer.install(user=args.user, dry_run=args.dry_run, argv0=sys.argv[0])
@@ -531,6 +604,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init": cmd_init,
     "list": cmd_list,
     "rotate": cmd_rotate,
+    "verify": cmd_verify,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
     "run": cmd_run,
