@@ -634,7 +634,7 @@ class Cycle:
             recorded = manifests.record(repo.in_progress_path(name), target, known)
         except OSError as exc:
             what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)
-            with contextlib.suppress(FileNotFoundError):
+            if os.path.isfile(target):
                 os.unlink(target)  # never leave an older attempt's manifest beside this snapshot
             self._warn(
                 f"snapshot {name} is completed without a manifest ({what}): verify cannot check it, "

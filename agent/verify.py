@@ -106,9 +106,8 @@ class Report:
 
 
 def shown(path: bytes) -> str:
-    """A path on one line for people: newlines and undecodable bytes escaped."""
-    text = path.decode("utf-8", "backslashreplace")
-    return text.replace("\\", "\\\\").replace("\n", "\\n") if "\n" in text else text
+    """A path on one line for people: backslashes, newlines and undecodable bytes escaped."""
+    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").decode("utf-8", "backslashreplace")
 
 
 def _where(locations: list[Location]) -> str:
