@@ -20,9 +20,11 @@ import pytest
 from agent import manifest as manifests
 from agent.cli import build_parser, sudo_door, through_sudo_refusal
 from agent.errors import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE
-from agent.verify import choose, describe, Location, Problem
 from agent.errors import UsageError
+from agent.verify import Location, Problem, choose, describe
 from tests.test_cycle_robustness import Cli, cli  # noqa: F401  (cli is a fixture)
+from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig is the fixture bench uses)
+from tests.test_disk_cycle import Bench, bench  # noqa: F401  (bench is a fixture)
 from tests.test_manifest import backup, build_source, config, manifest_path, metadata, same_size_damage
 
 pytestmark = pytest.mark.integration
@@ -228,3 +230,34 @@ def test_verify_options_that_choose_what_root_reads_are_refused_through_sudo(arg
     message = refusal(argv)
     assert message is not None and message.startswith(f"{named} is not accepted through sudo")
     assert message.endswith(sudo_door("verify")) and "verify [SNAPSHOT | --all]" in message
+
+
+# -- the configured disk ----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_verify_opens_the_disk_leaves_it_as_found_and_finds_a_byte_corrupted_on_it(bench: Bench) -> None:
+    """tests/test_disk_cycle.py's bench: a real LUKS header and ext4 image on loop devices, the stand-in
+    cryptdisks_start/stop only for the device-mapper step this kernel lacks."""
+    bench.prepared(snapshots=2)
+    config = str(bench.config)
+    run = bench.cli("verify", "--disk", NAME, "--config", config, "--json", "-q")
+    assert run.returncode == EXIT_OK, str(run)
+    assert json.loads(run.stdout)["intact"] is True
+    bench.assert_locked_and_unmounted()
+    assert bench.calls() == [("start", 0), ("stop", 0)]
+
+    # Corrupt one byte on the disk's filesystem, under the repository's back.
+    bench.reset_calls()
+    _run("mount", bench.rig.plain_device, str(bench.check))
+    try:
+        newest = sorted((bench.check / "host" / "snapshots").iterdir())[-1]
+        same_size_damage(newest / "sub" / "deeper" / "data.bin")
+    finally:
+        _run("umount", str(bench.check))
+    run = bench.cli("verify", "--all", "--config", config, "--json", "-q")
+    assert run.returncode == EXIT_DAMAGED, str(run)
+    (problem,) = json.loads(run.stdout)["problems"]
+    assert problem["kind"] == "damaged" and len(problem["locations"]) == 2
+    assert {place["path"] for place in problem["locations"]} == {"sub/deeper/data.bin"}
+    bench.assert_locked_and_unmounted()
