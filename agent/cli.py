@@ -16,11 +16,13 @@ import os
 import pwd
 import signal
 import sys
+import time
 from types import FrameType
 from typing import Any, Callable, Sequence
 
 from . import __version__, access, history, when
 from . import restore as restoring
+from . import verify as verifier
 from .commands import IONICE_CLASSES, Runner
 from . import disk as disks
 from . import install as installer
@@ -28,6 +30,7 @@ from . import lock
 from .config import SYSTEM_CONFIG, Disk, Settings, effective_excludes, load_settings, running_through_sudo
 from .cycle import STEPS, Cycle, Request, check_platform, human_size
 from .errors import (
+    EXIT_DAMAGED,
     EXIT_OK,
     EXIT_PARTIAL,
     BackupAgentError,
@@ -136,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("-n", "--dry-run", action="store_true", help="say what would be restored where; change nothing")
     restore.add_argument("paths", nargs="+", metavar="PATH", help="as it is (or was) on this machine; relative to here")
 
+    verify = sub.add_parser(
+        "verify",
+        parents=[common, reading],
+        help="read snapshots back and check them against their manifests",
+        description="Read snapshots back and report every file whose content no longer matches its manifest.",
+    )
+    verify.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="the snapshot to check (default: the latest)")
+    verify.add_argument("--all", action="store_true", help="check every snapshot")
+    verify.add_argument("--json", action="store_true", help="one JSON object for scripts")
+
     loud = _Parser(add_help=False)
     loud.add_argument("-v", "--verbose", action="store_true", help="say more (every command run)")
     loud.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
@@ -183,6 +196,7 @@ SUDO_FORMS: dict[str, str] = {
     "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
     "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
+    "verify": "verify [SNAPSHOT | --all] [--disk NAME] [--json] [-q|-v]",
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
@@ -196,6 +210,9 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     "versions": frozenset({"json", "disk", "path", "quiet", "verbose"}),
     "diff": frozenset({"json", "disk", "a", "b", "quiet", "verbose"}),
     "restore": frozenset({"disk", "snapshot", "at", "dry_run", "paths", "quiet", "verbose"}),
+    # Read-only; SNAPSHOT must be one of the repository's snapshot names.
+    # --repository is refused: root would read and report on any directory.
+    "verify": frozenset({"snapshot", "all", "disk", "json", "quiet", "verbose"}),
 }
 # Run by an administrator with sudo (they check for root themselves), or
 # harmless: they only talk to the user's agent.
@@ -647,6 +664,57 @@ def _groups(uid: int) -> list[int]:
     except KeyError:
         return []
     return os.getgrouplist(entry.pw_name, entry.pw_gid)
+class _ProgressLine:
+    """A progress line on a terminal's stderr, at most twice a second."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, progress: verifier.Progress) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.5:
+            return
+        self.last = now
+        rate = progress.bytes / max(now - self.started, 1e-6)
+        sys.stderr.write(
+            f"\r\033[Kverifying {progress.snapshot} ({progress.index}/{progress.snapshots}): {progress.files} files, "
+            f"{human_size(progress.bytes)} of {human_size(progress.bytes_total)}, {human_size(rate)}/s"
+        )
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    runner = Runner()
+    progress = _ProgressLine() if sys.stderr.isatty() and not args.quiet else None
+    with access.open_repository(
+        settings, runner, repository=args.repository, disk=args.disk, warn=log.warning, command="verify"
+    ) as repo:
+        names = verifier.choose(repo.snapshot_names(), args.snapshot, args.all)
+        if not names:
+            print(json.dumps(verifier.Report(repo.root).as_json(), indent=2) if args.json else f"{repo.root}: no snapshots yet, nothing to verify")
+            return EXIT_OK
+        verifier.read_gently(settings.commands.ionice, settings.nice, runner)
+        try:
+            report = verifier.verify(repo, names, on_progress=progress)
+        finally:
+            if progress is not None:
+                progress.clear()
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(verifier.summary(report))
+        for problem in report.problems:
+            print(verifier.describe(problem))
+    return EXIT_OK if report.intact else EXIT_DAMAGED
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -692,6 +760,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "versions": cmd_versions,
     "diff": cmd_diff,
     "restore": cmd_restore,
+    "verify": cmd_verify,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
     "run": cmd_run,

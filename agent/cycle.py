@@ -24,9 +24,18 @@ from typing import Any, Callable, Iterator
 from . import __version__, lock, rsync
 from . import disk as disks
 from . import hooks
+from . import manifest as manifests
 from .commands import Runner, priority_prefix
 from .config import Disk, Settings, effective_excludes
-from .errors import BackupAgentError, CommandError, DiskMissingError, RepositoryError, StepError, UsageError
+from .errors import (
+    BackupAgentError,
+    CommandError,
+    CorruptManifestError,
+    DiskMissingError,
+    RepositoryError,
+    StepError,
+    UsageError,
+)
 from .events import Emitter, complete, error, progress, step, warning
 from .hooks import HookContext
 from .mounts import find_skipped_mounts, read_mountinfo
@@ -575,6 +584,7 @@ class Cycle:
                 raise StepError(f"the transfer into {name} did not finish: run the backup again", step="snapshot")
             previous = repo.latest_name()
             self.outcome.flagged = self._shrink_check(repo, previous, metadata)
+            recorded = self._record_manifest(repo, name, previous)
             end = dt.datetime.now().astimezone()
             start = dt.datetime.fromisoformat(metadata["start"])
             metadata.update(
@@ -583,6 +593,7 @@ class Cycle:
                 duration=round((end - start).total_seconds(), 3),
                 flagged=self.outcome.flagged,
                 previous=previous,
+                manifest=recorded,
                 warnings=sorted(set(metadata.get("warnings", [])) | set(self.outcome.warnings)),
             )
             self.outcome.partial = bool(metadata.get("partial"))
@@ -593,9 +604,49 @@ class Cycle:
             # Earlier unfinished transfers served as --link-dest; they are not needed now.
             leftovers = [n + ".in-progress" for n in repo.in_progress_names() if n != name]
             repo.discard(leftovers, self.runner, self._rm_argv(), step="snapshot")
-            done.update(snapshot=name, partial=self.outcome.partial, flagged=self.outcome.flagged, discarded=leftovers)
+            done.update(
+                snapshot=name,
+                partial=self.outcome.partial,
+                flagged=self.outcome.flagged,
+                discarded=leftovers,
+                manifest=recorded,
+            )
         self.outcome.snapshot = name
         return name
+
+    def _record_manifest(self, repo: Repository, name: str, previous: str | None) -> dict[str, Any]:
+        """Checksums of the snapshot's files, reusing the previous manifest's for shared inodes.
+
+        A failure is a warning: the snapshot is completed without a manifest
+        (its metadata says why), since losing a good snapshot over its
+        checksums would be worse; the next snapshot then hashes every file.
+        """
+        known: dict[int, tuple[str, int]] = {}
+        if previous is not None:
+            try:
+                known = manifests.known_digests(manifests.load(repo.manifest_path(previous)))
+            except FileNotFoundError:
+                log.info("snapshot %s has no manifest: every file of %s is hashed", previous, name)
+            except (OSError, CorruptManifestError) as exc:
+                log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
+        target = repo.manifest_path(name)
+        try:
+            recorded = manifests.record(repo.in_progress_path(name), target, known)
+        except OSError as exc:
+            what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)
+            if os.path.isfile(target):
+                os.unlink(target)  # never leave an older attempt's manifest beside this snapshot
+            self._warn(
+                f"snapshot {name} is completed without a manifest ({what}): verify cannot check it, "
+                "and the next backup hashes every file again"
+            )
+            return {"error": what}
+        log.info(
+            "manifest of %s: %d files, %d hashed (%s), %d reused from %s, in %.2f s",
+            name, recorded.entries, recorded.hashed_files, human_size(recorded.hashed_bytes),
+            recorded.reused_files, previous if known else "none", recorded.seconds,
+        )
+        return recorded.as_metadata(previous if known else None)
 
     def _finished_transfer(self, repo: Repository) -> str:
         for candidate in reversed(repo.in_progress_names()):

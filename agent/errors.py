@@ -21,6 +21,7 @@ EXIT_PARTIAL = 7
 EXIT_NOT_AVAILABLE = 8
 EXIT_DISK_BUSY = 9
 EXIT_NO_AGENT = 10
+EXIT_DAMAGED = 11  # verify found damage (a report, not an exception)
 EXIT_INTERRUPTED = 130
 
 
@@ -66,6 +67,10 @@ class RepositoryError(BackupAgentError):
     """The destination is not a repository we may write to, or is damaged."""
 
     exit_code = EXIT_REPOSITORY
+
+
+class CorruptManifestError(RepositoryError):
+    """A snapshot's manifest does not match its own checksum, or cannot be parsed."""
 
 
 class BusyError(BackupAgentError):

@@ -8,6 +8,7 @@ Layout (README, "The repository"):
       snapshots/<name>/          complete snapshots, never written again
       snapshots/<name>.in-progress/   unfinished transfers: never listed
       metadata/<name>.json       each snapshot's metadata, apart from backed-up names
+      metadata/<name>.manifest   each snapshot's content checksums (agent/manifest.py)
       latest -> snapshots/<name> replaced atomically
       .trash/                    snapshots being deleted (out of the listed names)
 
@@ -41,6 +42,7 @@ METADATA = "metadata"
 TRASH = ".trash"
 LATEST = "latest"
 LOCK = ".lock"
+MANIFEST_SUFFIX = ".manifest"
 
 _MARKER_LINE = re.compile(r'^(\w+)\s*=\s*(?:"([^"\\]*)"|(\d+))\s*$')
 
@@ -240,6 +242,9 @@ class Repository:
     def metadata_path(self, name: str) -> str:
         return os.path.join(self.metadata_dir, name + ".json")
 
+    def manifest_path(self, name: str) -> str:
+        return os.path.join(self.metadata_dir, name + MANIFEST_SUFFIX)
+
     def read_metadata(self, name: str) -> dict[str, Any] | None:
         """A snapshot's metadata, or None when missing or unreadable (logged)."""
         path = self.metadata_path(name)
@@ -313,9 +318,10 @@ class Repository:
             os.rename(source, victim)
             log.info("deleting %s", entry)
         for entry in entries:
-            with_metadata = self.metadata_path(entry.removesuffix(IN_PROGRESS))
-            if os.path.exists(with_metadata):
-                os.unlink(with_metadata)
+            name = entry.removesuffix(IN_PROGRESS)
+            for with_it in (self.metadata_path(name), self.manifest_path(name)):
+                if os.path.exists(with_it):
+                    os.unlink(with_it)
         self.empty_trash(runner, rm_argv, step=step)
 
     def empty_trash(self, runner: Runner, rm_argv: Sequence[str], *, step: str) -> None:

@@ -605,7 +605,7 @@ def test_a_discarded_leftover_leaves_no_metadata_behind(cli: Cli, tmp_path: Path
     assert (repo / "metadata" / f"{leftover}.json").exists()
     made = backup_ok(cli, config, source.path, repo)
     assert snapshot_entries(repo) == ([made], [])
-    assert sorted(os.listdir(repo / "metadata")) == [f"{made}.json"]
+    assert sorted(os.listdir(repo / "metadata")) == [f"{made}.json", f"{made}.manifest"]
 
 
 def test_a_half_emptied_trash_does_not_wedge_later_runs(cli: Cli, tmp_path: Path) -> None:
@@ -790,7 +790,7 @@ def test_rotate_dry_run_deletes_nothing(cli: Cli, tmp_path: Path) -> None:
     real = cli.run("rotate", "--json", "--hourly", "1", "--config", config, repo)
     assert real.returncode == EXIT_OK, real.stderr
     assert snapshot_entries(repo) == ([newest], [])
-    assert sorted(os.listdir(repo / "metadata")) == [f"{newest}.json"]
+    assert sorted(os.listdir(repo / "metadata")) == [f"{newest}.json", f"{newest}.manifest"]
 
 
 # -- 5. the rsync exit table through the whole cycle ---------------------------

@@ -1,0 +1,331 @@
+"""Reading snapshots back and checking them against their manifests.
+
+Each distinct inode is read once, however many snapshots share it, and a
+damaged one is reported once with every snapshot path that holds it: a hard
+link is one file on the disk, and a flipped bit in it damages every snapshot
+that links to it. A manifest that does not match its own checksum is
+reported as a corrupted manifest, and its snapshot's files are not judged
+against it. Snapshots are processed one at a time, so memory follows the
+size of one snapshot, not of the history.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import manifest as manifests
+from .commands import Runner
+from .errors import CommandError, CorruptManifestError, UsageError
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+# Problem kinds, worst first.
+CORRUPTED_MANIFEST = "corrupted-manifest"
+MISSING_MANIFEST = "missing-manifest"
+DAMAGED = "damaged"
+UNREADABLE = "unreadable"
+MISSING = "missing"
+UNLISTED = "not-in-manifest"
+KINDS = (CORRUPTED_MANIFEST, MISSING_MANIFEST, DAMAGED, UNREADABLE, MISSING, UNLISTED)
+
+
+@dataclass(frozen=True)
+class Location:
+    snapshot: str
+    path: bytes
+
+
+@dataclass
+class Problem:
+    """One thing wrong; ``locations`` names every snapshot path it touches."""
+
+    kind: str
+    locations: list[Location]
+    detail: str
+    expected: str | None = None
+    actual: str | None = None
+    expected_size: int | None = None
+    size: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "locations": [{"snapshot": where.snapshot, "path": os.fsdecode(where.path)} for where in self.locations],
+            "detail": self.detail,
+            "expected": self.expected,
+            "actual": self.actual,
+            "expected_size": self.expected_size,
+            "size": self.size,
+        }
+
+
+@dataclass
+class Progress:
+    """How far a run is, for a progress line."""
+
+    snapshot: str = ""
+    index: int = 0
+    snapshots: int = 0
+    files: int = 0
+    bytes: int = 0
+    bytes_total: int = 0  # of this snapshot's files still to read, as the manifest gives their sizes
+
+
+@dataclass
+class Report:
+    repository: str
+    checked: list[str] = field(default_factory=list)
+    unchecked: dict[str, str] = field(default_factory=dict)  # snapshot -> why it could not be checked
+    problems: list[Problem] = field(default_factory=list)
+    files: int = 0  # snapshot paths compared with a manifest
+    inodes: int = 0  # distinct files read
+    bytes: int = 0  # bytes read
+    seconds: float = 0.0
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "repository": self.repository,
+            "intact": self.intact,
+            "checked": self.checked,
+            "unchecked": self.unchecked,
+            "files": self.files,
+            "read": {"files": self.inodes, "bytes": self.bytes},
+            "duration": round(self.seconds, 3),
+            "problems": [problem.as_json() for problem in self.problems],
+        }
+
+
+def shown(path: bytes) -> str:
+    """A path on one line for people: backslashes, newlines and undecodable bytes escaped."""
+    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").decode("utf-8", "backslashreplace")
+
+
+def _where(locations: list[Location]) -> str:
+    paths = {where.path for where in locations}
+    if len(paths) == 1:
+        names = ", ".join(where.snapshot for where in locations)
+        count = f"{len(locations)} snapshots: " if len(locations) > 1 else ""
+        return f"{shown(locations[0].path)} (in {count}{names})"
+    return "; ".join(f"{shown(where.path)} (in {where.snapshot})" for where in locations)
+
+
+def describe(problem: Problem) -> str:
+    """One line per problem (pure)."""
+    if problem.kind in (CORRUPTED_MANIFEST, MISSING_MANIFEST):
+        return f"{problem.kind}: {problem.locations[0].snapshot}: {problem.detail}"
+    return f"{problem.kind}: {_where(problem.locations)}: {problem.detail}"
+
+
+def summary(report: Report) -> str:
+    """The first line of the human report (pure)."""
+    checked = f"{len(report.checked)} snapshot{'s' if len(report.checked) != 1 else ''}"
+    read = f"{report.files} files ({report.inodes} read, {report.bytes / (1 << 20):.1f} MiB) in {report.seconds:.1f} s"
+    unchecked = f"; not checked: {', '.join(f'{n} ({why})' for n, why in report.unchecked.items())}" if report.unchecked else ""
+    if report.intact:
+        return f"intact: {checked}, {read}{unchecked}"
+    counts = ", ".join(
+        f"{sum(1 for p in report.problems if p.kind == kind)} {kind}" for kind in KINDS if any(p.kind == kind for p in report.problems)
+    )
+    return f"DAMAGE FOUND in {report.repository}: {counts}; {checked}, {read}{unchecked}"
+
+
+def choose(names: list[str], wanted: str | None, every: bool) -> list[str]:
+    """The snapshots to check: all, the one named, or the latest (pure).
+
+    An unknown name is refused with the nearest existing names, so a typo
+    in a timestamp is easy to fix.
+    """
+    if every:
+        if wanted is not None:
+            raise UsageError(f"give either SNAPSHOT ({wanted}) or --all, not both")
+        return list(names)
+    if wanted is None or wanted == "latest":
+        return names[-1:]
+    if wanted in names:
+        return [wanted]
+    nearest = difflib.get_close_matches(wanted, names, n=3, cutoff=0.0)
+    hint = f"nearest: {', '.join(nearest)}" if nearest else "the repository holds no snapshot yet"
+    raise UsageError(f"no snapshot named {wanted!r}: {hint} (backup-agent list shows them all)")
+
+
+def read_gently(ionice: str, nice: int, runner: Runner) -> None:
+    """Read at idle I/O priority (and the configured CPU niceness), as rotation's rm does.
+
+    verify reads in this process, so it lowers its own priority, before any
+    thread exists (threads inherit it): ``ionice -c3 -p PID`` through the
+    runner, like every other program run.
+    """
+    try:
+        runner.run((ionice, "-c", "3", "-p", str(os.getpid())), step="verify")
+    except CommandError as exc:
+        log.warning("reading at normal I/O priority: %s", exc.message)
+    if nice > 0:
+        os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+@dataclass
+class _Read:
+    """What one inode holds now: digest and size, or why it could not be read."""
+
+    digest: str | None
+    size: int
+    error: str | None = None
+
+
+def _load_manifest(repo: Repository, name: str, report: Report) -> manifests.Manifest | None:
+    """The snapshot's manifest, or None with the reason in the report."""
+    recorded = (repo.read_metadata(name) or {}).get("manifest")
+    path = repo.manifest_path(name)
+    try:
+        loaded = manifests.load(path)
+    except FileNotFoundError:
+        if isinstance(recorded, dict) and recorded.get("digest"):
+            report.problems.append(
+                Problem(MISSING_MANIFEST, [Location(name, b"")], f"{path} is gone; the metadata says it was written")
+            )
+        elif isinstance(recorded, dict) and recorded.get("error"):
+            report.unchecked[name] = f"no manifest: {recorded['error']}"
+        else:
+            report.unchecked[name] = "no manifest: made before manifests existed"
+        return None
+    except CorruptManifestError as exc:
+        report.problems.append(Problem(CORRUPTED_MANIFEST, [Location(name, b"")], exc.message))
+        return None
+    except OSError as exc:
+        report.problems.append(Problem(CORRUPTED_MANIFEST, [Location(name, b"")], f"{path}: cannot be read: {exc.strerror}"))
+        return None
+    if isinstance(recorded, dict) and recorded.get("digest") not in (None, loaded.digest):
+        report.problems.append(
+            Problem(CORRUPTED_MANIFEST, [Location(name, b"")], f"{path} is not the manifest its metadata recorded")
+        )
+        return None
+    return loaded
+
+
+def verify(
+    repo: Repository,
+    names: list[str],
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Report:
+    """Check ``names`` against their manifests; every problem goes into the report."""
+    started = time.monotonic()
+    report = Report(repo.root)
+    digests: dict[int, _Read] = {}  # inode -> what it holds now, across the snapshots checked
+    # inode -> (expected digest, expected size, where) for every snapshot path that disagrees
+    bad: dict[int, list[tuple[str, int, Location]]] = {}
+    progress = Progress(snapshots=len(names))
+    buffer = bytearray(manifests.READ_SIZE)
+    for index, name in enumerate(names):
+        progress.snapshot, progress.index = name, index + 1
+        loaded = _load_manifest(repo, name, report)
+        if loaded is None:
+            continue
+        root = os.fsencode(repo.snapshot_path(name))
+        try:
+            present = dict(manifests.walk_files(root))
+        except FileNotFoundError:
+            # Rotation deleted it while this ran (a backup may run beside verify).
+            report.unchecked[name] = "deleted while it was being verified"
+            continue
+        found: list[Problem] = []
+        listed: set[bytes] = set()
+        to_read: dict[int, bytes] = {}
+        for entry in loaded.entries:
+            listed.add(entry.path)
+            inode = present.get(entry.path)
+            if inode is None:
+                what = "not in the snapshot" if not os.path.lexists(root + b"/" + entry.path) else "no longer a regular file"
+                found.append(Problem(MISSING, [Location(name, entry.path)], what, entry.digest, None, entry.size))
+            elif inode not in digests and inode not in to_read:
+                to_read[inode] = entry.path
+        progress.bytes_total = progress.bytes + sum(
+            entry.size for entry in loaded.entries if present.get(entry.path) in to_read
+        )
+        for inode in sorted(to_read):  # inode order is close to disk order on ext4
+            try:
+                digest, size = manifests.hash_file(root + b"/" + to_read[inode], loaded.algorithm, buffer)
+                digests[inode] = _Read(digest, size)
+            except OSError as exc:
+                digests[inode] = _Read(None, 0, exc.strerror or str(exc))
+            report.inodes += 1
+            report.bytes += digests[inode].size
+            progress.files += 1
+            progress.bytes += digests[inode].size
+            if on_progress is not None:
+                on_progress(progress)
+        if not os.path.isdir(root):
+            report.unchecked[name] = "deleted while it was being verified"
+            continue
+        for entry in loaded.entries:
+            inode = present.get(entry.path)
+            if inode is None:
+                continue
+            report.files += 1
+            if digests[inode].digest != entry.digest:
+                bad.setdefault(inode, []).append((entry.digest, entry.size, Location(name, entry.path)))
+        for path in sorted(set(present) - listed):
+            found.append(
+                Problem(UNLISTED, [Location(name, path)], "in the snapshot but not in its manifest: nothing to check it against")
+            )
+        report.problems += found
+        report.checked.append(name)
+    if bad:
+        _add_sharers(repo, names, bad)
+    for inode, places in sorted(bad.items(), key=lambda item: item[1][0][2].path):
+        now = digests[inode]
+        expected, expected_size, _ = places[0]
+        locations = [where for _, _, where in places]
+        if now.error is not None:
+            report.problems.append(Problem(UNREADABLE, locations, f"cannot be read: {now.error}", expected, None, expected_size))
+            continue
+        if now.size != expected_size:
+            detail = f"size {now.size}, was {expected_size}" + (" (truncated)" if now.size < expected_size else "")
+        else:
+            detail = "content differs from the checksum recorded when it was backed up"
+        report.problems.append(Problem(DAMAGED, locations, detail, expected, now.digest, expected_size, now.size))
+    report.problems.sort(key=lambda p: KINDS.index(p.kind))
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _add_sharers(repo: Repository, checked: list[str], bad: dict[int, list[tuple[str, int, Location]]]) -> None:
+    """Name the snapshots not checked in this run that hold a damaged inode too.
+
+    Their manifests record each file's inode; a path still carrying that
+    inode (lstat) is the same damaged file.
+    """
+    for name in repo.snapshot_names():
+        if name in checked:
+            continue
+        try:
+            other = manifests.load(repo.manifest_path(name))
+        except (OSError, CorruptManifestError) as exc:
+            log.debug("cannot look for shared damaged files in %s: %s", name, exc)
+            continue
+        root = os.fsencode(repo.snapshot_path(name))
+        for entry in other.entries:
+            places = bad.get(entry.inode)
+            if places is None:
+                continue
+            try:
+                if os.lstat(root + b"/" + entry.path).st_ino != entry.inode:
+                    continue
+            except OSError:
+                continue
+            places.append((entry.digest, entry.size, Location(name, entry.path)))
+    for places in bad.values():
+        places.sort(key=lambda place: (place[2].snapshot, place[2].path))

@@ -1,0 +1,258 @@
+"""Manifests of content checksums, written by the real cycle with the real rsync.
+
+The manifest is compared with an independent hashlib walk of the snapshot.
+That files shared with the previous snapshot are not read again is shown
+without mocks: a shared file is damaged in place in the previous snapshot
+(size and time kept, so rsync links it again), and the new manifest still
+carries the checksum of what was backed up, which it could only have taken
+from the previous manifest; the byte counts the step reports agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent import manifest as manifests
+from agent.cli import main
+from agent.errors import EXIT_PARTIAL, CorruptManifestError
+from tests.test_cycle_robustness import (  # noqa: F401  (cli is a fixture)
+    Cli,
+    cli,
+    events,
+    install_stand_in,
+    make_fake_rsync,
+    step_event,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+BIG = 3 * manifests.READ_SIZE + 12345  # several reads
+
+
+# -- helpers shared with tests/test_verify.py ----------------------------------------
+
+
+def build_source(root: Path) -> None:
+    """Names a manifest must survive, a hard-linked pair, an empty and a big file, a symlink."""
+    root.mkdir()
+    (root / "plain.txt").write_text("plain\n")
+    (root / "name with spaces").write_text("spaces\n")
+    (root / "line\nbreak").write_text("newline in name\n")
+    (root / "back\\slash").write_text("backslash in name\n")
+    (root / "empty").write_bytes(b"")
+    os.makedirs(os.fsencode(root) + b"/bytes-\xff\xfe-dir")
+    with open(os.fsencode(root) + b"/bytes-\xff\xfe-dir/\xe9t\xe9", "wb") as handle:
+        handle.write(b"not utf-8 name\n")
+    (root / "deep" / "er").mkdir(parents=True)
+    (root / "deep" / "er" / "big.bin").write_bytes(os.urandom(BIG))
+    (root / "hard-a").write_text("shared inode\n")
+    os.link(root / "hard-a", root / "deep" / "hard-b")
+    os.symlink("plain.txt", root / "link-to-plain")
+    (root / "empty-dir").mkdir()
+    for index in range(20):
+        (root / "deep" / f"f{index:02d}.txt").write_text(f"file {index}\n" * (index + 1))
+
+
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text('[backup]\nionice = "none"\nnice = 0\n[rotation]\nhourly = "always"\n')
+    return path
+
+
+def backup(source: Path, repo: Path, cfg: Path) -> str:
+    """One real backup through the CLI; the new snapshot's name."""
+    assert main(["backup", "--no-sudo", "-q", "--config", str(cfg), str(source), str(repo)]) == 0
+    return os.readlink(repo / "latest").split("/")[-1]
+
+
+def metadata(repo: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((repo / "metadata" / f"{name}.json").read_text())
+    return data
+
+
+def manifest_path(repo: Path, name: str) -> Path:
+    return repo / "metadata" / f"{name}.manifest"
+
+
+def independent_digests(root: Path) -> dict[bytes, str]:
+    """Relative path -> sha256 of every regular file, by os.walk and hashlib alone."""
+    top = os.fsencode(root)
+    found: dict[bytes, str] = {}
+    for directory, _dirs, files in os.walk(top):
+        for name in files:
+            path = os.path.join(directory, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                with open(path, "rb") as handle:
+                    found[os.path.relpath(path, top)] = hashlib.sha256(handle.read()).hexdigest()
+    return found
+
+
+def recorded(repo: Path, name: str) -> dict[bytes, str]:
+    loaded = manifests.load(str(manifest_path(repo, name)))
+    assert loaded.algorithm == "sha256"
+    return {entry.path: entry.digest for entry in loaded.entries}
+
+
+def same_size_damage(path: Path) -> None:
+    """Flip the first byte in place, keeping the inode, size and times (what bit rot looks like)."""
+    info = os.lstat(path)
+    with open(path, "r+b") as handle:
+        first = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([first[0] ^ 0xFF]))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+# -- the format (pure) -----------------------------------------------------------------
+
+
+paths = st.binary(min_size=1, max_size=40).filter(lambda p: b"\0" not in p)
+
+
+@given(path=paths)
+def test_any_path_survives_escaping(path: bytes) -> None:
+    escaped = manifests.escape_path(path)
+    assert b"\n" not in escaped
+    assert manifests.unescape_path(escaped) == path
+
+
+@given(entries=st.lists(st.tuples(paths, st.integers(0, 2**40), st.integers(1, 2**63)), max_size=20))
+def test_render_and_parse_agree(entries: list[tuple[bytes, int, int]]) -> None:
+    body = b"".join(manifests.line(hashlib.sha256(p).hexdigest(), size, inode, p) for p, size, inode in entries)
+    data, digest = manifests.render(body, len(entries))
+    parsed = manifests.parse(data, "m")
+    assert [(e.path, e.size, e.inode) for e in parsed.entries] == entries
+    assert parsed.digest == digest == "sha256:" + hashlib.sha256(data[: data.rindex(b"# end ")]).hexdigest()
+
+
+@given(data=st.data())
+def test_any_flipped_byte_or_cut_makes_the_manifest_corrupt(data: st.DataObject) -> None:
+    body = b"".join(manifests.line(hashlib.sha256(b"%d" % i).hexdigest(), i, i + 10, b"dir/f%d" % i) for i in range(5))
+    whole, _ = manifests.render(body, 5)
+    position = data.draw(st.integers(0, len(whole) - 1))
+    flipped = bytearray(whole)
+    flipped[position] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(CorruptManifestError):
+        manifests.parse(bytes(flipped), "m")
+    with pytest.raises(CorruptManifestError):
+        manifests.parse(whole[: data.draw(st.integers(0, len(whole) - 1))], "m")
+
+
+# -- through the real cycle ---------------------------------------------------------------
+
+
+def test_manifest_equals_an_independent_hash_of_the_snapshot(tmp_path: Path, rsync_path: str) -> None:
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    name = backup(source, repo, cfg)
+    expected = independent_digests(repo / "snapshots" / name)
+    assert recorded(repo, name) == expected
+    assert len(expected) == 29 and b"line\nbreak" in expected and b"bytes-\xff\xfe-dir/\xe9t\xe9" in expected
+    info = metadata(repo, name)["manifest"]
+    # The hard-linked pair is one inode: read once.
+    assert (info["entries"], info["hashed_files"], info["reused_files"], info["reused_from"]) == (29, 28, 1, None)
+    assert info["digest"] == manifests.load(str(manifest_path(repo, name))).digest
+
+
+def test_files_shared_with_the_previous_snapshot_are_not_read_again(tmp_path: Path, rsync_path: str) -> None:
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    first = backup(source, repo, cfg)
+    original = recorded(repo, first)
+    # Damage the big file inside the first snapshot. rsync's quick check
+    # (size and time) still links it into the next snapshot; a manifest that
+    # read it would record the damaged content's checksum.
+    shared = repo / "snapshots" / first / "deep" / "er" / "big.bin"
+    same_size_damage(shared)
+    changed = source / "deep" / "f03.txt"
+    changed.write_text("changed, and longer than before\n")
+    second = backup(source, repo, cfg)
+    assert os.lstat(repo / "snapshots" / second / "deep" / "er" / "big.bin").st_ino == os.lstat(shared).st_ino
+
+    now = recorded(repo, second)
+    assert now[b"deep/er/big.bin"] == original[b"deep/er/big.bin"]
+    assert now[b"deep/er/big.bin"] != independent_digests(repo / "snapshots" / second)[b"deep/er/big.bin"]
+    assert now[b"deep/f03.txt"] == hashlib.sha256(changed.read_bytes()).hexdigest()
+    assert {k: v for k, v in now.items() if k != b"deep/er/big.bin"} == {
+        k: v for k, v in independent_digests(repo / "snapshots" / second).items() if k != b"deep/er/big.bin"
+    }
+    info = metadata(repo, second)["manifest"]
+    assert (info["hashed_files"], info["hashed_bytes"]) == (1, changed.stat().st_size)
+    assert (info["reused_files"], info["reused_from"]) == (28, first)
+
+
+def test_without_a_usable_previous_manifest_everything_is_hashed(tmp_path: Path, rsync_path: str) -> None:
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    first = backup(source, repo, cfg)
+    manifest_path(repo, first).unlink()  # as a snapshot made before manifests existed
+    second = backup(source, repo, cfg)
+    assert metadata(repo, second)["manifest"]["hashed_files"] == 28
+    # A corrupted previous manifest is not trusted either.
+    text = manifest_path(repo, second).read_bytes()
+    manifest_path(repo, second).write_bytes(text.replace(b"deep/f01.txt", b"deep/f01.txX"))
+    third = backup(source, repo, cfg)
+    info = metadata(repo, third)["manifest"]
+    assert (info["hashed_files"], info["reused_from"]) == (28, None)
+    assert recorded(repo, third) == independent_digests(repo / "snapshots" / third)
+
+
+def test_a_manifest_that_cannot_be_written_does_not_lose_the_snapshot(tmp_path: Path, rsync_path: str) -> None:
+    """-b then -s: between them, a directory takes the manifest's place, so writing it fails for real."""
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    base = ["backup", "--no-sudo", "-q", "--config", str(cfg)]
+    assert main([*base, "-b", str(source), str(repo)]) == 0
+    (pending,) = [p.name.removesuffix(".in-progress") for p in (repo / "snapshots").iterdir()]
+    manifest_path(repo, pending).mkdir()
+    assert main([*base, "-s", "--json", str(source), str(repo)]) == 0
+    assert os.readlink(repo / "latest") == f"snapshots/{pending}"
+    info = metadata(repo, pending)
+    assert info["state"] == "complete" and "Is a directory" in info["manifest"]["error"]
+    assert any("completed without a manifest" in w for w in info["warnings"])
+
+
+def test_a_partial_snapshot_gets_a_manifest_of_what_it_holds(
+    cli: Cli, tmp_path: Path, trusted_dir: Path, rsync_path: str
+) -> None:
+    """rsync exits 23 (the stand-in at the process boundary copies with the real rsync first)."""
+    source, repo = tmp_path / "source", tmp_path / "repo"
+    build_source(source)
+    make_fake_rsync(tmp_path, exit=23, stderr=['rsync: [sender] send_files failed to open "/x": Permission denied (13)'])
+    cfg = write_config(tmp_path / "fake.toml", rsync=install_stand_in(trusted_dir))
+    result = cli.run("backup", "--no-sudo", "-q", "--json", "--config", cfg, source, repo)
+    assert result.returncode == EXIT_PARTIAL, result.stderr
+    done = step_event(events(result.stdout), "snapshot", "done")
+    assert done["partial"] is True and done["manifest"]["entries"] == 29
+    name = done["snapshot"]
+    assert recorded(repo, name) == independent_digests(repo / "snapshots" / name)
+
+
+def test_a_dry_run_writes_no_manifest(tmp_path: Path, rsync_path: str) -> None:
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    first = backup(source, repo, cfg)
+    before = sorted(os.listdir(repo / "metadata"))
+    (source / "new.txt").write_text("new\n")
+    assert main(["backup", "--no-sudo", "-q", "-n", "--config", str(cfg), str(source), str(repo)]) == 0
+    assert sorted(os.listdir(repo / "metadata")) == before == [f"{first}.json", f"{first}.manifest"]
+
+
+def test_rotation_deletes_a_snapshots_manifest_with_it(tmp_path: Path, rsync_path: str) -> None:
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    first = backup(source, repo, cfg)
+    backup(source, repo, cfg)
+    assert main(["rotate", "--config", str(cfg), "--hourly", "1", "--prefer-recent", str(repo)]) == 0
+    assert not (repo / "snapshots" / first).exists()
+    assert not manifest_path(repo, first).exists() and not (repo / "metadata" / f"{first}.json").exists()
