@@ -299,6 +299,8 @@ async def story(camera: Camera, bench: Bench, agent: Agent, watch: NotifyWatch, 
         _run("xdotool", "mousemove", str(camera.width - PANEL // 2), str(PANEL // 2), "click", "1")
         camera.shoot("tray-menu.png", settle=1.0)
         _run("xdotool", "key", "Escape")
+        # The pointer leaves the icon: its tooltip would cover the next picture.
+        _run("xdotool", "mousemove", "0", str(camera.height - 1))
     else:
         missing.append("tray-menu.png: the agent registered no StatusNotifierItem with the panel (no tray yet)")
 
