@@ -34,6 +34,7 @@ from .errors import (
     RepositoryError,
     UsageError,
 )
+from .eject import Eject
 from .events import Emitter
 from .repository import Repository, classify
 from .rotation import FREQUENCIES, Count, Plan, Scheme
@@ -106,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--relaxed", action="store_true", help="count periods, not time since the newest")
     rotate.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
+    eject = sub.add_parser(
+        "eject",
+        parents=[common],
+        help="unmount and lock a backup disk now, so it is safe to unplug (run it with sudo)",
+        description=(
+            "Close a backup disk left open (mounted or unlocked by hand, or kept busy during a backup): take the "
+            "machine lock, sync, unmount its mount point, lock it. Refused while a backup runs."
+        ),
+    )
+    eject.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to eject")
+    eject.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
+
     loud = _Parser(add_help=False)
     loud.add_argument("-v", "--verbose", action="store_true", help="say more (every command run)")
     loud.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
@@ -115,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="put the sudo rule, the udev rule and the user unit in place (run it with sudo)",
         description=(
             f"Write {installer.DROP_IN}: USER may run this backup-agent as root, without a password, only as "
-            "`backup --json` and `backup --json --disk NAME` for each configured disk; "
+            "`backup --json`, and `backup --json --disk NAME` and `eject --json --disk NAME` for each configured disk; "
             f"{installer.RULES_FILE}: marks each configured disk and hides it from desktop automounters; "
             f"{installer.UNIT_FILE}: the user unit that runs `backup-agent run` in the graphical session."
         ),
@@ -147,12 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 SUDO_FORMS: dict[str, str] = {
     "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
     "init": "init --disk NAME [--yes] [-q|-v]",
+    "eject": "eject --disk NAME [--json] [-q|-v]",
     "list": "list [--json] [-q|-v]",
     "rotate": "rotate [-n] [--json] [-q|-v]",
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
+    "eject": frozenset({"disk", "json", "quiet", "verbose"}),
     "list": frozenset({"json", "quiet", "verbose"}),
     "rotate": frozenset({"json", "dry_run", "quiet", "verbose"}),
 }
@@ -490,6 +505,24 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eject(args: argparse.Namespace) -> int:
+    """Unmount and lock a configured disk now, whoever opened it (the tray's Eject)."""
+    if os.geteuid() != 0:
+        raise UsageError("eject unmounts and locks the disk and needs root: run it with sudo")
+    settings = _load(args)
+    disk = select_disk(settings, name=args.disk, crypto=None, mount=None)
+    if disk is None:  # --disk is required, so this is only for the type checker
+        raise UsageError("eject needs --disk NAME")
+    emitter = Emitter(sys.stdout if args.json else None)
+    closed_now = Eject(disk, settings, emitter, Runner()).run()
+    if not args.json and not args.quiet:
+        if closed_now:
+            print(f"{disk.name} is unmounted and locked: safe to unplug")
+        else:
+            print(f"{disk.name} is locked and not mounted: already safe to unplug")
+    return EXIT_OK
+
+
 def _plan_json(plan: Plan) -> str:
     return json.dumps({"keep": {k: list(v) for k, v in plan.keep.items()}, "delete": list(plan.delete)}, indent=2)
 
@@ -564,6 +597,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": cmd_backup,
     "init": cmd_init,
+    "eject": cmd_eject,
     "list": cmd_list,
     "rotate": cmd_rotate,
     "install": cmd_install,
