@@ -13,19 +13,28 @@ reads the kernel's /proc/self/mountinfo (test_disk_cycle.kernel_mounts).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from agent import lock
 from agent.config import Disk
+from agent.daemon import cycle_argv_for, eject_reply
 from agent.eject import EjectPlan, plan_eject
 from agent.errors import DiskBusyError, WrongDiskError
 from agent.mounts import MountEntry
+from agent.state import EjectReply
+from tests.test_daemon import agent_on, here, one_cycle, real, settle, until  # noqa: F401  (here: fixture)
+from tests.test_dbus_control import run
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig: the fixture bench uses)
 from tests.test_disk_cycle import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_REPOSITORY, Bench, Run, bench, device_number  # noqa: F401
+from tests.test_udev import udevd  # noqa: F401  (fixture of @real)
 
 MAPPED = "254:3"
 ROOT = MountEntry("/", "ext4", "/dev/sda1", "8:1")
@@ -218,3 +227,117 @@ def test_eject_needs_root_and_a_configured_disk(tmp_path: Path, cli_argv: list[s
     else:
         assert done.stderr == "backup-agent: eject unmounts and locks the disk and needs root: run it with sudo\n"
     assert done.stderr.count("\n") == 1
+
+
+# -- what the agent reads back (pure) ----------------------------------------------------------
+
+
+def event_line(kind: str, **fields: object) -> str:
+    return json.dumps({"version": 1, "time": "2026-11-22T13:00:00+01:00", "event": kind, **fields})
+
+
+def test_the_agent_reads_how_the_eject_ended() -> None:
+    done = [event_line("step", step="lock", state="start"), event_line("complete", snapshot=None, already_closed=False)]
+    assert eject_reply(NAME, 0, done, [], through_sudo=True) == EjectReply(
+        "ejected", f"{NAME} is unmounted and locked: safe to unplug")
+    closed = [event_line("complete", snapshot=None, already_closed=True)]
+    assert eject_reply(NAME, 0, closed, [], through_sudo=False) == EjectReply(
+        "already", f"{NAME} is locked and not mounted: already safe to unplug")
+    busy = [event_line("error", step="unmount", message="cannot unmount /mnt/b: it is busy; held by pid 7 (vim)",
+                       exit_code=9, snapshots_untouched=True)]
+    assert eject_reply(NAME, 9, busy, ["backup-agent: unmount failed: cannot unmount ..."], through_sudo=True) == (
+        EjectReply("busy", "cannot unmount /mnt/b: it is busy; held by pid 7 (vim)"))
+    running = [event_line("error", step="lock", message="a backup is running: wait for it or stop it",
+                          exit_code=4, snapshots_untouched=True)]
+    assert eject_reply(NAME, 4, running, [], through_sudo=True).result == "refused"
+    # before any event (a usage error), the one error line; a status 0 without "complete" is no success
+    assert eject_reply(NAME, 2, [], ["backup-agent: --disk x: no configured disk matches"], through_sudo=False) == (
+        EjectReply("failed", "--disk x: no configured disk matches"))
+    assert eject_reply(NAME, 0, ["not an event"], [], through_sudo=False) == EjectReply(
+        "failed", "the eject exited with status 0")
+    assert eject_reply(NAME, -9, [], [], through_sudo=False) == EjectReply("failed", "the eject was killed by SIGKILL")
+    # a sudo rule written before eject existed: say how to fix it
+    refused = eject_reply(NAME, 1, [], ["sudo: a password is required"], through_sudo=True)
+    assert refused.result == "failed" and "run sudo backup-agent install again" in refused.message
+    assert not refused.safe and EjectReply("already", "").safe
+
+
+def test_the_agent_runs_eject_as_it_runs_the_cycle() -> None:
+    """Without sudo: this Python and the agent's --config; never --no-sudo (eject has none: it needs root)."""
+    argv = cycle_argv_for(config="c.toml", no_sudo=True, argv0="/usr/local/sbin/backup-agent", command="eject")
+    assert argv == (sys.executable, "-m", "agent.cli", "eject", "--json", "--config", os.path.abspath("c.toml"))
+
+
+# -- the agent: eject through the real command, and the schedule around it ----------------------
+
+
+@real
+def test_the_agent_ejects_refuses_during_a_backup_and_the_schedule_leaves_an_ejected_disk_closed(
+    bench: Bench, here: None
+) -> None:
+    bench.init()
+    settle()
+    offset = [0.0]
+
+    async def scenario() -> None:
+        async with agent_on(bench, clock=lambda: time.time() + offset[0]) as (agent, recorder):
+            # attached and never backed up: the plug-in starts a cycle; eject is refused under it
+            await until(lambda: agent.cycle_pid is not None, "the plug-in's cycle to start")
+            refused = await agent.eject(NAME)
+            assert refused.result == "refused"
+            assert refused.message.startswith("a backup is running: wait for it or stop it")
+            await one_cycle(agent, recorder)
+            bench.assert_locked_and_unmounted()
+
+            open_by_hand(bench)
+            assert await agent.eject(NAME) == EjectReply("ejected", f"{NAME} is unmounted and locked: safe to unplug")
+            bench.assert_locked_and_unmounted()
+            assert agent.status().state == "disk-attached" and agent.status().next_due is None
+            assert agent.timer is None  # nothing scheduled for a disk ejected to be unplugged
+
+            offset[0] = 3 * 3600.0  # hours later, still plugged in: due, but left closed
+            agent.tick()
+            agent.on_resumed()
+            assert agent.cycle_pid is None and len(recorder.of("backup_started")) == 1
+            assert await agent.eject(NAME) == EjectReply(
+                "already", f"{NAME} is locked and not mounted: already safe to unplug")
+
+            assert agent.backup_now() == "started"  # asked for: it backs up again
+            await one_cycle(agent, recorder, 2)
+            assert agent.status().next_due is not None and agent.timer is not None
+            assert recorder.of("backup_failed") == []
+
+    run(scenario(), timeout=60)
+    bench.assert_locked_and_unmounted()
+
+
+@real
+def test_no_cycle_starts_while_an_eject_runs_and_none_fails(bench: Bench, here: None) -> None:
+    """A backup asked for during an eject waits for it (the eject holds the machine lock), then runs."""
+    bench.init()
+    settle()
+
+    async def scenario() -> None:
+        async with agent_on(bench) as (agent, recorder):
+            await one_cycle(agent, recorder)  # the plug-in's; the next is due in an hour
+            open_by_hand(bench)
+            inside = subprocess.Popen(["sleep", "60"], cwd=bench.repository)  # busy: the eject retries for ~3 s
+            bench.rig.processes.append(inside)
+            ejecting = asyncio.create_task(agent.eject(NAME))
+            await until(lambda: agent.ejecting == NAME, "the eject to start")
+            assert agent.backup_now() == "running"  # held back, not started, not failed
+            agent.tick()
+            await asyncio.sleep(0.5)
+            assert agent.cycle_pid is None and len(recorder.of("backup_started")) == 1
+            assert agent.status().state == "disk-attached"
+            reply = await ejecting
+            assert reply.result == "busy" and f"pid {inside.pid} (sleep)" in reply.message
+            # the eject is over: the backup asked for runs now (on the disk as it was found: open)
+            await one_cycle(agent, recorder, 2)
+            assert recorder.of("backup_failed") == [] and agent.status().last_result == "success"
+            assert [entry[0] for entry in bench.mounted_here()] == [str(bench.rig.mount_point)]
+            bench.rig.release(inside)
+            assert (await agent.eject(NAME)).result == "ejected"
+
+    run(scenario(), timeout=60)
+    bench.assert_locked_and_unmounted()
