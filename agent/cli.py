@@ -40,6 +40,7 @@ from .errors import (
     RepositoryError,
     UsageError,
 )
+from .eject import Eject
 from .events import Emitter
 from .repository import Repository, classify
 from .rotation import FREQUENCIES, Count, Plan, Scheme
@@ -149,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--all", action="store_true", help="check every snapshot")
     verify.add_argument("--json", action="store_true", help="one JSON object for scripts")
 
+    eject = sub.add_parser(
+        "eject",
+        parents=[common],
+        help="unmount and lock a backup disk now, so it is safe to unplug (run it with sudo)",
+        description=(
+            "Close a backup disk left open (mounted or unlocked by hand, or kept busy during a backup): take the "
+            "machine lock, sync, unmount its mount point, lock it. Refused while a backup runs."
+        ),
+    )
+    eject.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to eject")
+    eject.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
+
     loud = _Parser(add_help=False)
     loud.add_argument("-v", "--verbose", action="store_true", help="say more (every command run)")
     loud.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
@@ -158,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="put the sudo rule, the udev rule and the user unit in place (run it with sudo)",
         description=(
             f"Write {installer.DROP_IN}: USER may run this backup-agent as root, without a password, only as "
-            "`backup --json` and `backup --json --disk NAME` for each configured disk; "
+            "`backup --json`, and `backup --json --disk NAME` and `eject --json --disk NAME` for each configured disk; "
             f"{installer.RULES_FILE}: marks each configured disk and hides it from desktop automounters; "
             f"{installer.UNIT_FILE}: the user unit that runs `backup-agent run` in the graphical session."
         ),
@@ -191,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 SUDO_FORMS: dict[str, str] = {
     "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
     "init": "init --disk NAME [--yes] [-q|-v]",
+    "eject": "eject --disk NAME [--json] [-q|-v]",
     "list": "list [--json] [-q|-v]",
     "rotate": "rotate [-n] [--json] [-q|-v]",
     "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
@@ -201,6 +215,7 @@ SUDO_FORMS: dict[str, str] = {
 _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
+    "eject": frozenset({"disk", "json", "quiet", "verbose"}),
     "list": frozenset({"json", "quiet", "verbose"}),
     "rotate": frozenset({"json", "dry_run", "quiet", "verbose"}),
     # Reading only, and restoring only into a new directory beside the
@@ -513,6 +528,24 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eject(args: argparse.Namespace) -> int:
+    """Unmount and lock a configured disk now, whoever opened it (the tray's Eject)."""
+    if os.geteuid() != 0:
+        raise UsageError("eject unmounts and locks the disk and needs root: run it with sudo")
+    settings = _load(args)
+    disk = disks.select_disk(settings, name=args.disk, crypto=None, mount=None)
+    if disk is None:  # --disk is required, so this is only for the type checker
+        raise UsageError("eject needs --disk NAME")
+    emitter = Emitter(sys.stdout if args.json else None)
+    closed_now = Eject(disk, settings, emitter, Runner()).run()
+    if not args.json and not args.quiet:
+        if closed_now:
+            print(f"{disk.name} is unmounted and locked: safe to unplug")
+        else:
+            print(f"{disk.name} is locked and not mounted: already safe to unplug")
+    return EXIT_OK
+
+
 def _plan_json(plan: Plan) -> str:
     return json.dumps({"keep": {k: list(v) for k, v in plan.keep.items()}, "delete": list(plan.delete)}, indent=2)
 
@@ -755,6 +788,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": cmd_backup,
     "init": cmd_init,
+    "eject": cmd_eject,
     "list": cmd_list,
     "rotate": cmd_rotate,
     "versions": cmd_versions,

@@ -9,7 +9,8 @@ Everything the agent does is a reaction on the loop, and nothing polls:
   backup falls due on an attached disk; with no disk attached there is none;
 - the running cycle's stdout and stderr pipes and a pidfd for its exit sit on
   the loop as readers;
-- ``backup_now``/``stop`` (D-Bus), ``on_resumed`` (logind) call in.
+- ``backup_now``/``stop`` (D-Bus), ``eject`` (the tray), ``on_resumed``
+  (logind) call in.
 
 So an idle agent with no disk attached sleeps in the loop's ``epoll_wait``
 until udev has something to say. Two exceptions, both only when asked for:
@@ -52,10 +53,10 @@ from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
 
 from . import events, lock, schedule
 from .config import Settings
-from .errors import EXIT_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
+from .errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
 from .files import write_atomic
 from .reminder import notice_state_path
-from .state import STATE_FILE_VERSION, AgentStatus, Listener, Result, disk_left, state_file_path
+from .state import STATE_FILE_VERSION, AgentStatus, EjectReply, Listener, Result, disk_left, state_file_path
 from .udev import DiskGone, DiskSeen, Monitor
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,10 @@ class AgentOptions:
     cycle_lock: str | None = None
     #: Seconds between looks at the lock while a foreign cycle runs.
     foreign_poll: float = FOREIGN_POLL
+    #: How to eject a disk, without ``--disk``: ``("sudo", "-n", EXECUTABLE,
+    #: "eject", "--json")`` or, without sudo, this Python's ``-m agent.cli
+    #: eject --json``. Empty: this agent cannot eject (the tray says how by hand).
+    eject_argv: Sequence[str] = ()
 
     def lock_path(self) -> str:
         if self.cycle_lock is not None:
@@ -362,6 +367,11 @@ class Agent:
         self._status = AgentStatus(disk=last_disk if last_disk in self._records else None)
         self._published: AgentStatus | None = None
         self._last_returncode: int | None = None
+        self._ejecting: str | None = None  # the disk an eject is closing now
+        # Disks ejected since they were plugged in: closed on purpose, to be
+        # unplugged, so no scheduled backup opens them again (a plug-in or
+        # Back up now does).
+        self._ejected: set[str] = set()
         self._refresh(publish=False)
 
     # -- wiring ---------------------------------------------------------------------
@@ -502,6 +512,56 @@ class Agent:
         """A copy of the current status."""
         return self._copy(self._status)
 
+    @property
+    def ejecting(self) -> str | None:
+        """The disk an eject is closing now, or None."""
+        return self._ejecting
+
+    async def eject(self, disk: str) -> EjectReply:
+        """Unmount and lock ``disk`` now: ``eject_argv + ("--disk", disk)``, as the cycle is run.
+
+        Normally ``sudo -n backup-agent eject --json --disk NAME``, in a
+        session of its own (it finishes even if the agent stops), waited for
+        in a thread so the loop goes on. Refused while a cycle runs, this
+        agent's or another's. While it runs no cycle starts (triggers wait,
+        see :meth:`_blocker`); once the disk is closed, no scheduled backup
+        opens it again until it is plugged in again or Back up now is asked.
+        """
+        if disk not in self._states:
+            return EjectReply("failed", f"{disk} is not a configured backup disk")
+        if self._ejecting is not None:
+            return EjectReply("refused", f"{self._ejecting} is being ejected: wait for it")
+        blocker = self._blocker()
+        if blocker is not None:
+            return EjectReply("refused", f"a backup is running: wait for it or stop it, then eject {disk} again ({blocker})")
+        if not self._options.eject_argv:
+            return EjectReply("failed", "this agent was started without a way to eject a disk")
+        argv = [*self._options.eject_argv, "--disk", disk]
+        self._ejecting = disk
+        log.info("ejecting %s: running %s", disk, " ".join(argv))
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, close_fds=True,
+            )
+            out, err = await asyncio.to_thread(process.communicate)
+        except OSError as exc:
+            reply = EjectReply("failed", f"could not start the eject ({argv[0]}): {exc.strerror or exc}")
+        else:
+            reply = eject_reply(
+                disk, process.returncode, out.decode("utf-8", "replace").splitlines(),
+                err.decode("utf-8", "replace").splitlines(), through_sudo=_through_sudo(argv),
+            )
+        finally:
+            self._ejecting = None
+        (log.info if reply.safe else log.warning)("eject %s: %s", disk, reply.message)
+        if reply.safe and self._states[disk].attached:
+            self._ejected.add(disk)
+            self._decisions[disk] = schedule.Decision(False, "not due", None)
+        self._reevaluate()
+        self._refresh()
+        return reply
+
     # -- hooks for logind ---------------------------------------------------------------
 
     def on_resumed(self) -> None:
@@ -541,6 +601,14 @@ class Agent:
         """Apply one trigger to one disk: decide, start the cycle if so, re-arm the timer."""
         now = self._clock()
         state = self._states[name]
+        if name in self._ejected:
+            if trigger in ("tick", "resumed"):
+                decision = schedule.Decision(False, "not due", None)  # nothing due until plugged in again
+                self._decisions[name] = decision
+                self._rearm()
+                self._refresh()
+                return decision
+            self._ejected.discard(name)  # plugged in again, unplugged, or asked for
         if trigger == "plugged" and state.attached:
             state = dataclasses.replace(state, attached=False)  # a held-back plug-in, replayed
         state, decision = schedule.handle(state, self._options.policy, now, trigger)
@@ -564,7 +632,10 @@ class Agent:
         return decision
 
     def _blocker(self) -> str | None:
-        """Why no cycle may start now (one runs), or None."""
+        """Why no cycle may start now (one runs, or an eject), or None."""
+        if self._ejecting is not None:
+            # Its machine lock would look like a foreign cycle: not a failure, wait for it.
+            return f"{self._ejecting} is being ejected"
         if self._cycle is not None:
             return f"the backup of {self._cycle.disk} is running"
         if self._foreign is None:
@@ -1023,6 +1094,41 @@ async def _await(awaitable: Awaitable[Any]) -> None:
         log.exception("releasing the sleep inhibitor failed")
 
 
+# -- eject ----------------------------------------------------------------------------------------------
+
+
+def eject_reply(disk: str, returncode: int, stdout: Sequence[str], stderr: Sequence[str], *, through_sudo: bool) -> EjectReply:
+    """What ``backup-agent eject --json`` ended with (pure): its exit status, events and last error line."""
+    found: dict[str, dict[str, Any]] = {}
+    for line in stdout:
+        with contextlib.suppress(ValueError):
+            event = events.decode(line)
+            found[event["event"]] = event
+    said = [line.strip() for line in stderr if line.strip()]
+    error = found.get("error")
+    if error is not None and error.get("message"):
+        message = str(error["message"])
+    elif said:
+        message = said[-1].removeprefix("backup-agent: ")
+    else:
+        message = f"the eject {_exit_description(returncode)}"
+    if returncode == EXIT_OK and "complete" in found:
+        if found["complete"].get("already_closed"):
+            return EjectReply("already", f"{disk} is locked and not mounted: already safe to unplug")
+        return EjectReply("ejected", f"{disk} is unmounted and locked: safe to unplug")
+    if through_sudo and error is None and any("password is required" in line for line in said):
+        return EjectReply(
+            "failed",
+            "the sudo rule does not allow ejecting yet: run sudo backup-agent install again "
+            "(it adds `eject --json --disk NAME` for each disk)",
+        )
+    if returncode == EXIT_BUSY:
+        return EjectReply("refused", message)
+    if returncode == EXIT_DISK_BUSY:
+        return EjectReply("busy", message)
+    return EjectReply("failed", message)
+
+
 # -- backup-agent run --------------------------------------------------------------------------------
 
 
@@ -1040,22 +1146,23 @@ def _this_executable(argv0: str) -> str:
     return os.path.abspath(found)
 
 
-def cycle_argv_for(*, config: str | None, no_sudo: bool, argv0: str) -> tuple[str, ...]:
-    """How ``backup-agent run`` starts the cycle (pure but for the executable lookup).
+def cycle_argv_for(*, config: str | None, no_sudo: bool, argv0: str, command: str = "backup") -> tuple[str, ...]:
+    """How ``backup-agent run`` starts the cycle, or with ``command="eject"`` an eject (pure but for the executable lookup).
 
     Through sudo (a user's agent): ``sudo -n EXECUTABLE backup --json``, the
     form the sudoers rule allows; the cycle reads only the system config.
     Without sudo (``--no-sudo``, or the agent runs as root): this Python
-    runs ``-m agent.cli backup --json`` with the agent's own ``--config``.
+    runs ``-m agent.cli backup --json`` with the agent's own ``--config``
+    (and ``--no-sudo`` as a user; eject has none: it needs root).
     """
     if no_sudo or os.geteuid() == 0:
-        argv: tuple[str, ...] = (sys.executable, "-m", "agent.cli", "backup", "--json")
-        if os.geteuid() != 0:
+        argv: tuple[str, ...] = (sys.executable, "-m", "agent.cli", command, "--json")
+        if os.geteuid() != 0 and command == "backup":
             argv += ("--no-sudo",)
         if config is not None:
             argv += ("--config", os.path.abspath(config))
         return argv
-    return (shutil.which("sudo") or "/usr/bin/sudo", "-n", _this_executable(argv0), "backup", "--json")
+    return (shutil.which("sudo") or "/usr/bin/sudo", "-n", _this_executable(argv0), command, "--json")
 
 
 def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool = True) -> int:
@@ -1085,7 +1192,12 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
             return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
 
         policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)
-        options = AgentOptions(cycle_argv=argv, policy=policy, inhibit=inhibit if system is not None else None)
+        options = AgentOptions(
+            cycle_argv=argv,
+            policy=policy,
+            inhibit=inhibit if system is not None else None,
+            eject_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="eject"),
+        )
         agent = Agent(settings, options)
         service = await control.serve(agent)
         if service is not None:
@@ -1137,6 +1249,7 @@ __all__ = [
     "ROOT_CYCLE_LOCK",
     "cycle_argv_for",
     "cycle_lock_path",
+    "eject_reply",
     "load_state",
     "main",
     "save_state",

@@ -14,7 +14,8 @@ its own marker line, and never over a file it did not write:
 ``uninstall`` removes those of the three that carry our marker.
 
 The desktop agent runs as the user and starts the root backup cycle with
-``sudo -n backup-agent backup --json [--disk NAME]``. The drop-in written
+``sudo -n backup-agent backup --json [--disk NAME]``, and the tray's Eject
+with ``sudo -n backup-agent eject --json --disk NAME``. The drop-in written
 here lets exactly one user run exactly those argument lists (sudo compares a
 rule's arguments word for word when the rule gives any), without a password,
 with none of the caller's environment. Everything else through sudo asks for
@@ -86,7 +87,9 @@ _UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9
 
 def agent_argvs(disk_names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     """The argument lists the desktop agent passes to ``sudo -n backup-agent`` (pure)."""
-    return (("backup", "--json"),) + tuple(("backup", "--json", "--disk", name) for name in disk_names)
+    backups = tuple(("backup", "--json", "--disk", name) for name in disk_names)
+    ejects = tuple(("eject", "--json", "--disk", name) for name in disk_names)
+    return (("backup", "--json"),) + backups + ejects
 
 
 def sudoers_rule(user: str, executable: str, disk_names: Sequence[str]) -> str:
@@ -116,9 +119,10 @@ def sudoers_rule(user: str, executable: str, disk_names: Sequence[str]) -> str:
     return "\n".join(
         [
             MARKER,
-            f"# {user} may start the root backup cycle, and nothing else: sudo compares the arguments",
-            "# word for word, so any other option or subcommand asks for a password. The caller's",
-            "# environment is not kept (no LD_*, PYTHON*, PATH): only sudo's minimal one reaches the cycle.",
+            f"# {user} may start the root backup cycle and eject a backup disk, and nothing else:",
+            "# sudo compares the arguments word for word, so any other option or subcommand asks for",
+            "# a password. The caller's environment is not kept (no LD_*, PYTHON*, PATH): only sudo's",
+            "# minimal one reaches backup-agent.",
             f'Defaults!{executable} env_reset, !env_keep, !env_check, !setenv, secure_path="{SAFE_PATH}"',
             f"{user} ALL = (root) NOPASSWD: " + ", \\\n    ".join(commands),
             "",

@@ -34,21 +34,58 @@ def machine_lock_path() -> str:
     return f"/tmp/backup-agent-{os.getuid()}.lock"
 
 
-def _describe_holder(fd: int, path: str) -> str:
+def _parse_holder(raw: bytes) -> dict[str, Any]:
     try:
-        raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-        holder = json.loads(raw) if raw.strip() else {}
-    except (OSError, ValueError):
-        holder = {}
-    if not isinstance(holder, dict) or "pid" not in holder:
-        return f"another backup holds {path}"
+        text = raw.decode("utf-8", "replace")
+        holder = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def read_holder(path: str) -> dict[str, Any]:
+    """What the lock's holder wrote about itself (pid, started, repository, command); {} when nothing readable.
+
+    Only meaningful while someone holds the lock (the holder empties it when done).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        return _parse_holder(os.pread(fd, 4096, 0))
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+
+
+def holder_details(holder: dict[str, Any]) -> str:
+    """The holder in words: "pid 4242, started …, writing to …" ("" without a pid)."""
+    if "pid" not in holder:
+        return ""
     what = f"pid {holder['pid']}"
     if holder.get("started"):
         what += f", started {holder['started']}"
     if holder.get("repository"):
         what += f", writing to {holder['repository']}"
-    if holder.get("command"):
-        return f"backup-agent {holder['command']} is using the backup disk ({what})"
+    if holder.get("disk"):
+        what += f", disk {holder['disk']}"
+    return what
+
+
+def _describe_holder(fd: int, path: str) -> str:
+    try:
+        holder = _parse_holder(os.pread(fd, 4096, 0))
+    except OSError:
+        holder = {}
+    what = holder_details(holder)
+    if not what:
+        return f"another backup holds {path}"
+    command = holder.get("command")
+    if isinstance(command, str) and command != "backup":
+        # init and eject take the same lock: name them, they are not backups
+        return f"backup-agent {command} is running ({what})"
     return f"another backup is running ({what})"
 
 

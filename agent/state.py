@@ -77,6 +77,27 @@ class AgentStatus:
         return dataclasses.asdict(self)
 
 
+EjectResult = Literal["ejected", "already", "refused", "busy", "failed"]
+
+
+@dataclass(frozen=True)
+class EjectReply:
+    """How an eject ended: a word for programs, one line for people.
+
+    ``ejected``: unmounted and locked now; ``already``: it was closed;
+    ``refused``: a backup (or another eject) runs; ``busy``: a program keeps
+    it mounted (the line names it); ``failed``: anything else (the line says what).
+    """
+
+    result: EjectResult
+    message: str
+
+    @property
+    def safe(self) -> bool:
+        """The disk is locked and not mounted: safe to unplug."""
+        return self.result in ("ejected", "already")
+
+
 class Controller(Protocol):
     """What callers may ask of the agent. Replies are short words, not prose."""
 
@@ -89,6 +110,10 @@ class Controller(Protocol):
         ...
 
     def status(self) -> AgentStatus: ...
+
+    async def eject(self, disk: str) -> EjectReply:
+        """Unmount and lock ``disk`` now (``backup-agent eject``, as root); refused while a backup runs."""
+        ...
 
 
 class Listener(Protocol):

@@ -103,7 +103,7 @@ def test_a_locked_disk_is_opened_read_only_under_the_lock_and_closed_again(rig: 
             (rig.mount_point / "written.txt").write_text("no\n")
         assert refused.value.errno == errno.EROFS
         # A backup cycle started now is refused instead of unmounting the disk.
-        with pytest.raises(BusyError, match=r"backup-agent versions is using the backup disk \(pid "):
+        with pytest.raises(BusyError, match=r"backup-agent versions is running \(pid "):
             lock.probe(lock.machine_lock_path())
     _assert_closed(rig)
     assert rig.calls() == [("start", 0), ("stop", 0)]

@@ -202,6 +202,11 @@ def cycle_argv(bench: Bench) -> tuple[str, ...]:
     return (sys.executable, "-m", "agent.cli", "backup", "--json", "--config", str(bench.config))
 
 
+def eject_argv(bench: Bench) -> tuple[str, ...]:
+    """The real eject as root, without sudo (as cycle_argv_for(..., command="eject") makes it for root)."""
+    return (sys.executable, "-m", "agent.cli", "eject", "--json", "--config", str(bench.config))
+
+
 @pytest.fixture
 def here(monkeypatch: pytest.MonkeyPatch) -> None:
     """The cycle runs as ``python -m agent.cli`` from this checkout, as root and not through sudo."""
@@ -235,6 +240,7 @@ async def agent_on(
         state_file=str(bench.tmp / "agent-state" / "state.json"),
         foreign_poll=0.2,
         inhibit=inhibit,
+        eject_argv=eject_argv(bench),
     )
     agent = Agent(load_settings(str(bench.config)), options, [*extra_listeners, recorder], clock=clock)
     stop = asyncio.Event()

@@ -122,6 +122,8 @@ ALLOWED = [
     ["backup", "-c", "backup1"],
     ["backup", "-m", "/mnt/backup1", "-n"],
     ["init", "--disk", "backup1", "--yes"],
+    ["eject", "--json", "--disk", "backup1"],
+    ["eject", "--disk", "backup1", "-q"],
     ["list"],
     ["list", "--json"],
     ["rotate", "--dry-run", "--json"],
@@ -148,6 +150,7 @@ def test_every_form_the_sudo_rule_allows_passes_the_cli_door() -> None:
         (["rotate", "--relaxed"], "--relaxed"),
         (["rotate", "--prefer-recent"], "--prefer-recent"),
         (["init", "--disk", "backup1", "--config", "/tmp/evil.toml"], "--config"),
+        (["eject", "--json", "--disk", "backup1", "--config", "/tmp/evil.toml"], "--config"),
     ],
 )
 def test_other_subcommands_take_only_options_that_change_nothing_read_or_written(argv: list[str], named: str) -> None:
@@ -324,10 +327,25 @@ def test_sudo_lets_the_user_run_the_agents_form_as_root_with_none_of_their_envir
 
 
 @pytest.mark.integration
+def test_sudo_lets_the_user_eject_a_configured_disk_as_root(test_user: str, wrapper: Path, drop_in: Path) -> None:
+    """The tray's form, ``eject --json --disk NAME``, reaches backup-agent as root and passes the door."""
+    result = as_user(test_user, [str(wrapper), "eject", "--json", "--disk", DISK])
+    assert "a password is required" not in result.stderr
+    assert "wrapper: uid 0\n" in result.stderr, result.stderr
+    # Past sudo and the door, as root: no such disk is configured in the system config.
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"backup-agent: --disk {DISK}: no ") and "configured" in last, result.stderr
+    assert result.returncode == EXIT_USAGE
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "arguments",
     [
         ["backup", "--json", "/tmp", "/tmp/x"],
+        ["eject", "--disk", DISK],
+        ["eject", "--json", "--disk", DISK, "--config", "/tmp/evil.toml"],
+        ["eject", "--json", "--disk", "another"],
         ["backup", "--json", "--config", "/tmp/evil.toml"],
         ["backup", "--json", "--disk", DISK, "-x", "/home"],
         ["backup", "--json", "--disk", "another"],

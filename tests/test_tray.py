@@ -58,8 +58,8 @@ from agent.dbus.tray import (
     Place,
 )
 from agent.mounts import MountEntry
-from agent.state import AgentStatus
-from tests.test_daemon import cycle_argv, here, real, until  # noqa: F401  (here: fixture)
+from agent.state import AgentStatus, EjectReply
+from tests.test_daemon import cycle_argv, eject_argv, here, real, until  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import PrivateBus, captured, run
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig: fixture)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
@@ -185,19 +185,41 @@ def test_where_a_disk_stands() -> None:
 def test_what_eject_says() -> None:
     one = disk("backup1", "/x")
     umount, lock = ("/bin/umount", "/x/mnt/backup1"), ("/sbin/cryptdisks_stop", "backup1")
-    refused = tray.eject_text(one, backing_up=True, place=Place(), unmount=umount, lock=lock)
+
+    def says(place: Place, reply: EjectReply | None = None, backing_up: bool = False) -> Text:
+        return tray.eject_text(one, backing_up=backing_up, place=place, reply=reply, unmount=umount, lock=lock)
+
+    refused = says(Place(), backing_up=True)
     assert refused.summary == "backup1 is not ejected: a backup is running"
     assert "Or choose Stop" in refused.body and "Earlier snapshots are untouched." in refused.body
-    assert tray.eject_text(one, backing_up=False, place=Place(), unmount=umount, lock=lock) == Text(
-        "It is safe to unplug backup1", "backup1 is locked and not mounted.", NORMAL
+    safe = Text("It is safe to unplug backup1", "backup1 is locked and not mounted.", NORMAL)
+    assert says(Place()) == safe  # closed already: eject was not even run
+    assert says(Place(), EjectReply("already", "backup1 is locked and not mounted: already safe to unplug")) == safe
+    assert says(Place(), EjectReply("ejected", "backup1 is unmounted and locked: safe to unplug")) == Text(
+        "It is safe to unplug backup1", "backup1 was unmounted and locked.", NORMAL
     )
     mounted = Place(True, ("/x/mnt/backup1",), None, ((4242, "nautilus"),))
-    still = tray.eject_text(one, backing_up=False, place=mounted, unmount=umount, lock=lock)
-    assert still.summary == "backup1 is still open: do not unplug it yet"
-    assert still.body.startswith("backup1 is mounted at /x/mnt/backup1 and in use by nautilus (pid 4242).")
-    assert still.body.endswith("run: sudo /bin/umount /x/mnt/backup1 && sudo /sbin/cryptdisks_stop backup1")
-    unlocked = tray.eject_text(one, backing_up=False, place=Place(unlocked=True), unmount=umount, lock=lock)
-    assert unlocked.body.startswith("backup1 is unlocked (/x/mapper/backup1) but not mounted.")
+    busy = says(mounted, EjectReply("busy", "cannot unmount /x/mnt/backup1: it is busy; held by pid 4242 (nautilus); "
+                                            "the disk is left mounted and unlocked"))
+    assert busy == Text(
+        "backup1 is still open: do not unplug it yet",
+        "Cannot unmount /x/mnt/backup1: it is busy; held by pid 4242 (nautilus); the disk is left mounted and "
+        "unlocked. Once they are closed, choose Eject again.",
+        NORMAL,
+    )
+    other = says(mounted, EjectReply("refused", "a backup is running: wait for it or stop it, then eject backup1 again"))
+    assert other == Text("backup1 is not ejected", "A backup is running: wait for it or stop it, then eject backup1 again.",
+                         NORMAL)
+    # it failed (the sudo rule predates eject, say): what is open, why, and how to close it by hand
+    failed = says(mounted, EjectReply("failed", "the sudo rule does not allow ejecting yet"))
+    assert failed.summary == "backup1 is still open: do not unplug it yet"
+    assert failed.body == (
+        "backup1 is mounted at /x/mnt/backup1 and in use by nautilus (pid 4242). Ejecting it failed: the sudo rule "
+        "does not allow ejecting yet. Close what uses it, then run: sudo /bin/umount /x/mnt/backup1 && "
+        "sudo /sbin/cryptdisks_stop backup1"
+    )
+    unlocked = says(Place(unlocked=True), EjectReply("failed", "locking backup1 failed"))
+    assert unlocked.body.startswith("backup1 is unlocked (/x/mapper/backup1) but not mounted. Ejecting it failed")
     assert unlocked.body.endswith("run: sudo /sbin/cryptdisks_stop backup1")
 
 
@@ -557,7 +579,8 @@ def test_the_tray_follows_a_real_agent_and_its_menu_works(
         server_bus, server = await serve_notifications(session_bus.address, ["body"])
         watcher_bus, watcher = await start_watcher(session_bus.address)
         options = AgentOptions(cycle_argv=cycle_argv(bench), policy=schedule.Policy(),
-                               state_file=str(tmp_path / "state.json"), foreign_poll=0.2)
+                               state_file=str(tmp_path / "state.json"), foreign_poll=0.2,
+                               eject_argv=eject_argv(bench))
         agent = Agent(settings, options)
         stop = asyncio.Event()
         bus = await MessageBus(bus_address=session_bus.address).connect()
@@ -585,26 +608,34 @@ def test_the_tray_follows_a_real_agent_and_its_menu_works(
             await icon.settle()
             assert server.shown[-1].summary == f"It is safe to unplug {NAME}"
 
-            # opened by hand: Open latest backup works, Eject says what is open and how to close it
+            # opened by hand: Open latest backup works; Eject unmounts and locks it (as root, the real
+            # backup-agent eject), or, while a program keeps it busy, says so and names the program
             bench.rig.unlock_by_hand()
             bench.rig.mount_by_hand(str(bench.rig.mapped))
-            try:
-                assert await host.about_to_show() is True
-                assert (await host.menu())[2] == (OPEN_LATEST, "Open latest backup", True)
-                await host.click(OPEN_LATEST)
-                await icon.settle()
-                assert record.read_text() == repr([str(bench.repository / "snapshots" / snapshot)]) + "\n"
-                await host.click(EJECT_BASE)
-                await icon.settle()
-                still = server.shown[-1]
-                assert still.summary == f"{NAME} is still open: do not unplug it yet"
-                assert f"mounted at {bench.rig.mount_point}" in still.body
-                assert f"sudo /bin/umount {bench.rig.mount_point} && sudo " in still.body
-            finally:
-                _run("umount", str(bench.rig.mount_point))
-                bench.rig.mapped.unlink()
             assert await host.about_to_show() is True
+            assert (await host.menu())[2] == (OPEN_LATEST, "Open latest backup", True)
+            await host.click(OPEN_LATEST)
+            await icon.settle()
+            assert record.read_text() == repr([str(bench.repository / "snapshots" / snapshot)]) + "\n"
+            inside = subprocess.Popen(["sleep", "60"], cwd=bench.repository / "snapshots")
+            bench.rig.processes.append(inside)  # the rig kills it in any case
+            await host.click(EJECT_BASE)
+            await icon.settle()
+            still = server.shown[-1]
+            assert still.summary == f"{NAME} is still open: do not unplug it yet"
+            assert f"it is busy; held by pid {inside.pid} (sleep)" in still.body
+            assert still.body.endswith("Once they are closed, choose Eject again.")
+            assert [entry[0] for entry in bench.mounted_here()] == [str(bench.rig.mount_point)]
+            assert (await host.menu())[2] == (OPEN_LATEST, "Open latest backup", True)
+            bench.rig.release(inside)
+            await host.click(EJECT_BASE)
+            await icon.settle()
+            assert (server.shown[-1].summary, server.shown[-1].body) == (
+                f"It is safe to unplug {NAME}", f"{NAME} was unmounted and locked.")
+            bench.assert_locked_and_unmounted()
+            # the menu followed by itself (no AboutToShow asked the tray to look again)
             assert (await host.menu())[2] == (OPEN_LATEST, "Open latest backup (the disk is locked)", False)
+            assert agent.status().state == "disk-attached"  # ejecting is not a failure, and started nothing
 
             # Back up now from the menu: a real cycle; the tray shows it running, then done
             host.signals.clear()

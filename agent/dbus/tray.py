@@ -7,7 +7,8 @@ Three parts:
   menu's items and which are enabled, and what Eject says;
 * :func:`look_at`, the one place that looks at a disk (mount table, the
   mapped device, the repository's ``latest``): the agent runs without root,
-  so it can see whether the disk is open but not open or close it;
+  so it looks without root, and closes an open disk only through the
+  agent's eject (root, through the sudo rule);
 * :class:`Tray`, a :class:`~agent.state.Listener` that exports the item at
   :data:`ITEM_PATH` and the menu at :data:`MENU_PATH` under the name
   ``org.kde.StatusNotifierItem-<pid>-<n>``, registers it with the
@@ -20,10 +21,11 @@ thread, and a failure is logged (a bus failure once) and never raised into
 the agent.
 
 Menu clicks call the agent's :class:`~agent.state.Controller` (Back up now,
-Stop) or ``quit`` (Quit: the agent stops, a running cycle finishes on its
-own). Eject and Open latest backup answer with a notification of their own
-(org.freedesktop.Notifications, replacing their previous answer), since a
-menu click has no other way to answer.
+Stop, and Eject for a disk left open, which the agent closes with
+``backup-agent eject`` as root) or ``quit`` (Quit: the agent stops, a
+running cycle finishes on its own). Eject and Open latest backup answer with
+a notification of their own (org.freedesktop.Notifications, replacing their
+previous answer), since a menu click has no other way to answer.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from ..errors import DiskError
 from ..disk import device_number, holders, top_mount, umount_argv, unlock_argv, unlock_method
 from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
-from ..state import AgentStatus, Controller, Listener
+from ..state import AgentStatus, Controller, EjectReply, Listener
 from .notify import (
     APP_NAME,
     CALL_TIMEOUT,
@@ -246,8 +248,21 @@ def menu_items(
     return tuple(items)
 
 
-def eject_text(disk: Disk, *, backing_up: bool, place: Place, unmount: Sequence[str], lock: Sequence[str]) -> Text:
-    """What Eject answers (pure): refused while a backup runs; safe to unplug; or what is still open and how to close it."""
+def eject_text(
+    disk: Disk,
+    *,
+    backing_up: bool,
+    place: Place,
+    reply: EjectReply | None,
+    unmount: Sequence[str],
+    lock: Sequence[str],
+) -> Text:
+    """What Eject answers (pure): refused while a backup runs; safe to unplug; or why it is still open.
+
+    ``place``: where the disk stands now; ``reply``: how ``backup-agent
+    eject`` ended, None when it was not run (a backup runs, or the disk was
+    closed already).
+    """
     name = disk.name
     if backing_up:
         return Text(
@@ -256,8 +271,18 @@ def eject_text(disk: Disk, *, backing_up: bool, place: Place, unmount: Sequence[
             "Or choose Stop: the backup stops, then unmounts and locks the disk. Earlier snapshots are untouched.",
             NORMAL,
         )
-    if place.closed:
+    if reply is not None and reply.result == "ejected":
+        return Text(f"It is safe to unplug {name}", f"{name} was unmounted and locked.", NORMAL)
+    if (reply is None and place.closed) or (reply is not None and reply.result == "already"):
         return Text(f"It is safe to unplug {name}", f"{name} is locked and not mounted.", NORMAL)
+    if reply is not None and reply.result == "refused":
+        return Text(f"{name} is not ejected", _sentence(reply.message), NORMAL)
+    if reply is not None and reply.result == "busy":
+        return Text(
+            f"{name} is still open: do not unplug it yet",
+            f"{_sentence(reply.message)} Once they are closed, choose Eject again.",
+            NORMAL,
+        )
     steps = []
     if place.mounts:
         where = ", ".join(place.mounts)
@@ -267,10 +292,10 @@ def eject_text(disk: Disk, *, backing_up: bool, place: Place, unmount: Sequence[
     else:
         state = f"{name} is unlocked ({disk.mapped_device}) but not mounted."
     steps.append("sudo " + shlex.join(lock))
+    failed = f" {_sentence('ejecting it failed: ' + reply.message)}" if reply is not None else ""
     return Text(
         f"{name} is still open: do not unplug it yet",
-        f"{state} The backup agent runs without root and does not unmount or lock a disk it did not open. "
-        f"Close what uses it, then run: {' && '.join(steps)}",
+        f"{state}{failed} Close what uses it, then run: {' && '.join(steps)}",
         NORMAL,
     )
 
@@ -870,11 +895,20 @@ class Tray:
             await self._say(Text(f"{name}: cannot tell whether it is safe to unplug",
                                  "Looking at the disk failed; the log says why. Do not unplug it yet.", NORMAL))
             return
+        reply = None
+        if not backing_up and not place.closed:
+            # Open (mounted by hand, or left busy by a backup): the agent ejects it as root.
+            try:
+                reply = await self.controller.eject(name)
+            except Exception:
+                log.exception("tray: ejecting %s failed", name)
+                reply = EjectReply("failed", "the agent could not run the eject; its log says why")
+            place = await self._look(name, users=True) or place
         if not backing_up:
             self._places[name] = place
             self._publish_menu()
-        text = eject_text(disk, backing_up=backing_up, place=place, unmount=umount_argv(disk, self.settings),
-                          lock=lock_argv(disk, self.settings))
+        text = eject_text(disk, backing_up=backing_up, place=place, reply=reply,
+                          unmount=umount_argv(disk, self.settings), lock=lock_argv(disk, self.settings))
         log.info("tray: Eject %s: %s", name, text.summary)
         await self._say(text, icon="media-eject")
 
