@@ -648,6 +648,10 @@ class Agent:
         self._status.progress = {}
         self._status.disk_left, self._status.disk_left_detail = "", ""
         log.info("starting the backup of %s (%s)", name, reason)
+        # Listeners hear of the running cycle, and of this disk's last backup,
+        # before they hear that it started: the first plug-in after the agent
+        # started would otherwise be told as a first backup ever.
+        self._refresh()
         self._tell("backup_started", name, reason)
         if self._options.inhibit is None:
             self._spawn(cycle)

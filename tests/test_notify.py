@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,13 @@ from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
 from agent.config import Disk, Settings, load_settings
+from agent.daemon import DiskRecord, save_state
 from agent.cycle import human_size
 from agent.dbus import notify
 from agent.dbus.notify import CRITICAL, LOW, NORMAL, Notifier, Text
 from agent.reminder import MissedFailure, MissedSummary, NoticeState, load_notice_state, save_notice_state
 from agent.state import AgentStatus
-from tests.test_daemon import REPO, agent_on, here, one_cycle, real, settle  # noqa: F401  (here: fixture)
+from tests.test_daemon import REPO, agent_on, detach, here, one_cycle, real, settle  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import DBUS_DAEMON, PrivateBus, private_bus, run
 from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
@@ -753,6 +755,47 @@ def test_the_completed_notification_tells_how_the_real_cycle_left_the_disk(
             assert final.body.endswith("Do not unplug it yet.")
         if case != "found mounted":
             assert final.actions == []
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@real
+@pytest.mark.parametrize("plugged", ["before the agent started", "after the agent started"])
+def test_the_first_backup_after_the_agent_starts_says_when_the_last_one_was(
+    bench: Bench, here: None, session_bus: PrivateBus, plugged: str
+) -> None:
+    """The agent read the disk's last backup from its state file: the started notification says so."""
+    bench.init()
+    last = time.time() - 3 * 86400
+    save_state(str(bench.tmp / "agent-state" / "state.json"),
+               {NAME: DiskRecord(last_success=last, last_result="success", last_message="snapshot S")},
+               AgentStatus(disk=NAME, last_success=last, last_result="success"))
+    if plugged == "after the agent started":
+        detach(bench.rig.luks_device)
+    settle()
+
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, None, settings=load_settings(str(bench.config)))
+        try:
+            async with agent_on(bench, extra_listeners=(notifier,)) as (agent, recorder):
+                if plugged == "after the agent started":
+                    bench.rig.attach(bench.rig.luks_image)
+                await one_cycle(agent, recorder)
+                await notifier.flush()
+        finally:
+            notifier.close()
+            bus.disconnect()
+            server_bus.disconnect()
+        started = server.shown[0]
+        assert started.summary == f"Backing up to {NAME}", server.shown
+        assert started.body.startswith("Last backup 3 days ago. Started because the disk was plugged in."), started.body
+        # Every listener (the tray's tooltip too) hears of the running cycle and of
+        # this disk's last backup before it hears that the backup started.
+        first = next(i for i, (call, _, _) in enumerate(recorder.calls) if call == "backup_started")
+        before = [args[0] for call, args, _ in recorder.calls[:first] if call == "status_changed"]
+        assert before and (before[-1].state, before[-1].disk, before[-1].last_success) == ("running", NAME, last)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
