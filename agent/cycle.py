@@ -31,6 +31,7 @@ from .errors import (
     BackupAgentError,
     CommandError,
     CorruptManifestError,
+    DiskFullError,
     DiskMissingError,
     RepositoryError,
     StepError,
@@ -505,7 +506,7 @@ class Cycle:
                 check=False,
             )
             if disks.disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
-                raise StepError(self._disk_full_message(), step="transfer")
+                raise DiskFullError(self._disk_full_message(), step="transfer")
             if result.kind == "error":
                 raise CommandError(
                     f"rsync failed ({result.meaning}): {' | '.join(result.stderr_tail[-3:]) or 'no error output'}; "

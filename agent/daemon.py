@@ -806,7 +806,9 @@ class Agent:
             cycle.error = event
             step = event.get("step")
             message = str(event.get("message") or "the backup failed")
-            self._tell("backup_failed", step if isinstance(step, str) else None, message)
+            code = event.get("exit_code")
+            exit_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+            self._tell("backup_failed", step if isinstance(step, str) else None, message, exit_code)
 
     def _exited(self, cycle: _Cycle) -> None:
         """The cycle's process ended: read what it left in the pipes, then conclude."""
@@ -900,7 +902,7 @@ class Agent:
                 if cycle.stderr_tail:
                     message += f": {cycle.stderr_tail[-1]}"
             if error is None:
-                self._tell("backup_failed", self._status.step, message)
+                self._tell("backup_failed", self._status.step, message, returncode)
             self._states[name] = schedule.on_finished(self._states[name], now, False)
             state = self._states[name]
             record = dataclasses.replace(

@@ -48,7 +48,7 @@ FAKE_RSYNC = Path(__file__).resolve().parent / "helpers" / "fake_rsync.py"
 MiB = 1024 * 1024
 
 # exit statuses (agent/errors.py), spelled out so a renumbering is noticed
-EXIT_OK, EXIT_REPOSITORY, EXIT_BUSY, EXIT_STEP_FAILED, EXIT_DISK_MISSING, EXIT_DISK_BUSY = 0, 3, 4, 5, 6, 9
+EXIT_OK, EXIT_REPOSITORY, EXIT_BUSY, EXIT_STEP_FAILED, EXIT_DISK_MISSING, EXIT_DISK_BUSY, EXIT_DISK_FULL = 0, 3, 4, 5, 6, 9, 12
 
 
 # ---------------------------------------------------------------------------
@@ -724,7 +724,7 @@ def test_disk_full(bench: Bench) -> None:
     assert free < 20 * MiB
     (bench.source / "big.bin").write_bytes(os.urandom(free + 4 * MiB))
     run = bench.backup()
-    assert_failed(run, EXIT_STEP_FAILED, "transfer", "the backup disk is full (", " free", "no snapshot was completed")
+    assert_failed(run, EXIT_DISK_FULL, "transfer", "the backup disk is full (", " free", "no snapshot was completed")
     latest = before["latest"].split("/")[-1]
     assert f"; the last snapshot ({latest}) added " in run.error_line and "keep_free" in run.error_line
     assert bench.calls() == [("start", 0), ("stop", 0)]
