@@ -156,7 +156,7 @@ class Bench:
         """The config the CLI reads; the stand-ins (rewritten for ``variant``, ``target``) are named in [commands]."""
         commands = self.rig.stand_ins(variant, target)
         values: dict[str, Any] = {
-            "name": NAME,
+            "name": self.rig.name,
             "luks_uuid": self.rig.luks_uuid,
             "mount_point": str(self.rig.mount_point),
             "mapped_device": str(self.rig.mapped),
@@ -214,12 +214,12 @@ class Bench:
         return Run(done.returncode, done.stdout, done.stderr)
 
     def init(self) -> Run:
-        run = self.cli("init", "--disk", NAME, "--yes", "--config", str(self.config))
+        run = self.cli("init", "--disk", self.rig.name, "--yes", "--config", str(self.config))
         assert run.returncode == 0, str(run)
         return run
 
     def backup(self, *extra: str, stdin: Any = subprocess.DEVNULL) -> Run:
-        return self.cli("backup", "--disk", NAME, "--config", str(self.config), "--json", *extra, stdin=stdin)
+        return self.cli("backup", "--disk", self.rig.name, "--config", str(self.config), "--json", *extra, stdin=stdin)
 
     def backup_ok(self, *extra: str) -> str:
         run = self.backup(*extra)
@@ -246,7 +246,7 @@ class Bench:
         return self.rig.calls()
 
     def write_id(self, value: str) -> None:
-        (self.tmp / "state" / "disks" / f"{NAME}.id").write_text(value + "\n")
+        (self.tmp / "state" / "disks" / f"{self.rig.name}.id").write_text(value + "\n")
 
     # -- looking at the disk -------------------------------------------------------
 
