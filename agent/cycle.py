@@ -31,6 +31,7 @@ from .errors import (
     BackupAgentError,
     CommandError,
     CorruptManifestError,
+    DiskFullError,
     DiskMissingError,
     RepositoryError,
     StepError,
@@ -127,16 +128,21 @@ def find_cachedir_tagged(source: str, one_file_system: bool) -> list[str]:
     return sorted(found)
 
 
-def transfer_progress(update: rsync.Progress, elapsed: float) -> tuple[int, int | None]:
-    """Percent done and seconds left, by files checked rather than bytes sent.
+def transfer_progress(update: rsync.Progress, elapsed: float, *, copies_all: bool = False) -> tuple[int, int | None]:
+    """Percent done and seconds left: by bytes when every file is copied, else by files checked.
 
-    rsync's own percent counts bytes sent, so an incremental snapshot where
-    nearly every file is a hard link sits at 0% to the end; the share of
-    files checked moves steadily (it may step back while rsync is still
-    scanning and the total grows).
+    ``copies_all``: there is nothing to link to (the first snapshot, no
+    unfinished one to resume from), so every file is sent and rsync's own
+    percent, bytes sent of the total size of the files listed, is the
+    share of the work done. Otherwise most files are hard-linked, not sent,
+    and count for nothing in rsync's bytes: its percent would sit near 0 to
+    the end, and the bytes still to send are known only once rsync has
+    compared every file. Then the share of files checked (linked or copied)
+    is what moves steadily; it runs ahead while a few large new files copy.
+    Both may step back while rsync is still scanning and the total grows.
     """
     percent = update.percent
-    if update.total and update.checked is not None:
+    if not copies_all and update.total and update.checked is not None:
         percent = max(0, min(100, (100 * update.checked) // update.total))
     eta = None
     if 0 < percent < 100 and not update.scanning:
@@ -457,6 +463,8 @@ class Cycle:
             target = repo.snapshot_path(latest)
             link_dests = []
 
+        # Nothing to link to: every file is sent, and the progress counts bytes.
+        copies_all = latest is None and not leftovers
         self.hook_context.snapshot = name
         with self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done:
             skipped = find_skipped_mounts(request.source) if settings.one_file_system else ()
@@ -482,6 +490,11 @@ class Cycle:
             other_lines: list[str] = []
             last_emit = 0.0
             transfer_started = time.monotonic()
+            unsent: list[rsync.Progress] = []  # the last record, when it was not sent (too soon)
+
+            def emit(update: rsync.Progress, now: float) -> None:
+                percent, eta = transfer_progress(update, now - transfer_started, copies_all=copies_all)
+                self.emitter.emit(progress(percent, update.bytes, update.files, update.rate, eta))
 
             def on_stdout(line: str) -> None:
                 nonlocal last_emit
@@ -490,10 +503,11 @@ class Cycle:
                     other_lines.append(line)
                     return
                 now = time.monotonic()
+                unsent[:] = [update]
                 if now - last_emit >= PROGRESS_INTERVAL or update.percent >= 100:
                     last_emit = now
-                    percent, eta = transfer_progress(update, now - transfer_started)
-                    self.emitter.emit(progress(percent, update.bytes, update.files, update.rate, eta))
+                    unsent.clear()
+                    emit(update, now)
 
             result = self.runner.run(
                 argv,
@@ -504,8 +518,10 @@ class Cycle:
                 mutating=False if request.dry_run else True,
                 check=False,
             )
+            if unsent and result.kind != "error":
+                emit(unsent[0], time.monotonic())  # where the transfer ended: a first snapshot's bytes may end below 100%
             if disks.disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
-                raise StepError(self._disk_full_message(), step="transfer")
+                raise DiskFullError(self._disk_full_message(), step="transfer")
             if result.kind == "error":
                 raise CommandError(
                     f"rsync failed ({result.meaning}): {' | '.join(result.stderr_tail[-3:]) or 'no error output'}; "

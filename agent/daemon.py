@@ -719,6 +719,10 @@ class Agent:
         self._status.progress = {}
         self._status.disk_left, self._status.disk_left_detail = "", ""
         log.info("starting the backup of %s (%s)", name, reason)
+        # Listeners hear of the running cycle, and of this disk's last backup,
+        # before they hear that it started: the first plug-in after the agent
+        # started would otherwise be told as a first backup ever.
+        self._refresh()
         self._tell("backup_started", name, reason)
         if self._options.inhibit is None:
             self._spawn(cycle)
@@ -873,7 +877,9 @@ class Agent:
             cycle.error = event
             step = event.get("step")
             message = str(event.get("message") or "the backup failed")
-            self._tell("backup_failed", step if isinstance(step, str) else None, message)
+            code = event.get("exit_code")
+            exit_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+            self._tell("backup_failed", step if isinstance(step, str) else None, message, exit_code)
 
     def _exited(self, cycle: _Cycle) -> None:
         """The cycle's process ended: read what it left in the pipes, then conclude."""
@@ -967,7 +973,7 @@ class Agent:
                 if cycle.stderr_tail:
                     message += f": {cycle.stderr_tail[-1]}"
             if error is None:
-                self._tell("backup_failed", self._status.step, message)
+                self._tell("backup_failed", self._status.step, message, returncode)
             self._states[name] = schedule.on_finished(self._states[name], now, False)
             state = self._states[name]
             record = dataclasses.replace(

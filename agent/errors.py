@@ -22,6 +22,7 @@ EXIT_NOT_AVAILABLE = 8
 EXIT_DISK_BUSY = 9
 EXIT_NO_AGENT = 10
 EXIT_DAMAGED = 11  # verify found damage (a report, not an exception)
+EXIT_DISK_FULL = 12
 EXIT_INTERRUPTED = 130
 
 
@@ -137,6 +138,16 @@ class StepError(BackupAgentError):
     """A step of the cycle failed for a reason that is not a command's status."""
 
     exit_code = EXIT_STEP_FAILED
+
+
+class DiskFullError(StepError):
+    """The backup disk ran out of space (or inodes, or quota) during the transfer.
+
+    Its own exit status, so that the agent can say what to do about it
+    without reading the message.
+    """
+
+    exit_code = EXIT_DISK_FULL
 
 
 class Interrupted(BackupAgentError):

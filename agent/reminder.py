@@ -121,6 +121,7 @@ class MissedFailure:
     step: str | None
     message: str
     snapshot: str | None = None  # completed before the failure (it could not unmount or lock)
+    exit_code: int | None = None  # the cycle's exit status: what the user can do depends on it
 
 
 class MissedSummary(NamedTuple):
@@ -183,7 +184,9 @@ def _missed(value: object) -> list[MissedFailure]:
     for item in value if isinstance(value, list) else []:
         if not isinstance(item, dict):
             continue
-        when, disk, step, message, snapshot = (item.get(k) for k in ("time", "disk", "step", "message", "snapshot"))
+        when, disk, step, message, snapshot, code = (
+            item.get(k) for k in ("time", "disk", "step", "message", "snapshot", "exit_code")
+        )
         if isinstance(when, (int, float)) and not isinstance(when, bool) and isinstance(disk, str):
             found.append(
                 MissedFailure(
@@ -192,6 +195,7 @@ def _missed(value: object) -> list[MissedFailure]:
                     step if isinstance(step, str) else None,
                     message if isinstance(message, str) else "",
                     snapshot if isinstance(snapshot, str) else None,
+                    code if isinstance(code, int) and not isinstance(code, bool) else None,
                 )
             )
     return found

@@ -46,7 +46,7 @@ from dbus_fast.aio import MessageBus  # noqa: E402
 
 from agent.daemon import DiskRecord, load_state, save_state  # noqa: E402
 from agent.state import AgentStatus, state_file_path  # noqa: E402
-from tests.test_disk import NAME, Rig  # noqa: E402
+from tests.test_disk import Rig  # noqa: E402
 from tests.test_disk_cycle import Bench  # noqa: E402
 
 CROP_WIDTH = 460  # the screen's right end: dunst (400 wide, 12 from the edge) and the tray
@@ -56,6 +56,7 @@ MIN_COLOURS = 16  # fewer distinct colours than this: an empty capture
 PHOTOS = 12  # new 1 MB files for the second backup, sent at ...
 BWLIMIT_KB = 1000  # ... 1 MB/s: about 12 s, so a progress notification shows
 DAY = 86400.0
+DISK = "backup1"  # the disk's name in the pictures, as in the README's examples
 
 
 class ShotError(Exception):
@@ -191,8 +192,8 @@ class Agent:
     def remember(self, last_success: float, snapshot: str | None) -> None:
         """Set the agent's record of the last backup (it reads it when it starts)."""
         records, _ = load_state(self.state_file)
-        records[NAME] = DiskRecord(last_success=last_success, last_result="success", last_snapshot=snapshot)
-        save_state(self.state_file, records, AgentStatus(disk=NAME, last_success=last_success, last_result="success"))
+        records[DISK] = DiskRecord(last_success=last_success, last_result="success", last_snapshot=snapshot)
+        save_state(self.state_file, records, AgentStatus(disk=DISK, last_success=last_success, last_result="success"))
 
 
 # -- pictures -----------------------------------------------------------------------------
@@ -350,7 +351,7 @@ async def main(args: argparse.Namespace) -> int:
                 raise ShotError(f"{what} did not appear on the session bus ({name}) within 20 s")
         watch = await NotifyWatch.open()
         buses.append(watch.bus)
-        rig = Rig(work, trusted)
+        rig = Rig(work, trusted, name=DISK)
         try:
             bench = Bench(rig, trusted)
             agent = Agent(bench.config, args.log, work / "state-home")

@@ -768,6 +768,31 @@ def test_dry_run_of_an_incremental_backup_is_not_partial(cli: Cli, tmp_path: Pat
     assert (result.returncode, done["partial"]) == (EXIT_OK, False), result.stderr
 
 
+def test_the_first_snapshot_counts_bytes_and_the_next_counts_files(cli: Cli, tmp_path: Path) -> None:
+    """The progress events' percent, with the real rsync: what each measures shows at the end.
+
+    A hard link is never sent, so a first snapshot counting bytes ends below
+    100%; a next one with nothing changed sends nothing and, counting files,
+    ends at 100%.
+    """
+    source = small_source(tmp_path / "source")
+    (source.path / "big.bin").write_bytes(os.urandom(100_000))
+    os.link(source.path / "big.bin", source.path / "big-link")
+    repo = tmp_path / "repo"
+    config = write_config(tmp_path / "config.toml")
+    for run in ("first", "next"):
+        result = cli.run("backup", "--no-sudo", "--json", "--config", config, source.path, repo)
+        assert result.returncode == EXIT_OK, result.stderr
+        evs = events(result.stdout)
+        last = [e for e in evs if e["event"] == "progress"][-1]
+        statistics = the_event(evs, "complete")["statistics"]
+        if run == "first":
+            assert last["bytes"] == statistics["transferred_size"] <= statistics["total_size"] - 100_000
+            assert last["percent"] == 100 * last["bytes"] // statistics["total_size"] == 50
+        else:
+            assert (last["bytes"], last["percent"]) == (0, 100)
+
+
 def test_rotate_dry_run_deletes_nothing(cli: Cli, tmp_path: Path) -> None:
     source = small_source(tmp_path / "source")
     repo = tmp_path / "repo"

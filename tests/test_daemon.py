@@ -91,8 +91,8 @@ class Recorder:
     def backup_completed(self, event: dict[str, Any]) -> None:
         self._add("backup_completed", event)
 
-    def backup_failed(self, step: str | None, message: str) -> None:
-        self._add("backup_failed", step, message)
+    def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
+        self._add("backup_failed", step, message, exit_code)
 
     def of(self, name: str) -> list[tuple[Any, ...]]:
         return [args for call, args, _ in self.calls if call == name]
@@ -460,6 +460,7 @@ def test_a_disk_pulled_out_mid_transfer_fails_cleanly_and_the_next_plug_in_resum
             failed = recorder.of("backup_failed")
             assert len(failed) == 1 and failed[0][0] == "transfer"
             assert "rsync failed" in failed[0][1] and "resumes from it" in failed[0][1]
+            assert failed[0][2] == 5  # the error event's exit status, for the listeners' hints
             status = agent.status()
             assert (status.state, status.last_result, status.next_due) == ("failed", "failure", None)
             assert agent.timer is None  # not attached: nothing to wait for
@@ -513,7 +514,7 @@ def test_backup_now_while_running_and_stop_with_sigterm(bench: Bench, here: None
             await until(lambda: agent.cycle_pid is None, "the cycle to stop", 10)
             assert agent.last_returncode == 143
             # (the step named is the cycle's: after cleaning up a disk it names the last cleanup step)
-            assert [message for _, message in recorder.of("backup_failed")] == ["interrupted by SIGTERM"]
+            assert [(message, code) for _, message, code in recorder.of("backup_failed")] == [("interrupted by SIGTERM", 143)]
             assert len(recorder.of("backup_started")) == 1
             assert agent.stop() == "not-running"
             assert agent.status().state == "failed"

@@ -329,9 +329,13 @@ def _within(path: str, directory: Path) -> bool:
 
 
 class Rig:
-    """A LUKS disk on loop devices, its crypttab, key, fstab, stand-ins and mount point; cleans up after itself."""
+    """A LUKS disk on loop devices, its crypttab, key, fstab, stand-ins and mount point; cleans up after itself.
 
-    def __init__(self, tmp_path: Path, trusted: Path) -> None:
+    ``name``: the disk's name in the config and crypttab (the README's pictures call it backup1).
+    """
+
+    def __init__(self, tmp_path: Path, trusted: Path, name: str = NAME) -> None:
+        self.name = name
         self.tmp = tmp_path
         self.trusted = trusted
         self.loops: list[tuple[str, Path]] = []
@@ -345,7 +349,7 @@ class Rig:
         self.bin.mkdir(mode=0o755)
         keys = trusted / "keys"
         keys.mkdir(mode=0o755)
-        self.key = keys / f"{NAME}.key"
+        self.key = keys / f"{self.name}.key"
         self.key.write_bytes(secrets.token_bytes(64))
         self.key.chmod(0o600)
         self.log = tmp_path / "cryptdisks.log"
@@ -382,11 +386,11 @@ class Rig:
         return device
 
     def write_crypttab(self, key: Path | str) -> None:
-        self.crypttab.write_text(f"# test crypttab\nother UUID={UUID} none luks\n{NAME} UUID={self.luks_uuid} {key} luks\n")
+        self.crypttab.write_text(f"# test crypttab\nother UUID={UUID} none luks\n{self.name} UUID={self.luks_uuid} {key} luks\n")
 
     @property
     def mapped(self) -> Path:
-        return self.mapper / NAME
+        return self.mapper / self.name
 
     def stand_ins(self, variant: str = "normal", target: str | None = None) -> Commands:
         """Write the stand-in cryptdisks_start/stop (root-owned 0755 in a directory only root can write)."""
@@ -396,7 +400,7 @@ class Rig:
                 "action": action,
                 "crypttab": str(self.crypttab),
                 "mapper_dir": str(self.mapper),
-                "targets": {NAME: target or self.plain_device},
+                "targets": {self.name: target or self.plain_device},
                 "cryptsetup": shutil.which("cryptsetup"),
                 "blkid": shutil.which("blkid"),
                 "log": str(self.log),
@@ -410,7 +414,7 @@ class Rig:
 
     def setup(self, variant: str = "normal", *, target: str | None = None, **disk_changes: Any) -> tuple[Disk, Settings]:
         values: dict[str, Any] = dict(
-            name=NAME,
+            name=self.name,
             luks_uuid=self.luks_uuid,
             mount_point=str(self.mount_point),
             mapped_device=str(self.mapped),

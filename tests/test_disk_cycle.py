@@ -48,7 +48,7 @@ FAKE_RSYNC = Path(__file__).resolve().parent / "helpers" / "fake_rsync.py"
 MiB = 1024 * 1024
 
 # exit statuses (agent/errors.py), spelled out so a renumbering is noticed
-EXIT_OK, EXIT_REPOSITORY, EXIT_BUSY, EXIT_STEP_FAILED, EXIT_DISK_MISSING, EXIT_DISK_BUSY = 0, 3, 4, 5, 6, 9
+EXIT_OK, EXIT_REPOSITORY, EXIT_BUSY, EXIT_STEP_FAILED, EXIT_DISK_MISSING, EXIT_DISK_BUSY, EXIT_DISK_FULL = 0, 3, 4, 5, 6, 9, 12
 
 
 # ---------------------------------------------------------------------------
@@ -156,7 +156,7 @@ class Bench:
         """The config the CLI reads; the stand-ins (rewritten for ``variant``, ``target``) are named in [commands]."""
         commands = self.rig.stand_ins(variant, target)
         values: dict[str, Any] = {
-            "name": NAME,
+            "name": self.rig.name,
             "luks_uuid": self.rig.luks_uuid,
             "mount_point": str(self.rig.mount_point),
             "mapped_device": str(self.rig.mapped),
@@ -214,12 +214,12 @@ class Bench:
         return Run(done.returncode, done.stdout, done.stderr)
 
     def init(self) -> Run:
-        run = self.cli("init", "--disk", NAME, "--yes", "--config", str(self.config))
+        run = self.cli("init", "--disk", self.rig.name, "--yes", "--config", str(self.config))
         assert run.returncode == 0, str(run)
         return run
 
     def backup(self, *extra: str, stdin: Any = subprocess.DEVNULL) -> Run:
-        return self.cli("backup", "--disk", NAME, "--config", str(self.config), "--json", *extra, stdin=stdin)
+        return self.cli("backup", "--disk", self.rig.name, "--config", str(self.config), "--json", *extra, stdin=stdin)
 
     def backup_ok(self, *extra: str) -> str:
         run = self.backup(*extra)
@@ -246,7 +246,7 @@ class Bench:
         return self.rig.calls()
 
     def write_id(self, value: str) -> None:
-        (self.tmp / "state" / "disks" / f"{NAME}.id").write_text(value + "\n")
+        (self.tmp / "state" / "disks" / f"{self.rig.name}.id").write_text(value + "\n")
 
     # -- looking at the disk -------------------------------------------------------
 
@@ -724,7 +724,7 @@ def test_disk_full(bench: Bench) -> None:
     assert free < 20 * MiB
     (bench.source / "big.bin").write_bytes(os.urandom(free + 4 * MiB))
     run = bench.backup()
-    assert_failed(run, EXIT_STEP_FAILED, "transfer", "the backup disk is full (", " free", "no snapshot was completed")
+    assert_failed(run, EXIT_DISK_FULL, "transfer", "the backup disk is full (", " free", "no snapshot was completed")
     latest = before["latest"].split("/")[-1]
     assert f"; the last snapshot ({latest}) added " in run.error_line and "keep_free" in run.error_line
     assert bench.calls() == [("start", 0), ("stop", 0)]

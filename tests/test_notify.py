@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,22 @@ from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
 from agent.config import Disk, Settings, load_settings
+from agent.daemon import DiskRecord, save_state
 from agent.cycle import human_size
 from agent.dbus import notify
+from agent.errors import (
+    EXIT_BUSY,
+    EXIT_DISK_BUSY,
+    EXIT_DISK_FULL,
+    EXIT_DISK_MISSING,
+    EXIT_REPOSITORY,
+    EXIT_STEP_FAILED,
+    EXIT_USAGE,
+)
 from agent.dbus.notify import CRITICAL, LOW, NORMAL, Notifier, Text
 from agent.reminder import MissedFailure, MissedSummary, NoticeState, load_notice_state, save_notice_state
 from agent.state import AgentStatus
-from tests.test_daemon import REPO, agent_on, here, one_cycle, real, settle  # noqa: F401  (here: fixture)
+from tests.test_daemon import REPO, Recorder, agent_on, detach, here, one_cycle, real, settle  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import DBUS_DAEMON, PrivateBus, private_bus, run
 from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
@@ -135,6 +146,37 @@ def test_failed_text_is_critical_and_says_what_to_do() -> None:
     assert after.urgency == CRITICAL and after.summary == "Backed up to backup1, but the disk is still open"
     assert "Snapshot S1 is complete" in after.body and "Do not unplug it yet" in after.body
     assert notify.failed_text(None, None, "").body.startswith("The backup failed.\nTry again with Back up now")
+
+
+def test_the_hint_follows_the_cause_when_the_exit_status_tells_it() -> None:
+    full = notify.failed_text(
+        "backup1", "transfer",
+        "the backup disk is full (0 B free): no snapshot was completed; delete old snapshots with backup-agent "
+        "rotate, set keep_free in [rotation], or use a bigger disk",
+        exit_code=EXIT_DISK_FULL,
+    )
+    assert full.summary == "Backup to backup1 failed while copying files"
+    assert full.body.endswith(
+        "or use a bigger disk.\nMake room on the disk as it says, then try again with Back up now.\n"
+        "Earlier snapshots are untouched."
+    )
+    assert "plugged in" not in full.body
+    # each cause its own hint, whatever the step it happened in
+    hints = {
+        code: notify.failure_hint("transfer", code)
+        for code in (EXIT_USAGE, EXIT_REPOSITORY, EXIT_BUSY, EXIT_DISK_MISSING, EXIT_DISK_BUSY, EXIT_DISK_FULL, 143)
+    }
+    assert hints[EXIT_DISK_MISSING] == "Plug the backup disk in and try again."
+    assert hints[EXIT_DISK_BUSY] == "Close the programs it names, then eject the disk from the file manager."
+    assert hints[143] == "Back up now starts it again."
+    assert len(set(hints.values())) == len(hints)
+    # a step failure (5), an unknown status or none: the step's hint
+    assert notify.failure_hint("unlock", EXIT_STEP_FAILED) == "Check the disk's key or passphrase, then try again."
+    assert notify.failure_hint("transfer", EXIT_STEP_FAILED) == "Keep the disk plugged in and try again."
+    assert notify.failure_hint("transfer", None) == notify.failure_hint("transfer", 1) == notify.failure_hint("transfer", -9)
+    # a failure shown at the next login keeps its cause
+    missed = MissedFailure(NOW - 3600, "backup1", "transfer", "the backup disk is full", None, EXIT_DISK_FULL)
+    assert "Make room on the disk" in notify.missed_text(MissedSummary(missed, 1, missed.time), NOW, UTC).body
 
 
 def test_removed_and_skipped_texts() -> None:
@@ -702,6 +744,32 @@ def test_open_backups_is_offered_only_when_the_snapshot_can_be_reached_and_runs_
 # -- the real agent and cycle: "safe to unplug" only when it is ------------------------------------
 
 
+async def notified_cycle(
+    bench: Bench, address: str, plug_in: bool = False
+) -> tuple[list[Shown], AgentStatus, int | None, Recorder]:
+    """One cycle of the real agent with a real Notifier as a listener: what the server was shown.
+
+    ``plug_in``: the disk's LUKS image is attached once the agent watches.
+    Returns the notifications, the agent's status and the cycle's exit status
+    at its end, and the agent's recorded listener calls.
+    """
+    server_bus, server = await serve(address, ["actions", "body"])
+    bus = await MessageBus(bus_address=address).connect()
+    notifier = await notify.start(bus, None, settings=load_settings(str(bench.config)))
+    try:
+        async with agent_on(bench, extra_listeners=(notifier,)) as (agent, recorder):
+            if plug_in:
+                bench.rig.attach(bench.rig.luks_image)
+            await one_cycle(agent, recorder)
+            status, returncode = agent.status(), agent.last_returncode
+            await notifier.flush()
+    finally:
+        notifier.close()
+        bus.disconnect()
+        server_bus.disconnect()
+    return server.shown, status, returncode, recorder
+
+
 @real
 @pytest.mark.parametrize("case", ["locked", "found unlocked", "found mounted", "lock fails"])
 def test_the_completed_notification_tells_how_the_real_cycle_left_the_disk(
@@ -717,21 +785,10 @@ def test_the_completed_notification_tells_how_the_real_cycle_left_the_disk(
     settle()
 
     async def scenario() -> None:
-        server_bus, server = await serve(session_bus.address, ["actions", "body"])
-        bus = await MessageBus(bus_address=session_bus.address).connect()
-        notifier = await notify.start(bus, None, settings=load_settings(str(bench.config)))
-        try:
-            async with agent_on(bench, extra_listeners=(notifier,)) as (agent, recorder):
-                await one_cycle(agent, recorder)
-                status = agent.status()
-                await notifier.flush()
-        finally:
-            notifier.close()
-            bus.disconnect()
-            server_bus.disconnect()
+        shown, status, _, recorder = await notified_cycle(bench, session_bus.address)
         assert status.last_result == "success", (status, recorder.calls)
-        final = server.shown[-1]
-        assert final.summary.startswith(f"Backup to {NAME} complete"), server.shown
+        final = shown[-1]
+        assert final.summary.startswith(f"Backup to {NAME} complete"), shown
         if case == "locked":
             assert (status.disk_left, status.disk_left_detail) == ("locked", "")
             assert final.body.endswith(f"It is safe to unplug {NAME}.")
@@ -753,6 +810,61 @@ def test_the_completed_notification_tells_how_the_real_cycle_left_the_disk(
             assert final.body.endswith("Do not unplug it yet.")
         if case != "found mounted":
             assert final.actions == []
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@real
+@pytest.mark.parametrize("plugged", ["before the agent started", "after the agent started"])
+def test_the_first_backup_after_the_agent_starts_says_when_the_last_one_was(
+    bench: Bench, here: None, session_bus: PrivateBus, plugged: str
+) -> None:
+    """The agent read the disk's last backup from its state file: the started notification says so."""
+    bench.init()
+    last = time.time() - 3 * 86400
+    save_state(str(bench.tmp / "agent-state" / "state.json"),
+               {NAME: DiskRecord(last_success=last, last_result="success", last_message="snapshot S")},
+               AgentStatus(disk=NAME, last_success=last, last_result="success"))
+    if plugged == "after the agent started":
+        detach(bench.rig.luks_device)
+    settle()
+
+    async def scenario() -> None:
+        shown, _, _, recorder = await notified_cycle(bench, session_bus.address, plugged == "after the agent started")
+        started = shown[0]
+        assert started.summary == f"Backing up to {NAME}", shown
+        assert started.body.startswith("Last backup 3 days ago. Started because the disk was plugged in."), started.body
+        # Every listener (the tray's tooltip too) hears of the running cycle and of
+        # this disk's last backup before it hears that the backup started.
+        first = next(i for i, (call, _, _) in enumerate(recorder.calls) if call == "backup_started")
+        before = [args[0] for call, args, _ in recorder.calls[:first] if call == "status_changed"]
+        assert before and (before[-1].state, before[-1].disk, before[-1].last_success) == ("running", NAME, last)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@real
+def test_a_full_disk_says_to_make_room_not_to_keep_the_disk_plugged_in(
+    bench: Bench, here: None, session_bus: PrivateBus
+) -> None:
+    """The real cycle runs out of space: the hint follows the cause (its exit status), not the step."""
+    bench.prepared()
+    with bench.looking() as root:
+        free = os.statvfs(root).f_bavail * os.statvfs(root).f_frsize
+    (bench.source / "big.bin").write_bytes(os.urandom(free + 4 * 1024 * 1024))
+    settle()
+
+    async def scenario() -> None:
+        shown, _, returncode, _ = await notified_cycle(bench, session_bus.address)
+        assert returncode == EXIT_DISK_FULL
+        failed = shown[-1]
+        assert failed.summary == f"Backup to {NAME} failed while copying files", shown
+        assert failed.body.startswith("The backup disk is full (") and "plugged in" not in failed.body
+        # what to do is said once: the cycle's message names the tools, the hint points to it
+        assert failed.body.count("backup-agent rotate") == failed.body.count("keep_free") == 1
+        assert failed.body.endswith(
+            "\nMake room on the disk as it says, then try again with Back up now.\nEarlier snapshots are untouched."
+        )
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 

@@ -101,7 +101,8 @@ def test_the_state_file_round_trips_beside_the_agent_s_and_a_damaged_one_is_igno
     path = notice_state_path(str(tmp_path / "backup-agent" / "state.json"))
     assert path == str(tmp_path / "backup-agent" / "notifications.json")
     assert load_notice_state(path) == NoticeState()
-    state = NoticeState({"a": NOW}, {"a": NOW + 1}, [MissedFailure(NOW, "a", None, "broke", "S1")])
+    state = NoticeState({"a": NOW}, {"a": NOW + 1}, [MissedFailure(NOW, "a", None, "broke", "S1"),
+                                                     MissedFailure(NOW, "a", "transfer", "full", None, 12)])
     save_notice_state(path, state)
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert load_notice_state(path) == state

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.commands import Runner
+from agent.cycle import transfer_progress
 from agent.errors import CommandError
 from agent.rsync import (
     CACHEDIR_SIGNATURE,
@@ -653,6 +654,53 @@ def test_progress_arrives_while_rsync_runs(tmp_path: Path) -> None:
     early = [progress for when, progress in seen if finished - when > 0.5]
     assert early, [(finished - when, progress) for when, progress in seen]
     assert early[0].percent < 100
+
+
+def _progress_of(argv: tuple[str, ...]) -> list[Progress]:
+    """Every progress record of a real rsync run, parsed as the cycle parses them."""
+    parser = ProgressParser()
+    seen: list[Progress] = []
+
+    def on_stdout(line: str) -> None:
+        progress = parser.feed(line)
+        if progress is not None:
+            seen.append(progress)
+
+    Runner().run(argv, step="transfer", exit_table=EXIT_TABLE, on_stdout=on_stdout)
+    return seen
+
+
+@pytest.mark.integration
+@needs_rsync
+def test_the_percent_counts_bytes_when_every_file_is_copied_and_files_when_most_are_linked(tmp_path: Path) -> None:
+    """30 small files, then one large one: while it copies, 30 of 34 files are done but few of the bytes."""
+    source = tmp_path / "src"
+    for index in range(30):
+        _write(source / "a" / f"f{index:02d}", os.urandom(1000))
+    big = 600_000
+    _write(source / "z" / "big.bin", os.urandom(big))
+    first, second = tmp_path / "1", tmp_path / "2"
+    argv = build_argv(rsync=RSYNC, source=str(source), target=str(first), link_dests=(), one_file_system=True, excludes=())
+    seen = _progress_of(argv + ("--bwlimit=200",))  # KiB/s: the large file takes about 3 s
+    total = 30 * 1000 + big
+    # The first snapshot copies everything: the percent is rsync's, the bytes sent of the total size ...
+    for update in seen:
+        assert transfer_progress(update, 1.0, copies_all=True)[0] == update.percent
+    copying = [u for u in seen if u.files == 30 and 30_000 < u.bytes < total // 2]
+    assert copying, seen
+    for update in copying:
+        assert update.percent == 100 * update.bytes // total < 50
+        # ... where the share of files checked would be far ahead of the work done
+        assert transfer_progress(update, 1.0)[0] >= 80
+    assert transfer_progress(seen[-1], 3.0, copies_all=True) == (100, 0)
+
+    # With a snapshot to link to, nearly nothing is sent: rsync's percent stays near 0, files checked tell.
+    (source / "a" / "new").write_bytes(b"new\n")
+    argv = build_argv(rsync=RSYNC, source=str(source), target=str(second), link_dests=[str(first)],
+                      one_file_system=True, excludes=())
+    last = _progress_of(argv)[-1]
+    assert last.percent == 0 and (last.checked, last.total) == (35, 35)
+    assert transfer_progress(last, 1.0) == (100, 0)
 
 
 @pytest.mark.integration

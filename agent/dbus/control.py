@@ -337,7 +337,7 @@ class ControlInterface(ServiceInterface):
         self._started = None
         self._backup_completed_signal(str(event.get("snapshot") or ""), completed_vardict(event))
 
-    def backup_failed(self, step: str | None, message: str) -> None:
+    def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
         self._started = None
         self._error_signal(step or "", message)
 

@@ -59,7 +59,15 @@ from dbus_fast.aio import MessageBus
 from ..commands import Runner
 from ..config import Settings
 from ..cycle import human_size
-from ..errors import CommandError
+from ..errors import (
+    EXIT_BUSY,
+    EXIT_DISK_BUSY,
+    EXIT_DISK_FULL,
+    EXIT_DISK_MISSING,
+    EXIT_REPOSITORY,
+    EXIT_USAGE,
+    CommandError,
+)
 from ..reminder import (
     DAY,
     DiskView,
@@ -121,6 +129,17 @@ _STEPS: dict[str, str] = {
     "lock-disk": "locking the disk",
 }
 
+# What to do, by the cause when the cycle's exit status tells it (agent.errors),
+# else by the step that failed.
+_CAUSE_HINTS: dict[int, str] = {
+    EXIT_USAGE: "Correct what it names, then try again with Back up now.",
+    EXIT_REPOSITORY: "Check that this is the right backup disk for this computer, then try again.",
+    EXIT_BUSY: "Wait until the other backup has finished, then try again.",
+    EXIT_DISK_MISSING: "Plug the backup disk in and try again.",
+    EXIT_DISK_BUSY: "Close the programs it names, then eject the disk from the file manager.",
+    EXIT_DISK_FULL: "Make room on the disk as it says, then try again with Back up now.",
+}
+_STOPPED_HINT = "Back up now starts it again."  # exit status 128 + the signal: stopped, not broken
 _HINTS: dict[str, str] = {
     "disk": "Plug the backup disk in and try again.",
     "unlock": "Check the disk's key or passphrase, then try again.",
@@ -132,6 +151,16 @@ _HINTS: dict[str, str] = {
     "lock-disk": "Eject the disk from the file manager before you unplug it.",
 }
 _DEFAULT_HINT = "Try again with Back up now; the log has the details (journalctl --user -u backup-agent)."
+
+
+def failure_hint(step: str | None, exit_code: int | None) -> str:
+    """What the user can do about a failure: by its cause (the exit status) when known, else by its step."""
+    if exit_code is not None:
+        if exit_code in _CAUSE_HINTS:
+            return _CAUSE_HINTS[exit_code]
+        if 128 < exit_code < 160:
+            return _STOPPED_HINT
+    return _HINTS.get(step or "", _DEFAULT_HINT)
 
 _REASONS: dict[str, str] = {
     "plugged in, due": "the disk was plugged in",
@@ -311,13 +340,16 @@ def completed_text(disk: str, event: Mapping[str, Any], left: DiskLeft | None, d
     return Text(summary, f"{line}\n{_left_words(disk, left, detail)}", NORMAL)
 
 
-def failed_text(disk: str | None, step: str | None, message: str, snapshot: str | None = None) -> Text:
+def failed_text(
+    disk: str | None, step: str | None, message: str, snapshot: str | None = None, exit_code: int | None = None
+) -> Text:
     """Failed: the step, the cause, what to do, and that earlier snapshots are untouched (critical).
 
     ``snapshot``: the cycle completed this snapshot before failing (it could
-    not unmount or lock the disk).
+    not unmount or lock the disk). ``exit_code``: the cycle's exit status,
+    which tells the cause (a full disk, a missing one, ...) and so what to do.
     """
-    hint = _HINTS.get(step or "", _DEFAULT_HINT)
+    hint = failure_hint(step, exit_code)
     cause = message.strip().rstrip(".") or "the backup failed"
     if snapshot:
         return Text(
@@ -337,7 +369,7 @@ def failed_text(disk: str | None, step: str | None, message: str, snapshot: str 
 def missed_text(missed: MissedSummary, now: float, tz: dt.tzinfo | None = None) -> Text:
     """A failure no one could be told about, shown at the next login: when, and how many since."""
     failure = missed.latest
-    text = failed_text(failure.disk, failure.step, failure.message, failure.snapshot)
+    text = failed_text(failure.disk, failure.step, failure.message, failure.snapshot, failure.exit_code)
     body = text.body
     if missed.times > 1:
         body += f"\nBackups to {failure.disk} failed {missed.times} times since {day(missed.first, now, tz)}."
@@ -691,7 +723,7 @@ class Notifier:
         except Exception:
             log.exception("notifications: backup_completed failed")
 
-    def backup_failed(self, step: str | None, message: str) -> None:
+    def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
         try:
             completed, self._completed = self._completed, None
             if self._removed:
@@ -699,8 +731,8 @@ class Notifier:
             self._muted = False
             snapshot = completed.get("snapshot") if completed is not None else None
             done = snapshot if isinstance(snapshot, str) else None
-            text = failed_text(self._disk, step, message, done)
-            failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done)
+            text = failed_text(self._disk, step, message, done, exit_code)
+            failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done, exit_code)
             self._post("cycle", text, actions=(ACTION_BACKUP_NOW,) if not snapshot else (),
                        icon="dialog-error", category="transfer.error",
                        missed=lambda: self._record_missed(failure))
@@ -970,6 +1002,7 @@ __all__ = [
     "duration",
     "day",
     "failed_text",
+    "failure_hint",
     "missed_text",
     "past",
     "progress_text",

@@ -785,7 +785,7 @@ class Tray:
     def backup_completed(self, event: dict[str, Any]) -> None:
         return None  # the status change that follows says it
 
-    def backup_failed(self, step: str | None, message: str) -> None:
+    def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
         return None  # the status change that follows says it
 
     # -- keeping the panel up to date -----------------------------------------------------
