@@ -215,9 +215,13 @@ class ProgressParser:
     """Turns rsync's progress2 lines into :class:`Progress` values.
 
     Records inside a file carry no file counts: the parser repeats the last
-    ones it saw. ``checked`` never goes back while the total stays (rsync
-    3.5.0 with --hard-links printed ``to-chk=201/205`` after ``to-chk=1/205``
-    near the end). On records that end a file rsync prints the time elapsed,
+    ones it saw. rsync's position in the file list jumps out of order now and
+    then, in both directions (3.5.0 with --hard-links printed ``to-chk=201/205``
+    after ``to-chk=1/205`` near the end, and ``to-chk=12/32`` between
+    ``26/32`` and ``25/32`` near the start): ``checked`` is the median of the
+    last three positions (one out-of-order record is dropped, at the cost of
+    showing the position one record late), never goes back while the total
+    stays, and is the total once rsync says nothing is left to check. On records that end a file rsync prints the time elapsed,
     not the time left: there ``eta`` is estimated from the elapsed time and
     the percent, like rsync's own estimate from bytes (None while the list is
     still growing or nothing is done yet). Both are bytes-based: with
@@ -228,6 +232,7 @@ class ProgressParser:
     def __init__(self) -> None:
         self._files = 0
         self._checked: int | None = None
+        self._recent: tuple[int, ...] = ()  # the last three positions rsync printed
         self._total: int | None = None
         self._scanning = False
 
@@ -246,7 +251,9 @@ class ProgressParser:
         else:
             self._files = int(match["xfr"])
             total = int(match["total"])
-            checked = max(0, total - int(match["left"]))
+            left = int(match["left"])
+            self._recent = (*self._recent[-2:], max(0, total - left))
+            checked = total if left == 0 else _median_low(self._recent)
             if self._checked is not None and self._total is not None and total >= self._total:
                 checked = min(max(checked, self._checked), total)
             self._checked, self._total = checked, total
@@ -264,6 +271,12 @@ class ProgressParser:
             total=self._total,
             scanning=self._scanning,
         )
+
+
+def _median_low(values: tuple[int, ...]) -> int:
+    """The median of one to three values; of two, the lower (nothing yet confirms the higher)."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 # --- statistics ------------------------------------------------------------

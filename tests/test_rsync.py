@@ -269,11 +269,34 @@ def test_progress_separators_and_monotonic_checked() -> None:
     got = [parser.feed(line) for line in PROGRESS_SAMPLE_SEPARATORS]
     assert got[0] == Progress(32768, 0, 0.0, None, 0, None, None)
     assert got[1] == Progress(3_000_000, 42, 707.44 * 1024**2, 0, 1, 3, 205)
-    assert got[2] is not None and (got[2].files, got[2].checked) == (2, 5)
-    assert got[3] is not None and (got[3].bytes, got[3].files, got[3].checked, got[3].total) == (4_000_000, 201, 204, 205)
+    # Positions 3, 5, 204, 4, 205: each shown once the next one confirms it
+    # (the median of the last three), so the position is one record late.
+    assert got[2] is not None and (got[2].files, got[2].checked) == (2, 3)
+    assert got[3] is not None and (got[3].bytes, got[3].files, got[3].checked, got[3].total) == (4_000_000, 201, 5, 205)
     # rsync goes back to to-chk=201/205 for the directories: checked does not.
-    assert got[4] is not None and got[4].checked == 204
+    assert got[4] is not None and got[4].checked == 5
+    # Nothing left to check: all of them.
     assert got[5] is not None and got[5].checked == 205 and got[5].rate == pytest.approx(114.65 * 1024**2)
+
+
+# rsync 3.5.0, -aH --info=progress2 --bwlimit=3000, 12 files of 1 MB in
+# photos/ and 15 small ones in docs/a/, the first snapshot: after the first
+# (small) file rsync prints to-chk=12/32 once, between 26/32 and 25/32.
+PROGRESS_SAMPLE_JUMP_AHEAD = [
+    "              0   0%    0.00kB/s    0:00:00 (xfr#0, to-chk=27/32)",
+    "              2   0%    0.00kB/s    0:00:00 (xfr#1, to-chk=26/32)",
+    "              2   0%    0.00kB/s    0:00:00 (xfr#1, to-chk=12/32)",
+    "              5   0%    2.93kB/s    0:00:00 (xfr#2, to-chk=25/32)",
+    "              8   0%    5.86kB/s    0:00:00 (xfr#3, to-chk=24/32)",
+]
+
+
+def test_progress_drops_a_position_out_of_order() -> None:
+    parser = ProgressParser()
+    got = [parser.feed(line) for line in PROGRESS_SAMPLE_JUMP_AHEAD]
+    # Taken as it came, the third record would say 20 of 32 checked (62%)
+    # with one file copied, and checked would stay there.
+    assert [p.checked if p else "-" for p in got] == [5, 5, 6, 7, 8]
 
 
 def test_progress_eta_inside_and_at_end_of_file() -> None:
@@ -292,8 +315,9 @@ def test_progress_incremental_recursion() -> None:
     parser = ProgressParser()
     got = [parser.feed(line) for line in PROGRESS_SAMPLE_INCREMENTAL]
     assert got[0] == Progress(3, 0, 0.0, None, 1, 302, 1311, scanning=True)
-    assert got[1] == Progress(1965, 28, 239.5 * 1024, None, 397, 698, 1701, scanning=True)
-    assert got[2] == Progress(10965, 77, 65.27 * 1024, 0, 2197, 2498, 3301, scanning=False)
+    # Each position shown once the next one confirms it.
+    assert got[1] == Progress(1965, 28, 239.5 * 1024, None, 397, 302, 1701, scanning=True)
+    assert got[2] == Progress(10965, 77, 65.27 * 1024, 0, 2197, 698, 3301, scanning=False)
 
 
 def test_progress_example_from_the_brief_and_units() -> None:
