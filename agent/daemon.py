@@ -879,6 +879,10 @@ class Agent:
             message = str(event.get("message") or "the backup failed")
             code = event.get("exit_code")
             exit_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+            if exit_code == EXIT_BUSY and step == "lock":
+                # Maybe another cycle took the machine lock first: that is a
+                # wait, not a failure; _finish decides once the cycle has ended.
+                return
             self._tell("backup_failed", step if isinstance(step, str) else None, message, exit_code)
 
     def _exited(self, cycle: _Cycle) -> None:
@@ -974,6 +978,8 @@ class Agent:
                     message += f": {cycle.stderr_tail[-1]}"
             if error is None:
                 self._tell("backup_failed", self._status.step, message, returncode)
+            elif busy:  # held back in _on_stdout: no other cycle explains it after all
+                self._tell("backup_failed", "lock", message, EXIT_BUSY)
             self._states[name] = schedule.on_finished(self._states[name], now, False)
             state = self._states[name]
             record = dataclasses.replace(

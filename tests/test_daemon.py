@@ -619,6 +619,45 @@ def test_a_cycle_started_elsewhere_is_shown_and_no_other_starts(bench: Bench, he
 
 
 @real
+def test_a_cycle_that_loses_the_lock_to_another_waits_and_says_no_failure(bench: Bench, here: None) -> None:
+    """Another cycle takes the machine lock between the agent's look and its own cycle's start.
+
+    The inhibitor call is that moment: the test's holder takes the lock
+    there, so the agent's cycle meets it for real and exits busy.
+    """
+    bench.init()
+    settle()
+    path = cycle_lock_path(through_sudo=False)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stack = contextlib.ExitStack()
+
+    taken: list[bool] = []
+
+    async def take_the_lock() -> None:  # at the first cycle's start only
+        if not taken:
+            taken.append(True)
+            stack.enter_context(lock.hold(path, {"pid": holder.pid, "started": "now", "repository": "elsewhere"}))
+
+    async def scenario() -> None:
+        async with agent_on(bench, inhibit=take_the_lock) as (agent, recorder):
+            await until(lambda: agent.status().cycle_pid == holder.pid, "the agent to see the other cycle")
+            assert recorder.of("backup_started") == [(NAME, "plugged in, due")]
+            assert recorder.of("backup_failed") == []
+            assert agent.status().last_result != "failure"
+            stack.close()  # the other cycle ends: the held-back plug-in runs now
+            await until(lambda: agent.status().last_result == "success", "the held-back backup", 20)
+            assert recorder.of("backup_failed") == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        stack.close()
+        holder.kill()
+        holder.wait()
+    bench.assert_locked_and_unmounted()
+
+
+@real
 def test_the_held_back_plug_in_starts_when_the_foreign_cycle_ends(bench: Bench, here: None) -> None:
     bench.init()
     settle()
