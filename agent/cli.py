@@ -33,6 +33,7 @@ from .errors import (
     EXIT_DAMAGED,
     EXIT_OK,
     EXIT_PARTIAL,
+    EXIT_UNVERIFIED,
     BackupAgentError,
     DiskMissingError,
     Interrupted,
@@ -747,7 +748,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(verifier.summary(report))
         for problem in report.problems:
             print(verifier.describe(problem))
-    return EXIT_OK if report.intact else EXIT_DAMAGED
+    if report.intact:
+        return EXIT_OK
+    return EXIT_UNVERIFIED if report.unverified else EXIT_DAMAGED
 
 
 def cmd_install(args: argparse.Namespace) -> int:

@@ -90,7 +90,14 @@ class Report:
 
     @property
     def intact(self) -> bool:
-        return not self.problems
+        """Nothing wrong was found in what was checked, and something was: snapshots that could not be
+        checked at all (no manifest) prove nothing, so a run that checked none of them is not intact."""
+        return not self.problems and (bool(self.checked) or not self.unchecked)
+
+    @property
+    def unverified(self) -> bool:
+        """Nothing wrong was found, but no snapshot could be checked."""
+        return not self.problems and not self.intact
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +140,8 @@ def summary(report: Report) -> str:
     unchecked = f"; not checked: {', '.join(f'{n} ({why})' for n, why in report.unchecked.items())}" if report.unchecked else ""
     if report.intact:
         return f"intact: {checked}, {read}{unchecked}"
+    if report.unverified:
+        return f"NOT VERIFIED: no snapshot could be checked{unchecked}"
     counts = ", ".join(
         f"{sum(1 for p in report.problems if p.kind == kind)} {kind}" for kind in KINDS if any(p.kind == kind for p in report.problems)
     )
@@ -187,7 +196,8 @@ class _Read:
 
 def _load_manifest(repo: Repository, name: str, report: Report) -> manifests.Manifest | None:
     """The snapshot's manifest, or None with the reason in the report."""
-    recorded = (repo.read_metadata(name) or {}).get("manifest")
+    metadata = repo.read_metadata(name)
+    recorded = (metadata or {}).get("manifest")
     path = repo.manifest_path(name)
     try:
         loaded = manifests.load(path)
@@ -198,6 +208,9 @@ def _load_manifest(repo: Repository, name: str, report: Report) -> manifests.Man
             )
         elif isinstance(recorded, dict) and recorded.get("error"):
             report.unchecked[name] = f"no manifest: {recorded['error']}"
+        elif metadata is None:
+            # Every snapshot gets metadata: without it nothing says whether a manifest was written.
+            report.unchecked[name] = "no manifest, and no metadata to say whether one was written"
         else:
             report.unchecked[name] = "no manifest: made before manifests existed"
         return None

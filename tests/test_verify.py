@@ -19,7 +19,7 @@ import pytest
 
 from agent import manifest as manifests
 from agent.cli import build_parser, sudo_door, through_sudo_refusal
-from agent.errors import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE
+from agent.errors import EXIT_DAMAGED, EXIT_OK, EXIT_UNVERIFIED, EXIT_USAGE
 from agent.errors import UsageError
 from agent.verify import Location, Problem, choose, describe
 from tests.test_cycle_robustness import Cli, cli  # noqa: F401  (cli is a fixture)
@@ -169,6 +169,25 @@ def test_a_snapshot_made_before_manifests_is_not_checked_and_says_so(cli: Cli, h
     status, report, _ = verify(cli, history, "--all")
     assert status == EXIT_OK and report["checked"] == [history.second]
     assert report["unchecked"] == {history.first: "no manifest: made before manifests existed"}
+
+
+def test_a_run_that_could_check_no_snapshot_is_not_called_intact(cli: Cli, history: History) -> None:
+    # The newest snapshot lost its manifest and its metadata: nothing says whether it had a manifest.
+    manifest_path(history.repo, history.second).unlink()
+    (history.repo / "metadata" / f"{history.second}.json").unlink()
+    status, report, _ = verify(cli, history)
+    assert status == EXIT_UNVERIFIED
+    assert report["intact"] is False and report["problems"] == [] and report["checked"] == []
+    assert report["unchecked"] == {history.second: "no manifest, and no metadata to say whether one was written"}
+    human = cli.run("verify", "--config", history.config, "--repository", history.repo)
+    assert human.returncode == EXIT_UNVERIFIED
+    assert human.stdout.splitlines() == [
+        f"NOT VERIFIED: no snapshot could be checked; not checked: {history.second} "
+        "(no manifest, and no metadata to say whether one was written)"
+    ]
+    # With a snapshot that could be checked beside it, the run speaks of that one.
+    status, report, _ = verify(cli, history, "--all")
+    assert status == EXIT_OK and report["intact"] is True and report["checked"] == [history.first]
 
 
 def test_an_unknown_snapshot_is_refused_with_the_nearest_names(cli: Cli, history: History) -> None:
