@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import manifest as manifests
 from .commands import Runner
@@ -248,17 +248,23 @@ def verify(
         if loaded is None:
             continue
         root = os.fsencode(repo.snapshot_path(name))
-        try:
-            present = dict(manifests.walk_files(root))
-        except FileNotFoundError:
+        unlistable: list[tuple[bytes, OSError]] = []
+        present = dict(manifests.walk_files(root, unlistable))
+        if unlistable and not os.path.isdir(root):
             # Rotation deleted it while this ran (a backup may run beside verify).
             report.unchecked[name] = "deleted while it was being verified"
             continue
-        found: list[Problem] = []
+        found = [
+            Problem(UNREADABLE, [Location(name, rel)], f"cannot list this directory: {exc.strerror}; nothing below it was checked")
+            for rel, exc in unlistable
+        ]
+        hidden = _below(rel for rel, _ in unlistable)
         listed: set[bytes] = set()
         to_read: dict[int, bytes] = {}
         for entry in loaded.entries:
             listed.add(entry.path)
+            if hidden(entry.path):
+                continue
             inode = present.get(entry.path)
             if inode is None:
                 what = "not in the snapshot" if not os.path.lexists(root + b"/" + entry.path) else "no longer a regular file"
@@ -313,6 +319,14 @@ def verify(
     report.problems.sort(key=lambda p: KINDS.index(p.kind))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _below(directories: Iterable[bytes]) -> Callable[[bytes], bool]:
+    """Whether a path lies below one of ``directories`` (relative; ``b""`` is the snapshot itself)."""
+    prefixes = tuple(directory + b"/" for directory in directories)
+    if b"/" in prefixes:
+        return lambda path: True
+    return lambda path: path.startswith(prefixes)
 
 
 def _add_sharers(repo: Repository, checked: list[str], bad: dict[int, list[tuple[str, int, Location]]]) -> None:
