@@ -25,7 +25,7 @@ from agent.repository import Repository
 from agent.restore import Plan, Target, caller_refusal, choose, may_search, plan_restore
 from agent.rsync import restore_argv
 from tests.conftest import requires_root
-from tests.test_snapshot_fidelity import FAST, build_source
+from tests.test_snapshot_fidelity import build_source, config  # noqa: F401  (config is a fixture)
 from tests.treeutil import describe
 
 NOW = dt.datetime(2026, 11, 25, 16, 30, 12, tzinfo=dt.timezone.utc)
@@ -144,13 +144,6 @@ def backup(source: Path, repo: Path, config: Path) -> str:
 
 def restore(config: Path, repo: Path, *args: str) -> int:
     return main(["restore", "-q", "--config", str(config), "--repository", str(repo), *args])
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(FAST)
-    return path
 
 
 @pytest.fixture
