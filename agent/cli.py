@@ -33,6 +33,7 @@ from .errors import (
     EXIT_DAMAGED,
     EXIT_OK,
     EXIT_PARTIAL,
+    EXIT_UNVERIFIED,
     BackupAgentError,
     DiskMissingError,
     Interrupted,
@@ -478,14 +479,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_init(args: argparse.Namespace) -> int:
-    """Create the repository and its marker on a disk, and record its id for this machine."""
+def _root_disk(args: argparse.Namespace, does: str) -> tuple[Settings, Disk]:
+    """The settings and the disk named by --disk, for a command that opens or closes it as root."""
     if os.geteuid() != 0:
-        raise UsageError("init unlocks and mounts the disk and needs root: run it with sudo")
+        raise UsageError(f"{args.command} {does} and needs root: run it with sudo")
     settings = _load(args)
     disk = disks.select_disk(settings, name=args.disk, crypto=None, mount=None)
     if disk is None:  # --disk is required, so this is only for the type checker
-        raise UsageError("init needs --disk NAME")
+        raise UsageError(f"{args.command} needs --disk NAME")
+    return settings, disk
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the repository and its marker on a disk, and record its id for this machine."""
+    settings, disk = _root_disk(args, "unlocks and mounts the disk")
     runner = Runner()
     device = disks.find_device(disk, settings, runner)
     if device is None:
@@ -530,12 +537,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_eject(args: argparse.Namespace) -> int:
     """Unmount and lock a configured disk now, whoever opened it (the tray's Eject)."""
-    if os.geteuid() != 0:
-        raise UsageError("eject unmounts and locks the disk and needs root: run it with sudo")
-    settings = _load(args)
-    disk = disks.select_disk(settings, name=args.disk, crypto=None, mount=None)
-    if disk is None:  # --disk is required, so this is only for the type checker
-        raise UsageError("eject needs --disk NAME")
+    settings, disk = _root_disk(args, "unmounts and locks the disk")
     emitter = Emitter(sys.stdout if args.json else None)
     closed_now = Eject(disk, settings, emitter, Runner()).run()
     if not args.json and not args.quiet:
@@ -697,6 +699,8 @@ def _groups(uid: int) -> list[int]:
     except KeyError:
         return []
     return os.getgrouplist(entry.pw_name, entry.pw_gid)
+
+
 class _ProgressLine:
     """A progress line on a terminal's stderr, at most twice a second."""
 
@@ -747,7 +751,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(verifier.summary(report))
         for problem in report.problems:
             print(verifier.describe(problem))
-    return EXIT_OK if report.intact else EXIT_DAMAGED
+    if report.intact:
+        return EXIT_OK
+    return EXIT_UNVERIFIED if report.unverified else EXIT_DAMAGED
 
 
 def cmd_install(args: argparse.Namespace) -> int:

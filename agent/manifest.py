@@ -176,17 +176,27 @@ def hash_file(path: bytes, algorithm: str = ALGORITHM, buffer: bytearray | None 
         os.close(fd)
 
 
-def walk_files(root: bytes) -> Iterator[tuple[bytes, int]]:
-    """(relative path, inode) of every regular file below ``root``, from readdir alone (no stat)."""
+def walk_files(root: bytes, unlistable: list[tuple[bytes, OSError]] | None = None) -> Iterator[tuple[bytes, int]]:
+    """(relative path, inode) of every regular file below ``root``, from readdir alone (no stat).
+
+    A directory that cannot be listed raises, unless ``unlistable`` is
+    given: then it is added there (relative path, ``b""`` for ``root``,
+    and the error) and the walk goes on, so a reader can name it.
+    """
     stack: list[tuple[bytes, bytes]] = [(root, b"")]
     while stack:
         directory, prefix = stack.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((entry.path, prefix + entry.name + b"/"))
-                elif entry.is_file(follow_symlinks=False):
-                    yield prefix + entry.name, entry.inode()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, prefix + entry.name + b"/"))
+                    elif entry.is_file(follow_symlinks=False):
+                        yield prefix + entry.name, entry.inode()
+        except OSError as exc:
+            if unlistable is None:
+                raise
+            unlistable.append((prefix.rstrip(b"/"), exc))
 
 
 def known_digests(manifest: Manifest) -> dict[int, tuple[str, int]]:

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Sequence
 
 from . import rsync
 from .commands import Runner
-from .errors import CommandError, UsageError
+from .errors import CommandError, StepError, UsageError
 from .history import Snapshot, kind_of, lstat_in, within
 from .rotation import format_snapshot_name, parse_snapshot_name
 
@@ -240,10 +240,20 @@ def execute(plan: Plan, runner: Runner, rsync_program: str, *, say: Callable[[st
     """Create the directories, move aside, run rsync for each item; CommandError on a failure, after
     putting back (or naming) what was moved aside."""
     for directory in plan.make:
-        _make_directory(directory, like_parent=directory in plan.beside)
+        try:
+            _make_directory(directory, like_parent=directory in plan.beside)
+        except OSError as exc:
+            raise StepError(f"cannot create {directory}: {exc.strerror}; {_done(plan, None)}", step="restore") from exc
     for item in plan.items:
         if item.aside is not None:
-            os.rename(item.result, item.aside)
+            try:
+                os.rename(item.result, item.aside)
+            except OSError as exc:
+                raise StepError(
+                    f"cannot move {item.result} aside to {item.aside}: {exc.strerror}; it is left as it was; "
+                    f"{_done(plan, item)}",
+                    step="restore",
+                ) from exc
             say(f"moved the current {item.result} aside to {item.aside}")
         argv = rsync.restore_argv(rsync=rsync_program, source=item.source, destination=item.destination)
         try:
@@ -257,11 +267,20 @@ def execute(plan: Plan, runner: Runner, rsync_program: str, *, say: Callable[[st
         raise CommandError(_put_back(item, why), argv=result.argv, returncode=result.returncode, stderr_tail=result.stderr_tail, step="restore")
 
 
+def _done(plan: Plan, failed: Item | None) -> str:
+    """What a restore that stopped at ``failed`` (None: before the first) had restored already."""
+    done = [item.result for item in plan.items[: plan.items.index(failed) if failed is not None else 0]]
+    return f"restored before it stopped: {', '.join(done)}" if done else "nothing was restored"
+
+
 def _put_back(item: Item, why: str) -> str:
     """After a failed restore: what was moved aside goes back if nothing took its place; says where things are."""
     if item.aside is None:
         return why
     if not os.path.lexists(item.result):
-        os.rename(item.aside, item.result)
+        try:
+            os.rename(item.aside, item.result)
+        except OSError as exc:
+            return f"{why}; what was at {item.result} before is kept at {item.aside} (putting it back failed: {exc.strerror})"
         return f"{why}; {item.result} was put back as it was"
     return f"{why}; what was at {item.result} before is kept at {item.aside}, the unfinished restore is at {item.result}"

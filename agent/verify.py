@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import manifest as manifests
 from .commands import Runner
@@ -90,7 +90,14 @@ class Report:
 
     @property
     def intact(self) -> bool:
-        return not self.problems
+        """Nothing wrong was found in what was checked, and something was: snapshots that could not be
+        checked at all (no manifest) prove nothing, so a run that checked none of them is not intact."""
+        return not self.problems and (bool(self.checked) or not self.unchecked)
+
+    @property
+    def unverified(self) -> bool:
+        """Nothing wrong was found, but no snapshot could be checked."""
+        return not self.problems and not self.intact
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +140,8 @@ def summary(report: Report) -> str:
     unchecked = f"; not checked: {', '.join(f'{n} ({why})' for n, why in report.unchecked.items())}" if report.unchecked else ""
     if report.intact:
         return f"intact: {checked}, {read}{unchecked}"
+    if report.unverified:
+        return f"NOT VERIFIED: no snapshot could be checked{unchecked}"
     counts = ", ".join(
         f"{sum(1 for p in report.problems if p.kind == kind)} {kind}" for kind in KINDS if any(p.kind == kind for p in report.problems)
     )
@@ -187,7 +196,8 @@ class _Read:
 
 def _load_manifest(repo: Repository, name: str, report: Report) -> manifests.Manifest | None:
     """The snapshot's manifest, or None with the reason in the report."""
-    recorded = (repo.read_metadata(name) or {}).get("manifest")
+    metadata = repo.read_metadata(name)
+    recorded = (metadata or {}).get("manifest")
     path = repo.manifest_path(name)
     try:
         loaded = manifests.load(path)
@@ -198,6 +208,9 @@ def _load_manifest(repo: Repository, name: str, report: Report) -> manifests.Man
             )
         elif isinstance(recorded, dict) and recorded.get("error"):
             report.unchecked[name] = f"no manifest: {recorded['error']}"
+        elif metadata is None:
+            # Every snapshot gets metadata: without it nothing says whether a manifest was written.
+            report.unchecked[name] = "no manifest, and no metadata to say whether one was written"
         else:
             report.unchecked[name] = "no manifest: made before manifests existed"
         return None
@@ -235,17 +248,23 @@ def verify(
         if loaded is None:
             continue
         root = os.fsencode(repo.snapshot_path(name))
-        try:
-            present = dict(manifests.walk_files(root))
-        except FileNotFoundError:
+        unlistable: list[tuple[bytes, OSError]] = []
+        present = dict(manifests.walk_files(root, unlistable))
+        if unlistable and not os.path.isdir(root):
             # Rotation deleted it while this ran (a backup may run beside verify).
             report.unchecked[name] = "deleted while it was being verified"
             continue
-        found: list[Problem] = []
+        found = [
+            Problem(UNREADABLE, [Location(name, rel)], f"cannot list this directory: {exc.strerror}; nothing below it was checked")
+            for rel, exc in unlistable
+        ]
+        hidden = _below(rel for rel, _ in unlistable)
         listed: set[bytes] = set()
         to_read: dict[int, bytes] = {}
         for entry in loaded.entries:
             listed.add(entry.path)
+            if hidden(entry.path):
+                continue
             inode = present.get(entry.path)
             if inode is None:
                 what = "not in the snapshot" if not os.path.lexists(root + b"/" + entry.path) else "no longer a regular file"
@@ -300,6 +319,14 @@ def verify(
     report.problems.sort(key=lambda p: KINDS.index(p.kind))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _below(directories: Iterable[bytes]) -> Callable[[bytes], bool]:
+    """Whether a path lies below one of ``directories`` (relative; ``b""`` is the snapshot itself)."""
+    prefixes = tuple(directory + b"/" for directory in directories)
+    if b"/" in prefixes:
+        return lambda path: True
+    return lambda path: path.startswith(prefixes)
 
 
 def _add_sharers(repo: Repository, checked: list[str], bad: dict[int, list[tuple[str, int, Location]]]) -> None:

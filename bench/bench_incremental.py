@@ -37,7 +37,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = BENCH_DIR.parent
@@ -577,18 +577,19 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def in_workdir(args: argparse.Namespace, body: Callable[[argparse.Namespace, Path], int], *, prefix: str, runs: str) -> int:
+    """Run ``body`` in --workdir (its ``runs`` subdirectory removed afterwards) or in a fresh temporary
+    directory under /var/tmp (removed); both kept with --keep or when the run failed."""
     temporary = args.workdir is None
     if temporary:
         base = "/var/tmp" if os.path.isdir("/var/tmp") else None
-        workdir = Path(tempfile.mkdtemp(prefix="bench-incremental-", dir=base))
+        workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     else:
         workdir = args.workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
     status = 1
     try:
-        status = run(args, workdir)
+        status = body(args, workdir)
         return status
     finally:
         if args.keep or status != 0:
@@ -596,7 +597,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif temporary:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
-            shutil.rmtree(workdir / "runs", ignore_errors=True)
+            shutil.rmtree(workdir / runs, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return in_workdir(parse_args(argv), run, prefix="bench-incremental-", runs="runs")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +45,7 @@ from bench_incremental import (  # noqa: E402  (a sibling script, not a package)
     PROJECT_DIR,
     BenchError,
     build_source,
+    in_workdir,
     run_timed,
     wait_for_next_second,
 )
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         for mode in modes:
             for index in range(args.verify_rounds):
                 order = ("verify", "cat") if index % 2 == 0 else ("cat", "verify")
-                row: dict[str, float] = {}
+                row = {}
                 for what in order:
                     if mode == "cold":
                         drop_caches()
@@ -308,25 +308,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    temporary = args.workdir is None
-    if temporary:
-        workdir = Path(tempfile.mkdtemp(prefix="bench-manifest-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
-    else:
-        workdir = args.workdir.resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    status = 1
-    try:
-        status = run(args, workdir)
-        return status
-    finally:
-        if args.keep or status != 0:
-            print(f"kept: {workdir}", file=sys.stderr if status else sys.stdout)
-        elif temporary:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            shutil.rmtree(workdir / "runs-manifest", ignore_errors=True)
-
+    return in_workdir(parse_args(argv), run, prefix="bench-manifest-", runs="runs-manifest")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ from agent.repository import Repository
 from agent.restore import Plan, Target, caller_refusal, choose, may_search, plan_restore
 from agent.rsync import restore_argv
 from tests.conftest import requires_root
-from tests.test_snapshot_fidelity import FAST, build_source
+from tests.test_snapshot_fidelity import build_source, config  # noqa: F401  (config is a fixture)
 from tests.treeutil import describe
 
 NOW = dt.datetime(2026, 11, 25, 16, 30, 12, tzinfo=dt.timezone.utc)
@@ -147,13 +147,6 @@ def restore(config: Path, repo: Path, *args: str) -> int:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(FAST)
-    return path
-
-
-@pytest.fixture
 def source(tmp_path: Path, rsync_path: str) -> Path:
     if shutil.which("setfacl") is None:
         pytest.skip(reason="setfacl is missing: run scripts/test, which installs the acl package")
@@ -270,6 +263,34 @@ def test_in_place_never_loses_what_it_replaces_when_rsync_fails(
         assert f"what was at {path} before is kept at {aside[0]}, the unfinished restore is at {path}" in error
         assert describe(aside[0]) == before
         assert (path / "a-small").read_bytes() == b"fits\n"
+
+
+@pytest.mark.integration
+def test_in_place_that_cannot_move_the_current_one_aside_is_one_line_and_loses_nothing(
+    source: Path, tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip(reason="needs root to mount a tmpfs: run the suite as root")
+    repo = tmp_path / "repo"
+    backup(source, repo, config)
+    (source / "plain.txt").write_text("edited since\n")
+    point = source / "deep"
+    # A mount point cannot be renamed (EBUSY): the move aside fails for real.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True)
+    try:
+        (point / "current").write_text("on the mount\n")
+        capsys.readouterr()
+        assert restore(config, repo, "--in-place", str(source / "plain.txt"), str(point)) == EXIT_STEP_FAILED
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"backup-agent: restore failed: cannot move {point} aside to {point}.before-restore-")
+        assert lines[0].endswith(f"it is left as it was; restored before it stopped: {source}/plain.txt"), lines[0]
+        assert os.listdir(point) == ["current"] and (point / "current").read_text() == "on the mount\n"
+        assert (source / "plain.txt").read_text() == "plain\n"
+        (aside,) = [p for p in source.iterdir() if p.name.startswith("plain.txt.before-restore-")]
+        assert aside.read_text() == "edited since\n"
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
 
 
 @pytest.mark.integration

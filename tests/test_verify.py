@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,10 @@ import pytest
 
 from agent import manifest as manifests
 from agent.cli import build_parser, sudo_door, through_sudo_refusal
-from agent.errors import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE
+from agent.errors import EXIT_DAMAGED, EXIT_OK, EXIT_UNVERIFIED, EXIT_USAGE
 from agent.errors import UsageError
 from agent.verify import Location, Problem, choose, describe
+from tests.conftest import requires_root
 from tests.test_cycle_robustness import Cli, cli  # noqa: F401  (cli is a fixture)
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig is the fixture bench uses)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (bench is a fixture)
@@ -169,6 +174,53 @@ def test_a_snapshot_made_before_manifests_is_not_checked_and_says_so(cli: Cli, h
     status, report, _ = verify(cli, history, "--all")
     assert status == EXIT_OK and report["checked"] == [history.second]
     assert report["unchecked"] == {history.first: "no manifest: made before manifests existed"}
+
+
+def test_a_run_that_could_check_no_snapshot_is_not_called_intact(cli: Cli, history: History) -> None:
+    # The newest snapshot lost its manifest and its metadata: nothing says whether it had a manifest.
+    manifest_path(history.repo, history.second).unlink()
+    (history.repo / "metadata" / f"{history.second}.json").unlink()
+    status, report, _ = verify(cli, history)
+    assert status == EXIT_UNVERIFIED
+    assert report["intact"] is False and report["problems"] == [] and report["checked"] == []
+    assert report["unchecked"] == {history.second: "no manifest, and no metadata to say whether one was written"}
+    human = cli.run("verify", "--config", history.config, "--repository", history.repo)
+    assert human.returncode == EXIT_UNVERIFIED
+    assert human.stdout.splitlines() == [
+        f"NOT VERIFIED: no snapshot could be checked; not checked: {history.second} "
+        "(no manifest, and no metadata to say whether one was written)"
+    ]
+    # With a snapshot that could be checked beside it, the run speaks of that one.
+    status, report, _ = verify(cli, history, "--all")
+    assert status == EXIT_OK and report["intact"] is True and report["checked"] == [history.first]
+
+
+@requires_root
+def test_a_directory_verify_cannot_list_is_named_and_nothing_below_it_is_called_missing(rsync_path: str) -> None:
+    """verify as an ordinary user (setpriv, a real process) of a backup root made, with a private directory."""
+    if shutil.which("setpriv") is None:
+        pytest.skip(reason="setpriv is missing (util-linux)")
+    base = Path(tempfile.mkdtemp(prefix="verify-unlistable-"))  # not below pytest's root-only tmp_path
+    try:
+        os.chmod(base, 0o755)
+        source, repo, cfg = base / "source", base / "repo", config(base)
+        build_source(source)
+        os.chmod(source / "deep", 0o700)  # root's own, as /root is in a backup of /
+        name = backup(source, repo, cfg)
+        nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+        result = subprocess.run(
+            [*nobody, sys.executable, "-m", "agent.cli", "verify", "--json", "-q", "--config", str(cfg), "--repository", str(repo)],
+            capture_output=True, text=True, timeout=60, cwd=base,
+        )
+        assert result.returncode == EXIT_DAMAGED, result.stderr
+        report = json.loads(result.stdout)
+        assert [(p["kind"], where(p)) for p in report["problems"]] == [("unreadable", [(name, "deep")])]
+        assert report["problems"][0]["detail"] == "cannot list this directory: Permission denied; nothing below it was checked"
+        # Everything outside the private directory was still checked.
+        entries = manifests.load(str(manifest_path(repo, name))).entries
+        assert report["files"] == sum(1 for e in entries if not e.path.startswith(b"deep/")) > 0
+    finally:
+        shutil.rmtree(base)
 
 
 def test_an_unknown_snapshot_is_refused_with_the_nearest_names(cli: Cli, history: History) -> None:
