@@ -637,10 +637,10 @@ class Cycle:
         (its metadata says why), since losing a good snapshot over its
         checksums would be worse; the next snapshot then hashes every file.
         """
-        known: dict[int, tuple[str, int]] = {}
+        known: manifests.Known = {}
         if previous is not None:
             try:
-                known = manifests.known_digests(manifests.load(repo.manifest_path(previous)))
+                known = manifests.reusable(repo.manifest_path(previous))
             except FileNotFoundError:
                 log.info("snapshot %s has no manifest: every file of %s is hashed", previous, name)
             except (OSError, CorruptManifestError) as exc:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def write_atomic(
     path: str,
-    data: bytes,
+    data: bytes | Iterable[bytes],
     *,
     mode: int = 0o644,
     owner: tuple[int, int] | None = None,
@@ -27,7 +27,7 @@ def write_atomic(
     suffix: str = ".tmp",
     check: Callable[[str], None] | None = None,
 ) -> None:
-    """Replace ``path`` with ``data`` in one rename.
+    """Replace ``path`` with ``data`` (bytes, or chunks written as they come) in one rename.
 
     ``durable`` fsyncs the file and its directory (skip it where an fsync
     would commit a whole journal for nothing, see repository.py);
@@ -39,7 +39,10 @@ def write_atomic(
     fd, temporary = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                handle.writelines(data)
             handle.flush()
             if owner is not None:
                 os.fchown(handle.fileno(), *owner)

@@ -101,20 +101,45 @@ def unescape_path(text: bytes) -> bytes:
     return _ESCAPED.sub(lambda m: b"\n" if m.group(1) == b"n" else m.group(1), text)
 
 
+def header(algorithm: str = ALGORITHM) -> bytes:
+    return b"# backup-agent manifest %d %s\n" % (FORMAT, algorithm.encode())
+
+
+def trailer(entries: int, own: str) -> bytes:
+    """The last line: how many entries, and ``own`` ("<algorithm>:<hex>") of every byte above it."""
+    return b"# end %d %s\n" % (entries, own.encode())
+
+
+def _line(start: bytes, inode: int, path: bytes) -> bytes:
+    """An entry's line from its start (b"<digest> <size>", as :data:`Known` keeps it)."""
+    return b"%s %d %s\n" % (start, inode, escape_path(path))
+
+
 def line(digest: str, size: int, inode: int, path: bytes) -> bytes:
     """One entry's line."""
-    return b"%s %d %d %s\n" % (digest.encode(), size, inode, escape_path(path))
+    return _line(b"%s %d" % (digest.encode(), size), inode, path)
 
 
 def render(body: bytes, entries: int, algorithm: str = ALGORITHM) -> tuple[bytes, str]:
     """The whole manifest from its entry lines (header, lines, self-checking trailer), and its own digest."""
-    head = b"# backup-agent manifest %d %s\n" % (FORMAT, algorithm.encode())
+    head = header(algorithm)
     own = f"{algorithm}:{hashlib.new(algorithm, head + body).hexdigest()}"
-    return head + body + b"# end %d %s\n" % (entries, own.encode()), own
+    return head + body + trailer(entries, own), own
 
 
-def parse(data: bytes, where: str) -> Manifest:
-    """Read a manifest; :class:`CorruptManifestError` when it does not check out."""
+@dataclass(frozen=True)
+class _Checked:
+    """Where a manifest's entry lines are, once its header and trailer check out."""
+
+    algorithm: str
+    start: int  # the first entry line
+    cut: int  # the trailer
+    count: int  # the entries the trailer announces
+    own: str  # the hex digest of everything above the trailer
+
+
+def _check(data: bytes, where: str) -> _Checked:
+    """The header, the trailer and the manifest's own checksum; :class:`CorruptManifestError` when any is wrong."""
     header = _HEADER.match(data)
     if header is None:
         raise CorruptManifestError(f"{where}: not a backup-agent manifest (no header line)")
@@ -130,15 +155,60 @@ def parse(data: bytes, where: str) -> Manifest:
     own = hashlib.new(algorithm, data[:cut]).hexdigest()
     if trailer.group(2).decode() != algorithm or trailer.group(3).decode() != own:
         raise CorruptManifestError(f"{where}: manifest does not match its own checksum")
+    return _Checked(algorithm, header.end(), cut, int(trailer.group(1)), own)
+
+
+def _wrong_count(where: str, found: int, checked: _Checked) -> CorruptManifestError:
+    return CorruptManifestError(f"{where}: manifest lists {found} files, its trailer says {checked.count}")
+
+
+def parse(data: bytes, where: str) -> Manifest:
+    """Read a manifest; :class:`CorruptManifestError` when it does not check out."""
+    checked = _check(data, where)
     entries = []
-    for line in data[header.end() : cut].split(b"\n")[:-1]:
+    for line in data[checked.start : checked.cut].split(b"\n")[:-1]:
         fields = line.split(b" ", 3)
         if len(fields) != 4:
             raise CorruptManifestError(f"{where}: unreadable manifest line {line[:60]!r}")
         entries.append(Entry(unescape_path(fields[3]), fields[0].decode(), int(fields[1]), int(fields[2])))
-    if len(entries) != int(trailer.group(1)):
-        raise CorruptManifestError(f"{where}: manifest lists {len(entries)} files, its trailer says {trailer.group(1).decode()}")
-    return Manifest(algorithm, tuple(entries), f"{algorithm}:{own}")
+    if len(entries) != checked.count:
+        raise _wrong_count(where, len(entries), checked)
+    return Manifest(checked.algorithm, tuple(entries), f"{checked.algorithm}:{checked.own}")
+
+
+# inode -> b"<digest> <size>", the start of its manifest line: what the next
+# snapshot reuses for a file it shares.
+Known = dict[int, bytes]
+
+
+def reusable(path: str) -> Known:
+    """The previous snapshot's checksums by inode, checked like :func:`load`.
+
+    Leaner than :func:`parse` (a backup of a whole system has hundreds of
+    thousands of files): no object per entry, only the start of each line
+    by its inode. A manifest of another algorithm gives nothing to reuse.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+    checked = _check(data, path)
+    known: Known = {}
+    if checked.algorithm != ALGORITHM:
+        log.info("%s uses %s, not %s: nothing in it is reused", path, checked.algorithm, ALGORITHM)
+        return known
+    position, found = checked.start, 0
+    while position < checked.cut:
+        end = data.index(b"\n", position)
+        size_at = data.find(b" ", position, end) + 1
+        inode_at = data.find(b" ", size_at, end) + 1
+        path_at = data.find(b" ", inode_at, end) + 1
+        if not 0 < size_at < inode_at < path_at:
+            raise CorruptManifestError(f"{path}: unreadable manifest line {data[position:position + 60]!r}")
+        known[int(data[inode_at : path_at - 1])] = data[position : inode_at - 1]
+        found += 1
+        position = end + 1
+    if found != checked.count:
+        raise _wrong_count(path, found, checked)
+    return known
 
 
 def load(path: str) -> Manifest:
@@ -199,42 +269,72 @@ def walk_files(root: bytes, unlistable: list[tuple[bytes, OSError]] | None = Non
             unlistable.append((prefix.rstrip(b"/"), exc))
 
 
-def known_digests(manifest: Manifest) -> dict[int, tuple[str, int]]:
-    """inode -> (digest, size), for a later snapshot to reuse."""
-    return {entry.inode: (entry.digest, entry.size) for entry in manifest.entries}
+_BATCH = 1024  # lines hashed and written together
+
+
+class _Writer:
+    """The manifest's bytes as the walk finds the files, its own checksum kept on the way."""
+
+    def __init__(self, root: bytes, known: Known, on_file: Callable[[int], None] | None) -> None:
+        self.root = root
+        self.known = known
+        self.hashed: Known = {}  # inodes read in this snapshot (hard links inside it)
+        self.on_file = on_file
+        self.own = hashlib.new(ALGORITHM)
+        self.entries = self.hashed_files = self.hashed_bytes = self.reused = 0
+
+    def chunks(self) -> Iterator[bytes]:
+        yield self._hashed([header()])
+        buffer = bytearray(READ_SIZE)
+        batch: list[bytes] = []
+        for rel, inode in walk_files(self.root):
+            start = self.known.get(inode) or self.hashed.get(inode)
+            if start is None:
+                digest, size = hash_file(self.root + b"/" + rel, ALGORITHM, buffer)
+                start = self.hashed[inode] = b"%s %d" % (digest.encode(), size)
+                self.hashed_files += 1
+                self.hashed_bytes += size
+                if self.on_file is not None:
+                    self.on_file(size)
+            else:
+                self.reused += 1
+            batch.append(_line(start, inode, rel))
+            self.entries += 1
+            if len(batch) == _BATCH:
+                yield self._hashed(batch)
+        yield self._hashed(batch)
+        yield trailer(self.entries, self.digest)
+
+    @property
+    def digest(self) -> str:
+        return f"{ALGORITHM}:{self.own.hexdigest()}"
+
+    def _hashed(self, lines: list[bytes]) -> bytes:
+        chunk = b"".join(lines)
+        lines.clear()
+        self.own.update(chunk)
+        return chunk
 
 
 def record(
     snapshot: str,
     target: str,
-    known: dict[int, tuple[str, int]],
+    known: Known,
     *,
     on_file: Callable[[int], None] | None = None,
 ) -> Recorded:
     """Write the manifest of the tree at ``snapshot`` to ``target`` (atomically).
 
     Files whose inode is in ``known`` (the previous snapshot's manifest) or
-    was hashed already (a hard link inside this snapshot) are not read.
+    was hashed already (a hard link inside this snapshot) are not read. The
+    lines are hashed and written as the walk goes: memory follows ``known``
+    and the new files, not the whole manifest.
     """
     started = time.monotonic()
-    seen = dict(known)
-    lines: list[bytes] = []
-    hashed_files = hashed_bytes = reused = 0
-    buffer = bytearray(READ_SIZE)
-    root = os.fsencode(snapshot)
-    for rel, inode in walk_files(root):
-        found = seen.get(inode)
-        if found is None:
-            found = hash_file(root + b"/" + rel, ALGORITHM, buffer)
-            seen[inode] = found
-            hashed_files += 1
-            hashed_bytes += found[1]
-            if on_file is not None:
-                on_file(found[1])
-        else:
-            reused += 1
-        lines.append(line(found[0], found[1], inode, rel))
-    data, digest = render(b"".join(lines), len(lines))
+    writer = _Writer(os.fsencode(snapshot), known, on_file)
     # Not durable, like the metadata beside it (repository.write_metadata says why).
-    write_atomic(target, data, durable=False)
-    return Recorded(len(lines), hashed_files, hashed_bytes, reused, digest, time.monotonic() - started)
+    write_atomic(target, writer.chunks(), durable=False)
+    return Recorded(
+        writer.entries, writer.hashed_files, writer.hashed_bytes, writer.reused, writer.digest,
+        time.monotonic() - started,
+    )

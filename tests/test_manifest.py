@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,30 @@ def test_any_flipped_byte_or_cut_makes_the_manifest_corrupt(data: st.DataObject)
         manifests.parse(bytes(flipped), "m")
     with pytest.raises(CorruptManifestError):
         manifests.parse(whole[: data.draw(st.integers(0, len(whole) - 1))], "m")
+
+
+@given(entries=st.lists(st.tuples(paths, st.integers(0, 2**40), st.integers(1, 2**63)), max_size=20))
+def test_what_the_next_snapshot_reuses_is_what_parse_reads(entries: list[tuple[bytes, int, int]]) -> None:
+    body = b"".join(manifests.line(hashlib.sha256(p).hexdigest(), size, inode, p) for p, size, inode in entries)
+    data, _ = manifests.render(body, len(entries))
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "m")
+        Path(path).write_bytes(data)
+        known = manifests.reusable(path)
+    # The last line of an inode wins in both (a hard link is listed once per name, with one checksum).
+    assert known == {e.inode: b"%s %d" % (e.digest.encode(), e.size) for e in manifests.parse(data, "m").entries}
+
+
+def test_reuse_refuses_a_corrupt_manifest_and_skips_another_algorithm(tmp_path: Path) -> None:
+    body = b"".join(manifests.line(hashlib.sha256(b"%d" % i).hexdigest(), i, i + 10, b"f%d" % i) for i in range(5))
+    whole, _ = manifests.render(body, 5)
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(whole.replace(b"f3", b"f4"))
+    with pytest.raises(CorruptManifestError, match="does not match its own checksum"):
+        manifests.reusable(str(damaged))
+    other = tmp_path / "other"
+    other.write_bytes(manifests.render(body, 5, "sha512")[0])
+    assert manifests.reusable(str(other)) == {}
 
 
 # -- through the real cycle ---------------------------------------------------------------
