@@ -450,7 +450,7 @@ def _summary(outcome: Any, request: Request) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load(args)
-    repo = Repository.open(_repository_path(args.repository, settings))
+    repo = access.open_to_read(_repository_path(args.repository, settings))
     rows = []
     for name in repo.snapshot_names():
         metadata = repo.read_metadata(name) or {}
