@@ -395,7 +395,9 @@ def test_through_sudo_root_never_writes_where_the_caller_swaps_the_new_directory
     (home / "thesis.tex").write_text("the thesis\n")
     (home / "docs").mkdir()
     (home / "docs" / "notes").write_text("notes\n")
-    for path in (home, home / "thesis.tex", home / "docs", home / "docs" / "notes"):
+    (home / "old" / "deep").mkdir(parents=True)
+    (home / "old" / "deep" / "draft").write_text("draft\n")
+    for path in (home, home / "thesis.tex", home / "docs", home / "docs" / "notes", home / "old", home / "old" / "deep", home / "old" / "deep" / "draft"):
         os.chown(path, caller, caller)
     victim = shared_tmp / "victim"  # root's, like /etc
     victim.mkdir()
@@ -403,6 +405,7 @@ def test_through_sudo_root_never_writes_where_the_caller_swaps_the_new_directory
     untouched = describe(victim)
     repo = tmp_path / "repo"
     backup(home, repo, config)
+    shutil.rmtree(home / "old")  # its directories are made again, inside the new directory
 
     # rsync 3.5 refuses, by itself, a link the caller owns in the destination path; the rsync most
     # systems have (3.2, 3.4) follows it. The stand-in asks for the older behaviour when the option
@@ -410,7 +413,7 @@ def test_through_sudo_root_never_writes_where_the_caller_swaps_the_new_directory
     options = subprocess.run([rsync_path, "--help"], capture_output=True, text=True, check=True).stdout
     older = " --insecure-links" if "--insecure-links" in options else ""
     slow = trusted_dir / "slow-rsync"
-    slow.write_text(f"#!/bin/sh\nsleep 0.3\nexec {rsync_path}{older} \"$@\"\n")
+    slow.write_text(f"#!/bin/sh\nsleep 0.2\nexec {rsync_path}{older} \"$@\"\n")
     slow.chmod(0o755)
     (trusted_dir / "etc").mkdir(mode=0o755)
     system = trusted_dir / "etc" / "config.toml"
@@ -427,9 +430,9 @@ def test_through_sudo_root_never_writes_where_the_caller_swaps_the_new_directory
     )
     statuses = []
     try:
-        for _ in range(4):
+        for _ in range(3):
             capsys.readouterr()
-            status = main(["restore", "-q", str(home / "thesis.tex"), str(home / "docs")])
+            status = main(["restore", "-q", str(home / "thesis.tex"), str(home / "docs"), str(home / "old" / "deep" / "draft")])
             err = capsys.readouterr().err
             statuses.append(status)
             if status != 0:
@@ -451,6 +454,8 @@ def test_through_sudo_root_never_writes_where_the_caller_swaps_the_new_directory
         assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (caller, caller, 0o755)
         assert (directory / "thesis.tex").read_text() == "the thesis\n"
         assert (directory / "docs" / "notes").read_text() == "notes\n"
+        assert (directory / "old" / "deep" / "draft").read_text() == "draft\n"
+        assert os.lstat(directory / "old" / "deep").st_uid == caller  # as it was in the snapshot
 
 
 @requires_root
