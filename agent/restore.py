@@ -388,10 +388,10 @@ def _put_back(item: Item, why: str) -> str:
     """After a failed restore: what was moved aside goes back if nothing took its place; says where things are."""
     if item.aside is None:
         return why
-    if not os.path.lexists(item.result):
-        try:
-            os.rename(item.aside, item.result)
-        except OSError as exc:
-            return f"{why}; what was at {item.result} before is kept at {item.aside} (putting it back failed: {exc.strerror})"
-        return f"{why}; {item.result} was put back as it was"
-    return f"{why}; what was at {item.result} before is kept at {item.aside}, the unfinished restore is at {item.result}"
+    try:
+        rename_noreplace(item.aside, item.result)
+    except FileExistsError:
+        return f"{why}; what was at {item.result} before is kept at {item.aside}, the unfinished restore is at {item.result}"
+    except OSError as exc:
+        return f"{why}; what was at {item.result} before is kept at {item.aside} (putting it back failed: {exc.strerror})"
+    return f"{why}; {item.result} was put back as it was"
