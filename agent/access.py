@@ -29,8 +29,18 @@ from . import disk as disks
 from . import lock
 from .commands import Runner
 from .config import Disk, Settings
-from .errors import DiskMissingError, UsageError
+from .errors import DiskMissingError, RepositoryError, UsageError
 from .repository import Repository, classify
+
+
+def open_to_read(root: str) -> Repository:
+    """Repository.open for a command that only reads: its errors name no step of the backup cycle
+    (a missing repository is not a "prepare failed")."""
+    try:
+        return Repository.open(root)
+    except RepositoryError as exc:
+        exc.step = None
+        raise
 
 
 def read_only(disk: Disk) -> Disk:
@@ -54,7 +64,7 @@ def open_repository(
     if repository is not None and disk is not None:
         raise UsageError(f"give either --repository {repository} or --disk {disk}, not both")
     if repository is not None:
-        yield Repository.open(os.path.abspath(repository))
+        yield open_to_read(os.path.abspath(repository))
         return
     chosen = disks.select_disk(settings, name=disk, crypto=None, mount=None)
     if chosen is None and settings.repository is None and settings.disks:
@@ -67,7 +77,7 @@ def open_repository(
                 "no repository: give --repository DIR, or configure a [[disk]] or [backup] repository "
                 f"in {settings.path or 'the config'}"
             )
-        yield Repository.open(os.path.abspath(settings.repository))
+        yield open_to_read(os.path.abspath(settings.repository))
         return
     with contextlib.ExitStack() as stack:
         yield _open_disk(stack, settings, runner, chosen, warn, command)
@@ -89,6 +99,6 @@ def _open_disk(
     stack.enter_context(disks.unlocked(disk, settings, runner, warn))
     stack.enter_context(disks.mounted(read_only(disk), settings, runner, warn))
     disks.verify_mount(disk)
-    marker = Repository.open(disk.repository).marker if classify(disk.repository) == "repository" else None
+    marker = open_to_read(disk.repository).marker if classify(disk.repository) == "repository" else None
     disks.check_marker(disk, marker, disks.recorded_id(settings, disk), socket.gethostname())
-    return Repository.open(disk.repository)
+    return open_to_read(disk.repository)

@@ -450,7 +450,7 @@ def _summary(outcome: Any, request: Request) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load(args)
-    repo = Repository.open(_repository_path(args.repository, settings))
+    repo = access.open_to_read(_repository_path(args.repository, settings))
     rows = []
     for name in repo.snapshot_names():
         metadata = repo.read_metadata(name) or {}
@@ -677,9 +677,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         plan = restoring.plan_restore(
             targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir
         )
-        if running_through_sudo():
-            uid = int(os.environ["SUDO_UID"])
-            refusal = restoring.caller_refusal(plan, targets, uid, _groups(uid))
+        caller = int(os.environ["SUDO_UID"]) if running_through_sudo() else None
+        if caller is not None:
+            refusal = restoring.caller_refusal(plan, targets, caller, _groups(caller))
             if refusal is not None:
                 raise UsageError(refusal)
         verb = "would restore" if args.dry_run else "restoring"
@@ -687,7 +687,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             moved = f" (the current one moved aside to {item.aside})" if item.aside and args.dry_run else ""
             print(f"{verb} {item.path} from {_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}{moved}")
         if not args.dry_run:
-            restoring.execute(plan, Runner(), settings.commands.rsync, say=print)
+            restoring.execute(plan, Runner(), settings.commands.rsync, say=print, caller=caller)
             print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
     return EXIT_OK
 

@@ -139,12 +139,15 @@ class Runner:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> Result:
         """Run ``argv`` to the end; raise :class:`CommandError` on an error status.
 
         ``env`` is added to the clean environment (hooks learn the disk and
         snapshot this way); ``timeout`` stops the command (SIGTERM, then
-        SIGKILL) and raises CommandError saying it timed out.
+        SIGKILL) and raises CommandError saying it timed out. ``pass_fds``
+        stay open in the child under the same numbers (every other one is
+        closed), so it can reach an open directory as ``/proc/self/fd/N``.
         """
         argv = tuple(argv)
         if not argv:
@@ -178,6 +181,7 @@ class Runner:
                 env={**clean_environment(), **(env or {})},
                 cwd=cwd,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
                 # Its own process group: stopping it stops what it started
                 # (a hook's children), and a terminal's Ctrl-C reaches only
                 # us, so we stop it in order.

@@ -6,11 +6,17 @@ state file and the files ``install`` puts in /etc all go through
 O_EXCL, so no one else's file is ever followed or reused), its mode and
 owner set before it is visible, optionally checked, then renamed over the
 target.
+
+:func:`rename_noreplace` renames without ever replacing what is at the new
+name (``renameat2`` with ``RENAME_NOREPLACE``): a name that appeared since
+it was chosen is an error, not a loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import tempfile
 from typing import Callable, Iterable
@@ -67,3 +73,29 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(source: str, target: str) -> None:
+    """Rename ``source`` to ``target`` unless ``target`` exists (FileExistsError), in one step.
+
+    A check before ``os.rename`` would leave a moment in which a new
+    ``target`` is silently replaced; the kernel's flag leaves none. A
+    filesystem without the flag is an OSError saying so, never a fallback
+    to a rename that replaces.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "this C library cannot rename without replacing (no renameat2)", source)
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+        return
+    code = ctypes.get_errno()
+    if code == errno.EINVAL:
+        raise OSError(code, "this filesystem cannot rename without replacing", source, None, target)
+    raise OSError(code, os.strerror(code), source, None, target)

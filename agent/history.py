@@ -28,6 +28,7 @@ snapshot: a link is a backed-up file, and points into the live system.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import filecmp
 import os
 import posixpath
@@ -35,7 +36,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from .errors import UsageError
+from .errors import RepositoryError, UsageError
 from .repository import Repository
 
 
@@ -307,10 +308,14 @@ def _subtree(root: str, rel: str, change: str) -> Iterator[Change]:
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
+    """An entry's extended attributes: none on a filesystem without them; any other failure is an error,
+    never taken for "none" (two snapshots would look alike when one could not be read)."""
     try:
         return {name: os.getxattr(path, name, follow_symlinks=False) for name in os.listxattr(path, follow_symlinks=False)}
-    except OSError:
-        return {}
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise RepositoryError(f"cannot read the extended attributes of {path}: {exc.strerror}") from exc
 
 
 def compare(a: str, b: str, info_a: os.stat_result, info_b: os.stat_result) -> str | None:

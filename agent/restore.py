@@ -5,11 +5,16 @@ Three destinations:
 - default: a new directory ``restored-<snapshot>`` beside the original (in
   the nearest directory above it that exists now), holding the restored
   path below it; a name that is taken gets ``-2``, ``-3``...; nothing is
-  ever written over;
+  ever written over. It is made root's (the runner's) and private (0700)
+  and written only through an open descriptor, and gets the owner and mode
+  of the directory it is in only when rsync has finished: through sudo that
+  directory is the caller's, who could otherwise swap the name for a link
+  while root writes;
 - ``--to DIR``: ``DIR/<name>``; refused when that exists;
 - ``--in-place``: back where it was. Whatever is there now is first renamed
-  aside to ``<name>.before-restore-<time>`` in the same directory (a rename:
-  nothing is copied or deleted). If rsync then fails, the aside one is
+  aside to ``<name>.before-restore-<time>`` in the same directory (a rename
+  that never replaces: a name that appeared since gets ``.2``...; nothing is
+  copied or deleted). If rsync then fails, the aside one is
   renamed back when nothing took its place, else both are kept and the
   error says where.
 
@@ -21,17 +26,20 @@ through the Runner.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import errno
 import logging
 import os
 import posixpath
 import stat
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from . import rsync
 from .commands import Runner
 from .errors import CommandError, StepError, UsageError
+from .files import rename_noreplace
 from .history import Snapshot, kind_of, lstat_in, within
 from .rotation import format_snapshot_name, parse_snapshot_name
 
@@ -102,11 +110,15 @@ def choose(
     raise LookupError(path)  # the caller explains with history.not_held
 
 
-def _free(name: str, taken: Callable[[str], bool], sep: str) -> str:
-    if not taken(name):
-        return name
+def _numbered(name: str, sep: str) -> Iterator[str]:
+    """``name``, then ``name<sep>2``, ``name<sep>3``...: the names tried for something new beside others."""
+    yield name
     for number in range(2, 10_000):
-        candidate = f"{name}{sep}{number}"
+        yield f"{name}{sep}{number}"
+
+
+def _free(name: str, taken: Callable[[str], bool], sep: str) -> str:
+    for candidate in _numbered(name, sep):
         if not taken(candidate):
             return candidate
     raise UsageError(f"{name}: no free name beside it; clean up earlier restores")
@@ -227,44 +239,143 @@ def caller_refusal(plan: Plan, targets: Sequence[Target], uid: int, gids: Sequen
 # -- doing it -------------------------------------------------------------------------
 
 
-def _make_directory(path: str, *, like_parent: bool) -> None:
-    os.mkdir(path, 0o700)
-    if like_parent:
-        parent = os.lstat(posixpath.dirname(path))
-        if os.geteuid() == 0:
-            os.chown(path, parent.st_uid, parent.st_gid)
-        os.chmod(path, stat.S_IMODE(parent.st_mode) & 0o3777)
+@dataclass(frozen=True)
+class _Private:
+    """A new ``restored-<snapshot>`` while it is filled: root's (the runner's), mode 0700, held open.
+
+    rsync writes into it through ``/proc/self/fd/<fd>``, so renaming its
+    name away or putting a link there changes nothing; and while it is
+    0700 no one else can reach inside. Only when rsync has finished does
+    it get the owner and mode of the directory it is in (``parent``), on
+    the descriptor, never by name.
+    """
+
+    path: str
+    fd: int
+    parent: os.stat_result
 
 
-def execute(plan: Plan, runner: Runner, rsync_program: str, *, say: Callable[[str], None]) -> None:
-    """Create the directories, move aside, run rsync for each item; CommandError on a failure, after
-    putting back (or naming) what was moved aside."""
-    for directory in plan.make:
+def _make_private(path: str, owner: int | None) -> _Private:
+    """Create ``path`` as a private directory, open it without following links, and prove it is the one made.
+
+    ``owner``: through sudo, the uid the directory it is made in must
+    belong to, checked on the opened directory (not its name) so a
+    directory swapped in since planning is refused.
+    """
+    where, name = posixpath.split(path)
+    try:
+        parent_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StepError(f"cannot create {path}: {where}: {exc.strerror}; nothing was restored", step="restore") from exc
+    try:
+        parent = os.fstat(parent_fd)
+        if owner is not None and parent.st_uid != owner:
+            raise StepError(f"{where} is no longer yours (owner uid {parent.st_uid}): nothing was restored", step="restore")
         try:
-            _make_directory(directory, like_parent=directory in plan.beside)
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
         except OSError as exc:
-            raise StepError(f"cannot create {directory}: {exc.strerror}; {_done(plan, None)}", step="restore") from exc
-    for item in plan.items:
-        if item.aside is not None:
-            try:
-                os.rename(item.result, item.aside)
-            except OSError as exc:
-                raise StepError(
-                    f"cannot move {item.result} aside to {item.aside}: {exc.strerror}; it is left as it was; "
-                    f"{_done(plan, item)}",
-                    step="restore",
-                ) from exc
-            say(f"moved the current {item.result} aside to {item.aside}")
-        argv = rsync.restore_argv(rsync=rsync_program, source=item.source, destination=item.destination)
+            raise StepError(f"cannot create {path}: {exc.strerror}; nothing was restored", step="restore") from exc
         try:
-            result = runner.run(argv, step="restore", exit_table=rsync.EXIT_TABLE, check=False)
-        except BaseException:
-            log.error("%s", _put_back(item, "the restore was stopped"))
-            raise
-        if result.kind in ("ok", "warning"):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        except OSError as exc:
+            raise StepError(f"{path} was replaced as soon as it was made: nothing was restored", step="restore") from exc
+    finally:
+        os.close(parent_fd)
+    made = os.fstat(fd)
+    if made.st_uid != os.geteuid() or stat.S_IMODE(made.st_mode) & 0o077 or os.listdir(fd):
+        os.close(fd)
+        raise StepError(f"{path} was replaced as soon as it was made: nothing was restored", step="restore")
+    return _Private(path, fd, parent)
+
+
+def _hand_over(private: _Private) -> str | None:
+    """Give the finished directory the owner and mode of the one it is in, and close it; what failed, or None."""
+    try:
+        if os.geteuid() == 0:
+            os.fchown(private.fd, private.parent.st_uid, private.parent.st_gid)
+        os.fchmod(private.fd, stat.S_IMODE(private.parent.st_mode) & 0o3777)
+    except OSError as exc:
+        return f"{private.path} keeps mode 0700 and owner uid {os.geteuid()}: setting its owner and mode failed: {exc.strerror}"
+    finally:
+        os.close(private.fd)
+    return None
+
+
+def _move_aside(item: Item) -> Item:
+    """Rename what is at ``item.result`` to its aside name, or the next free one when that name
+    appeared since planning: never over anything (the item, with the name used)."""
+    if item.aside is None:
+        return item
+    for candidate in _numbered(item.aside, "."):
+        try:
+            rename_noreplace(item.result, candidate)
+        except FileExistsError:
             continue
-        why = f"rsync failed ({result.meaning}): {' | '.join(result.stderr_tail[-2:]) or 'no error output'}"
-        raise CommandError(_put_back(item, why), argv=result.argv, returncode=result.returncode, stderr_tail=result.stderr_tail, step="restore")
+        return dataclasses.replace(item, aside=candidate)
+    raise FileExistsError(errno.EEXIST, "no free name beside it; clean up earlier restores", item.aside)
+
+
+def execute(
+    plan: Plan, runner: Runner, rsync_program: str, *, say: Callable[[str], None], caller: int | None = None
+) -> None:
+    """Create the directories, move aside, run rsync for each item; CommandError on a failure, after
+    putting back (or naming) what was moved aside.
+
+    A new ``restored-<snapshot>`` is written only through its descriptor
+    (:class:`_Private`); ``caller`` (through sudo) is who must own the
+    directory it is made in.
+    """
+    private: dict[str, _Private] = {}
+    try:
+        for directory in plan.make:
+            if directory in plan.beside:
+                private[directory] = _make_private(directory, caller)
+                continue
+            try:
+                os.mkdir(directory, 0o700)
+            except OSError as exc:
+                raise StepError(f"cannot create {directory}: {exc.strerror}; {_done(plan, None)}", step="restore") from exc
+        for planned in plan.items:
+            _restore_one(plan, planned, runner, rsync_program, say, private)
+    except BaseException:
+        for held in private.values():
+            problem = _hand_over(held)
+            if problem is not None:
+                log.error("%s", problem)
+        raise
+    problems = [problem for problem in map(_hand_over, private.values()) if problem is not None]
+    if problems:
+        raise StepError("; ".join(problems), step="restore")
+
+
+def _restore_one(
+    plan: Plan, planned: Item, runner: Runner, rsync_program: str, say: Callable[[str], None], private: dict[str, _Private]
+) -> None:
+    try:
+        item = _move_aside(planned)
+    except OSError as exc:
+        raise StepError(
+            f"cannot move {planned.result} aside to {planned.aside}: {exc.strerror}; it is left as it was; {_done(plan, planned)}",
+            step="restore",
+        ) from exc
+    if item.aside is not None:
+        say(f"moved the current {item.result} aside to {item.aside}")
+    held = private.get(item.destination)
+    destination = f"/proc/self/fd/{held.fd}" if held is not None else item.destination
+    argv = rsync.restore_argv(rsync=rsync_program, source=item.source, destination=destination)
+    try:
+        result = runner.run(
+            argv, step="restore", exit_table=rsync.EXIT_TABLE, check=False, pass_fds=() if held is None else (held.fd,)
+        )
+    except BaseException:
+        log.error("%s", _put_back(item, "the restore was stopped"))
+        raise
+    if result.kind in ("ok", "warning"):
+        return
+    # rsync names what it wrote by the descriptor's path: show the directory's name instead.
+    tail = tuple(line.replace(destination, item.destination) for line in result.stderr_tail)
+    why = f"rsync failed ({result.meaning}): {' | '.join(tail[-2:]) or 'no error output'}"
+    raise CommandError(_put_back(item, why), argv=result.argv, returncode=result.returncode, stderr_tail=tail, step="restore")
 
 
 def _done(plan: Plan, failed: Item | None) -> str:
@@ -277,10 +388,10 @@ def _put_back(item: Item, why: str) -> str:
     """After a failed restore: what was moved aside goes back if nothing took its place; says where things are."""
     if item.aside is None:
         return why
-    if not os.path.lexists(item.result):
-        try:
-            os.rename(item.aside, item.result)
-        except OSError as exc:
-            return f"{why}; what was at {item.result} before is kept at {item.aside} (putting it back failed: {exc.strerror})"
-        return f"{why}; {item.result} was put back as it was"
-    return f"{why}; what was at {item.result} before is kept at {item.aside}, the unfinished restore is at {item.result}"
+    try:
+        rename_noreplace(item.aside, item.result)
+    except FileExistsError:
+        return f"{why}; what was at {item.result} before is kept at {item.aside}, the unfinished restore is at {item.result}"
+    except OSError as exc:
+        return f"{why}; what was at {item.result} before is kept at {item.aside} (putting it back failed: {exc.strerror})"
+    return f"{why}; {item.result} was put back as it was"

@@ -23,7 +23,8 @@ from agent import lock
 from agent.access import open_repository, read_only
 from agent.commands import Runner
 from agent.config import Disk, Settings
-from agent.errors import BusyError, DiskMissingError, RepositoryError, UsageError, WrongDiskError
+from agent.cli import main
+from agent.errors import EXIT_REPOSITORY, BusyError, DiskMissingError, RepositoryError, UsageError, WrongDiskError
 from agent.repository import Repository
 from tests.test_disk import NAME, Rig, _assert_closed, make_disk, rig  # noqa: F401  (rig is the fixture used here)
 
@@ -179,3 +180,35 @@ def test_a_running_backup_keeps_the_disk_closed(rig: Rig) -> None:
                 pytest.fail("the body must not run")
     _assert_closed(rig)
     assert rig.calls() == []
+
+
+READING = [
+    ["list", "{missing}"],
+    ["versions", "--repository", "{missing}", "/x"],
+    ["diff", "--repository", "{missing}"],
+    ["restore", "--repository", "{missing}", "/x"],
+    ["verify", "--repository", "{missing}"],
+]
+
+
+@pytest.mark.parametrize("argv", READING, ids=[a[0] for a in READING])
+def test_a_missing_repository_is_one_line_naming_no_backup_step(
+    tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing"
+    assert main([part.format(missing=missing) for part in argv]) == EXIT_REPOSITORY
+    assert capsys.readouterr().err == f"backup-agent: {missing} does not exist: give an existing repository\n"
+    assert not missing.exists()
+
+
+def test_the_backup_still_names_its_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same error from Repository.open, met by the cycle, keeps the cycle's step."""
+    repo = tmp_path / "repo"
+    Repository.create(str(repo))
+    (repo / ".backup-agent.toml").write_bytes(b"\xff not a marker\n")
+    (tmp_path / "source").mkdir()
+    capsys.readouterr()
+    assert main(["backup", "--no-sudo", "-q", str(tmp_path / "source"), str(repo)]) == EXIT_REPOSITORY
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"backup-agent: prepare failed: {repo}/.backup-agent.toml: cannot read the repository marker"), err

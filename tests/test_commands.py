@@ -51,6 +51,23 @@ def test_environment_is_clean_plus_what_is_given(monkeypatch: pytest.MonkeyPatch
     assert seen == {**clean_environment(), "BACKUP_AGENT_STEP": "before_backup"}
 
 
+def test_passed_descriptors_reach_the_child_and_no_other_does(tmp_path: Path) -> None:
+    """A directory opened here is written through ``/proc/self/fd/N`` in the child, whatever its name is now."""
+    (tmp_path / "d").mkdir()
+    passed = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+    kept = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(tmp_path / "d", tmp_path / "renamed")
+        script = f"echo via-fd > /proc/self/fd/{passed}/written; if ls /proc/self/fd/{kept} >/dev/null 2>&1; then echo leaked; fi"
+        lines: list[str] = []
+        Runner().run(["/bin/sh", "-c", script], step="t", pass_fds=(passed,), on_stdout=lines.append)
+    finally:
+        os.close(passed)
+        os.close(kept)
+    assert (tmp_path / "renamed" / "written").read_text() == "via-fd\n"
+    assert lines == []
+
+
 def test_timeout_stops_the_command_and_what_it_started(tmp_path: Path) -> None:
     marker = tmp_path / "child-alive"
     script = f"(sleep 2; touch {marker}) & sleep 5"

@@ -10,11 +10,13 @@ itself only notices a change of content by size and time.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,7 +27,7 @@ from hypothesis import strategies as st
 
 from agent import history
 from agent.cli import main
-from agent.errors import UsageError
+from agent.errors import RepositoryError, UsageError
 from agent.repository import Repository
 
 pytestmark = pytest.mark.integration
@@ -274,3 +276,36 @@ def test_pick_pair(workdir: Path) -> None:
         history.pick_pair(snaps, snaps[2].name, None)
     with pytest.raises(UsageError, match="diff needs two snapshots; the repository holds 1"):
         history.pick_pair(snaps[:1], None, None)
+
+
+@pytest.fixture
+def no_xattr_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory whose filesystem says xattrs are "not supported": an empty mount point of a private
+    sysfs mount (tmpfs, ext2/4, ramfs, bpf and tracefs here list xattrs, even when there are none, and
+    vfat is not in this kernel)."""
+    if os.geteuid() != 0:
+        pytest.skip(reason="needs root to mount a filesystem: run the suite as root")
+    point = tmp_path / "sys"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "sysfs", "sysfs", str(point)], check=True)
+    try:
+        found = [point / p for p in ("kernel/debug", "kernel/tracing", "fs/bpf", "fs/pstore") if (point / p).is_dir()]
+        if not found:
+            pytest.skip(reason="this kernel's sysfs has none of the empty mount points that say xattrs are unsupported")
+        yield found[0]
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_xattrs_are_none_only_where_the_filesystem_has_none(no_xattr_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(OSError) as unsupported:
+        os.listxattr(no_xattr_dir)
+    assert unsupported.value.errno == errno.EOPNOTSUPP  # what the filter is for, for real
+    assert history._xattrs(str(no_xattr_dir)) == {}
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    os.setxattr(plain, "user.comment", b"kept")
+    assert history._xattrs(str(plain)) == {"user.comment": b"kept"}
+    # Any other failure is one line naming the entry, not "no xattrs" (here: it vanished).
+    with pytest.raises(RepositoryError, match=rf"^cannot read the extended attributes of {tmp_path}/gone: No such file or directory$"):
+        history._xattrs(str(tmp_path / "gone"))

@@ -12,17 +12,21 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from agent import config as configuration
 from agent import history
 from agent.cli import build_parser, main, through_sudo_refusal
-from agent.errors import EXIT_STEP_FAILED, EXIT_USAGE, UsageError
+from agent.commands import Runner
+from agent.errors import EXIT_STEP_FAILED, EXIT_USAGE, StepError, UsageError
 from agent.repository import Repository
-from agent.restore import Plan, Target, caller_refusal, choose, may_search, plan_restore
+from agent.restore import Plan, Target, caller_refusal, choose, execute, may_search, plan_restore
 from agent.rsync import restore_argv
 from tests.conftest import requires_root
 from tests.test_snapshot_fidelity import build_source, config  # noqa: F401  (config is a fixture)
@@ -342,3 +346,194 @@ def test_through_sudo_restore_only_into_the_callers_directories_and_what_they_co
     plan, targets = plan_for(source / "deep" / "er")
     refusal = caller_refusal(plan, targets, caller, [caller])
     assert refusal is not None and refusal.startswith(f"in snapshot {snaps[-1].name}, {source}/deep did not let you in")
+
+
+# -- through sudo, against a caller who swaps the new directory -------------------------
+
+# The caller's side of the race, as the caller: each real restored-* directory
+# that appears is renamed away and a symbolic link to root's directory put in
+# its place (rename(2) and symlink(2) through mv and ln). Prints how many
+# swaps it made.
+ATTACKER = """\
+home=$1 victim=$2 stop=$3 swaps=0
+while [ ! -e "$stop" ]; do
+    for found in "$home"/restored-*; do
+        if [ -d "$found" ] && [ ! -L "$found" ]; then
+            mv "$found" "$home/moved-$swaps" && ln -s "$victim" "$found" && swaps=$((swaps + 1))
+        fi
+    done
+done
+echo "$swaps"
+"""
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory another user can enter (pytest's tmp_path is root's 0700 as root)."""
+    base = Path(tempfile.mkdtemp(prefix="backup-agent-race-"))
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+@requires_root
+@pytest.mark.integration
+def test_through_sudo_root_never_writes_where_the_caller_swaps_the_new_directory(
+    shared_tmp: Path, tmp_path: Path, trusted_dir: Path, config: Path, rsync_path: str,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Root restores through sudo into the caller's directory while the caller (a real process of
+    another uid) keeps replacing ``restored-*`` with a link to a directory of root's. rsync here is
+    the real one behind a stand-in that waits first (a root-owned script in the trusted directory),
+    so the caller has time to swap before anything is written."""
+    caller = 4321  # no account needed: sudo's SUDO_UID is all the door reads
+    home = shared_tmp / "home"
+    home.mkdir(mode=0o755)
+    os.chmod(home, 0o755)
+    (home / "thesis.tex").write_text("the thesis\n")
+    (home / "docs").mkdir()
+    (home / "docs" / "notes").write_text("notes\n")
+    (home / "old" / "deep").mkdir(parents=True)
+    (home / "old" / "deep" / "draft").write_text("draft\n")
+    for path in (home, home / "thesis.tex", home / "docs", home / "docs" / "notes", home / "old", home / "old" / "deep", home / "old" / "deep" / "draft"):
+        os.chown(path, caller, caller)
+    victim = shared_tmp / "victim"  # root's, like /etc
+    victim.mkdir()
+    (victim / "passwd").write_text("root's own\n")
+    untouched = describe(victim)
+    repo = tmp_path / "repo"
+    backup(home, repo, config)
+    shutil.rmtree(home / "old")  # its directories are made again, inside the new directory
+
+    # rsync 3.5 refuses, by itself, a link the caller owns in the destination path; the rsync most
+    # systems have (3.2, 3.4) follows it. The stand-in asks for the older behaviour when the option
+    # exists, so the test holds for every rsync.
+    options = subprocess.run([rsync_path, "--help"], capture_output=True, text=True, check=True).stdout
+    older = " --insecure-links" if "--insecure-links" in options else ""
+    slow = trusted_dir / "slow-rsync"
+    slow.write_text(f"#!/bin/sh\nsleep 0.2\nexec {rsync_path}{older} \"$@\"\n")
+    slow.chmod(0o755)
+    (trusted_dir / "etc").mkdir(mode=0o755)
+    system = trusted_dir / "etc" / "config.toml"
+    system.write_text(f'[backup]\nrepository = "{repo}"\nionice = "none"\nnice = 0\n[commands]\nrsync = "{slow}"\n')
+    system.chmod(0o644)
+    monkeypatch.setattr(configuration, "SYSTEM_CONFIG", str(system))
+    monkeypatch.setenv("SUDO_UID", str(caller))
+    monkeypatch.setenv("SUDO_GID", str(caller))
+
+    stop = shared_tmp / "stop"
+    attacker = subprocess.Popen(
+        ["/bin/sh", "-c", ATTACKER, "attacker", str(home), str(victim), str(stop)],
+        user=caller, group=caller, extra_groups=[], stdout=subprocess.PIPE, text=True,
+    )
+    statuses = []
+    try:
+        for _ in range(3):
+            capsys.readouterr()
+            status = main(["restore", "-q", str(home / "thesis.tex"), str(home / "docs"), str(home / "old" / "deep" / "draft")])
+            err = capsys.readouterr().err
+            statuses.append(status)
+            if status != 0:
+                assert err.count("\n") == 1 and err.startswith("backup-agent: restore failed: "), err
+            assert describe(victim) == untouched
+    finally:
+        stop.touch()
+        try:
+            swaps, _ = attacker.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            attacker.kill()
+            raise
+    assert attacker.returncode == 0 and int(swaps) >= 1, swaps
+    # What was restored went into root's own new directories, handed to the caller at the end.
+    restored = [p for p in home.iterdir() if not p.is_symlink() and (p / "thesis.tex").exists()]
+    assert len(restored) == statuses.count(0) and statuses.count(0) >= 1, (statuses, sorted(os.listdir(home)))
+    for directory in restored:
+        info = os.lstat(directory)
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (caller, caller, 0o755)
+        assert (directory / "thesis.tex").read_text() == "the thesis\n"
+        assert (directory / "docs" / "notes").read_text() == "notes\n"
+        assert (directory / "old" / "deep" / "draft").read_text() == "draft\n"
+        assert os.lstat(directory / "old" / "deep").st_uid == caller  # as it was in the snapshot
+
+
+@requires_root
+@pytest.mark.integration
+def test_through_sudo_a_directory_that_is_no_longer_the_callers_gets_nothing(
+    source: Path, tmp_path: Path, config: Path, rsync_path: str
+) -> None:
+    """The owner is checked again on the opened directory, after planning: a swap in between is caught."""
+    repo = tmp_path / "repo"
+    backup(source, repo, config)
+    caller = 4321
+    os.chown(source, caller, caller)
+    snaps = history.snapshots(Repository.open(str(repo)))
+    targets = [choose(snaps, str(source / "plain.txt"), snapshot=None, at=None)]
+    plan = plan_restore(targets, to=None, in_place=False, now=NOW, exists=os.path.lexists, is_dir=os.path.isdir)
+    assert caller_refusal(plan, targets, caller, [caller]) is None
+    os.chown(source, 0, 0)  # as if another directory had been put in its place
+    listing = sorted(os.listdir(source))
+    with pytest.raises(StepError, match=rf"^{source} is no longer yours \(owner uid 0\): nothing was restored$"):
+        execute(plan, Runner(), rsync_path, say=print, caller=caller)
+    assert sorted(os.listdir(source)) == listing
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("what", ["file", "empty directory"])
+def test_in_place_never_moves_aside_over_a_name_that_appeared_after_planning(
+    source: Path, tmp_path: Path, config: Path, rsync_path: str, what: str
+) -> None:
+    """A plain rename would replace the newcomer (a file by a file, an empty directory by a directory)."""
+    repo = tmp_path / "repo"
+    backup(source, repo, config)
+    path = source / ("plain.txt" if what == "file" else "empty-dir")
+    if what == "file":
+        path.write_text("edited since\n")
+    else:
+        (path / "new").write_text("added since\n")
+    snaps = history.snapshots(Repository.open(str(repo)))
+    plan = plan_restore(
+        [choose(snaps, str(path), snapshot=None, at=None)],
+        to=None, in_place=True, now=NOW, exists=os.path.lexists, is_dir=os.path.isdir,
+    )
+    (item,) = plan.items
+    assert item.aside is not None
+    newcomer = Path(item.aside)
+    if what == "file":
+        newcomer.write_text("someone else's\n")
+    else:
+        newcomer.mkdir()
+    said: list[str] = []
+    execute(plan, Runner(), rsync_path, say=said.append)
+    assert said == [f"moved the current {path} aside to {item.aside}.2"]
+    if what == "file":
+        assert newcomer.read_text() == "someone else's\n"
+        assert Path(f"{item.aside}.2").read_text() == "edited since\n"
+        assert path.read_text() == "plain\n"
+    else:
+        assert newcomer.is_dir() and os.listdir(newcomer) == []
+        assert os.listdir(f"{item.aside}.2") == ["new"]
+        assert path.is_dir() and os.listdir(path) == []
+
+
+@pytest.mark.integration
+def test_a_new_directory_is_handed_over_also_when_rsync_fails(
+    small_fs: Path, tmp_path: Path, config: Path, rsync_path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = small_fs / "src"
+    source.mkdir(mode=0o750)
+    os.chmod(source, 0o750)
+    (source / "big").write_bytes(os.urandom(1_200_000))
+    repo = tmp_path / "repo"
+    name = backup(source, repo, config)
+    os.chown(source, 4321, 4322)
+    (source / "big").unlink()  # deleted since: restored beside, where it no longer fits
+    (small_fs / "filler").write_bytes(b"\0" * 1_000_000)
+    capsys.readouterr()
+    assert restore(config, repo, str(source / "big")) == EXIT_STEP_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("backup-agent: restore failed: rsync failed")
+    assert f'write failed on "{source}/restored-{name}/big": No space left on device' in err, err
+    info = os.lstat(source / f"restored-{name}")
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (4321, 4322, 0o750)
