@@ -323,7 +323,8 @@ def execute(
 
     A new ``restored-<snapshot>`` is written only through its descriptor
     (:class:`_Private`); ``caller`` (through sudo) is who must own the
-    directory it is made in.
+    directory it is made in, and gets no setuid/setgid bits or file
+    capabilities with what is restored.
     """
     private: dict[str, _Private] = {}
     try:
@@ -336,7 +337,7 @@ def execute(
             except OSError as exc:
                 raise StepError(f"cannot create {directory}: {exc.strerror}; {_done(plan, None)}", step="restore") from exc
         for planned in plan.items:
-            _restore_one(plan, planned, runner, rsync_program, say, private)
+            _restore_one(plan, planned, runner, rsync_program, say, private, hand_out=caller is not None)
     except BaseException:
         for held in private.values():
             problem = _hand_over(held)
@@ -349,7 +350,14 @@ def execute(
 
 
 def _restore_one(
-    plan: Plan, planned: Item, runner: Runner, rsync_program: str, say: Callable[[str], None], private: dict[str, _Private]
+    plan: Plan,
+    planned: Item,
+    runner: Runner,
+    rsync_program: str,
+    say: Callable[[str], None],
+    private: dict[str, _Private],
+    *,
+    hand_out: bool,
 ) -> None:
     try:
         item = _move_aside(planned)
@@ -362,7 +370,7 @@ def _restore_one(
         say(f"moved the current {item.result} aside to {item.aside}")
     held = private.get(item.destination)
     destination = f"/proc/self/fd/{held.fd}" if held is not None else item.destination
-    argv = rsync.restore_argv(rsync=rsync_program, source=item.source, destination=destination)
+    argv = rsync.restore_argv(rsync=rsync_program, source=item.source, destination=destination, hand_out=hand_out)
     try:
         result = runner.run(
             argv, step="restore", exit_table=rsync.EXIT_TABLE, check=False, pass_fds=() if held is None else (held.fd,)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from typing import Final, Iterable, Sequence
 
 from .commands import ExitTable
 
@@ -450,13 +450,22 @@ def exclude_repository_rule(source: str, repository: str) -> tuple[str, ...]:
     return (f"--exclude={_literal('/' + relative)}",)
 
 
-def restore_argv(*, rsync: str, source: str, destination: str, dry_run: bool = False) -> tuple[str, ...]:
+# What a restore through sudo leaves out: it hands files to the caller, who
+# must not get root's powers with them (an old setuid-root program, or one
+# with file capabilities).
+HAND_OUT_OPTIONS: Final = ("--chmod=ug-s", "--filter=-x security.capability")
+
+
+def restore_argv(
+    *, rsync: str, source: str, destination: str, dry_run: bool = False, hand_out: bool = False
+) -> tuple[str, ...]:
     """The argv that copies ``source`` out of a snapshot into ``destination`` with every attribute (pure).
 
     ``source`` is ``<snapshot>/<where>/./<path>``: with ``--relative`` rsync
     recreates ``<path>`` below ``destination``, its directories with the
     snapshot's owners, modes and times. Without a trailing slash a directory
-    is copied as itself, and a symbolic link as a link.
+    is copied as itself, and a symbolic link as a link. ``hand_out`` (through
+    sudo): without setuid/setgid bits and file capabilities.
     """
     if not rsync:
         raise ValueError("the rsync program must not be empty")
@@ -465,6 +474,8 @@ def restore_argv(*, rsync: str, source: str, destination: str, dry_run: bool = F
     if "/./" not in source:
         raise ValueError(f"source {source!r} must mark where the restored path starts with /./")
     argv = [rsync, *BASE_OPTIONS, "--relative"]
+    if hand_out:
+        argv += HAND_OUT_OPTIONS
     if dry_run:
         argv.append("--dry-run")
     return (*argv, source.rstrip("/") if not source.endswith("/./") else source, _with_slash(destination))

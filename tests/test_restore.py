@@ -479,6 +479,45 @@ def test_through_sudo_a_directory_that_is_no_longer_the_callers_gets_nothing(
     assert sorted(os.listdir(source)) == listing
 
 
+# vfs_cap_data, revision 2: cap_net_raw permitted and effective (as `setcap cap_net_raw+ep` writes it)
+CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")
+
+
+@requires_root
+@pytest.mark.integration
+def test_through_sudo_a_restored_program_brings_no_setuid_bit_or_capability(
+    source: Path, tmp_path: Path, config: Path, rsync_path: str
+) -> None:
+    """What is handed to the caller must not carry root's powers; a root shell's restore keeps them."""
+    program = source / "tool"
+    program.write_bytes(b"#!/bin/sh\n")
+    os.chmod(program, 0o6755)
+    os.setxattr(program, "security.capability", CAPABILITY)
+    os.setxattr(program, "user.kept", b"yes")
+    repo = tmp_path / "repo"
+    backup(source, repo, config)
+    caller = 4321
+    os.chown(source, caller, caller)
+    snaps = history.snapshots(Repository.open(str(repo)))
+
+    def restored(by: int | None) -> Path:
+        plan = plan_restore(
+            [choose(snaps, str(program), snapshot=None, at=None)],
+            to=None, in_place=False, now=NOW, exists=os.path.lexists, is_dir=os.path.isdir,
+        )
+        execute(plan, Runner(), rsync_path, say=print, caller=by)
+        (item,) = plan.items
+        return Path(item.result)
+
+    handed = restored(caller)
+    assert stat.S_IMODE(os.lstat(handed).st_mode) == 0o755
+    assert "security.capability" not in os.listxattr(handed)
+    assert os.getxattr(handed, "user.kept") == b"yes"
+    as_root = restored(None)
+    assert stat.S_IMODE(os.lstat(as_root).st_mode) == 0o6755
+    assert os.getxattr(as_root, "security.capability") == CAPABILITY
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("what", ["file", "empty directory"])
 def test_in_place_never_moves_aside_over_a_name_that_appeared_after_planning(
