@@ -53,7 +53,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so errors stay one line."""
 
     def error(self, message: str) -> Any:
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+        # The CLI prefixes every error line with "backup-agent: "; name the subcommand only.
+        command = self.prog.removeprefix("backup-agent").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
 
 
 def _count(text: str) -> Count:

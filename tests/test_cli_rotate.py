@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 
 from agent.cli import main
+from agent.errors import EXIT_USAGE
 from agent.repository import Repository
 from agent.rotation import Scheme
 from tests.test_rotation import Oracle, name_sets, peers_python, schemes, weeks_agree, with_newest_kept
@@ -86,3 +87,18 @@ def test_an_empty_scheme_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert status == 2
     assert "would delete every snapshot but the newest" in capsys.readouterr().err
     assert os.listdir(repo.snapshots_dir) == ["2026-11-22T13-00-00+0100"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["list", "--bogus"], "backup-agent: unrecognized arguments: --bogus (see backup-agent --help)"),
+        (["restore"], "backup-agent: restore: the following arguments are required: PATH (see backup-agent restore --help)"),
+        (["--bogus"], "backup-agent: unrecognized arguments: --bogus (see backup-agent --help)"),
+    ],
+)
+def test_a_command_line_error_is_one_line_with_one_prefix(
+    argv: list[str], line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == EXIT_USAGE
+    assert capsys.readouterr().err == line + "\n"
