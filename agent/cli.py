@@ -307,7 +307,8 @@ class JournalFormatter(logging.Formatter):
         return f"<{priority}>{record.getMessage()}"
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool) -> logging.Handler:
+    """The one handler of the "agent" logger for this command (main removes it when the command ends)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     # systemd sets JOURNAL_STREAM when stderr is the journal (the user unit).
@@ -319,6 +320,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    return handler
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -816,6 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     signals = _Signals()
     restore = signals.install()
+    handler: logging.Handler | None = None
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -825,13 +828,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             refusal = through_sudo_refusal(args, parser)
             if refusal is not None:
                 raise UsageError(refusal)
-        _setup_logging(args.verbose, args.quiet)
+        handler = _setup_logging(args.verbose, args.quiet)
         return COMMANDS[args.command](args)
     except BackupAgentError as exc:
         print(("<3>" if os.environ.get("JOURNAL_STREAM") else "") + _error_line(exc), file=sys.stderr)
         return exc.exit_code
     finally:
         restore()
+        if handler is not None:
+            # Its stream was this command's stderr: a later caller in the same
+            # process (the tests run many commands) may have another.
+            logging.getLogger("agent").removeHandler(handler)
 
 
 def _error_line(exc: BackupAgentError) -> str:

@@ -9,6 +9,7 @@ nothing while a real run deletes exactly the plan.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -102,3 +103,10 @@ def test_a_command_line_error_is_one_line_with_one_prefix(
 ) -> None:
     assert main(argv) == EXIT_USAGE
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_command_leaves_no_log_handler_on_its_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Tests run many commands in one process, each with its own captured stderr."""
+    assert main(["list", str(tmp_path / "missing")]) != 0
+    assert capsys.readouterr().err.startswith("backup-agent: ")
+    assert not [h for h in logging.getLogger("agent").handlers if type(h) is logging.StreamHandler]
