@@ -312,9 +312,7 @@ class Cycle:
             done["mounted_now"] = mounted_now[0]
         stack.callback(self._set_step, "unmount")
         with self._step("verify", repository=disk.repository) as done:
-            disks.verify_mount(disk)
-            marker = Repository.open(disk.repository).marker if classify(disk.repository) == "repository" else None
-            disks.check_marker(disk, marker, disks.recorded_id(settings, disk), socket.gethostname())
+            marker = disks.verify_identity(disk, settings)
             done["id"] = marker.id if marker else None
         return True
 
