@@ -283,10 +283,7 @@ class Cycle:
             done["present"] = device is not None
             done["device"] = device
         if device is None:
-            message = (
-                f"backup disk {disk.name} is not attached (looked for the LUKS partition with UUID {disk.luks_uuid}): "
-                "plug it in; `blkid` lists the UUIDs of attached disks"
-            )
+            message = disks.not_attached(disk)
             if self.request.interactive:
                 raise DiskMissingError(message, step="disk")
             log.info("%s", message)
