@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
-import socket
 from typing import Callable, Iterator
 
 from . import disk as disks
@@ -30,7 +29,7 @@ from . import lock
 from .commands import Runner
 from .config import Disk, Settings
 from .errors import DiskMissingError, RepositoryError, UsageError
-from .repository import Repository, classify
+from .repository import Repository
 
 
 def open_to_read(root: str) -> Repository:
@@ -98,7 +97,5 @@ def _open_disk(
         raise DiskMissingError(disks.not_attached(disk), step="disk")
     stack.enter_context(disks.unlocked(disk, settings, runner, warn))
     stack.enter_context(disks.mounted(read_only(disk), settings, runner, warn))
-    disks.verify_mount(disk)
-    marker = open_to_read(disk.repository).marker if classify(disk.repository) == "repository" else None
-    disks.check_marker(disk, marker, disks.recorded_id(settings, disk), socket.gethostname())
+    disks.verify_identity(disk, settings)
     return open_to_read(disk.repository)

@@ -19,7 +19,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Iterable, Mapping, NoReturn, Sequence
+from typing import Any, Final, Iterable, Literal, Mapping, NoReturn, Sequence, overload
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -1143,7 +1143,12 @@ def _owner_mode_problem(name: str, info: os.stat_result) -> str | None:
     return None
 
 
+@overload
+def _lstat_component(name: str, *, missing_ok: Literal[False]) -> os.stat_result: ...
+@overload
+def _lstat_component(name: str, *, missing_ok: bool) -> os.stat_result | None: ...
 def _lstat_component(name: str, *, missing_ok: bool) -> os.stat_result | None:
+    """lstat; None only when ``missing_ok`` and the name does not exist."""
     try:
         return os.lstat(name)
     except FileNotFoundError:
@@ -1170,6 +1175,10 @@ def _root_symlink(name: str, info: os.stat_result) -> None:
         raise _Distrust(f"{name} is a symbolic link owned by uid {info.st_uid}, not root")
 
 
+@overload
+def _walk_trusted(path: str, *, missing_ok: Literal[False] = False) -> tuple[str, os.stat_result]: ...
+@overload
+def _walk_trusted(path: str, *, missing_ok: bool) -> tuple[str, os.stat_result] | None: ...
 def _walk_trusted(path: str, *, missing_ok: bool = False) -> tuple[str, os.stat_result] | None:
     """The regular file ``path`` leads to, and its lstat, if only root can have put it there.
 
@@ -1191,7 +1200,6 @@ def _walk_trusted(path: str, *, missing_ok: bool = False) -> tuple[str, os.stat_
         else:
             _check_component(path, info, last=True)
     root = _lstat_component("/", missing_ok=False)
-    assert root is not None
     _check_component("/", root, last=False)
     current = "/"
     pending = [part for part in path.split("/") if part]
@@ -1223,7 +1231,6 @@ def _walk_trusted(path: str, *, missing_ok: bool = False) -> tuple[str, os.stat_
         _check_component(name, found, last=not pending)
         current = name
     final = _lstat_component(current, missing_ok=False)
-    assert final is not None
     _check_component(current, final, last=True)  # a path that ends in ".." is a directory
     return current, final
 
@@ -1244,7 +1251,6 @@ def _trusted_stat(path: str) -> tuple[str, os.stat_result]:
         if distrust.problem.startswith("cannot examine "):
             _fail(path, None, f"{distrust.problem}; expected a readable path")
         _untrusted(path, distrust.problem)
-    assert found is not None
     return found
 
 

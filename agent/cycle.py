@@ -283,10 +283,7 @@ class Cycle:
             done["present"] = device is not None
             done["device"] = device
         if device is None:
-            message = (
-                f"backup disk {disk.name} is not attached (looked for the LUKS partition with UUID {disk.luks_uuid}): "
-                "plug it in; `blkid` lists the UUIDs of attached disks"
-            )
+            message = disks.not_attached(disk)
             if self.request.interactive:
                 raise DiskMissingError(message, step="disk")
             log.info("%s", message)
@@ -312,9 +309,7 @@ class Cycle:
             done["mounted_now"] = mounted_now[0]
         stack.callback(self._set_step, "unmount")
         with self._step("verify", repository=disk.repository) as done:
-            disks.verify_mount(disk)
-            marker = Repository.open(disk.repository).marker if classify(disk.repository) == "repository" else None
-            disks.check_marker(disk, marker, disks.recorded_id(settings, disk), socket.gethostname())
+            marker = disks.verify_identity(disk, settings)
             done["id"] = marker.id if marker else None
         return True
 

@@ -438,7 +438,7 @@ class Agent:
             self._notify_status()
             interval = watchdog_interval()
             if interval is not None and self._notifier.enabled:
-                self._watchdog(interval)
+                self._watchdog(loop, interval)
             log.info("watching for %s", ", ".join(self._disk_names) or "no disk")
             await stop.wait()
         finally:
@@ -472,10 +472,9 @@ class Agent:
         self._loop = None
         self._notifier.close()
 
-    def _watchdog(self, interval: float) -> None:
+    def _watchdog(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         self._notifier.send("WATCHDOG=1")
-        assert self._loop is not None
-        self._watchdog_timer = self._loop.call_later(interval, self._watchdog, interval)
+        self._watchdog_timer = loop.call_later(interval, self._watchdog, loop, interval)
 
     # -- Controller -----------------------------------------------------------------------
 
@@ -712,6 +711,9 @@ class Agent:
     # -- the cycle -------------------------------------------------------------------------------
 
     def _start(self, name: str, reason: str) -> None:
+        loop = self._loop
+        if loop is None:  # triggers come from udev, timers and D-Bus, all served by run(): a bug
+            raise RuntimeError(f"the backup of {name} was to start outside Agent.run")
         cycle = _Cycle(disk=name, reason=reason, started=self._clock(), started_monotonic=time.monotonic())
         self._cycle = cycle
         self._status.disk = name
@@ -724,15 +726,15 @@ class Agent:
         # started would otherwise be told as a first backup ever.
         self._refresh()
         self._tell("backup_started", name, reason)
-        if self._options.inhibit is None:
-            self._spawn(cycle)
-        else:
-            assert self._loop is not None
-            cycle.launch = self._loop.create_task(self._inhibit_then_spawn(cycle))
-
-    async def _inhibit_then_spawn(self, cycle: _Cycle) -> None:
         inhibit = self._options.inhibit
-        assert inhibit is not None
+        if inhibit is None:
+            self._spawn(loop, cycle)
+        else:
+            cycle.launch = loop.create_task(self._inhibit_then_spawn(loop, cycle, inhibit))
+
+    async def _inhibit_then_spawn(
+        self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, inhibit: Callable[[], Awaitable[object | None]]
+    ) -> None:
         try:
             cycle.inhibitor = await inhibit()
         except asyncio.CancelledError:
@@ -742,9 +744,9 @@ class Agent:
         if cycle is not self._cycle:  # the agent shut down meanwhile
             self._release_inhibitor(cycle)
             return
-        self._spawn(cycle)
+        self._spawn(loop, cycle)
 
-    def _spawn(self, cycle: _Cycle) -> None:
+    def _spawn(self, loop: asyncio.AbstractEventLoop, cycle: _Cycle) -> None:
         if cycle.stop_requested:
             self._finish(cycle, None, "stopped before it started")
             return
@@ -763,22 +765,23 @@ class Agent:
             self._finish(cycle, None, f"could not start the backup cycle ({argv[0]}): {exc.strerror or exc}")
             return
         cycle.process = process
-        assert self._loop is not None and process.stdout is not None and process.stderr is not None
+        if process.stdout is None or process.stderr is None:  # stdout=PIPE, stderr=PIPE give both: a bug
+            raise RuntimeError(f"the backup cycle (pid {process.pid}) was started without its output pipes")
         cycle.stdout_fd = process.stdout.fileno()
         cycle.stderr_fd = process.stderr.fileno()
         for fd in (cycle.stdout_fd, cycle.stderr_fd):
             os.set_blocking(fd, False)
-        self._loop.add_reader(cycle.stdout_fd, self._read, cycle, "stdout")
-        self._loop.add_reader(cycle.stderr_fd, self._read, cycle, "stderr")
+        loop.add_reader(cycle.stdout_fd, self._read, cycle, "stdout")
+        loop.add_reader(cycle.stderr_fd, self._read, cycle, "stderr")
         try:
             cycle.pidfd = os.pidfd_open(process.pid)
         except (AttributeError, OSError):
             cycle.pidfd = -1
         if cycle.pidfd >= 0:
-            self._loop.add_reader(cycle.pidfd, self._exited, cycle)
+            loop.add_reader(cycle.pidfd, self._exited, cycle, process)
         else:  # no pidfd (Linux before 5.3): a thread blocked in waitpid, not polling
-            waiter = self._loop.run_in_executor(None, process.wait)
-            waiter.add_done_callback(lambda _: self._exited(cycle))
+            waiter = loop.run_in_executor(None, process.wait)
+            waiter.add_done_callback(lambda _: self._exited(cycle, process))
         self._refresh()
 
     def _read(self, cycle: _Cycle, stream: str) -> None:
@@ -885,12 +888,10 @@ class Agent:
                 return
             self._tell("backup_failed", step if isinstance(step, str) else None, message, exit_code)
 
-    def _exited(self, cycle: _Cycle) -> None:
+    def _exited(self, cycle: _Cycle, process: "subprocess.Popen[bytes]") -> None:
         """The cycle's process ended: read what it left in the pipes, then conclude."""
         if cycle.finished or cycle is not self._cycle:
             return
-        process = cycle.process
-        assert process is not None
         if process.poll() is None:
             return  # not yet (a spurious wake-up)
         # Everything it wrote is in the pipes now; a child of it (a hook's
@@ -942,13 +943,7 @@ class Agent:
             self._status.progress = {}
             self._refresh()
             return
-        success = (
-            complete is not None
-            and not complete.get("skipped")
-            and returncode in (EXIT_OK, EXIT_PARTIAL)
-        )
-        if success:
-            assert complete is not None
+        if complete is not None and not complete.get("skipped") and returncode in (EXIT_OK, EXIT_PARTIAL):
             snapshot = complete.get("snapshot")
             # The snapshot is named after the cycle's start: the moment the
             # agent started it, on the agent's own clock.
@@ -971,8 +966,9 @@ class Agent:
                 message = failure
             elif complete is not None and complete.get("skipped"):
                 message = f"nothing done: {complete.get('skipped')}"
+            elif returncode is None:  # whoever ends a cycle that did not run gives the failure
+                message = "the backup cycle did not run"
             else:
-                assert returncode is not None
                 message = f"the backup cycle {_exit_description(returncode)}"
                 if cycle.stderr_tail:
                     message += f": {cycle.stderr_tail[-1]}"

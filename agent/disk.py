@@ -11,7 +11,8 @@ Two halves, as DESIGN.md asks:
 - Adapters doing I/O: :func:`find_device` asks ``blkid`` for the LUKS UUID;
   :func:`recorded_id`/:func:`record_id` keep each disk's repository id under
   the state directory; :func:`holders` names the processes that keep a mount
-  busy; and the two context managers :func:`unlocked` and :func:`mounted`.
+  busy; the two context managers :func:`unlocked` and :func:`mounted`; and
+  :func:`verify_identity`, which proves an opened disk is the right one.
 
 Every external program runs through :class:`~agent.commands.Runner`, and
 every step's result is checked on the system itself (the mapped device
@@ -23,7 +24,7 @@ only what it did itself. The caller enters :func:`unlocked`, then
     with contextlib.ExitStack() as stack:
         stack.enter_context(unlocked(disk, settings, runner, warn))
         stack.enter_context(mounted(disk, settings, runner, warn))
-        verify_mount(disk)
+        verify_identity(disk, settings)
         ...
 
 A filesystem is never locked while it is mounted, and never unmounted
@@ -40,6 +41,7 @@ import os
 import posixpath
 import re
 import shlex
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ from .config import SYSTEM_CONFIG, Commands, Disk, Settings
 from .errors import CommandError, DiskBusyError, DiskError, UnsafeKeyFileError, UsageError, WrongDiskError
 from .files import write_atomic
 from .mounts import MountEntry, read_mountinfo
-from .repository import Marker
+from .repository import Marker, Repository, classify
 
 
 class _HasMountPoint(Protocol):
@@ -1074,3 +1076,15 @@ def verify_mount(disk: Disk) -> MountEntry:
     root = device_number(os.stat("/").st_dev)
     mapped = mapped_rdev(disk, step="verify")
     return check_mount(dataclasses.replace(disk, mount_point=mount_point), read_mountinfo(), mapped, root)
+
+
+def verify_identity(disk: Disk, settings: Settings) -> Marker | None:
+    """Prove the opened disk is this one, before anything reads or writes it; returns the marker it checked.
+
+    The mount's source first (:func:`verify_mount`), then the repository's
+    marker against the id this machine recorded (:func:`check_marker`).
+    """
+    verify_mount(disk)
+    marker = Repository.open(disk.repository).marker if classify(disk.repository) == "repository" else None
+    check_marker(disk, marker, recorded_id(settings, disk), socket.gethostname())
+    return marker

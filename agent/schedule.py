@@ -183,6 +183,11 @@ def next_due(state: DiskState, policy: Policy, now: float) -> float | None:
     """
     if not state.attached:
         return None
+    return _due(state, policy, now)
+
+
+def _due(state: DiskState, policy: Policy, now: float) -> float:
+    """:func:`next_due` of an attached disk."""
     retry = _retry_due(state, policy, now)
     return retry if retry is not None else _regular_due(state, policy, now)
 
@@ -196,8 +201,7 @@ def _evaluate(state: DiskState, policy: Policy, now: float, *, resumed: bool) ->
         return _not_attached()
     if state.running:
         return Decision(False, "running", now)
-    due = next_due(state, policy, now)
-    assert due is not None  # attached
+    due = _due(state, policy, now)
     if now < due:
         return Decision(False, "not due", due)
     if resumed:

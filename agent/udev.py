@@ -224,7 +224,7 @@ class Monitor:
         if self._monitor is not None:
             raise RuntimeError("the udev monitor is already started")
         self._loop = loop
-        self._open()
+        self._open(loop)
         try:
             present = enumerate_present(self._context)
         except BaseException:
@@ -243,16 +243,15 @@ class Monitor:
         self._monitor = None
         self._fd = -1
 
-    def _open(self) -> None:
-        assert self._loop is not None
+    def _open(self, loop: asyncio.AbstractEventLoop) -> None:
         monitor = pyudev.Monitor.from_netlink(self._context, source="udev")
         monitor.filter_by(subsystem="block")
         monitor.start()  # receiving from here on; the socket is non-blocking
         self._monitor = monitor
         self._fd = monitor.fileno()
-        self._loop.add_reader(self._fd, self._readable)
+        loop.add_reader(self._fd, self._readable, loop)
 
-    def _readable(self) -> None:
+    def _readable(self, loop: asyncio.AbstractEventLoop) -> None:
         """The socket has events: handle those queued now, without blocking."""
         monitor = self._monitor
         for _ in range(_EVENTS_PER_WAKEUP):
@@ -266,17 +265,15 @@ class Monitor:
                 # forever): events were lost. Start over with a fresh socket
                 # and a fresh look at what is present.
                 log.warning("udev events were lost (%s): re-reading the devices present", error)
-                self._reopen()
+                self._reopen(loop)
                 return
             if device is None:
                 return
             self._report(self._tracker.feed(event_from_device(device)))
 
-    def _reopen(self) -> None:
-        loop = self._loop
+    def _reopen(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stop()
-        self._loop = loop
-        self._open()
+        self._open(loop)
         self._report(self._tracker.resync(enumerate_present(self._context)))
 
     def _report(self, changes: list[DiskSeen | DiskGone]) -> None:

@@ -473,6 +473,23 @@ def test_registers_again_when_the_watcher_restarts(session_bus: PrivateBus) -> N
 
 
 @pytest.mark.integration
+def test_close_gives_the_name_back_on_the_bus_it_was_given(session_bus: PrivateBus) -> None:
+    async def scenario() -> None:
+        async with tray_on(session_bus.address) as (icon, host, _):
+            bus_driver = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
+            assert await host.call(*bus_driver, "NameHasOwner", "s", [icon.name]) == [True]
+            icon.close()
+            icon.close()  # idempotent
+            assert icon.bus.connected  # the agent's connection: not the tray's to close
+            # ReleaseName is sent without waiting; a round trip on the same connection follows it
+            await icon.bus.call(Message(destination=bus_driver[0], path=bus_driver[1], interface=bus_driver[2],
+                                        member="GetId"))
+            assert await host.call(*bus_driver, "NameHasOwner", "s", [icon.name]) == [False]
+
+    run(scenario())
+
+
+@pytest.mark.integration
 def test_no_watcher_is_no_tray_and_no_error(session_bus: PrivateBus) -> None:
     async def scenario() -> None:
         with captured("agent.dbus.tray") as records:

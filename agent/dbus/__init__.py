@@ -7,8 +7,9 @@
 * :mod:`agent.dbus.logind`: the sleep inhibitor held during a cycle, and
   resume notices (``PrepareForSleep``) from the system bus.
 
-This module holds only names and the session bus address; it does not import
-dbus_fast, so importing it costs nothing.
+This module holds only names, the session bus address and the message for a
+call to the bus itself; it imports dbus_fast only when that message is made,
+so importing it costs nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 # Exit status of `backup-agent now`, `stop` and `status` when no agent answers
 # (none runs, no session bus, or it did not answer in time).
 from ..errors import EXIT_NO_AGENT as EXIT_NO_AGENT
+
+if TYPE_CHECKING:
+    from dbus_fast import Message
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +55,18 @@ def session_bus_address(environ: Mapping[str, str] | None = None) -> str | None:
         except OSError:
             pass
     return None
+
+
+def driver_call(member: str, signature: str, body: list[Any], *, no_reply: bool = False) -> Message:
+    """A call to the bus itself (org.freedesktop.DBus); ``no_reply``: to be sent, its answer not awaited."""
+    from dbus_fast import Message, MessageFlag  # here, so that importing this module loads no dbus_fast
+
+    return Message(
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member=member,
+        signature=signature,
+        body=body,
+        flags=MessageFlag.NO_REPLY_EXPECTED if no_reply else MessageFlag.NONE,
+    )

@@ -19,7 +19,7 @@ import math
 import time
 from typing import Annotated, Any, Callable, Mapping
 
-from dbus_fast import DBusError, Message, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant
+from dbus_fast import DBusError, MessageType, NameFlag, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusDict, DBusDouble, DBusInt64, DBusSignature, DBusStr
 from dbus_fast.constants import PropertyAccess
@@ -27,7 +27,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 
 from ..errors import EXIT_BUSY, BackupAgentError
 from ..state import AgentStatus, Controller, Listener
-from . import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, session_bus_address
+from . import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, driver_call, session_bus_address
 
 log = logging.getLogger(__name__)
 
@@ -398,17 +398,7 @@ class ControlService:
         if self._owns_bus:
             self.bus.disconnect()  # the bus daemon releases the name with the connection
             return
-        self.bus.send(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="ReleaseName",
-                signature="s",
-                body=[BUS_NAME],
-                flags=MessageFlag.NO_REPLY_EXPECTED,
-            )
-        )
+        self.bus.send(driver_call("ReleaseName", "s", [BUS_NAME], no_reply=True))
 
 
 async def serve(controller: Controller, bus: MessageBus | None = None) -> ControlService | None:
@@ -464,16 +454,7 @@ def _abandon(bus: MessageBus, interface: ControlInterface, owns_bus: bool) -> No
 async def _owner_pid(bus: MessageBus) -> int | None:
     """The pid of the connection that owns the name, when the bus will tell."""
     try:
-        reply = await bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="GetConnectionUnixProcessID",
-                signature="s",
-                body=[BUS_NAME],
-            )
-        )
+        reply = await bus.call(driver_call("GetConnectionUnixProcessID", "s", [BUS_NAME]))
     except Exception:
         return None
     if reply.message_type is not MessageType.METHOD_RETURN or reply.error_name or not reply.body:

@@ -31,8 +31,10 @@ import os
 from types import TracebackType
 from typing import Any, Callable
 
-from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
+
+from . import driver_call
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +78,6 @@ async def system_bus() -> MessageBus | None:
             _describe(exc),
         )
         return None
-
-
-def _driver_call(member: str, signature: str, body: list[Any], flags: MessageFlag = MessageFlag.NONE) -> Message:
-    """A call to the bus itself (org.freedesktop.DBus)."""
-    return Message(
-        destination="org.freedesktop.DBus",
-        path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus",
-        member=member,
-        signature=signature,
-        body=body,
-        flags=flags,
-    )
 
 
 async def _call(bus: MessageBus, message: Message) -> Message:
@@ -220,7 +209,7 @@ class SleepWatch:
         self._closed = True
         self.bus.remove_message_handler(self._handle)
         if self.bus.connected:
-            self.bus.send(_driver_call("RemoveMatch", "s", [PREPARE_FOR_SLEEP_RULE], MessageFlag.NO_REPLY_EXPECTED))
+            self.bus.send(driver_call("RemoveMatch", "s", [PREPARE_FOR_SLEEP_RULE], no_reply=True))
 
 
 async def watch_sleep(bus: MessageBus | None, on_resumed: Callable[[], None]) -> SleepWatch | None:
@@ -235,7 +224,7 @@ async def watch_sleep(bus: MessageBus | None, on_resumed: Callable[[], None]) ->
         _warn_once("no-system-bus", "no system bus: a backup missed during sleep waits for the next hourly check")
         return None
     try:
-        reply = await _call(bus, _driver_call("AddMatch", "s", [PREPARE_FOR_SLEEP_RULE]))
+        reply = await _call(bus, driver_call("AddMatch", "s", [PREPARE_FOR_SLEEP_RULE]))
     except Exception as exc:
         _warn_once("watch-failed", "cannot subscribe to logind's PrepareForSleep (%s)", _describe(exc))
         return None
@@ -245,7 +234,7 @@ async def watch_sleep(bus: MessageBus | None, on_resumed: Callable[[], None]) ->
     watch = SleepWatch(bus, on_resumed)
     bus.add_message_handler(watch._handle)
     try:
-        owner = await _call(bus, _driver_call("NameHasOwner", "s", [LOGIND_NAME]))
+        owner = await _call(bus, driver_call("NameHasOwner", "s", [LOGIND_NAME]))
         if owner.message_type is MessageType.METHOD_RETURN and owner.body == [False]:
             _warn_once("no-logind", "logind is not on the system bus: no resume notices until it starts")
     except Exception:

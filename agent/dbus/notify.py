@@ -504,7 +504,7 @@ class Notifier:
 
     async def open(self) -> None:
         """Subscribe to ActionInvoked and NotificationClosed, and ask the server's capabilities."""
-        self._ensure_worker()
+        self._worker_queue()
         if self.bus is None:
             return
         self.bus.add_message_handler(self._on_message)
@@ -768,32 +768,35 @@ class Notifier:
         shown: Callable[[], None] | None = None,
         missed: Callable[[], None] | None = None,
     ) -> None:
-        if self._closed or not self._ensure_worker():
+        if self._closed:
             return
-        assert self._queue is not None
+        queue = self._worker_queue()
+        if queue is None:
+            return
         generation = self._generation if slot == "cycle" else 0
-        self._queue.put_nowait(
+        queue.put_nowait(
             _Item(slot, text, actions, icon, category, value, transient, generation, open_path, shown, missed)
         )
 
-    def _ensure_worker(self) -> bool:
-        if self._worker is not None and not self._worker.done():
-            return True
+    def _worker_queue(self) -> asyncio.Queue[_Item] | None:
+        """The queue the worker sends from, the worker started if need be; None without an event loop."""
+        queue = self._queue
+        if queue is not None and self._worker is not None and not self._worker.done():
+            return queue
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             log.debug("notifications: no event loop running; nothing shown")
-            return False
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-        self._worker = loop.create_task(self._work())
-        return True
+            return None
+        if queue is None:
+            queue = self._queue = asyncio.Queue()
+        self._worker = loop.create_task(self._work(queue))
+        return queue
 
-    async def _work(self) -> None:
-        assert self._queue is not None
+    async def _work(self, queue: asyncio.Queue[_Item]) -> None:
         generations: dict[str, int] = {}
         while True:
-            item = await self._queue.get()
+            item = await queue.get()
             try:
                 if generations.get(item.slot) != item.generation:
                     self._ids.pop(item.slot, None)  # a new cycle: a new notification
@@ -807,7 +810,7 @@ class Notifier:
             else:
                 self._then(item.shown)
             finally:
-                self._queue.task_done()
+                queue.task_done()
 
     @staticmethod
     def _then(callback: Callable[[], None] | None) -> None:
@@ -875,8 +878,9 @@ class Notifier:
             raise RuntimeError("no session bus")
         message = Message(destination=destination, path=path, interface=interface, member=member,
                           signature=signature, body=body)
-        reply = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT)
-        assert reply is not None
+        reply: Message | None = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT)
+        if reply is None:  # only a call flagged "no reply expected" gives none: a bug
+            raise RuntimeError(f"{member}: the bus gave no reply")
         return reply
 
     def _failed(self, exc: BaseException) -> None:

@@ -61,6 +61,7 @@ from ..disk import device_number, holders, top_mount, umount_argv, unlock_argv, 
 from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
 from ..state import AgentStatus, Controller, EjectReply, Listener
+from . import driver_call
 from .notify import (
     APP_NAME,
     CALL_TIMEOUT,
@@ -684,17 +685,7 @@ class Tray:
         self.bus.unexport(ITEM_PATH, self._item)
         self.bus.unexport(MENU_PATH, self._menu)
         if self.name is not None:
-            self.bus.send(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="ReleaseName",
-                    signature="s",
-                    body=[self.name],
-                    flags=MessageFlag.NO_REPLY_EXPECTED,
-                )
-            )
+            self.bus.send(driver_call("ReleaseName", "s", [self.name], no_reply=True))
 
     async def register(self) -> bool:
         """RegisterStatusNotifierItem with the watcher; False (logged once) when there is none."""
