@@ -18,7 +18,7 @@ import os
 import platform
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from . import __version__, lock, rsync
@@ -632,6 +632,7 @@ class Cycle:
         (its metadata says why), since losing a good snapshot over its
         checksums would be worse; the next snapshot then hashes every file.
         """
+        started = time.monotonic()  # the step's cost includes reading the previous manifest
         known: manifests.Known = {}
         if previous is not None:
             try:
@@ -643,6 +644,7 @@ class Cycle:
         target = repo.manifest_path(name)
         try:
             recorded = manifests.record(repo.in_progress_path(name), target, known)
+            recorded = replace(recorded, seconds=time.monotonic() - started)
         except OSError as exc:
             what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)
             if os.path.isfile(target):

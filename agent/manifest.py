@@ -44,6 +44,7 @@ READ_SIZE = 1 << 20
 _HEADER = re.compile(rb"# backup-agent manifest (\d+) ([a-z0-9_]+)\n")
 _TRAILER = re.compile(rb"# end (\d+) ([a-z0-9_]+):([0-9a-f]+)\n")
 _ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
+_REUSABLE = re.compile(rb"^([0-9a-f]+ [0-9]+) ([0-9]+) [^\n]*\n", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -195,17 +196,12 @@ def reusable(path: str) -> Known:
     if checked.algorithm != ALGORITHM:
         log.info("%s uses %s, not %s: nothing in it is reused", path, checked.algorithm, ALGORITHM)
         return known
-    position, found = checked.start, 0
-    while position < checked.cut:
-        end = data.index(b"\n", position)
-        size_at = data.find(b" ", position, end) + 1
-        inode_at = data.find(b" ", size_at, end) + 1
-        path_at = data.find(b" ", inode_at, end) + 1
-        if not 0 < size_at < inode_at < path_at:
-            raise CorruptManifestError(f"{path}: unreadable manifest line {data[position:position + 60]!r}")
-        known[int(data[inode_at : path_at - 1])] = data[position : inode_at - 1]
+    found = 0
+    # One match per well-formed line (a path never holds a raw newline): a
+    # line that does not match leaves the count short of the trailer's.
+    for start, inode in _REUSABLE.findall(data, checked.start, checked.cut):
+        known[int(inode)] = start
         found += 1
-        position = end + 1
     if found != checked.count:
         raise _wrong_count(path, found, checked)
     return known
