@@ -199,8 +199,8 @@ def reusable(path: str) -> Known:
     found = 0
     # One match per well-formed line (a path never holds a raw newline): a
     # line that does not match leaves the count short of the trailer's.
-    for start, inode in _REUSABLE.findall(data, checked.start, checked.cut):
-        known[int(inode)] = start
+    for match in _REUSABLE.finditer(data, checked.start, checked.cut):  # not findall: no list of every line
+        known[int(match[2])] = match[1]
         found += 1
     if found != checked.count:
         raise _wrong_count(path, found, checked)
