@@ -14,12 +14,9 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from . import manifest as manifests
 from .commands import Runner
@@ -244,6 +241,7 @@ def verify(
     # inode -> (expected digest, expected size, where) for every snapshot path that disagrees
     bad: dict[int, list[tuple[str, int, Location]]] = {}
     progress = Progress(snapshots=len(names))
+    buffer = bytearray(manifests.READ_SIZE)
     for index, name in enumerate(names):
         progress.snapshot, progress.index = name, index + 1
         loaded = _load_manifest(repo, name, report)
@@ -276,8 +274,12 @@ def verify(
         progress.bytes_total = progress.bytes + sum(
             entry.size for entry in loaded.entries if present.get(entry.path) in to_read
         )
-        for inode, read in _read_all(root, to_read, loaded.algorithm):
-            digests[inode] = read
+        for inode in sorted(to_read):  # inode order is close to disk order on ext4
+            try:
+                digest, size = manifests.hash_file(root + b"/" + to_read[inode], loaded.algorithm, buffer)
+                digests[inode] = _Read(digest, size)
+            except OSError as exc:
+                digests[inode] = _Read(None, 0, exc.strerror or str(exc))
             report.inodes += 1
             report.bytes += digests[inode].size
             progress.files += 1
@@ -317,38 +319,6 @@ def verify(
     report.problems.sort(key=lambda p: KINDS.index(p.kind))
     report.seconds = time.monotonic() - started
     return report
-
-
-READERS = 4  # files read at once: a disk answers several requests faster than one after another
-
-
-def _read_all(root: bytes, to_read: dict[int, bytes], algorithm: str) -> Iterator[tuple[int, _Read]]:
-    """Each inode's content as it is now, in inode order (close to disk order on ext4).
-
-    Several files are read at once, so the disk always has requests
-    queued and the hashing (hashlib lets go of the GIL) uses every core;
-    the results come back in order.
-    """
-    local = threading.local()
-
-    def read(inode: int) -> tuple[int, _Read]:
-        buffer = getattr(local, "buffer", None)
-        if buffer is None:
-            buffer = local.buffer = bytearray(manifests.READ_SIZE)
-        try:
-            digest, size = manifests.hash_file(root + b"/" + to_read[inode], algorithm, buffer)
-        except OSError as exc:
-            return inode, _Read(None, 0, exc.strerror or str(exc))
-        return inode, _Read(digest, size)
-
-    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="verify") as pool:
-        ahead: deque[Future[tuple[int, _Read]]] = deque()  # a few queued, not one future per file
-        for inode in sorted(to_read):
-            ahead.append(pool.submit(read, inode))
-            if len(ahead) >= 4 * READERS:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
 
 
 def _below(directories: Iterable[bytes]) -> Callable[[bytes], bool]:
