@@ -216,28 +216,38 @@ def load(path: str) -> Manifest:
 # -- reading files --------------------------------------------------------------
 
 
-def hash_file(path: bytes, algorithm: str = ALGORITHM, buffer: bytearray | None = None) -> tuple[str, int]:
-    """Digest and size of a regular file, read without following a symbolic link.
+def open_to_hash(path: bytes) -> int:
+    """A descriptor on a regular file, without following a symbolic link.
 
     O_NOATIME where allowed, so reading a whole backup back does not write
     to it.
     """
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags | os.O_NOATIME)
+        return os.open(path, flags | os.O_NOATIME)
     except PermissionError:  # O_NOATIME needs the file's owner or CAP_FOWNER
-        fd = os.open(path, flags)
+        return os.open(path, flags)
+
+
+def hash_fd(fd: int, algorithm: str = ALGORITHM, buffer: bytearray | None = None) -> tuple[str, int]:
+    """Digest and size of what ``fd`` reads to its end."""
+    digest = hashlib.new(algorithm)
+    view = memoryview(buffer if buffer is not None else bytearray(READ_SIZE))
+    size = 0
+    while True:
+        count = os.readv(fd, [view])
+        if not count:
+            break
+        digest.update(view[:count])
+        size += count
+    return digest.hexdigest(), size
+
+
+def hash_file(path: bytes, algorithm: str = ALGORITHM, buffer: bytearray | None = None) -> tuple[str, int]:
+    """Digest and size of a regular file, read without following a symbolic link."""
+    fd = open_to_hash(path)
     try:
-        digest = hashlib.new(algorithm)
-        view = memoryview(buffer if buffer is not None else bytearray(READ_SIZE))
-        size = 0
-        while True:
-            count = os.readv(fd, [view])
-            if not count:
-                break
-            digest.update(view[:count])
-            size += count
-        return digest.hexdigest(), size
+        return hash_fd(fd, algorithm, buffer)
     finally:
         os.close(fd)
 

@@ -15,8 +15,9 @@ import difflib
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from . import manifest as manifests
 from .commands import Runner
@@ -241,7 +242,6 @@ def verify(
     # inode -> (expected digest, expected size, where) for every snapshot path that disagrees
     bad: dict[int, list[tuple[str, int, Location]]] = {}
     progress = Progress(snapshots=len(names))
-    buffer = bytearray(manifests.READ_SIZE)
     for index, name in enumerate(names):
         progress.snapshot, progress.index = name, index + 1
         loaded = _load_manifest(repo, name, report)
@@ -274,12 +274,8 @@ def verify(
         progress.bytes_total = progress.bytes + sum(
             entry.size for entry in loaded.entries if present.get(entry.path) in to_read
         )
-        for inode in sorted(to_read):  # inode order is close to disk order on ext4
-            try:
-                digest, size = manifests.hash_file(root + b"/" + to_read[inode], loaded.algorithm, buffer)
-                digests[inode] = _Read(digest, size)
-            except OSError as exc:
-                digests[inode] = _Read(None, 0, exc.strerror or str(exc))
+        for inode, read in _read_all(root, to_read, loaded.algorithm):
+            digests[inode] = read
             report.inodes += 1
             report.bytes += digests[inode].size
             progress.files += 1
@@ -319,6 +315,51 @@ def verify(
     report.problems.sort(key=lambda p: KINDS.index(p.kind))
     report.seconds = time.monotonic() - started
     return report
+
+
+AHEAD = 16  # files opened, and their reading asked of the kernel, before they are hashed
+
+
+def _read_all(root: bytes, to_read: dict[int, bytes], algorithm: str) -> Iterator[tuple[int, _Read]]:
+    """What each inode holds now, in inode order (close to disk order on ext4).
+
+    The next files are opened a little ahead and the kernel is asked to read
+    them (POSIX_FADV_WILLNEED), so the disk works while this process hashes:
+    with a cold cache that took a 50,000-file verify from 5.1 s to 3.1 s
+    here. Threads were measured slower (README, "Benchmarks").
+    """
+    order = sorted(to_read)
+    ahead: deque[tuple[int, int | OSError]] = deque()
+    buffer = bytearray(manifests.READ_SIZE)
+    following = 0
+    try:
+        for _ in order:
+            while following < len(order) and len(ahead) < AHEAD:
+                inode = order[following]
+                following += 1
+                try:
+                    fd = manifests.open_to_hash(root + b"/" + to_read[inode])
+                except OSError as exc:
+                    ahead.append((inode, exc))
+                    continue
+                ahead.append((inode, fd))
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            inode, opened = ahead.popleft()
+            if isinstance(opened, OSError):
+                yield inode, _Read(None, 0, opened.strerror or str(opened))
+                continue
+            try:
+                digest, size = manifests.hash_fd(opened, algorithm, buffer)
+            except OSError as exc:
+                yield inode, _Read(None, 0, exc.strerror or str(exc))
+                continue
+            finally:
+                os.close(opened)
+            yield inode, _Read(digest, size)
+    finally:
+        for _, opened in ahead:
+            if not isinstance(opened, OSError):
+                os.close(opened)
 
 
 def _below(directories: Iterable[bytes]) -> Callable[[bytes], bool]:
