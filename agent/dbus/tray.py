@@ -718,9 +718,17 @@ class Tray:
         return True
 
     async def settle(self) -> None:
-        """Wait for what menu clicks and looks started (tests, shutdown)."""
+        """Wait for what menu clicks and looks started (tests, shutdown).
+
+        The finished tasks are dropped here, not left to their done-callbacks: from Python
+        3.12 awaiting a gather of tasks that are already done does not yield to the loop,
+        so those callbacks would never run and this would spin. The loop goes on while the
+        awaited tasks start new ones.
+        """
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            started = list(self._tasks)
+            await asyncio.gather(*started, return_exceptions=True)
+            self._tasks.difference_update(started)
 
     # -- Listener -----------------------------------------------------------------------
 
