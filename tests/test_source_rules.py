@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import agent
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 PACKAGE = Path(agent.__file__).parent
 
@@ -20,3 +27,18 @@ def test_the_package_has_no_assert_statement() -> None:
     ]
     assert list(PACKAGE.rglob("*.py")), "the package's sources were not found"
     assert found == []
+
+
+def test_the_pythons_the_project_claims_agree() -> None:
+    """CI runs the fast tests on the oldest and the newest classifier: the oldest is the floor everywhere."""
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    claimed = sorted(
+        (int(match[1]), int(match[2]))
+        for classifier in project["project"]["classifiers"]
+        if (match := re.fullmatch(r"Programming Language :: Python :: (\d+)\.(\d+)", classifier))
+    )
+    assert claimed, "pyproject.toml names no Python version in its classifiers"
+    (major, oldest), newest = claimed[0], claimed[-1]
+    assert claimed == [(major, minor) for minor in range(oldest, newest[1] + 1)]  # none left out between
+    assert project["project"]["requires-python"] == f">={major}.{oldest}"
+    assert project["tool"]["mypy"]["python_version"] == f"{major}.{oldest}"
