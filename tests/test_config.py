@@ -1790,7 +1790,8 @@ def test_parse_duration(text: str, seconds: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "10", "1.5h", "-1m", "10x", "30m1h", "1h 30m", " 1h", "1H", "h", "1w", "٣m"])
 def test_parse_duration_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match=r'^invalid duration ".*"(?: \(a number needs a unit: "10s" for seconds\))?: expected a duration string such as "90s"'):
+    with pytest.raises(ValueError, match=r'^invalid duration ".*"(?: \(a number needs a unit: "10s" for seconds\))?: '
+                                         r'expected a duration string such as "90s"'):
         parse_duration(text)
 
 

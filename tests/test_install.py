@@ -24,7 +24,7 @@ from typing import Any, Callable, TypedDict
 import pytest
 
 from agent import install as installer
-from agent.commands import SAFE_PATH, Runner
+from agent.commands import SAFE_PATH
 from agent.config import untrusted_program
 from agent.errors import EXIT_USAGE, CommandError, UsageError
 from agent.config import Disk

@@ -192,7 +192,9 @@ def test_restored_trees_equal_what_was_backed_up(source: Path, tmp_path: Path, c
 
 
 @pytest.mark.integration
-def test_in_place_puts_back_the_old_version_and_keeps_the_current_one(source: Path, tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_in_place_puts_back_the_old_version_and_keeps_the_current_one(
+    source: Path, tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     repo = tmp_path / "repo"
     first = backup(source, repo, config)
     old = describe(source / "deep")
@@ -338,7 +340,8 @@ def test_through_sudo_restore_only_into_the_callers_directories_and_what_they_co
         return plan_restore(targets, to=None, in_place=False, now=NOW, exists=os.path.lexists, is_dir=os.path.isdir), targets
 
     plan, targets = plan_for(source / "plain.txt")
-    assert caller_refusal(plan, targets, caller, [caller]) == f"{source} is not yours (owner uid 0): through sudo, restore only into your own directories"
+    assert caller_refusal(plan, targets, caller, [caller]) == (
+        f"{source} is not yours (owner uid 0): through sudo, restore only into your own directories")
     os.chown(source, caller, caller)
     assert caller_refusal(plan, targets, caller, [caller]) is None
     # The caller takes over the live directory that was root's private one: the snapshot still says no.
@@ -397,7 +400,8 @@ def test_through_sudo_root_never_writes_where_the_caller_swaps_the_new_directory
     (home / "docs" / "notes").write_text("notes\n")
     (home / "old" / "deep").mkdir(parents=True)
     (home / "old" / "deep" / "draft").write_text("draft\n")
-    for path in (home, home / "thesis.tex", home / "docs", home / "docs" / "notes", home / "old", home / "old" / "deep", home / "old" / "deep" / "draft"):
+    for path in (home, home / "thesis.tex", home / "docs", home / "docs" / "notes",
+                 home / "old", home / "old" / "deep", home / "old" / "deep" / "draft"):
         os.chown(path, caller, caller)
     victim = shared_tmp / "victim"  # root's, like /etc
     victim.mkdir()

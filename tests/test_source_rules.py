@@ -42,3 +42,22 @@ def test_the_pythons_the_project_claims_agree() -> None:
     assert claimed == [(major, minor) for minor in range(oldest, newest[1] + 1)]  # none left out between
     assert project["project"]["requires-python"] == f">={major}.{oldest}"
     assert project["tool"]["mypy"]["python_version"] == f"{major}.{oldest}"
+    assert project["tool"]["ruff"]["target-version"] == f"py{major}{oldest}"
+
+
+def test_no_test_module_defines_a_name_twice() -> None:
+    """A test defined again under the same name replaces the first, which then never runs.
+
+    ruff's F811 is off for tests/ (shared fixtures are imported, then named as parameters).
+    """
+    tests = PACKAGE.parent / "tests"
+    twice = []
+    for path in sorted(tests.rglob("*.py")):
+        seen: set[str] = set()
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if node.name in seen:
+                    twice.append(f"{path.relative_to(tests.parent)}:{node.lineno} {node.name}")
+                seen.add(node.name)
+    assert list(tests.rglob("test_*.py")), "the tests were not found"
+    assert twice == []

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Callable, Mapping
 
 from dbus_fast import DBusError, MessageType, NameFlag, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusBool, DBusDict, DBusDouble, DBusInt64, DBusSignature, DBusStr
+from dbus_fast.annotations import DBusDict, DBusDouble, DBusInt64, DBusSignature, DBusStr
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
