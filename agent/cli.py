@@ -73,12 +73,22 @@ def _count(text: str) -> Count:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="backup-agent", description="Hard-linked rsync snapshots on a backup disk.")
     parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
+    # The global options are accepted before the subcommand as well as after
+    # it. After it they default to SUPPRESS, so a subcommand that does not
+    # repeat them keeps what was given before it.
+    parser.add_argument("--config", metavar="FILE", help="read this config instead of /etc/backup-agent/config.toml")
+    parser.add_argument("-v", "--verbose", action="store_true", help="say more (every command run, rsync's output)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     common = _Parser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="read this config instead of /etc/backup-agent/config.toml")
-    common.add_argument("-v", "--verbose", action="store_true", help="say more (every command run, rsync's output)")
-    common.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
+    common.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="read this config instead of /etc/backup-agent/config.toml"
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="say more (every command run, rsync's output)"
+    )
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="say only warnings and errors")
 
     backup = sub.add_parser("backup", parents=[common], help="run a backup cycle", description="Run a backup cycle.")
     backup.add_argument("-b", "--backup", action="store_true", help="transfer into a new <name>.in-progress")
@@ -166,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     eject.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
 
     loud = _Parser(add_help=False)
-    loud.add_argument("-v", "--verbose", action="store_true", help="say more (every command run)")
-    loud.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
+    loud.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="say more (every command run)")
+    loud.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="say only warnings and errors")
     install = sub.add_parser(
         "install",
         parents=[loud],
@@ -269,14 +279,17 @@ def through_sudo_refusal(args: argparse.Namespace, parser: argparse.ArgumentPars
     allowed = _SUDO_DESTS.get(command)
     if allowed is None:
         return f"`{command}` is not accepted through sudo: {door}"
-    sub = _subparser(parser or build_parser(), command)
+    parser = parser or build_parser()
+    sub = _subparser(parser, command)
     known = {"command", "help"}
     for action in sub._actions:
         known.add(action.dest)
         if action.dest in allowed or action.dest == "help":
             continue
-        value = getattr(args, action.dest, action.default)
-        if value == action.default:
+        # A global option (SUPPRESS after the subcommand) has its default on the main parser.
+        default = parser.get_default(action.dest) if action.default == argparse.SUPPRESS else action.default
+        value = getattr(args, action.dest, default)
+        if value == default:
             continue
         if action.option_strings:
             what = "/".join(action.option_strings)
@@ -497,6 +510,9 @@ def _root_disk(args: argparse.Namespace, does: str) -> tuple[Settings, Disk]:
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the repository and its marker on a disk, and record its id for this machine."""
     settings, disk = _root_disk(args, "unlocks and mounts the disk")
+    if not args.yes and not sys.stdin.isatty():
+        # Refused before anything is touched: asking needs a terminal.
+        raise UsageError("init asks before writing to a disk: pass --yes to confirm when there is no terminal; nothing was touched")
     runner = Runner()
     device = disks.find_device(disk, settings, runner)
     if device is None:
@@ -528,8 +544,6 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"will create the repository {disk.repository} (snapshots/, metadata/, and a marker with a new random id)")
         print(f"and record its id in {disks.id_path(settings, disk)}" + (f", replacing {recorded}" if recorded else ""))
         if not args.yes:
-            if not sys.stdin.isatty():
-                raise UsageError("init asks before writing to a disk: pass --yes to confirm when there is no terminal")
             if input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("nothing written")
                 return EXIT_OK
@@ -670,6 +684,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     paths = [history.live_path(path, cwd) for path in args.paths]
     to = history.live_path(args.to, cwd) if args.to else None
+    caller = int(os.environ["SUDO_UID"]) if running_through_sudo() else None
+    if caller is not None:
+        early = restoring.early_refusal(paths, caller, os.path.lexists, lambda path: os.lstat(path).st_uid)
+        if early is not None:
+            raise UsageError(early + "; nothing was opened or restored")
     with _reading(args, settings) as repo:
         snaps = history.snapshots(repo)
         targets = []
@@ -681,7 +700,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
         plan = restoring.plan_restore(
             targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir
         )
-        caller = int(os.environ["SUDO_UID"]) if running_through_sudo() else None
         if caller is not None:
             refusal = restoring.caller_refusal(plan, targets, caller, _groups(caller))
             if refusal is not None:
@@ -824,6 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if args.config is not None and _subparser(parser, args.command).get_default("config") is None:
+            raise UsageError(f"{args.command} reads no config: leave out --config {args.config}")
         if running_through_sudo():
             refusal = through_sudo_refusal(args, parser)
             if refusal is not None:

@@ -23,7 +23,6 @@ import signal
 import stat
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from agent.errors import (
     BusyError,
 )
 from agent.rotation import parse_snapshot_name
+from tests.conftest import ReadableCode
 
 pytestmark = pytest.mark.integration
 
@@ -983,41 +983,17 @@ def test_disk_options_without_a_configured_disk_are_refused(cli: Cli, tmp_path: 
     assert not destination.exists() and os.listdir(cli.run_dir) == []
 
 
-@pytest.mark.may_skip
-def test_refuses_to_run_without_root_unless_no_sudo(cli: Cli, tmp_path: Path) -> None:
-    """As non-root the CLI runs as us; as root it runs as nobody (setuid in the child)."""
+def test_refuses_to_run_without_root_unless_no_sudo(cli: Cli, tmp_path: Path, readable_code: ReadableCode) -> None:
+    """As non-root the CLI runs as us; as root it runs as nobody (setuid in the child), from a copy nobody can read."""
     source = small_source(tmp_path / "source")
     destination = tmp_path / "repo"
     drop: dict[str, Any] = {}
     if os.geteuid() == 0:
         drop = {"user": 65534, "group": 65534, "extra_groups": []}
-    argv = ["-m", "agent.cli", "backup", str(source.path), str(destination)]
-    env = cli.env()
-    # The venv's python may live where the unprivileged user cannot go (a
-    # pyenv under /root): then the system python of the same version, with
-    # the venv's packages, runs the same code.
-    candidates = [(sys.executable, env)]
-    system = "/usr/bin/python3"
-    if drop and os.path.exists(system):
-        version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
-        if version.stdout.strip() == str(sys.version_info[:2]):
-            paths = [str(ROOT), sysconfig.get_paths()["purelib"]]
-            candidates.append((system, {**env, "PYTHONPATH": ":".join(paths)}))
-    result = None
-    problems = []
-    for python, with_env in candidates:
-        try:
-            result = subprocess.run([python, *argv], cwd=ROOT, env=with_env, capture_output=True, text=True, timeout=60, **drop)
-        except PermissionError as exc:
-            problems.append(f"{python}: {exc}")
-            continue
-        if "Traceback" in result.stderr:
-            problems.append(f"{python}: {result.stderr.strip().splitlines()[-1]}")
-            result = None
-            continue
-        break
-    if result is None:
-        pytest.skip(reason=f"cannot run the CLI as an unprivileged user here: {'; '.join(problems)}")
+    argv = readable_code.argv("backup", str(source.path), str(destination))
+    result = subprocess.run(
+        argv, cwd=readable_code.directory, env=readable_code.env(cli.env()), capture_output=True, text=True, timeout=60, **drop
+    )
     assert result.returncode == EXIT_USAGE, result.stderr
     line = error_lines(result.stderr)[-1]
     assert "needs root" in line and "--no-sudo" in line

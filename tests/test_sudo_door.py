@@ -48,6 +48,7 @@ REFUSED = [
     (["backup", "--json", "/tmp", "/tmp/x"], "the SOURCE/DESTINATION argument /tmp"),
     (["backup", "--json", "--config", "/tmp/evil.toml"], "--config"),
     (["backup", "--json", "--config=/etc/backup-agent/config.toml"], "--config"),
+    (["--config", "/tmp/evil.toml", "backup", "--json"], "--config"),  # a global option before the subcommand
     (["backup", "--json", "-x", "/home"], "-x/--exclude"),
     (["backup", "--json", "--exclude=/home"], "-x/--exclude"),
     (["backup", "--json", "--exc", ""], "-x/--exclude"),  # an abbreviation is the option it abbreviates

@@ -557,6 +557,13 @@ def test_menu_clicks(session_bus: PrivateBus, tmp_path: Path) -> None:
             assert unpack_variants(group[0]) == [(STOP, {"label": "Stop the backup"})]
             value = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "GetProperty", "is", [STOP, "enabled"])
             assert value[0].value is False
+            # The root item 0 answers too, as the dbusmenu spec has it (libdbusmenu-glib asks for it).
+            root = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "GetGroupProperties", "aias", [[0], []])
+            assert unpack_variants(root[0]) == [(0, {"children-display": "submenu"})]
+            every = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "GetGroupProperties", "aias", [[], ["label"]])
+            assert [ident for ident, _ in unpack_variants(every[0])][:2] == [0, BACK_UP_NOW]
+            value = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "GetProperty", "is", [0, "children-display"])
+            assert value[0].value == "submenu"
             errors = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "EventGroup", "a(isvu)",
                                      [[[BACK_UP_NOW, "clicked", Variant("s", ""), 0], [78, "clicked", Variant("s", ""), 0]]])
             assert errors == [[78]] and controller.calls[-1] == "backup_now"

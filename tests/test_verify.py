@@ -26,7 +26,7 @@ from agent.cli import build_parser, sudo_door, through_sudo_refusal
 from agent.errors import EXIT_DAMAGED, EXIT_OK, EXIT_UNVERIFIED, EXIT_USAGE
 from agent.errors import UsageError
 from agent.verify import Location, Problem, choose, describe
-from tests.conftest import requires_root
+from tests.conftest import ReadableCode, requires_root
 from tests.test_cycle_robustness import Cli, cli  # noqa: F401  (cli is a fixture)
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig is the fixture bench uses)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (bench is a fixture)
@@ -196,7 +196,9 @@ def test_a_run_that_could_check_no_snapshot_is_not_called_intact(cli: Cli, histo
 
 
 @requires_root
-def test_a_directory_verify_cannot_list_is_named_and_nothing_below_it_is_called_missing(rsync_path: str) -> None:
+def test_a_directory_verify_cannot_list_is_named_and_nothing_below_it_is_called_missing(
+    rsync_path: str, readable_code: ReadableCode
+) -> None:
     """verify as an ordinary user (setpriv, a real process) of a backup root made, with a private directory."""
     if shutil.which("setpriv") is None:
         pytest.skip(reason="setpriv is missing (util-linux)")
@@ -209,8 +211,8 @@ def test_a_directory_verify_cannot_list_is_named_and_nothing_below_it_is_called_
         name = backup(source, repo, cfg)
         nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
         result = subprocess.run(
-            [*nobody, sys.executable, "-m", "agent.cli", "verify", "--json", "-q", "--config", str(cfg), "--repository", str(repo)],
-            capture_output=True, text=True, timeout=60, cwd=base,
+            [*nobody, *readable_code.argv("verify", "--json", "-q", "--config", str(cfg), "--repository", str(repo))],
+            capture_output=True, text=True, timeout=60, cwd=base, env=readable_code.env(),
         )
         assert result.returncode == EXIT_DAMAGED, result.stderr
         report = json.loads(result.stdout)

@@ -496,7 +496,7 @@ class _Menu(ServiceInterface):
                 if recursion_depth != 0
                 else []
             )
-            return self._tray.revision, [0, pick({"children-display": Variant("s", "submenu")}), children]
+            return self._tray.revision, [0, pick(self._root_properties()), children]
         item = self._find(parent_id)
         return self._tray.revision, [item.id, pick(item.properties()), []]
 
@@ -504,17 +504,25 @@ class _Menu(ServiceInterface):
     def _get_group_properties(
         self, ids: Annotated[list[int], DBusSignature("ai")], property_names: Annotated[list[str], DBusSignature("as")]
     ) -> _Group:
+        # The dbusmenu spec: an empty list asks for every item, the root (0)
+        # included; a host (libdbusmenu-glib) asks for the root's properties too.
         names = set(property_names)
         wanted = set(ids)
+        every = [(0, self._root_properties())] + [(item.id, item.properties()) for item in self._tray.items]
         return [
-            [item.id, {key: value for key, value in item.properties().items() if not names or key in names}]
-            for item in self._tray.items
-            if not wanted or item.id in wanted
+            [ident, {key: value for key, value in values.items() if not names or key in names}]
+            for ident, values in every
+            if not wanted or ident in wanted
         ]
+
+    @staticmethod
+    def _root_properties() -> dict[str, Variant]:
+        """The root item 0: the menu itself, whose children show as a submenu."""
+        return {"children-display": Variant("s", "submenu")}
 
     @dbus_method(name="GetProperty")
     def _get_property(self, ident: DBusInt32, name: DBusStr) -> DBusVariant:
-        values = self._find(ident).properties()
+        values = self._root_properties() if ident == 0 else self._find(ident).properties()
         if name not in values:
             raise DBusError(ErrorType.INVALID_ARGS, f"menu item {ident} has no property {name!r}")
         return values[name]
