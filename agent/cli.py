@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", parents=[common], help="list the snapshots of a repository")
     listing.add_argument("--json", action="store_true", help="one JSON array of snapshots")
+    listing.add_argument("--disk", metavar="NAME", help="list this configured disk (default: the one attached)")
     listing.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
     rotate = sub.add_parser("rotate", parents=[common], help="rotate old snapshots now")
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         rotate.add_argument(f"--{frequency}", type=_count, metavar="N", help=f'{frequency} snapshots to keep (or "always")')
     rotate.add_argument("--prefer-recent", action="store_true", default=None, help="keep the newest of each period")
     rotate.add_argument("--relaxed", action="store_true", help="count periods, not time since the newest")
+    rotate.add_argument(
+        "--discard-unfinished", action="store_true", help="delete the unfinished transfer too (else kept to resume from)"
+    )
+    rotate.add_argument("--disk", metavar="NAME", help="rotate this configured disk (default: the one attached)")
     rotate.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
     reading = _Parser(add_help=False)
@@ -218,8 +223,8 @@ SUDO_FORMS: dict[str, str] = {
     "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
     "init": "init --disk NAME [--yes] [-q|-v]",
     "eject": "eject --disk NAME [--json] [-q|-v]",
-    "list": "list [--json] [-q|-v]",
-    "rotate": "rotate [-n] [--json] [-q|-v]",
+    "list": "list [--json] [--disk NAME] [-q|-v]",
+    "rotate": "rotate [-n] [--json] [--disk NAME] [--discard-unfinished] [-q|-v]",
     "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
     "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
@@ -229,8 +234,8 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
     "eject": frozenset({"disk", "json", "quiet", "verbose"}),
-    "list": frozenset({"json", "quiet", "verbose"}),
-    "rotate": frozenset({"json", "dry_run", "quiet", "verbose"}),
+    "list": frozenset({"json", "disk", "quiet", "verbose"}),
+    "rotate": frozenset({"json", "dry_run", "disk", "discard_unfinished", "quiet", "verbose"}),
     # Reading only, and restoring only into a new directory beside the
     # original (restore itself checks the caller owns that directory and
     # could reach the path): --repository, --to and --in-place choose what is
@@ -467,18 +472,22 @@ def _summary(outcome: Any, request: Request) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load(args)
-    repo = access.open_to_read(_repository_path(args.repository, settings))
-    rows = []
-    for name in repo.snapshot_names():
-        metadata = repo.read_metadata(name) or {}
-        rows.append({"name": name, "path": repo.snapshot_path(name), **{k: v for k, v in metadata.items() if k != "name"}})
+    with access.open_repository(
+        settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command="list"
+    ) as repo:
+        rows = []
+        for name in repo.snapshot_names():
+            metadata = repo.read_metadata(name) or {}
+            rows.append({"name": name, "path": repo.snapshot_path(name), **{k: v for k, v in metadata.items() if k != "name"}})
+        latest = repo.latest_name()
+        in_progress = repo.in_progress_names()
+        root = repo.root
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK
     if not rows:
-        print(f"{repo.root}: no snapshots yet")
+        print(f"{root}: no snapshots yet")
         return EXIT_OK
-    latest = repo.latest_name()
     print(f"{'SNAPSHOT':<26} {'FILES':>9} {'CHANGED':>9} {'SIZE':>10} {'TOOK':>7}  NOTES")
     for row in rows:
         stats = row.get("statistics") or {}
@@ -490,9 +499,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{row['name']:<26} {stats.get('files', '?'):>9} {stats.get('transferred_files', '?'):>9} "
             f"{human_size(stats.get('total_size', 0)):>10} {took:>7}  {', '.join(notes)}"
         )
-    in_progress = repo.in_progress_names()
     if in_progress:
-        print(f"unfinished transfers (resumed by the next backup): {', '.join(in_progress)}")
+        print(
+            f"unfinished transfer (resumed by the next backup; rotate --discard-unfinished deletes it): {', '.join(in_progress)}"
+        )
     return EXIT_OK
 
 
@@ -584,14 +594,29 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     if args.relaxed:
         scheme = dataclasses.replace(scheme, strict=False)
     settings = dataclasses.replace(settings, rotation=scheme)
+    # The configured disk, opened as a backup opens it (read-write), unless a repository is named.
+    disk = disks.select_disk(settings, name=args.disk, crypto=None, mount=None)
+    if disk is not None and args.repository is not None:
+        raise UsageError(f"give either REPOSITORY or --disk {disk.name}, not both")
+    if disk is None and args.repository is None and settings.repository is None and settings.disks:
+        if os.geteuid() != 0:
+            raise UsageError("rotating the backup disk needs root (it is unlocked and mounted for it): run it with sudo")
+        disk = disks.first_present(settings, Runner())
+        if disk is None:
+            raise DiskMissingError(disks.none_attached(settings) + "; plug one in, or give REPOSITORY")
     request = Request(
         settings=settings,
         source=settings.source,
-        repository=_repository_path(args.repository, settings),
+        repository=disk.repository if disk is not None else _repository_path(args.repository, settings),
         steps=frozenset({"rotate"}),
         dry_run=args.dry_run,
+        disk=disk,
+        discard_unfinished=args.discard_unfinished,
     )
     outcome = Cycle(request, Emitter(None), Runner(dry_run=args.dry_run)).run()
+    if outcome.skipped and not args.json:
+        print(f"nothing done: {outcome.skipped}")
+        return EXIT_OK
     plan = outcome.plan or Plan(keep={}, delete=())
     if args.json:
         print(_plan_json(plan))

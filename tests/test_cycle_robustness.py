@@ -1058,3 +1058,76 @@ def test_the_new_snapshot_survives_its_rotation_after_the_clock_went_back(cli: C
     assert made["snapshot"] not in made["deleted"]
     assert os.readlink(repo / "latest") == f"snapshots/{made['snapshot']}"
     assert tree(repo / "snapshots" / made["snapshot"]) == tree(source.path)
+
+
+# -- at most one unfinished transfer ----------------------------------------------------------------
+
+
+def test_two_failed_runs_leave_one_unfinished_transfer_holding_what_both_copied(
+    cli: Cli, tmp_path: Path, trusted_dir: Path
+) -> None:
+    source = small_source(tmp_path / "source")
+    repo = tmp_path / "repo"
+    base = backup_ok(cli, write_config(tmp_path / "real.toml"), source.path, repo)
+    base_dir = repo / "snapshots" / base
+    base_tree, base_inodes = tree(base_dir), inodes(base_dir)
+    (source.path / "f03.txt").write_text("changed\n")
+    make_fake_rsync(tmp_path, **FAKE_CASES["protocol-12"])  # copies, then fails
+    fake = write_config(tmp_path / "fake.toml", rsync=install_stand_in(trusted_dir))
+
+    first = cli.run("backup", "--no-sudo", "-q", "--config", fake, source.path, repo)
+    assert first.returncode != EXIT_OK
+    _complete, leftovers = snapshot_entries(repo)
+    assert len(leftovers) == 1
+    older = repo / "snapshots" / (leftovers[0] + IN_PROGRESS)
+    (older / "only-in-the-first").write_text("copied by the first run only\n")  # what the second did not reach
+    kept_inode = os.lstat(older / "only-in-the-first").st_ino
+    time.sleep(1.1)  # the next name is a second later
+
+    second = cli.run("backup", "--no-sudo", "-q", "--json", "--config", fake, source.path, repo)
+    assert second.returncode != EXIT_OK
+    assert step_event(events(second.stdout), "transfer", "start")["resumed_from"] == leftovers
+    _complete, now = snapshot_entries(repo)
+    assert len(now) == 1 and now != leftovers, "the older unfinished transfer is folded into the newer, never kept beside it"
+    newer = repo / "snapshots" / (now[0] + IN_PROGRESS)
+    assert os.lstat(newer / "only-in-the-first").st_ino == kept_inode  # linked, not copied
+    assert (newer / "f03.txt").read_text() == "changed\n"  # the newer run's own copy wins
+    assert tree(base_dir) == base_tree and inodes(base_dir) == base_inodes
+
+    # The next good run resumes from it and leaves none; the folded extra is not in the snapshot.
+    made = backup_ok(cli, write_config(tmp_path / "real.toml"), source.path, repo)
+    assert snapshot_entries(repo) == (sorted([base, made]), [])
+    assert not (repo / "snapshots" / made / "only-in-the-first").exists()
+
+
+def test_a_repository_with_two_unfinished_transfers_is_brought_to_one_and_rotate_can_discard_it(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Left by an older version: the next run folds the older into the newer before it starts."""
+    source = small_source(tmp_path / "source")
+    repo = tmp_path / "repo"
+    config = write_config(tmp_path / "real.toml")
+    base = backup_ok(cli, config, source.path, repo)
+    snapshots = repo / "snapshots"
+    names = ["2001-01-01T00-00-00+0000", "2001-01-02T00-00-00+0000"]
+    for index, name in enumerate(names):
+        (snapshots / (name + IN_PROGRESS) / "sub").mkdir(parents=True)
+        (snapshots / (name + IN_PROGRESS) / "sub" / f"part{index}").write_text(f"part {index}\n")
+    listed = cli.run("list", "--config", config, repo)
+    assert "unfinished transfer (resumed by the next backup; rotate --discard-unfinished deletes it): " in listed.stdout
+
+    result = cli.run("backup", "--no-sudo", "--json", "--config", config, "--backup", source.path, repo)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert step_event(events(result.stdout), "transfer", "start")["resumed_from"] == [names[1]]
+    _complete, leftovers = snapshot_entries(repo)
+    assert len(leftovers) == 1 and leftovers[0] not in names  # a whole transfer: what it resumed from is gone
+
+    dry = cli.run("rotate", "--dry-run", "--discard-unfinished", "--config", config, repo)
+    assert dry.returncode == EXIT_OK, dry.stderr
+    assert f"would delete {leftovers[0]}{IN_PROGRESS}" in dry.stdout
+    assert snapshot_entries(repo)[1] == leftovers
+    done = cli.run("rotate", "--discard-unfinished", "--config", config, repo)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert snapshot_entries(repo) == ([base], [])
+    assert not (repo / "metadata" / f"{leftovers[0]}.json").exists()
+    assert tree(snapshots / base) == source.tree

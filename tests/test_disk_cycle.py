@@ -744,6 +744,30 @@ def test_disk_full(bench: Bench) -> None:
     bench.assert_locked_and_unmounted()
     after = bench.fingerprint()
     assert after["snapshots"] == before["snapshots"] and after["latest"] == before["latest"]
+    # What takes the space is named, with the command that frees it; and that command works on the configured disk.
+    [unfinished] = after["in_progress"]
+    assert f"the unfinished transfer {unfinished.removesuffix('.in-progress')} holds " in run.error_line, run.error_line
+    assert f"free it with: sudo backup-agent rotate --discard-unfinished --disk {NAME})" in run.error_line
+    bench.reset_calls()
+    freed = bench.cli("rotate", "--discard-unfinished", "--disk", NAME, "--config", str(bench.config))
+    assert freed.returncode == 0, str(freed)
+    assert f"deleted {unfinished}" in freed.stdout
+    assert bench.calls() == [("start", 0), ("stop", 0)]
+    bench.assert_locked_and_unmounted()
+    assert bench.fingerprint()["in_progress"] == [] and bench.fingerprint()["snapshots"] == before["snapshots"]
+
+
+def test_list_and_rotate_open_the_configured_disk_and_leave_it_as_found(bench: Bench) -> None:
+    before = bench.prepared(snapshots=2)
+    listed = bench.cli("list", "--config", str(bench.config))  # no REPOSITORY: the attached configured disk
+    assert listed.returncode == 0, str(listed)
+    assert all(name in listed.stdout for name in before["snapshots"])
+    rotated = bench.cli("rotate", "--config", str(bench.config))
+    assert rotated.returncode == 0, str(rotated)
+    assert [line.split()[1] for line in rotated.stdout.splitlines() if line.startswith("keep")] == sorted(before["snapshots"])
+    assert bench.calls() == [("start", 0), ("stop", 0)] * 2
+    bench.assert_locked_and_unmounted()
+    assert bench.fingerprint() == before
 
 
 def test_a_busy_unmount_leaves_the_disk_mounted_and_unlocked(bench: Bench) -> None:
