@@ -8,8 +8,8 @@ transfer, the older unfinished transfer is *folded* into the new one: every
 entry the new one lacks is hard-linked into it from the older (no data is
 copied, no existing entry is replaced), and the older one is deleted. The
 new one then holds everything either had, as link-dest material only: it
-is never completed, since its metadata never says "transferred" (see
-docs/ARCHITECTURE.md, "Unfinished transfers").
+is never completed, since its metadata never says "transferred" (the
+README's "backup" section says so for users).
 
 Nothing here follows a symbolic link: the disk is removable and what it
 holds is not trusted. Directories are walked by descriptor (``O_NOFOLLOW``),
