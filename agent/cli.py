@@ -20,7 +20,7 @@ import time
 from types import FrameType
 from typing import Any, Callable, Sequence
 
-from . import __version__, access, history, when
+from . import __version__, access, browse, history, when
 from . import restore as restoring
 from . import verify as verifier
 from .commands import IONICE_CLASSES, Runner
@@ -42,7 +42,7 @@ from .errors import (
     UsageError,
 )
 from .eject import Eject
-from .events import Emitter
+from .events import Emitter, error
 from .repository import Repository, classify
 from .rotation import FREQUENCIES, Count, Plan, Scheme
 
@@ -180,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     eject.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to eject")
     eject.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
 
+    opening = sub.add_parser(
+        "open",
+        parents=[common],
+        help="unlock and mount a backup disk read-only for browsing (run it with sudo)",
+        description=(
+            "Unlock a backup disk and mount it read-only, nosuid, nodev, noexec, and leave it so: its snapshots "
+            "can then be read with a file manager, and versions, diff and restore --repository run without root. "
+            "Eject closes it again."
+        ),
+    )
+    opening.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to open")
+    opening.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
+
     loud = _Parser(add_help=False)
     loud.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="say more (every command run)")
     loud.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="say only warnings and errors")
@@ -189,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="put the sudo rule, the udev rule and the user unit in place (run it with sudo)",
         description=(
             f"Write {installer.DROP_IN}: USER may run this backup-agent as root, without a password, only as "
-            "`backup --json`, and `backup --json --disk NAME` and `eject --json --disk NAME` for each configured disk; "
+            "`backup --json`, and `backup --json --disk NAME`, `eject --json --disk NAME` and `open --json --disk NAME` "
+            "for each configured disk; "
             f"{installer.RULES_FILE}: marks each configured disk and hides it from desktop automounters; "
             f"{installer.UNIT_FILE}: the user unit that runs `backup-agent run` in the graphical session."
         ),
@@ -223,6 +237,7 @@ SUDO_FORMS: dict[str, str] = {
     "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
     "init": "init --disk NAME [--yes] [-q|-v]",
     "eject": "eject --disk NAME [--json] [-q|-v]",
+    "open": "open --disk NAME [--json] [-q|-v]",
     "list": "list [--json] [--disk NAME] [-q|-v]",
     "rotate": "rotate [-n] [--json] [--disk NAME] [--discard-unfinished] [-q|-v]",
     "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
@@ -234,6 +249,7 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
     "eject": frozenset({"disk", "json", "quiet", "verbose"}),
+    "open": frozenset({"disk", "json", "quiet", "verbose"}),
     "list": frozenset({"json", "disk", "quiet", "verbose"}),
     "rotate": frozenset({"json", "dry_run", "disk", "discard_unfinished", "quiet", "verbose"}),
     # Reading only, and restoring only into a new directory beside the
@@ -576,6 +592,23 @@ def cmd_eject(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_open(args: argparse.Namespace) -> int:
+    """Unlock and mount a configured disk read-only for browsing, and leave it so (the tray's Browse backups)."""
+    settings, disk = _root_disk(args, "unlocks and mounts the disk")
+    emitter = Emitter(sys.stdout if args.json else None)
+    try:
+        opened = browse.open_for_browsing(disk, settings, Runner(), emitter, log.warning)
+    except BackupAgentError as exc:
+        # Open never writes to a repository: every snapshot is untouched.
+        emitter.emit(error(exc.step, exc.message, exc.exit_code, True))
+        raise
+    if not args.json and not args.quiet:
+        state = "opened" if opened else "already open"
+        print(f"{disk.name} is {state}: its snapshots are in {os.path.join(disk.repository, 'snapshots')}")
+        print(f"read them as yourself: backup-agent versions --repository {disk.repository} PATH; close it with eject")
+    return EXIT_OK
+
+
 def _plan_json(plan: Plan) -> str:
     return json.dumps({"keep": {k: list(v) for k, v in plan.keep.items()}, "delete": list(plan.delete)}, indent=2)
 
@@ -842,6 +875,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": cmd_backup,
     "init": cmd_init,
     "eject": cmd_eject,
+    "open": cmd_open,
     "list": cmd_list,
     "rotate": cmd_rotate,
     "versions": cmd_versions,

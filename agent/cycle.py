@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from . import __version__, lock, rsync
+from . import browse
 from . import disk as disks
 from . import hooks
 from . import manifest as manifests
@@ -316,6 +317,10 @@ class Cycle:
         with self._step("verify", repository=disk.repository) as done:
             marker = disks.verify_identity(disk, settings)
             done["id"] = marker.id if marker else None
+        if not self.request.dry_run:
+            # Opened for browsing (read-only): writable for this cycle, read-only again after (agent.browse).
+            self.current_step = "mount"
+            stack.enter_context(browse.writable(disk, settings, self.runner, self._warn))
         return True
 
     @classmethod

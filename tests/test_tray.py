@@ -44,6 +44,7 @@ from agent.dbus import tray
 from agent.dbus.notify import NORMAL, Text
 from agent.dbus.tray import (
     BACK_UP_NOW,
+    BROWSE,
     EJECT,
     EJECT_BASE,
     ITEM_INTERFACE,
@@ -132,6 +133,7 @@ def test_the_menu_enables_what_the_state_allows() -> None:
         (STOP, "Stop the backup", False),
         (OPEN_LATEST, "Open latest backup (no disk attached)", False),
         (EJECT, "Eject (no disk attached)", False),
+        (BROWSE, "Browse backups", False),
         (SEPARATOR, "-", True),
         (QUIT, "Quit", True),
     ]
@@ -159,6 +161,10 @@ def test_the_menu_enables_what_the_state_allows() -> None:
     failed = tray.menu_items(AgentStatus(state="failed", disk="backup1"), ["backup1", "backup2"], names, None)
     assert labels(failed)[0] == (BACK_UP_NOW, "Back up now", True)
     assert [item.id for item in failed][3:5] == [EJECT_BASE, EJECT_BASE + 1]
+    # Browse backups: while a disk is attached and no backup runs (it opens the disk itself)
+    assert labels(failed)[5] == (BROWSE, "Browse backups", True)
+    assert labels(locked)[4] == (BROWSE, "Browse backups", True)
+    assert labels(running)[4] == (BROWSE, "Browse backups", False)
 
 
 def test_where_a_disk_stands() -> None:
@@ -420,7 +426,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             assert [(ident, enabled) for ident, _, enabled in await host.menu()][:4] == [
                 (BACK_UP_NOW, False), (STOP, True), (OPEN_LATEST, False), (EJECT_BASE, True)]
             updated = [body for name, body in host.signals if name == "ItemsPropertiesUpdated"]
-            assert updated and {ident for ident, _ in updated[-1][0]} == {BACK_UP_NOW, STOP, OPEN_LATEST}
+            assert updated and {ident for ident, _ in updated[-1][0]} == {BACK_UP_NOW, STOP, OPEN_LATEST, BROWSE}
 
             icon.backup_completed({"event": "complete", "snapshot": "S2"})
             icon.status_changed(running("lock-disk"))
@@ -435,7 +441,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             assert await host.menu() == [
                 (BACK_UP_NOW, "Back up now", True), (STOP, "Stop the backup", False),
                 (OPEN_LATEST, "Open latest backup (the disk is locked)", False), (EJECT_BASE, "Eject backup1", True),
-                (SEPARATOR, "-", True), (QUIT, "Quit", True),
+                (BROWSE, "Browse backups", True), (SEPARATOR, "-", True), (QUIT, "Quit", True),
             ]
 
             # a failure: the attention status and icon; the menu's status says so too

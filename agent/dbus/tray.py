@@ -60,7 +60,7 @@ from ..errors import DiskError
 from ..disk import device_number, holders, top_mount, umount_argv, unlock_argv, unlock_method
 from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
-from ..state import AgentStatus, Controller, EjectReply, Listener
+from ..state import AgentStatus, BrowseReply, Controller, EjectReply, Listener
 from . import driver_call
 from .notify import (
     APP_NAME,
@@ -111,6 +111,7 @@ LOOK_TIMEOUT: Final = 5.0  # seconds a look at a disk may take (a hung USB disk 
 
 # Menu item ids (0 is the root). An attached disk's Eject item is EJECT_BASE + its index in the config.
 BACK_UP_NOW, STOP, OPEN_LATEST, EJECT, SEPARATOR, QUIT = 1, 2, 3, 4, 5, 6
+BROWSE: Final = 7
 EJECT_BASE: Final = 100
 
 
@@ -245,6 +246,8 @@ def menu_items(
         items += [Item(EJECT_BASE + disks.index(name), f"Eject {name}", True, icon="media-eject") for name in here]
     else:
         items.append(Item(EJECT, "Eject (no disk attached)", False, icon="media-eject"))
+    # Opens the disk read-only first (backup-agent open through the agent), so it needs no mounted disk.
+    items.append(Item(BROWSE, "Browse backups", bool(here) and not running, icon="folder-open"))
     items += [Item(SEPARATOR, separator=True), Item(QUIT, "Quit", True, icon="application-exit")]
     return tuple(items)
 
@@ -865,6 +868,8 @@ class Tray:
                 log.info("tray: Stop: %s", self.controller.stop())
             elif ident == OPEN_LATEST:
                 self._start(self._open_latest())
+            elif ident == BROWSE:
+                self._start(self._browse())
             elif ident >= EJECT_BASE:
                 names = list(self._disks)
                 if ident - EJECT_BASE < len(names):
@@ -941,6 +946,50 @@ class Tray:
             await self._say(Text("The latest backup could not be opened",
                                  f"xdg-open exited with status {process.returncode}. The backup is {place.latest}.",
                                  NORMAL))
+
+    async def _browse(self) -> None:
+        """Browse backups: the agent opens the disk read-only (backup-agent open), then its snapshots folder is shown."""
+        here = [name for name in self._disks if name in self._attached]
+        name = self._status.disk if self._status.disk in here else (here[0] if here else None)
+        if name is None or self._status.state == "running":
+            await self._say(Text("The backups cannot be browsed now", "No backup disk is attached, or a backup is running.",
+                                 NORMAL), icon="folder-open")
+            return
+        try:
+            reply = await self.controller.browse(name)
+        except Exception:
+            log.exception("tray: opening %s for browsing failed", name)
+            reply = BrowseReply("failed", "the agent could not open the disk; its log says why")
+        if not reply.open or reply.snapshots is None:
+            await self._say(Text(f"{name} cannot be browsed now", _sentence(reply.message), NORMAL), icon="folder-open")
+            return
+        await self._refresh_place(name)
+        problem = await self._show_folder(reply.snapshots)
+        if problem is not None:
+            await self._say(Text(f"{name} is open, but its backups could not be shown",
+                                 f"{problem} They are in {reply.snapshots}.", NORMAL), icon="folder-open")
+            return
+        log.info("tray: Browse backups: %s opened read-only at %s", name, reply.snapshots)
+        await self._say(Text(f"Browsing the backups on {name}",
+                             "They are read-only: copy what you need back out. The disk closes again after 15 minutes "
+                             "unused, or choose Eject.", NORMAL), icon="folder-open")
+
+    async def _show_folder(self, path: str) -> str | None:
+        """Show ``path`` in the file manager (xdg-open); None, or why it was not shown."""
+        program = shutil.which("xdg-open")
+        if program is None:
+            return "xdg-open is not installed (package xdg-utils)."
+        process = await asyncio.create_subprocess_exec(
+            program, path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        _, error = await process.communicate()
+        if process.returncode != 0:
+            detail = error.decode(errors="replace").strip().splitlines()
+            log.warning("tray: xdg-open %s exited with status %s%s", path, process.returncode,
+                        f": {detail[-1]}" if detail else "")
+            return f"xdg-open exited with status {process.returncode}."
+        return None
 
     async def _say(self, text: Text, *, icon: str = "drive-harddisk") -> None:
         """One notification that answers a click, replacing the previous answer."""

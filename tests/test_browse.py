@@ -1,0 +1,202 @@
+"""Getting files back as the desktop user: ``backup-agent open`` through the real sudo rule.
+
+A LUKS disk on loop devices (device-mapper is replaced by the rig's
+stand-in, tests/test_disk.py), a system config in /etc/backup-agent (the
+only one root reads through sudo), and two real users made for the test:
+alice, whose files are backed up and whose sudo rule ``install`` would
+write, and mallory, another user of the machine. alice opens the disk
+read-only through sudo and reads her own files; mallory reads only what the
+live system would let her read; a backup runs on the open disk and leaves
+it open read-only; alice ejects it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent import browse
+from agent.config import SYSTEM_CONFIG, Disk
+from agent.errors import EXIT_USAGE
+from agent.install import sudoers_rule
+from tests.conftest import ReadableCode
+from tests.test_disk import NAME, Rig, _require_parts
+from tests.test_disk_cycle import Bench
+from tests.test_sudo_door import _run, as_user, real_sudo, wrapper  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.integration
+
+
+def test_browse_options_win_over_the_disks_own() -> None:
+    mine = Disk(name="d", luks_uuid="u", mapped_device="/dev/mapper/d", mount_point="/m", repository="/m/h",
+                filesystem="ext4", mount_options=("rw", "noatime", "exec", "suid"))
+    assert browse.browse_disk(mine).mount_options == ("noatime", "ro", "nosuid", "nodev", "noexec")
+    assert browse.missing_flags(os.ST_RDONLY | os.ST_NOSUID) == ["nodev", "noexec"]
+
+
+def _user() -> str:
+    name = f"bkatest{secrets.randbelow(10**6):06d}"
+    _run(["useradd", "-M", "-s", "/bin/sh", name], check=True)
+    return name
+
+
+def _remove_user(name: str) -> None:
+    deadline = time.monotonic() + 10
+    while _run(["userdel", name]).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # su's session may take a moment to end
+    _run(["userdel", "-f", name])
+
+
+@pytest.fixture
+def people(real_sudo: None) -> Iterator[tuple[str, str]]:
+    alice, mallory = _user(), _user()
+    try:
+        yield alice, mallory
+    finally:
+        _remove_user(alice)
+        _remove_user(mallory)
+
+
+@pytest.fixture
+def open_bench(trusted_dir: Path) -> Iterator[Bench]:
+    """The disk rig and bench, in a directory every user may enter (pytest's tmp_path is root's alone)."""
+    _require_parts()
+    if shutil.which("rsync") is None:
+        pytest.skip(reason="rsync is not installed: run scripts/test, which installs it")
+    base = Path(tempfile.mkdtemp(prefix="browse-"))
+    os.chmod(base, 0o755)
+    rig = Rig(base, trusted_dir)
+    try:
+        bench = Bench(rig, trusted_dir)
+        try:
+            yield bench
+        finally:
+            bench.cleanup()
+    finally:
+        rig.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def system_config(open_bench: Bench) -> Iterator[Path]:
+    """The bench's config as /etc/backup-agent/config.toml, which must not exist before (it is not ours otherwise)."""
+    target = Path(SYSTEM_CONFIG)
+    if target.exists():
+        pytest.skip(reason=f"{target} exists: it belongs to this machine, and this test does not replace it")
+    made_directory = not target.parent.exists()
+    target.parent.mkdir(mode=0o755, exist_ok=True)
+    try:
+        shutil.copyfile(open_bench.config, target)
+        target.chmod(0o644)
+        yield target
+    finally:
+        target.unlink(missing_ok=True)
+        if made_directory:
+            target.parent.rmdir()
+
+
+@pytest.fixture
+def alices_rule(people: tuple[str, str], wrapper: Path) -> Iterator[Path]:
+    """The rule install writes for alice, checked by visudo, under a name of its own."""
+    alice, _ = people
+    target = Path("/etc/sudoers.d") / alice
+    fd, temporary = tempfile.mkstemp(prefix=".bkatest.", dir="/etc/sudoers.d")
+    try:
+        with os.fdopen(fd, "w") as stream:
+            stream.write(sudoers_rule(alice, str(wrapper), [NAME]))
+        os.chmod(temporary, 0o440)
+        checked = _run(["visudo", "-c", "-s", "-f", temporary])
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        os.rename(temporary, target)
+        yield target
+    finally:
+        for path in (temporary, str(target)):
+            Path(path).unlink(missing_ok=True)
+
+
+def as_plain(user: str, code: ReadableCode, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The checkout's CLI (a copy every user can read) as ``user``, without sudo."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *code.argv(*argv)],
+        capture_output=True, text=True, timeout=60, cwd="/", env=code.env({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}),
+    )
+
+
+def reads(user: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "cat", str(path)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_the_desktop_user_opens_the_disk_read_only_and_reads_only_what_the_live_system_lets_them(
+    open_bench: Bench, people: tuple[str, str], alices_rule: Path, wrapper: Path, system_config: Path,
+    readable_code: ReadableCode,
+) -> None:
+    bench = open_bench
+    alice, mallory = people
+    home = bench.source / "alice"
+    home.mkdir()
+    (home / "private.txt").write_text("alice's own\n")
+    (home / "private.txt").chmod(0o600)
+    (home / "shared.txt").write_text("anyone may read this\n")
+    (home / "shared.txt").chmod(0o644)
+    shutil.chown(home, alice, alice)
+    for name in ("private.txt", "shared.txt"):
+        shutil.chown(home / name, alice, alice)
+    (bench.source / "root-only.txt").write_text("root's\n")
+    (bench.source / "root-only.txt").chmod(0o600)
+    bench.init()
+    first = bench.backup_ok()
+    bench.assert_locked_and_unmounted()
+
+    # Without the disk open, alice is told what to do instead of "not attached".
+    refused = as_plain(alice, readable_code, "versions", str(home / "private.txt"))
+    assert refused.returncode == EXIT_USAGE, refused.stderr
+    assert refused.stderr.strip() == (
+        f"backup-agent: opening the backup disk {NAME} needs root: open it for browsing with "
+        f"`sudo backup-agent open --disk {NAME}` (the tray's Browse backups does this), then run this again; "
+        "or give --repository DIR"
+    )
+    # mallory has no rule: sudo itself refuses.
+    denied = as_user(mallory, [str(wrapper), "open", "--json", "--disk", NAME])
+    assert "a password is required" in denied.stderr and denied.returncode == 1
+
+    opened = as_user(alice, [str(wrapper), "open", "--json", "--disk", NAME])
+    assert opened.returncode == 0, opened.stderr
+    done = [json.loads(line) for line in opened.stdout.splitlines() if line.startswith("{")][-1]
+    assert done["event"] == "complete" and done["already_open"] is False and done["read_only"] is True
+    snapshots = bench.repository / "snapshots"
+    assert done["snapshots"] == str(snapshots)
+    flags = os.statvfs(bench.rig.mount_point).f_flag
+    assert browse.missing_flags(flags) == []  # ro, nosuid, nodev, noexec
+    with pytest.raises(OSError, match="Read-only file system"):
+        (snapshots / first / "plain.txt").write_text("changed\n")  # not even root
+
+    copy = snapshots / first / "alice"
+    assert reads(alice, copy / "private.txt").stdout == "alice's own\n"
+    history = as_plain(alice, readable_code, "versions", "--json", str(home / "private.txt"))
+    assert history.returncode == 0, history.stderr
+    assert [v["first"] for v in json.loads(history.stdout)["versions"]] == [first]
+    for path in (copy / "private.txt", snapshots / first / "root-only.txt"):
+        looked = reads(mallory, path)
+        assert looked.returncode != 0 and "Permission denied" in looked.stderr, (path, looked)
+    assert reads(mallory, copy / "shared.txt").stdout == "anyone may read this\n"
+    assert reads(alice, snapshots / first / "root-only.txt").returncode != 0
+
+    # A backup while it is open: made writable for the cycle, read-only again after; left open.
+    (home / "shared.txt").write_text("edited\n")
+    second = bench.backup_ok()
+    assert browse.missing_flags(os.statvfs(bench.rig.mount_point).f_flag) == []
+    assert (snapshots / second / "alice" / "shared.txt").read_text() == "edited\n"
+
+    closed = as_user(alice, [str(wrapper), "eject", "--json", "--disk", NAME])
+    assert closed.returncode == 0, closed.stderr
+    bench.assert_locked_and_unmounted()
