@@ -12,11 +12,13 @@ it open read-only; alice ejects it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +33,13 @@ from agent.install import sudoers_rule
 from tests.conftest import ReadableCode
 from tests.test_disk import NAME, Rig, _require_parts
 from tests.test_disk_cycle import Bench
+from agent.state import BrowseReply
+from tests.test_daemon import agent_on, here, one_cycle, real, settle, until  # noqa: F401  (here: fixture)
+from tests.test_dbus_control import run
+from tests.test_disk import rig  # noqa: F401  (rig: the fixture bench uses)
+from tests.test_disk_cycle import bench  # noqa: F401  (fixture)
 from tests.test_sudo_door import _run, as_user, real_sudo, wrapper  # noqa: F401  (fixtures)
+from tests.test_udev import udevd  # noqa: F401  (fixture of @real)
 
 pytestmark = pytest.mark.integration
 
@@ -199,4 +207,40 @@ def test_the_desktop_user_opens_the_disk_read_only_and_reads_only_what_the_live_
 
     closed = as_user(alice, [str(wrapper), "eject", "--json", "--disk", NAME])
     assert closed.returncode == 0, closed.stderr
+    bench.assert_locked_and_unmounted()
+
+
+# -- the agent: Browse backups, and closing the disk when nobody uses it ------------------------
+
+
+@real
+def test_the_agent_opens_a_disk_for_browsing_and_closes_it_once_unused(bench: Bench, here: None) -> None:
+    bench.init()
+    settle()
+
+    async def scenario() -> None:
+        open_argv = (sys.executable, "-m", "agent.cli", "open", "--json", "--config", str(bench.config))
+        async with agent_on(bench, open_argv=open_argv, browse_idle=0.5) as (agent, recorder):
+            await until(lambda: agent.cycle_pid is not None, "the plug-in's cycle to start")
+            refused = await agent.browse(NAME)
+            assert refused.result == "refused" and refused.message.startswith("a backup is running")
+            await one_cycle(agent, recorder)
+            bench.assert_locked_and_unmounted()
+
+            reply = await agent.browse(NAME)
+            assert reply == BrowseReply("opened", f"{NAME} is open for browsing, read-only", str(bench.repository / "snapshots"))
+            assert browse.missing_flags(os.statvfs(bench.rig.mount_point).f_flag) == []
+            latest = bench.repository / "latest"
+            with open(latest / "plain.txt", encoding="utf-8") as held:  # a program still reading: it stays open
+                await asyncio.sleep(1.5)
+                assert held.read() == "plain\n"
+                assert browse.missing_flags(os.statvfs(bench.rig.mount_point).f_flag) == []
+            await until(lambda: not bench.mounted_here() and not os.path.lexists(bench.rig.mapped),
+                        "the disk to be closed once unused", 10)
+            bench.assert_locked_and_unmounted()
+            # Closed because browsing ended, not ejected: the schedule goes on.
+            assert agent.status().next_due is not None and agent.timer is not None
+            assert recorder.of("backup_failed") == []
+
+    run(scenario(), timeout=60)
     bench.assert_locked_and_unmounted()
