@@ -107,6 +107,7 @@ STATUSES: Final[Mapping[str, str]] = {
     "failed": "NeedsAttention",
 }
 
+SHOW_WAIT: Final = 5.0  # seconds xdg-open may take before the folder counts as shown
 LOOK_TIMEOUT: Final = 5.0  # seconds a look at a disk may take (a hung USB disk must not hang the menu)
 
 # Menu item ids (0 is the root). An attached disk's Eject item is EJECT_BASE + its index in the config.
@@ -979,16 +980,19 @@ class Tray:
         program = shutil.which("xdg-open")
         if program is None:
             return "xdg-open is not installed (package xdg-utils)."
+        # Where no desktop handles it, xdg-open runs the file manager itself and
+        # returns only when it is closed: still running after a while means shown.
         process = await asyncio.create_subprocess_exec(
-            program, path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            program, path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        _, error = await process.communicate()
-        if process.returncode != 0:
-            detail = error.decode(errors="replace").strip().splitlines()
-            log.warning("tray: xdg-open %s exited with status %s%s", path, process.returncode,
-                        f": {detail[-1]}" if detail else "")
-            return f"xdg-open exited with status {process.returncode}."
+        try:
+            status = await asyncio.wait_for(process.wait(), SHOW_WAIT)
+        except asyncio.TimeoutError:
+            return None
+        if status != 0:
+            log.warning("tray: xdg-open %s exited with status %s", path, status)
+            return f"xdg-open exited with status {status}."
         return None
 
     async def _say(self, text: Text, *, icon: str = "drive-harddisk") -> None:
