@@ -28,6 +28,7 @@ import pytest
 
 from agent import browse
 from agent.config import SYSTEM_CONFIG, Disk
+from agent.daemon import browse_reply
 from agent.errors import EXIT_USAGE
 from agent.install import sudoers_rule
 from tests.conftest import ReadableCode
@@ -244,3 +245,17 @@ def test_the_agent_opens_a_disk_for_browsing_and_closes_it_once_unused(bench: Be
 
     run(scenario(), timeout=60)
     bench.assert_locked_and_unmounted()
+
+
+def test_the_agent_reads_how_the_open_ended() -> None:
+    done = json.dumps({"event": "complete", "disk": NAME, "snapshots": "/mnt/b/h/snapshots", "already_open": False})
+    assert browse_reply(NAME, 0, [done], [], through_sudo=True) == BrowseReply(
+        "opened", f"{NAME} is open for browsing, read-only", "/mnt/b/h/snapshots")
+    again = done.replace('"already_open": false', '"already_open": true')
+    assert browse_reply(NAME, 0, [again], [], through_sudo=True).result == "already"
+    busy = json.dumps({"event": "error", "step": "lock", "message": "a backup is running", "exit_code": 4})
+    assert browse_reply(NAME, 4, [busy], [], through_sudo=True) == BrowseReply("refused", "a backup is running")
+    no_rule = browse_reply(NAME, 1, [], ["sudo: a password is required"], through_sudo=True)
+    assert no_rule.result == "failed" and "run sudo backup-agent install again" in no_rule.message
+    assert browse_reply(NAME, 6, [], ["backup-agent: disk failed: not attached"], through_sudo=False) == BrowseReply(
+        "failed", "disk failed: not attached")

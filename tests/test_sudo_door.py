@@ -127,7 +127,11 @@ ALLOWED = [
     ["eject", "--disk", "backup1", "-q"],
     ["list"],
     ["list", "--json"],
+    ["list", "--disk", "backup1"],
     ["rotate", "--dry-run", "--json"],
+    ["rotate", "--discard-unfinished", "--disk", "backup1"],
+    ["open", "--json", "--disk", "backup1"],
+    ["-q", "open", "--disk", "backup1"],
 ]
 
 

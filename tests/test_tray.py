@@ -610,7 +610,8 @@ def test_the_tray_follows_a_real_agent_and_its_menu_works(
         watcher_bus, watcher = await start_watcher(session_bus.address)
         options = AgentOptions(cycle_argv=cycle_argv(bench), policy=schedule.Policy(),
                                state_file=str(tmp_path / "state.json"), foreign_poll=0.2,
-                               eject_argv=eject_argv(bench))
+                               eject_argv=eject_argv(bench),
+                               open_argv=(*cycle_argv(bench)[:3], "open", "--json", "--config", str(bench.config)))
         agent = Agent(settings, options)
         stop = asyncio.Event()
         bus = await MessageBus(bus_address=session_bus.address).connect()
@@ -666,6 +667,21 @@ def test_the_tray_follows_a_real_agent_and_its_menu_works(
             # the menu followed by itself (no AboutToShow asked the tray to look again)
             assert (await host.menu())[2] == (OPEN_LATEST, "Open latest backup (the disk is locked)", False)
             assert agent.status().state == "disk-attached"  # ejecting is not a failure, and started nothing
+
+            # Browse backups: the agent opens the disk read-only (the real backup-agent open), the
+            # snapshots folder is shown, and it says so; Eject closes it again
+            await host.click(BROWSE)
+            await icon.settle()
+            assert (server.shown[-1].summary, server.shown[-1].body) == (
+                f"Browsing the backups on {NAME}",
+                "They are read-only: copy what you need back out. The disk closes again after 15 minutes unused, "
+                "or choose Eject.")
+            assert record.read_text().splitlines()[-1] == repr([str(bench.repository / "snapshots")])
+            assert os.statvfs(bench.rig.mount_point).f_flag & os.ST_RDONLY
+            await host.click(EJECT_BASE)
+            await icon.settle()
+            assert server.shown[-1].summary == f"It is safe to unplug {NAME}"
+            bench.assert_locked_and_unmounted()
 
             # Back up now from the menu: a real cycle; the tray shows it running, then done
             host.signals.clear()
