@@ -22,6 +22,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import stat
 from typing import Callable, Iterator
 
 from . import disk as disks
@@ -30,6 +31,7 @@ from .commands import Runner
 from .config import Disk, Settings
 from .errors import BackupAgentError, DiskError, DiskMissingError, StepError
 from .events import Emitter, complete, step
+from .repository import MANIFEST_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,32 @@ class _Keep:
 
     def __call__(self) -> bool:
         return self.value
+
+
+def private_manifests(metadata_dir: str) -> list[str]:
+    """Make every manifest in ``metadata_dir`` root's alone (0600); the names changed.
+
+    A manifest lists every file of a snapshot with a checksum of its
+    content, files in private directories too: on a disk open for browsing
+    it must not be readable by every user. Older versions wrote them 0644;
+    each cycle closes them. Never follows a link (the disk is not trusted).
+    """
+    changed = []
+    for entry in sorted(os.listdir(metadata_dir)):
+        if not entry.endswith(MANIFEST_SUFFIX):
+            continue
+        try:
+            fd = os.open(os.path.join(metadata_dir, entry), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue  # a link or a special file: not a manifest this cycle wrote
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and info.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+                changed.append(entry)
+        finally:
+            os.close(fd)
+    return changed
 
 
 def is_read_only(mount_point: str) -> bool:

@@ -221,6 +221,7 @@ class Cycle:
                         hooks.around("backup", settings.hooks, self.runner, self.hook_context, self._warn, dry_run=request.dry_run)
                     )
                 self._prepare(stack)
+                self._close_manifests()
                 name: str | None = None
                 if "backup" in request.steps:
                     self._make_room()
@@ -414,6 +415,18 @@ class Cycle:
             stack.enter_context(lock.hold(self.repository.lock_path, self._holder()))
             done["created"] = state != "repository"
             done["id"] = self.repository.marker.id
+
+    def _close_manifests(self) -> None:
+        """Manifests root's alone, also those an older version left readable (agent.browse.private_manifests)."""
+        if self.repository is None or self.request.dry_run:
+            return
+        try:
+            changed = browse.private_manifests(self.repository.metadata_dir)
+        except OSError as exc:
+            self._warn(f"the manifests in {self.repository.metadata_dir} could not be made private: {exc.strerror}")
+            return
+        if changed:
+            log.info("made %d manifests readable by root only", len(changed))
 
     def _check_source(self, source: str) -> None:
         if not os.path.isdir(source):

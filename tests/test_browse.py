@@ -52,6 +52,26 @@ def test_browse_options_win_over_the_disks_own() -> None:
     assert browse.missing_flags(os.ST_RDONLY | os.ST_NOSUID) == ["nodev", "noexec"]
 
 
+def test_manifests_are_made_root_s_alone_and_no_link_is_followed(tmp_path: Path) -> None:
+    (tmp_path / "a.manifest").write_text("x")
+    (tmp_path / "a.manifest").chmod(0o644)
+    (tmp_path / "b.manifest").write_text("y")
+    (tmp_path / "b.manifest").chmod(0o600)
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "a.json").chmod(0o644)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.write_text("not ours")
+    outside.chmod(0o644)
+    (tmp_path / "c.manifest").symlink_to(outside)
+    try:
+        assert browse.private_manifests(str(tmp_path)) == ["a.manifest"]
+        assert [oct((tmp_path / n).stat().st_mode & 0o777) for n in ("a.manifest", "b.manifest", "a.json")] == [
+            "0o600", "0o600", "0o644"]
+        assert outside.stat().st_mode & 0o777 == 0o644
+    finally:
+        outside.unlink()
+
+
 def _user() -> str:
     name = f"bkatest{secrets.randbelow(10**6):06d}"
     _run(["useradd", "-M", "-s", "/bin/sh", name], check=True)
@@ -140,6 +160,21 @@ def as_plain(user: str, code: ReadableCode, *argv: str) -> subprocess.CompletedP
     )
 
 
+def through_sudo(user: str, wrapper: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """``sudo -n backup-agent ARGUMENTS`` as ``user``, waiting while a root cycle elsewhere holds the machine lock.
+
+    Through sudo the machine lock is /run/backup-agent.lock whatever the
+    environment says (agent.lock): a backup run on this machine by someone
+    else meanwhile holds it, and open and eject then rightly refuse.
+    """
+    deadline = time.monotonic() + 60
+    while True:
+        result = as_user(user, [str(wrapper), *arguments])
+        if result.returncode != 4 or "lock failed" not in result.stderr or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
 def reads(user: str, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "cat", str(path)],
                           capture_output=True, text=True, timeout=30)
@@ -178,7 +213,7 @@ def test_the_desktop_user_opens_the_disk_read_only_and_reads_only_what_the_live_
     denied = as_user(mallory, [str(wrapper), "open", "--json", "--disk", NAME])
     assert "a password is required" in denied.stderr and denied.returncode == 1
 
-    opened = as_user(alice, [str(wrapper), "open", "--json", "--disk", NAME])
+    opened = through_sudo(alice, wrapper, "open", "--json", "--disk", NAME)
     assert opened.returncode == 0, opened.stderr
     done = [json.loads(line) for line in opened.stdout.splitlines() if line.startswith("{")][-1]
     assert done["event"] == "complete" and done["already_open"] is False and done["read_only"] is True
@@ -198,6 +233,9 @@ def test_the_desktop_user_opens_the_disk_read_only_and_reads_only_what_the_live_
         looked = reads(mallory, path)
         assert looked.returncode != 0 and "Permission denied" in looked.stderr, (path, looked)
     assert reads(mallory, copy / "shared.txt").stdout == "anyone may read this\n"
+    # The manifest names every file with a checksum of its content: root's alone.
+    manifest = bench.repository / "metadata" / f"{first}.manifest"
+    assert reads(mallory, manifest).returncode != 0 and reads(alice, manifest).returncode != 0
     assert reads(alice, snapshots / first / "root-only.txt").returncode != 0
 
     # A backup while it is open: made writable for the cycle, read-only again after; left open.
@@ -206,7 +244,7 @@ def test_the_desktop_user_opens_the_disk_read_only_and_reads_only_what_the_live_
     assert browse.missing_flags(os.statvfs(bench.rig.mount_point).f_flag) == []
     assert (snapshots / second / "alice" / "shared.txt").read_text() == "edited\n"
 
-    closed = as_user(alice, [str(wrapper), "eject", "--json", "--disk", NAME])
+    closed = through_sudo(alice, wrapper, "eject", "--json", "--disk", NAME)
     assert closed.returncode == 0, closed.stderr
     bench.assert_locked_and_unmounted()
 

@@ -210,6 +210,12 @@ def test_a_directory_verify_cannot_list_is_named_and_nothing_below_it_is_called_
         os.chmod(source / "deep", 0o700)  # root's own, as /root is in a backup of /
         name = backup(source, repo, cfg)
         nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+        argv = [*nobody, *readable_code.argv("verify", "--json", "-q", "--config", str(cfg), "--repository", str(repo))]
+        # The manifest is root's alone: as anyone else, verify says it could not check, not that it is damaged.
+        private = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=base, env=readable_code.env())
+        assert private.returncode == EXIT_UNVERIFIED, private.stderr
+        assert json.loads(private.stdout)["problems"] == []
+        os.chmod(manifest_path(repo, name), 0o644)  # as an older version wrote it: the rest is about a private directory
         result = subprocess.run(
             [*nobody, *readable_code.argv("verify", "--json", "-q", "--config", str(cfg), "--repository", str(repo))],
             capture_output=True, text=True, timeout=60, cwd=base, env=readable_code.env(),
