@@ -742,6 +742,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     paths = [history.live_path(path, cwd) for path in args.paths]
     to = history.live_path(args.to, cwd) if args.to else None
+    # What the live system alone decides is refused before the disk is opened: --to, and through sudo the caller's directories.
+    restoring.plan_restore([], to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
     caller = int(os.environ["SUDO_UID"]) if running_through_sudo() else None
     if caller is not None:
         early = restoring.early_refusal(paths, caller, os.path.lexists, lambda path: os.lstat(path).st_uid)

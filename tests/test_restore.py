@@ -604,3 +604,15 @@ def test_through_sudo_a_restore_that_will_be_refused_opens_nothing_first(
         f"backup-agent: {tmp_path} is not yours (owner uid 0): through sudo, restore only into your own directories; "
         "nothing was opened or restored\n"
     )
+
+
+def test_a_restore_into_a_to_that_cannot_be_used_is_refused_before_anything_is_opened(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """No repository is even looked for (the config names none): the --to refusal comes first."""
+    (tmp_path / "file").write_text("x")
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    status = main(["restore", "--config", str(config), "--to", str(tmp_path / "file"), str(tmp_path / "notes.txt")])
+    assert status == EXIT_USAGE
+    assert capsys.readouterr().err == f"backup-agent: --to {tmp_path / 'file'} exists and is not a directory: give a directory\n"
