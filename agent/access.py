@@ -14,6 +14,11 @@ Three ways, in this order:
   fstab line the line's own options apply (``mount --fstab`` takes them
   from the file), so it is mounted as the backup mounts it.
 - otherwise ``[backup] repository`` from the config.
+
+Not as root, a disk cannot be found (blkid) nor unlocked: the disk's
+repository is read only when the disk is mounted already (opened for
+browsing, agent.browse); otherwise the error says that opening it needs
+root, and how (``backup-agent open``).
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ def open_repository(
         yield open_to_read(os.path.abspath(repository))
         return
     chosen = disks.select_disk(settings, name=disk, crypto=None, mount=None)
+    if os.geteuid() != 0 and (chosen is not None or (settings.repository is None and settings.disks)):
+        # Not root: blkid cannot see the disk, nor can it be unlocked. A disk
+        # opened for browsing (backup-agent open) is read as it is.
+        yield open_to_read(_opened(settings, chosen))
+        return
     if chosen is None and settings.repository is None and settings.disks:
         chosen = disks.first_present(settings, runner)
         if chosen is None:
@@ -80,6 +90,19 @@ def open_repository(
         return
     with contextlib.ExitStack() as stack:
         yield _open_disk(stack, settings, runner, chosen, warn, command)
+
+
+def _opened(settings: Settings, chosen: Disk | None) -> str:
+    """Without root: the repository of the chosen (or first) configured disk that is mounted now, or why none can be read."""
+    candidates = [chosen] if chosen is not None else list(settings.disks)
+    for candidate in candidates:
+        if os.path.ismount(candidate.mount_point) and os.path.isdir(candidate.repository):
+            return os.path.abspath(candidate.repository)
+    name = candidates[0].name
+    raise UsageError(
+        f"opening the backup disk {name} needs root: open it for browsing with `sudo backup-agent open --disk {name}` "
+        "(the tray's Browse backups does this), then run this again; or give --repository DIR"
+    )
 
 
 def _open_disk(

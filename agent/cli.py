@@ -20,7 +20,7 @@ import time
 from types import FrameType
 from typing import Any, Callable, Sequence
 
-from . import __version__, access, history, when
+from . import __version__, access, browse, history, when
 from . import restore as restoring
 from . import verify as verifier
 from .commands import IONICE_CLASSES, Runner
@@ -42,7 +42,7 @@ from .errors import (
     UsageError,
 )
 from .eject import Eject
-from .events import Emitter
+from .events import Emitter, error
 from .repository import Repository, classify
 from .rotation import FREQUENCIES, Count, Plan, Scheme
 
@@ -73,12 +73,22 @@ def _count(text: str) -> Count:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="backup-agent", description="Hard-linked rsync snapshots on a backup disk.")
     parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
+    # The global options are accepted before the subcommand as well as after
+    # it. After it they default to SUPPRESS, so a subcommand that does not
+    # repeat them keeps what was given before it.
+    parser.add_argument("--config", metavar="FILE", help="read this config instead of /etc/backup-agent/config.toml")
+    parser.add_argument("-v", "--verbose", action="store_true", help="say more (every command run, rsync's output)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     common = _Parser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="read this config instead of /etc/backup-agent/config.toml")
-    common.add_argument("-v", "--verbose", action="store_true", help="say more (every command run, rsync's output)")
-    common.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
+    common.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="read this config instead of /etc/backup-agent/config.toml"
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="say more (every command run, rsync's output)"
+    )
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="say only warnings and errors")
 
     backup = sub.add_parser("backup", parents=[common], help="run a backup cycle", description="Run a backup cycle.")
     backup.add_argument("-b", "--backup", action="store_true", help="transfer into a new <name>.in-progress")
@@ -105,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", parents=[common], help="list the snapshots of a repository")
     listing.add_argument("--json", action="store_true", help="one JSON array of snapshots")
+    listing.add_argument("--disk", metavar="NAME", help="list this configured disk (default: the one attached)")
     listing.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
     rotate = sub.add_parser("rotate", parents=[common], help="rotate old snapshots now")
@@ -114,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         rotate.add_argument(f"--{frequency}", type=_count, metavar="N", help=f'{frequency} snapshots to keep (or "always")')
     rotate.add_argument("--prefer-recent", action="store_true", default=None, help="keep the newest of each period")
     rotate.add_argument("--relaxed", action="store_true", help="count periods, not time since the newest")
+    rotate.add_argument(
+        "--discard-unfinished", action="store_true", help="delete the unfinished transfer too (else kept to resume from)"
+    )
+    rotate.add_argument("--disk", metavar="NAME", help="rotate this configured disk (default: the one attached)")
     rotate.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
     reading = _Parser(add_help=False)
@@ -165,16 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
     eject.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to eject")
     eject.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
 
+    opening = sub.add_parser(
+        "open",
+        parents=[common],
+        help="unlock and mount a backup disk read-only for browsing (run it with sudo)",
+        description=(
+            "Unlock a backup disk and mount it read-only, nosuid, nodev, noexec, and leave it so: its snapshots "
+            "can then be read with a file manager, and versions, diff and restore --repository run without root. "
+            "Eject closes it again."
+        ),
+    )
+    opening.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to open")
+    opening.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
+
     loud = _Parser(add_help=False)
-    loud.add_argument("-v", "--verbose", action="store_true", help="say more (every command run)")
-    loud.add_argument("-q", "--quiet", action="store_true", help="say only warnings and errors")
+    loud.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="say more (every command run)")
+    loud.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="say only warnings and errors")
     install = sub.add_parser(
         "install",
         parents=[loud],
         help="put the sudo rule, the udev rule and the user unit in place (run it with sudo)",
         description=(
             f"Write {installer.DROP_IN}: USER may run this backup-agent as root, without a password, only as "
-            "`backup --json`, and `backup --json --disk NAME` and `eject --json --disk NAME` for each configured disk; "
+            "`backup --json`, and `backup --json --disk NAME`, `eject --json --disk NAME` and `open --json --disk NAME` "
+            "for each configured disk; "
             f"{installer.RULES_FILE}: marks each configured disk and hides it from desktop automounters; "
             f"{installer.UNIT_FILE}: the user unit that runs `backup-agent run` in the graphical session."
         ),
@@ -208,8 +237,9 @@ SUDO_FORMS: dict[str, str] = {
     "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
     "init": "init --disk NAME [--yes] [-q|-v]",
     "eject": "eject --disk NAME [--json] [-q|-v]",
-    "list": "list [--json] [-q|-v]",
-    "rotate": "rotate [-n] [--json] [-q|-v]",
+    "open": "open --disk NAME [--json] [-q|-v]",
+    "list": "list [--json] [--disk NAME] [-q|-v]",
+    "rotate": "rotate [-n] [--json] [--disk NAME] [--discard-unfinished] [-q|-v]",
     "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
     "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
@@ -219,8 +249,9 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
     "eject": frozenset({"disk", "json", "quiet", "verbose"}),
-    "list": frozenset({"json", "quiet", "verbose"}),
-    "rotate": frozenset({"json", "dry_run", "quiet", "verbose"}),
+    "open": frozenset({"disk", "json", "quiet", "verbose"}),
+    "list": frozenset({"json", "disk", "quiet", "verbose"}),
+    "rotate": frozenset({"json", "dry_run", "disk", "discard_unfinished", "quiet", "verbose"}),
     # Reading only, and restoring only into a new directory beside the
     # original (restore itself checks the caller owns that directory and
     # could reach the path): --repository, --to and --in-place choose what is
@@ -269,14 +300,17 @@ def through_sudo_refusal(args: argparse.Namespace, parser: argparse.ArgumentPars
     allowed = _SUDO_DESTS.get(command)
     if allowed is None:
         return f"`{command}` is not accepted through sudo: {door}"
-    sub = _subparser(parser or build_parser(), command)
+    parser = parser or build_parser()
+    sub = _subparser(parser, command)
     known = {"command", "help"}
     for action in sub._actions:
         known.add(action.dest)
         if action.dest in allowed or action.dest == "help":
             continue
-        value = getattr(args, action.dest, action.default)
-        if value == action.default:
+        # A global option (SUPPRESS after the subcommand) has its default on the main parser.
+        default = parser.get_default(action.dest) if action.default == argparse.SUPPRESS else action.default
+        value = getattr(args, action.dest, default)
+        if value == default:
             continue
         if action.option_strings:
             what = "/".join(action.option_strings)
@@ -454,18 +488,22 @@ def _summary(outcome: Any, request: Request) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load(args)
-    repo = access.open_to_read(_repository_path(args.repository, settings))
-    rows = []
-    for name in repo.snapshot_names():
-        metadata = repo.read_metadata(name) or {}
-        rows.append({"name": name, "path": repo.snapshot_path(name), **{k: v for k, v in metadata.items() if k != "name"}})
+    with access.open_repository(
+        settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command="list"
+    ) as repo:
+        rows = []
+        for name in repo.snapshot_names():
+            metadata = repo.read_metadata(name) or {}
+            rows.append({"name": name, "path": repo.snapshot_path(name), **{k: v for k, v in metadata.items() if k != "name"}})
+        latest = repo.latest_name()
+        in_progress = repo.in_progress_names()
+        root = repo.root
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK
     if not rows:
-        print(f"{repo.root}: no snapshots yet")
+        print(f"{root}: no snapshots yet")
         return EXIT_OK
-    latest = repo.latest_name()
     print(f"{'SNAPSHOT':<26} {'FILES':>9} {'CHANGED':>9} {'SIZE':>10} {'TOOK':>7}  NOTES")
     for row in rows:
         stats = row.get("statistics") or {}
@@ -477,9 +515,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{row['name']:<26} {stats.get('files', '?'):>9} {stats.get('transferred_files', '?'):>9} "
             f"{human_size(stats.get('total_size', 0)):>10} {took:>7}  {', '.join(notes)}"
         )
-    in_progress = repo.in_progress_names()
     if in_progress:
-        print(f"unfinished transfers (resumed by the next backup): {', '.join(in_progress)}")
+        print(
+            f"unfinished transfer (resumed by the next backup; rotate --discard-unfinished deletes it): {', '.join(in_progress)}"
+        )
     return EXIT_OK
 
 
@@ -497,6 +536,9 @@ def _root_disk(args: argparse.Namespace, does: str) -> tuple[Settings, Disk]:
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the repository and its marker on a disk, and record its id for this machine."""
     settings, disk = _root_disk(args, "unlocks and mounts the disk")
+    if not args.yes and not sys.stdin.isatty():
+        # Refused before anything is touched: asking needs a terminal.
+        raise UsageError("init asks before writing to a disk: pass --yes to confirm when there is no terminal; nothing was touched")
     runner = Runner()
     device = disks.find_device(disk, settings, runner)
     if device is None:
@@ -528,8 +570,6 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"will create the repository {disk.repository} (snapshots/, metadata/, and a marker with a new random id)")
         print(f"and record its id in {disks.id_path(settings, disk)}" + (f", replacing {recorded}" if recorded else ""))
         if not args.yes:
-            if not sys.stdin.isatty():
-                raise UsageError("init asks before writing to a disk: pass --yes to confirm when there is no terminal")
             if input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("nothing written")
                 return EXIT_OK
@@ -552,6 +592,23 @@ def cmd_eject(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_open(args: argparse.Namespace) -> int:
+    """Unlock and mount a configured disk read-only for browsing, and leave it so (the tray's Browse backups)."""
+    settings, disk = _root_disk(args, "unlocks and mounts the disk")
+    emitter = Emitter(sys.stdout if args.json else None)
+    try:
+        opened = browse.open_for_browsing(disk, settings, Runner(), emitter, log.warning)
+    except BackupAgentError as exc:
+        # Open never writes to a repository: every snapshot is untouched.
+        emitter.emit(error(exc.step, exc.message, exc.exit_code, True))
+        raise
+    if not args.json and not args.quiet:
+        state = "opened" if opened else "already open"
+        print(f"{disk.name} is {state}: its snapshots are in {os.path.join(disk.repository, 'snapshots')}")
+        print(f"read them as yourself: backup-agent versions --repository {disk.repository} PATH; close it with eject")
+    return EXIT_OK
+
+
 def _plan_json(plan: Plan) -> str:
     return json.dumps({"keep": {k: list(v) for k, v in plan.keep.items()}, "delete": list(plan.delete)}, indent=2)
 
@@ -570,14 +627,29 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     if args.relaxed:
         scheme = dataclasses.replace(scheme, strict=False)
     settings = dataclasses.replace(settings, rotation=scheme)
+    # The configured disk, opened as a backup opens it (read-write), unless a repository is named.
+    disk = disks.select_disk(settings, name=args.disk, crypto=None, mount=None)
+    if disk is not None and args.repository is not None:
+        raise UsageError(f"give either REPOSITORY or --disk {disk.name}, not both")
+    if disk is None and args.repository is None and settings.repository is None and settings.disks:
+        if os.geteuid() != 0:
+            raise UsageError("rotating the backup disk needs root (it is unlocked and mounted for it): run it with sudo")
+        disk = disks.first_present(settings, Runner())
+        if disk is None:
+            raise DiskMissingError(disks.none_attached(settings) + "; plug one in, or give REPOSITORY")
     request = Request(
         settings=settings,
         source=settings.source,
-        repository=_repository_path(args.repository, settings),
+        repository=disk.repository if disk is not None else _repository_path(args.repository, settings),
         steps=frozenset({"rotate"}),
         dry_run=args.dry_run,
+        disk=disk,
+        discard_unfinished=args.discard_unfinished,
     )
     outcome = Cycle(request, Emitter(None), Runner(dry_run=args.dry_run)).run()
+    if outcome.skipped and not args.json:
+        print(f"nothing done: {outcome.skipped}")
+        return EXIT_OK
     plan = outcome.plan or Plan(keep={}, delete=())
     if args.json:
         print(_plan_json(plan))
@@ -670,6 +742,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     paths = [history.live_path(path, cwd) for path in args.paths]
     to = history.live_path(args.to, cwd) if args.to else None
+    # What the live system alone decides is refused before the disk is opened: --to, and through sudo the caller's directories.
+    restoring.plan_restore([], to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
+    caller = int(os.environ["SUDO_UID"]) if running_through_sudo() else None
+    if caller is not None:
+        early = restoring.early_refusal(paths, caller, os.path.lexists, lambda path: os.lstat(path).st_uid)
+        if early is not None:
+            raise UsageError(early + "; nothing was opened or restored")
     with _reading(args, settings) as repo:
         snaps = history.snapshots(repo)
         targets = []
@@ -681,7 +760,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
         plan = restoring.plan_restore(
             targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir
         )
-        caller = int(os.environ["SUDO_UID"]) if running_through_sudo() else None
         if caller is not None:
             refusal = restoring.caller_refusal(plan, targets, caller, _groups(caller))
             if refusal is not None:
@@ -799,6 +877,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": cmd_backup,
     "init": cmd_init,
     "eject": cmd_eject,
+    "open": cmd_open,
     "list": cmd_list,
     "rotate": cmd_rotate,
     "versions": cmd_versions,
@@ -824,6 +903,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if args.config is not None and _subparser(parser, args.command).get_default("config") is None:
+            raise UsageError(f"{args.command} reads no config: leave out --config {args.config}")
         if running_through_sudo():
             refusal = through_sudo_refusal(args, parser)
             if refusal is not None:

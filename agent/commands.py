@@ -156,7 +156,8 @@ class Runner:
         if self.dry_run and mutating:
             log.info("would run: %s", shown)
             return Result(argv, 0, "ok", "not run (dry run)", ())
-        log.info("running: %s", shown)
+        # The exact argv of every command run: -v shows it (the README says so).
+        log.debug("running: %s", shown)
         program = os.path.basename(argv[0])
         tail: collections.deque[str] = collections.deque(maxlen=self.stderr_tail)
 

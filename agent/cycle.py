@@ -22,9 +22,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from . import __version__, lock, rsync
+from . import browse
 from . import disk as disks
 from . import hooks
 from . import manifest as manifests
+from . import unfinished
 from .commands import Runner, priority_prefix
 from .config import Disk, Settings, effective_excludes
 from .errors import (
@@ -71,6 +73,8 @@ class Request:
     # Run from a terminal: a missing disk is an error to explain, not a
     # quiet "nothing to do" as from a timer.
     interactive: bool = True
+    # rotate --discard-unfinished: delete unfinished transfers too (otherwise kept to resume from).
+    discard_unfinished: bool = False
 
 
 @dataclass
@@ -168,6 +172,8 @@ class Cycle:
         )
         self._started = time.monotonic()
         self._failed_step: str | None = None
+        # The transfer under way and the unfinished one it resumes from.
+        self._resuming: tuple[str, list[str]] | None = None
 
     # -- helpers ------------------------------------------------------------
 
@@ -215,6 +221,7 @@ class Cycle:
                         hooks.around("backup", settings.hooks, self.runner, self.hook_context, self._warn, dry_run=request.dry_run)
                     )
                 self._prepare(stack)
+                self._close_manifests()
                 name: str | None = None
                 if "backup" in request.steps:
                     self._make_room()
@@ -311,6 +318,10 @@ class Cycle:
         with self._step("verify", repository=disk.repository) as done:
             marker = disks.verify_identity(disk, settings)
             done["id"] = marker.id if marker else None
+        if not self.request.dry_run:
+            # Opened for browsing (read-only): writable for this cycle, read-only again after (agent.browse).
+            self.current_step = "mount"
+            stack.enter_context(browse.writable(disk, settings, self.runner, self._warn))
         return True
 
     @classmethod
@@ -405,6 +416,18 @@ class Cycle:
             done["created"] = state != "repository"
             done["id"] = self.repository.marker.id
 
+    def _close_manifests(self) -> None:
+        """Manifests root's alone, also those an older version left readable (agent.browse.private_manifests)."""
+        if self.repository is None or self.request.dry_run:
+            return
+        try:
+            changed = browse.private_manifests(self.repository.metadata_dir)
+        except OSError as exc:
+            self._warn(f"the manifests in {self.repository.metadata_dir} could not be made private: {exc.strerror}")
+            return
+        if changed:
+            log.info("made %d manifests readable by root only", len(changed))
+
     def _check_source(self, source: str) -> None:
         if not os.path.isdir(source):
             raise UsageError(f"source {source} is not a directory: give the directory to back up", step="prepare")
@@ -424,6 +447,53 @@ class Cycle:
     # -- transfer ------------------------------------------------------------
 
     def _transfer(self) -> str:
+        """The transfer, leaving at most one unfinished transfer behind, whatever happens (agent.unfinished)."""
+        self._resuming = None
+        try:
+            name = self._transfer_once()
+        except BaseException as exc:
+            if self._resuming is not None:
+                self._keep_one_unfinished(*self._resuming)
+                if isinstance(exc, DiskFullError):
+                    exc.message = self._disk_full_message()
+            raise
+        if self._resuming is not None and self.repository is not None:
+            # The new transfer is whole: what it resumed from is not needed any more.
+            self.repository.discard([n + IN_PROGRESS for n in self._resuming[1]], self.runner, self._rm_argv(), step="transfer")
+        return name
+
+    def _fold_leftovers(self, repo: Repository, leftovers: list[str]) -> list[str]:
+        """More than one unfinished transfer (left by an older version): fold them into the newest."""
+        if len(leftovers) < 2:
+            return leftovers
+        newest = leftovers[-1]
+        for older in leftovers[:-1]:
+            self._fold(repo, older, newest)
+        return [newest]
+
+    def _keep_one_unfinished(self, name: str, leftovers: list[str]) -> None:
+        """After a transfer that did not finish: fold what it resumed from into it, so one remains."""
+        repo = self.repository
+        if repo is None or not leftovers or not os.path.isdir(repo.in_progress_path(name)):
+            return
+        if (repo.read_metadata(name) or {}).get("state") == "transferred":
+            # Whole already (a later step failed): never add older entries to it.
+            repo.discard([n + IN_PROGRESS for n in leftovers], self.runner, self._rm_argv(), step="transfer")
+            return
+        for older in leftovers:
+            self._fold(repo, older, name)
+
+    def _fold(self, repo: Repository, older: str, newer: str) -> None:
+        """Fold one unfinished transfer into another and delete it; a failure is a warning, both are kept."""
+        try:
+            linked = unfinished.fold(repo.in_progress_path(older), repo.in_progress_path(newer))
+            repo.discard([older + IN_PROGRESS], self.runner, self._rm_argv(), step="transfer")
+        except (OSError, BackupAgentError) as exc:
+            self._warn(f"the unfinished transfer {older} could not be folded into {newer} ({exc}): both are kept")
+            return
+        log.info("folded the unfinished transfer %s into %s (%d entries linked)", older, newer, linked)
+
+    def _transfer_once(self) -> str:
         settings = self.settings
         request = self.request
         repo = self.repository
@@ -440,10 +510,11 @@ class Cycle:
             leftovers = repo.in_progress_names()
             target = repo.in_progress_path(name)
         else:
-            leftovers = repo.in_progress_names()
+            leftovers = self._fold_leftovers(repo, repo.in_progress_names())
             name = repo.reserve(start)
             latest = repo.latest_name()
             target = repo.in_progress_path(name)
+            self._resuming = (name, [n for n in leftovers if n != name])
         # Newest leftovers first: they hold the most recent partial copies.
         leftovers = [n for n in reversed(leftovers) if n != name][: MAX_LINK_DESTS - 1]
         link_dests: list[str] = []
@@ -565,16 +636,28 @@ class Cycle:
         return name
 
     def _disk_full_message(self) -> str:
+        """What really takes the space (the unfinished transfer included) and the commands that free it."""
         repo = self.repository
         free, _total = free_space(repo.root if repo else self.request.repository)
-        last = ""
-        if repo is not None and (latest := repo.latest_name()) is not None:
-            stats = (repo.read_metadata(latest) or {}).get("statistics") or {}
-            if isinstance(stats.get("transferred_size"), int):
-                last = f"; the last snapshot ({latest}) added {human_size(stats['transferred_size'])}"
+        disk = f" --disk {self.request.disk.name}" if self.request.disk is not None else ""
+        held = ""
+        if repo is not None:
+            kept = repo.in_progress_names()
+            sizes = [unfinished.own_bytes(repo.in_progress_path(n)) for n in kept]
+            if kept:
+                what = f"the unfinished transfer {kept[0]}" if len(kept) == 1 else f"{len(kept)} unfinished transfers"
+                held = (
+                    f"; {what} holds {human_size(sum(sizes))} of its own (kept so the next run resumes from it; "
+                    f"free it with: sudo backup-agent rotate --discard-unfinished{disk})"
+                )
+            if (latest := repo.latest_name()) is not None:
+                stats = (repo.read_metadata(latest) or {}).get("statistics") or {}
+                if isinstance(stats.get("transferred_size"), int):
+                    held += f"; the last snapshot ({latest}) added {human_size(stats['transferred_size'])}"
         return (
-            f"the backup disk is full ({human_size(free)} free{last}): no snapshot was completed; delete old snapshots "
-            "with backup-agent rotate, set keep_free in [rotation], or use a bigger disk"
+            f"the backup disk is full ({human_size(free)} free): no snapshot was completed{held}; delete old snapshots "
+            f"with: sudo backup-agent rotate{disk} (after lowering the counts in [rotation]), set keep_free in "
+            "[rotation], or use a bigger disk"
         )
 
     # -- snapshot ------------------------------------------------------------
@@ -706,13 +789,17 @@ class Cycle:
             if repo is not None:
                 # Everything else in snapshots/ is shown as kept, with why.
                 names += repo.foreign_names()
-                unfinished = [n + IN_PROGRESS for n in repo.in_progress_names()]
-                names += unfinished
-                protected.update((n, "unfinished transfer") for n in unfinished)
+                transfers = [n + IN_PROGRESS for n in repo.in_progress_names()]
+                names += transfers
+                if not request.discard_unfinished:
+                    protected.update((n, "unfinished transfer") for n in transfers)
             if not names:
                 done["keep"], done["delete"] = {}, []
                 return
             plan = plan_rotation(names, self.settings.rotation, protected)
+            if request.discard_unfinished:
+                gone = tuple(n for n in names if n.endswith(IN_PROGRESS))
+                plan = Plan(keep={k: v for k, v in plan.keep.items() if k not in gone}, delete=(*plan.delete, *gone))
             if made is not None and made in plan.delete:
                 # Names sort by wall-clock time; in the hour repeated when
                 # clocks go back, the snapshot just made may sort before an

@@ -53,10 +53,11 @@ from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
 
 from . import events, lock, schedule
 from .config import Settings
+from .disk import holders
 from .errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
 from .files import write_atomic
 from .reminder import notice_state_path
-from .state import STATE_FILE_VERSION, AgentStatus, EjectReply, Listener, Result, disk_left, state_file_path
+from .state import STATE_FILE_VERSION, AgentStatus, BrowseReply, EjectReply, Listener, Result, disk_left, state_file_path
 from .udev import DiskGone, DiskSeen, Monitor
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ ROOT_CYCLE_LOCK: Final = "/run/backup-agent.lock"
 #: Seconds between looks at the cycle lock, only while another agent's (or a
 #: shell's) cycle runs.
 FOREIGN_POLL: Final = 3.0
+#: Seconds a disk opened for browsing stays open; then it is closed unless a
+#: process of the user still uses it (a file open, a shell in it), in which
+#: case it is looked at again after as long.
+BROWSE_IDLE: Final = 900.0
 #: Longest line read from the cycle (a ``complete`` event with its statistics
 #: and the first rsync errors is a few KiB).
 _MAX_LINE: Final = 1 << 20
@@ -258,6 +263,10 @@ class AgentOptions:
     #: "eject", "--json")`` or, without sudo, this Python's ``-m agent.cli
     #: eject --json``. Empty: this agent cannot eject (the tray says how by hand).
     eject_argv: Sequence[str] = ()
+    #: How to open a disk for browsing, without ``--disk`` (``open --json``, as eject_argv).
+    open_argv: Sequence[str] = ()
+    #: Seconds a disk opened for browsing stays open; then, when nothing uses it, it is closed.
+    browse_idle: float = BROWSE_IDLE
 
     def lock_path(self) -> str:
         if self.cycle_lock is not None:
@@ -372,6 +381,9 @@ class Agent:
         # unplugged, so no scheduled backup opens them again (a plug-in or
         # Back up now does).
         self._ejected: set[str] = set()
+        # Disks opened for browsing, each with the timer that closes it when idle.
+        self._browsing: dict[str, asyncio.TimerHandle] = {}
+        self._browse_tasks: set[asyncio.Task[None]] = set()
         self._refresh(publish=False)
 
     # -- wiring ---------------------------------------------------------------------
@@ -449,9 +461,10 @@ class Agent:
         if self._monitor is not None:
             self._monitor.stop()
             self._monitor = None
-        for handle in (self._timer, self._foreign_timer, self._watchdog_timer):
+        for handle in (self._timer, self._foreign_timer, self._watchdog_timer, *self._browsing.values()):
             if handle is not None:
                 handle.cancel()
+        self._browsing.clear()  # a disk left open for browsing is closed by Eject or the next backup's agent
         self._timer = self._foreign_timer = self._watchdog_timer = None
         cycle = self._cycle
         if cycle is not None:
@@ -560,6 +573,78 @@ class Agent:
         self._reevaluate()
         self._refresh()
         return reply
+
+    async def browse(self, disk: str) -> BrowseReply:
+        """Open ``disk`` read-only for browsing: ``open_argv + ("--disk", disk)``, run as eject is.
+
+        Refused while a cycle or an eject runs. Once open, it is closed again
+        (an eject) after :attr:`AgentOptions.browse_idle` seconds in which no
+        process of this user used it; a click on Browse again restarts that time.
+        """
+        if disk not in self._states:
+            return BrowseReply("failed", f"{disk} is not a configured backup disk")
+        if self._ejecting is not None:
+            return BrowseReply("refused", f"{self._ejecting} is being ejected: wait for it")
+        blocker = self._blocker()
+        if blocker is not None:
+            return BrowseReply("refused", f"a backup is running: wait for it, then browse {disk} again ({blocker})")
+        if not self._options.open_argv:
+            return BrowseReply("failed", "this agent was started without a way to open a disk")
+        argv = [*self._options.open_argv, "--disk", disk]
+        log.info("opening %s for browsing: running %s", disk, " ".join(argv))
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, close_fds=True,
+            )
+            out, err = await asyncio.to_thread(process.communicate)
+        except OSError as exc:
+            reply = BrowseReply("failed", f"could not start opening the disk ({argv[0]}): {exc.strerror or exc}")
+        else:
+            reply = browse_reply(
+                disk, process.returncode, out.decode("utf-8", "replace").splitlines(),
+                err.decode("utf-8", "replace").splitlines(), through_sudo=_through_sudo(argv),
+            )
+        (log.info if reply.open else log.warning)("browse %s: %s", disk, reply.message)
+        if reply.open:
+            self._arm_browse_close(disk)
+        return reply
+
+    def _arm_browse_close(self, disk: str) -> None:
+        old = self._browsing.pop(disk, None)
+        if old is not None:
+            old.cancel()
+        loop = self._loop or asyncio.get_running_loop()
+        self._browsing[disk] = loop.call_later(self._options.browse_idle, self._browse_time_up, disk)
+
+    def _browse_time_up(self, disk: str) -> None:
+        task = (self._loop or asyncio.get_running_loop()).create_task(self._close_browsed(disk))
+        self._browse_tasks.add(task)
+        task.add_done_callback(self._browse_tasks.discard)
+
+    async def _close_browsed(self, disk: str) -> None:
+        """The browsing time is up: close the disk unless it is in use (then look again later)."""
+        self._browsing.pop(disk, None)
+        config = next(d for d in self._settings.disks if d.name == disk)
+        in_use = await asyncio.to_thread(holders, config.mount_point) if os.path.ismount(config.mount_point) else []
+        if self._blocker() is not None or self._ejecting is not None or in_use:
+            self._arm_browse_close(disk)
+            return
+        was_ejected = disk in self._ejected
+        try:
+            reply = await self.eject(disk)
+        except Exception:
+            log.exception("closing %s after browsing failed", disk)
+            return
+        if reply.result in ("busy", "refused"):
+            self._arm_browse_close(disk)
+            return
+        if reply.safe and not was_ejected:
+            # Closed because browsing ended, not ejected by the user: backups go on as scheduled.
+            self._ejected.discard(disk)
+            self._decisions.pop(disk, None)
+            self._reevaluate()
+        log.info("%s closed after browsing: %s", disk, reply.message)
 
     # -- hooks for logind ---------------------------------------------------------------
 
@@ -1137,6 +1222,41 @@ def eject_reply(disk: str, returncode: int, stdout: Sequence[str], stderr: Seque
     return EjectReply("failed", message)
 
 
+def browse_reply(
+    disk: str, returncode: int, stdout: Sequence[str], stderr: Sequence[str], *, through_sudo: bool
+) -> BrowseReply:
+    """What ``backup-agent open --json`` ended with (pure): its exit status, events and last error line."""
+    found: dict[str, dict[str, Any]] = {}
+    for line in stdout:
+        with contextlib.suppress(ValueError):
+            event = events.decode(line)
+            found[event["event"]] = event
+    said = [line.strip() for line in stderr if line.strip()]
+    error = found.get("error")
+    if error is not None and error.get("message"):
+        message = str(error["message"])
+    elif said:
+        message = said[-1].removeprefix("backup-agent: ")
+    else:
+        message = f"opening the disk {_exit_description(returncode)}"
+    done = found.get("complete")
+    if returncode == EXIT_OK and done is not None:
+        snapshots = done.get("snapshots")
+        folder = snapshots if isinstance(snapshots, str) else None
+        if done.get("already_open"):
+            return BrowseReply("already", f"{disk} is open already", folder)
+        return BrowseReply("opened", f"{disk} is open for browsing, read-only", folder)
+    if through_sudo and error is None and any("password is required" in line for line in said):
+        return BrowseReply(
+            "failed",
+            "the sudo rule does not allow opening the disk yet: run sudo backup-agent install again "
+            "(it adds `open --json --disk NAME` for each disk)",
+        )
+    if returncode == EXIT_BUSY:
+        return BrowseReply("refused", message)
+    return BrowseReply("failed", message)
+
+
 # -- backup-agent run --------------------------------------------------------------------------------
 
 
@@ -1205,6 +1325,7 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
             policy=policy,
             inhibit=inhibit if system is not None else None,
             eject_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="eject"),
+            open_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="open"),
         )
         agent = Agent(settings, options)
         service = await control.serve(agent)

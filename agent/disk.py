@@ -307,7 +307,9 @@ def mount_argv(disk: Disk, settings: Settings) -> tuple[str, ...]:
         if disk.mount_options:
             argv += ("-o", ",".join(disk.mount_options))
         return argv + (disk.mapped_device, disk.mount_point)
-    return (mount, "--fstab", settings.fstab, disk.mount_point)
+    # Options of our own (browsing: agent.browse) come after the line's, so they win.
+    extra = ("--options-mode", "append", "-o", ",".join(disk.mount_options)) if disk.mount_options else ()
+    return (mount, "--fstab", settings.fstab, *extra, disk.mount_point)
 
 
 def umount_argv(disk: Disk, settings: Settings) -> tuple[str, ...]:
@@ -815,8 +817,13 @@ def _lock(
 
 
 @contextlib.contextmanager
-def unlocked(disk: Disk, settings: Settings, runner: Runner, warn: Callable[[str], None]) -> Iterator[bool]:
+def unlocked(
+    disk: Disk, settings: Settings, runner: Runner, warn: Callable[[str], None], keep: Callable[[], bool] | None = None
+) -> Iterator[bool]:
     """The disk unlocked for the body; yields whether this run unlocked it (and so locks it again).
+
+    ``keep``: asked when the body ends without an error; True leaves the disk
+    unlocked (``open`` leaves it so for browsing, agent.browse).
 
     Found unlocked (the mapped device exists): nothing is done now or later.
     Otherwise the crypttab line and its key file are checked first, the
@@ -885,7 +892,10 @@ def unlocked(disk: Disk, settings: Settings, runner: Runner, warn: Callable[[str
     log.info("unlocked %s as %s (%s)", disk.name, disk.mapped_device, device)
     try:
         yield True
-    finally:
+    except BaseException:
+        _lock(disk, stop, device, runner, warn, why="this run unlocked it")
+        raise
+    if keep is None or not keep():
         _lock(disk, stop, device, runner, warn, why="this run unlocked it")
 
 
@@ -998,8 +1008,12 @@ def _unmount(
 
 
 @contextlib.contextmanager
-def mounted(disk: Disk, settings: Settings, runner: Runner, warn: Callable[[str], None]) -> Iterator[bool]:
+def mounted(
+    disk: Disk, settings: Settings, runner: Runner, warn: Callable[[str], None], keep: Callable[[], bool] | None = None
+) -> Iterator[bool]:
     """The mapped device mounted on the disk's mount point; yields whether this run mounted it.
+
+    ``keep``: as for :func:`unlocked`, True leaves it mounted.
 
     Found mounted from the mapped device: nothing is done now or later.
     Something else mounted there: WrongDiskError, and it is left alone.
@@ -1067,7 +1081,8 @@ def mounted(disk: Disk, settings: Settings, runner: Runner, warn: Callable[[str]
     except BaseException:
         _unmount(disk, mount_point, device, settings, runner, warn, failing=True)
         raise
-    _unmount(disk, mount_point, device, settings, runner, warn, failing=False)
+    if keep is None or not keep():
+        _unmount(disk, mount_point, device, settings, runner, warn, failing=False)
 
 
 def verify_mount(disk: Disk) -> MountEntry:

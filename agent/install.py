@@ -15,7 +15,8 @@ its own marker line, and never over a file it did not write:
 
 The desktop agent runs as the user and starts the root backup cycle with
 ``sudo -n backup-agent backup --json [--disk NAME]``, and the tray's Eject
-with ``sudo -n backup-agent eject --json --disk NAME``. The drop-in written
+with ``sudo -n backup-agent eject --json --disk NAME``, and Browse backups
+with ``sudo -n backup-agent open --json --disk NAME``. The drop-in written
 here lets exactly one user run exactly those argument lists (sudo compares a
 rule's arguments word for word when the rule gives any), without a password,
 with none of the caller's environment. Everything else through sudo asks for
@@ -89,7 +90,8 @@ def agent_argvs(disk_names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     """The argument lists the desktop agent passes to ``sudo -n backup-agent`` (pure)."""
     backups = tuple(("backup", "--json", "--disk", name) for name in disk_names)
     ejects = tuple(("eject", "--json", "--disk", name) for name in disk_names)
-    return (("backup", "--json"),) + backups + ejects
+    opens = tuple(("open", "--json", "--disk", name) for name in disk_names)
+    return (("backup", "--json"),) + backups + ejects + opens
 
 
 def sudoers_rule(user: str, executable: str, disk_names: Sequence[str]) -> str:
@@ -119,7 +121,7 @@ def sudoers_rule(user: str, executable: str, disk_names: Sequence[str]) -> str:
     return "\n".join(
         [
             MARKER,
-            f"# {user} may start the root backup cycle and eject a backup disk, and nothing else:",
+            f"# {user} may start the root backup cycle, eject a backup disk and open it read-only, and nothing else:",
             "# sudo compares the arguments word for word, so any other option or subcommand asks for",
             "# a password. The caller's environment is not kept (no LD_*, PYTHON*, PATH): only sudo's",
             "# minimal one reaches backup-agent.",

@@ -339,7 +339,9 @@ def record(
     started = time.monotonic()
     writer = _Writer(os.fsencode(snapshot), known, on_file)
     # Not durable, like the metadata beside it (repository.write_metadata says why).
-    write_atomic(target, writer.chunks(), durable=False)
+    # Root's alone: it names every file with a checksum of its content, also
+    # files only their owner may read (a disk opened for browsing, agent.browse).
+    write_atomic(target, writer.chunks(), mode=0o600, durable=False)
     return Recorded(
         writer.entries, writer.hashed_files, writer.hashed_bytes, writer.reused, writer.digest,
         time.monotonic() - started,

@@ -208,6 +208,24 @@ def may_search(mode: int, owner: int, group: int, uid: int, gids: Iterable[int])
     return bool(mode & stat.S_IXOTH)
 
 
+def early_refusal(paths: Sequence[str], uid: int, exists: Callable[[str], bool], owner: Callable[[str], int]) -> str | None:
+    """Through sudo, the part of :func:`caller_refusal` the live system alone answers (pure).
+
+    Checked before the disk is opened, so a restore that would be refused
+    unlocks and mounts nothing: the nearest directory above each path that
+    exists now is where ``restored-<snapshot>`` would be made, and it must
+    be the caller's.
+    """
+    for path in paths:
+        anchor = posixpath.dirname(path)
+        while anchor != "/" and not exists(anchor):
+            anchor = posixpath.dirname(anchor)
+        found = owner(anchor)
+        if found != uid:
+            return f"{anchor} is not yours (owner uid {found}): through sudo, restore only into your own directories"
+    return None
+
+
 def caller_refusal(plan: Plan, targets: Sequence[Target], uid: int, gids: Sequence[int]) -> str | None:
     """Through sudo, restore only what the caller could reach, only into directories the caller owns.
 

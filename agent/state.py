@@ -98,6 +98,27 @@ class EjectReply:
         return self.result in ("ejected", "already")
 
 
+BrowseResult = Literal["opened", "already", "refused", "failed"]
+
+
+@dataclass(frozen=True)
+class BrowseReply:
+    """How opening a disk for browsing ended (``backup-agent open``).
+
+    ``opened``: unlocked and mounted read-only now; ``already``: it was
+    mounted; ``refused``: a backup or an eject runs; ``failed``: anything
+    else (the line says what). ``snapshots``: the folder to show, once open.
+    """
+
+    result: BrowseResult
+    message: str
+    snapshots: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.result in ("opened", "already")
+
+
 class Controller(Protocol):
     """What callers may ask of the agent. Replies are short words, not prose."""
 
@@ -113,6 +134,10 @@ class Controller(Protocol):
 
     async def eject(self, disk: str) -> EjectReply:
         """Unmount and lock ``disk`` now (``backup-agent eject``, as root); refused while a backup runs."""
+        ...
+
+    async def browse(self, disk: str) -> BrowseReply:
+        """Open ``disk`` read-only for browsing (``backup-agent open``, as root); closed again when idle."""
         ...
 
 

@@ -229,6 +229,19 @@ class Camera:
         self.taken.append(name)
         print(f"  took {target} ({width}x{height}, {colours} colours)", flush=True)
 
+    def shoot_screen(self, name: str, settle: float = 1.0) -> None:
+        """The whole screen as OUT/NAME (a file manager window beside the panel and a notification)."""
+        time.sleep(settle)
+        target = self.out / name
+        _run("import", "-window", "root", str(self.work / "screen.png"))
+        _run("convert", str(self.work / "screen.png"), "-fill", self.background,
+             "-draw", f"color {self.width - 1},{self.height - 1} floodfill", str(target))
+        colours, width, height = (int(v) for v in _run("identify", "-format", "%k %w %h", str(target)).split())
+        if colours < MIN_COLOURS:
+            raise ShotError(f"{target} came out empty ({colours} colours): nothing was on screen")
+        self.taken.append(name)
+        print(f"  took {target} ({width}x{height}, {colours} colours)", flush=True)
+
 
 def _run(*argv: str) -> str:
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -304,6 +317,31 @@ async def story(camera: Camera, bench: Bench, agent: Agent, watch: NotifyWatch, 
         _run("xdotool", "mousemove", "0", str(camera.height - 1))
     else:
         missing.append("tray-menu.png: the agent registered no StatusNotifierItem with the panel (no tray yet)")
+
+    print("browsing the backups from the tray", flush=True)
+    if await tray_items(bus) and shutil.which("xdg-open"):
+        close_notifications()
+        watch.drain()
+        _run("xdotool", "mousemove", str(camera.width - PANEL // 2), str(PANEL // 2), "click", "1")
+        time.sleep(1.0)
+        # Keyboard through the menu: Down skips disabled items (Stop, Open latest backup):
+        # Back up now, Eject backup1, Browse backups.
+        _run("xdotool", "key", "Down", "Down", "Down")
+        camera.shoot("tray-browse.png", settle=0.8)
+        _run("xdotool", "key", "Return")
+        _run("xdotool", "mousemove", "0", str(camera.height - 1))
+        await watch.next(lambda shown: shown.summary.startswith("Browsing the backups on"), "browsing", agent)
+        # The file manager's window, when there is one within 15 s (the picture shows what is there).
+        subprocess.run(["timeout", "15", "xdotool", "search", "--sync", "--onlyvisible", "--class", "Thunar"],
+                       capture_output=True)
+        camera.shoot_screen("browse-backups.png", settle=2.0)
+        close_notifications()
+        closed = subprocess.run([str(REPO / ".venv" / "bin" / "backup-agent"), "eject", "--disk", DISK,
+                                 "--config", str(bench.config)], capture_output=True, text=True)
+        if closed.returncode != 0:
+            print(f"  the disk stays open: {closed.stderr.strip()}", flush=True)
+    else:
+        missing.append("browse-backups.png: no tray, or xdg-open is not installed (package xdg-utils)")
 
     print("a failed backup (the disk is full)", flush=True)
     close_notifications()

@@ -9,10 +9,13 @@ missing, and that fails the run. A test that may legitimately skip even there
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
 import pwd
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -123,6 +126,80 @@ def trusted_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Generator[Pat
     os.chmod(directory, 0o755)
     try:
         yield Path(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadableCode:
+    """This checkout's code where any user can read it, and a Python any user can run.
+
+    A test that runs the CLI as another user (setpriv, su, sudo) must not
+    run it from the checkout: a clone may sit in a directory only its owner
+    can enter (``mktemp -d`` makes 0700 ones, and so are private homes), and
+    so may the virtualenv. So the package and what it imports are copied
+    into a 0755 directory, run by the base interpreter with PYTHONPATH
+    pointing there.
+    """
+
+    directory: str
+    python: str
+
+    def argv(self, *arguments: str) -> list[str]:
+        return [self.python, "-m", "agent.cli", *arguments]
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        return {**(os.environ if base is None else base), "PYTHONPATH": self.directory}
+
+
+def _others_can_run(path: str) -> bool:
+    """Every directory above ``path`` lets others in, and others may execute it."""
+    real = os.path.realpath(path)
+    if not os.stat(real).st_mode & stat.S_IXOTH:
+        return False
+    current = os.path.dirname(real)
+    while True:
+        if not os.stat(current).st_mode & stat.S_IXOTH:
+            return False
+        if current == "/":
+            return True
+        current = os.path.dirname(current)
+
+
+@pytest.fixture(scope="session")
+def readable_code() -> Generator[ReadableCode, None, None]:
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    candidates = [base, "/usr/bin/python3"]
+    python = None
+    for candidate in candidates:
+        if not os.path.exists(candidate) or not _others_can_run(candidate):
+            continue
+        version = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+        if version.stdout.strip() == str(sys.version_info[:2]):
+            python = candidate
+            break
+    if python is None:
+        pytest.skip(reason=f"no Python {sys.version_info[0]}.{sys.version_info[1]} that other users may run: tried {candidates}")
+    directory = tempfile.mkdtemp(prefix="backup-agent-code-")
+    try:
+        os.chmod(directory, 0o755)
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(REPO / "agent", os.path.join(directory, "agent"), ignore=ignore)
+        for module in ("dbus_fast", "pyudev", "tomli"):
+            spec = importlib.util.find_spec(module)
+            if spec is not None and spec.origin is not None:
+                found = os.path.dirname(spec.origin) if spec.submodule_search_locations else spec.origin
+                target = os.path.join(directory, os.path.basename(found))
+                if os.path.isdir(found):
+                    shutil.copytree(found, target, ignore=ignore)
+                else:
+                    shutil.copy2(found, target)
+        for root, dirs, files in os.walk(directory):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o644)
+        yield ReadableCode(directory, python)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

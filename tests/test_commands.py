@@ -115,3 +115,24 @@ def test_logs_carry_syslog_priorities_when_stderr_is_the_journal(tmp_path: Path)
     failed = backup("missing", journal)
     assert failed[-1].startswith("<3>backup-agent: prepare failed: source"), failed
     assert not any(line.startswith("<") for line in backup("source", plain) + backup("missing", plain))
+
+
+def test_the_commands_run_are_shown_with_verbose_only(tmp_path: Path) -> None:
+    """The README ties "running: ARGV" to -v: at the default level it is not on stderr."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "source").mkdir()
+    env = {**os.environ, "BACKUP_AGENT_RUNTIME_DIR": str(tmp_path)}
+    env.pop("JOURNAL_STREAM", None)
+
+    def backup(*options: str) -> str:
+        argv = [sys.executable, "-m", "agent.cli", *options, "backup", "-u", "-n", str(tmp_path / "source"), str(tmp_path / "repo")]
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "backup-agent: running: " not in backup()
+    assert "backup-agent: running: " in backup("-v")  # -v before the subcommand, as a global option

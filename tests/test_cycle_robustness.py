@@ -23,7 +23,6 @@ import signal
 import stat
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from agent.errors import (
     BusyError,
 )
 from agent.rotation import parse_snapshot_name
+from tests.conftest import ReadableCode
 
 pytestmark = pytest.mark.integration
 
@@ -983,41 +983,17 @@ def test_disk_options_without_a_configured_disk_are_refused(cli: Cli, tmp_path: 
     assert not destination.exists() and os.listdir(cli.run_dir) == []
 
 
-@pytest.mark.may_skip
-def test_refuses_to_run_without_root_unless_no_sudo(cli: Cli, tmp_path: Path) -> None:
-    """As non-root the CLI runs as us; as root it runs as nobody (setuid in the child)."""
+def test_refuses_to_run_without_root_unless_no_sudo(cli: Cli, tmp_path: Path, readable_code: ReadableCode) -> None:
+    """As non-root the CLI runs as us; as root it runs as nobody (setuid in the child), from a copy nobody can read."""
     source = small_source(tmp_path / "source")
     destination = tmp_path / "repo"
     drop: dict[str, Any] = {}
     if os.geteuid() == 0:
         drop = {"user": 65534, "group": 65534, "extra_groups": []}
-    argv = ["-m", "agent.cli", "backup", str(source.path), str(destination)]
-    env = cli.env()
-    # The venv's python may live where the unprivileged user cannot go (a
-    # pyenv under /root): then the system python of the same version, with
-    # the venv's packages, runs the same code.
-    candidates = [(sys.executable, env)]
-    system = "/usr/bin/python3"
-    if drop and os.path.exists(system):
-        version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
-        if version.stdout.strip() == str(sys.version_info[:2]):
-            paths = [str(ROOT), sysconfig.get_paths()["purelib"]]
-            candidates.append((system, {**env, "PYTHONPATH": ":".join(paths)}))
-    result = None
-    problems = []
-    for python, with_env in candidates:
-        try:
-            result = subprocess.run([python, *argv], cwd=ROOT, env=with_env, capture_output=True, text=True, timeout=60, **drop)
-        except PermissionError as exc:
-            problems.append(f"{python}: {exc}")
-            continue
-        if "Traceback" in result.stderr:
-            problems.append(f"{python}: {result.stderr.strip().splitlines()[-1]}")
-            result = None
-            continue
-        break
-    if result is None:
-        pytest.skip(reason=f"cannot run the CLI as an unprivileged user here: {'; '.join(problems)}")
+    argv = readable_code.argv("backup", str(source.path), str(destination))
+    result = subprocess.run(
+        argv, cwd=readable_code.directory, env=readable_code.env(cli.env()), capture_output=True, text=True, timeout=60, **drop
+    )
     assert result.returncode == EXIT_USAGE, result.stderr
     line = error_lines(result.stderr)[-1]
     assert "needs root" in line and "--no-sudo" in line
@@ -1082,3 +1058,76 @@ def test_the_new_snapshot_survives_its_rotation_after_the_clock_went_back(cli: C
     assert made["snapshot"] not in made["deleted"]
     assert os.readlink(repo / "latest") == f"snapshots/{made['snapshot']}"
     assert tree(repo / "snapshots" / made["snapshot"]) == tree(source.path)
+
+
+# -- at most one unfinished transfer ----------------------------------------------------------------
+
+
+def test_two_failed_runs_leave_one_unfinished_transfer_holding_what_both_copied(
+    cli: Cli, tmp_path: Path, trusted_dir: Path
+) -> None:
+    source = small_source(tmp_path / "source")
+    repo = tmp_path / "repo"
+    base = backup_ok(cli, write_config(tmp_path / "real.toml"), source.path, repo)
+    base_dir = repo / "snapshots" / base
+    base_tree, base_inodes = tree(base_dir), inodes(base_dir)
+    (source.path / "f03.txt").write_text("changed\n")
+    make_fake_rsync(tmp_path, **FAKE_CASES["protocol-12"])  # copies, then fails
+    fake = write_config(tmp_path / "fake.toml", rsync=install_stand_in(trusted_dir))
+
+    first = cli.run("backup", "--no-sudo", "-q", "--config", fake, source.path, repo)
+    assert first.returncode != EXIT_OK
+    _complete, leftovers = snapshot_entries(repo)
+    assert len(leftovers) == 1
+    older = repo / "snapshots" / (leftovers[0] + IN_PROGRESS)
+    (older / "only-in-the-first").write_text("copied by the first run only\n")  # what the second did not reach
+    kept_inode = os.lstat(older / "only-in-the-first").st_ino
+    time.sleep(1.1)  # the next name is a second later
+
+    second = cli.run("backup", "--no-sudo", "-q", "--json", "--config", fake, source.path, repo)
+    assert second.returncode != EXIT_OK
+    assert step_event(events(second.stdout), "transfer", "start")["resumed_from"] == leftovers
+    _complete, now = snapshot_entries(repo)
+    assert len(now) == 1 and now != leftovers, "the older unfinished transfer is folded into the newer, never kept beside it"
+    newer = repo / "snapshots" / (now[0] + IN_PROGRESS)
+    assert os.lstat(newer / "only-in-the-first").st_ino == kept_inode  # linked, not copied
+    assert (newer / "f03.txt").read_text() == "changed\n"  # the newer run's own copy wins
+    assert tree(base_dir) == base_tree and inodes(base_dir) == base_inodes
+
+    # The next good run resumes from it and leaves none; the folded extra is not in the snapshot.
+    made = backup_ok(cli, write_config(tmp_path / "real.toml"), source.path, repo)
+    assert snapshot_entries(repo) == (sorted([base, made]), [])
+    assert not (repo / "snapshots" / made / "only-in-the-first").exists()
+
+
+def test_a_repository_with_two_unfinished_transfers_is_brought_to_one_and_rotate_can_discard_it(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Left by an older version: the next run folds the older into the newer before it starts."""
+    source = small_source(tmp_path / "source")
+    repo = tmp_path / "repo"
+    config = write_config(tmp_path / "real.toml")
+    base = backup_ok(cli, config, source.path, repo)
+    snapshots = repo / "snapshots"
+    names = ["2001-01-01T00-00-00+0000", "2001-01-02T00-00-00+0000"]
+    for index, name in enumerate(names):
+        (snapshots / (name + IN_PROGRESS) / "sub").mkdir(parents=True)
+        (snapshots / (name + IN_PROGRESS) / "sub" / f"part{index}").write_text(f"part {index}\n")
+    listed = cli.run("list", "--config", config, repo)
+    assert "unfinished transfer (resumed by the next backup; rotate --discard-unfinished deletes it): " in listed.stdout
+
+    result = cli.run("backup", "--no-sudo", "--json", "--config", config, "--backup", source.path, repo)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert step_event(events(result.stdout), "transfer", "start")["resumed_from"] == [names[1]]
+    _complete, leftovers = snapshot_entries(repo)
+    assert len(leftovers) == 1 and leftovers[0] not in names  # a whole transfer: what it resumed from is gone
+
+    dry = cli.run("rotate", "--dry-run", "--discard-unfinished", "--config", config, repo)
+    assert dry.returncode == EXIT_OK, dry.stderr
+    assert f"would delete {leftovers[0]}{IN_PROGRESS}" in dry.stdout
+    assert snapshot_entries(repo)[1] == leftovers
+    done = cli.run("rotate", "--discard-unfinished", "--config", config, repo)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert snapshot_entries(repo) == ([base], [])
+    assert not (repo / "metadata" / f"{leftovers[0]}.json").exists()
+    assert tree(snapshots / base) == source.tree

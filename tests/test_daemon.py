@@ -227,6 +227,7 @@ async def agent_on(
     extra_listeners: tuple[Any, ...] = (),
     leave_cycle: bool = False,
     inhibit: Callable[[], Awaitable[object | None]] | None = None,
+    **more_options: Any,
 ) -> AsyncIterator[tuple[Agent, Recorder]]:
     """An agent running on this loop; on the way out a cycle still running is stopped and awaited.
 
@@ -241,6 +242,7 @@ async def agent_on(
         foreign_poll=0.2,
         inhibit=inhibit,
         eject_argv=eject_argv(bench),
+        **more_options,
     )
     agent = Agent(load_settings(str(bench.config)), options, [*extra_listeners, recorder], clock=clock)
     stop = asyncio.Event()

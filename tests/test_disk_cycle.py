@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import pytest
 
 from agent import lock
+from agent.errors import EXIT_USAGE
 from agent.repository import MARKER, Marker
 from tests.test_disk import NAME, Rig, _run, rig  # noqa: F401  (rig is the fixture these tests use)
 from tests.treeutil import describe, inodes
@@ -365,6 +366,18 @@ def assert_failed(run: Run, status: int, step: str, *causes: str, completed: boo
 
 # ===========================================================================
 # The "Done when" scenario
+
+
+def test_init_without_a_terminal_or_yes_refuses_before_touching_the_disk(bench: Bench) -> None:
+    bench.assert_locked_and_unmounted()
+    init = bench.cli("-q", "init", "--disk", NAME, "--config", str(bench.config))  # stdin is /dev/null
+    assert init.returncode == EXIT_USAGE, str(init)
+    assert init.error_line == (
+        "backup-agent: init asks before writing to a disk: pass --yes to confirm when there is no terminal; "
+        "nothing was touched"
+    )
+    assert bench.calls() == []  # never unlocked
+    bench.assert_locked_and_unmounted()
 
 
 def test_a_locked_disk_goes_through_a_whole_cycle_and_back_to_locked(bench: Bench) -> None:
@@ -731,6 +744,30 @@ def test_disk_full(bench: Bench) -> None:
     bench.assert_locked_and_unmounted()
     after = bench.fingerprint()
     assert after["snapshots"] == before["snapshots"] and after["latest"] == before["latest"]
+    # What takes the space is named, with the command that frees it; and that command works on the configured disk.
+    [unfinished] = after["in_progress"]
+    assert f"the unfinished transfer {unfinished.removesuffix('.in-progress')} holds " in run.error_line, run.error_line
+    assert f"free it with: sudo backup-agent rotate --discard-unfinished --disk {NAME})" in run.error_line
+    bench.reset_calls()
+    freed = bench.cli("rotate", "--discard-unfinished", "--disk", NAME, "--config", str(bench.config))
+    assert freed.returncode == 0, str(freed)
+    assert f"deleted {unfinished}" in freed.stdout
+    assert bench.calls() == [("start", 0), ("stop", 0)]
+    bench.assert_locked_and_unmounted()
+    assert bench.fingerprint()["in_progress"] == [] and bench.fingerprint()["snapshots"] == before["snapshots"]
+
+
+def test_list_and_rotate_open_the_configured_disk_and_leave_it_as_found(bench: Bench) -> None:
+    before = bench.prepared(snapshots=2)
+    listed = bench.cli("list", "--config", str(bench.config))  # no REPOSITORY: the attached configured disk
+    assert listed.returncode == 0, str(listed)
+    assert all(name in listed.stdout for name in before["snapshots"])
+    rotated = bench.cli("rotate", "--config", str(bench.config))
+    assert rotated.returncode == 0, str(rotated)
+    assert [line.split()[1] for line in rotated.stdout.splitlines() if line.startswith("keep")] == sorted(before["snapshots"])
+    assert bench.calls() == [("start", 0), ("stop", 0)] * 2
+    bench.assert_locked_and_unmounted()
+    assert bench.fingerprint() == before
 
 
 def test_a_busy_unmount_leaves_the_disk_mounted_and_unlocked(bench: Bench) -> None:
@@ -801,7 +838,7 @@ def test_a_missing_disk_from_a_timer_is_a_quiet_success(bench: Bench, selected: 
     args = ["--disk", NAME] if selected == "--disk" else []
     run = bench.cli("backup", *args, "--config", str(bench.config), stdin=subprocess.DEVNULL)
     assert run.returncode == EXIT_OK, str(run)
-    # Beside the trace of each command run ("running: ARGV", at info level), one line says it all.
+    # Beside the trace of each command run ("running: ARGV", with -v), one line says it all.
     lines = [line for line in run.stderr.splitlines() if not line.startswith("backup-agent: running: ")]
     assert len(lines) == 1, run.stderr
     assert NAME in lines[0] and bench.rig.luks_uuid in lines[0] and "attached" in lines[0]

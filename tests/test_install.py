@@ -51,7 +51,7 @@ needs_visudo = pytest.mark.skipif(VISUDO is None, reason="visudo missing: apt-ge
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (root-owned trees, chown): run the suite as root")
 
 EXAMPLE = f"""{MARKER}
-# alice may start the root backup cycle and eject a backup disk, and nothing else:
+# alice may start the root backup cycle, eject a backup disk and open it read-only, and nothing else:
 # sudo compares the arguments word for word, so any other option or subcommand asks for
 # a password. The caller's environment is not kept (no LD_*, PYTHON*, PATH): only sudo's
 # minimal one reaches backup-agent.
@@ -60,7 +60,9 @@ alice ALL = (root) NOPASSWD: {EXE} backup --json, \\
     {EXE} backup --json --disk backup1, \\
     {EXE} backup --json --disk usb.2-B_x, \\
     {EXE} eject --json --disk backup1, \\
-    {EXE} eject --json --disk usb.2-B_x
+    {EXE} eject --json --disk usb.2-B_x, \\
+    {EXE} open --json --disk backup1, \\
+    {EXE} open --json --disk usb.2-B_x
 """
 
 
@@ -77,7 +79,8 @@ def visudo_accepts(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str
 def test_the_rule_allows_exactly_the_agents_forms() -> None:
     assert sudoers_rule("alice", EXE, ["backup1", "usb.2-B_x", "backup1"]) == EXAMPLE
     assert agent_argvs(["backup1"]) == (
-        ("backup", "--json"), ("backup", "--json", "--disk", "backup1"), ("eject", "--json", "--disk", "backup1")
+        ("backup", "--json"), ("backup", "--json", "--disk", "backup1"), ("eject", "--json", "--disk", "backup1"),
+        ("open", "--json", "--disk", "backup1"),
     )
 
 

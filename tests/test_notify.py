@@ -861,7 +861,7 @@ def test_a_full_disk_says_to_make_room_not_to_keep_the_disk_plugged_in(
         assert failed.summary == f"Backup to {NAME} failed while copying files", shown
         assert failed.body.startswith("The backup disk is full (") and "plugged in" not in failed.body
         # what to do is said once: the cycle's message names the tools, the hint points to it
-        assert failed.body.count("backup-agent rotate") == failed.body.count("keep_free") == 1
+        assert failed.body.count("keep_free") == failed.body.count("backup-agent rotate --discard-unfinished") == 1
         assert failed.body.endswith(
             "\nMake room on the disk as it says, then try again with Back up now.\nEarlier snapshots are untouched."
         )

@@ -26,7 +26,7 @@ from agent.cli import build_parser, main, through_sudo_refusal
 from agent.commands import Runner
 from agent.errors import EXIT_STEP_FAILED, EXIT_USAGE, StepError, UsageError
 from agent.repository import Repository
-from agent.restore import Plan, Target, caller_refusal, choose, execute, may_search, plan_restore
+from agent.restore import Plan, Target, caller_refusal, choose, early_refusal, execute, may_search, plan_restore
 from agent.rsync import restore_argv
 from tests.conftest import requires_root
 from tests.test_snapshot_fidelity import build_source, config  # noqa: F401  (config is a fixture)
@@ -580,3 +580,43 @@ def test_a_new_directory_is_handed_over_also_when_rsync_fails(
     assert f'write failed on "{source}/restored-{name}/big": No space left on device' in err, err
     info = os.lstat(source / f"restored-{name}")
     assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (4321, 4322, 0o750)
+
+
+def test_early_refusal_names_the_first_directory_that_is_not_the_callers() -> None:
+    """Pure: the nearest existing directory above each path, and whose it is."""
+    there = {"/home/alice", "/home/alice/docs", "/etc"}
+    owners = {"/home/alice": 1000, "/home/alice/docs": 1000, "/etc": 0, "/": 0}
+    exists = there.__contains__
+    assert early_refusal(["/home/alice/docs/gone/a.txt", "/home/alice/b"], 1000, exists, owners.__getitem__) is None
+    assert early_refusal(["/home/alice/b", "/etc/shadow"], 1000, exists, owners.__getitem__) == (
+        "/etc is not yours (owner uid 0): through sudo, restore only into your own directories"
+    )
+    assert early_refusal(["/nowhere/x"], 1000, exists, owners.__getitem__) == (
+        "/ is not yours (owner uid 0): through sudo, restore only into your own directories"
+    )
+
+
+@requires_root
+def test_through_sudo_a_restore_that_will_be_refused_opens_nothing_first(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Refused before the repository (or a disk) is looked for: the message is about the caller, not a missing disk."""
+    monkeypatch.setenv("SUDO_UID", "4321")  # no account needed: sudo's SUDO_UID is all the door reads
+    status = main(["restore", str(tmp_path / "notes.txt")])
+    assert status == EXIT_USAGE
+    assert capsys.readouterr().err == (
+        f"backup-agent: {tmp_path} is not yours (owner uid 0): through sudo, restore only into your own directories; "
+        "nothing was opened or restored\n"
+    )
+
+
+def test_a_restore_into_a_to_that_cannot_be_used_is_refused_before_anything_is_opened(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """No repository is even looked for (the config names none): the --to refusal comes first."""
+    (tmp_path / "file").write_text("x")
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    status = main(["restore", "--config", str(config), "--to", str(tmp_path / "file"), str(tmp_path / "notes.txt")])
+    assert status == EXIT_USAGE
+    assert capsys.readouterr().err == f"backup-agent: --to {tmp_path / 'file'} exists and is not a directory: give a directory\n"

@@ -48,6 +48,7 @@ REFUSED = [
     (["backup", "--json", "/tmp", "/tmp/x"], "the SOURCE/DESTINATION argument /tmp"),
     (["backup", "--json", "--config", "/tmp/evil.toml"], "--config"),
     (["backup", "--json", "--config=/etc/backup-agent/config.toml"], "--config"),
+    (["--config", "/tmp/evil.toml", "backup", "--json"], "--config"),  # a global option before the subcommand
     (["backup", "--json", "-x", "/home"], "-x/--exclude"),
     (["backup", "--json", "--exclude=/home"], "-x/--exclude"),
     (["backup", "--json", "--exc", ""], "-x/--exclude"),  # an abbreviation is the option it abbreviates
@@ -126,7 +127,11 @@ ALLOWED = [
     ["eject", "--disk", "backup1", "-q"],
     ["list"],
     ["list", "--json"],
+    ["list", "--disk", "backup1"],
     ["rotate", "--dry-run", "--json"],
+    ["rotate", "--discard-unfinished", "--disk", "backup1"],
+    ["open", "--json", "--disk", "backup1"],
+    ["-q", "open", "--disk", "backup1"],
 ]
 
 

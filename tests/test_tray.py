@@ -44,6 +44,7 @@ from agent.dbus import tray
 from agent.dbus.notify import NORMAL, Text
 from agent.dbus.tray import (
     BACK_UP_NOW,
+    BROWSE,
     EJECT,
     EJECT_BASE,
     ITEM_INTERFACE,
@@ -132,6 +133,7 @@ def test_the_menu_enables_what_the_state_allows() -> None:
         (STOP, "Stop the backup", False),
         (OPEN_LATEST, "Open latest backup (no disk attached)", False),
         (EJECT, "Eject (no disk attached)", False),
+        (BROWSE, "Browse backups", False),
         (SEPARATOR, "-", True),
         (QUIT, "Quit", True),
     ]
@@ -159,6 +161,10 @@ def test_the_menu_enables_what_the_state_allows() -> None:
     failed = tray.menu_items(AgentStatus(state="failed", disk="backup1"), ["backup1", "backup2"], names, None)
     assert labels(failed)[0] == (BACK_UP_NOW, "Back up now", True)
     assert [item.id for item in failed][3:5] == [EJECT_BASE, EJECT_BASE + 1]
+    # Browse backups: while a disk is attached and no backup runs (it opens the disk itself)
+    assert labels(failed)[5] == (BROWSE, "Browse backups", True)
+    assert labels(locked)[4] == (BROWSE, "Browse backups", True)
+    assert labels(running)[4] == (BROWSE, "Browse backups", False)
 
 
 def test_where_a_disk_stands() -> None:
@@ -420,7 +426,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             assert [(ident, enabled) for ident, _, enabled in await host.menu()][:4] == [
                 (BACK_UP_NOW, False), (STOP, True), (OPEN_LATEST, False), (EJECT_BASE, True)]
             updated = [body for name, body in host.signals if name == "ItemsPropertiesUpdated"]
-            assert updated and {ident for ident, _ in updated[-1][0]} == {BACK_UP_NOW, STOP, OPEN_LATEST}
+            assert updated and {ident for ident, _ in updated[-1][0]} == {BACK_UP_NOW, STOP, OPEN_LATEST, BROWSE}
 
             icon.backup_completed({"event": "complete", "snapshot": "S2"})
             icon.status_changed(running("lock-disk"))
@@ -435,7 +441,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             assert await host.menu() == [
                 (BACK_UP_NOW, "Back up now", True), (STOP, "Stop the backup", False),
                 (OPEN_LATEST, "Open latest backup (the disk is locked)", False), (EJECT_BASE, "Eject backup1", True),
-                (SEPARATOR, "-", True), (QUIT, "Quit", True),
+                (BROWSE, "Browse backups", True), (SEPARATOR, "-", True), (QUIT, "Quit", True),
             ]
 
             # a failure: the attention status and icon; the menu's status says so too
@@ -557,6 +563,13 @@ def test_menu_clicks(session_bus: PrivateBus, tmp_path: Path) -> None:
             assert unpack_variants(group[0]) == [(STOP, {"label": "Stop the backup"})]
             value = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "GetProperty", "is", [STOP, "enabled"])
             assert value[0].value is False
+            # The root item 0 answers too, as the dbusmenu spec has it (libdbusmenu-glib asks for it).
+            root = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "GetGroupProperties", "aias", [[0], []])
+            assert unpack_variants(root[0]) == [(0, {"children-display": "submenu"})]
+            every = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "GetGroupProperties", "aias", [[], ["label"]])
+            assert [ident for ident, _ in unpack_variants(every[0])][:2] == [0, BACK_UP_NOW]
+            value = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "GetProperty", "is", [0, "children-display"])
+            assert value[0].value == "submenu"
             errors = await host.call(host.name, MENU_PATH, MENU_INTERFACE, "EventGroup", "a(isvu)",
                                      [[[BACK_UP_NOW, "clicked", Variant("s", ""), 0], [78, "clicked", Variant("s", ""), 0]]])
             assert errors == [[78]] and controller.calls[-1] == "backup_now"
@@ -633,7 +646,8 @@ def test_the_tray_follows_a_real_agent_and_its_menu_works(
         watcher_bus, watcher = await start_watcher(session_bus.address)
         options = AgentOptions(cycle_argv=cycle_argv(bench), policy=schedule.Policy(),
                                state_file=str(tmp_path / "state.json"), foreign_poll=0.2,
-                               eject_argv=eject_argv(bench))
+                               eject_argv=eject_argv(bench),
+                               open_argv=(*cycle_argv(bench)[:3], "open", "--json", "--config", str(bench.config)))
         agent = Agent(settings, options)
         stop = asyncio.Event()
         bus = await MessageBus(bus_address=session_bus.address).connect()
@@ -689,6 +703,21 @@ def test_the_tray_follows_a_real_agent_and_its_menu_works(
             # the menu followed by itself (no AboutToShow asked the tray to look again)
             assert (await host.menu())[2] == (OPEN_LATEST, "Open latest backup (the disk is locked)", False)
             assert agent.status().state == "disk-attached"  # ejecting is not a failure, and started nothing
+
+            # Browse backups: the agent opens the disk read-only (the real backup-agent open), the
+            # snapshots folder is shown, and it says so; Eject closes it again
+            await host.click(BROWSE)
+            await icon.settle()
+            assert (server.shown[-1].summary, server.shown[-1].body) == (
+                f"Browsing the backups on {NAME}",
+                "They are read-only: copy what you need back out. The disk closes again after 15 minutes unused, "
+                "or choose Eject.")
+            assert record.read_text().splitlines()[-1] == repr([str(bench.repository / "snapshots")])
+            assert os.statvfs(bench.rig.mount_point).f_flag & os.ST_RDONLY
+            await host.click(EJECT_BASE)
+            await icon.settle()
+            assert server.shown[-1].summary == f"It is safe to unplug {NAME}"
+            bench.assert_locked_and_unmounted()
 
             # Back up now from the menu: a real cycle; the tray shows it running, then done
             host.signals.clear()

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from agent.cli import build_parser, sudo_door, through_sudo_refusal
 from agent.errors import EXIT_DAMAGED, EXIT_OK, EXIT_UNVERIFIED, EXIT_USAGE
 from agent.errors import UsageError
 from agent.verify import Location, Problem, choose, describe
-from tests.conftest import requires_root
+from tests.conftest import ReadableCode, requires_root
 from tests.test_cycle_robustness import Cli, cli  # noqa: F401  (cli is a fixture)
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig is the fixture bench uses)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (bench is a fixture)
@@ -197,16 +196,14 @@ def test_a_run_that_could_check_no_snapshot_is_not_called_intact(cli: Cli, histo
 
 @requires_root
 @pytest.mark.may_skip
-def test_a_directory_verify_cannot_list_is_named_and_nothing_below_it_is_called_missing(rsync_path: str) -> None:
+def test_a_directory_verify_cannot_list_is_named_and_nothing_below_it_is_called_missing(
+    rsync_path: str, readable_code: ReadableCode
+) -> None:
     """verify as an ordinary user (setpriv, a real process) of a backup root made, with a private directory."""
     if shutil.which("setpriv") is None:
         pytest.skip(reason="setpriv is missing (util-linux)")
-    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-    # A Python under a directory only root can enter (a pyenv in /root) does not start as nobody.
-    probe = subprocess.run([*nobody, sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=60, cwd="/")
-    if probe.returncode != 0:
-        why = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
-        pytest.skip(reason=f"this Python cannot run as another user here: {why}")
+    # readable_code skips (allowed: may_skip) where no Python of this version
+    # can start as another user, as a pyenv under /root cannot.
     base = Path(tempfile.mkdtemp(prefix="verify-unlistable-"))  # not below pytest's root-only tmp_path
     try:
         os.chmod(base, 0o755)
@@ -214,9 +211,16 @@ def test_a_directory_verify_cannot_list_is_named_and_nothing_below_it_is_called_
         build_source(source)
         os.chmod(source / "deep", 0o700)  # root's own, as /root is in a backup of /
         name = backup(source, repo, cfg)
+        nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+        argv = [*nobody, *readable_code.argv("verify", "--json", "-q", "--config", str(cfg), "--repository", str(repo))]
+        # The manifest is root's alone: as anyone else, verify says it could not check, not that it is damaged.
+        private = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=base, env=readable_code.env())
+        assert private.returncode == EXIT_UNVERIFIED, private.stderr
+        assert json.loads(private.stdout)["problems"] == []
+        os.chmod(manifest_path(repo, name), 0o644)  # as an older version wrote it: the rest is about a private directory
         result = subprocess.run(
-            [*nobody, sys.executable, "-m", "agent.cli", "verify", "--json", "-q", "--config", str(cfg), "--repository", str(repo)],
-            capture_output=True, text=True, timeout=60, cwd=base,
+            [*nobody, *readable_code.argv("verify", "--json", "-q", "--config", str(cfg), "--repository", str(repo))],
+            capture_output=True, text=True, timeout=60, cwd=base, env=readable_code.env(),
         )
         assert result.returncode == EXIT_DAMAGED, result.stderr
         report = json.loads(result.stdout)

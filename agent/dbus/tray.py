@@ -60,7 +60,7 @@ from ..errors import DiskError
 from ..disk import device_number, holders, top_mount, umount_argv, unlock_argv, unlock_method
 from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
-from ..state import AgentStatus, Controller, EjectReply, Listener
+from ..state import AgentStatus, BrowseReply, Controller, EjectReply, Listener
 from . import driver_call
 from .notify import (
     APP_NAME,
@@ -107,10 +107,12 @@ STATUSES: Final[Mapping[str, str]] = {
     "failed": "NeedsAttention",
 }
 
+SHOW_WAIT: Final = 5.0  # seconds xdg-open may take before the folder counts as shown
 LOOK_TIMEOUT: Final = 5.0  # seconds a look at a disk may take (a hung USB disk must not hang the menu)
 
 # Menu item ids (0 is the root). An attached disk's Eject item is EJECT_BASE + its index in the config.
 BACK_UP_NOW, STOP, OPEN_LATEST, EJECT, SEPARATOR, QUIT = 1, 2, 3, 4, 5, 6
+BROWSE: Final = 7
 EJECT_BASE: Final = 100
 
 
@@ -245,6 +247,8 @@ def menu_items(
         items += [Item(EJECT_BASE + disks.index(name), f"Eject {name}", True, icon="media-eject") for name in here]
     else:
         items.append(Item(EJECT, "Eject (no disk attached)", False, icon="media-eject"))
+    # Opens the disk read-only first (backup-agent open through the agent), so it needs no mounted disk.
+    items.append(Item(BROWSE, "Browse backups", bool(here) and not running, icon="folder-open"))
     items += [Item(SEPARATOR, separator=True), Item(QUIT, "Quit", True, icon="application-exit")]
     return tuple(items)
 
@@ -496,7 +500,7 @@ class _Menu(ServiceInterface):
                 if recursion_depth != 0
                 else []
             )
-            return self._tray.revision, [0, pick({"children-display": Variant("s", "submenu")}), children]
+            return self._tray.revision, [0, pick(self._root_properties()), children]
         item = self._find(parent_id)
         return self._tray.revision, [item.id, pick(item.properties()), []]
 
@@ -504,17 +508,25 @@ class _Menu(ServiceInterface):
     def _get_group_properties(
         self, ids: Annotated[list[int], DBusSignature("ai")], property_names: Annotated[list[str], DBusSignature("as")]
     ) -> _Group:
+        # The dbusmenu spec: an empty list asks for every item, the root (0)
+        # included; a host (libdbusmenu-glib) asks for the root's properties too.
         names = set(property_names)
         wanted = set(ids)
+        every = [(0, self._root_properties())] + [(item.id, item.properties()) for item in self._tray.items]
         return [
-            [item.id, {key: value for key, value in item.properties().items() if not names or key in names}]
-            for item in self._tray.items
-            if not wanted or item.id in wanted
+            [ident, {key: value for key, value in values.items() if not names or key in names}]
+            for ident, values in every
+            if not wanted or ident in wanted
         ]
+
+    @staticmethod
+    def _root_properties() -> dict[str, Variant]:
+        """The root item 0: the menu itself, whose children show as a submenu."""
+        return {"children-display": Variant("s", "submenu")}
 
     @dbus_method(name="GetProperty")
     def _get_property(self, ident: DBusInt32, name: DBusStr) -> DBusVariant:
-        values = self._find(ident).properties()
+        values = self._root_properties() if ident == 0 else self._find(ident).properties()
         if name not in values:
             raise DBusError(ErrorType.INVALID_ARGS, f"menu item {ident} has no property {name!r}")
         return values[name]
@@ -865,6 +877,8 @@ class Tray:
                 log.info("tray: Stop: %s", self.controller.stop())
             elif ident == OPEN_LATEST:
                 self._start(self._open_latest())
+            elif ident == BROWSE:
+                self._start(self._browse())
             elif ident >= EJECT_BASE:
                 names = list(self._disks)
                 if ident - EJECT_BASE < len(names):
@@ -941,6 +955,53 @@ class Tray:
             await self._say(Text("The latest backup could not be opened",
                                  f"xdg-open exited with status {process.returncode}. The backup is {place.latest}.",
                                  NORMAL))
+
+    async def _browse(self) -> None:
+        """Browse backups: the agent opens the disk read-only (backup-agent open), then its snapshots folder is shown."""
+        here = [name for name in self._disks if name in self._attached]
+        name = self._status.disk if self._status.disk in here else (here[0] if here else None)
+        if name is None or self._status.state == "running":
+            await self._say(Text("The backups cannot be browsed now", "No backup disk is attached, or a backup is running.",
+                                 NORMAL), icon="folder-open")
+            return
+        try:
+            reply = await self.controller.browse(name)
+        except Exception:
+            log.exception("tray: opening %s for browsing failed", name)
+            reply = BrowseReply("failed", "the agent could not open the disk; its log says why")
+        if not reply.open or reply.snapshots is None:
+            await self._say(Text(f"{name} cannot be browsed now", _sentence(reply.message), NORMAL), icon="folder-open")
+            return
+        await self._refresh_place(name)
+        problem = await self._show_folder(reply.snapshots)
+        if problem is not None:
+            await self._say(Text(f"{name} is open, but its backups could not be shown",
+                                 f"{problem} They are in {reply.snapshots}.", NORMAL), icon="folder-open")
+            return
+        log.info("tray: Browse backups: %s opened read-only at %s", name, reply.snapshots)
+        await self._say(Text(f"Browsing the backups on {name}",
+                             "They are read-only: copy what you need back out. The disk closes again after 15 minutes "
+                             "unused, or choose Eject.", NORMAL), icon="folder-open")
+
+    async def _show_folder(self, path: str) -> str | None:
+        """Show ``path`` in the file manager (xdg-open); None, or why it was not shown."""
+        program = shutil.which("xdg-open")
+        if program is None:
+            return "xdg-open is not installed (package xdg-utils)."
+        # Where no desktop handles it, xdg-open runs the file manager itself and
+        # returns only when it is closed: still running after a while means shown.
+        process = await asyncio.create_subprocess_exec(
+            program, path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            status = await asyncio.wait_for(process.wait(), SHOW_WAIT)
+        except asyncio.TimeoutError:
+            return None
+        if status != 0:
+            log.warning("tray: xdg-open %s exited with status %s", path, status)
+            return f"xdg-open exited with status {status}."
+        return None
 
     async def _say(self, text: Text, *, icon: str = "drive-harddisk") -> None:
         """One notification that answers a click, replacing the previous answer."""
