@@ -350,10 +350,10 @@ def test_a_whole_cycle_is_one_notification_updated_in_place(session_bus: Private
         assert done.body.endswith("It is safe to unplug backup1.") and done.actions == []
         assert len(server.shown) == 5  # started, 2 progress, completed (locking), completed (safe)
 
-        # the next cycle gets a notification of its own
+        # the next cycle replaces the last one's card (its "safe to unplug" is stale now): one card, not two
         notifier.backup_started("backup1", "interval elapsed")
         await notifier.flush()
-        assert server.shown[-1].replaces_id == 0
+        assert server.shown[-1].replaces_id == started.id
         notifier.close()
         bus.disconnect()
         server_bus.disconnect()
