@@ -257,8 +257,8 @@ class RecordingServer(ServiceInterface):
 class FakeController:
     calls: list[str] = field(default_factory=list)
 
-    def backup_now(self) -> str:
-        self.calls.append("backup_now")
+    def backup_now(self, disk: str | None = None) -> str:
+        self.calls.append("backup_now" if disk is None else f"backup_now {disk}")
         return "started"
 
     def stop(self) -> str:

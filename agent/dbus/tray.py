@@ -112,6 +112,8 @@ LOOK_TIMEOUT: Final = 5.0  # seconds a look at a disk may take (a hung USB disk 
 # Menu item ids (0 is the root). An attached disk's Eject item is EJECT_BASE + its index in the config.
 BACK_UP_NOW, STOP, OPEN_LATEST, EJECT, SEPARATOR, QUIT = 1, 2, 3, 4, 5, 6
 EJECT_BASE: Final = 100
+#: With several disks attached, "Back up now to NAME" is BACKUP_BASE + the disk's index in the config.
+BACKUP_BASE: Final = 200
 
 
 # -- the look (pure) ---------------------------------------------------------------------------
@@ -236,8 +238,14 @@ def menu_items(
         open_label, can_open = "Open latest backup (none found on the disk)", False
     else:
         open_label, can_open = "Open latest backup", True
-    items = [
-        Item(BACK_UP_NOW, "Back up now", bool(here) and not running, icon="document-save"),
+    if len(here) > 1:  # several disks: the user says which
+        items = [
+            Item(BACKUP_BASE + disks.index(name), f"Back up now to {name}", not running, icon="document-save")
+            for name in here
+        ]
+    else:
+        items = [Item(BACK_UP_NOW, "Back up now", bool(here) and not running, icon="document-save")]
+    items += [
         Item(STOP, "Stop the backup", running, icon="process-stop"),
         Item(OPEN_LATEST, open_label, can_open, icon="folder-open"),
     ]
@@ -857,6 +865,9 @@ class Tray:
                 log.info("tray: Stop: %s", self.controller.stop())
             elif ident == OPEN_LATEST:
                 self._start(self._open_latest())
+            elif BACKUP_BASE <= ident < BACKUP_BASE + len(self._disks):
+                name = list(self._disks)[ident - BACKUP_BASE]
+                log.info("tray: Back up now to %s: %s", name, self.controller.backup_now(name))
             elif ident >= EJECT_BASE:
                 names = list(self._disks)
                 if ident - EJECT_BASE < len(names):
