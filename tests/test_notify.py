@@ -46,7 +46,7 @@ from agent.errors import (
 )
 from agent.dbus.notify import CRITICAL, LOW, NORMAL, Notifier, Text
 from agent.reminder import MissedFailure, MissedSummary, NoticeState, load_notice_state, save_notice_state
-from agent.state import AgentStatus
+from agent.state import AgentStatus, EjectReply
 from tests.test_daemon import REPO, Recorder, agent_on, detach, here, one_cycle, real, settle  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import DBUS_DAEMON, PrivateBus, private_bus, run
 from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
@@ -213,6 +213,7 @@ class RecordingServer(ServiceInterface):
         self.capabilities = capabilities
         self.shown: list[Shown] = []
         self.closed: list[int] = []
+        self.order: list[tuple[str, int]] = []  # ("notify", id) and ("close", id), as they came
         self._next = 0
 
     @dbus_method(name="GetCapabilities")
@@ -238,11 +239,13 @@ class RecordingServer(ServiceInterface):
             ident = self._next
         plain = {key: value.value for key, value in hints.items()}
         self.shown.append(Shown(app_name, replaces_id, icon, summary, body, list(actions), plain, timeout, ident))
+        self.order.append(("notify", len(self.shown) - 1))
         return ident
 
     @dbus_method(name="CloseNotification")
     def _close(self, ident: DBusUInt32):  # type: ignore[no-untyped-def]  # dbus-fast: no reply value
         self.closed.append(ident)
+        self.order.append(("close", ident))
 
     @dbus_method(name="GetServerInformation")
     def _info(self) -> Annotated[tuple[str, str, str, str], DBusSignature("ssss")]:
@@ -264,6 +267,10 @@ class FakeController:
     def stop(self) -> str:
         self.calls.append("stop")
         return "stopping"
+
+    async def eject(self, disk: str) -> EjectReply:
+        self.calls.append(f"eject {disk}")
+        return EjectReply("already", f"{disk} is locked and not mounted: already safe to unplug")
 
     def status(self) -> AgentStatus:
         return AgentStatus()

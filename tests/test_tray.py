@@ -554,7 +554,7 @@ def test_menu_clicks(session_bus: PrivateBus, tmp_path: Path) -> None:
 
             await host.click(QUIT)
             assert quits == ["quit"]
-            assert controller.calls == ["backup_now", "stop"]
+            assert controller.calls == ["backup_now", "stop", "eject backup1"]  # closed: the agent keeps it so
             reply = await host.bus.call(Message(destination=icon.name, path=MENU_PATH, interface=MENU_INTERFACE,
                                                 member="Event", signature="isvu",
                                                 body=[77, "clicked", Variant("s", ""), 0]))

@@ -516,6 +516,7 @@ class Notifier:
         # ("running", "complete", "failed", "stopped", "removed"), to withdraw it once stale.
         self._card: tuple[str, str] | None = None
         self._stopping = False  # a cycle runs and its end is to be told as "stopped" if so
+        self._skipped: str | None = None  # the disk the "no backup needed yet" card is about
 
     # -- life -------------------------------------------------------------------------
 
@@ -663,6 +664,9 @@ class Notifier:
             plugged, self._plugged = self._plugged, None
             if status.state != "running":
                 self._replan()  # a cycle ended: a success ends the reminders
+            if self._skipped is not None and any(d.name == self._skipped and d.ejected for d in status.disks):
+                self._withdraw("disk")  # "leave the disk plugged in" is stale once it is ejected
+                self._skipped = None
             ended = self._stopping and status.state != "running"
             if ended:
                 self._stopping = False
@@ -689,6 +693,7 @@ class Notifier:
                 and status.next_due > self._now()
                 and not _unresolved(status, plugged)
             ):
+                self._skipped = plugged
                 self._post("disk", skipped_text(plugged, status.last_success, status.next_due, self._now()),
                            actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added")
         except Exception:

@@ -898,8 +898,9 @@ class Tray:
                                  "Looking at the disk failed; the log says why. Do not unplug it yet.", NORMAL))
             return
         reply = None
-        if not backing_up and not place.closed:
-            # Open (mounted by hand, or left busy by a backup): the agent ejects it as root.
+        if not backing_up:
+            # The agent ejects it as root (a closed disk answers "already"), and keeps it
+            # closed from then on: no scheduled backup opens it, also after a restart.
             try:
                 reply = await self.controller.eject(name)
             except Exception:
