@@ -46,7 +46,7 @@ from agent.errors import (
 )
 from agent.dbus.notify import CRITICAL, LOW, NORMAL, Notifier, Text
 from agent.reminder import MissedFailure, MissedSummary, NoticeState, load_notice_state, save_notice_state
-from agent.state import AgentStatus, EjectReply
+from agent.state import AgentStatus, DiskStatus, EjectReply
 from tests.test_daemon import REPO, Recorder, agent_on, detach, here, one_cycle, real, settle  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import DBUS_DAEMON, PrivateBus, private_bus, run
 from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
@@ -399,6 +399,37 @@ def test_a_failure_is_critical_and_offers_back_up_now(session_bus: PrivateBus) -
         restarted, removed = server.shown[2:]
         assert removed.replaces_id == restarted.id and removed.hints["urgency"] == CRITICAL
         assert removed.summary == "backup1 was unplugged during the backup"
+        notifier.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_a_stop_is_told_as_a_stop_and_no_skip_notice_hides_an_unfinished_run(session_bus: PrivateBus) -> None:
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, FakeController(), clock=FakeClock(), now=lambda: NOW)
+        notifier.backup_started("backup1", "asked")
+        notifier.status_changed(RUNNING)
+        left = [DiskStatus("backup1", attached=True, last_result="stopped", unfinished=True)]
+        notifier.status_changed(AgentStatus(state="disk-attached", disk="backup1", last_result="stopped",
+                                            next_due=NOW + 3600, disk_left="locked", disks=left))
+        await notifier.flush()
+        started, stopped = server.shown
+        assert stopped.summary == "Backup to backup1 stopped" and stopped.replaces_id == started.id
+        assert stopped.hints["urgency"] == NORMAL and stopped.actions == ["backup-now", "Back up now"]
+        assert stopped.body.endswith("It is safe to unplug backup1.") and "failed" not in stopped.body
+        # plugged in again while its last run is unfinished (or failed): never "no backup needed yet"
+        for result in ("stopped", "failure"):
+            notifier.disk_attached("backup1")
+            notifier.status_changed(AgentStatus(
+                state="failed" if result == "failure" else "disk-attached", disk="backup1", last_result=result,
+                next_due=NOW + 3000, disks=[DiskStatus("backup1", attached=True, last_result=result, unfinished=True)]))
+        await notifier.flush()
+        assert len(server.shown) == 2
         notifier.close()
         bus.disconnect()
         server_bus.disconnect()
