@@ -639,6 +639,13 @@ class Agent:
         Events that arise while actions are carried out (a cycle that could
         not be spawned ends at once) are queued and fed after, in order.
         """
+        if (
+            not self._stepping
+            and isinstance(event, (agenda.Plugged, agenda.Tick, agenda.Resumed, agenda.Asked))
+            and self._cycle is None
+            and self._ejecting is None
+        ):
+            self._look_for_foreign()  # a cycle someone else started meanwhile holds the machine: Blocked first
         self._queue.append(event)
         if self._stepping:
             return None
@@ -647,9 +654,6 @@ class Agent:
         try:
             while self._queue:
                 current = self._queue.pop(0)
-                if isinstance(current, (agenda.Plugged, agenda.Tick, agenda.Resumed, agenda.Asked)):
-                    if self._cycle is None and self._ejecting is None:
-                        self._look_for_foreign()  # a cycle someone else started meanwhile holds the machine
                 now = self._clock()
                 self._agenda, actions = agenda.step(self._agenda, current, now)
                 for action in actions:

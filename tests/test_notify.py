@@ -13,6 +13,7 @@ under test is our side of that boundary, not any real server's rendering.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -691,6 +692,22 @@ def test_a_failure_no_one_could_be_told_is_shown_at_the_next_login_once(session_
         assert missed.hints["urgency"] == CRITICAL and missed.actions == ["backup-now", "Back up now"]
         assert missed.body.endswith("Backups to backup1 failed 2 times since Sat 22 Nov.")
         assert load_notice_state(state).missed == []
+        # once a backup of that disk starts, the old failure is stale: withdrawn, not left above it
+        clock.now = NOW + 2 * 86400
+        notice = dataclasses.replace(load_notice_state(state), missed=[MissedFailure(NOW, "backup1", "transfer", "x")])
+        save_notice_state(state, notice)
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, FakeController(), disks=disks, settings=settings, state_path=state,
+                                      clock=FakeClock(), now=clock, tz=UTC)
+        notifier.login()
+        await notifier.flush()
+        again = server.shown[-1]
+        assert again.summary.startswith("Backup to backup1 failed") and again.id not in server.closed
+        notifier.backup_started("backup1", "plugged in, unfinished")
+        await notifier.flush()
+        assert again.id in server.closed and server.shown[-1].summary == "Backing up to backup1"
+        notifier.close()
+        bus.disconnect()
         server_bus.disconnect()
 
     run(scenario())

@@ -441,7 +441,6 @@ class _Item(NamedTuple):
     category: str
     value: int | None  # a progress bar's percent
     transient: bool
-    generation: int  # the cycle it belongs to (a new cycle gets a new notification)
     open_path: str | None = None  # what "Open backups" opens
     shown: Callable[[], None] | None = None  # called once the server showed it
     missed: Callable[[], None] | None = None  # called when it could not be shown
@@ -505,7 +504,6 @@ class Notifier:
         self._handler_added = False
         # what the agent said so far
         self._status: AgentStatus | None = None
-        self._generation = 0
         self._disk: str | None = None  # the running cycle's disk
         self._last_update: float | None = None  # clock() of the cycle notification's last update
         self._muted = False  # the user dismissed this cycle's notification: no more progress
@@ -728,7 +726,6 @@ class Notifier:
     def backup_started(self, disk: str, reason: str) -> None:
         try:
             self._plugged = None
-            self._generation += 1
             self._disk = disk
             self._muted = self._removed = False
             self._completed = None
@@ -822,10 +819,7 @@ class Notifier:
         queue = self._worker_queue()
         if queue is None:
             return
-        generation = self._generation if slot == "cycle" else 0
-        queue.put_nowait(
-            _Item(slot, text, actions, icon, category, value, transient, generation, open_path, shown, missed)
-        )
+        queue.put_nowait(_Item(slot, text, actions, icon, category, value, transient, open_path, shown, missed))
 
     def _withdraw(self, slot: str) -> None:
         """Close the slot's notification (if one is shown): what it says is no longer true."""
@@ -833,7 +827,7 @@ class Notifier:
             return
         queue = self._worker_queue()
         if queue is not None:
-            queue.put_nowait(_Item(slot, Text("", "", LOW), (), "", "", None, False, 0, close=True))
+            queue.put_nowait(_Item(slot, Text("", "", LOW), (), "", "", None, False, close=True))
         if slot == "cycle":
             self._card = None
 
