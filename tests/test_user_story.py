@@ -226,7 +226,9 @@ def test_stop_re_plug_eject_restart_and_two_disks_as_the_user_meets_them(
                 assert not any(s.summary.startswith("Backing up") for s in cards(at))
                 restarted = status()
                 assert restarted["disks"][0]["ejected"] is True and restarted["next_due"] is None, restarted
-                assert f"none scheduled ({NAME} ejected)" in cli("status").stdout
+                shown_status = cli("status").stdout
+                assert f"none scheduled ({NAME} ejected)" in shown_status
+                user("(no notification, no backup started) `backup-agent status` says:\n" + shown_status.rstrip())
 
                 # 6. two disks: status shows both; "now" names one
                 user(f"runs `backup-agent now --disk {NAME}`, then `backup-agent now --disk offsite`")
@@ -241,6 +243,8 @@ def test_stop_re_plug_eject_restart_and_two_disks_as_the_user_meets_them(
                 assert offsite.returncode == EXIT_DISK_MISSING and "offsite is not attached" in offsite.stdout
                 text = cli("status").stdout
                 assert f"  {NAME}: attached; last success" in text and "  offsite: not attached; last success never" in text
+                user(f"`now --disk offsite` says: {offsite.stdout.strip()} (exit {offsite.returncode}); "
+                     "then `backup-agent status` says:\n" + text.rstrip())
                 await until(lambda: "It is safe to unplug" in cards()[-1].body, "the disk to be locked", 10)
                 await stop_agent(agent)
                 assert "Traceback" not in log(), log()
