@@ -19,8 +19,9 @@ Rules (besides the schedule's):
   plug-in or "Back up now" that cannot start then is held back and replayed,
   first, when the way is clear; a timer is not held (it is asked again).
 - An ejected disk is opened by nothing but a plug-in seen while the agent
-  runs, or "Back up now"; a disk found present when the agent starts is not
-  a plug-in. It has no next due time.
+  runs, or "Back up now": finding it present when the agent starts again
+  does not reopen it (a disk that was not ejected is then backed up as on a
+  plug-in). An ejected disk has no next due time.
 - A stop the user asked for ends as "stopped": no failure, no retry before
   the next regular time; the unfinished transfer is carried on by the next
   plug-in (see :func:`agent.schedule.on_stopped`).
