@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="the desktop agent: back up when the disk is plugged in, and hourly")
     run.add_argument("--no-sudo", action="store_true", help="start the cycle without sudo (as this user, or as root)")
     run.add_argument("--disable-notifications", action="store_true", help="no desktop notifications (whatever the config says)")
-    sub.add_parser("now", parents=[loud], help="ask the running agent to back up now (D-Bus)")
+    now = sub.add_parser("now", parents=[loud], help="ask the running agent to back up now (D-Bus)")
+    now.add_argument("--disk", metavar="NAME", help="this configured disk (default: the first one attached)")
     sub.add_parser("stop", parents=[loud], help="ask the running agent to stop the running backup (D-Bus)")
     status = sub.add_parser("status", parents=[loud], help="the agent's status (its last saved state when it does not run)")
     status.add_argument("--json", action="store_true", help="one JSON object: agent, saved, state_file, status")
@@ -858,7 +859,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_now(args: argparse.Namespace) -> int:
     from .dbus import client  # dbus_fast only for these commands
 
-    return client.run_now()
+    return client.run_now(args.disk)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -18,9 +18,11 @@ until udev has something to say. Two exceptions, both only when asked for:
 machine lock every few seconds while a cycle started by someone else (a
 previous agent, a shell) runs, to notice its end.
 
-The decisions are :mod:`agent.schedule`'s (pure); the agent applies them, one
-cycle at a time across disks and triggers, and keeps what a restart must not
-lose (last success, failures) in a small JSON state file.
+The decisions are :mod:`agent.agenda`'s (pure, across disks, built on the
+per-disk :mod:`agent.schedule`): the agent turns what happens into its
+events and only carries out the actions it returns, and keeps what a
+restart must not lose (last success, failures, unfinished runs, ejected
+disks) in a small JSON state file.
 
 The cycle is ``cycle_argv + ("--disk", NAME)``, normally ``sudo -n
 /usr/local/bin/backup-agent backup --json --disk NAME``. It runs in a session
@@ -51,13 +53,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
 
-from . import events, lock, schedule
+from . import agenda, events, lock, schedule
 from .config import Settings
 from .disk import holders
 from .errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
 from .files import write_atomic
 from .reminder import notice_state_path
-from .state import STATE_FILE_VERSION, AgentStatus, BrowseReply, EjectReply, Listener, Result, disk_left, state_file_path
+from .state import (
+    STATE_FILE_VERSION,
+    AgentStatus,
+    BrowseReply,
+    DiskStatus,
+    EjectReply,
+    Listener,
+    Result,
+    disk_left,
+    state_file_path,
+)
 from .udev import DiskGone, DiskSeen, Monitor
 
 log = logging.getLogger(__name__)
@@ -114,6 +126,9 @@ class DiskRecord:
     last_result: Result = "none"
     last_message: str = ""
     last_snapshot: str | None = None
+    unfinished: bool = False  # the last run failed or was stopped; no success since
+    stopped_at: float | None = None  # the user stopped the last run then
+    ejected: bool = False  # the user ejected the disk: closed until plugged in again or asked for
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,9 +151,12 @@ def _record_from(value: object) -> DiskRecord | None:
         last_success=_number(value.get("last_success")),
         last_failure=_number(value.get("last_failure")),
         failures=failures if isinstance(failures, int) and not isinstance(failures, bool) and failures >= 0 else 0,
-        last_result=result if result in ("none", "success", "partial", "failure") else "none",
+        last_result=result if result in ("none", "success", "partial", "failure", "stopped") else "none",
         last_message=message if isinstance(message, str) else "",
         last_snapshot=snapshot if isinstance(snapshot, str) else None,
+        unfinished=value.get("unfinished") is True,
+        stopped_at=_number(value.get("stopped_at")),
+        ejected=value.get("ejected") is True,
     )
 
 
@@ -355,14 +373,24 @@ class Agent:
         self._records: dict[str, DiskRecord] = {name: records.get(name, DiskRecord()) for name in self._disk_names}
         # Records of disks no longer configured are kept in the file, untouched.
         self._other_records = {name: record for name, record in records.items() if name not in self._records}
-        self._states: dict[str, schedule.DiskState] = {
-            name: schedule.DiskState(
-                last_success=record.last_success, failures=record.failures, last_failure=record.last_failure
-            )
-            for name, record in self._records.items()
-        }
-        self._decisions: dict[str, schedule.Decision] = {}
-        self._pending: dict[str, schedule.Trigger] = {}  # triggers held back by another disk's cycle
+        self._agenda = agenda.new(
+            options.policy,
+            self._disk_names,
+            {
+                name: schedule.DiskState(
+                    last_success=record.last_success,
+                    failures=record.failures,
+                    last_failure=record.last_failure,
+                    unfinished=record.unfinished,
+                    stopped_at=record.stopped_at,
+                )
+                for name, record in self._records.items()
+            },
+            ejected=[name for name, record in self._records.items() if record.ejected],
+        )
+        self._queue: list[agenda.Event] = []  # events that came while one was being carried out
+        self._stepping = False
+        self._starting = False  # Monitor.start is reporting the disks present at start
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: Monitor | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -377,10 +405,6 @@ class Agent:
         self._published: AgentStatus | None = None
         self._last_returncode: int | None = None
         self._ejecting: str | None = None  # the disk an eject is closing now
-        # Disks ejected since they were plugged in: closed on purpose, to be
-        # unplugged, so no scheduled backup opens them again (a plug-in or
-        # Back up now does).
-        self._ejected: set[str] = set()
         # Disks opened for browsing, each with the timer that closes it when idle.
         self._browsing: dict[str, asyncio.TimerHandle] = {}
         self._browse_tasks: set[asyncio.Task[None]] = set()
@@ -419,7 +443,11 @@ class Agent:
 
     def attached(self) -> list[str]:
         """The configured disks attached now, in the configuration's order."""
-        return [name for name in self._disk_names if self._states[name].attached]
+        return list(self._agenda.attached())
+
+    def current_agenda(self) -> agenda.Agenda:
+        """What the agent decides from now (a value)."""
+        return self._agenda
 
     def last_successes(self) -> dict[str, float | None]:
         """Each configured disk's last successful backup (epoch seconds; None: never), for reminders."""
@@ -445,7 +473,11 @@ class Agent:
                     "no [[disk]] is configured in %s: nothing to watch", self._settings.path or "the configuration"
                 )
             self._monitor = Monitor(self._settings.disks, self._on_disk_change)
-            self._monitor.start(loop)
+            self._starting = True  # the disks present now are found, not plugged in
+            try:
+                self._monitor.start(loop)
+            finally:
+                self._starting = False
             self._notifier.send("READY=1")
             self._notify_status()
             interval = watchdog_interval()
@@ -479,9 +511,13 @@ class Agent:
             self._release_inhibitor(cycle)
             self._cycle = None
         # Not watching any more: nothing is known to be attached, nothing can start.
-        self._states = {name: dataclasses.replace(state, attached=False, running=False) for name, state in self._states.items()}
-        self._decisions.clear()
-        self._pending.clear()
+        self._agenda = agenda.new(
+            self._agenda.policy,
+            self._disk_names,
+            {name: self._agenda.disk(name).state for name in self._disk_names},
+            ejected=[name for name in self._disk_names if self._agenda.disk(name).ejected],
+        )
+        self._queue.clear()
         self._loop = None
         self._notifier.close()
 
@@ -491,34 +527,29 @@ class Agent:
 
     # -- Controller -----------------------------------------------------------------------
 
-    def backup_now(self) -> str:
-        """Start a cycle on the first attached disk: "started", "running" or "no-disk"."""
-        if self._cycle is not None or self._foreign is not None:
-            return "running"
-        attached = self.attached()
-        if not attached:
-            return "no-disk"
-        decision = self._trigger(attached[0], "asked")
-        if decision.start_now:
-            return "started"
-        return "running" if decision.reason == "running" else "no-disk"
+    def backup_now(self, disk: str | None = None) -> str:
+        """Start a cycle on ``disk`` (None: the first attached one): "started", "running", "no-disk", "unknown-disk"."""
+        # While something else holds the machine the agenda holds the request back: "running".
+        return self._do(agenda.Asked(disk or None)) or "no-disk"
 
     def stop(self) -> str:
-        """SIGTERM to the running cycle (it cleans up as after any failure): "stopping" or "not-running"."""
+        """SIGTERM to the running cycle (it cleans up; a stop is not a failure): "stopping" or "not-running"."""
+        if self._cycle is None and self._foreign is not None:
+            log.warning(
+                "the running backup (%s) was not started by this agent: it is not stopped from here",
+                self._foreign.description,
+            )
+        return self._do(agenda.StopAsked()) or "not-running"
+
+    def _kill(self, disk: str) -> None:
         cycle = self._cycle
-        if cycle is None:
-            if self._foreign is not None:
-                log.warning(
-                    "the running backup (%s) was not started by this agent: it is not stopped from here",
-                    self._foreign.description,
-                )
-            return "not-running"
+        if cycle is None or cycle.disk != disk:
+            return
         cycle.stop_requested = True
         if cycle.process is not None and cycle.process.poll() is None:
             log.info("stopping the backup cycle (pid %d)", cycle.process.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(cycle.process.pid, signal.SIGTERM)
-        return "stopping"
 
     def status(self) -> AgentStatus:
         """A copy of the current status."""
@@ -529,17 +560,29 @@ class Agent:
         """The disk an eject is closing now, or None."""
         return self._ejecting
 
-    async def eject(self, disk: str) -> EjectReply:
+    def _blocker(self) -> str | None:
+        """What keeps a disk from being ejected or opened now: a running cycle, this agent's or another's."""
+        if self._cycle is None:
+            self._look_for_foreign()
+        if self._cycle is not None:
+            return f"the backup of {self._cycle.disk} is running"
+        if self._foreign is not None:
+            return f"another backup is running ({self._foreign.description})"
+        return None
+
+    async def eject(self, disk: str, *, by_user: bool = True) -> EjectReply:
         """Unmount and lock ``disk`` now: ``eject_argv + ("--disk", disk)``, as the cycle is run.
 
         Normally ``sudo -n backup-agent eject --json --disk NAME``, in a
         session of its own (it finishes even if the agent stops), waited for
         in a thread so the loop goes on. Refused while a cycle runs, this
         agent's or another's. While it runs no cycle starts (triggers wait,
-        see :meth:`_blocker`); once the disk is closed, no scheduled backup
+        see :mod:`agent.agenda`); once the disk is closed, no scheduled backup
         opens it again until it is plugged in again or Back up now is asked.
+        A close that the user did not ask for (``by_user=False``: the end of
+        browsing) leaves the schedule as it was.
         """
-        if disk not in self._states:
+        if disk not in self._disk_names:
             return EjectReply("failed", f"{disk} is not a configured backup disk")
         if self._ejecting is not None:
             return EjectReply("refused", f"{self._ejecting} is being ejected: wait for it")
@@ -550,6 +593,7 @@ class Agent:
             return EjectReply("failed", "this agent was started without a way to eject a disk")
         argv = [*self._options.eject_argv, "--disk", disk]
         self._ejecting = disk
+        self._block()
         log.info("ejecting %s: running %s", disk, " ".join(argv))
         try:
             process = subprocess.Popen(
@@ -559,18 +603,20 @@ class Agent:
             out, err = await asyncio.to_thread(process.communicate)
         except OSError as exc:
             reply = EjectReply("failed", f"could not start the eject ({argv[0]}): {exc.strerror or exc}")
+        except BaseException:
+            self._ejecting = None
+            self._block()
+            raise
         else:
             reply = eject_reply(
                 disk, process.returncode, out.decode("utf-8", "replace").splitlines(),
                 err.decode("utf-8", "replace").splitlines(), through_sudo=_through_sudo(argv),
             )
-        finally:
-            self._ejecting = None
         (log.info if reply.safe else log.warning)("eject %s: %s", disk, reply.message)
-        if reply.safe and self._states[disk].attached:
-            self._ejected.add(disk)
-            self._decisions[disk] = schedule.Decision(False, "not due", None)
-        self._reevaluate()
+        if reply.safe and by_user:
+            self._do(agenda.Ejected(disk))  # before the way is clear again: nothing opens it
+        self._ejecting = None
+        self._block()
         self._refresh()
         return reply
 
@@ -581,7 +627,7 @@ class Agent:
         (an eject) after :attr:`AgentOptions.browse_idle` seconds in which no
         process of this user used it; a click on Browse again restarts that time.
         """
-        if disk not in self._states:
+        if disk not in self._disk_names:
             return BrowseReply("failed", f"{disk} is not a configured backup disk")
         if self._ejecting is not None:
             return BrowseReply("refused", f"{self._ejecting} is being ejected: wait for it")
@@ -630,128 +676,133 @@ class Agent:
         if self._blocker() is not None or self._ejecting is not None or in_use:
             self._arm_browse_close(disk)
             return
-        was_ejected = disk in self._ejected
         try:
-            reply = await self.eject(disk)
+            # Closed because browsing ended, not ejected by the user: backups go on as scheduled.
+            reply = await self.eject(disk, by_user=False)
         except Exception:
             log.exception("closing %s after browsing failed", disk)
             return
         if reply.result in ("busy", "refused"):
             self._arm_browse_close(disk)
             return
-        if reply.safe and not was_ejected:
-            # Closed because browsing ended, not ejected by the user: backups go on as scheduled.
-            self._ejected.discard(disk)
-            self._decisions.pop(disk, None)
-            self._reevaluate()
         log.info("%s closed after browsing: %s", disk, reply.message)
 
     # -- hooks for logind ---------------------------------------------------------------
 
     def on_resumed(self) -> None:
         """The machine woke from sleep (logind's PrepareForSleep(false)): catch up once if due."""
-        for name in self.attached():
-            self._trigger(name, "resumed")
+        self._do(agenda.Resumed())
 
     def tick(self) -> None:
         """What the schedule timer does when it fires: one decision per attached disk."""
         if self._timer is not None:
             self._timer.cancel()  # called by hand (tests, a resume hook): the armed one is replaced
             self._timer = None
-        self._reevaluate()
+        self._do(agenda.Tick())
 
     # -- udev -------------------------------------------------------------------------------
 
     def _on_disk_change(self, change: DiskSeen | DiskGone) -> None:
         name = change.disk
-        if name not in self._states:
+        if name not in self._disk_names:
             return
         if isinstance(change, DiskSeen):
-            log.info("backup disk %s attached (%s)", name, change.device)
+            log.info("backup disk %s %s (%s)", name, "found" if self._starting else "attached", change.device)
             if self._cycle is None:  # the status names the running cycle's disk while one runs
                 self._status.disk = name
             self._tell("disk_attached", name)
-            self._trigger(name, "plugged")
+            self._do(agenda.Plugged(name, at_start=self._starting))
         else:
             during = self._cycle is not None and self._cycle.disk == name
             log.info("backup disk %s removed (%s)%s", name, change.device, " during the backup" if during else "")
-            self._pending.pop(name, None)
             self._tell("disk_removed", name, during)
-            self._trigger(name, "unplugged")
+            self._do(agenda.Unplugged(name))
 
     # -- deciding ---------------------------------------------------------------------------
 
-    def _trigger(self, name: str, trigger: schedule.Trigger) -> schedule.Decision:
-        """Apply one trigger to one disk: decide, start the cycle if so, re-arm the timer."""
-        now = self._clock()
-        state = self._states[name]
-        if name in self._ejected:
-            if trigger in ("tick", "resumed"):
-                decision = schedule.Decision(False, "not due", None)  # nothing due until plugged in again
-                self._decisions[name] = decision
-                self._rearm()
-                self._refresh()
-                return decision
-            self._ejected.discard(name)  # plugged in again, unplugged, or asked for
-        if trigger == "plugged" and state.attached:
-            state = dataclasses.replace(state, attached=False)  # a held-back plug-in, replayed
-        state, decision = schedule.handle(state, self._options.policy, now, trigger)
-        if decision.start_now:
-            blocker = self._blocker()
-            if blocker is not None:
-                # One cycle at a time, across disks and agents: this trigger
-                # waits for the running cycle to end.
-                state = dataclasses.replace(state, running=False)
-                if trigger != "tick":
-                    self._pending[name] = trigger
-                log.info("backup of %s (%s) waits: %s", name, decision.reason, blocker)
-                decision = schedule.Decision(False, "running", now)
-        self._states[name] = state
-        self._decisions[name] = decision
-        if decision.start_now:
-            self._pending.pop(name, None)
-            self._start(name, decision.reason)
-        self._rearm()
-        self._refresh()
-        return decision
+    def _do(self, event: agenda.Event) -> str | None:
+        """Feed one event to the agenda and carry out its actions; the answer to a caller, if any.
 
-    def _blocker(self) -> str | None:
-        """Why no cycle may start now (one runs, or an eject), or None."""
-        if self._ejecting is not None:
-            # Its machine lock would look like a foreign cycle: not a failure, wait for it.
-            return f"{self._ejecting} is being ejected"
-        if self._cycle is not None:
-            return f"the backup of {self._cycle.disk} is running"
-        if self._foreign is None:
-            self._look_for_foreign()
-        if self._foreign is not None:
-            return f"another backup is running ({self._foreign.description})"
+        Events that arise while actions are carried out (a cycle that could
+        not be spawned ends at once) are queued and fed after, in order.
+        """
+        if (
+            not self._stepping
+            and isinstance(event, (agenda.Plugged, agenda.Tick, agenda.Resumed, agenda.Asked))
+            and self._cycle is None
+            and self._ejecting is None
+        ):
+            self._look_for_foreign()  # a cycle someone else started meanwhile holds the machine: Blocked first
+        self._queue.append(event)
+        if self._stepping:
+            return None
+        answer: str | None = None
+        self._stepping = True
+        try:
+            while self._queue:
+                current = self._queue.pop(0)
+                now = self._clock()
+                self._agenda, actions = agenda.step(self._agenda, current, now)
+                for action in actions:
+                    said = self._carry_out(action, now)
+                    if said is not None and current is event:
+                        answer = said
+        finally:
+            self._stepping = False
+        self._refresh()
+        return answer
+
+    def _carry_out(self, action: agenda.Action, now: float) -> str | None:
+        if isinstance(action, agenda.Start):
+            self._start(action.disk, action.reason)
+        elif isinstance(action, agenda.Stop):
+            self._kill(action.disk)
+        elif isinstance(action, agenda.Answer):
+            return action.word
+        elif isinstance(action, agenda.Waits):
+            log.info("backup of %s (%s) waits: %s", action.disk, action.reason, action.why)
+        elif isinstance(action, agenda.Save):
+            self._keep_agenda()
+            self._save()
+        elif isinstance(action, agenda.Wake):
+            self._arm(action.at, now)
         return None
 
-    def _rearm(self) -> None:
-        """Cancel the timer, and arm one for the earliest due backup among attached disks (if any)."""
+    def _keep_agenda(self) -> None:
+        """Copy what the agenda must keep across a restart into the records the state file holds."""
+        for name in self._disk_names:
+            entry = self._agenda.disk(name)
+            state = entry.state
+            self._records[name] = dataclasses.replace(
+                self._records[name],
+                last_success=state.last_success,
+                failures=state.failures,
+                last_failure=state.last_failure,
+                unfinished=state.unfinished,
+                stopped_at=state.stopped_at,
+                ejected=entry.ejected,
+            )
+
+    def _block(self) -> None:
+        """Tell the agenda whether something else holds the machine (an eject, another cycle)."""
+        if self._ejecting is not None:
+            # Its machine lock would look like a foreign cycle: not a failure, wait for it.
+            reason: str | None = f"{self._ejecting} is being ejected"
+        elif self._foreign is not None:
+            reason = f"another backup is running ({self._foreign.description})"
+        else:
+            reason = None
+        if reason != self._agenda.blocked:
+            self._do(agenda.Blocked(reason))
+
+    def _arm(self, at: float | None, now: float) -> None:
+        """Cancel the timer, and arm one for ``at`` (wall clock), if any."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._loop is None:
+        if self._loop is None or at is None:
             return
-        now = self._clock()
-        delays = [
-            delay
-            for name in self.attached()
-            if name in self._decisions
-            and (delay := schedule.seconds_until(self._decisions[name], now)) is not None
-        ]
-        if delays:
-            self._timer = self._loop.call_later(min(delays), self.tick)
-
-    def _reevaluate(self) -> None:
-        """After a cycle ended: the next decision for every attached disk (held-back triggers first)."""
-        for name in self.attached():
-            if self._cycle is not None or self._foreign is not None:
-                break
-            self._trigger(name, self._pending.pop(name, "tick"))
-        self._rearm()
+        self._timer = self._loop.call_later(max(0.0, at - now), self.tick)
 
     # -- the foreign cycle --------------------------------------------------------------------
 
@@ -767,6 +818,7 @@ class Agent:
                 log.warning("cannot look at the backup cycle's lock: %s", exc.message)
                 if self._foreign is not None:
                     self._foreign = None
+                    self._block()
                     self._refresh()
                 return
             pid = _holder_pid(path, exc.message)
@@ -775,11 +827,13 @@ class Agent:
                 log.info("a backup cycle started elsewhere is running (%s): waiting for it to end", found.description)
             self._foreign = found
             self._arm_foreign_poll()
+            self._block()
             self._refresh()
             return
         if self._foreign is not None:
             log.info("the backup cycle started elsewhere (%s) has ended", self._foreign.description)
             self._foreign = None
+            self._block()
             self._refresh()
 
     def _arm_foreign_poll(self) -> None:
@@ -790,8 +844,6 @@ class Agent:
     def _poll_foreign(self) -> None:
         self._foreign_timer = None
         self._look_for_foreign()
-        if self._foreign is None and self._cycle is None:
-            self._reevaluate()
 
     # -- the cycle -------------------------------------------------------------------------------
 
@@ -971,6 +1023,9 @@ class Agent:
                 # Maybe another cycle took the machine lock first: that is a
                 # wait, not a failure; _finish decides once the cycle has ended.
                 return
+            if cycle.stop_requested:
+                log.info("backup of %s: %s (stopped as asked)", cycle.disk, message)
+                return
             self._tell("backup_failed", step if isinstance(step, str) else None, message, exit_code)
 
     def _exited(self, cycle: _Cycle, process: "subprocess.Popen[bytes]") -> None:
@@ -1005,7 +1060,6 @@ class Agent:
         self._release_inhibitor(cycle)
         self._cycle = None
         name = cycle.disk
-        now = self._clock()
         complete, error = cycle.complete, cycle.error
         record = self._records[name]
         busy = (
@@ -1017,18 +1071,15 @@ class Agent:
             self._look_for_foreign()
         if busy and self._foreign is not None:
             # Someone else's cycle took the machine lock first: not a failure
-            # of this disk; wait for that cycle, then decide again.
+            # of this disk; its trigger waits for that cycle (the agenda holds it).
             log.info("the backup of %s did not start: %s", name, error.get("message") if error else "busy")
-            self._states[name] = dataclasses.replace(self._states[name], running=False)
-            if cycle.reason == "asked":
-                self._pending[name] = "asked"
-            elif cycle.reason.startswith("plugged in"):
-                self._pending[name] = "plugged"
             self._status.step = None
             self._status.progress = {}
-            self._refresh()
+            self._do(agenda.Finished(name, "busy"))
             return
-        if complete is not None and not complete.get("skipped") and returncode in (EXIT_OK, EXIT_PARTIAL):
+        succeeded = complete is not None and not complete.get("skipped") and returncode in (EXIT_OK, EXIT_PARTIAL)
+        taken: float | None = None
+        if complete is not None and succeeded:
             snapshot = complete.get("snapshot")
             # The snapshot is named after the cycle's start: the moment the
             # agent started it, on the agent's own clock.
@@ -1036,14 +1087,19 @@ class Agent:
             partial = returncode == EXIT_PARTIAL or bool(complete.get("partial"))
             result: Result = "partial" if partial else "success"
             message = f"snapshot {snapshot}" + (" (partial: some files could not be read)" if partial else "")
-            self._states[name] = schedule.on_finished(self._states[name], now, True, snapshot_time=taken)
-            record = DiskRecord(
-                last_success=taken,
+            record = dataclasses.replace(
+                record,
                 last_result=result,
                 last_message=message,
                 last_snapshot=snapshot if isinstance(snapshot, str) else record.last_snapshot,
             )
             log.info("backup of %s done: %s", name, message)
+        elif cycle.stop_requested:
+            # Asked for: not a failure. What was copied so far stays as the
+            # unfinished transfer the next run carries on with.
+            message = "stopped; the next backup carries on from where this one stopped"
+            record = dataclasses.replace(record, last_result="stopped", last_message=message)
+            log.info("backup of %s stopped as asked", name)
         else:
             if error is not None:
                 message = str(error.get("message") or "the backup failed")
@@ -1061,15 +1117,7 @@ class Agent:
                 self._tell("backup_failed", self._status.step, message, returncode)
             elif busy:  # held back in _on_stdout: no other cycle explains it after all
                 self._tell("backup_failed", "lock", message, EXIT_BUSY)
-            self._states[name] = schedule.on_finished(self._states[name], now, False)
-            state = self._states[name]
-            record = dataclasses.replace(
-                record,
-                last_failure=state.last_failure,
-                failures=state.failures,
-                last_result="failure",
-                last_message=message,
-            )
+            record = dataclasses.replace(record, last_result="failure", last_message=message)
             log.warning("backup of %s failed: %s", name, message)
         self._records[name] = record
         self._status.step = None
@@ -1080,9 +1128,9 @@ class Agent:
             "mounted": next((d.mount_point for d in self._settings.disks if d.name == name), ""),
             "lock-failed": cycle.lock_warning,
         }.get(self._status.disk_left, "")
-        self._refresh()
+        self._do(agenda.Finished(name, "success" if succeeded else "failure", snapshot_time=taken))
+        self._keep_agenda()
         self._save()
-        self._reevaluate()
 
     def _release_inhibitor(self, cycle: _Cycle) -> None:
         held, cycle.inhibitor = cycle.inhibitor, None
@@ -1126,7 +1174,8 @@ class Agent:
             status.last_success = record.last_success
             status.last_result = record.last_result
             status.last_message = record.last_message
-        dues = [d.next_due for n in attached if (d := self._decisions.get(n)) is not None and d.next_due is not None]
+        status.disks = [self._disk_status(name, running) for name in self._disk_names]
+        dues = [disk.next_due for disk in status.disks if disk.next_due is not None]
         status.next_due = min(dues) if dues else None
         if not running:
             status.step = None
@@ -1141,12 +1190,28 @@ class Agent:
             status.state = "idle"
         if not publish:
             return
-        comparable = dataclasses.replace(status, progress={})
+        comparable = dataclasses.replace(status, progress={}, disks=list(status.disks))
         if comparable == self._published:
             return
         self._published = comparable
         self._tell("status_changed", self._copy(status))
         self._notify_status()
+
+    def _disk_status(self, name: str, running: bool) -> DiskStatus:
+        entry = self._agenda.disk(name)
+        record = self._records[name]
+        attached = entry.state.attached
+        due = entry.next_due if attached and not entry.ejected and not running else None
+        return DiskStatus(
+            name=name,
+            attached=attached,
+            ejected=entry.ejected,
+            last_success=entry.state.last_success,
+            last_result=record.last_result,
+            last_message=record.last_message,
+            next_due=due,
+            unfinished=entry.state.unfinished,
+        )
 
     def _notify_status(self) -> None:
         text = self._status_line()
@@ -1170,7 +1235,9 @@ class Agent:
 
     @staticmethod
     def _copy(status: AgentStatus) -> AgentStatus:
-        return dataclasses.replace(status, progress=dict(status.progress))
+        return dataclasses.replace(
+            status, progress=dict(status.progress), disks=[dataclasses.replace(disk) for disk in status.disks]
+        )
 
     def _tell(self, method: str, *args: Any) -> None:
         for listener in list(self._listeners):

@@ -52,6 +52,10 @@ Rules, including those chosen here:
   2**(n-1)`` seconds (capped at ``retry_max``) after the last failure,
   instead of the interval: 5 min, 10 min, 20 min ... 4 h with the defaults.
   A success resets the count. Failures are kept across unplugging.
+- A plug-in after a run that failed or was stopped (``unfinished``) starts a
+  cycle with ``on_plug = "if-due"`` too: it carries on with that run.
+- A stop the user asked for (:func:`on_stopped`) is not a failure: no retry,
+  the next regular try at least ``interval`` after the stop.
 - "Back up now" starts a cycle whenever the disk is attached and none runs,
   due or not.
 - Clock set back: a ``last_success`` (or ``last_failure``) more than
@@ -88,6 +92,7 @@ Reason = Literal[
     "running",
     "not attached",
     "resumed from sleep, due",
+    "plugged in, unfinished",
 ]
 
 Trigger = Literal["plugged", "unplugged", "tick", "resumed", "asked"]
@@ -126,6 +131,10 @@ class DiskState:
     failures: int = 0  # consecutive failures since the last success
     last_failure: float | None = None
     running: bool = False
+    # The last run failed or was stopped, and no success followed: its
+    # transfer is unfinished, and the next plug-in carries on with it.
+    unfinished: bool = False
+    stopped_at: float | None = None  # the user stopped the last run then: no retry before an interval passed
 
 
 @dataclass(frozen=True)
@@ -189,7 +198,13 @@ def next_due(state: DiskState, policy: Policy, now: float) -> float | None:
 def _due(state: DiskState, policy: Policy, now: float) -> float:
     """:func:`next_due` of an attached disk."""
     retry = _retry_due(state, policy, now)
-    return retry if retry is not None else _regular_due(state, policy, now)
+    due = retry if retry is not None else _regular_due(state, policy, now)
+    stopped = state.stopped_at
+    if stopped is not None and not _from_the_future(stopped, now):
+        # A stop the user asked for is not retried: the next try is a
+        # regular one, at least an interval after the stop.
+        due = max(due, stopped + policy.interval)
+    return due
 
 
 def _not_attached() -> Decision:
@@ -220,6 +235,10 @@ def on_plugged(state: DiskState, policy: Policy, now: float) -> tuple[DiskState,
         return state, Decision(False, "running", now)
     if policy.on_plug == "always":
         return state, Decision(True, "plugged in, always", now)
+    if state.unfinished:
+        # Plugging the disk back in after a failed or stopped run carries on
+        # with it, whatever the last success says.
+        return state, Decision(True, "plugged in, unfinished", now)
     retry = _retry_due(state, policy, now)
     if now >= _regular_due(state, policy, now) or (retry is not None and now >= retry):
         return state, Decision(True, "plugged in, due", now)
@@ -271,8 +290,21 @@ def on_finished(
             last_success=now if snapshot_time is None else snapshot_time,
             failures=0,
             last_failure=None,
+            unfinished=False,
+            stopped_at=None,
         )
-    return replace(state, running=False, failures=state.failures + 1, last_failure=now)
+    return replace(
+        state, running=False, failures=state.failures + 1, last_failure=now, unfinished=True, stopped_at=None
+    )
+
+
+def on_stopped(state: DiskState, now: float) -> DiskState:
+    """The user stopped the cycle: not a failure (no retry), but its transfer is unfinished.
+
+    The failure count is kept as it was; the next scheduled try is a regular
+    one, at least ``interval`` after the stop; a plug-in carries on with it.
+    """
+    return replace(state, running=False, unfinished=True, stopped_at=now)
 
 
 def seconds_until(decision: Decision, now: float) -> float | None:

@@ -31,7 +31,8 @@ def state_file_path(environ: Mapping[str, str] | None = None) -> str:
 
 
 State = Literal["idle", "disk-attached", "running", "failed"]
-Result = Literal["none", "success", "partial", "failure"]
+#: "stopped": the user stopped the last cycle (not a failure; its transfer is kept for the next run).
+Result = Literal["none", "success", "partial", "failure", "stopped"]
 #: How the last cycle left the disk: "locked" (unmounted and locked by the
 #: cycle: safe to unplug), "unlocked" (unmounted, but left unlocked as it was
 #: found), "mounted" (left unlocked and mounted as it was found),
@@ -58,6 +59,20 @@ def disk_left(closing: Mapping[str, str]) -> DiskLeft:
 
 
 @dataclass
+class DiskStatus:
+    """One configured disk, attached or not: what ``status`` lists for each."""
+
+    name: str
+    attached: bool = False
+    ejected: bool = False  # closed by the user: no backup until it is plugged in again or asked for
+    last_success: float | None = None
+    last_result: Result = "none"
+    last_message: str = ""
+    next_due: float | None = None  # None: not attached, ejected, or a backup runs
+    unfinished: bool = False  # the last run failed or was stopped: the next plug-in carries on with it
+
+
+@dataclass
 class AgentStatus:
     """Everything a status query or a tray tooltip needs, as plain values."""
 
@@ -72,6 +87,7 @@ class AgentStatus:
     cycle_pid: int | None = None  # the running cycle, also one another agent started
     disk_left: DiskLeft = ""  # how the last cycle left the disk (see DiskLeft)
     disk_left_detail: str = ""  # the mount point ("mounted"), or why locking failed ("lock-failed")
+    disks: list[DiskStatus] = field(default_factory=list)  # every configured disk, in the configuration's order
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,8 +138,9 @@ class BrowseReply:
 class Controller(Protocol):
     """What callers may ask of the agent. Replies are short words, not prose."""
 
-    def backup_now(self) -> str:
-        """Start a cycle now: "started", "running" (one already runs) or "no-disk"."""
+    def backup_now(self, disk: str | None = None) -> str:
+        """Start a cycle now (on ``disk``; None: the first attached one): "started", "running"
+        (one already runs), "no-disk" or "unknown-disk"."""
         ...
 
     def stop(self) -> str:

@@ -89,13 +89,19 @@ def test_now_stop_and_status_reach_the_running_agent(bench: Bench, here: None, t
                 assert again.returncode == 0 and again.stdout.strip() == "a backup is already running", again
                 assert f"starting the backup of {NAME} (asked)" in log()
 
-                # stop: the cycle gets SIGTERM, cleans up, and the disk is locked again
+                # stop: the cycle gets SIGTERM, cleans up, and the disk is locked again; a stop
+                # asked for is no failure: no failure count, no retry, the transfer kept for later
                 stopping = cli("stop")
                 assert stopping.returncode == 0 and stopping.stdout.startswith("stopping the running backup"), stopping
                 second = await until(
-                    lambda: (r := record()) is not None and r.last_result == "failure" and r, "the stopped cycle to end", 15
+                    lambda: (r := record()) is not None and r.last_result == "stopped" and r, "the stopped cycle to end", 15
                 )
                 assert second.last_snapshot == first.last_snapshot  # nothing new completed
+                assert second.failures == 0 and second.unfinished and second.stopped_at is not None, second
+                after_stop = json.loads(cli("status", "--json").stdout)["status"]
+                assert after_stop["state"] == "disk-attached" and after_stop["last_result"] == "stopped", after_stop
+                # the next try is the regular one (an hour on), not a retry in 5 minutes
+                assert after_stop["next_due"] >= second.stopped_at + 3600 - 1, after_stop
                 bench.assert_locked_and_unmounted()
                 assert cli("stop").stdout.strip() == "no backup is running"
                 assert log().count("starting the backup of") == 2, log()
@@ -110,7 +116,7 @@ def test_now_stop_and_status_reach_the_running_agent(bench: Bench, here: None, t
                 saved = cli("status", "--json")
                 assert saved.returncode == 0, saved
                 document = json.loads(saved.stdout)
-                assert document["agent"] == "not-running" and document["status"]["last_result"] == "failure", document
+                assert document["agent"] == "not-running" and document["status"]["last_result"] == "stopped", document
             finally:
                 if agent.poll() is None:
                     agent.kill()

@@ -277,8 +277,10 @@ def test_the_agent_opens_a_disk_for_browsing_and_closes_it_once_unused(bench: Be
             await until(lambda: not bench.mounted_here() and not os.path.lexists(bench.rig.mapped),
                         "the disk to be closed once unused", 10)
             bench.assert_locked_and_unmounted()
-            # Closed because browsing ended, not ejected: the schedule goes on.
-            assert agent.status().next_due is not None and agent.timer is not None
+            # Closed because browsing ended, not ejected: the schedule goes on
+            # (once the agent has seen the close end, a moment after the disk is locked).
+            await until(lambda: agent.timer is not None, "the schedule to go on after browsing", 10)
+            assert agent.status().next_due is not None
             assert recorder.of("backup_failed") == []
 
     run(scenario(), timeout=60)

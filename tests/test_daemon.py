@@ -476,7 +476,7 @@ def test_a_disk_pulled_out_mid_transfer_fails_cleanly_and_the_next_plug_in_resum
             stand_in.tell(mode="real")
             bench.rig.attach(bench.rig.luks_image)  # plugged in again: resumes
             await one_cycle(agent, recorder, 2)
-            assert recorder.of("backup_started")[1] == (NAME, "plugged in, due")
+            assert recorder.of("backup_started")[1] == (NAME, "plugged in, unfinished")
             assert agent.status().last_result == "success" and agent.last_returncode == 0
             done = recorder.of("backup_completed")
             assert len(done) == 1
@@ -515,14 +515,18 @@ def test_backup_now_while_running_and_stop_with_sigterm(bench: Bench, here: None
             assert agent.stop() == "stopping"
             await until(lambda: agent.cycle_pid is None, "the cycle to stop", 10)
             assert agent.last_returncode == 143
-            # (the step named is the cycle's: after cleaning up a disk it names the last cleanup step)
-            assert [(message, code) for _, message, code in recorder.of("backup_failed")] == [("interrupted by SIGTERM", 143)]
+            # A stop asked for is not a failure: nothing says "failed", no error state, no retry.
+            assert recorder.of("backup_failed") == []
             assert len(recorder.of("backup_started")) == 1
             assert agent.stop() == "not-running"
-            assert agent.status().state == "failed"
-            # A failure is retried after the back-off, not at once.
+            status = agent.status()
+            assert (status.state, status.last_result) == ("disk-attached", "stopped")
+            assert "failed" not in recorder.states()
+            assert status.disks[0].unfinished and status.disks[0].name == NAME
+            # The next try is the regular one, an interval after the stop, not the 5-minute retry.
             assert agent.timer is not None
-            assert agent.timer.when() - asyncio.get_running_loop().time() == pytest.approx(300, abs=5)
+            assert agent.timer.when() - asyncio.get_running_loop().time() == pytest.approx(3600, abs=5)
+            assert status.next_due is not None and status.next_due - time.time() == pytest.approx(3600, abs=5)
             assert not alive(pid)
 
     asyncio.run(scenario())

@@ -10,6 +10,7 @@ records calls.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import json
 import logging
@@ -35,7 +36,7 @@ from agent.daemon import save_state
 from agent.dbus import client
 from agent.dbus.control import AgentAlreadyRunningError, ControlInterface, serve
 from agent.errors import EXIT_DISK_MISSING, BackupAgentError
-from agent.state import AgentStatus, state_file_path
+from agent.state import AgentStatus, DiskStatus, state_file_path
 
 REPO = Path(__file__).resolve().parent.parent
 DBUS_DAEMON = shutil.which("dbus-daemon")
@@ -177,8 +178,8 @@ class FakeController:
         self.stop_word = "stopping"
         self.failure: Exception | None = None
 
-    def backup_now(self) -> str:
-        self.calls.append("backup_now")
+    def backup_now(self, disk: str | None = None) -> str:
+        self.calls.append("backup_now" if disk is None else f"backup_now {disk}")
         if self.failure:
             raise self.failure
         return self.now_word
@@ -203,6 +204,10 @@ RUNNING = AgentStatus(
     step="transfer",
     progress={"percent": 42.0, "bytes": 1048576, "files": 12, "rate": 350000.0, "eta": None},
     cycle_pid=4242,
+    disks=[
+        DiskStatus("backup1", attached=True, last_success=1763812800.5, last_result="success"),
+        DiskStatus("offsite", ejected=True, attached=True, last_result="stopped", unfinished=True),
+    ],
 )
 
 
@@ -278,6 +283,10 @@ def test_methods_reach_the_controller_and_return_its_word(session_bus: PrivateBu
         reply = await call(other, "Stop")
         assert (reply.signature, reply.body) == ("s", ["stopping"])
         assert controller.calls == ["backup_now", "backup_now", "stop"]
+        # one disk by its name: the controller gets the name, nothing else
+        assert (await call(other, "BackupNowDisk", "s", ["offsite"])).body == ["running"]
+        assert controller.calls[-1] == "backup_now offsite"
+        assert await client.backup_now(other, disk="offsite") == "running"
 
         reply = await call(other, "GetStatus")
         assert reply.signature == "a{sv}"
@@ -294,9 +303,16 @@ def test_methods_reach_the_controller_and_return_its_word(session_bus: PrivateBu
             "cycle_pid": ("u", 4242),
             "disk_left": ("s", ""),
             "disk_left_detail": ("s", ""),
+            "disks": ("aa{sv}", [
+                {"name": ("s", "backup1"), "attached": ("b", True), "ejected": ("b", False),
+                 "last_success": ("d", 1763812800.5), "last_result": ("s", "success"), "last_message": ("s", ""),
+                 "unfinished": ("b", False)},
+                {"name": ("s", "offsite"), "attached": ("b", True), "ejected": ("b", True),
+                 "last_result": ("s", "stopped"), "last_message": ("s", ""), "unfinished": ("b", True)},
+            ]),
         }
         # the client reads it back into the same AgentStatus (eta: None is left out, so it is missing)
-        expected = AgentStatus(**{**RUNNING.as_dict(), "progress": {k: v for k, v in RUNNING.progress.items() if v is not None}})
+        expected = dataclasses.replace(RUNNING, progress={k: v for k, v in RUNNING.progress.items() if v is not None})
         assert await client.get_status(other) == expected
 
     run(with_agent(controller, body))
@@ -308,7 +324,7 @@ def test_get_status_leaves_out_what_is_unknown(session_bus: PrivateBus) -> None:
         reply = await call(other, "GetStatus")
         assert plain(reply.body[0]) == {
             "state": ("s", "idle"), "last_result": ("s", "none"), "last_message": ("s", ""), "progress": ("a{sv}", {}),
-            "disk_left": ("s", ""), "disk_left_detail": ("s", ""),
+            "disk_left": ("s", ""), "disk_left_detail": ("s", ""), "disks": ("aa{sv}", []),
         }
         assert await client.get_status(other) == AgentStatus()
 
@@ -638,6 +654,7 @@ def test_now_stop_status_through_the_cli(session_bus: PrivateBus, tmp_path: Path
         controller.stop_word = "not-running"
         assert await backup_agent(env, "stop") == (0, "no backup is running\n", "")
         assert controller.calls == ["backup_now", "backup_now", "stop", "stop"]
+        controller.now_word = "started"
 
         code, out, err = await backup_agent(env, "status")
         assert (code, err) == (0, "")
@@ -649,7 +666,18 @@ def test_now_stop_status_through_the_cli(session_bus: PrivateBus, tmp_path: Path
             "last result:  success: 2026-11-22T13-00-00+0100\n"
             "next backup:  2025-11-22 13:00:00 +0000\n"
             "cycle:        pid 4242\n"
+            "disks:\n"
+            "  backup1: attached; last success 2025-11-22 12:00:00 +0000\n"
+            "  offsite: ejected (closed until plugged in again); last success never; last run stopped; "
+            "the next plug-in carries on with the unfinished backup\n"
         )
+        # now --disk NAME: that disk's name reaches the agent; one it does not know is a usage error
+        assert await backup_agent(env, "now", "--disk", "offsite") == (0, "backup started\n", "")
+        assert controller.calls[-1] == "backup_now offsite"
+        controller.now_word = "unknown-disk"
+        code, out, err = await backup_agent(env, "now", "--disk", "nosuch")
+        assert code == 2 and out == "" and "nosuch is not a configured backup disk" in err, (code, out, err)
+        controller.now_word = "no-disk"
         code, out, err = await backup_agent(env, "status", "--json")
         assert (code, err) == (0, "")
         document = json.loads(out)

@@ -13,6 +13,7 @@ under test is our side of that boundary, not any real server's rendering.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -46,7 +47,7 @@ from agent.errors import (
 )
 from agent.dbus.notify import CRITICAL, LOW, NORMAL, Notifier, Text
 from agent.reminder import MissedFailure, MissedSummary, NoticeState, load_notice_state, save_notice_state
-from agent.state import AgentStatus
+from agent.state import AgentStatus, DiskStatus, EjectReply
 from tests.test_daemon import REPO, Recorder, agent_on, detach, here, one_cycle, real, settle  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import DBUS_DAEMON, PrivateBus, private_bus, run
 from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
@@ -213,6 +214,7 @@ class RecordingServer(ServiceInterface):
         self.capabilities = capabilities
         self.shown: list[Shown] = []
         self.closed: list[int] = []
+        self.order: list[tuple[str, int]] = []  # ("notify", id) and ("close", id), as they came
         self._next = 0
 
     @dbus_method(name="GetCapabilities")
@@ -238,11 +240,13 @@ class RecordingServer(ServiceInterface):
             ident = self._next
         plain = {key: value.value for key, value in hints.items()}
         self.shown.append(Shown(app_name, replaces_id, icon, summary, body, list(actions), plain, timeout, ident))
+        self.order.append(("notify", len(self.shown) - 1))
         return ident
 
     @dbus_method(name="CloseNotification")
     def _close(self, ident: DBusUInt32):  # type: ignore[no-untyped-def]  # dbus-fast: no reply value
         self.closed.append(ident)
+        self.order.append(("close", ident))
 
     @dbus_method(name="GetServerInformation")
     def _info(self) -> Annotated[tuple[str, str, str, str], DBusSignature("ssss")]:
@@ -257,13 +261,17 @@ class RecordingServer(ServiceInterface):
 class FakeController:
     calls: list[str] = field(default_factory=list)
 
-    def backup_now(self) -> str:
-        self.calls.append("backup_now")
+    def backup_now(self, disk: str | None = None) -> str:
+        self.calls.append("backup_now" if disk is None else f"backup_now {disk}")
         return "started"
 
     def stop(self) -> str:
         self.calls.append("stop")
         return "stopping"
+
+    async def eject(self, disk: str) -> EjectReply:
+        self.calls.append(f"eject {disk}")
+        return EjectReply("already", f"{disk} is locked and not mounted: already safe to unplug")
 
     def status(self) -> AgentStatus:
         return AgentStatus()
@@ -350,10 +358,10 @@ def test_a_whole_cycle_is_one_notification_updated_in_place(session_bus: Private
         assert done.body.endswith("It is safe to unplug backup1.") and done.actions == []
         assert len(server.shown) == 5  # started, 2 progress, completed (locking), completed (safe)
 
-        # the next cycle gets a notification of its own
+        # the next cycle replaces the last one's card (its "safe to unplug" is stale now): one card, not two
         notifier.backup_started("backup1", "interval elapsed")
         await notifier.flush()
-        assert server.shown[-1].replaces_id == 0
+        assert server.shown[-1].replaces_id == started.id
         notifier.close()
         bus.disconnect()
         server_bus.disconnect()
@@ -392,6 +400,37 @@ def test_a_failure_is_critical_and_offers_back_up_now(session_bus: PrivateBus) -
         restarted, removed = server.shown[2:]
         assert removed.replaces_id == restarted.id and removed.hints["urgency"] == CRITICAL
         assert removed.summary == "backup1 was unplugged during the backup"
+        notifier.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_a_stop_is_told_as_a_stop_and_no_skip_notice_hides_an_unfinished_run(session_bus: PrivateBus) -> None:
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, FakeController(), clock=FakeClock(), now=lambda: NOW)
+        notifier.backup_started("backup1", "asked")
+        notifier.status_changed(RUNNING)
+        left = [DiskStatus("backup1", attached=True, last_result="stopped", unfinished=True)]
+        notifier.status_changed(AgentStatus(state="disk-attached", disk="backup1", last_result="stopped",
+                                            next_due=NOW + 3600, disk_left="locked", disks=left))
+        await notifier.flush()
+        started, stopped = server.shown
+        assert stopped.summary == "Backup to backup1 stopped" and stopped.replaces_id == started.id
+        assert stopped.hints["urgency"] == NORMAL and stopped.actions == ["backup-now", "Back up now"]
+        assert stopped.body.endswith("It is safe to unplug backup1.") and "failed" not in stopped.body
+        # plugged in again while its last run is unfinished (or failed): never "no backup needed yet"
+        for result in ("stopped", "failure"):
+            notifier.disk_attached("backup1")
+            notifier.status_changed(AgentStatus(
+                state="failed" if result == "failure" else "disk-attached", disk="backup1", last_result=result,
+                next_due=NOW + 3000, disks=[DiskStatus("backup1", attached=True, last_result=result, unfinished=True)]))
+        await notifier.flush()
+        assert len(server.shown) == 2
         notifier.close()
         bus.disconnect()
         server_bus.disconnect()
@@ -653,6 +692,22 @@ def test_a_failure_no_one_could_be_told_is_shown_at_the_next_login_once(session_
         assert missed.hints["urgency"] == CRITICAL and missed.actions == ["backup-now", "Back up now"]
         assert missed.body.endswith("Backups to backup1 failed 2 times since Sat 22 Nov.")
         assert load_notice_state(state).missed == []
+        # once a backup of that disk starts, the old failure is stale: withdrawn, not left above it
+        clock.now = NOW + 2 * 86400
+        notice = dataclasses.replace(load_notice_state(state), missed=[MissedFailure(NOW, "backup1", "transfer", "x")])
+        save_notice_state(state, notice)
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, FakeController(), disks=disks, settings=settings, state_path=state,
+                                      clock=FakeClock(), now=clock, tz=UTC)
+        notifier.login()
+        await notifier.flush()
+        again = server.shown[-1]
+        assert again.summary.startswith("Backup to backup1 failed") and again.id not in server.closed
+        notifier.backup_started("backup1", "plugged in, unfinished")
+        await notifier.flush()
+        assert again.id in server.closed and server.shown[-1].summary == "Backing up to backup1"
+        notifier.close()
+        bus.disconnect()
         server_bus.disconnect()
 
     run(scenario())

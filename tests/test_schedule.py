@@ -33,6 +33,7 @@ from agent.schedule import (
     on_plugged,
     on_resumed,
     on_started,
+    on_stopped,
     on_tick,
     on_unplugged,
     retry_delay,
@@ -152,6 +153,34 @@ def test_plug_in_resumes_an_interrupted_transfer_despite_the_back_off() -> None:
     assert d == Decision(True, "plugged in, due", T0)
 
 
+def test_a_plug_in_after_a_failed_or_stopped_run_carries_on_with_it() -> None:
+    # Success 20 minutes ago (not due), then the disk was pulled out during a
+    # "back up now": the retry is 5 minutes away, the plug-in resumes at once.
+    state = on_finished(DiskState(attached=True, last_success=T0 - 1200, running=True), T0 - 60, False)
+    state = on_unplugged(state)
+    _, d = on_plugged(state, P, T0)
+    assert d == Decision(True, "plugged in, unfinished", T0)
+    # A stop the user asked for: same on plug-in, and a success ends it.
+    stopped = on_stopped(dataclasses.replace(state, attached=True, running=True), T0)
+    assert stopped.unfinished and stopped.failures == state.failures
+    _, d = on_plugged(on_unplugged(stopped), P, T0 + 5)
+    assert d == Decision(True, "plugged in, unfinished", T0 + 5)
+    done = on_finished(stopped, T0 + 9, True)
+    assert not done.unfinished and done.stopped_at is None
+
+
+def test_a_stop_is_not_retried_before_an_interval_has_passed() -> None:
+    # Never backed up (due at once), the user stops the first run: no retry
+    # at once or after the back-off, only an interval after the stop.
+    stopped = on_stopped(DiskState(attached=True, running=True), T0)
+    _, d = on_tick(stopped, P, T0 + 1)
+    assert d == Decision(False, "not due", T0 + P.interval)
+    _, d = on_tick(stopped, P, T0 + P.interval)
+    assert d.start_now
+    # "Back up now" is not held back by it.
+    assert on_asked(stopped, T0 + 1)[1].start_now
+
+
 def test_plug_in_starts_a_due_retry_even_when_the_interval_has_not_elapsed() -> None:
     # Success 20 min ago, then "back up now" failed 10 min ago: the retry
     # (5 min after) is due, so a plug-in starts it rather than wait for a tick.
@@ -219,7 +248,7 @@ def test_tick_while_running() -> None:
 
 def test_tick_retries_after_a_failure_with_back_off() -> None:
     state = on_finished(on_started(attached(last_success=T0 - 5 * HOUR)), T0, False)
-    assert state == attached(last_success=T0 - 5 * HOUR, failures=1, last_failure=T0)
+    assert state == attached(last_success=T0 - 5 * HOUR, failures=1, last_failure=T0, unfinished=True)
     assert on_tick(state, P, T0 + 299)[1] == Decision(False, "not due", T0 + 300)
     assert on_tick(state, P, T0 + 300)[1] == Decision(True, "retry after failure", T0 + 300)
     state = on_finished(on_started(state), T0 + 400, False)
@@ -282,7 +311,7 @@ def test_started_and_finished_bookkeeping() -> None:
     assert state.running
     assert on_started(state) == state  # idempotent (a restarted agent sees a running cycle)
     failed = on_finished(state, T0, False)
-    assert failed == attached(last_success=T0 - HOUR, failures=1, last_failure=T0)
+    assert failed == attached(last_success=T0 - HOUR, failures=1, last_failure=T0, unfinished=True)
     assert on_finished(on_started(failed), T0 + 300, False).failures == 2
     ok = on_finished(on_started(failed), T0 + 300, True)
     assert ok == attached(last_success=T0 + 300)
@@ -299,7 +328,7 @@ def test_finished_with_the_snapshot_time() -> None:
 def test_finished_after_the_disk_was_pulled_out() -> None:
     state = on_unplugged(on_started(attached(last_success=T0 - 2 * HOUR)))
     state = on_finished(state, T0, False)
-    assert state == DiskState(last_success=T0 - 2 * HOUR, failures=1, last_failure=T0)
+    assert state == DiskState(last_success=T0 - 2 * HOUR, failures=1, last_failure=T0, unfinished=True)
     assert on_tick(state, P, T0 + 10 * HOUR)[1] == Decision(False, "not attached", None)
 
 
@@ -451,6 +480,7 @@ class Model:
     failures: int
     last_failure: float | None
     running: bool = False
+    unfinished: bool = False
 
     def regular_due(self) -> float:
         return -math.inf if self.last_success is None else self.last_success + self.policy.interval
@@ -465,7 +495,9 @@ class Model:
         return self.regular_due() if retry is None else retry
 
     def as_state(self) -> DiskState:
-        return DiskState(self.attached, self.last_success, self.failures, self.last_failure, self.running)
+        return DiskState(
+            self.attached, self.last_success, self.failures, self.last_failure, self.running, self.unfinished
+        )
 
 
 @given(policies(), initial_states(), event_lists)
@@ -505,8 +537,10 @@ def test_random_event_sequences_keep_every_rule(
             expected: float | None = None
             if ok:
                 model.last_success, model.failures, model.last_failure = now, 0, None
+                model.unfinished = False
                 streak_delays = []
             else:
+                model.unfinished = True
                 model.failures += 1
                 model.last_failure = now
                 # Retry delays: first retry_first, then doubling, capped; reset by a
@@ -538,8 +572,10 @@ def test_random_event_sequences_keep_every_rule(
                 assert kind == "ask"
             elif reason == "plugged in, always":
                 assert kind == "plug" and not before.attached and policy.on_plug == "always"
+            elif reason == "plugged in, unfinished":
+                assert kind == "plug" and not before.attached and before.unfinished
             elif reason == "plugged in, due":
-                assert kind == "plug" and not before.attached
+                assert kind == "plug" and not before.attached and not before.unfinished
                 retry = before.retry_due()
                 assert now >= before.regular_due() or (retry is not None and now >= retry)
             else:

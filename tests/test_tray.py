@@ -44,6 +44,7 @@ from agent.dbus import tray
 from agent.dbus.notify import NORMAL, Text
 from agent.dbus.tray import (
     BACK_UP_NOW,
+    BACKUP_BASE,
     BROWSE,
     EJECT,
     EJECT_BASE,
@@ -158,11 +159,17 @@ def test_the_menu_enables_what_the_state_allows() -> None:
     assert labels(tray.menu_items(attached, ["backup2"], names, unmounted))[2][1:] == (
         "Open latest backup (the disk is not mounted)", False)
     # a failed backup with the disk still attached: Back up now again
+    # (two disks attached: the user says which one "Back up now" is for)
     failed = tray.menu_items(AgentStatus(state="failed", disk="backup1"), ["backup1", "backup2"], names, None)
-    assert labels(failed)[0] == (BACK_UP_NOW, "Back up now", True)
-    assert [item.id for item in failed][3:5] == [EJECT_BASE, EJECT_BASE + 1]
+    assert labels(failed)[:2] == [
+        (BACKUP_BASE, "Back up now to backup1", True),
+        (BACKUP_BASE + 1, "Back up now to backup2", True),
+    ]
+    assert [item.id for item in failed][4:6] == [EJECT_BASE, EJECT_BASE + 1]
+    both_running = tray.menu_items(AgentStatus(state="running", disk="backup1"), ["backup1", "backup2"], names, None)
+    assert [enabled for _, _, enabled in labels(both_running)[:2]] == [False, False]
     # Browse backups: while a disk is attached and no backup runs (it opens the disk itself)
-    assert labels(failed)[5] == (BROWSE, "Browse backups", True)
+    assert labels(failed)[6] == (BROWSE, "Browse backups", True)
     assert labels(locked)[4] == (BROWSE, "Browse backups", True)
     assert labels(running)[4] == (BROWSE, "Browse backups", False)
 
@@ -553,7 +560,7 @@ def test_menu_clicks(session_bus: PrivateBus, tmp_path: Path) -> None:
 
             await host.click(QUIT)
             assert quits == ["quit"]
-            assert controller.calls == ["backup_now", "stop"]
+            assert controller.calls == ["backup_now", "stop", "eject backup1"]  # closed: the agent keeps it so
             reply = await host.bus.call(Message(destination=icon.name, path=MENU_PATH, interface=MENU_INTERFACE,
                                                 member="Event", signature="isvu",
                                                 body=[77, "clicked", Variant("s", ""), 0]))
@@ -574,6 +581,24 @@ def test_menu_clicks(session_bus: PrivateBus, tmp_path: Path) -> None:
                                      [[[BACK_UP_NOW, "clicked", Variant("s", ""), 0], [78, "clicked", Variant("s", ""), 0]]])
             assert errors == [[78]] and controller.calls[-1] == "backup_now"
         server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_with_two_disks_attached_back_up_now_names_the_disk(session_bus: PrivateBus, tmp_path: Path) -> None:
+    settings = Settings(path=None, disks=(disk("backup1", str(tmp_path)), disk("backup2", str(tmp_path))))
+
+    async def scenario() -> None:
+        controller = FakeController()
+        async with tray_on(session_bus.address, settings, controller) as (icon, host, _):
+            icon.disk_attached("backup1")
+            icon.disk_attached("backup2")
+            icon.status_changed(ATTACHED)
+            await icon.settle()
+            await host.click(BACKUP_BASE + 1)
+            await host.click(BACKUP_BASE)
+            assert controller.calls == ["backup_now backup2", "backup_now backup1"]
 
     run(scenario())
 

@@ -37,8 +37,8 @@ from typing import Any, Mapping, cast, get_args
 from dbus_fast import Message, MessageFlag, MessageType, unpack_variants
 from dbus_fast.aio import MessageBus
 
-from ..errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, BackupAgentError
-from ..state import STATE_FILE_VERSION, AgentStatus, DiskLeft, Result, State, state_file_path
+from ..errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, BackupAgentError, UsageError
+from ..state import STATE_FILE_VERSION, AgentStatus, DiskLeft, DiskStatus, Result, State, state_file_path
 from . import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,10 @@ class AgentCallError(BackupAgentError):
 # -- calls ------------------------------------------------------------------------
 
 
-async def call(member: str, signature: str, *, bus: MessageBus | None = None, timeout: float = CALL_TIMEOUT) -> Any:
-    """Call a method of the agent (no arguments) and return its one reply value, variants unpacked."""
+async def call(
+    member: str, signature: str, *, bus: MessageBus | None = None, timeout: float = CALL_TIMEOUT, disk: str | None = None
+) -> Any:
+    """Call a method of the agent (no arguments, or one: ``disk``) and return its one reply value, variants unpacked."""
     own = bus is None
     if bus is None:
         address = session_bus_address()
@@ -85,6 +87,8 @@ async def call(member: str, signature: str, *, bus: MessageBus | None = None, ti
             interface=INTERFACE,
             member=member,
             flags=MessageFlag.NO_AUTOSTART,
+            signature="" if disk is None else "s",
+            body=[] if disk is None else [disk],
         )
         try:
             reply = await asyncio.wait_for(bus.call(message), timeout)
@@ -103,9 +107,11 @@ async def call(member: str, signature: str, *, bus: MessageBus | None = None, ti
     return unpack_variants(reply.body[0])
 
 
-async def backup_now(bus: MessageBus | None = None) -> str:
-    """Ask the agent to back up now: "started", "running" or "no-disk"."""
-    return str(await call("BackupNow", "s", bus=bus))
+async def backup_now(bus: MessageBus | None = None, disk: str | None = None) -> str:
+    """Ask the agent to back up now (to ``disk``): "started", "running", "no-disk" or "unknown-disk"."""
+    if disk is None:
+        return str(await call("BackupNow", "s", bus=bus))
+    return str(await call("BackupNowDisk", "s", bus=bus, disk=disk))
 
 
 async def stop(bus: MessageBus | None = None) -> str:
@@ -188,12 +194,39 @@ def status_from_mapping(values: Any, *, source: str) -> AgentStatus:
                 status.progress = dict(value)
             elif value is not None:
                 bad(name, "an object")
+        elif name == "disks":
+            if isinstance(value, list):
+                status.disks = [disk for disk in (_disk_from(item, source) for item in value) if disk is not None]
+            else:
+                bad(name, "a list of objects")
         elif name == "cycle_pid":
             if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 status.cycle_pid = value
             else:
                 bad(name, "a process id or null")
     return status
+
+
+def _disk_from(value: Any, source: str) -> DiskStatus | None:
+    """One entry of the status's "disks" (a malformed one is warned about and left out)."""
+    name = value.get("name") if isinstance(value, Mapping) else None
+    if not isinstance(name, str) or not name:
+        log.warning("%s: an entry of disks has no name; ignored", source)
+        return None
+    disk = DiskStatus(name=name)
+    for key in ("attached", "ejected", "unfinished"):
+        if isinstance(value.get(key), bool):
+            setattr(disk, key, value[key])
+    for key in ("last_success", "next_due"):
+        if _number(value.get(key)):
+            setattr(disk, key, float(value[key]))
+    result = value.get("last_result")
+    if isinstance(result, str) and result:
+        disk.last_result = cast(Result, result)
+    message = value.get("last_message")
+    if isinstance(message, str):
+        disk.last_message = message
+    return disk
 
 
 def read_saved_status(path: str) -> AgentStatus | None:
@@ -241,10 +274,15 @@ _STOP_LINES = {
 }
 
 
-def run_now() -> int:
-    """``backup-agent now``."""
-    word = asyncio.run(backup_now())
-    print(_NOW_LINES.get(word, word))
+def run_now(disk: str | None = None) -> int:
+    """``backup-agent now [--disk NAME]``."""
+    word = asyncio.run(backup_now(disk=disk))
+    if word == "unknown-disk":
+        raise UsageError(f"{disk} is not a configured backup disk: `backup-agent status` lists them")
+    if word == "no-disk" and disk is not None:
+        print(f"{disk} is not attached: plug it in and the agent backs it up")
+    else:
+        print(_NOW_LINES.get(word, word))
     return EXIT_DISK_MISSING if word == "no-disk" else EXIT_OK
 
 
@@ -302,7 +340,26 @@ def format_status(status: AgentStatus, *, live: bool, saved_at: float | None = N
     if status.last_message:
         result += f": {status.last_message}"
     lines.append(f"last result:  {result}")
-    lines.append(f"next backup:  {_when(status.next_due) if status.next_due is not None else 'none scheduled (no disk attached)'}")
+    ejected = [disk.name for disk in status.disks if disk.ejected]
+    why_none = f"{', '.join(ejected)} ejected" if ejected and not status.next_due else "no disk attached"
+    lines.append(f"next backup:  {_when(status.next_due) if status.next_due is not None else f'none scheduled ({why_none})'}")
     if status.cycle_pid is not None:
         lines.append(f"cycle:        pid {status.cycle_pid}")
+    if len(status.disks) > 1 or any(disk.ejected for disk in status.disks):
+        lines.append("disks:")
+        for disk in status.disks:
+            lines.append(f"  {disk.name}: {_disk_line(disk, live=live)}")
     return "\n".join(lines) + "\n"
+
+
+def _disk_line(disk: DiskStatus, *, live: bool) -> str:
+    """One configured disk in ``status``: attached or not, its last success and result, when it is due."""
+    where = "ejected (closed until plugged in again)" if disk.ejected else "attached" if disk.attached else "not attached"
+    parts = [where, f"last success {_when(disk.last_success) if disk.last_success is not None else 'never'}"]
+    if disk.last_result in ("failure", "stopped"):
+        parts.append(f"last run {disk.last_result}" + (f": {disk.last_message}" if disk.last_message else ""))
+    if disk.unfinished:
+        parts.append("the next plug-in carries on with the unfinished backup")
+    if live and disk.next_due is not None:
+        parts.append(f"next backup {_when(disk.next_due)}")
+    return "; ".join(parts)

@@ -47,6 +47,7 @@ STATUS_SIGNATURES: dict[str, str] = {
     "cycle_pid": "u",
     "disk_left": "s",
     "disk_left_detail": "s",
+    "disks": "aa{sv}",
 }
 
 # Progress signal: key in the dictionary <- keys of the cycle's progress event
@@ -135,6 +136,10 @@ def _typed(signature: str, value: Any) -> Variant | None:
             return Variant("s", str(value))
         if signature == "a{sv}":
             return Variant("a{sv}", to_vardict(value)) if isinstance(value, Mapping) else None
+        if signature == "aa{sv}":
+            if not isinstance(value, (list, tuple)):
+                return None
+            return Variant("aa{sv}", [to_vardict(item) for item in value if isinstance(item, Mapping)])
     except (TypeError, ValueError, OverflowError):
         return None
     raise ValueError(f"no conversion to {signature}")
@@ -216,6 +221,10 @@ class ControlInterface(ServiceInterface):
     @dbus_method(name="BackupNow")
     def _backup_now(self) -> DBusStr:
         return self._ask("BackupNow", self._controller.backup_now)
+
+    @dbus_method(name="BackupNowDisk")
+    def _backup_now_disk(self, disk: DBusStr) -> DBusStr:
+        return self._ask("BackupNowDisk", lambda: self._controller.backup_now(disk))
 
     @dbus_method(name="Stop")
     def _stop(self) -> DBusStr:
@@ -345,6 +354,7 @@ class ControlInterface(ServiceInterface):
 # Argument names for the introspection XML (dbus-fast leaves them out).
 ARGUMENT_NAMES: dict[str, tuple[str, ...]] = {
     "BackupNow": ("reply",),
+    "BackupNowDisk": ("reply",),
     "Stop": ("reply",),
     "GetStatus": ("status",),
     "BackupStarted": ("disk", "reason"),

@@ -169,6 +169,7 @@ _REASONS: dict[str, str] = {
     "interval elapsed": "one was due",
     "resumed from sleep, due": "one was due when the computer woke up",
     "retry after failure": "the last one failed",
+    "plugged in, unfinished": "the disk was plugged in again: it carries on with the unfinished backup",
 }
 
 
@@ -366,6 +367,16 @@ def failed_text(
     )
 
 
+def stopped_text(disk: str, left: DiskLeft | None, detail: str = "") -> Text:
+    """Stopped as the user asked: not a failure (normal urgency); what was copied is kept, and how the disk was left."""
+    return Text(
+        f"Backup to {disk} stopped",
+        "Stopped as you asked. What was copied so far is kept: the next backup carries on from there. "
+        f"Earlier snapshots are untouched.\n{_left_words(disk, left, detail)}",
+        NORMAL,
+    )
+
+
 def missed_text(missed: MissedSummary, now: float, tz: dt.tzinfo | None = None) -> Text:
     """A failure no one could be told about, shown at the next login: when, and how many since."""
     failure = missed.latest
@@ -423,16 +434,17 @@ class DiskSource(Protocol):
 
 class _Item(NamedTuple):
     slot: str  # which notification it updates: "cycle", "disk", "missed:DISK" or "reminder:DISK"
+    # (an item with ``close`` set withdraws that slot's notification instead)
     text: Text
     actions: tuple[str, ...]
     icon: str
     category: str
     value: int | None  # a progress bar's percent
     transient: bool
-    generation: int  # the cycle it belongs to (a new cycle gets a new notification)
     open_path: str | None = None  # what "Open backups" opens
     shown: Callable[[], None] | None = None  # called once the server showed it
     missed: Callable[[], None] | None = None  # called when it could not be shown
+    close: bool = False  # withdraw the slot's notification (CloseNotification): what it says is stale
 
 
 class Notifier:
@@ -492,13 +504,17 @@ class Notifier:
         self._handler_added = False
         # what the agent said so far
         self._status: AgentStatus | None = None
-        self._generation = 0
         self._disk: str | None = None  # the running cycle's disk
         self._last_update: float | None = None  # clock() of the cycle notification's last update
         self._muted = False  # the user dismissed this cycle's notification: no more progress
         self._completed: dict[str, Any] | None = None  # complete event, until the cycle ends
         self._removed = False  # the disk went away during this cycle
         self._plugged: str | None = None  # a disk just plugged in, until the agent decides
+        # What the "cycle" notification shows now: its disk and kind
+        # ("running", "complete", "failed", "stopped", "removed"), to withdraw it once stale.
+        self._card: tuple[str, str] | None = None
+        self._stopping = False  # a cycle runs and its end is to be told as "stopped" if so
+        self._skipped: str | None = None  # the disk the "no backup needed yet" card is about
 
     # -- life -------------------------------------------------------------------------
 
@@ -646,6 +662,12 @@ class Notifier:
             plugged, self._plugged = self._plugged, None
             if status.state != "running":
                 self._replan()  # a cycle ended: a success ends the reminders
+            if self._skipped is not None and any(d.name == self._skipped and d.ejected for d in status.disks):
+                self._withdraw("disk")  # "leave the disk plugged in" is stale once it is ejected
+                self._skipped = None
+            ended = self._stopping and status.state != "running"
+            if ended:
+                self._stopping = False
             if self._completed is not None and status.state != "running":
                 event, self._completed = self._completed, None
                 if status.last_result in ("success", "partial"):
@@ -654,13 +676,22 @@ class Notifier:
                     self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail),
                                actions=(ACTION_OPEN,) if open_path else (), icon="drive-harddisk",
                                category="transfer.complete", open_path=open_path)
+                    self._card = (disk, "complete")
+                    self._withdraw(f"missed:{disk}")  # a failure a success made moot
+            elif ended and status.last_result == "stopped" and not self._removed:
+                disk = self._disk or status.disk or "the disk"
+                self._post("cycle", stopped_text(disk, status.disk_left, status.disk_left_detail),
+                           actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="transfer")
+                self._card = (disk, "stopped")
             elif (
                 plugged is not None
                 and status.state != "running"
                 and status.disk == plugged
                 and status.next_due is not None
                 and status.next_due > self._now()
+                and not _unresolved(status, plugged)
             ):
+                self._skipped = plugged
                 self._post("disk", skipped_text(plugged, status.last_success, status.next_due, self._now()),
                            actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added")
         except Exception:
@@ -669,6 +700,9 @@ class Notifier:
     def disk_attached(self, disk: str) -> None:
         self._plugged = disk
         self._attached.add(disk)
+        if self._card is not None and self._card[0] == disk and self._card[1] in ("complete", "removed"):
+            # "Safe to unplug" or "unplugged during the backup" is stale once it is back.
+            self._withdraw("cycle")
         self._replan()
 
     def disk_removed(self, disk: str, during_backup: bool) -> None:
@@ -680,21 +714,32 @@ class Notifier:
                 self._removed = True
                 self._completed = None
                 self._post("cycle", removed_text(disk), icon="dialog-warning", category="device.removed")
+                self._card = (disk, "removed")
+            else:
+                # "No backup needed yet; leave the disk plugged in" and "safe to unplug" are done with.
+                self._withdraw("disk")
+                if self._card == (disk, "complete"):
+                    self._withdraw("cycle")
         except Exception:
             log.exception("notifications: disk_removed failed")
 
     def backup_started(self, disk: str, reason: str) -> None:
         try:
             self._plugged = None
-            self._generation += 1
             self._disk = disk
             self._muted = self._removed = False
             self._completed = None
             status = self._status
             last = status.last_success if status is not None and status.disk == disk else None
             self._last_update = self._clock()
+            self._stopping = True
+            # One card per disk's story: the cycle's card (the last result, stale now) is replaced in
+            # place, and a "no backup needed yet" or a missed failure of this disk is withdrawn.
+            self._withdraw("disk")
+            self._withdraw(f"missed:{disk}")
             self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP,),
                        icon="drive-harddisk", category="transfer", transient=True)
+            self._card = (disk, "running")
         except Exception:
             log.exception("notifications: backup_started failed")
 
@@ -732,6 +777,7 @@ class Notifier:
             snapshot = completed.get("snapshot") if completed is not None else None
             done = snapshot if isinstance(snapshot, str) else None
             text = failed_text(self._disk, step, message, done, exit_code)
+            self._card = (self._disk or "the disk", "failed")
             failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done, exit_code)
             self._post("cycle", text, actions=(ACTION_BACKUP_NOW,) if not snapshot else (),
                        icon="dialog-error", category="transfer.error",
@@ -773,10 +819,17 @@ class Notifier:
         queue = self._worker_queue()
         if queue is None:
             return
-        generation = self._generation if slot == "cycle" else 0
-        queue.put_nowait(
-            _Item(slot, text, actions, icon, category, value, transient, generation, open_path, shown, missed)
-        )
+        queue.put_nowait(_Item(slot, text, actions, icon, category, value, transient, open_path, shown, missed))
+
+    def _withdraw(self, slot: str) -> None:
+        """Close the slot's notification (if one is shown): what it says is no longer true."""
+        if self._closed:
+            return
+        queue = self._worker_queue()
+        if queue is not None:
+            queue.put_nowait(_Item(slot, Text("", "", LOW), (), "", "", None, False, close=True))
+        if slot == "cycle":
+            self._card = None
 
     def _worker_queue(self) -> asyncio.Queue[_Item] | None:
         """The queue the worker sends from, the worker started if need be; None without an event loop."""
@@ -794,13 +847,12 @@ class Notifier:
         return queue
 
     async def _work(self, queue: asyncio.Queue[_Item]) -> None:
-        generations: dict[str, int] = {}
         while True:
             item = await queue.get()
             try:
-                if generations.get(item.slot) != item.generation:
-                    self._ids.pop(item.slot, None)  # a new cycle: a new notification
-                    generations[item.slot] = item.generation
+                if item.close:
+                    await self._close_slot(item.slot)
+                    continue
                 await self._send(item)
             except asyncio.CancelledError:
                 raise
@@ -861,6 +913,17 @@ class Notifier:
         if self._warned:
             log.info("desktop notifications work again")
             self._warned = False
+
+    async def _close_slot(self, slot: str) -> None:
+        ident = self._ids.pop(slot, None)
+        if ident is None:
+            return
+        self._ours.pop(ident, None)
+        self._open_paths.pop(ident, None)
+        reply = await self._call(NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE,
+                                 "CloseNotification", "u", [ident])
+        if reply.message_type is MessageType.ERROR:
+            log.debug("notification %d not withdrawn: %s", ident, reply.body)
 
     async def _capabilities(self) -> None:
         try:
@@ -960,6 +1023,14 @@ class Notifier:
         threading.Thread(target=run, name="open-backups", daemon=True).start()
 
 
+def _unresolved(status: AgentStatus, disk: str) -> bool:
+    """The disk's last run failed or was stopped and no success followed (a notice must not hide it)."""
+    for entry in status.disks:
+        if entry.name == disk:
+            return entry.unfinished or entry.last_result == "failure"
+    return status.disk == disk and status.last_result == "failure"
+
+
 def _listener(notifier: Notifier) -> Listener:
     return notifier  # mypy checks here that Notifier is a Listener
 
@@ -1014,6 +1085,7 @@ __all__ = [
     "removed_text",
     "skipped_text",
     "start",
+    "stopped_text",
     "started_text",
     "step_words",
     "when",

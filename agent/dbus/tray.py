@@ -114,6 +114,8 @@ LOOK_TIMEOUT: Final = 5.0  # seconds a look at a disk may take (a hung USB disk 
 BACK_UP_NOW, STOP, OPEN_LATEST, EJECT, SEPARATOR, QUIT = 1, 2, 3, 4, 5, 6
 BROWSE: Final = 7
 EJECT_BASE: Final = 100
+#: With several disks attached, "Back up now to NAME" is BACKUP_BASE + the disk's index in the config.
+BACKUP_BASE: Final = 200
 
 
 # -- the look (pure) ---------------------------------------------------------------------------
@@ -238,8 +240,14 @@ def menu_items(
         open_label, can_open = "Open latest backup (none found on the disk)", False
     else:
         open_label, can_open = "Open latest backup", True
-    items = [
-        Item(BACK_UP_NOW, "Back up now", bool(here) and not running, icon="document-save"),
+    if len(here) > 1:  # several disks: the user says which
+        items = [
+            Item(BACKUP_BASE + disks.index(name), f"Back up now to {name}", not running, icon="document-save")
+            for name in here
+        ]
+    else:
+        items = [Item(BACK_UP_NOW, "Back up now", bool(here) and not running, icon="document-save")]
+    items += [
         Item(STOP, "Stop the backup", running, icon="process-stop"),
         Item(OPEN_LATEST, open_label, can_open, icon="folder-open"),
     ]
@@ -879,6 +887,9 @@ class Tray:
                 self._start(self._open_latest())
             elif ident == BROWSE:
                 self._start(self._browse())
+            elif BACKUP_BASE <= ident < BACKUP_BASE + len(self._disks):
+                name = list(self._disks)[ident - BACKUP_BASE]
+                log.info("tray: Back up now to %s: %s", name, self.controller.backup_now(name))
             elif ident >= EJECT_BASE:
                 names = list(self._disks)
                 if ident - EJECT_BASE < len(names):
@@ -909,8 +920,9 @@ class Tray:
                                  "Looking at the disk failed; the log says why. Do not unplug it yet.", NORMAL))
             return
         reply = None
-        if not backing_up and not place.closed:
-            # Open (mounted by hand, or left busy by a backup): the agent ejects it as root.
+        if not backing_up:
+            # The agent ejects it as root (a closed disk answers "already"), and keeps it
+            # closed from then on: no scheduled backup opens it, also after a restart.
             try:
                 reply = await self.controller.eject(name)
             except Exception:
