@@ -41,7 +41,7 @@ from .events import Emitter, complete, error, progress, step, warning
 from .hooks import HookContext
 from .mounts import find_skipped_mounts, read_mountinfo
 from .repository import IN_PROGRESS, Repository, classify, free_space, reserve_name
-from .rotation import Plan, plan_rotation
+from .rotation import Plan, parse_snapshot_name, plan_rotation
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +402,7 @@ class Cycle:
             else:
                 self.repository = Repository.create(request.repository)
             stack.enter_context(lock.hold(self.repository.lock_path, self._holder()))
+            self.repository.remove_leftovers()
             done["created"] = state != "repository"
             done["id"] = self.repository.marker.id
 
@@ -705,7 +706,9 @@ class Cycle:
             protected = self.protected(repo, names) if repo is not None else {}
             if repo is not None:
                 # Everything else in snapshots/ is shown as kept, with why.
-                names += repo.foreign_names()
+                foreign = repo.foreign_names()
+                names += foreign
+                protected.update((n, "not a directory") for n in foreign if parse_snapshot_name(n) is not None)
                 unfinished = [n + IN_PROGRESS for n in repo.in_progress_names()]
                 names += unfinished
                 protected.update((n, "unfinished transfer") for n in unfinished)
