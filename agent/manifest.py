@@ -450,7 +450,7 @@ def record(
     """
     started = time.monotonic()
     writer = _Writer(os.fsencode(snapshot), known, {} if owners is None else owners, on_file)
-    # Not durable, like the metadata beside it (repository.write_metadata says why).
+    # Not durable by itself: Repository.complete syncs the filesystem before the rename.
     write_atomic(target, writer.chunks(), durable=False)
     return Recorded(
         writer.entries, writer.hashed_files, writer.hashed_bytes, writer.reused, writer.digest,

@@ -365,12 +365,9 @@ class Repository:
 
     def write_metadata(self, name: str, data: dict[str, Any]) -> None:
         os.makedirs(self.metadata_dir, mode=0o755, exist_ok=True)
-        # No fsync: right after rsync, an fsync commits the filesystem's
-        # whole journal (tens of thousands of new hard links), 5% of a
-        # no-change backup. Journaled filesystems commit the links, this
-        # file and the snapshot's rename in order, so a crash loses at most
-        # the newest snapshot (its transfer is resumed); a disk is flushed
-        # by its unmount before it is locked.
+        # No fsync of its own: complete() syncs the whole filesystem once
+        # (the snapshot's files, this file and the manifest) before the
+        # rename, which costs one journal commit instead of one per file.
         write_atomic(
             self.metadata_path(name), (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode(), durable=False
         )
