@@ -709,7 +709,9 @@ class Cycle:
                 # Everything else in snapshots/ is shown as kept, with why.
                 foreign = repo.foreign_names()
                 names += foreign
-                protected.update((n, "not a directory") for n in foreign if parse_snapshot_name(n) is not None)
+                for odd in (n for n in foreign if parse_snapshot_name(n) is not None):
+                    protected[odd] = "not a directory"
+                    self._warn(f"snapshots/{odd} is not a directory: it is no snapshot, and nothing uses or deletes it")
                 unfinished = [n + IN_PROGRESS for n in repo.in_progress_names()]
                 names += unfinished
                 protected.update((n, "unfinished transfer") for n in unfinished)

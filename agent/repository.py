@@ -230,7 +230,7 @@ class Repository:
     # -- the layout ----------------------------------------------------------
 
     def check_layout(self) -> None:
-        """Refuse a repository whose snapshots/, metadata/ or .trash is not a real directory.
+        """Refuse a repository whose snapshots/, metadata/ or .trash is not a real directory, or whose latest is not a link.
 
         Nothing inside a repository is followed (README, "The repository"):
         a symbolic link there could send a deletion, a rename or a read
@@ -251,6 +251,17 @@ class Repository:
                     f"and uses nothing in this one until {sub} is a real directory again (move the link away)",
                     step="prepare",
                 )
+        try:
+            latest = os.lstat(self.latest_link)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISLNK(latest.st_mode):
+            # It could not be replaced by the next snapshot's link (a rename does not replace a directory).
+            raise RepositoryError(
+                f"{self.latest_link} is {_kind(latest)}, not the symbolic link backup-agent keeps there: "
+                "move it away (the next backup makes the link again)",
+                step="prepare",
+            )
 
     @contextlib.contextmanager
     def directory(self, sub: str | None = None, *, create: bool = False) -> Iterator[int | None]:

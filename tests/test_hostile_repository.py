@@ -153,6 +153,7 @@ def test_a_link_named_like_a_snapshot_is_no_snapshot(tmp_path: Path, capsys: pyt
     shown = capsys.readouterr()
     assert "keep-0" not in shown.out + shown.err
     assert main(["rotate", "--hourly", "1", repo.root]) == EXIT_OK
+    assert f"snapshots/{fake} is not a directory" in capsys.readouterr().err
     assert os.path.islink(repo.snapshot_path(fake))
     assert contents(outside) == before
     assert repo.snapshot_names() == names(2)[-1:]
@@ -213,3 +214,14 @@ def test_backup_removes_temporary_files_of_killed_writes(tmp_path: Path) -> None
     assert code == EXIT_OK
     assert not leftover.exists() and not os.path.lexists(latest_leftover)
     assert kept.exists()
+
+
+def test_a_latest_that_is_not_a_link_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A directory at latest could not be replaced: the backup would fail after its rename. Said up front."""
+    repo = make_repository(tmp_path / "repo", count=1)
+    os.unlink(repo.latest_link)
+    os.mkdir(repo.latest_link)
+    code = main(["backup", "--no-sudo", "-q", "--config", config(tmp_path), source(tmp_path), repo.root])
+    assert code == EXIT_REPOSITORY
+    assert "latest is a directory, not the symbolic link" in capsys.readouterr().err
+    assert os.listdir(repo.snapshots_dir) == names(1)
