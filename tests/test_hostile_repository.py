@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from agent import lock
+from agent import manifest as manifests
 from agent.cli import main
 from agent.commands import Runner
 from agent.errors import EXIT_OK, EXIT_REPOSITORY, RepositoryError
@@ -225,3 +227,20 @@ def test_a_latest_that_is_not_a_link_is_refused_by_name(tmp_path: Path, capsys: 
     assert code == EXIT_REPOSITORY
     assert "latest is a directory, not the symbolic link" in capsys.readouterr().err
     assert os.listdir(repo.snapshots_dir) == names(1)
+
+
+def test_a_lock_file_nested_too_deeply_says_nothing_about_its_holder(tmp_path: Path) -> None:
+    """The lock file lives in the repository too: what it says is read bounded and never crashes."""
+    repo = make_repository(tmp_path / "repo", count=1)
+    Path(repo.lock_path).write_text("[" * 2000 + "]" * 2000)
+    assert lock.read_holder(repo.lock_path) == {}
+
+
+def test_a_manifest_that_is_a_link_is_not_read(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo", count=1)
+    elsewhere = tmp_path / "elsewhere.manifest"
+    elsewhere.write_bytes(manifests.render(b"", 0)[0])
+    assert manifests.load(str(elsewhere)).entries == ()
+    os.symlink(elsewhere, repo.manifest_path(names(1)[0]))
+    with pytest.raises(OSError):
+        manifests.load(repo.manifest_path(names(1)[0]))
