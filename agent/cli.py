@@ -45,6 +45,7 @@ from .eject import Eject
 from .events import Emitter, error
 from .repository import Repository, classify
 from .rotation import FREQUENCIES, Count, Plan, Scheme
+from .rsync import check_exclude
 
 log = logging.getLogger("agent")
 
@@ -428,6 +429,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         for pattern in args.exclude:
             if not pattern or "\n" in pattern or "\0" in pattern:
                 raise UsageError(f"--exclude {pattern!r}: give a non-empty rsync pattern on one line")
+            try:
+                check_exclude(pattern)
+            except ValueError as error:
+                raise UsageError(f"--exclude: {error}") from None
         overrides["exclude"] = effective_excludes(settings) + tuple(args.exclude)
     settings = dataclasses.replace(settings, **overrides)
     steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)

@@ -28,6 +28,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 from .commands import IONICE_CLASSES
 from .errors import ConfigError
+from .rsync import check_exclude
 from .rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
 
 SYSTEM_CONFIG: Final = "/etc/backup-agent/config.toml"
@@ -516,6 +517,10 @@ def _excludes(file: str, value: object) -> tuple[str, ...]:
             _fail(file, key, 'got ""; expected a non-empty rsync pattern')
         if "\x00" in item or "\n" in item or "\r" in item:
             _fail(file, key, f"got {_show(item)}, which holds a NUL or newline character; expected a pattern without them")
+        try:
+            check_exclude(item)
+        except ValueError as error:
+            _fail(file, key, str(error))
         patterns.append(item)
     return tuple(patterns)
 
@@ -597,6 +602,8 @@ def _commands(file: str, data: Mapping[str, Any]) -> Commands:
 
 ON_PLUG_CHOICES: Final = ("if-due", "always")
 MIN_INTERVAL: Final = 60
+# The longest interval the agent schedules: a year (anything longer is a typo).
+MAX_INTERVAL: Final = 366 * 86400
 
 
 def _agent(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -610,6 +617,12 @@ def _agent(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
                 file,
                 "agent.interval",
                 f"got {_show(data['interval'])}; expected at least \"1m\" (a backup every {seconds} s never rests)",
+            )
+        if seconds > MAX_INTERVAL:
+            _fail(
+                file,
+                "agent.interval",
+                f"got {_show(data['interval'])} ({seconds} seconds); expected at most \"366d\" (a backup a year)",
             )
         out["interval"] = seconds
     if "on_plug" in data:
@@ -1358,13 +1371,37 @@ def _decode(path: str, raw: bytes) -> str:
 def _parse(path: str, text: str) -> dict[str, Any]:
     try:
         data: dict[str, Any] = tomllib.loads(text)
+    except RecursionError:
+        _fail(path, None, f"arrays or tables are nested more than {MAX_NESTING} deep; expected a config of a few levels")
     except tomllib.TOMLDecodeError as error:
         message = str(error)
         match = re.fullmatch(r"(.*) \(at (line \d+, column \d+|end of document)\)", message, re.DOTALL)
         what, where = (match.group(1), match.group(2)) if match else (message, "unknown position")
         what = " ".join(what.split())
         _fail(path, None, f"invalid TOML at {where}: {what}; fix the TOML syntax")
+    if _nesting(data) > MAX_NESTING:
+        _fail(path, None, f"arrays or tables are nested more than {MAX_NESTING} deep; expected a config of a few levels")
     return data
+
+
+# Deeper than any key needs; what is deeper is refused before anything walks it.
+MAX_NESTING: Final = 16
+
+
+def _nesting(data: object) -> int:
+    """How deep arrays and tables nest in ``data`` (iterative: the depth is not yet known to be small)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_NESTING:
+            break
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+    return deepest
 
 
 def load_settings(path: str | None = None, *, through_sudo: bool = False) -> Settings:

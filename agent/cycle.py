@@ -43,7 +43,7 @@ from .events import Emitter, complete, error, progress, step, warning
 from .hooks import HookContext
 from .mounts import find_skipped_mounts, read_mountinfo
 from .repository import IN_PROGRESS, Repository, classify, free_space, reserve_name
-from .rotation import Plan, plan_rotation
+from .rotation import Plan, parse_snapshot_name, plan_rotation
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +413,7 @@ class Cycle:
             else:
                 self.repository = Repository.create(request.repository)
             stack.enter_context(lock.hold(self.repository.lock_path, self._holder()))
+            self.repository.remove_leftovers()
             done["created"] = state != "repository"
             done["id"] = self.repository.marker.id
 
@@ -717,16 +718,17 @@ class Cycle:
         """
         started = time.monotonic()  # the step's cost includes reading the previous manifest
         known: manifests.Known = {}
+        owners: dict[int, bytes] = {}
         if previous is not None:
             try:
-                known = manifests.reusable(repo.manifest_path(previous))
+                known = manifests.reusable(repo.manifest_path(previous), owners)
             except FileNotFoundError:
                 log.info("snapshot %s has no manifest: every file of %s is hashed", previous, name)
             except (OSError, CorruptManifestError) as exc:
                 log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
         target = repo.manifest_path(name)
         try:
-            recorded = manifests.record(repo.in_progress_path(name), target, known)
+            recorded = manifests.record(repo.in_progress_path(name), target, known, owners=owners)
             recorded = replace(recorded, seconds=time.monotonic() - started)
         except OSError as exc:
             what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)
@@ -788,7 +790,11 @@ class Cycle:
             protected = self.protected(repo, names) if repo is not None else {}
             if repo is not None:
                 # Everything else in snapshots/ is shown as kept, with why.
-                names += repo.foreign_names()
+                foreign = repo.foreign_names()
+                names += foreign
+                for odd in (n for n in foreign if parse_snapshot_name(n) is not None):
+                    protected[odd] = "not a directory"
+                    self._warn(f"snapshots/{odd} is not a directory: it is no snapshot, and nothing uses or deletes it")
                 transfers = [n + IN_PROGRESS for n in repo.in_progress_names()]
                 names += transfers
                 if not request.discard_unfinished:

@@ -38,7 +38,7 @@ def _parse_holder(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8", "replace")
         holder = json.loads(text) if text.strip() else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # the lock file lives in the repository: anyone may have written it
         return {}
     return holder if isinstance(holder, dict) else {}
 

@@ -10,10 +10,16 @@ after this), so an inode number it lists cannot have been reused.
 
 The format is text, one file per line, sorted by nothing in particular::
 
-    # backup-agent manifest 1 sha256
+    # backup-agent manifest 2 sha256
     <hex digest> <size> <inode> <path, relative, \\ and newline escaped>
+    = <inode> <type> <mode> <uid> <gid> <size> <link target in hex, or -> <path>
     ...
     # end <entries> sha256:<hex digest of every byte above this line>
+
+Format 2 adds the ``=`` lines: one for every entry of the snapshot
+(directories, links and special files too), so verify can tell a changed
+type, mode, owner or link target, not only changed contents. ``<entries>``
+counts the content lines only, as in format 1, which is still read.
 
 The trailer makes the manifest check itself: a damaged or truncated manifest
 is reported as such, never as thousands of damaged files. Paths are bytes,
@@ -26,6 +32,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -35,7 +42,11 @@ from .files import write_atomic
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+# A manifest is read whole (it is checked against its own checksum first):
+# bigger than this, it is not read at all (a repository is untrusted data).
+MAX_MANIFEST_BYTES = 2 << 30
 # Chosen by measurement (README, "Benchmarks"): with the SHA extensions
 # (sha_ni) OpenSSL's SHA-256 hashes about twice as fast as hashlib's BLAKE2b.
 ALGORITHM = "sha256"
@@ -45,6 +56,15 @@ _HEADER = re.compile(rb"# backup-agent manifest (\d+) ([a-z0-9_]+)\n")
 _TRAILER = re.compile(rb"# end (\d+) ([a-z0-9_]+):([0-9a-f]+)\n")
 _ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
 _REUSABLE = re.compile(rb"^([0-9a-f]+ [0-9]+) ([0-9]+) [^\n]*\n", re.MULTILINE)
+_FILE_ATTRIBUTES = re.compile(rb"^= ([0-9]+) f ([0-7]+ [0-9]+ [0-9]+) ", re.MULTILINE)
+TYPES = {
+    stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
+    stat.S_IFSOCK: "s", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
+}
+TYPE_NAMES = {
+    "f": "a file", "d": "a directory", "l": "a symbolic link", "p": "a pipe",
+    "s": "a socket", "c": "a character device", "b": "a block device",
+}
 
 
 @dataclass(frozen=True)
@@ -58,10 +78,25 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Attributes:
+    """What an entry was when it was backed up, apart from its contents (format 2)."""
+
+    path: bytes
+    inode: int
+    type: str  # a key of TYPES' values: f d l p s c b
+    mode: int  # permission bits (and setuid, setgid, sticky)
+    uid: int
+    gid: int
+    size: int
+    target: bytes | None  # a link's target
+
+
+@dataclass(frozen=True)
 class Manifest:
     algorithm: str
     entries: tuple[Entry, ...]
     digest: str  # "<algorithm>:<hex>", the manifest's own checksum (its trailer)
+    attributes: tuple[Attributes, ...] = ()  # empty in format 1
 
 
 @dataclass(frozen=True)
@@ -121,6 +156,22 @@ def line(digest: str, size: int, inode: int, path: bytes) -> bytes:
     return _line(b"%s %d" % (digest.encode(), size), inode, path)
 
 
+def _attributes_line(inode: int, kind: str, owner: bytes, size: int, target: bytes | None, path: bytes) -> bytes:
+    """An entry's ``=`` line; ``owner`` is b"<mode in octal> <uid> <gid>"."""
+    shown = target.hex().encode() if target is not None else b"-"
+    return b"= %d %s %s %d %s %s\n" % (inode, kind.encode(), owner, size, shown, escape_path(path))
+
+
+def attributes_line(attributes: Attributes) -> bytes:
+    """One entry's ``=`` line (format 2)."""
+    owner = b"%o %d %d" % (attributes.mode, attributes.uid, attributes.gid)
+    return _attributes_line(attributes.inode, attributes.type, owner, attributes.size, attributes.target, attributes.path)
+
+
+def _owner(info: os.stat_result) -> bytes:
+    return b"%o %d %d" % (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid)
+
+
 def render(body: bytes, entries: int, algorithm: str = ALGORITHM) -> tuple[bytes, str]:
     """The whole manifest from its entry lines (header, lines, self-checking trailer), and its own digest."""
     head = header(algorithm)
@@ -144,7 +195,7 @@ def _check(data: bytes, where: str) -> _Checked:
     header = _HEADER.match(data)
     if header is None:
         raise CorruptManifestError(f"{where}: not a backup-agent manifest (no header line)")
-    if int(header.group(1)) != FORMAT:
+    if int(header.group(1)) not in READABLE_FORMATS:
         raise CorruptManifestError(f"{where}: manifest format {header.group(1).decode()} is not supported by this version")
     algorithm = header.group(2).decode()
     if algorithm not in hashlib.algorithms_available:
@@ -167,14 +218,29 @@ def parse(data: bytes, where: str) -> Manifest:
     """Read a manifest; :class:`CorruptManifestError` when it does not check out."""
     checked = _check(data, where)
     entries = []
+    attributes = []
     for line in data[checked.start : checked.cut].split(b"\n")[:-1]:
-        fields = line.split(b" ", 3)
-        if len(fields) != 4:
-            raise CorruptManifestError(f"{where}: unreadable manifest line {line[:60]!r}")
-        entries.append(Entry(unescape_path(fields[3]), fields[0].decode(), int(fields[1]), int(fields[2])))
+        try:
+            if line.startswith(b"= "):
+                attributes.append(_parse_attributes(line))
+                continue
+            fields = line.split(b" ", 3)
+            entries.append(Entry(unescape_path(fields[3]), fields[0].decode(), int(fields[1]), int(fields[2])))
+        except (IndexError, ValueError):
+            raise CorruptManifestError(f"{where}: unreadable manifest line {line[:60]!r}") from None
     if len(entries) != checked.count:
         raise _wrong_count(where, len(entries), checked)
-    return Manifest(checked.algorithm, tuple(entries), f"{checked.algorithm}:{checked.own}")
+    return Manifest(checked.algorithm, tuple(entries), f"{checked.algorithm}:{checked.own}", tuple(attributes))
+
+
+def _parse_attributes(line: bytes) -> Attributes:
+    _, inode, kind, mode, uid, gid, size, target, path = line.split(b" ", 8)
+    if kind.decode() not in TYPE_NAMES:
+        raise ValueError(kind)
+    return Attributes(
+        unescape_path(path), int(inode), kind.decode(), int(mode, 8), int(uid), int(gid), int(size),
+        None if target == b"-" else bytes.fromhex(target.decode()),
+    )
 
 
 # inode -> b"<digest> <size>", the start of its manifest line: what the next
@@ -182,15 +248,31 @@ def parse(data: bytes, where: str) -> Manifest:
 Known = dict[int, bytes]
 
 
-def reusable(path: str) -> Known:
+def read_manifest(path: str) -> bytes:
+    """A manifest's bytes: a regular file of at most MAX_MANIFEST_BYTES, its last name not followed if a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptManifestError(f"{path}: not a regular file")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise CorruptManifestError(f"{path}: {info.st_size} bytes, more than a manifest may hold ({MAX_MANIFEST_BYTES})")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(MAX_MANIFEST_BYTES + 1)[:MAX_MANIFEST_BYTES]
+    finally:
+        os.close(fd)
+
+
+def reusable(path: str, owners: dict[int, bytes] | None = None) -> Known:
     """The previous snapshot's checksums by inode, checked like :func:`load`.
 
     Leaner than :func:`parse` (a backup of a whole system has hundreds of
     thousands of files): no object per entry, only the start of each line
     by its inode. A manifest of another algorithm gives nothing to reuse.
+    ``owners``, when given, receives each file's b"<mode> <uid> <gid>" by
+    inode (format 2), so a shared file needs no stat either.
     """
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data = read_manifest(path)
     checked = _check(data, path)
     known: Known = {}
     if checked.algorithm != ALGORITHM:
@@ -204,13 +286,15 @@ def reusable(path: str) -> Known:
         found += 1
     if found != checked.count:
         raise _wrong_count(path, found, checked)
+    if owners is not None:
+        for match in _FILE_ATTRIBUTES.finditer(data, checked.start, checked.cut):
+            owners[int(match[1])] = match[2]
     return known
 
 
 def load(path: str) -> Manifest:
     """Read and check the manifest at ``path`` (OSError when it cannot be read)."""
-    with open(path, "rb") as handle:
-        return parse(handle.read(), path)
+    return parse(read_manifest(path), path)
 
 
 # -- reading files --------------------------------------------------------------
@@ -252,12 +336,18 @@ def hash_file(path: bytes, algorithm: str = ALGORITHM, buffer: bytearray | None 
         os.close(fd)
 
 
-def walk_files(root: bytes, unlistable: list[tuple[bytes, OSError]] | None = None) -> Iterator[tuple[bytes, int]]:
+def walk_files(
+    root: bytes,
+    unlistable: list[tuple[bytes, OSError]] | None = None,
+    others: list[tuple[bytes, "os.DirEntry[bytes]"]] | None = None,
+) -> Iterator[tuple[bytes, int]]:
     """(relative path, inode) of every regular file below ``root``, from readdir alone (no stat).
 
     A directory that cannot be listed raises, unless ``unlistable`` is
     given: then it is added there (relative path, ``b""`` for ``root``,
     and the error) and the walk goes on, so a reader can name it.
+    ``others`` receives every other entry (directories, links, special
+    files) with its relative path, as it is found.
     """
     stack: list[tuple[bytes, bytes]] = [(root, b"")]
     while stack:
@@ -267,8 +357,12 @@ def walk_files(root: bytes, unlistable: list[tuple[bytes, OSError]] | None = Non
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append((entry.path, prefix + entry.name + b"/"))
+                        if others is not None:
+                            others.append((prefix + entry.name, entry))
                     elif entry.is_file(follow_symlinks=False):
                         yield prefix + entry.name, entry.inode()
+                    elif others is not None:
+                        others.append((prefix + entry.name, entry))
         except OSError as exc:
             if unlistable is None:
                 raise
@@ -281,9 +375,10 @@ _BATCH = 1024  # lines hashed and written together
 class _Writer:
     """The manifest's bytes as the walk finds the files, its own checksum kept on the way."""
 
-    def __init__(self, root: bytes, known: Known, on_file: Callable[[int], None] | None) -> None:
+    def __init__(self, root: bytes, known: Known, owners: dict[int, bytes], on_file: Callable[[int], None] | None) -> None:
         self.root = root
         self.known = known
+        self.owners = owners  # inode -> b"<mode> <uid> <gid>", the previous manifest's and this one's
         self.hashed: Known = {}  # inodes read in this snapshot (hard links inside it)
         self.on_file = on_file
         self.own = hashlib.new(ALGORITHM)
@@ -293,10 +388,16 @@ class _Writer:
         yield self._hashed([header()])
         buffer = bytearray(READ_SIZE)
         batch: list[bytes] = []
-        for rel, inode in walk_files(self.root):
+        others: list[tuple[bytes, os.DirEntry[bytes]]] = []
+        for rel, inode in walk_files(self.root, others=others):
             start = self.known.get(inode) or self.hashed.get(inode)
             if start is None:
-                digest, size = hash_file(self.root + b"/" + rel, ALGORITHM, buffer)
+                fd = open_to_hash(self.root + b"/" + rel)
+                try:
+                    self.owners[inode] = _owner(os.fstat(fd))
+                    digest, size = hash_fd(fd, ALGORITHM, buffer)
+                finally:
+                    os.close(fd)
                 start = self.hashed[inode] = b"%s %d" % (digest.encode(), size)
                 self.hashed_files += 1
                 self.hashed_bytes += size
@@ -304,12 +405,28 @@ class _Writer:
                     self.on_file(size)
             else:
                 self.reused += 1
+            owner = self.owners.get(inode)
+            if owner is None:  # shared with a format-1 manifest's file: one lstat
+                owner = self.owners[inode] = _owner(os.lstat(self.root + b"/" + rel))
             batch.append(_line(start, inode, rel))
+            batch.append(_attributes_line(inode, "f", owner, int(start.rsplit(b" ", 1)[1]), None, rel))
             self.entries += 1
-            if len(batch) == _BATCH:
+            self._others(others, batch)
+            if len(batch) >= _BATCH:
                 yield self._hashed(batch)
+        self._others(others, batch)  # what the walk found after the last file
         yield self._hashed(batch)
         yield trailer(self.entries, self.digest)
+
+    @staticmethod
+    def _others(others: list[tuple[bytes, "os.DirEntry[bytes]"]], batch: list[bytes]) -> None:
+        """The ``=`` lines of the entries that are not regular files (one lstat each), emptying ``others``."""
+        for rel, entry in others:
+            info = entry.stat(follow_symlinks=False)
+            kind = TYPES.get(stat.S_IFMT(info.st_mode), "f")
+            target = os.readlink(entry.path) if kind == "l" else None
+            batch.append(_attributes_line(info.st_ino, kind, _owner(info), info.st_size, target, rel))
+        others.clear()
 
     @property
     def digest(self) -> str:
@@ -327,6 +444,7 @@ def record(
     target: str,
     known: Known,
     *,
+    owners: dict[int, bytes] | None = None,
     on_file: Callable[[int], None] | None = None,
 ) -> Recorded:
     """Write the manifest of the tree at ``snapshot`` to ``target`` (atomically).
@@ -337,8 +455,8 @@ def record(
     and the new files, not the whole manifest.
     """
     started = time.monotonic()
-    writer = _Writer(os.fsencode(snapshot), known, on_file)
-    # Not durable, like the metadata beside it (repository.write_metadata says why).
+    writer = _Writer(os.fsencode(snapshot), known, {} if owners is None else owners, on_file)
+    # Not durable by itself: Repository.complete syncs the filesystem before the rename.
     # Root's alone: it names every file with a checksum of its content, also
     # files only their owner may read (a disk opened for browsing, agent.browse).
     write_atomic(target, writer.chunks(), mode=0o600, durable=False)

@@ -17,19 +17,21 @@ Only this module knows these names.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import re
 import socket
+import stat
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .commands import Runner
 from .errors import RepositoryError
-from .files import write_atomic
+from .files import syncfs, write_atomic
 from .rotation import format_snapshot_name, parse_snapshot_name
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,15 @@ TRASH = ".trash"
 LATEST = "latest"
 LOCK = ".lock"
 MANIFEST_SUFFIX = ".manifest"
+
+# Bounds on what is read from a repository (it lives on a removable disk
+# anyone may have written): a file larger than this is not read at all.
+MAX_MARKER_BYTES = 64 * 1024
+MAX_METADATA_BYTES = 4 * 1024 * 1024
+# Leftovers of a write killed half-way (files.write_atomic's temporary names).
+_TEMPORARY = re.compile(r"^\..+\.tmp$")
+_LATEST_TEMPORARY = re.compile(r"^latest\.new-\d+$")
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _MARKER_LINE = re.compile(r'^(\w+)\s*=\s*(?:"([^"\\]*)"|(\d+))\s*$')
 
@@ -94,13 +105,28 @@ def parse_marker(text: str, path: str) -> Marker:
     return marker
 
 
+def _kind(info: os.stat_result) -> str:
+    """What an entry is, in words for an error message (pure)."""
+    if stat.S_ISLNK(info.st_mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(info.st_mode):
+        return "a directory"
+    if stat.S_ISREG(info.st_mode):
+        return "a file"
+    return "a special file"
+
+
 def classify(path: str) -> str:
     """'missing', 'empty', 'repository' or 'foreign' (a non-empty non-repository)."""
     if not os.path.lexists(path):
         return "missing"
     if not os.path.isdir(path) or os.path.islink(path):
         return "foreign"
-    if os.path.isfile(os.path.join(path, MARKER)):
+    try:
+        marker = os.lstat(os.path.join(path, MARKER))
+    except FileNotFoundError:
+        marker = None
+    if marker is not None and stat.S_ISREG(marker.st_mode):
         return "repository"
     with os.scandir(path) as entries:
         for entry in entries:
@@ -163,11 +189,13 @@ class Repository:
             raise RepositoryError(f"{root} is not a backup-agent repository (no {MARKER})", step="prepare")
         marker_path = os.path.join(root, MARKER)
         try:
-            with open(marker_path, encoding="utf-8") as handle:
-                marker = parse_marker(handle.read(), marker_path)
+            raw = read_bounded(root, MARKER, MAX_MARKER_BYTES)
+            marker = parse_marker(raw.decode("utf-8"), marker_path)
         except (OSError, UnicodeDecodeError) as exc:
             raise RepositoryError(f"{marker_path}: cannot read the repository marker: {exc}", step="prepare") from None
-        return cls(root, marker)
+        repository = cls(root, marker)
+        repository.check_layout()
+        return repository
 
     @classmethod
     def create(cls, root: str, *, host: str | None = None) -> "Repository":
@@ -199,37 +227,104 @@ class Repository:
         log.info("created repository %s (id %s)", root, marker.id)
         return cls(root, marker)
 
+    # -- the layout ----------------------------------------------------------
+
+    def check_layout(self) -> None:
+        """Refuse a repository whose snapshots/, metadata/ or .trash is not a real directory, or whose latest is not a link.
+
+        Nothing inside a repository is followed (README, "The repository"):
+        a symbolic link there could send a deletion, a rename or a read
+        anywhere on the system, so it is named and refused, never used.
+        """
+        for sub in (SNAPSHOTS, METADATA, TRASH):
+            path = os.path.join(self.root, sub)
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                found = _kind(info)
+                if stat.S_ISLNK(info.st_mode):
+                    found += f" (to {os.readlink(path)!r})"
+                raise RepositoryError(
+                    f"{path} is {found}, not a directory: backup-agent follows no link inside a repository "
+                    f"and uses nothing in this one until {sub} is a real directory again (move the link away)",
+                    step="prepare",
+                )
+        try:
+            latest = os.lstat(self.latest_link)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISLNK(latest.st_mode):
+            # It could not be replaced by the next snapshot's link (a rename does not replace a directory).
+            raise RepositoryError(
+                f"{self.latest_link} is {_kind(latest)}, not the symbolic link backup-agent keeps there: "
+                "move it away (the next backup makes the link again)",
+                step="prepare",
+            )
+
+    @contextlib.contextmanager
+    def directory(self, sub: str | None = None, *, create: bool = False) -> Iterator[int | None]:
+        """A descriptor on the repository (``sub`` None) or one of its directories, never through a link.
+
+        Every rename and deletion inside the repository goes through such
+        descriptors, so a link put in place after :meth:`check_layout` is
+        refused by the kernel (O_NOFOLLOW) instead of followed. None when
+        ``sub`` does not exist (and ``create`` is false).
+        """
+        root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if sub is None:
+                yield root
+                return
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(sub, 0o700 if sub == TRASH else 0o755, dir_fd=root)
+            try:
+                fd = os.open(sub, _DIRECTORY_FLAGS, dir_fd=root)
+            except FileNotFoundError:
+                yield None
+                return
+            except (NotADirectoryError, OSError) as exc:
+                self.check_layout()  # names what was found
+                raise RepositoryError(f"{os.path.join(self.root, sub)}: {exc.strerror}", step="prepare") from None
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+        finally:
+            os.close(root)
+
     # -- reading -------------------------------------------------------------
 
-    def _entries(self) -> list[str]:
-        try:
-            return os.listdir(self.snapshots_dir)
-        except FileNotFoundError:
-            return []
+    def _listing(self) -> list[tuple[str, bool]]:
+        """(name, is a real directory) of every entry of snapshots/; links are never real directories."""
+        with self.directory(SNAPSHOTS) as fd:
+            if fd is None:
+                return []
+            with os.scandir(fd) as entries:
+                return [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
 
     def snapshot_names(self) -> list[str]:
-        """Complete snapshots, oldest first. In-progress and foreign names excluded."""
-        names = [
-            name
-            for name in self._entries()
-            if parse_snapshot_name(name) is not None and os.path.isdir(os.path.join(self.snapshots_dir, name))
-        ]
+        """Complete snapshots, oldest first: real directories with a snapshot's name (a link is not one)."""
+        names = [name for name, real in self._listing() if real and parse_snapshot_name(name) is not None]
         return sorted(names, key=snapshot_sort_key)
 
     def foreign_names(self) -> list[str]:
-        """Entries of snapshots/ that are neither snapshots nor in-progress transfers."""
+        """Entries of snapshots/ that are neither snapshots nor in-progress transfers (links included)."""
         return sorted(
             name
-            for name in self._entries()
-            if parse_snapshot_name(name) is None and parse_snapshot_name(name.removesuffix(IN_PROGRESS)) is None
+            for name, real in self._listing()
+            if not real
+            or (parse_snapshot_name(name) is None and parse_snapshot_name(name.removesuffix(IN_PROGRESS)) is None)
         )
 
     def in_progress_names(self) -> list[str]:
-        """Names (without suffix) of unfinished transfers, oldest first."""
+        """Names (without suffix) of unfinished transfers (real directories), oldest first."""
         names = [
             name[: -len(IN_PROGRESS)]
-            for name in self._entries()
-            if name.endswith(IN_PROGRESS) and parse_snapshot_name(name[: -len(IN_PROGRESS)]) is not None
+            for name, real in self._listing()
+            if real and name.endswith(IN_PROGRESS) and parse_snapshot_name(name[: -len(IN_PROGRESS)]) is not None
         ]
         return sorted(names, key=snapshot_sort_key)
 
@@ -249,22 +344,25 @@ class Repository:
         """A snapshot's metadata, or None when missing or unreadable (logged)."""
         path = self.metadata_path(name)
         try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
+            data = parse_json(read_bounded(self.metadata_dir, name + ".json", MAX_METADATA_BYTES), "metadata")
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
             log.warning("unreadable metadata %s: %s", path, exc)
             return None
-        return data if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            log.warning("unreadable metadata %s: not a JSON object", path)
+            return None
+        return data
 
     def latest_name(self) -> str | None:
-        """The newest complete snapshot (what ``latest`` points to, if valid)."""
+        """The newest complete snapshot: what ``latest`` points to when that is snapshots/<a snapshot>,
+        else the newest by name (``latest`` is only a pointer; it is never followed)."""
         try:
             target = os.readlink(self.latest_link)
         except OSError:
             target = ""
-        name = os.path.basename(target.rstrip("/"))
+        name = target[len(SNAPSHOTS) + 1 :].rstrip("/") if target.startswith(SNAPSHOTS + "/") else ""
         names = self.snapshot_names()
         if name in names:
             return name
@@ -278,27 +376,66 @@ class Repository:
 
     def write_metadata(self, name: str, data: dict[str, Any]) -> None:
         os.makedirs(self.metadata_dir, mode=0o755, exist_ok=True)
-        # No fsync: right after rsync, an fsync commits the filesystem's
-        # whole journal (tens of thousands of new hard links), 5% of a
-        # no-change backup. Journaled filesystems commit the links, this
-        # file and the snapshot's rename in order, so a crash loses at most
-        # the newest snapshot (its transfer is resumed); a disk is flushed
-        # by its unmount before it is locked.
+        # No fsync of its own: complete() syncs the whole filesystem once
+        # (the snapshot's files, this file and the manifest) before the
+        # rename, which costs one journal commit instead of one per file.
         write_atomic(
             self.metadata_path(name), (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode(), durable=False
         )
 
     def complete(self, name: str) -> None:
-        """Turn ``<name>.in-progress`` into ``<name>`` (atomic rename), then move ``latest``."""
-        os.rename(self.in_progress_path(name), self.snapshot_path(name))
-        self.set_latest(name)
+        """Turn ``<name>.in-progress`` into ``<name>`` (atomic rename), then move ``latest``; durable on return.
+
+        Durable before visible (README, "The repository"): one syncfs puts
+        every file of the snapshot, its metadata and manifest on the disk
+        before the rename names it complete; an fsync of snapshots/ and of
+        the repository makes the rename and ``latest`` durable before the
+        caller reports success or rotation deletes anything.
+        """
+        with self.directory(SNAPSHOTS) as snapshots, self.directory() as root:
+            if snapshots is None or root is None:
+                raise RepositoryError(f"{self.snapshots_dir} is gone", step="snapshot")
+            syncfs(snapshots)
+            os.rename(name + IN_PROGRESS, name, src_dir_fd=snapshots, dst_dir_fd=snapshots)
+            self._link_latest(root, name)
+            os.fsync(snapshots)
+            os.fsync(root)
 
     def set_latest(self, name: str) -> None:
-        temporary = f"{self.latest_link}.new-{os.getpid()}"
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
-        os.symlink(os.path.join(SNAPSHOTS, name), temporary)
-        os.replace(temporary, self.latest_link)
+        with self.directory() as root:
+            if root is not None:
+                self._link_latest(root, name)
+                os.fsync(root)
+
+    def _link_latest(self, root: int, name: str) -> None:
+        temporary = f"{LATEST}.new-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=root)
+        os.symlink(os.path.join(SNAPSHOTS, name), temporary, dir_fd=root)
+        os.replace(temporary, LATEST, src_dir_fd=root, dst_dir_fd=root)
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove what a write killed half-way left: metadata/.*.tmp and latest.new-*; the names removed.
+
+        Only regular files and links directly in those directories, each
+        unlinked through the directory's descriptor (unlink never follows a
+        link). Called with the repository's lock held, so no write is under way.
+        """
+        removed: list[str] = []
+        for sub, pattern, kinds in ((METADATA, _TEMPORARY, (stat.S_ISREG,)), (None, _LATEST_TEMPORARY, (stat.S_ISLNK,))):
+            with self.directory(sub) as fd:
+                if fd is None:
+                    continue
+                for entry in os.listdir(fd):
+                    if not pattern.match(entry):
+                        continue
+                    info = os.lstat(entry, dir_fd=fd)
+                    if any(kind(info.st_mode) for kind in kinds):
+                        os.unlink(entry, dir_fd=fd)
+                        removed.append(os.path.join(sub or "", entry))
+        for entry in removed:
+            log.info("removed %s, left by an interrupted run", entry)
+        return removed
 
     def discard(self, entries: Sequence[str], runner: Runner, rm_argv: Sequence[str], *, step: str) -> None:
         """Delete entries of snapshots/ (names with any suffix) and their metadata.
@@ -309,32 +446,74 @@ class Repository:
         """
         if not entries:
             return
-        os.makedirs(self.trash_dir, mode=0o700, exist_ok=True)
-        for entry in entries:
-            source = os.path.join(self.snapshots_dir, entry)
-            # A unique name: a deletion killed half-way may have left the
-            # same name in .trash/ (renaming onto it would fail).
-            victim = os.path.join(self.trash_dir, f"{entry}.{uuid.uuid4().hex[:12]}")
-            os.rename(source, victim)
-            log.info("deleting %s", entry)
-        for entry in entries:
-            name = entry.removesuffix(IN_PROGRESS)
-            for with_it in (self.metadata_path(name), self.manifest_path(name)):
-                if os.path.exists(with_it):
-                    os.unlink(with_it)
+        with self.directory(SNAPSHOTS) as snapshots, self.directory(TRASH, create=True) as trash:
+            if snapshots is None or trash is None:
+                raise RepositoryError(f"{self.snapshots_dir} is gone: nothing to delete", step=step)
+            for entry in entries:
+                # A unique name: a deletion killed half-way may have left the
+                # same name in .trash/ (renaming onto it would fail). Both
+                # directories are descriptors: no link is followed.
+                os.rename(entry, f"{entry}.{uuid.uuid4().hex[:12]}", src_dir_fd=snapshots, dst_dir_fd=trash)
+                log.info("deleting %s", entry)
+        with self.directory(METADATA) as metadata:
+            for entry in entries if metadata is not None else ():
+                name = entry.removesuffix(IN_PROGRESS)
+                for with_it in (name + ".json", name + MANIFEST_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(with_it, dir_fd=metadata)
         self.empty_trash(runner, rm_argv, step=step)
 
     def empty_trash(self, runner: Runner, rm_argv: Sequence[str], *, step: str) -> None:
-        """Finish deletions (also those an interrupted run left in .trash/)."""
-        try:
-            leftovers = sorted(os.listdir(self.trash_dir))
-        except FileNotFoundError:
-            return
-        if leftovers:
-            runner.run(
-                (*rm_argv, "-rf", "--one-file-system", "--", *(os.path.join(self.trash_dir, e) for e in leftovers)),
-                step=step,
-            )
+        """Finish deletions (also those an interrupted run left in .trash/).
+
+        rm is given the opened .trash itself (``/proc/self/fd/N``, the
+        descriptor passed to it), never the path: a link put at .trash
+        cannot send it elsewhere.
+        """
+        with self.directory(TRASH) as trash:
+            if trash is None:
+                return
+            leftovers = sorted(os.listdir(trash))
+            if leftovers:
+                log.info("emptying %s: %s", self.trash_dir, ", ".join(leftovers))
+                runner.run(
+                    (*rm_argv, "-rf", "--one-file-system", "--", *(f"/proc/self/fd/{trash}/{e}" for e in leftovers)),
+                    step=step,
+                    pass_fds=(trash,),
+                )
+
+
+def read_bounded(directory: str, name: str, limit: int) -> bytes:
+    """The bytes of ``directory/name``, a regular file of at most ``limit`` bytes, opened without following links.
+
+    A link, a special file or a larger file is an OSError saying so: it is
+    never read (a hostile repository cannot make a command read a device or
+    fill the memory).
+    """
+    parent = os.open(directory, _DIRECTORY_FLAGS)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+    finally:
+        os.close(parent)
+    try:
+        info = os.fstat(fd)
+        path = os.path.join(directory, name)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is {_kind(info)}, not a regular file")
+        if info.st_size > limit:
+            raise OSError(f"{path} holds {info.st_size} bytes, more than the {limit} such a file may hold")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(limit + 1)[:limit]
+    finally:
+        os.close(fd)
+
+
+def parse_json(raw: bytes, where: str) -> Any:
+    """JSON from the repository; ValueError (never RecursionError) for anything malformed or nested too deep."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"nested too deeply to be read ({where})") from None
 
 
 def free_space(path: str) -> tuple[int, int]:

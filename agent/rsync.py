@@ -95,7 +95,7 @@ def _with_slash(path: str) -> str:
     return path if path.endswith("/") else path + "/"
 
 
-def _check_exclude(pattern: str) -> None:
+def check_exclude(pattern: str) -> None:
     """Refuse excludes that rsync would read as a rule instead of a pattern.
 
     ``--exclude`` accepts the old rule prefixes: ``--exclude='+ x'``
@@ -147,7 +147,7 @@ def build_argv(
         if not rule.startswith(_FILTER_PREFIXES):
             raise ValueError(f"filter rule {rule!r} must start with one of {', '.join(_FILTER_PREFIXES)}")
     for pattern in excludes:
-        _check_exclude(pattern)
+        check_exclude(pattern)
 
     argv: list[str] = [*priority_prefix, rsync, *BASE_OPTIONS]
     if one_file_system:

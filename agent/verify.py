@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import stat
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,10 +31,11 @@ log = logging.getLogger(__name__)
 CORRUPTED_MANIFEST = "corrupted-manifest"
 MISSING_MANIFEST = "missing-manifest"
 DAMAGED = "damaged"
+CHANGED = "changed"  # type, mode, owner or link target differ from the manifest's (format 2)
 UNREADABLE = "unreadable"
 MISSING = "missing"
 UNLISTED = "not-in-manifest"
-KINDS = (CORRUPTED_MANIFEST, MISSING_MANIFEST, DAMAGED, UNREADABLE, MISSING, UNLISTED)
+KINDS = (CORRUPTED_MANIFEST, MISSING_MANIFEST, DAMAGED, CHANGED, UNREADABLE, MISSING, UNLISTED)
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,8 @@ def verify(
             continue
         root = os.fsencode(repo.snapshot_path(name))
         unlistable: list[tuple[bytes, OSError]] = []
-        present = dict(manifests.walk_files(root, unlistable))
+        others: list[tuple[bytes, os.DirEntry[bytes]]] = []
+        present = dict(manifests.walk_files(root, unlistable, others if loaded.attributes else None))
         if unlistable and not os.path.isdir(root):
             # Rotation deleted it while this ran (a backup may run beside verify).
             report.unchecked[name] = "deleted while it was being verified"
@@ -296,7 +299,10 @@ def verify(
             report.files += 1
             if digests[inode].digest != entry.digest:
                 bad.setdefault(inode, []).append((entry.digest, entry.size, Location(name, entry.path)))
-        for path in sorted(set(present) - listed):
+        if loaded.attributes:
+            found += _changed(name, root, loaded.attributes, hidden)
+            listed.update(attributes.path for attributes in loaded.attributes)
+        for path in sorted((set(present) | {rel for rel, _ in others}) - listed):
             found.append(
                 Problem(UNLISTED, [Location(name, path)], "in the snapshot but not in its manifest: nothing to check it against")
             )
@@ -319,6 +325,48 @@ def verify(
     report.problems.sort(key=lambda p: KINDS.index(p.kind))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _changed(
+    name: str, root: bytes, recorded: Iterable[manifests.Attributes], hidden: Callable[[bytes], bool]
+) -> list[Problem]:
+    """Entries whose type, mode, owner or link target is not what the manifest recorded (one lstat each).
+
+    A regular file that is gone or no longer one is reported by the content
+    check already (missing); its size and contents too (damaged).
+    """
+    found: list[Problem] = []
+    for was in recorded:
+        if hidden(was.path):
+            continue
+        try:
+            info = os.lstat(root + b"/" + was.path)
+        except (FileNotFoundError, NotADirectoryError):
+            if was.type != "f":
+                found.append(Problem(MISSING, [Location(name, was.path)], f"not in the snapshot (was {manifests.TYPE_NAMES[was.type]})"))
+            continue
+        except OSError as exc:
+            found.append(Problem(UNREADABLE, [Location(name, was.path)], f"cannot be examined: {exc.strerror}"))
+            continue
+        kind = manifests.TYPES.get(stat.S_IFMT(info.st_mode), "?")
+        differences: list[str] = []
+        if kind != was.type:
+            if was.type != "f":
+                differences.append(f"{manifests.TYPE_NAMES.get(kind, 'unknown')}, was {manifests.TYPE_NAMES[was.type]}")
+        else:
+            if stat.S_IMODE(info.st_mode) != was.mode:
+                differences.append(f"mode {stat.S_IMODE(info.st_mode):04o}, was {was.mode:04o}")
+            if (info.st_uid, info.st_gid) != (was.uid, was.gid):
+                differences.append(f"owner {info.st_uid}:{info.st_gid}, was {was.uid}:{was.gid}")
+            if kind == "l":
+                target = os.readlink(root + b"/" + was.path)
+                if target != was.target:
+                    differences.append(f"points to {shown(target)}, was {shown(was.target or b'')}")
+            elif kind in ("c", "b") and info.st_size != was.size:
+                differences.append(f"size {info.st_size}, was {was.size}")
+        if differences:
+            found.append(Problem(CHANGED, [Location(name, was.path)], "; ".join(differences)))
+    return found
 
 
 AHEAD = 16  # files opened, and their reading asked of the kernel, before they are hashed

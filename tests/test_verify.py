@@ -9,6 +9,7 @@ file, a file the manifest does not list, a corrupted manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -323,3 +324,52 @@ def test_verify_opens_the_disk_leaves_it_as_found_and_finds_a_byte_corrupted_on_
     assert problem["kind"] == "damaged" and len(problem["locations"]) == 2
     assert {place["path"] for place in problem["locations"]} == {"sub/deeper/data.bin"}
     bench.assert_locked_and_unmounted()
+
+
+# -- what the manifest records beyond contents (format 2) ---------------------------------------
+
+
+def test_changed_type_mode_owner_and_link_target_are_reported(cli: Cli, tmp_path: Path, rsync_path: str) -> None:
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    (source / "dir").mkdir()
+    (source / "dir" / "inside").write_text("x")
+    (source / "gone").mkdir()
+    (source / "becomes-file").mkdir()
+    os.symlink("plain.txt", source / "link")
+    os.mkfifo(source / "pipe")
+    os.chmod(source / "plain.txt", 0o640)
+    name = backup(source, repo, cfg)
+    snap = repo / "snapshots" / name
+    status, report, _ = verify(cli, History(source, repo, cfg, name, name))
+    assert status == EXIT_OK and report["problems"] == []
+
+    os.chmod(snap / "plain.txt", 0o666)  # mode of a file (its contents untouched)
+    os.chown(snap / "dir", 4242, 4343)  # owner of a directory
+    os.unlink(snap / "link")
+    os.symlink("/etc/shadow", snap / "link")  # a link's target
+    os.rmdir(snap / "becomes-file")
+    (snap / "becomes-file").write_text("")  # a directory replaced by a file
+    os.rmdir(snap / "gone")  # a directory removed
+    os.symlink("/", snap / "new-link")  # an entry the manifest never saw
+    status, report, _ = verify(cli, History(source, repo, cfg, name, name))
+    assert status == EXIT_DAMAGED
+    problems = {problem["locations"][0]["path"]: (problem["kind"], problem["detail"]) for problem in report["problems"]}
+    assert problems["plain.txt"] == ("changed", "mode 0666, was 0640")
+    assert problems["dir"] == ("changed", "owner 4242:4343, was 0:0")
+    assert problems["link"] == ("changed", "points to /etc/shadow, was plain.txt")
+    assert problems["becomes-file"] == ("changed", "a file, was a directory")
+    assert problems["gone"] == ("missing", "not in the snapshot (was a directory)")
+    assert problems["new-link"][0] == "not-in-manifest"
+    assert "pipe" not in problems and "dir/inside" not in problems
+    assert len(problems) == 6
+
+
+def test_a_format_1_manifest_is_still_read() -> None:
+    body = manifests.line("ab" * 32, 3, 7, b"old file")
+    head = b"# backup-agent manifest 1 sha256\n"
+    own = "sha256:" + hashlib.sha256(head + body).hexdigest()
+    data = head + body + manifests.trailer(1, own)
+    loaded = manifests.parse(data, "m")
+    assert [(e.path, e.size, e.inode) for e in loaded.entries] == [(b"old file", 3, 7)]
+    assert loaded.attributes == ()
