@@ -53,7 +53,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
   <type>{kind}</type>
   <listen>unix:path={socket}</listen>
   <auth>EXTERNAL</auth>{servicedir}
-  <policy context="default">
+  <policy context="default">{users}
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
     <allow own="*"/>
@@ -70,16 +70,22 @@ class PrivateBus:
 
 
 @contextlib.contextmanager
-def private_bus(kind: str = "session", services: dict[str, str] | None = None) -> Iterator[PrivateBus]:
+def private_bus(
+    kind: str = "session", services: dict[str, str] | None = None, users: tuple[str, ...] = ()
+) -> Iterator[PrivateBus]:
     """A dbus-daemon of our own (``kind``: "session" or "system"), stopped by its pid afterwards.
 
     Like ``dbus-daemon --session --fork --print-address --print-pid``, but with a
     config of our own so that the socket lives in a directory we remove and no
     service on this machine can be activated on it; ``services`` (name →
-    command) are the only activatable ones.
+    command) are the only activatable ones. Only the bus's own user (root
+    here) may connect, and ``users``: a desktop user's session bus that
+    the test's own servers share.
     """
     assert DBUS_DAEMON is not None
     directory = Path(tempfile.mkdtemp(prefix="ba-dbus-"))  # short: a socket path has at most 107 bytes
+    if users:
+        os.chmod(directory, 0o711)  # the others reach the socket, and list nothing
     config = directory / f"{kind}.conf"
     servicedir = ""
     if services:
@@ -90,7 +96,8 @@ def private_bus(kind: str = "session", services: dict[str, str] | None = None) -
             f"\n  <servicedir>{directory / 'services'}</servicedir>"
             '\n  <limit name="service_start_timeout">500</limit>'  # a stand-in that never takes its name
         )
-    config.write_text(BUS_CONFIG.format(kind=kind, socket=directory / "socket", servicedir=servicedir))
+    allowed = "".join(f'\n    <allow user="{user}"/>' for user in users)
+    config.write_text(BUS_CONFIG.format(kind=kind, socket=directory / "socket", servicedir=servicedir, users=allowed))
     started = subprocess.run(
         [DBUS_DAEMON, f"--config-file={config}", "--fork", "--nopidfile", "--print-address=1", "--print-pid=1"],
         capture_output=True,
