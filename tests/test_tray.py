@@ -586,6 +586,40 @@ def test_menu_clicks(session_bus: PrivateBus, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_the_eject_answer_is_withdrawn_once_untrue(session_bus: PrivateBus, tmp_path: Path) -> None:
+    """"It is safe to unplug" is untrue once a backup of that disk starts, and done with once it is unplugged."""
+    settings = Settings(path=None, disks=(disk("backup1", str(tmp_path)), disk("backup2", str(tmp_path))))
+
+    async def scenario() -> None:
+        server_bus, server = await serve_notifications(session_bus.address, ["body"])
+        async with tray_on(session_bus.address, settings, FakeController()) as (icon, host, _):
+            icon.disk_attached("backup1")
+            icon.status_changed(ATTACHED)
+
+            async def eject() -> int:
+                await host.click(EJECT_BASE)
+                await icon.settle()
+                assert server.shown[-1].summary == "It is safe to unplug backup1"
+                return server.shown[-1].id
+
+            said = await eject()
+            icon.backup_started("backup2", "asked")  # another disk's backup: still true
+            await icon.settle()
+            assert server.closed == []
+            icon.backup_started("backup1", "asked")
+            await icon.settle()
+            assert server.closed == [said]
+            icon.status_changed(ATTACHED)
+            said = await eject()
+            icon.disk_removed("backup1", during_backup=False)
+            await icon.settle()
+            assert server.closed[-1] == said
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
 def test_with_two_disks_attached_back_up_now_names_the_disk(session_bus: PrivateBus, tmp_path: Path) -> None:
     settings = Settings(path=None, disks=(disk("backup1", str(tmp_path)), disk("backup2", str(tmp_path))))
 

@@ -597,6 +597,7 @@ class _Said:
 
     ident: int = 0
     warned: bool = False
+    disk: str | None = None  # the disk an Eject answer says is safe to unplug
 
 
 class Tray:
@@ -781,6 +782,7 @@ class Tray:
                 self._attached.remove(disk)
             self._places.pop(disk, None)
             self._publish()
+            self._withdraw_said(disk)  # "safe to unplug" is done with once it is unplugged
         except Exception:
             log.exception("tray: disk_removed failed")
 
@@ -788,6 +790,7 @@ class Tray:
         try:
             self._progress = {}
             self._places.pop(disk, None)  # what was open may be closed by the cycle's end
+            self._withdraw_said(disk)  # "safe to unplug" is untrue while it is backed up
         except Exception:
             log.exception("tray: backup_started failed")
 
@@ -935,7 +938,7 @@ class Tray:
         text = eject_text(disk, backing_up=backing_up, place=place, reply=reply,
                           unmount=umount_argv(disk, self.settings), lock=lock_argv(disk, self.settings))
         log.info("tray: Eject %s: %s", name, text.summary)
-        await self._say(text, icon="media-eject")
+        await self._say(text, icon="media-eject", disk=name)
 
     async def _open_latest(self) -> None:
         name = self._status.disk
@@ -1015,8 +1018,8 @@ class Tray:
             return f"xdg-open exited with status {status}."
         return None
 
-    async def _say(self, text: Text, *, icon: str = "drive-harddisk") -> None:
-        """One notification that answers a click, replacing the previous answer."""
+    async def _say(self, text: Text, *, icon: str = "drive-harddisk", disk: str | None = None) -> None:
+        """One notification that answers a click, replacing the previous answer (``disk``: an Eject's)."""
         summary, body, urgency = text
         hints = {"urgency": Variant("y", urgency), "category": Variant("s", "device")}
         try:
@@ -1027,12 +1030,29 @@ class Tray:
             if reply.message_type is MessageType.ERROR:
                 raise RuntimeError(f"{reply.error_name}: {' '.join(str(part) for part in reply.body)}")
             self._said.ident = int(reply.body[0])
+            self._said.disk = disk
         except Exception as exc:
             if not self._said.warned:
                 self._said.warned = True
                 log.warning("tray: cannot show the answer as a notification (%s): %s. %s", exc, summary, body)
             else:
                 log.info("tray: %s. %s", summary, body)
+
+    def _withdraw_said(self, disk: str) -> None:
+        """Close the Eject answer about ``disk``, if it is the one shown: what it says is stale."""
+        if self._closed or self._said.disk != disk or not self._said.ident:
+            return
+        ident, self._said.ident, self._said.disk = self._said.ident, 0, None
+        self._start(self._close_said(ident))
+
+    async def _close_said(self, ident: int) -> None:
+        try:
+            reply = await self._call(NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE,
+                                     "CloseNotification", "u", [ident])
+            if reply.message_type is MessageType.ERROR:
+                log.debug("tray: notification %d not withdrawn: %s", ident, reply.body)
+        except Exception as exc:
+            log.info("tray: could not withdraw notification %d: %s", ident, exc)
 
     # -- the bus -------------------------------------------------------------------------
 
