@@ -357,7 +357,7 @@ def test_stop_eject_restart_re_plug_browse_and_two_disks_as_the_desktop_user_thr
                 user("chooses Eject in the tray")
                 at = len(cards())
                 await host.click(EJECT_BASE)
-                await card(f"It is safe to unplug {NAME}", at, "the eject's answer", 15)
+                answer = await card(f"It is safe to unplug {NAME}", at, "the eject's answer", 15)
                 await until(lambda: skipped.id in server.closed, "the skip notice to be withdrawn", 5)
                 assert status()["disks"][0]["ejected"] is True
 
@@ -378,6 +378,7 @@ def test_stop_eject_restart_re_plug_browse_and_two_disks_as_the_desktop_user_thr
                 assert asked.stdout.strip() == "backup started", asked
                 await until(lambda: rsync.ready, "the transfer to be under way", 10)
                 assert "Started because you asked for it" in cards(at)[-1].body
+                await until(lambda: answer.id in server.closed, "'safe to unplug' to be withdrawn as it is backed up", 5)
                 assert cli("stop").returncode == 0
                 await card(f"Backup to {NAME} stopped", at, "the stop to be told")
                 await until(lambda: "It is safe to unplug" in cards()[-1].body, "the disk to be locked", 10)
@@ -391,6 +392,7 @@ def test_stop_eject_restart_re_plug_browse_and_two_disks_as_the_desktop_user_thr
                 admin = ["sudo", "-n", str(bin_dir / "backup-agent")]
                 before = subprocess.run([*admin, "list", "--disk", NAME], capture_output=True, text=True, timeout=60)
                 assert before.returncode == 0 and "unfinished transfer" in before.stdout.splitlines()[-1], before
+                assert "running:" not in before.stderr, before.stderr  # the commands run are told only with -v
                 freed = subprocess.run([*admin, "-q", "rotate", "--discard-unfinished", "--disk", NAME],
                                        capture_output=True, text=True, timeout=60)
                 assert freed.returncode == 0, freed
