@@ -115,21 +115,57 @@ def open_bench(trusted_dir: Path) -> Iterator[Bench]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+#: The first line of a system config written by these tests: whose it is, so another run waits for it.
+TEST_CONFIG_MARK = "# written by backup-agent's tests for pid "
+
+
+def write_system_config(target: Path, source: Path) -> None:
+    """``source``'s text as the system config, after the line that says which test process wrote it."""
+    target.write_text(f"{TEST_CONFIG_MARK}{os.getpid()}\n" + source.read_text())
+    target.chmod(0o644)
+
+
+def _test_config_holder(target: Path) -> int | None:
+    """The live test process whose system config ``target`` is, or None (the machine's own, or a dead run's)."""
+    try:
+        first = target.read_text().split("\n", 1)[0]
+    except FileNotFoundError:
+        return 0  # gone meanwhile: try again at once
+    if not first.startswith(TEST_CONFIG_MARK) or not first[len(TEST_CONFIG_MARK):].isdigit():
+        return None
+    pid = int(first[len(TEST_CONFIG_MARK):])
+    return pid if os.path.exists(f"/proc/{pid}") else None
+
+
 @pytest.fixture
 def system_config(open_bench: Bench) -> Iterator[Path]:
-    """The bench's config as /etc/backup-agent/config.toml, which must not exist before (it is not ours otherwise)."""
+    """The bench's config as /etc/backup-agent/config.toml, which must not exist before (it is not ours otherwise).
+
+    Through sudo the cycle reads only that path, so a test run elsewhere on
+    this machine (another checkout's) may hold it: then this one waits for
+    it, up to a minute. The machine's own config, or one a dead run left,
+    is never replaced: the test skips, saying so.
+    """
     target = Path(SYSTEM_CONFIG)
-    if target.exists():
-        pytest.skip(reason=f"{target} exists: it belongs to this machine, and this test does not replace it")
     made_directory = not target.parent.exists()
     target.parent.mkdir(mode=0o755, exist_ok=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            break
+        except FileExistsError:
+            holder = _test_config_holder(target)
+            if holder is None or time.monotonic() > deadline:
+                whose = "it belongs to this machine" if holder is None else f"test process {holder} still holds it"
+                pytest.skip(reason=f"{target} exists: {whose}, and this test does not replace it")
+            time.sleep(0.5)
     try:
-        shutil.copyfile(open_bench.config, target)
-        target.chmod(0o644)
+        write_system_config(target, open_bench.config)
         yield target
     finally:
         target.unlink(missing_ok=True)
-        if made_directory:
+        if made_directory and not any(target.parent.iterdir()):
             target.parent.rmdir()
 
 
