@@ -1,6 +1,6 @@
 """The encrypted backup disk: find it, unlock it, mount it, prove it, and leave it as found.
 
-Two halves, as DESIGN.md asks:
+Two halves, as docs/ARCHITECTURE.md ("Pure values, edges that act") asks:
 
 - Pure rules (values in, values out, tested directly): reading crypttab and
   fstab, whether a key file is safe, which unlock method and argv to use
@@ -335,7 +335,7 @@ def _unsupported_reason(fstype: str) -> str:
 
 
 def check_mount(disk: Disk, entries: list[MountEntry], mapped_rdev: str, root_device: str) -> MountEntry:
-    """The mount at the disk's mount point, proved to be the backup disk's (pure; DESIGN rule 2).
+    """The mount at the disk's mount point, proved to be the backup disk's (pure; docs/ARCHITECTURE.md, rule 2).
 
     ``entries`` is mountinfo, ``mapped_rdev`` the mapped device's and
     ``root_device`` the root filesystem's "major:minor". Refuses (WrongDiskError)
