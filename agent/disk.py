@@ -1,6 +1,6 @@
 """The encrypted backup disk: find it, unlock it, mount it, prove it, and leave it as found.
 
-Two halves, as DESIGN.md asks:
+Two halves, as docs/ARCHITECTURE.md ("Pure values, edges that act") asks:
 
 - Pure rules (values in, values out, tested directly): reading crypttab and
   fstab, whether a key file is safe, which unlock method and argv to use
@@ -51,7 +51,7 @@ from .commands import Result, Runner
 from .config import SYSTEM_CONFIG, Commands, Disk, Settings
 from .errors import CommandError, DiskBusyError, DiskError, UnsafeKeyFileError, UsageError, WrongDiskError
 from .files import write_atomic
-from .mounts import MountEntry, read_mountinfo
+from .mounts import MountEntry, read_mountinfo, unescape
 from .repository import Marker, Repository, classify
 
 
@@ -104,7 +104,6 @@ SETTLE_TIME: Final = 2.0
 UMOUNT_RETRY_DELAYS: Final[tuple[float, ...]] = (0.25, 0.5, 0.75, 1.5)
 
 _DISK_FULL_RE: Final = re.compile(r"No space left on device|Disk quota exceeded")
-_OCTAL_RE: Final = re.compile(r"\\([0-7]{3})")
 _UNIT_SAFE: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.")
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -132,31 +131,37 @@ class FstabEntry:
     options: tuple[str, ...]
 
 
-def _unescape(field: str) -> str:
-    """Undo octal escapes (``\\040`` space, ``\\011`` tab, ``\\134`` backslash)."""
-    return _OCTAL_RE.sub(lambda match: chr(int(match.group(1), 8)), field)
+def _table_lines(text: str) -> Iterator[list[str]]:
+    """The raw fields of each line of crypttab or fstab that has at least two (pure).
 
-
-def _options(field: str) -> tuple[str, ...]:
-    return tuple(option for option in field.split(",") if option)
-
-
-def parse_crypttab(text: str) -> dict[str, CrypttabEntry]:
-    """The entries of a crypttab by name (pure); the first line for a name wins, as in cryptdisks_start.
-
-    Comments (``#`` at the start of a line) and blank lines are skipped, and
-    so are lines with fewer than two fields.
+    Comments (``#`` at the start of a line) and blank lines are skipped;
+    fields are separated by blanks, so blanks inside one are written as
+    octal escapes, decoded by the caller with :func:`agent.mounts.unescape`.
     """
-    entries: dict[str, CrypttabEntry] = {}
     for line in text.splitlines():
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
         fields = stripped.split()
-        if len(fields) < 2:
-            continue
-        name, device = _unescape(fields[0]), _unescape(fields[1])
-        key_file: str | None = _unescape(fields[2]) if len(fields) > 2 else None
+        if len(fields) >= 2:
+            yield fields
+
+
+def _options(field: str) -> tuple[str, ...]:
+    """An options field: split at commas first, then each option decoded, so an escaped comma stays in its value."""
+    return tuple(unescape(option) for option in field.split(",") if option)
+
+
+def parse_crypttab(text: str) -> dict[str, CrypttabEntry]:
+    """The entries of a crypttab by name (pure); the first line for a name wins, as in cryptdisks_start.
+
+    Every field is decoded as fstab's are (:func:`_table_lines`); lines with
+    fewer than two fields are skipped.
+    """
+    entries: dict[str, CrypttabEntry] = {}
+    for fields in _table_lines(text):
+        name, device = unescape(fields[0]), unescape(fields[1])
+        key_file: str | None = unescape(fields[2]) if len(fields) > 2 else None
         if key_file in ("none", "-", ""):
             key_file = None
         options = _options(fields[3]) if len(fields) > 3 else ()
@@ -165,27 +170,19 @@ def parse_crypttab(text: str) -> dict[str, CrypttabEntry]:
 
 
 def parse_fstab(text: str) -> list[FstabEntry]:
-    """The entries of an fstab in order (pure); fields are separated by blanks, spaces inside written ``\\040``.
+    """The entries of an fstab in order (pure); every field decoded as crypttab's are (:func:`_table_lines`).
 
     A missing type is "auto" and missing options "defaults", as mount(8) reads them.
     """
-    entries: list[FstabEntry] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        fields = stripped.split()
-        if len(fields) < 2:
-            continue
-        entries.append(
-            FstabEntry(
-                device=_unescape(fields[0]),
-                mount_point=_unescape(fields[1]),
-                fstype=_unescape(fields[2]) if len(fields) > 2 else "auto",
-                options=_options(_unescape(fields[3])) if len(fields) > 3 else ("defaults",),
-            )
+    return [
+        FstabEntry(
+            device=unescape(fields[0]),
+            mount_point=unescape(fields[1]),
+            fstype=unescape(fields[2]) if len(fields) > 2 else "auto",
+            options=_options(fields[3]) if len(fields) > 3 else ("defaults",),
         )
-    return entries
+        for fields in _table_lines(text)
+    ]
 
 
 def _last_at(entries: Iterable[_AtMountPoint], mount_point: str) -> _AtMountPoint | None:
@@ -338,7 +335,7 @@ def _unsupported_reason(fstype: str) -> str:
 
 
 def check_mount(disk: Disk, entries: list[MountEntry], mapped_rdev: str, root_device: str) -> MountEntry:
-    """The mount at the disk's mount point, proved to be the backup disk's (pure; DESIGN rule 2).
+    """The mount at the disk's mount point, proved to be the backup disk's (pure; docs/ARCHITECTURE.md, rule 2).
 
     ``entries`` is mountinfo, ``mapped_rdev`` the mapped device's and
     ``root_device`` the root filesystem's "major:minor". Refuses (WrongDiskError)

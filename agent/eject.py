@@ -23,13 +23,13 @@ import datetime as dt
 import logging
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import disk as disks
 from . import lock
 from .commands import Runner
 from .config import Disk, Settings
-from .errors import BackupAgentError, BusyError, DiskBusyError, DiskError, WrongDiskError
+from .errors import BackupAgentError, BusyError, DiskBusyError, DiskError, LockFileError, WrongDiskError
 from .events import Emitter, complete, error, step, warning
 from .mounts import MountEntry, read_mountinfo
 
@@ -81,16 +81,19 @@ def plan_eject(disk: Disk, entries: Sequence[MountEntry], mapped_rdev: str | Non
     return EjectPlan(unmount=top is not None, lock=True)
 
 
-def _lock_refusal(path: str, disk: Disk) -> BusyError:
-    """The one line for a machine lock held by someone else, naming them."""
-    holder = lock.read_holder(path)
+def _lock_refusal(holder: dict[str, Any], disk: Disk) -> BusyError:
+    """The one line for a machine lock held by someone else, naming them (``holder``: what they wrote)."""
     who = lock.holder_details(holder)
     if holder.get("command") == "eject":
-        return BusyError(f"an eject is already running ({who}): wait for it", step="lock")
+        return BusyError(f"an eject is already running ({who}): wait for it", step="lock", holder=holder)
     if holder.get("command") == "init":
-        return BusyError(f"backup-agent init is running ({who}): wait for it, then eject {disk.name} again", step="lock")
+        return BusyError(
+            f"backup-agent init is running ({who}): wait for it, then eject {disk.name} again", step="lock", holder=holder
+        )
     detail = f" ({who})" if who else ""
-    return BusyError(f"a backup is running: wait for it or stop it, then eject {disk.name} again{detail}", step="lock")
+    return BusyError(
+        f"a backup is running: wait for it or stop it, then eject {disk.name} again{detail}", step="lock", holder=holder
+    )
 
 
 class Eject:
@@ -157,10 +160,10 @@ class Eject:
         }
         try:
             stack.enter_context(lock.hold(path, holder))
+        except LockFileError:
+            raise  # not held by anyone: its own words say what is wrong
         except BusyError as exc:
-            if exc.message.startswith("cannot open the lock file"):
-                raise
-            raise _lock_refusal(path, self.disk) from None
+            raise _lock_refusal(exc.holder, self.disk) from None
         self.emitter.emit(step("lock", "done"))
 
     def _look(self) -> tuple[EjectPlan, str | None]:

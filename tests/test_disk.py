@@ -107,6 +107,19 @@ UUID=abcd /          ext4 errors=remount-ro 0 1
     assert disks.fstab_entry_for(entries, "/media/other") is None
 
 
+def test_crypttab_and_fstab_decode_every_field_alike() -> None:
+    # The same escaped fields, in crypttab and in fstab, read the same: names,
+    # paths and options alike; bytes are decoded together (UTF-8 "é" is \303\251),
+    # an escaped comma stays inside its option, and a lone backslash stays.
+    path = "/media/Sauvegarde\\040\\303\\251t\\303\\251"
+    options = "luks,header=/etc/keys/a\\040b\\054c.hdr,x\\y"
+    crypttab = disks.parse_crypttab(f"backup UUID=abcd {path}/key {options}\n")
+    fstab = disks.parse_fstab(f"/dev/mapper/backup {path} ext4 {options} 0 2\n")
+    decoded = ("luks", "header=/etc/keys/a b,c.hdr", "x\\y")
+    assert crypttab["backup"] == disks.CrypttabEntry("backup", "UUID=abcd", "/media/Sauvegarde \u00e9t\u00e9/key", decoded)
+    assert fstab == [disks.FstabEntry("/dev/mapper/backup", "/media/Sauvegarde \u00e9t\u00e9", "ext4", decoded)]
+
+
 @pytest.mark.parametrize(
     ("name", "escaped"),
     [

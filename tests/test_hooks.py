@@ -1,6 +1,6 @@
 """Hooks with real processes: each hook is a small real command that appends to
 a log file, so the tests read the order and the environment the hooks really
-saw (DESIGN.md rule 3: every entered hook gets its after, in reverse order)."""
+saw (docs/ARCHITECTURE.md, rule 3: every entered hook gets its after, in reverse order)."""
 
 from __future__ import annotations
 
