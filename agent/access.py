@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 from . import disk as disks
 from . import lock
 from .commands import Runner
-from .config import Disk, Settings
+from .config.model import Disk, Settings
 from .errors import DiskMissingError, RepositoryError, UsageError
 from .repository import Repository
 

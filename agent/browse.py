@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 from . import disk as disks
 from . import lock
 from .commands import Runner
-from .config import Disk, Settings
+from .config.model import Disk, Settings
 from .errors import BackupAgentError, DiskError, DiskMissingError, StepError
 from .events import Emitter, complete, step
 from .repository import MANIFEST_SUFFIX

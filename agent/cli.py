@@ -27,7 +27,10 @@ from .commands import IONICE_CLASSES, Runner
 from . import disk as disks
 from . import install as installer
 from . import lock
-from .config import SYSTEM_CONFIG, Disk, Settings, effective_excludes, load_settings, running_through_sudo
+from .config.load import SYSTEM_CONFIG, load_settings
+from .config.model import Disk, Settings, effective_excludes
+from .config.trust import running_through_sudo
+from .config.validate import check_exclude
 from .cycle import STEPS, Cycle, Request, check_platform, human_size
 from .errors import (
     EXIT_DAMAGED,
@@ -45,7 +48,6 @@ from .eject import Eject
 from .events import Emitter, error
 from .repository import Repository, classify
 from .rotation import FREQUENCIES, Count, Plan, Scheme
-from .rsync import check_exclude
 
 log = logging.getLogger("agent")
 

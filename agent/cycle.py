@@ -28,7 +28,7 @@ from . import hooks
 from . import manifest as manifests
 from . import unfinished
 from .commands import Runner, priority_prefix
-from .config import Disk, Settings, effective_excludes
+from .config.model import Disk, Settings, effective_excludes
 from .errors import (
     BackupAgentError,
     CommandError,

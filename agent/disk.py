@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from typing import Callable, Final, Iterable, Iterator, Protocol, TypeVar
 
 from .commands import Result, Runner
-from .config import SYSTEM_CONFIG, Commands, Disk, Settings
+from .config.load import SYSTEM_CONFIG
+from .config.model import Commands, Disk, Settings
 from .errors import CommandError, DiskBusyError, DiskError, UnsafeKeyFileError, UsageError, WrongDiskError
 from .files import write_atomic
 from .mounts import MountEntry, read_mountinfo

@@ -28,7 +28,7 @@ from typing import Sequence
 from . import disk as disks
 from . import lock
 from .commands import Runner
-from .config import Disk, Settings
+from .config.model import Disk, Settings
 from .errors import BackupAgentError, BusyError, DiskBusyError, DiskError, WrongDiskError
 from .events import Emitter, complete, error, step, warning
 from .mounts import MountEntry, read_mountinfo

@@ -22,7 +22,7 @@ from agent import disk as disks
 from agent import lock
 from agent.access import open_repository, read_only
 from agent.commands import Runner
-from agent.config import Disk, Settings
+from agent.config.model import Disk, Settings
 from agent.cli import main
 from agent.errors import EXIT_REPOSITORY, BusyError, DiskMissingError, RepositoryError, UsageError, WrongDiskError
 from agent.repository import Repository

@@ -31,7 +31,7 @@ import pytest
 
 from agent import disk as disks
 from agent.commands import Runner
-from agent.config import Commands, Disk, Settings
+from agent.config.model import Commands, Disk, Settings
 from agent.errors import DiskBusyError, DiskError, UnsafeKeyFileError, WrongDiskError
 from agent.mounts import MountEntry, read_mountinfo
 from agent.repository import Marker
@@ -939,7 +939,8 @@ EXAMPLE_DIRS = ["key-file", "passphrase", "luks2-by-uuid", "systemd"]
 
 
 def _example(directory: str) -> tuple[disks.CrypttabEntry, list[disks.FstabEntry], Disk]:
-    from agent.config import settings_from_mapping, tomllib  # tomllib, or tomli before Python 3.11
+    from agent.config.load import tomllib  # tomllib, or tomli before Python 3.11
+    from agent.config.validate import settings_from_mapping
 
     path = EXAMPLES / directory
     crypttab = disks.parse_crypttab((path / "crypttab").read_text())
