@@ -55,7 +55,7 @@ from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
 
 from . import agenda, events, lock, schedule
 from .config.model import Settings
-from .disk import holders
+from .disk.mount import holders
 from .errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
 from .files import write_atomic
 from .reminder import notice_state_path
