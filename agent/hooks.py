@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Final, Iterator, Sequence
 
 from .commands import Runner
-from .config import Hook
+from .config.model import Hook
 from .errors import BackupAgentError, CommandError, HookError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from agent.commands import Runner, clean_environment
-from agent.config import Hook
+from agent.config.model import Hook
 from agent.errors import CommandError, HookError, Interrupted
 from agent.hooks import HookContext, around, describe_exception, hook_environment
 
