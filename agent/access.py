@@ -29,10 +29,13 @@ import datetime as dt
 import os
 from typing import Callable, Iterator
 
-from . import disk as disks
+from .disk.find import find_device, first_present, none_attached, not_attached, select_disk
+from .disk.identity import verify_identity
+from .disk.mount import mounted
+from .disk.unlock import unlocked
 from . import lock
 from .commands import Runner
-from .config import Disk, Settings
+from .config.model import Disk, Settings
 from .errors import DiskMissingError, RepositoryError, UsageError
 from .repository import Repository
 
@@ -70,16 +73,16 @@ def open_repository(
     if repository is not None:
         yield open_to_read(os.path.abspath(repository))
         return
-    chosen = disks.select_disk(settings, name=disk, crypto=None, mount=None)
+    chosen = select_disk(settings, name=disk, crypto=None, mount=None)
     if os.geteuid() != 0 and (chosen is not None or (settings.repository is None and settings.disks)):
         # Not root: blkid cannot see the disk, nor can it be unlocked. A disk
         # opened for browsing (backup-agent open) is read as it is.
         yield open_to_read(_opened(settings, chosen))
         return
     if chosen is None and settings.repository is None and settings.disks:
-        chosen = disks.first_present(settings, runner)
+        chosen = first_present(settings, runner)
         if chosen is None:
-            raise DiskMissingError(disks.none_attached(settings) + "; plug one in, or give --repository DIR")
+            raise DiskMissingError(none_attached(settings) + "; plug one in, or give --repository DIR")
     if chosen is None:
         if settings.repository is None:
             raise UsageError(
@@ -116,9 +119,9 @@ def _open_disk(
         )
     holder = {"pid": os.getpid(), "command": command, "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     stack.enter_context(lock.hold(lock.machine_lock_path(), holder))
-    if disks.find_device(disk, settings, runner) is None:
-        raise DiskMissingError(disks.not_attached(disk), step="disk")
-    stack.enter_context(disks.unlocked(disk, settings, runner, warn))
-    stack.enter_context(disks.mounted(read_only(disk), settings, runner, warn))
-    disks.verify_identity(disk, settings)
+    if find_device(disk, settings, runner) is None:
+        raise DiskMissingError(not_attached(disk), step="disk")
+    stack.enter_context(unlocked(disk, settings, runner, warn))
+    stack.enter_context(mounted(read_only(disk), settings, runner, warn))
+    verify_identity(disk, settings)
     return open_to_read(disk.repository)

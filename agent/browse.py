@@ -25,10 +25,13 @@ import os
 import stat
 from typing import Callable, Iterator
 
-from . import disk as disks
+from .disk.find import find_device, not_attached
+from .disk.identity import verify_identity
+from .disk.mount import mounted
+from .disk.unlock import unlocked
 from . import lock
 from .commands import Runner
-from .config import Disk, Settings
+from .config.model import Disk, Settings
 from .errors import BackupAgentError, DiskError, DiskMissingError, StepError
 from .events import Emitter, complete, step
 from .repository import MANIFEST_SUFFIX
@@ -75,17 +78,17 @@ def open_for_browsing(disk: Disk, settings: Settings, runner: Runner, emitter: E
         stack.enter_context(lock.hold(lock.machine_lock_path(), holder))
         emitter.emit(step("lock", "done"))
         emitter.emit(step("disk", "start", disk=disk.name))
-        if disks.find_device(disk, settings, runner) is None:
-            raise DiskMissingError(disks.not_attached(disk), step="disk")
+        if find_device(disk, settings, runner) is None:
+            raise DiskMissingError(not_attached(disk), step="disk")
         emitter.emit(step("disk", "done"))
         emitter.emit(step("unlock", "start", disk=disk.name))
-        unlocked_now = stack.enter_context(disks.unlocked(disk, settings, runner, warn, keep))
+        unlocked_now = stack.enter_context(unlocked(disk, settings, runner, warn, keep))
         emitter.emit(step("unlock", "done", unlocked_now=unlocked_now))
         emitter.emit(step("mount", "start", mount_point=disk.mount_point))
-        mounted_now = stack.enter_context(disks.mounted(browse_disk(disk), settings, runner, warn, keep))
+        mounted_now = stack.enter_context(mounted(browse_disk(disk), settings, runner, warn, keep))
         emitter.emit(step("mount", "done", mounted_now=mounted_now))
         emitter.emit(step("verify", "start", repository=disk.repository))
-        disks.verify_identity(disk, settings)
+        verify_identity(disk, settings)
         lacking = missing_flags(os.statvfs(disk.mount_point).f_flag)
         if mounted_now and lacking:
             raise DiskError(

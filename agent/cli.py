@@ -24,10 +24,16 @@ from . import __version__, access, browse, history, when
 from . import restore as restoring
 from . import verify as verifier
 from .commands import IONICE_CLASSES, Runner
-from . import disk as disks
+from .disk.find import find_device, first_present, none_attached, select_disk
+from .disk.identity import id_path, record_id, recorded_id, verify_mount
+from .disk.mount import mounted
+from .disk.unlock import unlocked
 from . import install as installer
 from . import lock
-from .config import SYSTEM_CONFIG, Disk, Settings, effective_excludes, load_settings, running_through_sudo
+from .config.load import SYSTEM_CONFIG, load_settings
+from .config.model import Disk, Settings, effective_excludes
+from .config.trust import running_through_sudo
+from .config.validate import check_exclude
 from .cycle import STEPS, Cycle, Request, check_platform, human_size
 from .errors import (
     EXIT_DAMAGED,
@@ -45,7 +51,6 @@ from .eject import Eject
 from .events import Emitter, error
 from .repository import Repository, classify
 from .rotation import FREQUENCIES, Count, Plan, Scheme
-from .rsync import check_exclude
 
 log = logging.getLogger("agent")
 
@@ -436,11 +441,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         overrides["exclude"] = effective_excludes(settings) + tuple(args.exclude)
     settings = dataclasses.replace(settings, **overrides)
     steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)
-    disk = disks.select_disk(settings, name=args.disk, crypto=args.crypto, mount=args.mount)
+    disk = select_disk(settings, name=args.disk, crypto=args.crypto, mount=args.mount)
     if disk is not None and destination is not None:
         raise UsageError(f"give either DESTINATION or a disk ({disk.name}), not both: the disk's repository is {disk.repository}")
     if disk is None and destination is None and settings.repository is None and settings.disks:
-        disk = disks.first_present(settings, Runner())
+        disk = first_present(settings, Runner())
         if disk is None:
             return _no_disk(settings, interactive=sys.stdin.isatty())
     request = Request(
@@ -461,7 +466,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _no_disk(settings: Settings, *, interactive: bool) -> int:
-    message = disks.none_attached(settings)
+    message = none_attached(settings)
     if interactive:
         raise DiskMissingError(message + "; plug one in (`blkid` lists the UUIDs of attached disks)")
     log.info("%s", message)
@@ -533,7 +538,7 @@ def _root_disk(args: argparse.Namespace, does: str) -> tuple[Settings, Disk]:
     if os.geteuid() != 0:
         raise UsageError(f"{args.command} {does} and needs root: run it with sudo")
     settings = _load(args)
-    disk = disks.select_disk(settings, name=args.disk, crypto=None, mount=None)
+    disk = select_disk(settings, name=args.disk, crypto=None, mount=None)
     if disk is None:  # --disk is required, so this is only for the type checker
         raise UsageError(f"{args.command} needs --disk NAME")
     return settings, disk
@@ -546,17 +551,17 @@ def cmd_init(args: argparse.Namespace) -> int:
         # Refused before anything is touched: asking needs a terminal.
         raise UsageError("init asks before writing to a disk: pass --yes to confirm when there is no terminal; nothing was touched")
     runner = Runner()
-    device = disks.find_device(disk, settings, runner)
+    device = find_device(disk, settings, runner)
     if device is None:
         raise DiskMissingError(
             f"backup disk {disk.name} is not attached (looked for the LUKS partition with UUID {disk.luks_uuid}): plug it in"
         )
-    recorded = disks.recorded_id(settings, disk)
+    recorded = recorded_id(settings, disk)
     with contextlib.ExitStack() as stack:
         stack.enter_context(lock.hold(lock.machine_lock_path(), {"pid": os.getpid(), "command": "init"}))
-        stack.enter_context(disks.unlocked(disk, settings, runner, log.warning))
-        stack.enter_context(disks.mounted(disk, settings, runner, log.warning))
-        disks.verify_mount(disk)
+        stack.enter_context(unlocked(disk, settings, runner, log.warning))
+        stack.enter_context(mounted(disk, settings, runner, log.warning))
+        verify_mount(disk)
         state = classify(disk.repository)
         if state == "repository":
             marker = Repository.open(disk.repository).marker
@@ -566,7 +571,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             raise RepositoryError(
                 f"{disk.repository} already holds a repository (id {marker.id}, host {marker.host}) that this machine "
                 f"has not recorded for {disk.name}: nothing was written; if it is yours, "
-                f"record it with: echo {marker.id} > {disks.id_path(settings, disk)}"
+                f"record it with: echo {marker.id} > {id_path(settings, disk)}"
             )
         if state == "foreign":
             raise RepositoryError(
@@ -574,13 +579,13 @@ def cmd_init(args: argparse.Namespace) -> int:
             )
         print(f"backup disk {disk.name}: {device}, unlocked as {disk.mapped_device}, mounted on {disk.mount_point}")
         print(f"will create the repository {disk.repository} (snapshots/, metadata/, and a marker with a new random id)")
-        print(f"and record its id in {disks.id_path(settings, disk)}" + (f", replacing {recorded}" if recorded else ""))
+        print(f"and record its id in {id_path(settings, disk)}" + (f", replacing {recorded}" if recorded else ""))
         if not args.yes:
             if input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("nothing written")
                 return EXIT_OK
         repo = Repository.create(disk.repository)
-        disks.record_id(settings, disk, repo.marker.id)
+        record_id(settings, disk, repo.marker.id)
         print(f"initialised {disk.repository} (id {repo.marker.id}); back up with: backup-agent backup --disk {disk.name}")
     return EXIT_OK
 
@@ -634,15 +639,15 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         scheme = dataclasses.replace(scheme, strict=False)
     settings = dataclasses.replace(settings, rotation=scheme)
     # The configured disk, opened as a backup opens it (read-write), unless a repository is named.
-    disk = disks.select_disk(settings, name=args.disk, crypto=None, mount=None)
+    disk = select_disk(settings, name=args.disk, crypto=None, mount=None)
     if disk is not None and args.repository is not None:
         raise UsageError(f"give either REPOSITORY or --disk {disk.name}, not both")
     if disk is None and args.repository is None and settings.repository is None and settings.disks:
         if os.geteuid() != 0:
             raise UsageError("rotating the backup disk needs root (it is unlocked and mounted for it): run it with sudo")
-        disk = disks.first_present(settings, Runner())
+        disk = first_present(settings, Runner())
         if disk is None:
-            raise DiskMissingError(disks.none_attached(settings) + "; plug one in, or give REPOSITORY")
+            raise DiskMissingError(none_attached(settings) + "; plug one in, or give REPOSITORY")
     request = Request(
         settings=settings,
         source=settings.source,

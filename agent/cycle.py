@@ -1,6 +1,6 @@
 """One backup cycle: lock → prepare → transfer → snapshot → rotate.
 
-The cycle keeps DESIGN.md's rules: it writes only into a fresh
+The cycle keeps the rules of docs/ARCHITECTURE.md: it writes only into a fresh
 ``<name>.in-progress`` (never into a completed snapshot), completes a snapshot
 by an atomic rename, deletes old snapshots only after a new one completed,
 runs one at a time, and with ``dry_run`` writes nothing at all. Every step is
@@ -23,12 +23,16 @@ from typing import Any, Callable, Iterator
 
 from . import __version__, lock, rsync
 from . import browse
-from . import disk as disks
+from .disk.devices import top_mount
+from .disk.find import find_device, not_attached
+from .disk.identity import verify_identity
+from .disk.mount import disk_full, mounted
+from .disk.unlock import unlocked
 from . import hooks
 from . import manifest as manifests
 from . import unfinished
 from .commands import Runner, priority_prefix
-from .config import Disk, Settings, effective_excludes
+from .config.model import Disk, Settings, effective_excludes
 from .errors import (
     BackupAgentError,
     CommandError,
@@ -286,11 +290,11 @@ class Cycle:
         """Find, unlock, mount and verify the disk; False when there is nothing to do."""
         settings = self.settings
         with self._step("disk", disk=disk.name) as done:
-            device = disks.find_device(disk, settings, self.runner)
+            device = find_device(disk, settings, self.runner)
             done["present"] = device is not None
             done["device"] = device
         if device is None:
-            message = disks.not_attached(disk)
+            message = not_attached(disk)
             if self.request.interactive:
                 raise DiskMissingError(message, step="disk")
             log.info("%s", message)
@@ -306,17 +310,17 @@ class Cycle:
         unlocked_now: list[bool] = []
         stack.callback(self._report_closed, "lock-disk", unlocked_now, lambda: os.path.exists(disk.mapped_device))
         with self._step("unlock", disk=disk.name) as done:
-            unlocked_now.append(stack.enter_context(disks.unlocked(disk, settings, self.runner, self._warn)))
+            unlocked_now.append(stack.enter_context(unlocked(disk, settings, self.runner, self._warn)))
             done["unlocked_now"] = unlocked_now[0]
         stack.callback(self._set_step, "lock-disk")
         mounted_now: list[bool] = []
         stack.callback(self._report_closed, "unmount", mounted_now, lambda: self._disk_is_mounted(disk))
         with self._step("mount", mount_point=disk.mount_point) as done:
-            mounted_now.append(stack.enter_context(disks.mounted(disk, settings, self.runner, self._warn)))
+            mounted_now.append(stack.enter_context(mounted(disk, settings, self.runner, self._warn)))
             done["mounted_now"] = mounted_now[0]
         stack.callback(self._set_step, "unmount")
         with self._step("verify", repository=disk.repository) as done:
-            marker = disks.verify_identity(disk, settings)
+            marker = verify_identity(disk, settings)
             done["id"] = marker.id if marker else None
         if not self.request.dry_run:
             # Opened for browsing (read-only): writable for this cycle, read-only again after (agent.browse).
@@ -330,7 +334,7 @@ class Cycle:
 
     @staticmethod
     def _disk_is_mounted(disk: Disk) -> bool:
-        return disks.top_mount(read_mountinfo(), os.path.realpath(disk.mount_point)) is not None
+        return top_mount(read_mountinfo(), os.path.realpath(disk.mount_point)) is not None
 
     def _set_step(self, name: str) -> None:
         self.current_step = name
@@ -587,7 +591,7 @@ class Cycle:
             )
             if unsent and result.kind != "error":
                 emit(unsent[0], time.monotonic())  # where the transfer ended: a first snapshot's bytes may end below 100%
-            if disks.disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
+            if disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
                 raise DiskFullError(self._disk_full_message(), step="transfer")
             if result.kind == "error":
                 raise CommandError(

@@ -54,8 +54,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
 
 from . import agenda, events, lock, schedule
-from .config import Settings
-from .disk import holders
+from .config.model import Settings
+from .disk.mount import holders
 from .errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
 from .files import write_atomic
 from .reminder import notice_state_path
@@ -1362,7 +1362,7 @@ def cycle_argv_for(*, config: str | None, no_sudo: bool, argv0: str, command: st
 
 def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool = True) -> int:
     """``backup-agent run``: the agent until SIGTERM or SIGINT (``notifications=False``: none, whatever the config says)."""
-    from .config import SYSTEM_CONFIG, load_settings
+    from .config.load import SYSTEM_CONFIG, load_settings
 
     settings = load_settings(config, through_sudo=False)
     argv = cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0)

@@ -5,9 +5,9 @@ the user unlocked and mounted it to browse snapshots, or a cycle could not
 unmount it because a program kept it busy. ``backup-agent eject --disk NAME``
 closes it, as root, under the machine lock (so no cycle opens the disk
 meanwhile, and eject never closes a disk under a running backup), with the
-cycle's own unmount and lock (:func:`agent.disk._unmount` syncs first, retries
-while busy, names the holders and never unmounts lazily;
-:func:`agent.disk._lock` never locks under a mount).
+cycle's own unmount and lock (:func:`agent.disk.mount.unmount_disk` syncs
+first, retries while busy, names the holders and never unmounts lazily;
+:func:`agent.disk.unlock.lock_disk` never locks under a mount).
 
 :func:`plan_eject` is pure: the mount table and the mapped device in, the
 steps out, or a refusal of anything eject must not touch (another filesystem
@@ -23,13 +23,13 @@ import datetime as dt
 import logging
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-from . import disk as disks
+from .disk import devices, mount, unlock
 from . import lock
 from .commands import Runner
-from .config import Disk, Settings
-from .errors import BackupAgentError, BusyError, DiskBusyError, DiskError, WrongDiskError
+from .config.model import Disk, Settings
+from .errors import BackupAgentError, BusyError, DiskBusyError, DiskError, LockFileError, WrongDiskError
 from .events import Emitter, complete, error, step, warning
 from .mounts import MountEntry, read_mountinfo
 
@@ -60,7 +60,7 @@ def plan_eject(disk: Disk, entries: Sequence[MountEntry], mapped_rdev: str | Non
     point, and a filesystem is never locked under a mount).
     """
     mount_point = disk.mount_point
-    top = disks.top_mount(entries, mount_point)
+    top = devices.top_mount(entries, mount_point)
     if top is not None and top.device != mapped_rdev:
         raise WrongDiskError(
             f"{mount_point} is mounted from {top.source} ({top.fstype}, device {top.device}), not from the backup "
@@ -81,16 +81,19 @@ def plan_eject(disk: Disk, entries: Sequence[MountEntry], mapped_rdev: str | Non
     return EjectPlan(unmount=top is not None, lock=True)
 
 
-def _lock_refusal(path: str, disk: Disk) -> BusyError:
-    """The one line for a machine lock held by someone else, naming them."""
-    holder = lock.read_holder(path)
+def _lock_refusal(holder: dict[str, Any], disk: Disk) -> BusyError:
+    """The one line for a machine lock held by someone else, naming them (``holder``: what they wrote)."""
     who = lock.holder_details(holder)
     if holder.get("command") == "eject":
-        return BusyError(f"an eject is already running ({who}): wait for it", step="lock")
+        return BusyError(f"an eject is already running ({who}): wait for it", step="lock", holder=holder)
     if holder.get("command") == "init":
-        return BusyError(f"backup-agent init is running ({who}): wait for it, then eject {disk.name} again", step="lock")
+        return BusyError(
+            f"backup-agent init is running ({who}): wait for it, then eject {disk.name} again", step="lock", holder=holder
+        )
     detail = f" ({who})" if who else ""
-    return BusyError(f"a backup is running: wait for it or stop it, then eject {disk.name} again{detail}", step="lock")
+    return BusyError(
+        f"a backup is running: wait for it or stop it, then eject {disk.name} again{detail}", step="lock", holder=holder
+    )
 
 
 class Eject:
@@ -157,17 +160,17 @@ class Eject:
         }
         try:
             stack.enter_context(lock.hold(path, holder))
+        except LockFileError:
+            raise  # not held by anyone: its own words say what is wrong
         except BusyError as exc:
-            if exc.message.startswith("cannot open the lock file"):
-                raise
-            raise _lock_refusal(path, self.disk) from None
+            raise _lock_refusal(exc.holder, self.disk) from None
         self.emitter.emit(step("lock", "done"))
 
     def _look(self) -> tuple[EjectPlan, str | None]:
         """Where the disk stands, and the plan; the mapped device's "major:minor" (None: locked)."""
         disk = self.disk
         self._start("disk", disk=disk.name)
-        device = disks.mapped_rdev(disk, step="disk") if os.path.exists(disk.mapped_device) else None
+        device = devices.mapped_rdev(disk, step="disk") if os.path.exists(disk.mapped_device) else None
         plan = plan_eject(disk, read_mountinfo(), device)
         self.emitter.emit(step("disk", "done", unlocked=device is not None, mounted=plan.unmount))
         return plan, device
@@ -176,24 +179,24 @@ class Eject:
         """The lock command of the disk's unlock method, as the cycle picks it (before anything is touched)."""
         commands = self.settings.commands
         try:
-            method = disks.unlock_method(
+            method = unlock.unlock_method(
                 self.disk, os.access(commands.cryptdisks_start, os.X_OK), os.access(commands.systemctl, os.X_OK)
             )
         except DiskError as exc:
             exc.step = "lock-disk"
             raise
-        return disks.unlock_argv(self.disk, method, commands)[1]
+        return unlock.unlock_argv(self.disk, method, commands)[1]
 
     def _unmount(self, device: str) -> None:
         self._start("unmount", mount_point=self.disk.mount_point)
-        disks._unmount(self.disk, self.disk.mount_point, device, self.settings, self.runner, self._warn, failing=False)
+        mount.unmount_disk(self.disk, self.disk.mount_point, device, self.settings, self.runner, self._warn, failing=False)
         self.emitter.emit(step("unmount", "done"))
 
     def _lock(self, stop: tuple[str, ...], device: str) -> None:
         disk = self.disk
         self._start("lock-disk", disk=disk.name)
         before = len(self.warnings)
-        disks._lock(disk, stop, device, self.runner, self._warn, why="ejecting it")
+        unlock.lock_disk(disk, stop, device, self.runner, self._warn, why="ejecting it")
         if os.path.exists(disk.mapped_device):
             said = self.warnings[before:]
             raise DiskError(

@@ -9,6 +9,7 @@ agent can tell failures apart without parsing text.
 from __future__ import annotations
 
 import signal
+from typing import Any, Mapping
 
 # Exit statuses, documented in the README. 1 is left to Python for bugs.
 EXIT_OK = 0
@@ -76,9 +77,32 @@ class CorruptManifestError(RepositoryError):
 
 
 class BusyError(BackupAgentError):
-    """Another backup cycle holds the lock."""
+    """Another backup cycle holds the lock.
+
+    ``holder`` is what the holder wrote about itself into the lock file
+    (pid, started, command...; empty when unknown), so callers read who it
+    is from the error instead of from its words.
+    """
 
     exit_code = EXIT_BUSY
+
+    def __init__(self, message: str, *, step: str | None = None, holder: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, step=step)
+        self.holder: dict[str, Any] = dict(holder or {})
+
+    @property
+    def pid(self) -> int | None:
+        """The holder's process id, when it wrote a plausible one."""
+        pid = self.holder.get("pid")
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+
+
+class LockFileError(BusyError):
+    """The lock file itself cannot be opened (permissions, a link in its place).
+
+    No sign that a cycle runs (a held lock is readable); a kind of BusyError
+    so the exit status and every caller that only asks "busy?" stay as they were.
+    """
 
 
 class DiskMissingError(BackupAgentError):

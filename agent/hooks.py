@@ -1,6 +1,6 @@
 """Hooks: the user's commands around the whole cycle or around the transfer.
 
-PiServer backup's design, held to DESIGN.md rule 3. A hook is a pair of argv
+PiServer backup's design, held to rule 3 of docs/ARCHITECTURE.md. A hook is a pair of argv
 commands (``before``, ``after``) around a stage, ``"backup"`` (the whole
 cycle, say stopping a service) or ``"snapshot"`` (the transfer, say a
 database dump):
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Final, Iterator, Sequence
 
 from .commands import Runner
-from .config import Hook
+from .config.model import Hook
 from .errors import BackupAgentError, CommandError, HookError
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ Such a rule is only as safe as the program it names: if anyone but root
 could change the executable, the Python that runs it, or the code that
 Python loads, the rule would hand root to that someone. So before writing,
 every one of them, and every directory above them, must be root's alone
-(:func:`agent.config.untrusted_program`, which follows only root-owned
+(:func:`agent.config.trust.untrusted_program`, which follows only root-owned
 symbolic links).
 
 :func:`sudoers_rule` is pure and tested directly; :func:`install` and
@@ -46,7 +46,10 @@ from dataclasses import dataclass
 from typing import Final, Iterable, Sequence, TextIO
 
 from .commands import SAFE_PATH, Runner
-from .config import DISK_NAME_RE, SYSTEM_CONFIG, Disk, load_settings, running_through_sudo, untrusted_program
+from .config.load import SYSTEM_CONFIG, load_settings
+from .config.model import Disk
+from .config.trust import running_through_sudo, untrusted_program
+from .config.validate import DISK_NAME_RE
 from .errors import CommandError, NotAvailableError, UsageError
 from .files import fsync_directory, write_atomic
 

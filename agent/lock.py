@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, Iterator
 
-from .errors import BusyError
+from .errors import BusyError, LockFileError
 
 
 def machine_lock_path() -> str:
@@ -74,11 +74,14 @@ def holder_details(holder: dict[str, Any]) -> str:
     return what
 
 
-def _describe_holder(fd: int, path: str) -> str:
+def _holder_of(fd: int) -> dict[str, Any]:
     try:
-        holder = _parse_holder(os.pread(fd, 4096, 0))
+        return _parse_holder(os.pread(fd, 4096, 0))
     except OSError:
-        holder = {}
+        return {}
+
+
+def _describe_holder(holder: dict[str, Any], path: str) -> str:
     what = holder_details(holder)
     if not what:
         return f"another backup holds {path}"
@@ -89,6 +92,12 @@ def _describe_holder(fd: int, path: str) -> str:
     return f"another backup is running ({what})"
 
 
+def _busy(fd: int, path: str, advice: str) -> BusyError:
+    """The lock is held: who holds it, in words and as :attr:`BusyError.holder`."""
+    holder = _holder_of(fd)
+    return BusyError(f"{_describe_holder(holder, path)}; {advice}", step="lock", holder=holder)
+
+
 @contextlib.contextmanager
 def hold(path: str, holder: dict[str, Any]) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed) for the block."""
@@ -96,16 +105,14 @@ def hold(path: str, holder: dict[str, Any]) -> Iterator[None]:
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        raise BusyError(f"cannot open the lock file {path}: {exc.strerror}", step="lock") from None
+        raise LockFileError(f"cannot open the lock file {path}: {exc.strerror}", step="lock") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            raise BusyError(
-                f"{_describe_holder(fd, path)}; wait for it to finish or stop it, then try again", step="lock"
-            ) from None
+            raise _busy(fd, path, "wait for it to finish or stop it, then try again") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         try:
@@ -117,20 +124,20 @@ def hold(path: str, holder: dict[str, Any]) -> Iterator[None]:
 
 
 def probe(path: str) -> None:
-    """Raise BusyError if someone holds ``path``; creates nothing (for --dry-run)."""
+    """Raise BusyError if someone holds ``path`` (LockFileError if it cannot be opened); creates nothing (for --dry-run)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise BusyError(f"cannot open the lock file {path}: {exc.strerror}", step="lock") from None
+        raise LockFileError(f"cannot open the lock file {path}: {exc.strerror}", step="lock") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            raise BusyError(f"{_describe_holder(fd, path)}; wait for it to finish", step="lock") from None
+            raise _busy(fd, path, "wait for it to finish") from None
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

@@ -26,12 +26,22 @@ class MountEntry:
     device: str  # "major:minor"
 
 
-_OCTAL_RE = re.compile(r"\\([0-7]{3})")
+_OCTAL_RE = re.compile(rb"\\([0-3][0-7]{2})")
 
 
-def _unescape(field: str) -> str:
-    """Undo the kernel's octal escapes (``\\040`` space, ``\\011`` tab, ``\\012`` newline, ``\\134`` backslash)."""
-    return _OCTAL_RE.sub(lambda match: chr(int(match.group(1), 8)), field)
+def unescape(field: str) -> str:
+    """Undo the octal escapes of mountinfo, fstab and crypttab (``\\040`` space, ``\\011`` tab, ``\\134`` backslash).
+
+    The one decoder for all three tables, so a name reads the same in each.
+    Each escape stands for one byte of the name, as libmount and cryptdisks
+    read it: the bytes are decoded together (like os.fsdecode), so a name
+    written ``\\303\\251`` is "\u00e9", not two Latin-1 letters. A backslash
+    that starts no escape of a byte stays as it is.
+    """
+    if "\\" not in field:
+        return field
+    raw = _OCTAL_RE.sub(lambda match: bytes((int(match.group(1), 8),)), os.fsencode(field))
+    return os.fsdecode(raw)
 
 
 def parse_mountinfo(text: str) -> list[MountEntry]:
@@ -51,9 +61,9 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
             continue
         entries.append(
             MountEntry(
-                mount_point=_unescape(fields[4]),
-                fstype=_unescape(fields[separator + 1]),
-                source=_unescape(fields[separator + 2]),
+                mount_point=unescape(fields[4]),
+                fstype=unescape(fields[separator + 1]),
+                source=unescape(fields[separator + 2]),
                 device=fields[2],
             )
         )

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Final, Iterable, Sequence
 
 from .commands import ExitTable
+from .config.validate import check_exclude
 
 # --- exit statuses ---------------------------------------------------------
 
@@ -93,23 +94,6 @@ def _check_absolute(what: str, path: str) -> None:
 
 def _with_slash(path: str) -> str:
     return path if path.endswith("/") else path + "/"
-
-
-def check_exclude(pattern: str) -> None:
-    """Refuse excludes that rsync would read as a rule instead of a pattern.
-
-    ``--exclude`` accepts the old rule prefixes: ``--exclude='+ x'``
-    *includes* x, ``--exclude='- x'`` excludes x, and ``--exclude='!'``
-    clears every rule before it (the CACHEDIR.TAG rules and the exclusion of
-    the repository included). All three were checked with rsync 3.5.0.
-    """
-    if not pattern:
-        raise ValueError("an exclude pattern must not be empty")
-    if pattern == "!" or pattern.startswith(("+ ", "- ")):
-        raise ValueError(
-            f"exclude pattern {pattern!r} would be read by rsync as a filter rule, "
-            "not a pattern; write it as a bracket expression instead, e.g. '[+] x'"
-        )
 
 
 def build_argv(

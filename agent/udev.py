@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pyudev
 
-from .config import Disk
+from .config.model import Disk
 
 log = logging.getLogger(__name__)
 

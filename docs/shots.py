@@ -256,7 +256,7 @@ def close_notifications() -> None:
 
 
 def trusted_directory() -> Path:
-    """Where root may run the stand-ins from: root's own cache, 0755 (agent.config.check_trusted)."""
+    """Where root may run the stand-ins from: root's own cache, 0755 (agent.config.trust.check_trusted)."""
     base = Path(pwd.getpwuid(os.geteuid()).pw_dir) / ".cache" / "backup-agent-shots"  # not $HOME: a temporary one
     base.mkdir(mode=0o755, parents=True, exist_ok=True)
     made = Path(tempfile.mkdtemp(dir=base))

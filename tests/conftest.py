@@ -110,7 +110,7 @@ def trusted_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Generator[Pat
     As root, backup-agent runs a program named in the config (``[commands]``,
     a hook's argv[0]), and reads ``[[hooks]]`` from a config file, only if
     root owns it and only root can write it and every directory above it
-    (agent.config.check_trusted). pytest's tmp_path lies under /tmp, which
+    (agent.config.trust.check_trusted). pytest's tmp_path lies under /tmp, which
     anyone may write, so as root this directory is made under root's home
     (``~/.cache/backup-agent-tests/``, 0755) and removed afterwards. Not as
     root nothing is checked, and it is tmp_path.

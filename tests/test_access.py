@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import disk as disks
+from agent.disk.identity import record_id
 from agent import lock
 from agent.access import open_repository, read_only
 from agent.commands import Runner
-from agent.config import Disk, Settings
+from agent.config.model import Disk, Settings
 from agent.cli import main
 from agent.errors import EXIT_REPOSITORY, BusyError, DiskMissingError, RepositoryError, UsageError, WrongDiskError
 from agent.repository import Repository
@@ -85,7 +85,7 @@ def _prepare(rig: Rig) -> tuple[Disk, Settings, str]:
     disk, settings = rig.setup()
     with rig.opened(disk, settings):
         made = Repository.create(disk.repository, host=socket.gethostname())
-        disks.record_id(settings, disk, made.marker.id)
+        record_id(settings, disk, made.marker.id)
     _assert_closed(rig)
     rig.log.unlink()
     return disk, settings, made.marker.id
@@ -148,7 +148,7 @@ def test_through_fstab_the_lines_options_apply(rig: Rig) -> None:
 @pytest.mark.integration
 def test_another_machines_repository_is_refused_and_the_disk_closed(rig: Rig) -> None:
     disk, settings, _id = _prepare(rig)
-    disks.record_id(settings, disk, "f" * 32)
+    record_id(settings, disk, "f" * 32)
     with pytest.raises(WrongDiskError, match=f"this is not the disk backup-agent knows as {NAME}"):
         with _open(settings, [], disk=NAME):
             pytest.fail("the body must not run")

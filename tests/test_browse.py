@@ -27,7 +27,8 @@ from typing import Iterator
 import pytest
 
 from agent import browse
-from agent.config import SYSTEM_CONFIG, Disk
+from agent.config.load import SYSTEM_CONFIG
+from agent.config.model import Disk
 from agent.daemon import browse_reply
 from agent.errors import EXIT_USAGE
 from agent.install import sudoers_rule

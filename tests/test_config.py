@@ -18,29 +18,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import config
+from agent.config import load, trust, validate
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
-from agent.config import (
-    DEFAULT_SYSTEM_EXCLUDES,
-    SYSTEM_CONFIG,
-    Commands,
-    Disk,
-    Hook,
-    KeepFree,
-    Settings,
-    check_trusted,
-    effective_excludes,
-    load_settings,
-    named_programs,
-    parse_duration,
-    parse_keep_free,
-    running_through_sudo,
-    settings_from_mapping,
-)
+from agent.config.load import SYSTEM_CONFIG, load_settings
+from agent.config.model import DEFAULT_SYSTEM_EXCLUDES, Commands, Disk, Hook, KeepFree, Settings, effective_excludes
+from agent.config.trust import check_trusted, running_through_sudo
+from agent.config.validate import named_programs, parse_duration, parse_keep_free, settings_from_mapping
 from agent.errors import EXIT_USAGE, ConfigError
 from agent.rotation import DEFAULT_SCHEME, FREQUENCIES, Scheme, plan_rotation
 
@@ -1261,8 +1248,8 @@ def test_one_nonzero_frequency_is_enough() -> None:
 
 
 def test_largest_count_accepted() -> None:
-    scheme = settings_from_mapping({"rotation": {"hourly": config.MAX_COUNT}}, FILE).rotation
-    assert dict(scheme.counts) == {"hourly": config.MAX_COUNT}
+    scheme = settings_from_mapping({"rotation": {"hourly": validate.MAX_COUNT}}, FILE).rotation
+    assert dict(scheme.counts) == {"hourly": validate.MAX_COUNT}
 
 
 SNAPSHOT = "2026-11-22T13-00-00+0100"
@@ -1271,7 +1258,7 @@ SNAPSHOT = "2026-11-22T13-00-00+0100"
 @given(
     st.dictionaries(
         st.sampled_from(FREQUENCIES),
-        st.one_of(st.integers(0, 5), st.just(config.MAX_COUNT), st.just("always")),
+        st.one_of(st.integers(0, 5), st.just(validate.MAX_COUNT), st.just("always")),
     ),
     st.booleans(),
     st.booleans(),
@@ -1639,7 +1626,7 @@ def test_default_paths_through_merged_usr_accepted(tmp_path: Path, as_root: None
     path = write(tmp_path, f"[commands]\n{table}\n")
     assert load_settings(path).commands == Commands()
     for program in dataclasses.asdict(Commands()).values():
-        assert config.untrusted_program(program) is None, program
+        assert trust.untrusted_program(program) is None, program
 
 
 def test_merged_usr_symlink_is_root_owned_here() -> None:
@@ -1647,7 +1634,7 @@ def test_merged_usr_symlink_is_root_owned_here() -> None:
     if not os.path.islink("/bin"):
         pytest.skip(reason="/bin is a directory here: no merged /usr")
     assert os.lstat("/bin").st_uid == 0
-    assert config.untrusted_program("/bin/sh") is None
+    assert trust.untrusted_program("/bin/sh") is None
     assert os.path.realpath("/bin/sh") != "/bin/sh"
 
 
@@ -1674,7 +1661,7 @@ def test_program_in_a_directory_reached_through_a_foreign_symlink_refused(truste
     make_program(real)
     (trusted_dir / "bin").symlink_to("real")
     os.lchown(trusted_dir / "bin", 1000, 1000)
-    assert config.untrusted_program(str(trusted_dir / "bin" / "rsync")) == (
+    assert trust.untrusted_program(str(trusted_dir / "bin" / "rsync")) == (
         f"{trusted_dir / 'bin'} is a symbolic link owned by uid 1000, not root"
     )
 
@@ -1683,16 +1670,16 @@ def test_program_in_a_directory_reached_through_a_foreign_symlink_refused(truste
 def test_program_owned_by_another_uid_refused(trusted_dir: Path) -> None:
     program = make_program(trusted_dir)
     os.chown(program, 1000, 1000)
-    assert config.untrusted_program(program) == f"{program} is owned by uid 1000, not root"
+    assert trust.untrusted_program(program) == f"{program} is owned by uid 1000, not root"
     os.chown(program, 0, 0)
     os.chmod(program, 0o775)
-    assert config.untrusted_program(program) == f"{program} is writable by group or others (mode 0775)"
+    assert trust.untrusted_program(program) == f"{program} is writable by group or others (mode 0775)"
 
 
 def test_missing_program_accepted_only_where_no_one_else_can_create_it(tmp_path: Path) -> None:
-    assert config.untrusted_program("/usr/bin/backup-agent-test-no-such-program") is None
-    assert config.untrusted_program("/usr/lib/no-such-dir/no-such-program") is None
-    assert config.untrusted_program(str(tmp_path / "absent")) == writable_problem(tmp_path)
+    assert trust.untrusted_program("/usr/bin/backup-agent-test-no-such-program") is None
+    assert trust.untrusted_program("/usr/lib/no-such-dir/no-such-program") is None
+    assert trust.untrusted_program(str(tmp_path / "absent")) == writable_problem(tmp_path)
 
 
 def test_hooks_in_an_untrusted_file_refused_as_root(tmp_path: Path, as_root: None) -> None:
@@ -1725,7 +1712,7 @@ def test_hooks_in_a_trusted_file_accepted_as_root(trusted_dir: Path, monkeypatch
     assert load_settings(path).hooks[0].name == "x"
     monkeypatch.chdir(trusted_dir)
     assert load_settings("config.toml").hooks[0].name == "x"  # a relative --config too
-    monkeypatch.setattr(config, "SYSTEM_CONFIG", path)
+    monkeypatch.setattr(load, "SYSTEM_CONFIG", path)
     assert load_settings(through_sudo=True).hooks[0].name == "x"
     os.chmod(path, 0o664)
     with pytest.raises(ConfigError) as info:
@@ -1921,14 +1908,14 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_no_path_and_no_system_config_gives_builtin_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "SYSTEM_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr(load, "SYSTEM_CONFIG", str(tmp_path / "absent.toml"))
     assert load_settings() == Settings(path=None)
     assert load_settings(None, through_sudo=True) == Settings(path=None)
 
 
 def test_no_path_reads_the_system_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "[backup]\nnice = 7\n")
-    monkeypatch.setattr(config, "SYSTEM_CONFIG", path)
+    monkeypatch.setattr(load, "SYSTEM_CONFIG", path)
     assert load_settings() == Settings(path=path, nice=7)
 
 
@@ -1946,7 +1933,7 @@ def test_example_config_loads_and_shows_the_defaults() -> None:
 
 def test_example_config_mentions_every_key() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
-    for table, keys in [*config._TABLE_KEYS.items(), *config._ARRAY_KEYS.items()]:
+    for table, keys in [*validate._TABLE_KEYS.items(), *validate._ARRAY_KEYS.items()]:
         assert f"\n[{table}]\n" in text or f"\n# [[{table}]]\n" in text, f"[{table}] missing from {EXAMPLE}"
         for key in keys:
             assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{table}.{key} missing from {EXAMPLE}"
@@ -2031,7 +2018,7 @@ def test_symlinked_file_in_an_untrusted_directory_refused(tmp_path: Path) -> Non
 def test_symlink_loop_refused(trusted_dir: Path) -> None:
     (trusted_dir / "a").symlink_to("b")
     (trusted_dir / "b").symlink_to("a")
-    problem = config.untrusted_program(str(trusted_dir / "a"))
+    problem = trust.untrusted_program(str(trusted_dir / "a"))
     assert problem is not None
     if IS_ROOT:
         assert problem == f"{trusted_dir / 'a'} leads through more than 40 symbolic links"
@@ -2137,7 +2124,7 @@ def test_through_sudo_reads_a_config_through_a_root_symlink(trusted_dir: Path, m
     os.chmod(target, 0o644)
     link = trusted_dir / "config.toml"
     link.symlink_to(target)
-    monkeypatch.setattr(config, "SYSTEM_CONFIG", str(link))
+    monkeypatch.setattr(load, "SYSTEM_CONFIG", str(link))
     assert load_settings(through_sudo=True) == Settings(path=str(link), nice=4)
 
 
@@ -2156,7 +2143,7 @@ def test_through_sudo_refuses_config_option(tmp_path: Path) -> None:
 def test_through_sudo_refuses_an_untrusted_system_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "[backup]\nnice = 3\n")
     os.chmod(path, 0o666)
-    monkeypatch.setattr(config, "SYSTEM_CONFIG", path)
+    monkeypatch.setattr(load, "SYSTEM_CONFIG", path)
     assert load_settings().nice == 3  # read when not through sudo
     for explicit in (None, path):
         with pytest.raises(ConfigError) as info:
@@ -2170,7 +2157,7 @@ def test_through_sudo_refuses_an_untrusted_system_config(tmp_path: Path, monkeyp
 def test_through_sudo_reads_a_trusted_system_config(trusted_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(trusted_dir, "[backup]\nnice = 3\n")
     os.chmod(path, 0o644)
-    monkeypatch.setattr(config, "SYSTEM_CONFIG", path)
+    monkeypatch.setattr(load, "SYSTEM_CONFIG", path)
     assert load_settings(through_sudo=True) == Settings(path=path, nice=3)
     assert load_settings(path, through_sudo=True) == Settings(path=path, nice=3)
 

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from agent import rsync
 from agent.cli import main
-from agent.config import ConfigError, effective_excludes, load_settings
-from agent.errors import EXIT_OK, EXIT_USAGE
+from agent.config.load import load_settings
+from agent.config.model import effective_excludes
+from agent.errors import EXIT_OK, EXIT_USAGE, ConfigError
 from agent.repository import Repository
 
 EXAMPLE = (Path(__file__).parent.parent / "examples" / "config.toml").read_text()

@@ -39,7 +39,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import pytest
 
 from agent import lock, schedule
-from agent.config import Disk, Settings, load_settings
+from agent.config.load import load_settings
+from agent.config.model import Disk, Settings
 from agent.daemon import Agent, AgentOptions, DiskRecord, cycle_argv_for, cycle_lock_path, load_state, save_state, watchdog_interval
 from agent.state import AgentStatus
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig: fixture)

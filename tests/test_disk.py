@@ -29,9 +29,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from agent import disk as disks
+from agent.disk.devices import device_number, top_mount
+from agent.disk.find import find_device, parse_blkid_export, present_disks
+from agent.disk.identity import UNSUPPORTED_FILESYSTEMS, check_marker, check_mount, id_path, record_id, recorded_id, verify_mount
+from agent.disk.mount import disk_full, holders, mount_argv, mounted, umount_argv
+from agent.disk.tables import CrypttabEntry, FstabEntry, fstab_entry_for, parse_crypttab, parse_fstab
+from agent.disk.unlock import key_file_problem, systemd_escape, unlock_argv, unlock_method, unlocked
 from agent.commands import Runner
-from agent.config import Commands, Disk, Settings
+from agent.config.model import Commands, Disk, Settings
 from agent.errors import DiskBusyError, DiskError, UnsafeKeyFileError, WrongDiskError
 from agent.mounts import MountEntry, read_mountinfo
 from agent.repository import Marker
@@ -75,9 +80,9 @@ bare /dev/sdb2
 short
 backup UUID=ffffffff-ffff-ffff-ffff-ffffffffffff /other.key luks
 """
-    entries = disks.parse_crypttab(text)
+    entries = parse_crypttab(text)
     assert set(entries) == {"backup", "offsite", "typed", "bare"}
-    assert entries["backup"] == disks.CrypttabEntry(
+    assert entries["backup"] == CrypttabEntry(
         "backup", "UUID=0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d", "/etc/backup-agent/keys/backup.key", ("luks", "noauto")
     )
     assert entries["offsite"].device == "/dev/disk/by-uuid/11111111-2222-3333-4444-555555555555"
@@ -85,8 +90,8 @@ backup UUID=ffffffff-ffff-ffff-ffff-ffffffffffff /other.key luks
     assert entries["offsite"].options == ("luks", "discard")
     assert entries["typed"].key_file is None  # "-"
     assert entries["typed"].options == ()
-    assert entries["bare"] == disks.CrypttabEntry("bare", "/dev/sdb2", None, ())  # absent
-    assert disks.parse_crypttab("") == {}
+    assert entries["bare"] == CrypttabEntry("bare", "/dev/sdb2", None, ())  # absent
+    assert parse_crypttab("") == {}
 
 
 def test_parse_fstab_decodes_escapes_and_defaults() -> None:
@@ -97,14 +102,27 @@ UUID=abcd /          ext4 errors=remount-ro 0 1
 
 /dev/sdc1 /mnt/a\\134b
 """
-    entries = disks.parse_fstab(text)
+    entries = parse_fstab(text)
     assert entries == [
-        disks.FstabEntry("UUID=abcd", "/", "ext4", ("errors=remount-ro",)),
-        disks.FstabEntry("/dev/mapper/backup", "/media/My Backup\tDisk", "ext4", ("noauto", "nofail")),
-        disks.FstabEntry("/dev/sdc1", "/mnt/a\\b", "auto", ("defaults",)),
+        FstabEntry("UUID=abcd", "/", "ext4", ("errors=remount-ro",)),
+        FstabEntry("/dev/mapper/backup", "/media/My Backup\tDisk", "ext4", ("noauto", "nofail")),
+        FstabEntry("/dev/sdc1", "/mnt/a\\b", "auto", ("defaults",)),
     ]
-    assert disks.fstab_entry_for(entries, "/media/My Backup\tDisk/") == entries[1]
-    assert disks.fstab_entry_for(entries, "/media/other") is None
+    assert fstab_entry_for(entries, "/media/My Backup\tDisk/") == entries[1]
+    assert fstab_entry_for(entries, "/media/other") is None
+
+
+def test_crypttab_and_fstab_decode_every_field_alike() -> None:
+    # The same escaped fields, in crypttab and in fstab, read the same: names,
+    # paths and options alike; bytes are decoded together (UTF-8 "é" is \303\251),
+    # an escaped comma stays inside its option, and a lone backslash stays.
+    path = "/media/Sauvegarde\\040\\303\\251t\\303\\251"
+    options = "luks,header=/etc/keys/a\\040b\\054c.hdr,x\\y"
+    crypttab = parse_crypttab(f"backup UUID=abcd {path}/key {options}\n")
+    fstab = parse_fstab(f"/dev/mapper/backup {path} ext4 {options} 0 2\n")
+    decoded = ("luks", "header=/etc/keys/a b,c.hdr", "x\\y")
+    assert crypttab["backup"] == CrypttabEntry("backup", "UUID=abcd", "/media/Sauvegarde \u00e9t\u00e9/key", decoded)
+    assert fstab == [FstabEntry("/dev/mapper/backup", "/media/Sauvegarde \u00e9t\u00e9", "ext4", decoded)]
 
 
 @pytest.mark.parametrize(
@@ -121,7 +139,7 @@ UUID=abcd /          ext4 errors=remount-ro 0 1
     ],
 )
 def test_systemd_escape(name: str, escaped: str) -> None:
-    assert disks.systemd_escape(name) == escaped
+    assert systemd_escape(name) == escaped
 
 
 def test_systemd_escape_agrees_with_systemd() -> None:
@@ -131,60 +149,60 @@ def test_systemd_escape_agrees_with_systemd() -> None:
     names = ["backup", "backup-disk", ".x", "a b/c", "a\\b", "é", "x:y_z.w", "-lead", "trail-"]
     for name in names:
         real = subprocess.run([program, "--", name], capture_output=True, text=True, check=True).stdout.strip()
-        assert disks.systemd_escape(name) == real, name
+        assert systemd_escape(name) == real, name
 
 
 def test_unlock_method_auto_prefers_cryptdisks() -> None:
     auto = make_disk(unlock="auto")
-    assert disks.unlock_method(auto, True, True) == "cryptdisks"
-    assert disks.unlock_method(auto, False, True) == "systemd"
+    assert unlock_method(auto, True, True) == "cryptdisks"
+    assert unlock_method(auto, False, True) == "systemd"
     with pytest.raises(DiskError, match="neither cryptdisks_start"):
-        disks.unlock_method(auto, False, False)
-    assert disks.unlock_method(make_disk(unlock="systemd"), True, True) == "systemd"
-    assert disks.unlock_method(make_disk(unlock="cryptdisks"), True, False) == "cryptdisks"
+        unlock_method(auto, False, False)
+    assert unlock_method(make_disk(unlock="systemd"), True, True) == "systemd"
+    assert unlock_method(make_disk(unlock="cryptdisks"), True, False) == "cryptdisks"
     with pytest.raises(DiskError, match="cryptdisks_start is not installed"):
-        disks.unlock_method(make_disk(unlock="cryptdisks"), False, True)
+        unlock_method(make_disk(unlock="cryptdisks"), False, True)
     with pytest.raises(DiskError, match="systemctl is not installed"):
-        disks.unlock_method(make_disk(unlock="systemd"), True, False)
+        unlock_method(make_disk(unlock="systemd"), True, False)
 
 
 def test_unlock_argv() -> None:
     commands = Commands(cryptdisks_start="/x/start", cryptdisks_stop="/x/stop", systemctl="/x/systemctl")
     disk = make_disk(name="backup-disk")
-    assert disks.unlock_argv(disk, "cryptdisks", commands) == (("/x/start", "backup-disk"), ("/x/stop", "backup-disk"))
-    assert disks.unlock_argv(disk, "systemd", commands) == (
+    assert unlock_argv(disk, "cryptdisks", commands) == (("/x/start", "backup-disk"), ("/x/stop", "backup-disk"))
+    assert unlock_argv(disk, "systemd", commands) == (
         ("/x/systemctl", "start", "systemd-cryptsetup@backup\\x2ddisk.service"),
         ("/x/systemctl", "stop", "systemd-cryptsetup@backup\\x2ddisk.service"),
     )
     with pytest.raises(ValueError):
-        disks.unlock_argv(disk, "auto", commands)
+        unlock_argv(disk, "auto", commands)
 
 
 def test_mount_and_umount_argv() -> None:
     settings = Settings(path=None, fstab="/tmp/fstab", commands=Commands(mount="/m/mount", umount="/m/umount"))
     direct = make_disk(filesystem="ext4", mount_options=("noatime", "nodev"))
-    assert disks.mount_argv(direct, settings) == (
+    assert mount_argv(direct, settings) == (
         "/m/mount", "-t", "ext4", "-o", "noatime,nodev", f"/dev/mapper/{NAME}", "/mnt/backup",
     )
-    assert disks.mount_argv(make_disk(filesystem="xfs"), settings) == (
+    assert mount_argv(make_disk(filesystem="xfs"), settings) == (
         "/m/mount", "-t", "xfs", f"/dev/mapper/{NAME}", "/mnt/backup",
     )
-    assert disks.mount_argv(make_disk(), settings) == ("/m/mount", "--fstab", "/tmp/fstab", "/mnt/backup")
-    umount = disks.umount_argv(direct, settings)
+    assert mount_argv(make_disk(), settings) == ("/m/mount", "--fstab", "/tmp/fstab", "/mnt/backup")
+    umount = umount_argv(direct, settings)
     assert umount == ("/m/umount", "/mnt/backup")
     assert not any(arg.startswith("-") for arg in umount)  # never -l
 
 
 def test_key_file_problem() -> None:
     key = "/etc/backup-agent/keys/b.key"
-    assert disks.key_file_problem(key, stat_result(mode=0o100400), on_backup_disk=False) is None
-    assert disks.key_file_problem(key, stat_result(mode=0o100600), on_backup_disk=False) is None
+    assert key_file_problem(key, stat_result(mode=0o100400), on_backup_disk=False) is None
+    assert key_file_problem(key, stat_result(mode=0o100600), on_backup_disk=False) is None
     for mode in (0o100640, 0o100604, 0o100620, 0o100602, 0o100644, 0o100610):
-        problem = disks.key_file_problem(key, stat_result(mode=mode), on_backup_disk=False)
+        problem = key_file_problem(key, stat_result(mode=mode), on_backup_disk=False)
         assert problem is not None and f"mode {mode & 0o7777:04o}" in problem and "chmod 0400" in problem, oct(mode)
-    problem = disks.key_file_problem(key, stat_result(uid=1000), on_backup_disk=False)
+    problem = key_file_problem(key, stat_result(uid=1000), on_backup_disk=False)
     assert problem is not None and "uid 1000, not root" in problem
-    problem = disks.key_file_problem(key, stat_result(), on_backup_disk=True)
+    problem = key_file_problem(key, stat_result(), on_backup_disk=True)
     assert problem is not None and "lies on the backup disk itself" in problem
 
 
@@ -198,46 +216,46 @@ def entry(mount_point: str = "/mnt/backup", device: str = MAPPED, fstype: str = 
 
 def test_check_mount_accepts_the_mapped_device() -> None:
     mounts = [entry("/", ROOT, source="/dev/vda"), entry()]
-    assert disks.check_mount(make_disk(), mounts, MAPPED, ROOT) == entry()
+    assert check_mount(make_disk(), mounts, MAPPED, ROOT) == entry()
     # The configured path may carry a trailing slash or dots.
-    assert disks.check_mount(make_disk(mount_point="/mnt/./backup/"), mounts, MAPPED, ROOT) == entry()
+    assert check_mount(make_disk(mount_point="/mnt/./backup/"), mounts, MAPPED, ROOT) == entry()
 
 
 def test_check_mount_refuses_an_empty_mount_point() -> None:
     mounts = [entry("/", ROOT, source="/dev/vda"), entry("/mnt/backup2")]
     with pytest.raises(WrongDiskError, match="/mnt/backup is not mounted: nothing is written to an empty mount point on the root filesystem"):
-        disks.check_mount(make_disk(), mounts, MAPPED, ROOT)
+        check_mount(make_disk(), mounts, MAPPED, ROOT)
 
 
 def test_check_mount_refuses_another_device_and_names_it() -> None:
     mounts = [entry(device="8:17", source="/dev/sdb1", fstype="ext4")]
     with pytest.raises(WrongDiskError, match=r"mounted from /dev/sdb1 \(ext4, device 8:17\), not from the backup disk"):
-        disks.check_mount(make_disk(), mounts, MAPPED, ROOT)
+        check_mount(make_disk(), mounts, MAPPED, ROOT)
 
 
 def test_check_mount_refuses_the_root_device() -> None:
     with pytest.raises(WrongDiskError, match="root filesystem's device"):
-        disks.check_mount(make_disk(), [entry(device=ROOT)], ROOT, ROOT)
+        check_mount(make_disk(), [entry(device=ROOT)], ROOT, ROOT)
 
 
 def test_check_mount_last_stacked_mount_wins() -> None:
     ours_below = [entry(), entry(device="8:17", source="/dev/sdb1")]
     with pytest.raises(WrongDiskError, match="/dev/sdb1"):
-        disks.check_mount(make_disk(), ours_below, MAPPED, ROOT)
+        check_mount(make_disk(), ours_below, MAPPED, ROOT)
     ours_on_top = [entry(device="8:17", source="/dev/sdb1"), entry()]
-    assert disks.check_mount(make_disk(), ours_on_top, MAPPED, ROOT).device == MAPPED
+    assert check_mount(make_disk(), ours_on_top, MAPPED, ROOT).device == MAPPED
 
 
 @pytest.mark.parametrize("fstype", ["vfat", "msdos", "exfat", "ntfs", "ntfs3", "fuseblk"])
 def test_check_mount_refuses_filesystems_without_links_or_owners(fstype: str) -> None:
     with pytest.raises(WrongDiskError, match=f"holds {fstype}, .*format .* as ext4, xfs or btrfs"):
-        disks.check_mount(make_disk(), [entry(fstype=fstype)], MAPPED, ROOT)
-    assert fstype in disks.UNSUPPORTED_FILESYSTEMS
+        check_mount(make_disk(), [entry(fstype=fstype)], MAPPED, ROOT)
+    assert fstype in UNSUPPORTED_FILESYSTEMS
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs", "ext3", "f2fs"])
 def test_check_mount_accepts_unix_filesystems(fstype: str) -> None:
-    assert disks.check_mount(make_disk(), [entry(fstype=fstype)], MAPPED, ROOT).fstype == fstype
+    assert check_mount(make_disk(), [entry(fstype=fstype)], MAPPED, ROOT).fstype == fstype
 
 
 def marker(id: str = "a" * 32, host: str = "laptop") -> Marker:
@@ -246,11 +264,11 @@ def marker(id: str = "a" * 32, host: str = "laptop") -> Marker:
 
 def test_check_marker() -> None:
     disk = make_disk()
-    disks.check_marker(disk, marker(), "a" * 32, "laptop")
+    check_marker(disk, marker(), "a" * 32, "laptop")
     with pytest.raises(WrongDiskError, match=f"no backup-agent repository at /mnt/backup/host .*backup-agent init --disk {NAME}"):
-        disks.check_marker(disk, None, "a" * 32, "laptop")
+        check_marker(disk, None, "a" * 32, "laptop")
     with pytest.raises(WrongDiskError, match=f"no repository id is recorded .*backup-agent init --disk {NAME}"):
-        disks.check_marker(disk, marker(), None, "laptop")
+        check_marker(disk, marker(), None, "laptop")
     with pytest.raises(
         WrongDiskError,
         match=(
@@ -258,52 +276,52 @@ def test_check_marker() -> None:
             f"another repository \\(id {'b' * 32}, expected {'a' * 32}\\); nothing was written"
         ),
     ):
-        disks.check_marker(disk, marker(id="b" * 32), "a" * 32, "laptop")
+        check_marker(disk, marker(id="b" * 32), "a" * 32, "laptop")
     with pytest.raises(WrongDiskError, match="belongs to host desktop, not to this machine \\(laptop\\)"):
-        disks.check_marker(disk, marker(host="desktop"), "a" * 32, "laptop")
+        check_marker(disk, marker(host="desktop"), "a" * 32, "laptop")
 
 
 def test_parse_blkid_export() -> None:
     lines = ["DEVNAME=/dev/sdb2", "UUID=abc", "TYPE=crypto_LUKS", "", "", "DEVNAME=/dev/sdc1", "LABEL=My\\ Disk", "TYPE=ext4"]
-    assert disks.parse_blkid_export(lines) == [
+    assert parse_blkid_export(lines) == [
         {"DEVNAME": "/dev/sdb2", "UUID": "abc", "TYPE": "crypto_LUKS"},
         {"DEVNAME": "/dev/sdc1", "LABEL": "My Disk", "TYPE": "ext4"},
     ]
-    assert disks.parse_blkid_export([line for line in lines if line]) == disks.parse_blkid_export(lines)
-    assert disks.parse_blkid_export([]) == []
+    assert parse_blkid_export([line for line in lines if line]) == parse_blkid_export(lines)
+    assert parse_blkid_export([]) == []
 
 
 def test_disk_full() -> None:
-    assert disks.disk_full(['rsync: [receiver] write failed on "/mnt/x/f": No space left on device (28)'])
-    assert disks.disk_full(["x", 'rsync: mkstemp "/m/.f.XYZ" failed: Disk quota exceeded (122)'])
-    assert not disks.disk_full(["rsync: connection unexpectedly closed", "rsync error: some files vanished (24)"])
-    assert not disks.disk_full([])
+    assert disk_full(['rsync: [receiver] write failed on "/mnt/x/f": No space left on device (28)'])
+    assert disk_full(["x", 'rsync: mkstemp "/m/.f.XYZ" failed: Disk quota exceeded (122)'])
+    assert not disk_full(["rsync: connection unexpectedly closed", "rsync error: some files vanished (24)"])
+    assert not disk_full([])
 
 
 def test_record_and_read_the_repository_id(tmp_path: Path) -> None:
     settings = Settings(path=None, state_dir=str(tmp_path / "state" / "lib"))
     disk = make_disk()
-    assert disks.recorded_id(settings, disk) is None
+    assert recorded_id(settings, disk) is None
     old_umask = os.umask(0o077)  # the modes must not depend on the caller's umask
     try:
-        disks.record_id(settings, disk, "0123abcd" * 4)
+        record_id(settings, disk, "0123abcd" * 4)
     finally:
         os.umask(old_umask)
-    path = Path(disks.id_path(settings, disk))
+    path = Path(id_path(settings, disk))
     assert path == tmp_path / "state" / "lib" / "disks" / f"{NAME}.id"
     assert path.read_text() == "0123abcd" * 4 + "\n"
     assert path.stat().st_mode & 0o7777 == 0o644
     for directory in (tmp_path / "state", tmp_path / "state" / "lib", path.parent):
         assert directory.stat().st_mode & 0o7777 == 0o755, directory
-    assert disks.recorded_id(settings, disk) == "0123abcd" * 4
-    disks.record_id(settings, disk, "f" * 32)  # replaced atomically, no temporary left
-    assert disks.recorded_id(settings, disk) == "f" * 32
+    assert recorded_id(settings, disk) == "0123abcd" * 4
+    record_id(settings, disk, "f" * 32)  # replaced atomically, no temporary left
+    assert recorded_id(settings, disk) == "f" * 32
     assert sorted(p.name for p in path.parent.iterdir()) == [f"{NAME}.id"]
     path.chmod(0o666)
     with pytest.raises(DiskError, match="writable by root only"):
-        disks.recorded_id(settings, disk)
+        recorded_id(settings, disk)
     with pytest.raises(ValueError):
-        disks.record_id(settings, disk, "two\nlines")
+        record_id(settings, disk, "two\nlines")
 
 
 # ==========================================================================
@@ -441,8 +459,8 @@ class Rig:
         """unlocked then mounted on one ExitStack, as the cycle does."""
         runner = runner or Runner()
         with contextlib.ExitStack() as stack:
-            unlocked_now = stack.enter_context(disks.unlocked(disk, settings, runner, self.warnings.append))
-            mounted_now = stack.enter_context(disks.mounted(disk, settings, runner, self.warnings.append))
+            unlocked_now = stack.enter_context(unlocked(disk, settings, runner, self.warnings.append))
+            mounted_now = stack.enter_context(mounted(disk, settings, runner, self.warnings.append))
             yield unlocked_now, mounted_now
 
     def calls(self) -> list[tuple[str, int]]:
@@ -451,13 +469,13 @@ class Rig:
         return [(call["action"], call["exit"]) for call in map(json.loads, self.log.read_text().splitlines())]
 
     def top(self) -> MountEntry | None:
-        return disks.top_mount(read_mountinfo(), str(self.mount_point))
+        return top_mount(read_mountinfo(), str(self.mount_point))
 
     def is_unlocked(self) -> bool:
         return os.path.lexists(self.mapped)
 
     def device_of(self, path: str) -> str:
-        return disks.device_number(os.stat(path).st_rdev)
+        return device_number(os.stat(path).st_rdev)
 
     def unlock_by_hand(self) -> None:
         self.mapped.symlink_to(self.plain_device)
@@ -525,13 +543,13 @@ def _assert_closed(rig: Rig) -> None:
 @pytest.mark.integration
 def test_find_device_with_the_real_blkid(rig: Rig) -> None:
     disk, settings = rig.setup()
-    assert disks.find_device(disk, settings, Runner()) == rig.luks_device
+    assert find_device(disk, settings, Runner()) == rig.luks_device
     absent = dataclasses.replace(disk, name="gone", luks_uuid="12345678-9abc-4def-8123-456789abcdef")
-    assert disks.find_device(absent, settings, Runner()) is None
+    assert find_device(absent, settings, Runner()) is None
     both = dataclasses.replace(settings, disks=(absent, disk))
-    assert disks.present_disks(both, Runner()) == [(disk, rig.luks_device)]
+    assert present_disks(both, Runner()) == [(disk, rig.luks_device)]
     # A dry run still looks (blkid changes nothing).
-    assert disks.find_device(disk, settings, Runner(dry_run=True)) == rig.luks_device
+    assert find_device(disk, settings, Runner(dry_run=True)) == rig.luks_device
 
 
 @pytest.mark.integration
@@ -539,7 +557,7 @@ def test_find_device_refuses_a_cloned_uuid(rig: Rig) -> None:
     disk, settings = rig.setup()
     clone = rig.attach(rig.luks_image)  # the same header on a second device, as a cloned disk
     with pytest.raises(DiskError, match=f"several attached devices carry the LUKS UUID {rig.luks_uuid}") as caught:
-        disks.find_device(disk, settings, Runner())
+        find_device(disk, settings, Runner())
     assert rig.luks_device in caught.value.message and clone in caught.value.message
 
 
@@ -549,7 +567,7 @@ def test_find_device_refuses_a_uuid_that_is_not_luks(rig: Rig) -> None:
     ext4_uuid = _run("blkid", "-o", "value", "-s", "UUID", rig.plain_device).stdout.strip()
     plain = dataclasses.replace(disk, luks_uuid=ext4_uuid)
     with pytest.raises(DiskError, match=f"belongs to {rig.plain_device}, which is ext4, not a LUKS container"):
-        disks.find_device(plain, settings, Runner())
+        find_device(plain, settings, Runner())
 
 
 # -- leaving it as found -----------------------------------------------------
@@ -562,7 +580,7 @@ def test_found_locked_is_unlocked_mounted_and_closed_again(rig: Rig, through: st
     with rig.opened(disk, settings) as (unlocked_now, mounted_now):
         assert (unlocked_now, mounted_now) == (True, True)
         assert rig.is_unlocked()
-        mount = disks.verify_mount(disk)
+        mount = verify_mount(disk)
         assert (mount.fstype, mount.device) == ("ext4", rig.device_of(rig.plain_device))
         (rig.mount_point / "written.txt").write_text("on the disk\n")
     _assert_closed(rig)
@@ -593,7 +611,7 @@ def test_found_unlocked_stays_unlocked(rig: Rig) -> None:
     rig.unlock_by_hand()
     with rig.opened(disk, settings) as opened:
         assert opened == (False, True)
-        disks.verify_mount(disk)
+        verify_mount(disk)
     assert rig.is_unlocked()
     assert rig.top() is None
     assert rig.calls() == []
@@ -607,7 +625,7 @@ def test_found_mounted_stays_mounted(rig: Rig) -> None:
     before = rig.top()
     with rig.opened(disk, settings) as opened:
         assert opened == (False, False)
-        disks.verify_mount(disk)
+        verify_mount(disk)
     assert rig.is_unlocked()
     assert rig.top() == before is not None
     assert rig.calls() == []
@@ -693,7 +711,7 @@ def test_ntfs_is_refused_and_closed_again(rig: Rig) -> None:
     disk, settings = rig.setup(target=ntfs, filesystem="ntfs-3g")
     with pytest.raises(WrongDiskError, match="holds fuseblk, .*format .* as ext4, xfs or btrfs"):
         with rig.opened(disk, settings):
-            disks.verify_mount(disk)
+            verify_mount(disk)
             pytest.fail("nothing may be written to an NTFS disk")
     _assert_closed(rig)
     assert rig.calls() == [("start", 0), ("stop", 0)]
@@ -711,7 +729,7 @@ def test_vfat_is_refused_and_closed_again(rig: Rig, request: pytest.FixtureReque
     disk, settings = rig.setup(target=vfat, filesystem="vfat")
     with pytest.raises(WrongDiskError, match="holds vfat"):
         with rig.opened(disk, settings):
-            disks.verify_mount(disk)
+            verify_mount(disk)
     _assert_closed(rig)
 
 
@@ -776,11 +794,11 @@ def test_holders_names_processes_using_the_mount(rig: Rig) -> None:
     in_dir = subprocess.Popen(["sleep", "60"], cwd=rig.mount_point / "dir", text=True)
     rig.processes.append(in_dir)
     with_file = rig.hold(rig.mount_point / "dir" / "file.txt")
-    found = dict(disks.holders(str(rig.mount_point)))
+    found = dict(holders(str(rig.mount_point)))
     assert found.get(in_dir.pid) == "sleep"
     assert with_file.pid in found
     assert os.getpid() not in found
-    assert disks.holders(str(rig.tmp / "no-such-dir")) == []
+    assert holders(str(rig.tmp / "no-such-dir")) == []
 
 
 @pytest.mark.integration
@@ -922,7 +940,7 @@ def test_real_cryptdisks_start_where_device_mapper_exists(rig: Rig) -> None:
         settings = Settings(path=None, commands=commands, disks=(disk,), crypttab=str(rig.crypttab), fstab=str(rig.fstab))
         with rig.opened(disk, settings) as opened:
             assert opened == (True, True)
-            assert disks.verify_mount(disk).fstype == "ext4"
+            assert verify_mount(disk).fstype == "ext4"
         assert not os.path.exists(mapped)
         assert rig.top() is None
         assert rig.warnings == []
@@ -938,15 +956,16 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "crypttab-examples"
 EXAMPLE_DIRS = ["key-file", "passphrase", "luks2-by-uuid", "systemd"]
 
 
-def _example(directory: str) -> tuple[disks.CrypttabEntry, list[disks.FstabEntry], Disk]:
-    from agent.config import settings_from_mapping, tomllib  # tomllib, or tomli before Python 3.11
+def _example(directory: str) -> tuple[CrypttabEntry, list[FstabEntry], Disk]:
+    from agent.config.load import tomllib  # tomllib, or tomli before Python 3.11
+    from agent.config.validate import settings_from_mapping
 
     path = EXAMPLES / directory
-    crypttab = disks.parse_crypttab((path / "crypttab").read_text())
+    crypttab = parse_crypttab((path / "crypttab").read_text())
     assert len(crypttab) == 1, crypttab
     config = settings_from_mapping(tomllib.loads((path / "config.toml").read_text()), str(path / "config.toml"))
     assert len(config.disks) == 1
-    return next(iter(crypttab.values())), disks.parse_fstab((path / "fstab").read_text()), config.disks[0]
+    return next(iter(crypttab.values())), parse_fstab((path / "fstab").read_text()), config.disks[0]
 
 
 @pytest.mark.parametrize("directory", EXAMPLE_DIRS)
@@ -960,10 +979,10 @@ def test_each_example_pair_agrees_with_its_config(directory: str) -> None:
     else:
         assert line.key_file == f"/etc/backup-agent/keys/{disk.name}.key"
     if disk.filesystem is None:
-        entry = disks.fstab_entry_for(fstab, disk.mount_point)
+        entry = fstab_entry_for(fstab, disk.mount_point)
         assert entry is not None and entry.device == disk.mapped_device == f"/dev/mapper/{disk.name}"
         assert {"noauto", "nofail"} <= set(entry.options)
-        assert entry.fstype not in disks.UNSUPPORTED_FILESYSTEMS
+        assert entry.fstype not in UNSUPPORTED_FILESYSTEMS
     else:
         assert fstab == []  # the line is there only as a comment
     assert disk.unlock in ("cryptdisks", "systemd", "auto")
@@ -1006,6 +1025,6 @@ def test_the_key_file_example_works_with_real_mount(rig: Rig) -> None:
     disk, settings = rig.setup(filesystem=None)
     with rig.opened(disk, settings) as opened:
         assert opened == (True, True)
-        assert disks.verify_mount(disk).fstype == "ext4"
+        assert verify_mount(disk).fstype == "ext4"
     _assert_closed(rig)
     assert rig.calls() == [("start", 0), ("stop", 0)]

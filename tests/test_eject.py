@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from agent import lock
-from agent.config import Disk
+from agent.config.model import Disk
 from agent.daemon import cycle_argv_for, eject_reply
 from agent.eject import EjectPlan, plan_eject
 from agent.errors import DiskBusyError, WrongDiskError

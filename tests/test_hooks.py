@@ -1,6 +1,6 @@
 """Hooks with real processes: each hook is a small real command that appends to
 a log file, so the tests read the order and the environment the hooks really
-saw (DESIGN.md rule 3: every entered hook gets its after, in reverse order)."""
+saw (docs/ARCHITECTURE.md, rule 3: every entered hook gets its after, in reverse order)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from agent.commands import Runner, clean_environment
-from agent.config import Hook
+from agent.config.model import Hook
 from agent.errors import CommandError, HookError, Interrupted
 from agent.hooks import HookContext, around, describe_exception, hook_environment
 

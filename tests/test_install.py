@@ -25,9 +25,9 @@ import pytest
 
 from agent import install as installer
 from agent.commands import SAFE_PATH
-from agent.config import untrusted_program
+from agent.config.trust import untrusted_program
 from agent.errors import EXIT_USAGE, CommandError, UsageError
-from agent.config import Disk
+from agent.config.model import Disk
 from tests import test_udev
 from tests.test_udev import loops, luks_image  # noqa: F401 (fixtures)
 

@@ -40,6 +40,21 @@ def test_parse_mountinfo() -> None:
     assert parse_mountinfo("") == []
 
 
+@pytest.mark.parametrize(
+    ("written", "name"),
+    [
+        ("plain", "plain"),
+        ("My\\040Disk", "My Disk"),
+        ("a\\011b\\012c\\134d", "a\tb\nc\\d"),
+        ("\\303\\251t\\303\\251", "\u00e9t\u00e9"),  # one escape per byte, decoded together
+        ("\\377", os.fsdecode(b"\xff")),  # not UTF-8: kept as os.fsdecode keeps it
+        ("a\\400b\\04\\x", "a\\400b\\04\\x"),  # no byte's escape: left as written
+    ],
+)
+def test_unescape(written: str, name: str) -> None:
+    assert mounts.unescape(written) == name
+
+
 def test_read_mountinfo_real() -> None:
     entries = read_mountinfo()
     assert any(entry.mount_point == "/" for entry in entries)

@@ -32,7 +32,8 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
-from agent.config import Disk, Settings, load_settings
+from agent.config.load import load_settings
+from agent.config.model import Disk, Settings
 from agent.daemon import DiskRecord, save_state
 from agent.cycle import human_size
 from agent.dbus import notify

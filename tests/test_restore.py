@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from agent import config as configuration
+from agent.config import load as configuration
 from agent import history
 from agent.cli import build_parser, main, through_sudo_refusal
 from agent.commands import Runner

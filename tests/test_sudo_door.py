@@ -25,7 +25,8 @@ from typing import Iterator
 
 import pytest
 
-from agent import cli, config
+from agent import cli
+from agent.config import load as config
 from agent.cli import build_parser, main, sudo_door, through_sudo_refusal
 from agent.commands import SAFE_PATH
 from agent.errors import ConfigError, EXIT_USAGE

@@ -38,7 +38,8 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from agent import schedule
-from agent.config import Commands, Disk, Settings, load_settings
+from agent.config.load import load_settings
+from agent.config.model import Commands, Disk, Settings
 from agent.daemon import Agent, AgentOptions
 from agent.dbus import tray
 from agent.dbus.notify import NORMAL, Text

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import Disk
+from agent.config.model import Disk
 from agent.udev import DeviceEvent, DiskGone, DiskSeen, Monitor, Tracker, enumerate_present, match
 
 UUID_A = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"

@@ -57,7 +57,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from ..commands import Runner
-from ..config import Settings
+from ..config.model import Settings
 from ..cycle import human_size
 from ..errors import (
     EXIT_BUSY,

@@ -55,9 +55,11 @@ from dbus_fast.annotations import (
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from ..config import Disk, Settings
+from ..config.model import Disk, Settings
 from ..errors import DiskError
-from ..disk import device_number, holders, top_mount, umount_argv, unlock_argv, unlock_method
+from ..disk.devices import device_number, top_mount
+from ..disk.mount import holders, umount_argv
+from ..disk.unlock import unlock_argv, unlock_method
 from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
 from ..state import AgentStatus, BrowseReply, Controller, EjectReply, Listener

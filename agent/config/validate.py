@@ -1,61 +1,26 @@
-"""The configuration: one TOML file in, typed and validated settings out.
+"""Validation: parsed TOML (plain dicts) in, :class:`~agent.config.model.Settings` out, pure.
 
-Reading the file (:func:`load_settings`) is kept apart from validating its
-contents (:func:`settings_from_mapping`), so the rules are tested with plain
-dicts. Every problem is a :class:`~agent.errors.ConfigError` of one line that
-names the file, the ``table.key``, the value found and what was expected:
-the user should be able to fix the file from the message alone.
+Kept apart from reading the file (:mod:`agent.config.load`), so every rule is
+tested with plain dicts. Each value and table has its validator; a problem
+is refused in one line (:mod:`agent.config.messages`) that names the
+``table.key``, the value found and what was expected. Also here, as they
+read the same keys: :func:`check_exclude`, the rule rsync's argv builder
+applies to every exclude too, and :func:`named_programs`, the programs a
+file names, which root runs only when :mod:`agent.config.trust` accepts them.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import difflib
-import os
 import posixpath
 import re
 import socket
-import stat
-import sys
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Iterable, Literal, Mapping, NoReturn, Sequence, overload
+from typing import Any, Final, Mapping, Sequence
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
-
-from .commands import IONICE_CLASSES
-from .errors import ConfigError
-from .rsync import check_exclude
-from .rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
-
-SYSTEM_CONFIG: Final = "/etc/backup-agent/config.toml"
-
-# Used when the whole system is backed up and the user did not list excludes:
-# virtual and runtime filesystems, mount points of other disks, swap, and
-# caches that are rebuilt on demand. Anchored at the transfer root ("/"), and
-# "dir/*" keeps the (empty) directory itself so a restore recreates it.
-DEFAULT_SYSTEM_EXCLUDES: Final[tuple[str, ...]] = (
-    "/dev/*",
-    "/proc/*",
-    "/sys/*",
-    "/run/*",
-    "/tmp/*",
-    "/var/tmp/*",
-    "/mnt/*",
-    "/media/*",
-    "/lost+found",
-    "/swapfile",
-    "/swap.img",
-    "/var/cache/apt/archives/*.deb",
-    "/var/lib/systemd/coredump/*",
-    "/home/*/.cache/*",
-    "/home/*/.local/share/Trash/*",
-    "/root/.cache/*",
-    "/root/.local/share/Trash/*",
-)
+from ..commands import IONICE_CLASSES
+from ..rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
+from .messages import fail, got_type, literal, quote, show, suggest
+from .model import Commands, Disk, Hook, KeepFree, Settings
 
 # Top-level directories that hold the system itself: a repository there would
 # mix snapshots into (or delete from) the running system.
@@ -177,189 +142,8 @@ _KEEP_FREE_EXPECTED: Final = (
 _MIN_SNAPSHOTS_EXPECTED: Final = f"a whole number from 1 to {MAX_COUNT}"
 _DURATION_RE: Final = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?", re.ASCII)
 _DURATION_UNITS: Final = (86400, 3600, 60, 1)
-_SHOW_LIMIT: Final = 80
 # Python refuses int() of longer digit strings (4300 digits, since 3.11).
 _MAX_DIGITS: Final = 1000
-
-
-@dataclass(frozen=True)
-class Commands:
-    """Absolute paths of every external program the cycle runs.
-
-    Absolute so that no PATH lookup decides what root executes.
-    """
-
-    rsync: str = "/usr/bin/rsync"
-    ionice: str = "/usr/bin/ionice"
-    nice: str = "/usr/bin/nice"
-    rm: str = "/bin/rm"
-    # /bin and /sbin: right with and without Debian's merged /usr.
-    blkid: str = "/sbin/blkid"
-    cryptdisks_start: str = "/sbin/cryptdisks_start"
-    cryptdisks_stop: str = "/sbin/cryptdisks_stop"
-    systemctl: str = "/bin/systemctl"
-    mount: str = "/bin/mount"
-    umount: str = "/bin/umount"
-    sync: str = "/bin/sync"
-
-
-@dataclass(frozen=True)
-class Disk:
-    """One encrypted backup disk: how to find, unlock and mount it, and its repository."""
-
-    name: str  # the crypttab target name; the mapped device is /dev/mapper/<name>
-    luks_uuid: str  # UUID of the LUKS partition (lower case, canonical form)
-    mount_point: str
-    mapped_device: str  # default /dev/mapper/<name>
-    repository: str  # default <mount_point>/<hostname>; always strictly below mount_point
-    unlock: str = "auto"  # auto | cryptdisks | systemd
-    # When filesystem is set, the cycle mounts the mapped device itself
-    # (mount -t FILESYSTEM -o OPTIONS); otherwise through the fstab entry.
-    filesystem: str | None = None
-    mount_options: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Hook:
-    """A command pair run around the whole cycle ("backup") or the transfer ("snapshot")."""
-
-    name: str
-    around: str  # "backup" | "snapshot"
-    before: tuple[str, ...] | None = None  # argv; no shell unless the user writes sh -c
-    after: tuple[str, ...] | None = None
-    timeout: int = 600  # seconds, for each of before and after
-    critical: bool = True  # a failed critical before-hook stops the cycle before anything is written
-
-
-@dataclass(frozen=True)
-class KeepFree:
-    """Free space to make before a transfer by deleting the oldest snapshots (opt-in)."""
-
-    bytes: int | None = None
-    percent: float | None = None
-    min_snapshots: int = 3  # never delete below this many complete snapshots
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the configuration decides, validated; ``path`` is the file read."""
-
-    path: str | None
-    source: str = "/"
-    repository: str | None = None
-    exclude: tuple[str, ...] | None = None
-    one_file_system: bool = True
-    ionice: str = "idle"
-    nice: int = 19
-    skip_cachedir_tagged: bool = True
-    io_timeout: int = 0
-    rotation: Scheme = DEFAULT_SCHEME
-    commands: Commands = Commands()
-    notifications: bool = True
-    tray: bool = True  # [tray]: the agent's status icon (StatusNotifierItem) where the desktop shows one
-    remind_after: int = 7  # [notifications]: days without a successful backup before a reminder; 0: never
-    disks: tuple[Disk, ...] = ()
-    hooks: tuple[Hook, ...] = ()
-    keep_free: KeepFree | None = None
-    interval: int = 3600  # [agent]: seconds between backups while the disk stays attached
-    on_plug: str = "if-due"  # [agent]: "if-due" or "always"
-    state_dir: str = "/var/lib/backup-agent"  # where init records each disk's repository id
-    crypttab: str = "/etc/crypttab"
-    fstab: str = "/etc/fstab"
-
-
-def effective_excludes(settings: Settings) -> tuple[str, ...]:
-    """The rsync exclude patterns to use: the user's list, else the defaults for "/"."""
-    if settings.exclude is not None:
-        return settings.exclude
-    if settings.source == "/":
-        return DEFAULT_SYSTEM_EXCLUDES
-    return ()
-
-
-# --------------------------------------------------------------------------
-# Showing values in messages
-
-
-def _quote(text: str) -> str:
-    """A string as a one-line TOML basic string, so control characters stay visible."""
-    escapes = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-    out = []
-    for char in text:
-        if char in escapes:
-            out.append(escapes[char])
-        elif not char.isprintable():
-            out.append(f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
-
-
-def _literal(value: object) -> str:
-    """A value written the way it looks in TOML."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return _quote(value)
-    if isinstance(value, float):
-        if value != value:
-            return "nan"
-        if value in (float("inf"), float("-inf")):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_literal(item) for item in value) + "]"
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{key} = {_literal(item)}" for key, item in value.items()) + " }"
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    return repr(value)
-
-
-def _show(value: object) -> str:
-    """A value for a message: TOML-like, one line, not too long."""
-    text = _literal(value)
-    if len(text) > _SHOW_LIMIT:
-        text = text[: _SHOW_LIMIT - 1] + "…"
-    return text
-
-
-def _type_name(value: object) -> str:
-    """The TOML name of a value's type, with its article."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        if value and all(isinstance(item, dict) for item in value):
-            return "an array of tables"
-        return "an array"
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, dt.datetime):
-        return "a date-time"
-    if isinstance(value, dt.date):
-        return "a date"
-    if isinstance(value, dt.time):
-        return "a time"
-    return f"a {type(value).__name__}"
-
-
-def _got_type(value: object) -> str:
-    return f"got {_type_name(value)} ({_show(value)})"
-
-
-def _suggest(name: str, accepted: Sequence[str]) -> str | None:
-    matches = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def _fail(file: str, key: str | None, problem: str) -> NoReturn:
-    raise ConfigError(file, key, problem)
 
 
 # --------------------------------------------------------------------------
@@ -393,7 +177,7 @@ def parse_duration(text: str) -> int:
     """
     seconds = _duration_seconds(text)
     if seconds is None:
-        raise ValueError(f"invalid duration {_show(text)}{_duration_hint(text)}: expected {_DURATION_EXPECTED}")
+        raise ValueError(f"invalid duration {show(text)}{_duration_hint(text)}: expected {_DURATION_EXPECTED}")
     return seconds
 
 
@@ -403,28 +187,28 @@ def parse_duration(text: str) -> int:
 
 def _bool(file: str, key: str, value: object) -> bool:
     if not isinstance(value, bool):
-        _fail(file, key, f"{_got_type(value)}; expected a boolean (true or false)")
+        fail(file, key, f"{got_type(value)}; expected a boolean (true or false)")
     return value
 
 
 def _path(file: str, key: str, value: object, *, what: str = "an absolute path") -> str:
     """A safe absolute path, normalised: no "..", no option-like component."""
     if not isinstance(value, str):
-        _fail(file, key, f"{_got_type(value)}; expected a string holding {what}")
-    shown = _show(value)
+        fail(file, key, f"{got_type(value)}; expected a string holding {what}")
+    shown = show(value)
     if "\x00" in value or "\n" in value or "\r" in value:
-        _fail(file, key, f"got {shown}, which holds a NUL or newline character; expected {what} without them")
+        fail(file, key, f"got {shown}, which holds a NUL or newline character; expected {what} without them")
     if not value.startswith("/"):
-        _fail(file, key, f"got {shown}, a relative path; expected {what} (starting with /)")
+        fail(file, key, f"got {shown}, a relative path; expected {what} (starting with /)")
     parts = [part for part in value.split("/") if part not in ("", ".")]
     if ".." in parts:
-        _fail(file, key, f'got {shown}, which holds a ".." component; expected {what} without ".."')
+        fail(file, key, f'got {shown}, which holds a ".." component; expected {what} without ".."')
     for part in parts:
         if part.startswith("-"):
-            _fail(
+            fail(
                 file,
                 key,
-                f"got {shown}, whose component {_quote(part)} starts with - and could be taken for an option; "
+                f"got {shown}, whose component {quote(part)} starts with - and could be taken for an option; "
                 f"expected {what} whose components do not start with -",
             )
     return "/" + "/".join(parts)
@@ -434,15 +218,15 @@ def _count(file: str, key: str, value: object) -> Count:
     if isinstance(value, str):
         if value == "always":
             return "always"
-        close = _suggest(value, ["always"])
+        close = suggest(value, ["always"])
         hint = ' (did you mean "always"?)' if close else ""
-        _fail(file, key, f"got {_show(value)}{hint}; expected {_COUNT_EXPECTED}")
+        fail(file, key, f"got {show(value)}{hint}; expected {_COUNT_EXPECTED}")
     if isinstance(value, bool) or not isinstance(value, int):
-        _fail(file, key, f"{_got_type(value)}; expected {_COUNT_EXPECTED}")
+        fail(file, key, f"{got_type(value)}; expected {_COUNT_EXPECTED}")
     if value < 0:
-        _fail(file, key, f"got {value}; expected {_COUNT_EXPECTED}")
+        fail(file, key, f"got {value}; expected {_COUNT_EXPECTED}")
     if value > MAX_COUNT:
-        _fail(file, key, f'got {value}, more than can be meant; expected a whole number from 0 to {MAX_COUNT}, or "always"')
+        fail(file, key, f'got {value}, more than can be meant; expected a whole number from 0 to {MAX_COUNT}, or "always"')
     return value
 
 
@@ -459,12 +243,12 @@ def _check_keys(file: str, table: str, data: Mapping[str, Any], *, prefix: str |
     accepted = _ARRAY_KEYS[table] if table in _ARRAY_KEYS else _TABLE_KEYS[table]
     for key in data:
         if key not in accepted:
-            close = _suggest(key, accepted)
+            close = suggest(key, accepted)
             hint = f", did you mean {close}?" if close else ""
-            _fail(
+            fail(
                 file,
                 f"{prefix or table}.{key}",
-                f"unknown key {_quote(key)} in {_table_label(table)}{hint}; expected one of {', '.join(accepted)}",
+                f"unknown key {quote(key)} in {_table_label(table)}{hint}; expected one of {', '.join(accepted)}",
             )
 
 
@@ -476,7 +260,7 @@ def _own_directory(file: str, key: str, value: object, expected: str) -> str:
     """An absolute directory path that is not / or a system directory (backup-agent writes there)."""
     path = _path(file, key, value, what="an absolute directory path")
     if path in SYSTEM_DIRECTORIES:
-        _fail(file, key, f"got {_show(value)}, a system directory; expected {expected}")
+        fail(file, key, f"got {show(value)}, a system directory; expected {expected}")
     return path
 
 
@@ -504,44 +288,61 @@ def _backup(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_exclude(pattern: str) -> None:
+    """Refuse excludes that rsync would read as a rule instead of a pattern.
+
+    ``--exclude`` accepts the old rule prefixes: ``--exclude='+ x'``
+    *includes* x, ``--exclude='- x'`` excludes x, and ``--exclude='!'``
+    clears every rule before it (the CACHEDIR.TAG rules and the exclusion of
+    the repository included). All three were checked with rsync 3.5.0.
+    """
+    if not pattern:
+        raise ValueError("an exclude pattern must not be empty")
+    if pattern == "!" or pattern.startswith(("+ ", "- ")):
+        raise ValueError(
+            f"exclude pattern {pattern!r} would be read by rsync as a filter rule, "
+            "not a pattern; write it as a bracket expression instead, e.g. '[+] x'"
+        )
+
+
 def _excludes(file: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
-        example = f"[{_show(value)}]" if isinstance(value, str) else '["/home/*/Downloads"]'
-        _fail(file, "backup.exclude", f"{_got_type(value)}; expected an array of rsync patterns such as {example}")
+        example = f"[{show(value)}]" if isinstance(value, str) else '["/home/*/Downloads"]'
+        fail(file, "backup.exclude", f"{got_type(value)}; expected an array of rsync patterns such as {example}")
     patterns = []
     for index, item in enumerate(value):
         key = f"backup.exclude[{index}]"
         if not isinstance(item, str):
-            _fail(file, key, f"{_got_type(item)}; expected a string holding an rsync pattern")
+            fail(file, key, f"{got_type(item)}; expected a string holding an rsync pattern")
         if not item:
-            _fail(file, key, 'got ""; expected a non-empty rsync pattern')
+            fail(file, key, 'got ""; expected a non-empty rsync pattern')
         if "\x00" in item or "\n" in item or "\r" in item:
-            _fail(file, key, f"got {_show(item)}, which holds a NUL or newline character; expected a pattern without them")
+            fail(file, key, f"got {show(item)}, which holds a NUL or newline character; expected a pattern without them")
         try:
             check_exclude(item)
         except ValueError as error:
-            _fail(file, key, str(error))
+            fail(file, key, str(error))
         patterns.append(item)
     return tuple(patterns)
 
 
 def _ionice(file: str, value: object) -> str:
-    choices = ", ".join(_quote(choice) for choice in IONICE_CHOICES)
+    choices = ", ".join(quote(choice) for choice in IONICE_CHOICES)
     if not isinstance(value, str):
-        _fail(file, "backup.ionice", f"{_got_type(value)}; expected one of the strings {choices}")
+        fail(file, "backup.ionice", f"{got_type(value)}; expected one of the strings {choices}")
     if value not in IONICE_CHOICES:
-        close = _suggest(value, IONICE_CHOICES)
-        hint = f" (did you mean {_quote(close)}?)" if close else ""
-        _fail(file, "backup.ionice", f"got {_show(value)}{hint}; expected one of {choices}")
+        close = suggest(value, IONICE_CHOICES)
+        hint = f" (did you mean {quote(close)}?)" if close else ""
+        fail(file, "backup.ionice", f"got {show(value)}{hint}; expected one of {choices}")
     return value
 
 
 def _nice(file: str, value: object) -> int:
     low, high = NICE_RANGE
     if isinstance(value, bool) or not isinstance(value, int):
-        _fail(file, "backup.nice", f"{_got_type(value)}; expected an integer from {low} to {high}")
+        fail(file, "backup.nice", f"{got_type(value)}; expected an integer from {low} to {high}")
     if not low <= value <= high:
-        _fail(file, "backup.nice", f"got {value}; expected an integer from {low} (normal) to {high} (lowest priority)")
+        fail(file, "backup.nice", f"got {value}; expected an integer from {low} (normal) to {high} (lowest priority)")
     return value
 
 
@@ -551,20 +352,20 @@ def _duration(file: str, key: str, value: object) -> int:
         hint = ""
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             hint = f' (write "{value}s" for {value} seconds)' if value else ' (write "0")'
-        _fail(file, key, f"{_got_type(value)}; expected {_DURATION_EXPECTED}{hint}")
+        fail(file, key, f"{got_type(value)}; expected {_DURATION_EXPECTED}{hint}")
     seconds = _duration_seconds(value)
     if seconds is None:
-        _fail(file, key, f"got {_show(value)}{_duration_hint(value)}; expected {_DURATION_EXPECTED}")
+        fail(file, key, f"got {show(value)}{_duration_hint(value)}; expected {_DURATION_EXPECTED}")
     return seconds
 
 
 def _io_timeout(file: str, value: object) -> int:
     seconds = _duration(file, "backup.io_timeout", value)
     if seconds > MAX_IO_TIMEOUT:
-        _fail(
+        fail(
             file,
             "backup.io_timeout",
-            f"got {_show(value)} ({seconds} seconds); expected at most {MAX_IO_TIMEOUT} seconds, rsync's limit",
+            f"got {show(value)} ({seconds} seconds); expected at most {MAX_IO_TIMEOUT} seconds, rsync's limit",
         )
     return seconds
 
@@ -580,8 +381,8 @@ def _rotation(file: str, data: Mapping[str, Any]) -> Scheme:
     counts = {name: count for name, count in given.items() if count != 0}
     if not counts:
         zeros = ", ".join(f"{name} = 0" for name in given)
-        default = ", ".join(f"{name} = {_literal(count)}" for name, count in DEFAULT_SCHEME.counts.items())
-        _fail(
+        default = ", ".join(f"{name} = {literal(count)}" for name, count in DEFAULT_SCHEME.counts.items())
+        fail(
             file,
             "rotation",
             f"got {zeros}, a scheme that keeps nothing and would delete every snapshot but the newest; "
@@ -613,22 +414,22 @@ def _agent(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     if "interval" in data:
         seconds = _duration(file, "agent.interval", data["interval"])
         if seconds < MIN_INTERVAL:
-            _fail(
+            fail(
                 file,
                 "agent.interval",
-                f"got {_show(data['interval'])}; expected at least \"1m\" (a backup every {seconds} s never rests)",
+                f"got {show(data['interval'])}; expected at least \"1m\" (a backup every {seconds} s never rests)",
             )
         if seconds > MAX_INTERVAL:
-            _fail(
+            fail(
                 file,
                 "agent.interval",
-                f"got {_show(data['interval'])} ({seconds} seconds); expected at most \"366d\" (a backup a year)",
+                f"got {show(data['interval'])} ({seconds} seconds); expected at most \"366d\" (a backup a year)",
             )
         out["interval"] = seconds
     if "on_plug" in data:
         value = data["on_plug"]
         if value not in ON_PLUG_CHOICES:
-            _fail(file, "agent.on_plug", f"got {_show(value)}; expected \"if-due\" or \"always\"")
+            fail(file, "agent.on_plug", f"got {show(value)}; expected \"if-due\" or \"always\"")
         out["on_plug"] = value
     return out
 
@@ -648,11 +449,11 @@ def _remind_after(file: str, value: object) -> int:
     if isinstance(value, str):
         seconds = _duration_seconds(value)
         hint = f" (write {seconds // 86400} for {seconds // 86400} days)" if seconds and seconds % 86400 == 0 else ""
-        _fail(file, key, f"got {_show(value)}{hint}; expected {expected}")
+        fail(file, key, f"got {show(value)}{hint}; expected {expected}")
     if isinstance(value, bool) or not isinstance(value, int):
-        _fail(file, key, f"{_got_type(value)}; expected {expected}")
+        fail(file, key, f"{got_type(value)}; expected {expected}")
     if not 0 <= value <= MAX_REMIND_DAYS:
-        _fail(file, key, f"got {value}; expected {expected}")
+        fail(file, key, f"got {value}; expected {expected}")
     return value
 
 
@@ -672,7 +473,7 @@ def parse_keep_free(text: str) -> tuple[int | None, float | None]:
     as well be a percentage written without its sign. Raises ValueError whose
     message is the config's one-line problem ("got ...; expected ...").
     """
-    shown = _show(text)
+    shown = show(text)
     percent = _PERCENT_RE.fullmatch(text)
     if percent is not None:
         value = float(percent.group(1))
@@ -706,10 +507,10 @@ def _keep_free(file: str, data: Mapping[str, Any]) -> KeepFree | None:
     """rotation.keep_free and rotation.min_snapshots as KeepFree (None when not asked for)."""
     if "keep_free" not in data:
         if "min_snapshots" in data:
-            _fail(
+            fail(
                 file,
                 "rotation.min_snapshots",
-                f"got {_show(data['min_snapshots'])} without keep_free; expected min_snapshots only together with "
+                f"got {show(data['min_snapshots'])} without keep_free; expected min_snapshots only together with "
                 "keep_free (it is the fewest snapshots that making room may leave)",
             )
         return None
@@ -718,18 +519,18 @@ def _keep_free(file: str, data: Mapping[str, Any]) -> KeepFree | None:
         hint = ""
         if isinstance(value, int) and not isinstance(value, bool):
             hint = f' (write it as a string: "{value}%" for a percentage, "{value}G" for a size)'
-        _fail(file, "rotation.keep_free", f"{_got_type(value)}; expected a string holding {_KEEP_FREE_EXPECTED}{hint}")
+        fail(file, "rotation.keep_free", f"{got_type(value)}; expected a string holding {_KEEP_FREE_EXPECTED}{hint}")
     try:
         amount, percent = parse_keep_free(value)
     except ValueError as error:
-        _fail(file, "rotation.keep_free", str(error))
+        fail(file, "rotation.keep_free", str(error))
     min_snapshots = DEFAULT_MIN_SNAPSHOTS
     if "min_snapshots" in data:
         count = data["min_snapshots"]
         if isinstance(count, bool) or not isinstance(count, int):
-            _fail(file, "rotation.min_snapshots", f"{_got_type(count)}; expected {_MIN_SNAPSHOTS_EXPECTED}")
+            fail(file, "rotation.min_snapshots", f"{got_type(count)}; expected {_MIN_SNAPSHOTS_EXPECTED}")
         if not 1 <= count <= MAX_COUNT:
-            _fail(
+            fail(
                 file,
                 "rotation.min_snapshots",
                 f"got {count}; expected {_MIN_SNAPSHOTS_EXPECTED} (the newest snapshot is never deleted)",
@@ -764,33 +565,33 @@ def _elements(file: str, table: str, value: object) -> list[Mapping[str, Any]]:
     """The tables of an array of tables, each refused unless it is a table."""
     element = _ARRAY_ELEMENT[table]
     if not isinstance(value, list):
-        _fail(
+        fail(
             file,
             table,
-            f"{_got_type(value)}; expected the array of tables [[{table}]], one [[{table}]] section per {element}",
+            f"{got_type(value)}; expected the array of tables [[{table}]], one [[{table}]] section per {element}",
         )
     for index, item in enumerate(value):
         if not isinstance(item, Mapping):
-            _fail(
-                file, f"{table}[{index}]", f"{_got_type(item)}; expected a table: one [[{table}]] section per {element}"
+            fail(
+                file, f"{table}[{index}]", f"{got_type(item)}; expected a table: one [[{table}]] section per {element}"
             )
     return value
 
 
 def _required(file: str, prefix: str, data: Mapping[str, Any], key: str, expected: str) -> object:
     if key not in data:
-        _fail(file, f"{prefix}.{key}", f"missing; expected {expected}")
+        fail(file, f"{prefix}.{key}", f"missing; expected {expected}")
     return data[key]
 
 
 def _choice(file: str, key: str, value: object, choices: Sequence[str]) -> str:
-    shown = ", ".join(_quote(choice) for choice in choices)
+    shown = ", ".join(quote(choice) for choice in choices)
     if not isinstance(value, str):
-        _fail(file, key, f"{_got_type(value)}; expected one of the strings {shown}")
+        fail(file, key, f"{got_type(value)}; expected one of the strings {shown}")
     if value not in choices:
-        close = _suggest(value, choices)
-        hint = f" (did you mean {_quote(close)}?)" if close else ""
-        _fail(file, key, f"got {_show(value)}{hint}; expected one of {shown}")
+        close = suggest(value, choices)
+        hint = f" (did you mean {quote(close)}?)" if close else ""
+        fail(file, key, f"got {show(value)}{hint}; expected one of {shown}")
     return value
 
 
@@ -806,46 +607,46 @@ _UUID_EXPECTED: Final = (
 
 def _disk_name(file: str, key: str, value: object) -> str:
     if not isinstance(value, str):
-        _fail(file, key, f"{_got_type(value)}; expected a string holding {_DISK_NAME_EXPECTED}")
+        fail(file, key, f"{got_type(value)}; expected a string holding {_DISK_NAME_EXPECTED}")
     if DISK_NAME_RE.fullmatch(value) is None:
-        _fail(file, key, f"got {_show(value)}; expected {_DISK_NAME_EXPECTED}")
+        fail(file, key, f"got {show(value)}; expected {_DISK_NAME_EXPECTED}")
     return value
 
 
 def _luks_uuid(file: str, key: str, value: object) -> str:
     if not isinstance(value, str):
-        _fail(file, key, f"{_got_type(value)}; expected a string holding {_UUID_EXPECTED}")
+        fail(file, key, f"{got_type(value)}; expected a string holding {_UUID_EXPECTED}")
     if _UUID_RE.fullmatch(value) is None:
         hint = ""
         for prefix in ("UUID=", "/dev/disk/by-uuid/"):
             if value.startswith(prefix) and _UUID_RE.fullmatch(value[len(prefix) :]):
-                hint = f" (write the UUID alone: {_quote(value[len(prefix) :])})"
-        _fail(file, key, f"got {_show(value)}{hint}; expected {_UUID_EXPECTED}")
+                hint = f" (write the UUID alone: {quote(value[len(prefix) :])})"
+        fail(file, key, f"got {show(value)}{hint}; expected {_UUID_EXPECTED}")
     return value.lower()
 
 
 def _mount_options(file: str, key: str, value: object) -> tuple[str, ...]:
     example = '["noatime", "nodev"]'
     if not isinstance(value, list):
-        _fail(file, key, f"{_got_type(value)}; expected an array of mount options such as {example}")
+        fail(file, key, f"{got_type(value)}; expected an array of mount options such as {example}")
     options = []
     for index, item in enumerate(value):
         item_key = f"{key}[{index}]"
         if not isinstance(item, str):
-            _fail(file, item_key, f"{_got_type(item)}; expected a string holding one mount option such as \"noatime\"")
+            fail(file, item_key, f"{got_type(item)}; expected a string holding one mount option such as \"noatime\"")
         if not item:
-            _fail(file, item_key, 'got ""; expected a non-empty mount option such as "noatime"')
+            fail(file, item_key, 'got ""; expected a non-empty mount option such as "noatime"')
         if "," in item:
-            _fail(
+            fail(
                 file,
                 item_key,
-                f"got {_show(item)}, which holds a comma; expected one mount option per string, such as {example}",
+                f"got {show(item)}, which holds a comma; expected one mount option per string, such as {example}",
             )
         if "\x00" in item or any(char.isspace() for char in item):
-            _fail(
+            fail(
                 file,
                 item_key,
-                f"got {_show(item)}, which holds whitespace or a NUL character; expected one mount option without them",
+                f"got {show(item)}, which holds whitespace or a NUL character; expected one mount option without them",
             )
         options.append(item)
     return tuple(options)
@@ -860,10 +661,10 @@ def _disk(file: str, index: int, data: Mapping[str, Any], hostname: str) -> Disk
     raw_mount = _required(file, prefix, data, "mount_point", f"{mount_what} to mount the disk on, such as /mnt/{name}")
     mount_point = _path(file, f"{prefix}.mount_point", raw_mount, what=mount_what)
     if mount_point in MOUNT_POINTS_REFUSED:
-        _fail(
+        fail(
             file,
             f"{prefix}.mount_point",
-            f"got {_show(raw_mount)}, a directory the system or its users need; "
+            f"got {show(raw_mount)}, a directory the system or its users need; "
             f"expected a directory of its own to mount the disk on, such as /mnt/{name}",
         )
     mapped_device = f"/dev/mapper/{name}"
@@ -875,30 +676,30 @@ def _disk(file: str, index: int, data: Mapping[str, Any], hostname: str) -> Disk
     if "repository" in data:
         raw_repository: object = data["repository"]
         repository = _path(file, f"{prefix}.repository", raw_repository, what="an absolute directory path")
-        shown = _show(raw_repository)
+        shown = show(raw_repository)
     else:
         # The default must be a directory of its own below the mount point.
         if not hostname or hostname in (".", "..") or "/" in hostname or hostname.startswith("-"):
-            _fail(
+            fail(
                 file,
                 f"{prefix}.repository",
-                f"not set, and this machine's host name {_quote(hostname)} makes no directory name; "
+                f"not set, and this machine's host name {quote(hostname)} makes no directory name; "
                 f"expected repository set to a directory below the mount point, such as {mount_point}/backups",
             )
         repository = posixpath.join(mount_point, hostname)
-        shown = _quote(repository)
+        shown = quote(repository)
     if repository == mount_point:
-        _fail(
+        fail(
             file,
             f"{prefix}.repository",
             f"got {shown}, the mount point itself; expected a directory below it such as {example}: "
             "the repository must be a directory on the disk, not its root",
         )
     if not repository.startswith(mount_point.rstrip("/") + "/"):
-        _fail(
+        fail(
             file,
             f"{prefix}.repository",
-            f"got {shown}, which is not below the disk's mount point {_quote(mount_point)}; "
+            f"got {shown}, which is not below the disk's mount point {quote(mount_point)}; "
             f"expected a directory on the disk, such as {example}",
         )
     unlock = "auto"
@@ -910,10 +711,10 @@ def _disk(file: str, index: int, data: Mapping[str, Any], hostname: str) -> Disk
     mount_options: tuple[str, ...] = ()
     if "mount_options" in data:
         if filesystem is None:
-            _fail(
+            fail(
                 file,
                 f"{prefix}.mount_options",
-                f"got {_show(data['mount_options'])} without filesystem; expected mount_options only together with "
+                f"got {show(data['mount_options'])} without filesystem; expected mount_options only together with "
                 "filesystem (without it, the disk is mounted through its fstab entry, whose options apply)",
             )
         mount_options = _mount_options(file, f"{prefix}.mount_options", data["mount_options"])
@@ -932,14 +733,14 @@ def _disk(file: str, index: int, data: Mapping[str, Any], hostname: str) -> Disk
 def _filesystem(file: str, key: str, value: object) -> str:
     expected = 'a filesystem type as mount -t takes it, such as "ext4", "btrfs" or "xfs"'
     if not isinstance(value, str):
-        _fail(file, key, f"{_got_type(value)}; expected a string holding {expected}")
+        fail(file, key, f"{got_type(value)}; expected a string holding {expected}")
     if _FILESYSTEM_RE.fullmatch(value) is None:
-        _fail(file, key, f"got {_show(value)}; expected {expected}")
+        fail(file, key, f"got {show(value)}; expected {expected}")
     if value in FILESYSTEMS_WITHOUT_LINKS_OR_OWNERS:
-        _fail(
+        fail(
             file,
             key,
-            f"got {_show(value)}, which cannot keep hard links with Unix owners and permissions as snapshots need; "
+            f"got {show(value)}, which cannot keep hard links with Unix owners and permissions as snapshots need; "
             'expected a Linux filesystem such as "ext4", "btrfs" or "xfs"',
         )
     return value
@@ -952,11 +753,11 @@ def _disks(file: str, value: object, hostname: str) -> tuple[Disk, ...]:
         for key, what in (("name", "name"), ("mount_point", "mount point"), ("mapped_device", "mapped device")):
             for other_index, other in enumerate(disks):
                 if getattr(disk, key) == getattr(other, key):
-                    _fail(
+                    fail(
                         file,
                         f"disk[{index}].{key}",
-                        f"got {_quote(getattr(disk, key))}, already the {what} of disk[{other_index}] "
-                        f"({_quote(other.name)}); expected a {what} of its own for each disk",
+                        f"got {quote(getattr(disk, key))}, already the {what} of disk[{other_index}] "
+                        f"({quote(other.name)}); expected a {what} of its own for each disk",
                     )
         disks.append(disk)
     return tuple(disks)
@@ -972,26 +773,26 @@ _PROGRAM: Final = "an absolute path to the program"
 
 def _argv(file: str, key: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
-        _fail(file, key, f"{_got_type(value)}; expected {_ARGV_EXPECTED}")
+        fail(file, key, f"{got_type(value)}; expected {_ARGV_EXPECTED}")
     if not value:
-        _fail(file, key, f"got an empty array; expected {_ARGV_EXPECTED}")
+        fail(file, key, f"got an empty array; expected {_ARGV_EXPECTED}")
     program = value[0]
     if isinstance(program, str) and not program.startswith("/") and "\x00" not in program and "\n" not in program:
-        _fail(
+        fail(
             file,
             f"{key}[0]",
-            f"got {_show(program)}, a relative path; expected {_PROGRAM} (starting with /): hooks are run "
+            f"got {show(program)}, a relative path; expected {_PROGRAM} (starting with /): hooks are run "
             f"without a PATH lookup, and `command -v {program or 'NAME'}` shows the full path",
         )
     argv = [_path(file, f"{key}[0]", program, what=_PROGRAM)]
     for index, item in enumerate(value[1:], start=1):
         if not isinstance(item, str):
             number = isinstance(item, (int, float)) and not isinstance(item, bool)
-            hint = f" (write {_quote(_literal(item))})" if number else ""
-            _fail(file, f"{key}[{index}]", f"{_got_type(item)}; expected a string, as every argument is one{hint}")
+            hint = f" (write {quote(literal(item))})" if number else ""
+            fail(file, f"{key}[{index}]", f"{got_type(item)}; expected a string, as every argument is one{hint}")
         if "\x00" in item:
-            _fail(
-                file, f"{key}[{index}]", f"got {_show(item)}, which holds a NUL character; expected an argument without it"
+            fail(
+                file, f"{key}[{index}]", f"got {show(item)}, which holds a NUL character; expected an argument without it"
             )
         argv.append(item)
     return tuple(argv)
@@ -1003,15 +804,15 @@ def _hook(file: str, index: int, data: Mapping[str, Any]) -> Hook:
     name_expected = 'a non-empty name for the hook, such as "database dump"'
     name = _required(file, prefix, data, "name", name_expected)
     if not isinstance(name, str):
-        _fail(file, f"{prefix}.name", f"{_got_type(name)}; expected a string holding {name_expected}")
+        fail(file, f"{prefix}.name", f"{got_type(name)}; expected a string holding {name_expected}")
     if "\x00" in name or "\n" in name or "\r" in name:
-        _fail(
+        fail(
             file,
             f"{prefix}.name",
-            f"got {_show(name)}, which holds a NUL or newline character; expected a name without them",
+            f"got {show(name)}, which holds a NUL or newline character; expected a name without them",
         )
     if not name.strip():
-        _fail(file, f"{prefix}.name", f"got {_show(name)}; expected {name_expected}")
+        fail(file, f"{prefix}.name", f"got {show(name)}; expected {name_expected}")
     around_expected = 'one of "backup" (around the whole cycle) or "snapshot" (around the transfer)'
     around = _choice(
         file, f"{prefix}.around", _required(file, prefix, data, "around", around_expected), HOOK_AROUND
@@ -1019,27 +820,27 @@ def _hook(file: str, index: int, data: Mapping[str, Any]) -> Hook:
     before = _argv(file, f"{prefix}.before", data["before"]) if "before" in data else None
     after = _argv(file, f"{prefix}.after", data["after"]) if "after" in data else None
     if before is None and after is None:
-        _fail(
+        fail(
             file,
             prefix,
-            f"got neither before nor after in [[hooks]] {_quote(name)}; "
+            f"got neither before nor after in [[hooks]] {quote(name)}; "
             f"expected at least one of them, {_ARGV_EXPECTED}",
         )
     timeout = DEFAULT_HOOK_TIMEOUT
     if "timeout" in data:
         timeout = _duration(file, f"{prefix}.timeout", data["timeout"])
         if timeout == 0:
-            _fail(
+            fail(
                 file,
                 f"{prefix}.timeout",
-                f'got {_show(data["timeout"])}; expected a duration of 1 second or more, such as "10m": '
+                f'got {show(data["timeout"])}; expected a duration of 1 second or more, such as "10m": '
                 "a hook needs a time limit",
             )
         if timeout > MAX_HOOK_TIMEOUT:
-            _fail(
+            fail(
                 file,
                 f"{prefix}.timeout",
-                f'got {_show(data["timeout"])} ({timeout} seconds); expected at most "7d" ({MAX_HOOK_TIMEOUT} seconds)',
+                f'got {show(data["timeout"])} ({timeout} seconds); expected at most "7d" ({MAX_HOOK_TIMEOUT} seconds)',
             )
     critical = _bool(file, f"{prefix}.critical", data["critical"]) if "critical" in data else True
     return Hook(name=name, around=around, before=before, after=after, timeout=timeout, critical=critical)
@@ -1051,10 +852,10 @@ def _hooks(file: str, value: object) -> tuple[Hook, ...]:
         hook = _hook(file, index, data)
         for other_index, other in enumerate(hooks):
             if hook.name == other.name:
-                _fail(
+                fail(
                     file,
                     f"hooks[{index}].name",
-                    f"got {_quote(hook.name)}, already the name of hooks[{other_index}]; "
+                    f"got {quote(hook.name)}, already the name of hooks[{other_index}]; "
                     "expected a name of its own for each hook",
                 )
         hooks.append(hook)
@@ -1068,7 +869,7 @@ def _check_tables(file: str, data: Mapping[str, Any]) -> None:
     for name, value in data.items():
         if name in _TABLE_KEYS:
             if not isinstance(value, Mapping):
-                _fail(file, name, f"{_got_type(value)}; expected the table [{name}]")
+                fail(file, name, f"{got_type(value)}; expected the table [{name}]")
             continue
         if name in _ARRAY_KEYS:
             continue  # checked with its elements
@@ -1076,15 +877,15 @@ def _check_tables(file: str, data: Mapping[str, Any]) -> None:
             isinstance(value, list) and bool(value) and all(isinstance(item, Mapping) for item in value)
         )
         if isinstance(value, Mapping) or is_array_of_tables:
-            close = _suggest(name, known)
+            close = suggest(name, known)
             hint = f", did you mean {_table_label(close)}?" if close else ""
             header = f"[[{name}]]" if is_array_of_tables else f"[{name}]"
-            _fail(file, name, f"unknown table {header}{hint}; expected one of the tables {tables}")
+            fail(file, name, f"unknown table {header}{hint}; expected one of the tables {tables}")
         owners = [table for table, keys in (*_TABLE_KEYS.items(), *_ARRAY_KEYS.items()) if name in keys]
         if owners:
             where = " or ".join(_table_label(table) for table in owners)
-            _fail(file, name, f"got the key {_quote(name)} outside any table; expected it below the line {where}")
-        _fail(file, name, f"unknown key {_quote(name)} outside any table; expected only the tables {tables}")
+            fail(file, name, f"got the key {quote(name)} outside any table; expected it below the line {where}")
+        fail(file, name, f"unknown key {quote(name)} outside any table; expected only the tables {tables}")
 
 
 def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str | None = None) -> Settings:
@@ -1119,181 +920,6 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
     return Settings(path=path, **fields)
 
 
-# --------------------------------------------------------------------------
-# Trust and reading the file
-
-
-def running_through_sudo() -> bool:
-    """True when root was reached through sudo: then the caller is someone else."""
-    return os.geteuid() == 0 and "SUDO_UID" in os.environ
-
-
-_MAX_SYMLINKS: Final = 40
-_UNSAFE_EXPECTED: Final = (
-    "expected the file and every directory above it to be owned by root and writable by root only, "
-    "and any symbolic link on the way to be root's"
-)
-_PROGRAM_EXPECTED: Final = (
-    "expected a program owned by root and writable only by root, in directories owned by root and writable only "
-    "by root (symbolic links on the way included), because backup-agent runs it as root"
-)
-
-
-class _Distrust(Exception):
-    """Why a path is not under root's sole control; ``missing`` names a component that does not exist."""
-
-    def __init__(self, problem: str, *, missing: str | None = None) -> None:
-        super().__init__(problem)
-        self.problem = problem
-        self.missing = missing
-
-
-def _owner_mode_problem(name: str, info: os.stat_result) -> str | None:
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"{name} is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})"
-    if info.st_uid != 0:
-        return f"{name} is owned by uid {info.st_uid}, not root"
-    return None
-
-
-@overload
-def _lstat_component(name: str, *, missing_ok: Literal[False]) -> os.stat_result: ...
-@overload
-def _lstat_component(name: str, *, missing_ok: bool) -> os.stat_result | None: ...
-def _lstat_component(name: str, *, missing_ok: bool) -> os.stat_result | None:
-    """lstat; None only when ``missing_ok`` and the name does not exist."""
-    try:
-        return os.lstat(name)
-    except FileNotFoundError:
-        if missing_ok:
-            return None
-        raise _Distrust(f"{name} does not exist", missing=name) from None
-    except OSError as error:
-        raise _Distrust(f"cannot examine {name} ({error.strerror})") from None
-
-
-def _check_component(name: str, info: os.stat_result, *, last: bool) -> None:
-    """A resolved (not symlink) component: a directory on the way, a regular file at the end, root's alone."""
-    if last and not stat.S_ISREG(info.st_mode):
-        raise _Distrust(f"{name} is not a regular file")
-    if not last and not stat.S_ISDIR(info.st_mode):
-        raise _Distrust(f"{name} is not a directory")
-    problem = _owner_mode_problem(name, info)
-    if problem is not None:
-        raise _Distrust(problem)
-
-
-def _root_symlink(name: str, info: os.stat_result) -> None:
-    if info.st_uid != 0:
-        raise _Distrust(f"{name} is a symbolic link owned by uid {info.st_uid}, not root")
-
-
-@overload
-def _walk_trusted(path: str, *, missing_ok: Literal[False] = False) -> tuple[str, os.stat_result]: ...
-@overload
-def _walk_trusted(path: str, *, missing_ok: bool) -> tuple[str, os.stat_result] | None: ...
-def _walk_trusted(path: str, *, missing_ok: bool = False) -> tuple[str, os.stat_result] | None:
-    """The regular file ``path`` leads to, and its lstat, if only root can have put it there.
-
-    The file itself is examined first (its own problem is the likeliest),
-    then every component from "/" down with lstat. A symbolic link is
-    followed only when root owns it: the directory holding it has already
-    been found root's and closed to others, so no one else can have made or
-    changed it. Any other symbolic link, a component owned by someone else
-    or writable by group or others, is refused with a :class:`_Distrust`.
-
-    ``missing_ok``: a path that does not exist is accepted (returns None)
-    when the directories down to where it would be are root's alone, as no
-    one else can create it there.
-    """
-    info = _lstat_component(path, missing_ok=missing_ok)
-    if info is not None:
-        if stat.S_ISLNK(info.st_mode):
-            _root_symlink(path, info)
-        else:
-            _check_component(path, info, last=True)
-    root = _lstat_component("/", missing_ok=False)
-    _check_component("/", root, last=False)
-    current = "/"
-    pending = [part for part in path.split("/") if part]
-    links = 0
-    while pending:
-        part = pending.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            current = posixpath.dirname(current)  # already examined, as was everything above it
-            continue
-        name = posixpath.join(current, part)
-        found = _lstat_component(name, missing_ok=missing_ok)
-        if found is None:
-            return None
-        if stat.S_ISLNK(found.st_mode):
-            _root_symlink(name, found)
-            links += 1
-            if links > _MAX_SYMLINKS:
-                raise _Distrust(f"{path} leads through more than {_MAX_SYMLINKS} symbolic links")
-            try:
-                target = os.readlink(name)
-            except OSError as error:
-                raise _Distrust(f"cannot read the symbolic link {name} ({error.strerror})") from None
-            if target.startswith("/"):
-                current = "/"
-            pending[:0] = target.split("/")
-            continue
-        _check_component(name, found, last=not pending)
-        current = name
-    final = _lstat_component(current, missing_ok=False)
-    _check_component(current, final, last=True)  # a path that ends in ".." is a directory
-    return current, final
-
-
-def _untrusted(path: str, problem: str) -> NoReturn:
-    _fail(path, None, f"refusing an unsafe config: {problem}; {_UNSAFE_EXPECTED}")
-
-
-def _trusted_stat(path: str) -> tuple[str, os.stat_result]:
-    """check_trusted that returns the file's real path and lstat, for the caller to compare after opening."""
-    if not path.startswith("/") or path != "/" + "/".join(p for p in path.split("/") if p not in ("", ".", "..")):
-        _fail(path, None, "refusing an unsafe config path; expected an absolute path without //, . or .. components")
-    try:
-        found = _walk_trusted(path)
-    except _Distrust as distrust:
-        if distrust.missing is not None:
-            _fail(path, None, f"{distrust.missing} does not exist; expected the config file at this path")
-        if distrust.problem.startswith("cannot examine "):
-            _fail(path, None, f"{distrust.problem}; expected a readable path")
-        _untrusted(path, distrust.problem)
-    return found
-
-
-def check_trusted(path: str) -> None:
-    """Refuse a config that anyone but root could have written.
-
-    As root, the file decides what is executed and deleted, so it and every
-    directory above it must be root's and writable by root only. Each
-    component is examined with lstat. A symbolic link is followed only when
-    root owns it (its directory, already examined, is root's alone), as on
-    merged-/usr systems where /bin is a link to usr/bin; a symbolic link
-    owned by anyone else is refused, as its target could be swapped.
-    """
-    _trusted_stat(path)
-
-
-def untrusted_program(path: str) -> str | None:
-    """Why root must not run the program at ``path``, or None when only root can have written it.
-
-    The same rules as :func:`check_trusted`. A program that does not exist
-    is accepted when only root could create it there: running it then fails
-    with its own message.
-    """
-    try:
-        _walk_trusted(path, missing_ok=True)
-    except _Distrust as distrust:
-        return distrust.problem
-    return None
-
-
 def named_programs(data: Mapping[str, Any], settings: Settings) -> tuple[tuple[str, str], ...]:
     """``(key, path)`` of every program the file itself names, that the cycle may run.
 
@@ -1309,150 +935,3 @@ def named_programs(data: Mapping[str, Any], settings: Settings) -> tuple[tuple[s
             if argv is not None:
                 programs.append((f"hooks[{index}].{side}", argv[0]))
     return tuple(programs)
-
-
-def check_programs(file: str, programs: Iterable[tuple[str, str]]) -> None:
-    """Refuse, naming its key, a program that anyone but root could have written (for a cycle run as root)."""
-    for key, program in programs:
-        problem = untrusted_program(program)
-        if problem is not None:
-            _fail(file, key, f"got {_show(program)}, but {problem}; {_PROGRAM_EXPECTED}")
-
-
-def _read_bytes(path: str, *, trusted: tuple[str, os.stat_result] | None) -> bytes:
-    """The file's bytes; ``trusted``: the real path that was checked, and its lstat.
-
-    Then that real path (no symbolic link in it) is opened, and what was
-    opened must be the file that was checked.
-    """
-    flags = os.O_RDONLY | os.O_CLOEXEC
-    if trusted is not None:
-        flags |= os.O_NOFOLLOW
-    try:
-        fd = os.open(path if trusted is None else trusted[0], flags)
-    except FileNotFoundError:
-        _fail(path, None, "the file does not exist; expected a TOML config file: check the path")
-    except IsADirectoryError:
-        _fail(path, None, "this is a directory; expected a TOML config file")
-    except PermissionError:
-        _fail(path, None, f"cannot read the file: permission denied for uid {os.geteuid()}; expected a file this user can read")
-    except OSError as error:
-        _fail(path, None, f"cannot open the file ({error.strerror}); expected a readable TOML config file")
-    try:
-        info = os.fstat(fd)
-        if trusted is not None and (info.st_dev, info.st_ino) != (trusted[1].st_dev, trusted[1].st_ino):
-            _untrusted(path, "the file changed while it was being checked")
-        if stat.S_ISDIR(info.st_mode):
-            _fail(path, None, "this is a directory; expected a TOML config file")
-        with os.fdopen(fd, "rb", closefd=False) as stream:
-            return stream.read()
-    except IsADirectoryError:
-        _fail(path, None, "this is a directory; expected a TOML config file")
-    except OSError as error:
-        _fail(path, None, f"cannot read the file ({error.strerror}); expected a readable TOML config file")
-    finally:
-        os.close(fd)
-
-
-def _decode(path: str, raw: bytes) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        _fail(
-            path,
-            None,
-            f"the file is not UTF-8 text (byte 0x{raw[error.start]:02x} on line {line}); "
-            "expected a UTF-8 encoded TOML file",
-        )
-    return text.removeprefix("\ufeff")
-
-
-def _parse(path: str, text: str) -> dict[str, Any]:
-    try:
-        data: dict[str, Any] = tomllib.loads(text)
-    except RecursionError:
-        _fail(path, None, f"arrays or tables are nested more than {MAX_NESTING} deep; expected a config of a few levels")
-    except tomllib.TOMLDecodeError as error:
-        message = str(error)
-        match = re.fullmatch(r"(.*) \(at (line \d+, column \d+|end of document)\)", message, re.DOTALL)
-        what, where = (match.group(1), match.group(2)) if match else (message, "unknown position")
-        what = " ".join(what.split())
-        _fail(path, None, f"invalid TOML at {where}: {what}; fix the TOML syntax")
-    if _nesting(data) > MAX_NESTING:
-        _fail(path, None, f"arrays or tables are nested more than {MAX_NESTING} deep; expected a config of a few levels")
-    return data
-
-
-# Deeper than any key needs; what is deeper is refused before anything walks it.
-MAX_NESTING: Final = 16
-
-
-def _nesting(data: object) -> int:
-    """How deep arrays and tables nest in ``data`` (iterative: the depth is not yet known to be small)."""
-    deepest = 0
-    stack: list[tuple[object, int]] = [(data, 0)]
-    while stack:
-        value, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > MAX_NESTING:
-            break
-        if isinstance(value, dict):
-            stack.extend((item, depth + 1) for item in value.values())
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1) for item in value)
-    return deepest
-
-
-def load_settings(path: str | None = None, *, through_sudo: bool = False) -> Settings:
-    """Read and validate the config; without ``path``, SYSTEM_CONFIG or built-in defaults.
-
-    ``through_sudo``: the caller is not root, so only the system file is
-    read, and only if root alone could have written it.
-
-    Running as root (through sudo or not), root executes only what root
-    owns: every program the file names must pass :func:`check_programs`, and
-    ``[[hooks]]`` are accepted only from a file that passes
-    :func:`check_trusted`.
-    """
-    system = SYSTEM_CONFIG
-    explicit = path is not None
-    file = system if path is None else path
-    if through_sudo and explicit and file != system:
-        _fail(
-            file,
-            None,
-            f"--config is not accepted through sudo; the cycle reads only {system}: "
-            "expected no --config option (edit the system config instead)",
-        )
-    if not explicit:
-        try:
-            os.lstat(file)
-        except FileNotFoundError:
-            return Settings(path=None)
-        except OSError:
-            pass  # reported with its reason by the reading below
-    as_root = os.geteuid() == 0
-    trusted: tuple[str, os.stat_result] | None = None
-    distrust: str | None = None  # why root does not control the file, as root
-    if through_sudo:
-        trusted = _trusted_stat(file)
-    elif as_root:
-        try:
-            trusted = _walk_trusted(file if file.startswith("/") else posixpath.join(os.getcwd(), file))
-        except _Distrust as error:
-            distrust = error.problem  # refused below if the file holds hooks; read as any file
-    raw = _read_bytes(file, trusted=trusted)
-    data = _parse(file, _decode(file, raw))
-    settings = settings_from_mapping(data, file)
-    if as_root:
-        if settings.hooks and distrust is not None:
-            _fail(
-                file,
-                "hooks",
-                f"got [[hooks]] in a file that root does not control ({distrust}); hooks are run as root, so they are "
-                "read only from a file that root owns and only root can write: expected this file and every "
-                f"directory above it to be owned by root and writable by root only (such as {system})",
-            )
-        check_programs(file, named_programs(data, settings))
-    return settings
