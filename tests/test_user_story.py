@@ -439,6 +439,7 @@ def test_stop_eject_restart_re_plug_browse_and_two_disks_as_the_desktop_user_thr
                     if agent.poll() is None:
                         agent.kill()
                         agent.wait()
+                print(f"--- the agent's log (shown by pytest if the story failed)\n{log()[-6000:]}")
                 replay = os.environ.get("BACKUP_AGENT_STORY")
                 if replay:
                     Path(replay).write_text(story(server, said))
