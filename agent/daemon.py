@@ -1097,7 +1097,7 @@ class Agent:
         elif cycle.stop_requested:
             # Asked for: not a failure. What was copied so far stays as the
             # unfinished transfer the next run carries on with.
-            message = "stopped; the next backup carries on from where this one stopped"
+            message = "as asked; the next backup carries on from where this one stopped"
             record = dataclasses.replace(record, last_result="stopped", last_message=message)
             log.info("backup of %s stopped as asked", name)
         else:
