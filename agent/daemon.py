@@ -89,7 +89,6 @@ BROWSE_IDLE: Final = 900.0
 _MAX_LINE: Final = 1 << 20
 _READ_SIZE: Final = 65536
 _STDERR_TAIL: Final = 5
-_PROGRESS_FIELDS: Final = ("percent", "bytes", "files", "rate", "eta")
 
 
 # -- where things are -----------------------------------------------------------
@@ -307,8 +306,9 @@ class _Cycle:
     stdout_buffer: bytearray = field(default_factory=bytearray)
     stderr_buffer: bytearray = field(default_factory=bytearray)
     stderr_tail: list[str] = field(default_factory=list)
-    complete: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    complete: events.CompleteEvent | None = None
+    error: events.ErrorEvent | None = None
+    protocol_refused: bool = False  # a line of a newer protocol was logged once
     stop_requested: bool = False
     closing: dict[str, str] = field(default_factory=dict)  # "unmount"/"lock-disk" -> the state reported
     lock_warning: str = ""  # why locking the disk failed, when it did
@@ -989,36 +989,37 @@ class Agent:
             return
         try:
             event = events.decode(line)
-        except ValueError:
-            log.warning("the backup cycle wrote a line that is not an event: %.200s", line)
+        except events.ProtocolVersionError as exc:
+            if not cycle.protocol_refused:
+                log.error("backup of %s: %s", cycle.disk, exc)
+                cycle.protocol_refused = True
             return
-        kind = event["event"]
-        if kind == "step":
-            step = event.get("step")
-            state = event.get("state")
-            if step in ("unmount", "lock-disk") and state in ("done", "left-as-found", "failed"):
-                cycle.closing[str(step)] = str(state)
-            self._status.step = step if isinstance(step, str) else None
+        except ValueError as exc:
+            log.warning("the backup cycle wrote a line that is not an event (%s): %.200s", exc, line)
+            return
+        if isinstance(event, events.StepEvent):
+            if event.step in ("unmount", "lock-disk") and event.state in ("done", "left-as-found", "failed"):
+                cycle.closing[event.step] = event.state
+            self._status.step = event.step
             self._refresh()
-        elif kind == "progress":
-            progress = {key: event.get(key) for key in _PROGRESS_FIELDS}
+        elif isinstance(event, events.ProgressEvent):
+            progress: dict[str, Any] = event.fields()
             progress["elapsed"] = round(time.monotonic() - cycle.started_monotonic, 3)
             self._status.progress = progress
             self._tell("progress", event)
-        elif kind == "warning":
-            log.warning("backup of %s: %s", cycle.disk, event.get("message"))
-            if event.get("step") == "lock-disk":
-                cycle.lock_warning = str(event.get("message") or "")
-        elif kind == "complete":
+        elif isinstance(event, events.WarningEvent):
+            log.warning("backup of %s: %s", cycle.disk, event.message)
+            if event.step == "lock-disk":
+                cycle.lock_warning = event.message
+        elif isinstance(event, events.CompleteEvent):
             cycle.complete = event
-            if not event.get("skipped"):
+            if not event.skipped:
                 self._tell("backup_completed", event)
-        elif kind == "error":
+        else:
             cycle.error = event
-            step = event.get("step")
-            message = str(event.get("message") or "the backup failed")
-            code = event.get("exit_code")
-            exit_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+            step = event.step
+            message = event.message or "the backup failed"
+            exit_code = event.exit_code
             if exit_code == EXIT_BUSY and step == "lock":
                 # Maybe another cycle took the machine lock first: that is a
                 # wait, not a failure; _finish decides once the cycle has ended.
@@ -1026,7 +1027,7 @@ class Agent:
             if cycle.stop_requested:
                 log.info("backup of %s: %s (stopped as asked)", cycle.disk, message)
                 return
-            self._tell("backup_failed", step if isinstance(step, str) else None, message, exit_code)
+            self._tell("backup_failed", step, message, exit_code)
 
     def _exited(self, cycle: _Cycle, process: "subprocess.Popen[bytes]") -> None:
         """The cycle's process ended: read what it left in the pipes, then conclude."""
@@ -1065,33 +1066,33 @@ class Agent:
         busy = (
             returncode == EXIT_BUSY
             and error is not None
-            and error.get("step") == "lock"
+            and error.step == "lock"
         )
         if busy:
             self._look_for_foreign()
         if busy and self._foreign is not None:
             # Someone else's cycle took the machine lock first: not a failure
             # of this disk; its trigger waits for that cycle (the agenda holds it).
-            log.info("the backup of %s did not start: %s", name, error.get("message") if error else "busy")
+            log.info("the backup of %s did not start: %s", name, error.message if error else "busy")
             self._status.step = None
             self._status.progress = {}
             self._do(agenda.Finished(name, "busy"))
             return
-        succeeded = complete is not None and not complete.get("skipped") and returncode in (EXIT_OK, EXIT_PARTIAL)
+        succeeded = complete is not None and not complete.skipped and returncode in (EXIT_OK, EXIT_PARTIAL)
         taken: float | None = None
         if complete is not None and succeeded:
-            snapshot = complete.get("snapshot")
+            snapshot = complete.snapshot
             # The snapshot is named after the cycle's start: the moment the
             # agent started it, on the agent's own clock.
             taken = cycle.started
-            partial = returncode == EXIT_PARTIAL or bool(complete.get("partial"))
+            partial = returncode == EXIT_PARTIAL or complete.partial
             result: Result = "partial" if partial else "success"
             message = f"snapshot {snapshot}" + (" (partial: some files could not be read)" if partial else "")
             record = dataclasses.replace(
                 record,
                 last_result=result,
                 last_message=message,
-                last_snapshot=snapshot if isinstance(snapshot, str) else record.last_snapshot,
+                last_snapshot=snapshot if snapshot is not None else record.last_snapshot,
             )
             log.info("backup of %s done: %s", name, message)
         elif cycle.stop_requested:
@@ -1102,11 +1103,11 @@ class Agent:
             log.info("backup of %s stopped as asked", name)
         else:
             if error is not None:
-                message = str(error.get("message") or "the backup failed")
+                message = error.message or "the backup failed"
             elif failure is not None:
                 message = failure
-            elif complete is not None and complete.get("skipped"):
-                message = f"nothing done: {complete.get('skipped')}"
+            elif complete is not None and complete.skipped:
+                message = f"nothing done: {complete.skipped}"
             elif returncode is None:  # whoever ends a cycle that did not run gives the failure
                 message = "the backup cycle did not run"
             else:
@@ -1257,23 +1258,32 @@ async def _await(awaitable: Awaitable[Any]) -> None:
 # -- eject ----------------------------------------------------------------------------------------------
 
 
-def eject_reply(disk: str, returncode: int, stdout: Sequence[str], stderr: Sequence[str], *, through_sudo: bool) -> EjectReply:
-    """What ``backup-agent eject --json`` ended with (pure): its exit status, events and last error line."""
-    found: dict[str, dict[str, Any]] = {}
+def _outcome(stdout: Sequence[str]) -> tuple[events.CompleteEvent | None, events.ErrorEvent | None]:
+    """The last complete and error events among a command's lines; other lines are passed over."""
+    done: events.CompleteEvent | None = None
+    error: events.ErrorEvent | None = None
     for line in stdout:
         with contextlib.suppress(ValueError):
             event = events.decode(line)
-            found[event["event"]] = event
+            if isinstance(event, events.CompleteEvent):
+                done = event
+            elif isinstance(event, events.ErrorEvent):
+                error = event
+    return done, error
+
+
+def eject_reply(disk: str, returncode: int, stdout: Sequence[str], stderr: Sequence[str], *, through_sudo: bool) -> EjectReply:
+    """What ``backup-agent eject --json`` ended with (pure): its exit status, events and last error line."""
+    done, error = _outcome(stdout)
     said = [line.strip() for line in stderr if line.strip()]
-    error = found.get("error")
-    if error is not None and error.get("message"):
-        message = str(error["message"])
+    if error is not None and error.message:
+        message = error.message
     elif said:
         message = said[-1].removeprefix("backup-agent: ")
     else:
         message = f"the eject {_exit_description(returncode)}"
-    if returncode == EXIT_OK and "complete" in found:
-        if found["complete"].get("already_closed"):
+    if returncode == EXIT_OK and done is not None:
+        if done.already_closed:
             return EjectReply("already", f"{disk} is locked and not mounted: already safe to unplug")
         return EjectReply("ejected", f"{disk} is unmounted and locked: safe to unplug")
     if through_sudo and error is None and any("password is required" in line for line in said):
@@ -1293,24 +1303,17 @@ def browse_reply(
     disk: str, returncode: int, stdout: Sequence[str], stderr: Sequence[str], *, through_sudo: bool
 ) -> BrowseReply:
     """What ``backup-agent open --json`` ended with (pure): its exit status, events and last error line."""
-    found: dict[str, dict[str, Any]] = {}
-    for line in stdout:
-        with contextlib.suppress(ValueError):
-            event = events.decode(line)
-            found[event["event"]] = event
+    done, error = _outcome(stdout)
     said = [line.strip() for line in stderr if line.strip()]
-    error = found.get("error")
-    if error is not None and error.get("message"):
-        message = str(error["message"])
+    if error is not None and error.message:
+        message = error.message
     elif said:
         message = said[-1].removeprefix("backup-agent: ")
     else:
         message = f"opening the disk {_exit_description(returncode)}"
-    done = found.get("complete")
     if returncode == EXIT_OK and done is not None:
-        snapshots = done.get("snapshots")
-        folder = snapshots if isinstance(snapshots, str) else None
-        if done.get("already_open"):
+        folder = done.snapshots
+        if done.already_open:
             return BrowseReply("already", f"{disk} is open already", folder)
         return BrowseReply("opened", f"{disk} is open for browsing, read-only", folder)
     if through_sudo and error is None and any("password is required" in line for line in said):

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Protocol
 
+from .events import CompleteEvent, ProgressEvent
+
 # The agent saves its status here (agent.daemon.save_state) and `backup-agent
 # status` reads it back when no agent runs (agent.dbus.client).
 STATE_FILE_VERSION = 1
@@ -169,9 +171,9 @@ class Listener(Protocol):
 
     def backup_started(self, disk: str, reason: str) -> None: ...
 
-    def progress(self, event: dict[str, Any]) -> None: ...
+    def progress(self, event: ProgressEvent) -> None: ...
 
-    def backup_completed(self, event: dict[str, Any]) -> None: ...
+    def backup_completed(self, event: CompleteEvent) -> None: ...
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
         """The cycle failed in ``step``; ``exit_code`` is the cycle's (agent.errors), None when not known."""

@@ -38,7 +38,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import pytest
 
-from agent import lock, schedule
+from agent import events, lock, schedule
 from agent.config import Disk, Settings, load_settings
 from agent.daemon import Agent, AgentOptions, DiskRecord, cycle_argv_for, cycle_lock_path, load_state, save_state, watchdog_interval
 from agent.state import AgentStatus
@@ -85,10 +85,10 @@ class Recorder:
     def backup_started(self, disk: str, reason: str) -> None:
         self._add("backup_started", disk, reason)
 
-    def progress(self, event: dict[str, Any]) -> None:
+    def progress(self, event: events.ProgressEvent) -> None:
         self._add("progress", event)
 
-    def backup_completed(self, event: dict[str, Any]) -> None:
+    def backup_completed(self, event: events.CompleteEvent) -> None:
         self._add("backup_completed", event)
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
@@ -390,7 +390,7 @@ def test_a_disk_attached_before_the_agent_starts_is_found_and_backed_up(bench: B
             assert agent.timer.when() - asyncio.get_running_loop().time() == pytest.approx(
                 status.next_due - time.time(), abs=2
             )
-            snapshot = recorder.of("backup_completed")[0][0]["snapshot"]
+            snapshot = recorder.of("backup_completed")[0][0].snapshot
         records, saved = load_state(str(bench.tmp / "agent-state" / "state.json"))
         assert records[NAME].last_snapshot == snapshot and records[NAME].failures == 0
         assert saved["state"] == "disk-attached"
@@ -480,7 +480,7 @@ def test_a_disk_pulled_out_mid_transfer_fails_cleanly_and_the_next_plug_in_resum
             assert agent.status().last_result == "success" and agent.last_returncode == 0
             done = recorder.of("backup_completed")
             assert len(done) == 1
-            return str(done[0][0]["snapshot"]), leftover
+            return str(done[0][0].snapshot), leftover
 
     snapshot, leftover = asyncio.run(scenario())
     bench.assert_locked_and_unmounted()
@@ -583,7 +583,7 @@ def test_after_a_success_the_next_cycle_waits_for_the_interval(bench: Bench, her
             await one_cycle(agent, recorder, 4)
             done = recorder.of("backup_completed")
             assert len(done) == 4 and agent.status().last_result == "success"
-            return str(done[-1][0]["snapshot"])
+            return str(done[-1][0].snapshot)
 
     newest = asyncio.run(scenario())
     bench.assert_locked_and_unmounted()

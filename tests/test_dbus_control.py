@@ -25,12 +25,13 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar, cast
 
 import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from agent import events
 from agent.dbus import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
 from agent.daemon import save_state
 from agent.dbus import client
@@ -447,15 +448,15 @@ def test_every_listener_call_becomes_its_signal(session_bus: PrivateBus) -> None
         listener: ControlInterface = service.listener
         listener.disk_attached("backup1")
         listener.backup_started("backup1", "plugged-in")
-        listener.progress({"event": "progress", "time": "2026-11-22T14:00:03+01:00", "version": 1, "percent": 42,
-                           "bytes": 1048576, "files": 12, "rate": 350000.0, "eta": 4})
-        listener.progress({"event": "progress", "percent": None, "bytes": 0, "files": 0, "rate": None, "eta": None,
-                           "bytes_total": 5 * 2**30, "files_total": 50123, "errors": 1, "current_file": "home/me/a b.txt"})
-        listener.backup_completed({
-            "event": "complete", "snapshot": "2026-11-22T14-00-00+0100", "skipped": None, "partial": False,
-            "flagged": None, "statistics": {"files": 50123, "transferred_files": 12, "total_size": 10**12},
-            "warnings": 0, "deleted": [], "duration": 9.2, "dry_run": False,
-        })
+        first_line = ('{"version":1,"time":"2026-11-22T14:00:03+01:00","event":"progress","percent":42,'
+                      '"bytes":1048576,"files":12,"rate":350000.0,"eta":4}')
+        listener.progress(cast(events.ProgressEvent, events.decode(first_line)))
+        listener.progress(events.progress(None, 0, 0, None, None))
+        listener.backup_completed(events.complete(
+            "2026-11-22T14-00-00+0100", skipped=None, partial=False,
+            flagged=None, statistics={"files": 50123, "transferred_files": 12, "total_size": 10**12},
+            warnings=0, deleted=[], duration=9.2, dry_run=False,
+        ))
         listener.backup_failed("mount", "cannot mount /dev/mapper/backup1: wrong fs type")
         listener.backup_failed(None, "the cycle died")
         listener.disk_removed("backup1", True)
@@ -475,8 +476,7 @@ def test_every_listener_call_becomes_its_signal(session_bus: PrivateBus) -> None
                          "rate": ("d", 350000.0), "remaining": ("x", 4)}
         second = got[3][2][0]
         second.pop("elapsed")
-        assert second == {"bytes_done": ("x", 0), "files_done": ("x", 0), "bytes_total": ("x", 5 * 2**30),
-                          "files_total": ("x", 50123), "errors": ("x", 1), "current_file": ("s", "home/me/a b.txt")}
+        assert second == {"bytes_done": ("x", 0), "files_done": ("x", 0)}  # only what the cycle's event has
         assert got[4][2] == ["2026-11-22T14-00-00+0100", {
             "files": ("x", 50123), "transferred_files": ("x", 12), "total_size": ("x", 10**12),
             "duration": ("d", 9.2), "partial": ("b", False), "warnings": ("x", 0),
@@ -487,7 +487,7 @@ def test_every_listener_call_becomes_its_signal(session_bus: PrivateBus) -> None
 
         # after the cycle ended, a progress event has no elapsed time of ours
         seen.clear()
-        listener.progress({"event": "progress", "percent": 1, "bytes": 1, "files": 1, "rate": 1.0, "eta": 1})
+        listener.progress(events.progress(1, 1, 1, 1.0, 1))
         await ping(other)
         assert "elapsed" not in plain(seen[0].body[0])
 

@@ -37,7 +37,7 @@ from dbus_fast.annotations import DBusBool, DBusInt32, DBusSignature, DBusStr
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from agent import schedule
+from agent import events, schedule
 from agent.config import Commands, Disk, Settings, load_settings
 from agent.daemon import Agent, AgentOptions
 from agent.dbus import tray
@@ -101,25 +101,25 @@ def test_each_state_has_its_icon_and_status() -> None:
 
 def test_the_tooltip_shows_the_progress_or_the_last_backup() -> None:
     running = AgentStatus(state="running", disk="backup1", step="transfer", last_success=NOW - 7200)
-    event = {"percent": 42, "eta": 240, "files": 12, "bytes": 1048576}
+    event = events.progress(42, 1048576, 12, None, 240)
     assert tray.tooltip(running, event, NOW) == (
         "Backing up to backup1: 42%", "About 4 minutes left: copying files (12 files, 1.0 MiB so far)."
     )
-    assert tray.tooltip(AgentStatus(state="running", disk="backup1", step="unlock"), {}, NOW) == (
+    assert tray.tooltip(AgentStatus(state="running", disk="backup1", step="unlock"), None, NOW) == (
         "Backing up to backup1", "Working out the time left: unlocking the disk."
     )
     attached = AgentStatus(state="disk-attached", disk="backup1", last_success=NOW - 7200, last_result="success",
                            last_message=f"snapshot {SNAPSHOT}", next_due=NOW + 86400)
-    title, text = tray.tooltip(attached, {}, NOW)
+    title, text = tray.tooltip(attached, None, NOW)
     assert title == "backup1 attached"
     assert text.startswith(f"Last backup 2 hours ago: snapshot {SNAPSHOT}. Next backup tomorrow at ")
     failed = AgentStatus(state="failed", disk="backup1", last_success=NOW - 3 * 86400, last_result="failure",
                          last_message="cannot unlock the disk: wrong key")
-    assert tray.tooltip(failed, {}, NOW) == (
+    assert tray.tooltip(failed, None, NOW) == (
         "Backup to backup1 failed",
         "Cannot unlock the disk: wrong key.\nLast backup 3 days ago. Earlier snapshots are untouched.",
     )
-    assert tray.tooltip(AgentStatus(), {}, NOW) == ("Backups", "No backup yet. Plug in the backup disk to back up.")
+    assert tray.tooltip(AgentStatus(), None, NOW) == ("Backups", "No backup yet. Plug in the backup disk to back up.")
 
 
 def labels(items: tuple[Item, ...]) -> list[tuple[int, str, bool]]:
@@ -422,7 +422,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             tooltips = host.count("NewToolTip")
             for at, percent in ((1.0, 10), (4.9, 20), (6.0, 30), (7.0, 40), (11.5, 50)):
                 clock.now = at
-                icon.progress({"event": "progress", "percent": percent, "eta": 90, "files": 1, "bytes": 1000})
+                icon.progress(events.progress(percent, 1000, 1, None, 90))
             await host.quiet()
             # at most one tooltip update every 5 s of the clock (the last step's came at 0 s): 30%, 50%
             assert host.count("NewToolTip") - tooltips == 2
@@ -435,7 +435,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             updated = [body for name, body in host.signals if name == "ItemsPropertiesUpdated"]
             assert updated and {ident for ident, _ in updated[-1][0]} == {BACK_UP_NOW, STOP, OPEN_LATEST, BROWSE}
 
-            icon.backup_completed({"event": "complete", "snapshot": "S2"})
+            icon.backup_completed(events.complete("S2"))
             icon.status_changed(running("lock-disk"))
             done = AgentStatus(**{**ATTACHED.as_dict(), "last_success": NOW - 30, "last_message": "snapshot S2"})
             icon.status_changed(done)

@@ -46,12 +46,11 @@ import datetime as dt
 import functools
 import html
 import logging
-import math
 import os
 import shutil
 import threading
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -68,6 +67,7 @@ from ..errors import (
     EXIT_USAGE,
     CommandError,
 )
+from ..events import CompleteEvent, ProgressEvent
 from ..reminder import (
     DAY,
     DiskView,
@@ -242,12 +242,6 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def _time_left(seconds: float) -> str:
     if seconds < 60:
         return "less than a minute left"
@@ -273,19 +267,18 @@ def started_text(disk: str, reason: str, last_success: float | None, now: float)
     )
 
 
-def progress_text(disk: str, event: Mapping[str, Any], step: str | None) -> Text:
-    """Progress: percent, time left, the current step (and what was copied so far)."""
-    percent = _number(event.get("percent"))
+def progress_text(disk: str, event: ProgressEvent | None, step: str | None) -> Text:
+    """Progress: percent, time left, the current step (and what was copied so far).
+
+    ``event``: None before the transfer's first progress (the tooltip while unlocking).
+    """
+    percent = event.percent if event is not None else None
     summary = f"Backing up to {disk}" + (f": {int(min(100.0, max(0.0, percent)))}%" if percent is not None else "")
-    eta = _number(event.get("eta", event.get("remaining")))
+    eta = event.eta if event is not None else None
     left = _time_left(eta) if eta is not None else "working out the time left"
     copied = []
-    files = _number(event.get("files"))
-    if files is not None:
-        copied.append(_plural(int(files), "file"))
-    done = _number(event.get("bytes"))
-    if done is not None:
-        copied.append(human_size(done))
+    if event is not None:
+        copied = [_plural(event.files, "file"), human_size(event.bytes)]
     so_far = f" ({', '.join(copied)} so far)" if copied else ""
     return Text(summary, f"{left[0].upper()}{left[1:]}: {step_words(step or 'transfer')}{so_far}.", LOW)
 
@@ -306,17 +299,16 @@ def _left_words(disk: str, left: DiskLeft | None, detail: str) -> str:
     return f"Eject {disk} from the file manager before you unplug it."
 
 
-def completed_text(disk: str, event: Mapping[str, Any], left: DiskLeft | None, detail: str = "") -> Text:
+def completed_text(disk: str, event: CompleteEvent, left: DiskLeft | None, detail: str = "") -> Text:
     """Completed: what changed, how long it took, the snapshot, and how the disk was left.
 
     ``left``: None while the disk is still being closed; otherwise the
     status's ``disk_left`` ("locked" is the only one that says "safe to
     unplug"), with ``disk_left_detail`` (the mount point, or why locking failed).
     """
-    statistics = event.get("statistics")
-    stats: Mapping[str, Any] = statistics if isinstance(statistics, Mapping) else {}
-    files = _number(stats.get("transferred_files"))
-    changed_bytes = _number(stats.get("transferred_size"))
+    stats = event.statistics
+    files = stats.get("transferred_files")
+    changed_bytes = stats.get("transferred_size")
     if files == 0:
         changed = "Nothing changed since the last backup"
     elif files is not None:
@@ -325,15 +317,14 @@ def completed_text(disk: str, event: Mapping[str, Any], left: DiskLeft | None, d
         )
     else:
         changed = "Backed up"
-    took = _number(event.get("duration"))
+    took = event.duration
     line = changed + (f" in {duration(took)}" if took is not None else "") + "."
-    snapshot = event.get("snapshot")
-    if snapshot:
-        line += f" Snapshot {snapshot}."
-    partial = bool(event.get("partial"))
+    if event.snapshot:
+        line += f" Snapshot {event.snapshot}."
+    partial = event.partial
     if partial:
         line += " Some files could not be read: the log lists them."
-    if event.get("flagged"):
+    if event.flagged:
         line += " This snapshot has far fewer files than the last one: check that nothing is missing."
     summary = f"Backup to {disk} finished with problems" if partial else f"Backup to {disk} complete"
     if left == "lock-failed":
@@ -507,7 +498,7 @@ class Notifier:
         self._disk: str | None = None  # the running cycle's disk
         self._last_update: float | None = None  # clock() of the cycle notification's last update
         self._muted = False  # the user dismissed this cycle's notification: no more progress
-        self._completed: dict[str, Any] | None = None  # complete event, until the cycle ends
+        self._completed: CompleteEvent | None = None  # complete event, until the cycle ends
         self._removed = False  # the disk went away during this cycle
         self._plugged: str | None = None  # a disk just plugged in, until the agent decides
         # What the "cycle" notification shows now: its disk and kind
@@ -743,7 +734,7 @@ class Notifier:
         except Exception:
             log.exception("notifications: backup_started failed")
 
-    def progress(self, event: dict[str, Any]) -> None:
+    def progress(self, event: ProgressEvent) -> None:
         try:
             if self._muted or self._removed:
                 return
@@ -752,16 +743,16 @@ class Notifier:
                 return
             self._last_update = now
             step = self._status.step if self._status is not None and self._status.state == "running" else None
-            percent = _number(event.get("percent"))
+            percent = event.percent
             value = int(min(100.0, max(0.0, percent))) if percent is not None else None
             self._post("cycle", progress_text(self._disk or "the disk", event, step), actions=(ACTION_STOP,),
                        icon="drive-harddisk", category="transfer", value=value, transient=True)
         except Exception:
             log.exception("notifications: progress failed")
 
-    def backup_completed(self, event: dict[str, Any]) -> None:
+    def backup_completed(self, event: CompleteEvent) -> None:
         try:
-            self._completed = dict(event)
+            self._completed = event
             self._muted = False
             self._post("cycle", completed_text(self._disk or "the disk", event, None),
                        icon="drive-harddisk", category="transfer")
@@ -774,8 +765,8 @@ class Notifier:
             if self._removed:
                 return  # the removal notification already says it all
             self._muted = False
-            snapshot = completed.get("snapshot") if completed is not None else None
-            done = snapshot if isinstance(snapshot, str) else None
+            snapshot = completed.snapshot if completed is not None else None
+            done = snapshot
             text = failed_text(self._disk, step, message, done, exit_code)
             self._card = (self._disk or "the disk", "failed")
             failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done, exit_code)
@@ -787,15 +778,15 @@ class Notifier:
 
     # -- sending ----------------------------------------------------------------------
 
-    def _reachable_snapshot(self, disk: str, event: Mapping[str, Any], status: AgentStatus) -> str | None:
+    def _reachable_snapshot(self, disk: str, event: CompleteEvent, status: AgentStatus) -> str | None:
         """The completed snapshot's directory when "Open backups" can honestly open it, else None.
 
         Only when the cycle left the disk mounted (as it found it) and the
         directory is there for this user: a locked disk has nothing to open.
         """
-        snapshot = event.get("snapshot")
+        snapshot = event.snapshot
         repository = self._repositories.get(disk)
-        if status.disk_left != "mounted" or not isinstance(snapshot, str) or not snapshot or repository is None:
+        if status.disk_left != "mounted" or not snapshot or repository is None:
             return None
         path = os.path.join(repository, SNAPSHOTS, snapshot)
         return path if os.path.isdir(path) else None

@@ -57,6 +57,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 
 from ..config import Disk, Settings
 from ..errors import DiskError
+from ..events import CompleteEvent, ProgressEvent
 from ..disk import device_number, holders, top_mount, umount_argv, unlock_argv, unlock_method
 from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
@@ -178,7 +179,7 @@ def _sentence(text: str) -> str:
     return f"{text[0].upper()}{text[1:]}." if text else ""
 
 
-def tooltip(status: AgentStatus, progress: Mapping[str, Any], now: float) -> tuple[str, str]:
+def tooltip(status: AgentStatus, progress: ProgressEvent | None, now: float) -> tuple[str, str]:
     """(title, description): the progress while backing up, else the last backup's time and result."""
     disk = status.disk or "the backup disk"
     if status.state == "running":
@@ -626,7 +627,7 @@ class Tray:
         self._menu = _Menu(self)
         self._disks = {disk.name: disk for disk in settings.disks}
         self._status = AgentStatus()
-        self._progress: dict[str, Any] = {}
+        self._progress: ProgressEvent | None = None
         self._attached: list[str] = []
         self._places: dict[str, Place] = {}
         self._revision = 1
@@ -756,7 +757,7 @@ class Tray:
         try:
             self._status = status
             if status.state != "running":
-                self._progress = {}
+                self._progress = None
             if status.state == "idle":
                 self._attached.clear()
             elif status.state == "disk-attached" and status.disk is not None and status.disk not in self._attached:
@@ -786,14 +787,14 @@ class Tray:
 
     def backup_started(self, disk: str, reason: str) -> None:
         try:
-            self._progress = {}
+            self._progress = None
             self._places.pop(disk, None)  # what was open may be closed by the cycle's end
         except Exception:
             log.exception("tray: backup_started failed")
 
-    def progress(self, event: dict[str, Any]) -> None:
+    def progress(self, event: ProgressEvent) -> None:
         try:
-            self._progress = dict(event)
+            self._progress = event
             now = self.clock()
             if self._tooltip_at is not None and now - self._tooltip_at < self.min_interval:
                 return
@@ -801,7 +802,7 @@ class Tray:
         except Exception:
             log.exception("tray: progress failed")
 
-    def backup_completed(self, event: dict[str, Any]) -> None:
+    def backup_completed(self, event: CompleteEvent) -> None:
         return None  # the status change that follows says it
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
