@@ -40,10 +40,10 @@ from dbus_fast.aio import MessageBus
 from ..errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, BackupAgentError, UsageError
 from ..state import STATE_FILE_VERSION, AgentStatus, DiskLeft, DiskStatus, Result, State, state_file_path
 from . import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
+from .bus import CALL_TIMEOUT, send
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT = 10.0  # seconds: an agent that does not answer by then is stuck
 
 _NO_OWNER = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
 _START_HINT = "start it with `systemctl --user start backup-agent` (or run `backup-agent run`)"
@@ -91,7 +91,7 @@ async def call(
             body=[] if disk is None else [disk],
         )
         try:
-            reply = await asyncio.wait_for(bus.call(message), timeout)
+            reply = await send(bus, message, timeout=timeout)
         except asyncio.TimeoutError:
             raise NoAgentError(f"the backup agent did not answer {member} within {timeout:g} s; it may be stuck") from None
     finally:

@@ -35,6 +35,7 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from . import driver_call
+from .bus import CALL_TIMEOUT, match_rule, send
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,7 @@ LOGIND_MANAGER = "org.freedesktop.login1.Manager"
 INHIBIT_WHAT = "sleep"
 INHIBIT_MODE = "block"  # see the module's docstring
 DEFAULT_SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
-CALL_TIMEOUT = 10.0
-
-PREPARE_FOR_SLEEP_RULE = (
-    f"type='signal',sender='{LOGIND_NAME}',path='{LOGIND_PATH}',interface='{LOGIND_MANAGER}',member='PrepareForSleep'"
-)
+PREPARE_FOR_SLEEP_RULE = match_rule(sender=LOGIND_NAME, path=LOGIND_PATH, interface=LOGIND_MANAGER, member="PrepareForSleep")
 
 _warned: set[str] = set()
 
@@ -81,7 +78,7 @@ async def system_bus() -> MessageBus | None:
 
 
 async def _call(bus: MessageBus, message: Message) -> Message:
-    return await asyncio.wait_for(bus.call(message), CALL_TIMEOUT)
+    return await send(bus, message)
 
 
 def _describe(exc: BaseException) -> str:

@@ -81,17 +81,18 @@ from ..reminder import (
 )
 from ..repository import SNAPSHOTS
 from ..state import AgentStatus, Controller, DiskLeft, Listener
+from .bus import call as bus_call
+from .bus import match_rule
 
 log = logging.getLogger(__name__)
 
 NOTIFICATIONS_NAME = "org.freedesktop.Notifications"
 NOTIFICATIONS_PATH = "/org/freedesktop/Notifications"
 NOTIFICATIONS_INTERFACE = "org.freedesktop.Notifications"
-SIGNAL_RULE = f"type='signal',interface='{NOTIFICATIONS_INTERFACE}',path='{NOTIFICATIONS_PATH}'"
+SIGNAL_RULE = match_rule(interface=NOTIFICATIONS_INTERFACE, path=NOTIFICATIONS_PATH)
 
 APP_NAME = "Backups"
 PROGRESS_INTERVAL = 5.0  # seconds between two progress updates, at least
-CALL_TIMEOUT = 5.0
 
 LOW, NORMAL, CRITICAL = 0, 1, 2
 
@@ -930,12 +931,7 @@ class Notifier:
                     body: list[Any]) -> Message:
         if self.bus is None:
             raise RuntimeError("no session bus")
-        message = Message(destination=destination, path=path, interface=interface, member=member,
-                          signature=signature, body=body)
-        reply: Message | None = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT)
-        if reply is None:  # only a call flagged "no reply expected" gives none: a bug
-            raise RuntimeError(f"{member}: the bus gave no reply")
-        return reply
+        return await bus_call(self.bus, destination, path, interface, member, signature, body)
 
     def _failed(self, exc: BaseException) -> None:
         self.capabilities = None  # ask again next time: the server may be a new one

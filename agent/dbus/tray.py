@@ -63,9 +63,10 @@ from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
 from ..state import AgentStatus, BrowseReply, Controller, EjectReply, Listener
 from . import driver_call
+from .bus import call as bus_call
+from .bus import match_rule
 from .notify import (
     APP_NAME,
-    CALL_TIMEOUT,
     NORMAL,
     NOTIFICATIONS_INTERFACE,
     NOTIFICATIONS_NAME,
@@ -87,10 +88,8 @@ WATCHER_NAME: Final = "org.kde.StatusNotifierWatcher"
 WATCHER_PATH: Final = "/StatusNotifierWatcher"
 WATCHER_INTERFACE: Final = "org.kde.StatusNotifierWatcher"
 ITEM_ID: Final = "backup-agent"
-OWNER_RULE: Final = (
-    "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
-    f"interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{WATCHER_NAME}'"
-)
+OWNER_RULE: Final = match_rule(sender="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                               interface="org.freedesktop.DBus", member="NameOwnerChanged", arg0=WATCHER_NAME)
 _NO_OWNER: Final = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
 
 #: Icon names of the freedesktop icon naming specification, one per agent state.
@@ -1039,12 +1038,7 @@ class Tray:
 
     async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
                     body: list[Any], flags: MessageFlag = MessageFlag.NONE) -> Message:
-        message = Message(destination=destination, path=path, interface=interface, member=member,
-                          signature=signature, body=body, flags=flags)
-        reply = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT)
-        if reply is None:
-            raise RuntimeError(f"no reply to {member}")
-        return reply
+        return await bus_call(self.bus, destination, path, interface, member, signature, body, flags=flags)
 
     def _on_message(self, message: Message) -> bool:
         if (
