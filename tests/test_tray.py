@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -519,6 +520,35 @@ def test_no_watcher_is_no_tray_and_no_error(session_bus: PrivateBus) -> None:
         said = [r.getMessage() for r in records if r.levelno >= logging.INFO]
         assert sum("no tray on this desktop" in line for line in said) == 1
         assert not [r for r in records if r.levelno >= logging.WARNING]
+
+    run(scenario())
+
+
+@dataclasses.dataclass
+class RefusingController(FakeController):
+    """Its eject is refused with words a markup reader would take for a tag and an entity."""
+
+    async def eject(self, disk: str) -> EjectReply:
+        self.calls.append(f"eject {disk}")
+        return EjectReply("refused", "backup-agent open holds /media/<me>/Tom & Jerry")
+
+
+@pytest.mark.integration
+def test_the_tray_s_answers_are_escaped_where_the_server_reads_markup(session_bus: PrivateBus, tmp_path: Path) -> None:
+    """The tray's Notify went out unescaped while the notifier's was escaped: one sender now escapes both."""
+    settings = Settings(path=None, disks=(disk("backup1", str(tmp_path)),))
+
+    async def scenario() -> None:
+        server_bus, server = await serve_notifications(session_bus.address, ["body", "body-markup"])
+        async with tray_on(session_bus.address, settings, RefusingController()) as (icon, host, _):
+            icon.disk_attached("backup1")
+            icon.status_changed(ATTACHED)
+            await icon.settle()
+            await host.click(EJECT_BASE)
+            await icon.settle()
+            assert (server.shown[-1].summary, server.shown[-1].body) == (
+                "backup1 is not ejected", "Backup-agent open holds /media/&lt;me&gt;/Tom &amp; Jerry.")
+        server_bus.disconnect()
 
     run(scenario())
 

@@ -44,13 +44,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-import html
 import logging
 import os
 import shutil
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -81,14 +80,12 @@ from ..reminder import (
 )
 from ..repository import SNAPSHOTS
 from ..state import AgentStatus, Controller, DiskLeft, Listener
-from .bus import call as bus_call
-from .bus import match_rule
+from . import driver_call, sender
+from .bus import BusCallError, match_rule, send
+from .sender import NOTIFICATIONS_INTERFACE, NOTIFICATIONS_PATH
 
 log = logging.getLogger(__name__)
 
-NOTIFICATIONS_NAME = "org.freedesktop.Notifications"
-NOTIFICATIONS_PATH = "/org/freedesktop/Notifications"
-NOTIFICATIONS_INTERFACE = "org.freedesktop.Notifications"
 SIGNAL_RULE = match_rule(interface=NOTIFICATIONS_INTERFACE, path=NOTIFICATIONS_PATH)
 
 APP_NAME = "Backups"
@@ -518,8 +515,7 @@ class Notifier:
         self.bus.add_message_handler(self._on_message)
         self._handler_added = True
         try:
-            reply = await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                                     "AddMatch", "s", [SIGNAL_RULE])
+            reply = await send(self.bus, driver_call("AddMatch", "s", [SIGNAL_RULE]))
             if reply.message_type is MessageType.ERROR:
                 log.debug("the session bus refused the notification signals' match rule: %s", reply.body)
         except Exception as exc:
@@ -875,8 +871,6 @@ class Notifier:
                 if self._controller is not None or key == ACTION_OPEN:
                     actions += [key, ACTION_LABELS[key]]
         summary, body, urgency = item.text
-        if "body-markup" in capabilities:
-            body = html.escape(body, quote=False)
         hints: dict[str, Variant] = {
             "urgency": Variant("y", urgency),
             "category": Variant("s", item.category),
@@ -886,13 +880,10 @@ class Notifier:
         if item.transient:
             hints["transient"] = Variant("b", True)
         replaces = self._ids.get(item.slot, 0)
-        reply = await self._call(
-            NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE, "Notify", "susssasa{sv}i",
-            [self._app_name, replaces, item.icon, summary, body, actions, hints, 0 if urgency == CRITICAL else -1],
+        new_id = await sender.notify(
+            self._bus(), app_name=self._app_name, replaces=replaces, icon=item.icon, summary=summary, body=body,
+            actions=actions, hints=hints, expire=0 if urgency == CRITICAL else -1, server_can=capabilities,
         )
-        if reply.message_type is MessageType.ERROR:
-            raise RuntimeError(f"{reply.error_name}: {' '.join(str(part) for part in reply.body)}")
-        new_id = int(reply.body[0])
         if replaces and replaces != new_id:
             self._ours.pop(replaces, None)
             self._open_paths.pop(replaces, None)
@@ -912,26 +903,21 @@ class Notifier:
             return
         self._ours.pop(ident, None)
         self._open_paths.pop(ident, None)
-        reply = await self._call(NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE,
-                                 "CloseNotification", "u", [ident])
-        if reply.message_type is MessageType.ERROR:
-            log.debug("notification %d not withdrawn: %s", ident, reply.body)
+        try:
+            await sender.close(self._bus(), ident)
+        except BusCallError as exc:
+            log.debug("notification %d not withdrawn: %s", ident, exc)
 
     async def _capabilities(self) -> None:
         try:
-            reply = await self._call(NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE,
-                                     "GetCapabilities", "", [])
-            if reply.message_type is MessageType.ERROR:
-                raise RuntimeError(f"{reply.error_name}: {' '.join(str(part) for part in reply.body)}")
-            self.capabilities = {str(name) for name in reply.body[0]}
+            self.capabilities = await sender.capabilities(self._bus())
         except Exception as exc:
             self._failed(exc)
 
-    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
-                    body: list[Any]) -> Message:
+    def _bus(self) -> MessageBus:
         if self.bus is None:
             raise RuntimeError("no session bus")
-        return await bus_call(self.bus, destination, path, interface, member, signature, body)
+        return self.bus
 
     def _failed(self, exc: BaseException) -> None:
         self.capabilities = None  # ask again next time: the server may be a new one

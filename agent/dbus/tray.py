@@ -62,15 +62,12 @@ from ..disk import device_number, holders, top_mount, umount_argv, unlock_argv, 
 from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
 from ..state import AgentStatus, BrowseReply, Controller, EjectReply, Listener
-from . import driver_call
+from . import driver_call, sender
 from .bus import call as bus_call
 from .bus import match_rule
 from .notify import (
     APP_NAME,
     NORMAL,
-    NOTIFICATIONS_INTERFACE,
-    NOTIFICATIONS_NAME,
-    NOTIFICATIONS_PATH,
     PROGRESS_INTERVAL,
     Text,
     age,
@@ -597,6 +594,7 @@ class _Said:
 
     ident: int = 0
     warned: bool = False
+    capabilities: set[str] | None = None  # the server's, asked before the first answer
 
 
 class Tray:
@@ -1020,14 +1018,14 @@ class Tray:
         summary, body, urgency = text
         hints = {"urgency": Variant("y", urgency), "category": Variant("s", "device")}
         try:
-            reply = await self._call(
-                NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE, "Notify", "susssasa{sv}i",
-                [APP_NAME, self._said.ident, icon, summary, body, [], hints, -1],
+            if self._said.capabilities is None:
+                self._said.capabilities = await sender.capabilities(self.bus)
+            self._said.ident = await sender.notify(
+                self.bus, app_name=APP_NAME, replaces=self._said.ident, icon=icon, summary=summary, body=body,
+                actions=(), hints=hints, expire=-1, server_can=self._said.capabilities,
             )
-            if reply.message_type is MessageType.ERROR:
-                raise RuntimeError(f"{reply.error_name}: {' '.join(str(part) for part in reply.body)}")
-            self._said.ident = int(reply.body[0])
         except Exception as exc:
+            self._said.capabilities = None  # ask again next time: the server may be a new one
             if not self._said.warned:
                 self._said.warned = True
                 log.warning("tray: cannot show the answer as a notification (%s): %s. %s", exc, summary, body)
