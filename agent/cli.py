@@ -28,7 +28,7 @@ from . import disk as disks
 from . import install as installer
 from . import lock
 from .config import SYSTEM_CONFIG, Disk, Settings, effective_excludes, load_settings, running_through_sudo
-from .cycle import STEPS, Cycle, Request, check_platform, human_size
+from .cycle import STEPS, Cycle, Outcome, Request, check_platform, human_size
 from .errors import (
     EXIT_DAMAGED,
     EXIT_OK,
@@ -463,7 +463,7 @@ def _no_disk(settings: Settings, *, interactive: bool) -> int:
     return EXIT_OK
 
 
-def _summary(outcome: Any, request: Request) -> str:
+def _summary(outcome: Outcome, request: Request) -> str:
     stats = outcome.statistics or {}
     prefix = "dry run: would make" if request.dry_run else "made"
     parts = []

@@ -29,6 +29,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 from .commands import IONICE_CLASSES
 from .errors import ConfigError
 from .rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
+from .schedule import ON_PLUG_CHOICES
 
 SYSTEM_CONFIG: Final = "/etc/backup-agent/config.toml"
 
@@ -595,7 +596,6 @@ def _commands(file: str, data: Mapping[str, Any]) -> Commands:
     return Commands(**paths)
 
 
-ON_PLUG_CHOICES: Final = ("if-due", "always")
 MIN_INTERVAL: Final = 60
 
 

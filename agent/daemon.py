@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import inspect
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Final, Mapping, Protocol, Sequence
 
 from . import agenda, events, lock, schedule
 from .config import Settings
@@ -259,6 +258,12 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
 # -- the agent ------------------------------------------------------------------------
 
 
+class Releasable(Protocol):
+    """What holds sleep off while a cycle runs (logind's inhibitor): released by closing it."""
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     """How the agent starts the cycle and where it keeps its state."""
@@ -271,7 +276,7 @@ class AgentOptions:
     state_file: str = field(default_factory=state_file_path)
     #: Takes logind's sleep inhibitor before a cycle starts; what it returns
     #: (an fd, or an object with ``close()``) is closed when the cycle ends.
-    inhibit: Callable[[], Awaitable[object | None]] | None = None
+    inhibit: Callable[[], Awaitable[Releasable | None]] | None = None
     #: The cycle's machine lock; None: :func:`cycle_lock_path` for ``cycle_argv``.
     cycle_lock: str | None = None
     #: Seconds between looks at the lock while a foreign cycle runs.
@@ -312,7 +317,7 @@ class _Cycle:
     stop_requested: bool = False
     closing: dict[str, str] = field(default_factory=dict)  # "unmount"/"lock-disk" -> the state reported
     lock_warning: str = ""  # why locking the disk failed, when it did
-    inhibitor: object | None = None
+    inhibitor: Releasable | None = None
     launch: "asyncio.Task[None] | None" = None
     finished: bool = False
 
@@ -415,10 +420,6 @@ class Agent:
     def add_listener(self, listener: Listener) -> None:
         """Subscribe (the D-Bus service, notifications, the tray), also after the agent started."""
         self._listeners.append(listener)
-
-    def remove_listener(self, listener: Listener) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
 
     @property
     def timer(self) -> asyncio.TimerHandle | None:
@@ -870,7 +871,7 @@ class Agent:
             cycle.launch = loop.create_task(self._inhibit_then_spawn(loop, cycle, inhibit))
 
     async def _inhibit_then_spawn(
-        self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, inhibit: Callable[[], Awaitable[object | None]]
+        self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, inhibit: Callable[[], Awaitable[Releasable | None]]
     ) -> None:
         try:
             cycle.inhibitor = await inhibit()
@@ -1138,14 +1139,7 @@ class Agent:
         if held is None:
             return
         try:
-            if isinstance(held, int) and not isinstance(held, bool):
-                os.close(held)
-                return
-            close = getattr(held, "close", None)
-            if callable(close):
-                outcome = close()
-                if inspect.isawaitable(outcome) and self._loop is not None and not self._loop.is_closed():
-                    self._loop.create_task(_await(outcome))
+            held.close()
         except Exception:
             log.exception("releasing the sleep inhibitor failed")
 
@@ -1246,13 +1240,6 @@ class Agent:
                 getattr(listener, method)(*args)
             except Exception:
                 log.exception("listener %r failed in %s", listener, method)
-
-
-async def _await(awaitable: Awaitable[Any]) -> None:
-    try:
-        await awaitable
-    except Exception:
-        log.exception("releasing the sleep inhibitor failed")
 
 
 # -- eject ----------------------------------------------------------------------------------------------
@@ -1386,7 +1373,7 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
             loop.add_signal_handler(signum, stop.set)
         system = await logind.system_bus()
 
-        async def inhibit() -> object | None:
+        async def inhibit() -> Releasable | None:
             return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
 
         policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)

@@ -234,6 +234,7 @@ async def watch_sleep(bus: MessageBus | None, on_resumed: Callable[[], None]) ->
         owner = await _call(bus, driver_call("NameHasOwner", "s", [LOGIND_NAME]))
         if owner.message_type is MessageType.METHOD_RETURN and owner.body == [False]:
             _warn_once("no-logind", "logind is not on the system bus: no resume notices until it starts")
-    except Exception:
-        pass
+    except Exception as exc:
+        # Only a hint for the log: the subscription above is made, notices come once logind runs.
+        log.debug("could not ask whether logind is on the system bus: %s", _describe(exc))
     return watch
