@@ -56,10 +56,9 @@ from . import agenda, events, lock, schedule
 from .config import Settings
 from .disk import holders
 from .errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
-from .files import write_atomic
 from .reminder import notice_state_path
+from .statefile import DiskRecord, load_state, save_state, state_file_path
 from .state import (
-    STATE_FILE_VERSION,
     AgentStatus,
     BrowseReply,
     DiskStatus,
@@ -67,7 +66,6 @@ from .state import (
     Listener,
     Result,
     disk_left,
-    state_file_path,
 )
 from .udev import DiskGone, DiskSeen, Monitor
 
@@ -109,97 +107,6 @@ def cycle_lock_path(*, through_sudo: bool) -> str:
 
 def _through_sudo(argv: Sequence[str]) -> bool:
     return bool(argv) and os.path.basename(argv[0]) == "sudo"
-
-
-# -- the state file ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DiskRecord:
-    """What the agent remembers about one disk across restarts."""
-
-    last_success: float | None = None  # epoch seconds the last complete snapshot is named after
-    last_failure: float | None = None
-    failures: int = 0  # consecutive failures since the last success
-    last_result: Result = "none"
-    last_message: str = ""
-    last_snapshot: str | None = None
-    unfinished: bool = False  # the last run failed or was stopped; no success since
-    stopped_at: float | None = None  # the user stopped the last run then
-    ejected: bool = False  # the user ejected the disk: closed until plugged in again or asked for
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def _record_from(value: object) -> DiskRecord | None:
-    if not isinstance(value, dict):
-        return None
-    failures = value.get("failures", 0)
-    result = value.get("last_result", "none")
-    snapshot = value.get("last_snapshot")
-    message = value.get("last_message", "")
-    return DiskRecord(
-        last_success=_number(value.get("last_success")),
-        last_failure=_number(value.get("last_failure")),
-        failures=failures if isinstance(failures, int) and not isinstance(failures, bool) and failures >= 0 else 0,
-        last_result=result if result in ("none", "success", "partial", "failure", "stopped") else "none",
-        last_message=message if isinstance(message, str) else "",
-        last_snapshot=snapshot if isinstance(snapshot, str) else None,
-        unfinished=value.get("unfinished") is True,
-        stopped_at=_number(value.get("stopped_at")),
-        ejected=value.get("ejected") is True,
-    )
-
-
-def load_state(path: str) -> tuple[dict[str, DiskRecord], dict[str, Any]]:
-    """The per-disk records and the last status the agent saved; empty when missing or unreadable.
-
-    A damaged file is logged and ignored: the agent then only knows less (a
-    plugged disk is backed up as if never before), it never refuses to run.
-    """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        return {}, {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring the agent's state file %s: %s", path, exc)
-        return {}, {}
-    if not isinstance(data, dict):
-        log.warning("ignoring the agent's state file %s: not a JSON object", path)
-        return {}, {}
-    records: dict[str, DiskRecord] = {}
-    disks = data.get("disks")
-    if isinstance(disks, dict):
-        for name, value in disks.items():
-            record = _record_from(value)
-            if isinstance(name, str) and record is not None:
-                records[name] = record
-    status = data.get("status")
-    return records, status if isinstance(status, dict) else {}
-
-
-def save_state(
-    path: str, records: Mapping[str, DiskRecord], status: AgentStatus, *, now: float | None = None
-) -> None:
-    """Write the state file atomically; ``backup-agent status`` reads it when no agent runs."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    data = {
-        "version": STATE_FILE_VERSION,
-        "saved": time.time() if now is None else now,
-        "disks": {name: record.as_dict() for name, record in records.items()},
-        "status": status.as_dict(),
-    }
-    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
-    write_atomic(path, text.encode(), mode=0o600, prefix=".state-")
 
 
 # -- systemd's notify protocol (no dependency) ---------------------------------------
@@ -1430,14 +1337,11 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
 __all__ = [
     "Agent",
     "AgentOptions",
-    "DiskRecord",
     "Notifier",
     "ROOT_CYCLE_LOCK",
     "cycle_argv_for",
     "cycle_lock_path",
     "eject_reply",
-    "load_state",
     "main",
-    "save_state",
     "watchdog_interval",
 ]

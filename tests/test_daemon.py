@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -40,7 +41,8 @@ import pytest
 
 from agent import events, lock, schedule
 from agent.config import Disk, Settings, load_settings
-from agent.daemon import Agent, AgentOptions, DiskRecord, cycle_argv_for, cycle_lock_path, load_state, save_state, watchdog_interval
+from agent.daemon import Agent, AgentOptions, cycle_argv_for, cycle_lock_path, watchdog_interval
+from agent.statefile import DiskRecord, load_state, save_state
 from agent.state import AgentStatus
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig: fixture)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
@@ -826,3 +828,18 @@ def test_the_cycle_lock_and_the_cycle_argv(monkeypatch: pytest.MonkeyPatch, tmp_
     assert argv[:5] == (sys.executable, "-m", "agent.cli", "backup", "--json")
     assert argv[-2:] == ("--config", os.path.abspath("cfg.toml"))
     assert ("--no-sudo" in argv) is (os.geteuid() != 0)
+
+
+def test_the_agent_and_status_read_the_state_file_through_one_reader(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A newer file is read as far as possible and said so, by the agent as by `status` (one reader: agent.statefile)."""
+    from agent.dbus.client import read_saved_status
+
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 2, "saved": 5.0, "disks": {"a": {"ejected": True}},
+                                "status": {"state": "idle", "disk": "a"}}))
+    with caplog.at_level(logging.WARNING, logger="agent.statefile"):
+        records, status = load_state(str(path))
+        saved = read_saved_status(str(path))
+    assert records == {"a": DiskRecord(ejected=True)} and status["disk"] == "a"
+    assert saved is not None and saved.disk == "a"
+    assert [r.getMessage().count("has version 2") for r in caplog.records] == [1, 1]

@@ -34,7 +34,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
 from agent import events
 from agent.config import Disk, Settings, load_settings
-from agent.daemon import DiskRecord, save_state
+from agent.statefile import DiskRecord, save_state
 from agent.cycle import human_size
 from agent.dbus import notify
 from agent.errors import (
