@@ -263,7 +263,12 @@ def encode(event: Event) -> str:
 
 
 def _from_fields(kind: str, value: dict[str, Any]) -> Event:
-    """The typed event from a line's fields (without version, time and event); KeyError/TypeError when one is missing."""
+    """The typed event from a line's fields (without version, time and event); KeyError when one is missing.
+
+    A field whose value may be null (a complete event's ``snapshot``, an
+    error's ``step``) is read as null when it is left out; an error without
+    ``snapshots_untouched`` claims nothing (false).
+    """
     if kind == "step":
         return StepEvent(value.pop("step"), value.pop("state"), value)
     if kind == "progress":
@@ -271,8 +276,8 @@ def _from_fields(kind: str, value: dict[str, Any]) -> Event:
     if kind == "warning":
         return WarningEvent(value.pop("step"), value.pop("message"), value)
     if kind == "complete":
-        return CompleteEvent(value.pop("snapshot"), value)
-    return ErrorEvent(value["step"], value["message"], value["exit_code"], value["snapshots_untouched"])
+        return CompleteEvent(value.pop("snapshot", None), value)
+    return ErrorEvent(value.get("step"), value["message"], value["exit_code"], value.get("snapshots_untouched", False))
 
 
 def decode(line: str) -> Event:

@@ -76,3 +76,10 @@ def test_a_newer_protocol_is_refused_saying_what_to_do_and_an_older_one_is_read(
 def test_a_line_that_is_not_an_event_of_this_protocol_is_refused(line: str) -> None:
     with pytest.raises(ValueError):
         events.decode(line)
+
+
+def test_a_null_field_may_be_left_out() -> None:
+    done = events.decode('{"event":"complete","snapshots":"/mnt/b/snapshots","already_open":true}')
+    assert done == events.complete(None, snapshots="/mnt/b/snapshots", already_open=True)
+    failed = events.decode('{"event":"error","message":"a backup is running","exit_code":4}')
+    assert failed == events.error(None, "a backup is running", 4, False)
