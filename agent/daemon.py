@@ -45,18 +45,18 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Final, Mapping, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Final, Protocol, Sequence
 
 from . import agenda, events, lock, schedule
 from .config import Settings
 from .disk import holders
 from .errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
 from .reminder import notice_state_path
+from .process import ChildProcess, run_to_end
+from .sdnotify import Notifier, watchdog_interval
 from .statefile import DiskRecord, load_state, save_state, state_file_path
 from .state import (
     AgentStatus,
@@ -81,10 +81,6 @@ FOREIGN_POLL: Final = 3.0
 #: process of the user still uses it (a file open, a shell in it), in which
 #: case it is looked at again after as long.
 BROWSE_IDLE: Final = 900.0
-#: Longest line read from the cycle (a ``complete`` event with its statistics
-#: and the first rsync errors is a few KiB).
-_MAX_LINE: Final = 1 << 20
-_READ_SIZE: Final = 65536
 _STDERR_TAIL: Final = 5
 
 
@@ -107,59 +103,6 @@ def cycle_lock_path(*, through_sudo: bool) -> str:
 
 def _through_sudo(argv: Sequence[str]) -> bool:
     return bool(argv) and os.path.basename(argv[0]) == "sudo"
-
-
-# -- systemd's notify protocol (no dependency) ---------------------------------------
-
-
-class Notifier:
-    """``sd_notify`` on a datagram socket: READY=1, STATUS=..., WATCHDOG=1. Silent without $NOTIFY_SOCKET."""
-
-    def __init__(self, address: str | None) -> None:
-        self._address: str | None = None
-        self._socket: socket.socket | None = None
-        if not address or not (address.startswith("/") or address.startswith("@")):
-            return
-        self._address = "\0" + address[1:] if address.startswith("@") else address
-        try:
-            # Non-blocking: a reader that does not keep up loses a status
-            # line, the agent never waits for it.
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        except OSError as exc:
-            log.warning("cannot notify systemd: %s", exc)
-
-    @classmethod
-    def from_environ(cls) -> "Notifier":
-        return cls(os.environ.get("NOTIFY_SOCKET"))
-
-    @property
-    def enabled(self) -> bool:
-        return self._socket is not None
-
-    def send(self, message: str) -> None:
-        if self._socket is None or self._address is None:
-            return
-        try:
-            self._socket.sendto(message.encode("utf-8", "replace"), self._address)
-        except OSError as exc:
-            log.debug("systemd notification %r not sent: %s", message.split("\n", 1)[0], exc)
-
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-
-
-def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
-    """Seconds between WATCHDOG=1 pings (half systemd's timeout), or None when no watchdog is asked for."""
-    env = os.environ if environ is None else environ
-    usec = env.get("WATCHDOG_USEC", "")
-    pid = env.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) <= 0:
-        return None
-    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
-        return None
-    return int(usec) / 2e6
 
 
 # -- the agent ------------------------------------------------------------------------
@@ -211,12 +154,7 @@ class _Cycle:
     reason: str
     started: float  # agent clock
     started_monotonic: float
-    process: "subprocess.Popen[bytes] | None" = None
-    pidfd: int = -1
-    stdout_fd: int = -1
-    stderr_fd: int = -1
-    stdout_buffer: bytearray = field(default_factory=bytearray)
-    stderr_buffer: bytearray = field(default_factory=bytearray)
+    process: ChildProcess | None = None
     stderr_tail: list[str] = field(default_factory=list)
     complete: events.CompleteEvent | None = None
     error: events.ErrorEvent | None = None
@@ -504,11 +442,7 @@ class Agent:
         self._block()
         log.info("ejecting %s: running %s", disk, " ".join(argv))
         try:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True,
-            )
-            out, err = await asyncio.to_thread(process.communicate)
+            returncode, out, err = await run_to_end(argv)
         except OSError as exc:
             reply = EjectReply("failed", f"could not start the eject ({argv[0]}): {exc.strerror or exc}")
         except BaseException:
@@ -516,10 +450,7 @@ class Agent:
             self._block()
             raise
         else:
-            reply = eject_reply(
-                disk, process.returncode, out.decode("utf-8", "replace").splitlines(),
-                err.decode("utf-8", "replace").splitlines(), through_sudo=_through_sudo(argv),
-            )
+            reply = eject_reply(disk, returncode, out, err, through_sudo=_through_sudo(argv))
         (log.info if reply.safe else log.warning)("eject %s: %s", disk, reply.message)
         if reply.safe and by_user:
             self._do(agenda.Ejected(disk))  # before the way is clear again: nothing opens it
@@ -547,18 +478,11 @@ class Agent:
         argv = [*self._options.open_argv, "--disk", disk]
         log.info("opening %s for browsing: running %s", disk, " ".join(argv))
         try:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True,
-            )
-            out, err = await asyncio.to_thread(process.communicate)
+            returncode, out, err = await run_to_end(argv)
         except OSError as exc:
             reply = BrowseReply("failed", f"could not start opening the disk ({argv[0]}): {exc.strerror or exc}")
         else:
-            reply = browse_reply(
-                disk, process.returncode, out.decode("utf-8", "replace").splitlines(),
-                err.decode("utf-8", "replace").splitlines(), through_sudo=_through_sudo(argv),
-            )
+            reply = browse_reply(disk, returncode, out, err, through_sudo=_through_sudo(argv))
         (log.info if reply.open else log.warning)("browse %s: %s", disk, reply.message)
         if reply.open:
             self._arm_browse_close(disk)
@@ -796,94 +720,21 @@ class Agent:
             self._finish(cycle, None, "stopped before it started")
             return
         argv = [*self._options.cycle_argv, "--disk", cycle.disk]
-        log.info("running %s", " ".join(argv))
-        try:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # a signal to the agent's process group does not reach it
-                close_fds=True,
-            )
-        except OSError as exc:
-            self._finish(cycle, None, f"could not start the backup cycle ({argv[0]}): {exc.strerror or exc}")
-            return
-        cycle.process = process
-        if process.stdout is None or process.stderr is None:  # stdout=PIPE, stderr=PIPE give both: a bug
-            raise RuntimeError(f"the backup cycle (pid {process.pid}) was started without its output pipes")
-        cycle.stdout_fd = process.stdout.fileno()
-        cycle.stderr_fd = process.stderr.fileno()
-        for fd in (cycle.stdout_fd, cycle.stderr_fd):
-            os.set_blocking(fd, False)
-        loop.add_reader(cycle.stdout_fd, self._read, cycle, "stdout")
-        loop.add_reader(cycle.stderr_fd, self._read, cycle, "stderr")
-        try:
-            cycle.pidfd = os.pidfd_open(process.pid)
-        except (AttributeError, OSError):
-            cycle.pidfd = -1
-        if cycle.pidfd >= 0:
-            loop.add_reader(cycle.pidfd, self._exited, cycle, process)
-        else:  # no pidfd (Linux before 5.3): a thread blocked in waitpid, not polling
-            waiter = loop.run_in_executor(None, process.wait)
-            waiter.add_done_callback(lambda _: self._exited(cycle, process))
-        self._refresh()
 
-    def _read(self, cycle: _Cycle, stream: str) -> None:
-        """Readable: take what is there (without blocking), handle the complete lines."""
-        fd = cycle.stdout_fd if stream == "stdout" else cycle.stderr_fd
-        if fd < 0:
-            return
-        buffer = cycle.stdout_buffer if stream == "stdout" else cycle.stderr_buffer
-        for _ in range(16):
-            try:
-                data = os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                log.warning("reading the backup cycle's %s failed: %s", stream, exc)
-                data = b""
-            if not data:
-                self._close_pipe(cycle, stream)
-                return
-            buffer += data
-            self._lines(cycle, stream, buffer)
-        if len(buffer) > _MAX_LINE:
-            log.warning("dropping an over-long line from the backup cycle (%d bytes)", len(buffer))
-            buffer.clear()
-
-    def _lines(self, cycle: _Cycle, stream: str, buffer: bytearray, *, final: bool = False) -> None:
-        while True:
-            end = buffer.find(b"\n")
-            if end < 0:
-                if not final or not buffer:
-                    return
-                end = len(buffer)
-            raw = bytes(buffer[:end])
-            del buffer[: end + 1]
-            line = raw.decode("utf-8", "replace").rstrip("\r")
+        def on_line(stream: str, line: str) -> None:
             if stream == "stdout":
                 self._on_stdout(cycle, line)
             else:
                 self._on_stderr(cycle, line)
 
-    def _close_pipe(self, cycle: _Cycle, stream: str) -> None:
-        """Stop reading one pipe: handle a last unterminated line, close our end."""
-        fd = cycle.stdout_fd if stream == "stdout" else cycle.stderr_fd
-        if fd < 0:
+        process = ChildProcess(loop, on_line, lambda: self._exited(cycle))
+        try:
+            process.start(argv)
+        except OSError as exc:
+            self._finish(cycle, None, f"could not start the backup cycle ({argv[0]}): {exc.strerror or exc}")
             return
-        if stream == "stdout":
-            cycle.stdout_fd = -1
-        else:
-            cycle.stderr_fd = -1
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(fd)
-        self._lines(cycle, stream, cycle.stdout_buffer if stream == "stdout" else cycle.stderr_buffer, final=True)
-        process = cycle.process
-        if process is not None:
-            pipe = process.stdout if stream == "stdout" else process.stderr
-            if pipe is not None:
-                pipe.close()
+        cycle.process = process
+        self._refresh()
 
     def _on_stderr(self, cycle: _Cycle, line: str) -> None:
         if not line.strip():
@@ -937,29 +788,18 @@ class Agent:
                 return
             self._tell("backup_failed", step, message, exit_code)
 
-    def _exited(self, cycle: _Cycle, process: "subprocess.Popen[bytes]") -> None:
+    def _exited(self, cycle: _Cycle) -> None:
         """The cycle's process ended: read what it left in the pipes, then conclude."""
-        if cycle.finished or cycle is not self._cycle:
+        process = cycle.process
+        if cycle.finished or cycle is not self._cycle or process is None:
             return
-        if process.poll() is None:
-            return  # not yet (a spurious wake-up)
-        # Everything it wrote is in the pipes now; a child of it (a hook's
-        # background job) may keep them open, so read to "nothing more now",
-        # not to end-of-file.
-        for stream in ("stdout", "stderr"):
-            self._read(cycle, stream)
-            self._close_pipe(cycle, stream)
+        process.drain()
         self._finish(cycle, process.returncode, None)
 
     def _detach(self, cycle: _Cycle) -> None:
         """Stop reading the cycle (it keeps running if it still runs)."""
-        for stream in ("stdout", "stderr"):
-            self._close_pipe(cycle, stream)
-        if cycle.pidfd >= 0:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(cycle.pidfd)
-            os.close(cycle.pidfd)
-            cycle.pidfd = -1
+        if cycle.process is not None:
+            cycle.process.detach()
 
     def _finish(self, cycle: _Cycle, returncode: int | None, failure: str | None) -> None:
         """Conclude a cycle: the schedule, the record, the state file, listeners, the next decision."""
@@ -1270,65 +1110,61 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
             SYSTEM_CONFIG,
         )
     async def serve() -> None:
+        """The agent with its adapters; each one opened registers its closing at once, so a failing
+        start of a later one (the tray, the notifier) still closes what was opened before it."""
         # dbus_fast is imported here, not at the top: the cycle (which runs
         # as root through sudo) never loads it.
         from .dbus import control, logind, notify, tray
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        system = await logind.system_bus()
-
-        async def inhibit() -> Releasable | None:
-            return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
-
-        policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)
-        options = AgentOptions(
-            cycle_argv=argv,
-            policy=policy,
-            inhibit=inhibit if system is not None else None,
-            eject_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="eject"),
-            open_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="open"),
-        )
-        agent = Agent(settings, options)
-        service = await control.serve(agent)
-        if service is not None:
-            agent.add_listener(service.listener)
-        notifier = None
-        if settings.notifications and notifications:
-            notifier = await notify.start(
-                service.bus if service is not None else None, agent, disks=agent, settings=settings,
-                state_path=notice_state_path(options.state_file),
-            )
-            agent.add_listener(notifier)
-        else:
-            log.info("desktop notifications are turned off")
-        icon = None
-        if settings.tray and service is not None:
-            icon = await tray.start(service.bus, agent, settings, stop.set)  # its Quit is SIGTERM's stop
-            if icon is not None:
-                agent.add_listener(icon)
-        sleep_watch = await logind.watch_sleep(system, agent.on_resumed)
-        if notifier is not None:
-            # Runs once agent.run below has read the disks present (it does so
-            # before its first await): the login's reminders and missed failures.
-            loop.call_soon(notifier.login)
-        try:
-            await agent.run(stop)
-        finally:
-            if sleep_watch is not None:
-                sleep_watch.close()
-            if notifier is not None:
-                notifier.close()
-            if icon is not None:
-                icon.close()
-            if service is not None:
-                service.close()
-            if system is not None:
-                system.disconnect()
+        async with contextlib.AsyncExitStack() as stack:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
+                loop.add_signal_handler(signum, stop.set)
+                stack.callback(loop.remove_signal_handler, signum)
+            system = await logind.system_bus()
+            if system is not None:
+                stack.callback(system.disconnect)
+
+            async def inhibit() -> Releasable | None:
+                return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
+
+            policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)
+            options = AgentOptions(
+                cycle_argv=argv,
+                policy=policy,
+                inhibit=inhibit if system is not None else None,
+                eject_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="eject"),
+                open_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="open"),
+            )
+            agent = Agent(settings, options)
+            service = await control.serve(agent)
+            if service is not None:
+                stack.callback(service.close)
+                agent.add_listener(service.listener)
+            notifier = None
+            if settings.notifications and notifications:
+                notifier = await notify.start(
+                    service.bus if service is not None else None, agent, disks=agent, settings=settings,
+                    state_path=notice_state_path(options.state_file),
+                )
+                stack.callback(notifier.close)
+                agent.add_listener(notifier)
+            else:
+                log.info("desktop notifications are turned off")
+            if settings.tray and service is not None:
+                icon = await tray.start(service.bus, agent, settings, stop.set)  # its Quit is SIGTERM's stop
+                if icon is not None:
+                    stack.callback(icon.close)
+                    agent.add_listener(icon)
+            sleep_watch = await logind.watch_sleep(system, agent.on_resumed)
+            if sleep_watch is not None:
+                stack.callback(sleep_watch.close)
+            if notifier is not None:
+                # Runs once agent.run below has read the disks present (it does so
+                # before its first await): the login's reminders and missed failures.
+                loop.call_soon(notifier.login)
+            await agent.run(stop)
 
     asyncio.run(serve())
     return EXIT_OK
@@ -1337,11 +1173,9 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
 __all__ = [
     "Agent",
     "AgentOptions",
-    "Notifier",
     "ROOT_CYCLE_LOCK",
     "cycle_argv_for",
     "cycle_lock_path",
     "eject_reply",
     "main",
-    "watchdog_interval",
 ]

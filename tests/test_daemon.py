@@ -41,7 +41,8 @@ import pytest
 
 from agent import events, lock, schedule
 from agent.config import Disk, Settings, load_settings
-from agent.daemon import Agent, AgentOptions, cycle_argv_for, cycle_lock_path, watchdog_interval
+from agent.daemon import Agent, AgentOptions, cycle_argv_for, cycle_lock_path
+from agent.sdnotify import watchdog_interval
 from agent.statefile import DiskRecord, load_state, save_state
 from agent.state import AgentStatus
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig: fixture)
