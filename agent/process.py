@@ -185,3 +185,21 @@ async def run_to_end(argv: Sequence[str]) -> tuple[int, list[str], list[str]]:
     )
     out, err = await asyncio.to_thread(process.communicate)
     return process.returncode, out.decode("utf-8", "replace").splitlines(), err.decode("utf-8", "replace").splitlines()
+
+
+async def start_and_wait(argv: Sequence[str], wait: float) -> int | None:
+    """Start a program of the user's session (a file manager's opener) and wait at most ``wait`` seconds.
+
+    Its exit status, or None when it still runs then: it is left running
+    (never killed), in its own session, with the session's environment.
+    Raises OSError when it cannot be started.
+    """
+    log.info("running %s", " ".join(argv))
+    process = subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True,
+    )
+    try:
+        return await asyncio.to_thread(process.wait, wait)
+    except subprocess.TimeoutExpired:
+        return None

@@ -46,15 +46,12 @@ import datetime as dt
 import functools
 import logging
 import os
-import shutil
-import threading
 import time
 from typing import Callable, NamedTuple, Protocol
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from ..commands import Runner
 from ..config import Settings
 from ..cycle import human_size
 from ..errors import (
@@ -64,7 +61,6 @@ from ..errors import (
     EXIT_DISK_MISSING,
     EXIT_REPOSITORY,
     EXIT_USAGE,
-    CommandError,
 )
 from ..events import CompleteEvent, ProgressEvent
 from ..reminder import (
@@ -81,6 +77,7 @@ from ..reminder import (
 from ..repository import SNAPSHOTS
 from ..state import AgentStatus, Controller, DiskLeft, Listener
 from . import driver_call, sender
+from .actions import show_folder
 from .bus import BusCallError, match_rule, send
 from .sender import NOTIFICATIONS_INTERFACE, NOTIFICATIONS_PATH
 
@@ -497,6 +494,7 @@ class Notifier:
         self._last_update: float | None = None  # clock() of the cycle notification's last update
         self._muted = False  # the user dismissed this cycle's notification: no more progress
         self._completed: CompleteEvent | None = None  # complete event, until the cycle ends
+        self._opening: set[asyncio.Task[None]] = set()  # "Open backups" clicks still waiting for xdg-open
         self._removed = False  # the disk went away during this cycle
         self._plugged: str | None = None  # a disk just plugged in, until the agent decides
         # What the "cycle" notification shows now: its disk and kind
@@ -970,30 +968,18 @@ class Notifier:
 
 
     def _open(self, path: str | None) -> None:
-        """"Open backups": ``xdg-open SNAPSHOT`` (argv, no shell), in a thread: a file manager may stay in front."""
+        """"Open backups": the snapshot's folder in the file manager (agent.dbus.actions, as the tray does)."""
         if path is None or not os.path.isdir(path):
             log.warning("cannot open the backups: %s is not there any more (the disk was unmounted?)", path)
             return
-        program = shutil.which("xdg-open")
-        if program is None:
-            log.warning("cannot open the backups: xdg-open is not installed (apt-get install xdg-utils)")
-            return
-        argv = (program, path)
-        # The session's environment (display, bus, locale), not the cycle's clean one: the file manager
-        # is this user's. An empty LC_ALL is as good as none.
-        env = {**os.environ, "LC_ALL": os.environ.get("LC_ALL", "")}
+        task = asyncio.get_running_loop().create_task(self._show(path))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
 
-        def run() -> None:
-            try:
-                result = Runner().run(argv, step="open backups", env=env, check=False)
-            except CommandError as exc:
-                log.warning("cannot open the backups: %s", exc.message)
-                return
-            if result.kind == "error":
-                tail = f": {result.stderr_tail[-1]}" if result.stderr_tail else ""
-                log.warning("xdg-open %s failed (%s)%s", path, result.meaning, tail)
-
-        threading.Thread(target=run, name="open-backups", daemon=True).start()
+    async def _show(self, path: str) -> None:
+        problem = await show_folder(path)
+        if problem is not None:
+            log.warning("cannot open the backups in %s: %s", path, problem)
 
 
 def _unresolved(status: AgentStatus, disk: str) -> bool:

@@ -35,8 +35,6 @@ import logging
 import os
 import posixpath
 import shlex
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Coroutine, Final, Mapping, NamedTuple, Sequence
@@ -63,6 +61,7 @@ from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
 from ..state import AgentStatus, BrowseReply, Controller, EjectReply, Listener
 from . import driver_call, sender
+from .actions import show_folder
 from .bus import call as bus_call
 from .bus import match_rule
 from .notify import (
@@ -104,7 +103,6 @@ STATUSES: Final[Mapping[str, str]] = {
     "failed": "NeedsAttention",
 }
 
-SHOW_WAIT: Final = 5.0  # seconds xdg-open may take before the folder counts as shown
 LOOK_TIMEOUT: Final = 5.0  # seconds a look at a disk may take (a hung USB disk must not hang the menu)
 
 # Menu item ids (0 is the root). An attached disk's Eject item is EJECT_BASE + its index in the config.
@@ -946,24 +944,10 @@ class Tray:
             return
         self._places[name] = place
         self._publish_menu()
-        program = shutil.which("xdg-open")
-        if program is None:
-            await self._say(Text("The latest backup cannot be opened",
-                                 f"xdg-open is not installed (package xdg-utils). The backup is {place.latest}.",
-                                 NORMAL))
-            return
         log.info("tray: opening %s", place.latest)
-        process = await asyncio.create_subprocess_exec(
-            program, place.latest, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        _, error = await process.communicate()
-        if process.returncode != 0:
-            detail = error.decode(errors="replace").strip().splitlines()
-            log.warning("tray: xdg-open %s exited with status %s%s", place.latest, process.returncode,
-                        f": {detail[-1]}" if detail else "")
-            await self._say(Text("The latest backup could not be opened",
-                                 f"xdg-open exited with status {process.returncode}. The backup is {place.latest}.",
+        problem = await show_folder(place.latest)
+        if problem is not None:
+            await self._say(Text("The latest backup could not be opened", f"{problem} The backup is {place.latest}.",
                                  NORMAL))
 
     async def _browse(self) -> None:
@@ -983,7 +967,7 @@ class Tray:
             await self._say(Text(f"{name} cannot be browsed now", _sentence(reply.message), NORMAL), icon="folder-open")
             return
         await self._refresh_place(name)
-        problem = await self._show_folder(reply.snapshots)
+        problem = await show_folder(reply.snapshots)
         if problem is not None:
             await self._say(Text(f"{name} is open, but its backups could not be shown",
                                  f"{problem} They are in {reply.snapshots}.", NORMAL), icon="folder-open")
@@ -992,26 +976,6 @@ class Tray:
         await self._say(Text(f"Browsing the backups on {name}",
                              "They are read-only: copy what you need back out. The disk closes again after 15 minutes "
                              "unused, or choose Eject.", NORMAL), icon="folder-open")
-
-    async def _show_folder(self, path: str) -> str | None:
-        """Show ``path`` in the file manager (xdg-open); None, or why it was not shown."""
-        program = shutil.which("xdg-open")
-        if program is None:
-            return "xdg-open is not installed (package xdg-utils)."
-        # Where no desktop handles it, xdg-open runs the file manager itself and
-        # returns only when it is closed: still running after a while means shown.
-        process = await asyncio.create_subprocess_exec(
-            program, path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            status = await asyncio.wait_for(process.wait(), SHOW_WAIT)
-        except asyncio.TimeoutError:
-            return None
-        if status != 0:
-            log.warning("tray: xdg-open %s exited with status %s", path, status)
-            return f"xdg-open exited with status {status}."
-        return None
 
     async def _say(self, text: Text, *, icon: str = "drive-harddisk") -> None:
         """One notification that answers a click, replacing the previous answer."""
