@@ -643,45 +643,42 @@ class Notifier:
     # -- Listener ---------------------------------------------------------------------
 
     def status_changed(self, status: AgentStatus) -> None:
-        try:
-            self._status = status
-            plugged, self._plugged = self._plugged, None
-            if status.state != "running":
-                self._replan()  # a cycle ended: a success ends the reminders
-            if self._skipped is not None and any(d.name == self._skipped and d.ejected for d in status.disks):
-                self._withdraw("disk")  # "leave the disk plugged in" is stale once it is ejected
-                self._skipped = None
-            ended = self._stopping and status.state != "running"
-            if ended:
-                self._stopping = False
-            if self._completed is not None and status.state != "running":
-                event, self._completed = self._completed, None
-                if status.last_result in ("success", "partial"):
-                    disk = self._disk or status.disk or "the disk"
-                    open_path = self._reachable_snapshot(disk, event, status)
-                    self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail),
-                               actions=(ACTION_OPEN,) if open_path else (), icon="drive-harddisk",
-                               category="transfer.complete", open_path=open_path)
-                    self._card = (disk, "complete")
-                    self._withdraw(f"missed:{disk}")  # a failure a success made moot
-            elif ended and status.last_result == "stopped" and not self._removed:
+        self._status = status
+        plugged, self._plugged = self._plugged, None
+        if status.state != "running":
+            self._replan()  # a cycle ended: a success ends the reminders
+        if self._skipped is not None and any(d.name == self._skipped and d.ejected for d in status.disks):
+            self._withdraw("disk")  # "leave the disk plugged in" is stale once it is ejected
+            self._skipped = None
+        ended = self._stopping and status.state != "running"
+        if ended:
+            self._stopping = False
+        if self._completed is not None and status.state != "running":
+            event, self._completed = self._completed, None
+            if status.last_result in ("success", "partial"):
                 disk = self._disk or status.disk or "the disk"
-                self._post("cycle", stopped_text(disk, status.disk_left, status.disk_left_detail),
-                           actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="transfer")
-                self._card = (disk, "stopped")
-            elif (
-                plugged is not None
-                and status.state != "running"
-                and status.disk == plugged
-                and status.next_due is not None
-                and status.next_due > self._now()
-                and not _unresolved(status, plugged)
-            ):
-                self._skipped = plugged
-                self._post("disk", skipped_text(plugged, status.last_success, status.next_due, self._now()),
-                           actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added")
-        except Exception:
-            log.exception("notifications: status_changed failed")
+                open_path = self._reachable_snapshot(disk, event, status)
+                self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail),
+                           actions=(ACTION_OPEN,) if open_path else (), icon="drive-harddisk",
+                           category="transfer.complete", open_path=open_path)
+                self._card = (disk, "complete")
+                self._withdraw(f"missed:{disk}")  # a failure a success made moot
+        elif ended and status.last_result == "stopped" and not self._removed:
+            disk = self._disk or status.disk or "the disk"
+            self._post("cycle", stopped_text(disk, status.disk_left, status.disk_left_detail),
+                       actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="transfer")
+            self._card = (disk, "stopped")
+        elif (
+            plugged is not None
+            and status.state != "running"
+            and status.disk == plugged
+            and status.next_due is not None
+            and status.next_due > self._now()
+            and not _unresolved(status, plugged)
+        ):
+            self._skipped = plugged
+            self._post("disk", skipped_text(plugged, status.last_success, status.next_due, self._now()),
+                       actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added")
 
     def disk_attached(self, disk: str) -> None:
         self._plugged = disk
@@ -692,84 +689,69 @@ class Notifier:
         self._replan()
 
     def disk_removed(self, disk: str, during_backup: bool) -> None:
-        try:
-            self._plugged = None
-            self._attached.discard(disk)
-            self._replan()
-            if during_backup:
-                self._removed = True
-                self._completed = None
-                self._post("cycle", removed_text(disk), icon="dialog-warning", category="device.removed")
-                self._card = (disk, "removed")
-            else:
-                # "No backup needed yet; leave the disk plugged in" and "safe to unplug" are done with.
-                self._withdraw("disk")
-                if self._card == (disk, "complete"):
-                    self._withdraw("cycle")
-        except Exception:
-            log.exception("notifications: disk_removed failed")
+        self._plugged = None
+        self._attached.discard(disk)
+        self._replan()
+        if during_backup:
+            self._removed = True
+            self._completed = None
+            self._post("cycle", removed_text(disk), icon="dialog-warning", category="device.removed")
+            self._card = (disk, "removed")
+        else:
+            # "No backup needed yet; leave the disk plugged in" and "safe to unplug" are done with.
+            self._withdraw("disk")
+            if self._card == (disk, "complete"):
+                self._withdraw("cycle")
 
     def backup_started(self, disk: str, reason: str) -> None:
-        try:
-            self._plugged = None
-            self._disk = disk
-            self._muted = self._removed = False
-            self._completed = None
-            status = self._status
-            last = status.last_success if status is not None and status.disk == disk else None
-            self._last_update = self._clock()
-            self._stopping = True
-            # One card per disk's story: the cycle's card (the last result, stale now) is replaced in
-            # place, and a "no backup needed yet" or a missed failure of this disk is withdrawn.
-            self._withdraw("disk")
-            self._withdraw(f"missed:{disk}")
-            self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP,),
-                       icon="drive-harddisk", category="transfer", transient=True)
-            self._card = (disk, "running")
-        except Exception:
-            log.exception("notifications: backup_started failed")
+        self._plugged = None
+        self._disk = disk
+        self._muted = self._removed = False
+        self._completed = None
+        status = self._status
+        last = status.last_success if status is not None and status.disk == disk else None
+        self._last_update = self._clock()
+        self._stopping = True
+        # One card per disk's story: the cycle's card (the last result, stale now) is replaced in
+        # place, and a "no backup needed yet" or a missed failure of this disk is withdrawn.
+        self._withdraw("disk")
+        self._withdraw(f"missed:{disk}")
+        self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP,),
+                   icon="drive-harddisk", category="transfer", transient=True)
+        self._card = (disk, "running")
 
     def progress(self, event: ProgressEvent) -> None:
-        try:
-            if self._muted or self._removed:
-                return
-            now = self._clock()
-            if self._last_update is not None and now - self._last_update < self._min_interval:
-                return
-            self._last_update = now
-            step = self._status.step if self._status is not None and self._status.state == "running" else None
-            percent = event.percent
-            value = int(min(100.0, max(0.0, percent))) if percent is not None else None
-            self._post("cycle", progress_text(self._disk or "the disk", event, step), actions=(ACTION_STOP,),
-                       icon="drive-harddisk", category="transfer", value=value, transient=True)
-        except Exception:
-            log.exception("notifications: progress failed")
+        if self._muted or self._removed:
+            return
+        now = self._clock()
+        if self._last_update is not None and now - self._last_update < self._min_interval:
+            return
+        self._last_update = now
+        step = self._status.step if self._status is not None and self._status.state == "running" else None
+        percent = event.percent
+        value = int(min(100.0, max(0.0, percent))) if percent is not None else None
+        self._post("cycle", progress_text(self._disk or "the disk", event, step), actions=(ACTION_STOP,),
+                   icon="drive-harddisk", category="transfer", value=value, transient=True)
 
     def backup_completed(self, event: CompleteEvent) -> None:
-        try:
-            self._completed = event
-            self._muted = False
-            self._post("cycle", completed_text(self._disk or "the disk", event, None),
-                       icon="drive-harddisk", category="transfer")
-        except Exception:
-            log.exception("notifications: backup_completed failed")
+        self._completed = event
+        self._muted = False
+        self._post("cycle", completed_text(self._disk or "the disk", event, None),
+                   icon="drive-harddisk", category="transfer")
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
-        try:
-            completed, self._completed = self._completed, None
-            if self._removed:
-                return  # the removal notification already says it all
-            self._muted = False
-            snapshot = completed.snapshot if completed is not None else None
-            done = snapshot
-            text = failed_text(self._disk, step, message, done, exit_code)
-            self._card = (self._disk or "the disk", "failed")
-            failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done, exit_code)
-            self._post("cycle", text, actions=(ACTION_BACKUP_NOW,) if not snapshot else (),
-                       icon="dialog-error", category="transfer.error",
-                       missed=lambda: self._record_missed(failure))
-        except Exception:
-            log.exception("notifications: backup_failed failed")
+        completed, self._completed = self._completed, None
+        if self._removed:
+            return  # the removal notification already says it all
+        self._muted = False
+        snapshot = completed.snapshot if completed is not None else None
+        done = snapshot
+        text = failed_text(self._disk, step, message, done, exit_code)
+        self._card = (self._disk or "the disk", "failed")
+        failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done, exit_code)
+        self._post("cycle", text, actions=(ACTION_BACKUP_NOW,) if not snapshot else (),
+                   icon="dialog-error", category="transfer.error",
+                   missed=lambda: self._record_missed(failure))
 
     # -- sending ----------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ Three parts:
 Without a watcher (plain GNOME) there is no tray and no error: that is
 logged once at info level. The tray never blocks or stops a backup: the
 listener methods only compute and emit signals, looking at a disk runs in a
-thread, and a failure is logged (a bus failure once) and never raised into
-the agent.
+thread, and a failure is logged (a bus failure once): a listener method
+that raises is logged by the agent's dispatcher, which calls each one guarded.
 
 Menu clicks call the agent's :class:`~agent.state.Controller` (Back up now,
 Stop, and Eject for a disk left open, which the agent closes with
@@ -749,53 +749,38 @@ class Tray:
     # -- Listener -----------------------------------------------------------------------
 
     def status_changed(self, status: AgentStatus) -> None:
-        try:
-            self._status = status
-            if status.state != "running":
-                self._progress = None
-            if status.state == "idle":
-                self._attached.clear()
-            elif status.state == "disk-attached" and status.disk is not None and status.disk not in self._attached:
-                self._attached.append(status.disk)
-            self._publish()
-            if status.state != "running" and status.disk in self._attached:
-                self._start(self._refresh_place(status.disk))
-        except Exception:
-            log.exception("tray: status_changed failed")
+        self._status = status
+        if status.state != "running":
+            self._progress = None
+        if status.state == "idle":
+            self._attached.clear()
+        elif status.state == "disk-attached" and status.disk is not None and status.disk not in self._attached:
+            self._attached.append(status.disk)
+        self._publish()
+        if status.state != "running" and status.disk in self._attached:
+            self._start(self._refresh_place(status.disk))
 
     def disk_attached(self, disk: str) -> None:
-        try:
-            if disk not in self._attached:
-                self._attached.append(disk)
-            self._publish()
-        except Exception:
-            log.exception("tray: disk_attached failed")
+        if disk not in self._attached:
+            self._attached.append(disk)
+        self._publish()
 
     def disk_removed(self, disk: str, during_backup: bool) -> None:
-        try:
-            if disk in self._attached:
-                self._attached.remove(disk)
-            self._places.pop(disk, None)
-            self._publish()
-        except Exception:
-            log.exception("tray: disk_removed failed")
+        if disk in self._attached:
+            self._attached.remove(disk)
+        self._places.pop(disk, None)
+        self._publish()
 
     def backup_started(self, disk: str, reason: str) -> None:
-        try:
-            self._progress = None
-            self._places.pop(disk, None)  # what was open may be closed by the cycle's end
-        except Exception:
-            log.exception("tray: backup_started failed")
+        self._progress = None
+        self._places.pop(disk, None)  # what was open may be closed by the cycle's end
 
     def progress(self, event: ProgressEvent) -> None:
-        try:
-            self._progress = event
-            now = self.clock()
-            if self._tooltip_at is not None and now - self._tooltip_at < self.min_interval:
-                return
-            self._publish()
-        except Exception:
-            log.exception("tray: progress failed")
+        self._progress = event
+        now = self.clock()
+        if self._tooltip_at is not None and now - self._tooltip_at < self.min_interval:
+            return
+        self._publish()
 
     def backup_completed(self, event: CompleteEvent) -> None:
         return None  # the status change that follows says it
