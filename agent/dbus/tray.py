@@ -64,15 +64,8 @@ from . import driver_call, sender
 from .actions import show_folder
 from .bus import call as bus_call
 from .bus import match_rule
-from .notify import (
-    APP_NAME,
-    NORMAL,
-    PROGRESS_INTERVAL,
-    Text,
-    age,
-    progress_text,
-    when,
-)
+from .notify import APP_NAME, PROGRESS_INTERVAL
+from .texts import NORMAL, Text, age, progress_text, when
 
 log = logging.getLogger(__name__)
 
