@@ -360,6 +360,14 @@ ARGUMENT_NAMES: dict[str, tuple[str, ...]] = {
 
 
 def _name_arguments(cls: type[ServiceInterface]) -> None:
+    """Give the introspected arguments the names of :data:`ARGUMENT_NAMES`.
+
+    The one place that reads dbus-fast's private marks (``__DBUS_METHOD``,
+    ``__DBUS_SIGNAL``): its decorators keep a member's introspection there
+    and offer no public way to name arguments. Should a dbus-fast release
+    move them, the names are simply left out, and the introspection test
+    (tests/test_dbus_control.py) says so.
+    """
     for member in vars(cls).values():
         marks = getattr(member, "__dict__", {})
         for key in ("__DBUS_METHOD", "__DBUS_SIGNAL"):

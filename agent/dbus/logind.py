@@ -127,6 +127,8 @@ async def inhibit(bus: MessageBus | None, who: str, why: str) -> Inhibitor | Non
     if bus is None:
         _warn_once("no-system-bus", "no system bus: backups run without a sleep inhibitor")
         return None
+    # dbus-fast keeps negotiate_unix_fd only as a private attribute; read it
+    # here alone, and a release without it counts as "negotiated".
     if not getattr(bus, "_negotiate_unix_fd", True):
         # The bus would drop logind's reply (it carries an fd) and the call would time out.
         _warn_once(
