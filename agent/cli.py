@@ -34,7 +34,7 @@ from .config.load import SYSTEM_CONFIG, load_settings
 from .config.model import Disk, Settings, effective_excludes
 from .config.trust import running_through_sudo
 from .config.validate import check_exclude
-from .cycle import STEPS, Cycle, Request, check_platform, human_size
+from .cycle import STEPS, Cycle, Outcome, Request, check_platform, human_size
 from .errors import (
     EXIT_DAMAGED,
     EXIT_OK,
@@ -473,7 +473,7 @@ def _no_disk(settings: Settings, *, interactive: bool) -> int:
     return EXIT_OK
 
 
-def _summary(outcome: Any, request: Request) -> str:
+def _summary(outcome: Outcome, request: Request) -> str:
     stats = outcome.statistics or {}
     prefix = "dry run: would make" if request.dry_run else "made"
     parts = []

@@ -39,28 +39,26 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import inspect
 import json
 import logging
 import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Final, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Final, Protocol, Sequence
 
 from . import agenda, events, lock, schedule
 from .config.model import Settings
 from .disk.mount import holders
 from .errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, UsageError
-from .files import write_atomic
 from .reminder import notice_state_path
+from .process import ChildProcess, run_to_end
+from .sdnotify import Notifier, watchdog_interval
+from .statefile import DiskRecord, load_state, save_state, state_file_path
 from .state import (
-    STATE_FILE_VERSION,
     AgentStatus,
     BrowseReply,
     DiskStatus,
@@ -68,7 +66,6 @@ from .state import (
     Listener,
     Result,
     disk_left,
-    state_file_path,
 )
 from .udev import DiskGone, DiskSeen, Monitor
 
@@ -84,12 +81,7 @@ FOREIGN_POLL: Final = 3.0
 #: process of the user still uses it (a file open, a shell in it), in which
 #: case it is looked at again after as long.
 BROWSE_IDLE: Final = 900.0
-#: Longest line read from the cycle (a ``complete`` event with its statistics
-#: and the first rsync errors is a few KiB).
-_MAX_LINE: Final = 1 << 20
-_READ_SIZE: Final = 65536
 _STDERR_TAIL: Final = 5
-_PROGRESS_FIELDS: Final = ("percent", "bytes", "files", "rate", "eta")
 
 
 # -- where things are -----------------------------------------------------------
@@ -113,151 +105,13 @@ def _through_sudo(argv: Sequence[str]) -> bool:
     return bool(argv) and os.path.basename(argv[0]) == "sudo"
 
 
-# -- the state file ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DiskRecord:
-    """What the agent remembers about one disk across restarts."""
-
-    last_success: float | None = None  # epoch seconds the last complete snapshot is named after
-    last_failure: float | None = None
-    failures: int = 0  # consecutive failures since the last success
-    last_result: Result = "none"
-    last_message: str = ""
-    last_snapshot: str | None = None
-    unfinished: bool = False  # the last run failed or was stopped; no success since
-    stopped_at: float | None = None  # the user stopped the last run then
-    ejected: bool = False  # the user ejected the disk: closed until plugged in again or asked for
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def _record_from(value: object) -> DiskRecord | None:
-    if not isinstance(value, dict):
-        return None
-    failures = value.get("failures", 0)
-    result = value.get("last_result", "none")
-    snapshot = value.get("last_snapshot")
-    message = value.get("last_message", "")
-    return DiskRecord(
-        last_success=_number(value.get("last_success")),
-        last_failure=_number(value.get("last_failure")),
-        failures=failures if isinstance(failures, int) and not isinstance(failures, bool) and failures >= 0 else 0,
-        last_result=result if result in ("none", "success", "partial", "failure", "stopped") else "none",
-        last_message=message if isinstance(message, str) else "",
-        last_snapshot=snapshot if isinstance(snapshot, str) else None,
-        unfinished=value.get("unfinished") is True,
-        stopped_at=_number(value.get("stopped_at")),
-        ejected=value.get("ejected") is True,
-    )
-
-
-def load_state(path: str) -> tuple[dict[str, DiskRecord], dict[str, Any]]:
-    """The per-disk records and the last status the agent saved; empty when missing or unreadable.
-
-    A damaged file is logged and ignored: the agent then only knows less (a
-    plugged disk is backed up as if never before), it never refuses to run.
-    """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        return {}, {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring the agent's state file %s: %s", path, exc)
-        return {}, {}
-    if not isinstance(data, dict):
-        log.warning("ignoring the agent's state file %s: not a JSON object", path)
-        return {}, {}
-    records: dict[str, DiskRecord] = {}
-    disks = data.get("disks")
-    if isinstance(disks, dict):
-        for name, value in disks.items():
-            record = _record_from(value)
-            if isinstance(name, str) and record is not None:
-                records[name] = record
-    status = data.get("status")
-    return records, status if isinstance(status, dict) else {}
-
-
-def save_state(
-    path: str, records: Mapping[str, DiskRecord], status: AgentStatus, *, now: float | None = None
-) -> None:
-    """Write the state file atomically; ``backup-agent status`` reads it when no agent runs."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    data = {
-        "version": STATE_FILE_VERSION,
-        "saved": time.time() if now is None else now,
-        "disks": {name: record.as_dict() for name, record in records.items()},
-        "status": status.as_dict(),
-    }
-    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
-    write_atomic(path, text.encode(), mode=0o600, prefix=".state-")
-
-
-# -- systemd's notify protocol (no dependency) ---------------------------------------
-
-
-class Notifier:
-    """``sd_notify`` on a datagram socket: READY=1, STATUS=..., WATCHDOG=1. Silent without $NOTIFY_SOCKET."""
-
-    def __init__(self, address: str | None) -> None:
-        self._address: str | None = None
-        self._socket: socket.socket | None = None
-        if not address or not (address.startswith("/") or address.startswith("@")):
-            return
-        self._address = "\0" + address[1:] if address.startswith("@") else address
-        try:
-            # Non-blocking: a reader that does not keep up loses a status
-            # line, the agent never waits for it.
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        except OSError as exc:
-            log.warning("cannot notify systemd: %s", exc)
-
-    @classmethod
-    def from_environ(cls) -> "Notifier":
-        return cls(os.environ.get("NOTIFY_SOCKET"))
-
-    @property
-    def enabled(self) -> bool:
-        return self._socket is not None
-
-    def send(self, message: str) -> None:
-        if self._socket is None or self._address is None:
-            return
-        try:
-            self._socket.sendto(message.encode("utf-8", "replace"), self._address)
-        except OSError as exc:
-            log.debug("systemd notification %r not sent: %s", message.split("\n", 1)[0], exc)
-
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-
-
-def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
-    """Seconds between WATCHDOG=1 pings (half systemd's timeout), or None when no watchdog is asked for."""
-    env = os.environ if environ is None else environ
-    usec = env.get("WATCHDOG_USEC", "")
-    pid = env.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) <= 0:
-        return None
-    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
-        return None
-    return int(usec) / 2e6
-
-
 # -- the agent ------------------------------------------------------------------------
+
+
+class Releasable(Protocol):
+    """What holds sleep off while a cycle runs (logind's inhibitor): released by closing it."""
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -272,7 +126,7 @@ class AgentOptions:
     state_file: str = field(default_factory=state_file_path)
     #: Takes logind's sleep inhibitor before a cycle starts; what it returns
     #: (an fd, or an object with ``close()``) is closed when the cycle ends.
-    inhibit: Callable[[], Awaitable[object | None]] | None = None
+    inhibit: Callable[[], Awaitable[Releasable | None]] | None = None
     #: The cycle's machine lock; None: :func:`cycle_lock_path` for ``cycle_argv``.
     cycle_lock: str | None = None
     #: Seconds between looks at the lock while a foreign cycle runs.
@@ -300,19 +154,15 @@ class _Cycle:
     reason: str
     started: float  # agent clock
     started_monotonic: float
-    process: "subprocess.Popen[bytes] | None" = None
-    pidfd: int = -1
-    stdout_fd: int = -1
-    stderr_fd: int = -1
-    stdout_buffer: bytearray = field(default_factory=bytearray)
-    stderr_buffer: bytearray = field(default_factory=bytearray)
+    process: ChildProcess | None = None
     stderr_tail: list[str] = field(default_factory=list)
-    complete: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    complete: events.CompleteEvent | None = None
+    error: events.ErrorEvent | None = None
+    protocol_refused: bool = False  # a line of a newer protocol was logged once
     stop_requested: bool = False
     closing: dict[str, str] = field(default_factory=dict)  # "unmount"/"lock-disk" -> the state reported
     lock_warning: str = ""  # why locking the disk failed, when it did
-    inhibitor: object | None = None
+    inhibitor: Releasable | None = None
     launch: "asyncio.Task[None] | None" = None
     finished: bool = False
 
@@ -415,10 +265,6 @@ class Agent:
     def add_listener(self, listener: Listener) -> None:
         """Subscribe (the D-Bus service, notifications, the tray), also after the agent started."""
         self._listeners.append(listener)
-
-    def remove_listener(self, listener: Listener) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
 
     @property
     def timer(self) -> asyncio.TimerHandle | None:
@@ -596,11 +442,7 @@ class Agent:
         self._block()
         log.info("ejecting %s: running %s", disk, " ".join(argv))
         try:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True,
-            )
-            out, err = await asyncio.to_thread(process.communicate)
+            returncode, out, err = await run_to_end(argv)
         except OSError as exc:
             reply = EjectReply("failed", f"could not start the eject ({argv[0]}): {exc.strerror or exc}")
         except BaseException:
@@ -608,10 +450,7 @@ class Agent:
             self._block()
             raise
         else:
-            reply = eject_reply(
-                disk, process.returncode, out.decode("utf-8", "replace").splitlines(),
-                err.decode("utf-8", "replace").splitlines(), through_sudo=_through_sudo(argv),
-            )
+            reply = eject_reply(disk, returncode, out, err, through_sudo=_through_sudo(argv))
         (log.info if reply.safe else log.warning)("eject %s: %s", disk, reply.message)
         if reply.safe and by_user:
             self._do(agenda.Ejected(disk))  # before the way is clear again: nothing opens it
@@ -639,18 +478,11 @@ class Agent:
         argv = [*self._options.open_argv, "--disk", disk]
         log.info("opening %s for browsing: running %s", disk, " ".join(argv))
         try:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True,
-            )
-            out, err = await asyncio.to_thread(process.communicate)
+            returncode, out, err = await run_to_end(argv)
         except OSError as exc:
             reply = BrowseReply("failed", f"could not start opening the disk ({argv[0]}): {exc.strerror or exc}")
         else:
-            reply = browse_reply(
-                disk, process.returncode, out.decode("utf-8", "replace").splitlines(),
-                err.decode("utf-8", "replace").splitlines(), through_sudo=_through_sudo(argv),
-            )
+            reply = browse_reply(disk, returncode, out, err, through_sudo=_through_sudo(argv))
         (log.info if reply.open else log.warning)("browse %s: %s", disk, reply.message)
         if reply.open:
             self._arm_browse_close(disk)
@@ -870,7 +702,7 @@ class Agent:
             cycle.launch = loop.create_task(self._inhibit_then_spawn(loop, cycle, inhibit))
 
     async def _inhibit_then_spawn(
-        self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, inhibit: Callable[[], Awaitable[object | None]]
+        self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, inhibit: Callable[[], Awaitable[Releasable | None]]
     ) -> None:
         try:
             cycle.inhibitor = await inhibit()
@@ -888,94 +720,21 @@ class Agent:
             self._finish(cycle, None, "stopped before it started")
             return
         argv = [*self._options.cycle_argv, "--disk", cycle.disk]
-        log.info("running %s", " ".join(argv))
-        try:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # a signal to the agent's process group does not reach it
-                close_fds=True,
-            )
-        except OSError as exc:
-            self._finish(cycle, None, f"could not start the backup cycle ({argv[0]}): {exc.strerror or exc}")
-            return
-        cycle.process = process
-        if process.stdout is None or process.stderr is None:  # stdout=PIPE, stderr=PIPE give both: a bug
-            raise RuntimeError(f"the backup cycle (pid {process.pid}) was started without its output pipes")
-        cycle.stdout_fd = process.stdout.fileno()
-        cycle.stderr_fd = process.stderr.fileno()
-        for fd in (cycle.stdout_fd, cycle.stderr_fd):
-            os.set_blocking(fd, False)
-        loop.add_reader(cycle.stdout_fd, self._read, cycle, "stdout")
-        loop.add_reader(cycle.stderr_fd, self._read, cycle, "stderr")
-        try:
-            cycle.pidfd = os.pidfd_open(process.pid)
-        except (AttributeError, OSError):
-            cycle.pidfd = -1
-        if cycle.pidfd >= 0:
-            loop.add_reader(cycle.pidfd, self._exited, cycle, process)
-        else:  # no pidfd (Linux before 5.3): a thread blocked in waitpid, not polling
-            waiter = loop.run_in_executor(None, process.wait)
-            waiter.add_done_callback(lambda _: self._exited(cycle, process))
-        self._refresh()
 
-    def _read(self, cycle: _Cycle, stream: str) -> None:
-        """Readable: take what is there (without blocking), handle the complete lines."""
-        fd = cycle.stdout_fd if stream == "stdout" else cycle.stderr_fd
-        if fd < 0:
-            return
-        buffer = cycle.stdout_buffer if stream == "stdout" else cycle.stderr_buffer
-        for _ in range(16):
-            try:
-                data = os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                log.warning("reading the backup cycle's %s failed: %s", stream, exc)
-                data = b""
-            if not data:
-                self._close_pipe(cycle, stream)
-                return
-            buffer += data
-            self._lines(cycle, stream, buffer)
-        if len(buffer) > _MAX_LINE:
-            log.warning("dropping an over-long line from the backup cycle (%d bytes)", len(buffer))
-            buffer.clear()
-
-    def _lines(self, cycle: _Cycle, stream: str, buffer: bytearray, *, final: bool = False) -> None:
-        while True:
-            end = buffer.find(b"\n")
-            if end < 0:
-                if not final or not buffer:
-                    return
-                end = len(buffer)
-            raw = bytes(buffer[:end])
-            del buffer[: end + 1]
-            line = raw.decode("utf-8", "replace").rstrip("\r")
+        def on_line(stream: str, line: str) -> None:
             if stream == "stdout":
                 self._on_stdout(cycle, line)
             else:
                 self._on_stderr(cycle, line)
 
-    def _close_pipe(self, cycle: _Cycle, stream: str) -> None:
-        """Stop reading one pipe: handle a last unterminated line, close our end."""
-        fd = cycle.stdout_fd if stream == "stdout" else cycle.stderr_fd
-        if fd < 0:
+        process = ChildProcess(loop, on_line, lambda: self._exited(cycle))
+        try:
+            process.start(argv)
+        except OSError as exc:
+            self._finish(cycle, None, f"could not start the backup cycle ({argv[0]}): {exc.strerror or exc}")
             return
-        if stream == "stdout":
-            cycle.stdout_fd = -1
-        else:
-            cycle.stderr_fd = -1
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(fd)
-        self._lines(cycle, stream, cycle.stdout_buffer if stream == "stdout" else cycle.stderr_buffer, final=True)
-        process = cycle.process
-        if process is not None:
-            pipe = process.stdout if stream == "stdout" else process.stderr
-            if pipe is not None:
-                pipe.close()
+        cycle.process = process
+        self._refresh()
 
     def _on_stderr(self, cycle: _Cycle, line: str) -> None:
         if not line.strip():
@@ -989,36 +748,37 @@ class Agent:
             return
         try:
             event = events.decode(line)
-        except ValueError:
-            log.warning("the backup cycle wrote a line that is not an event: %.200s", line)
+        except events.ProtocolVersionError as exc:
+            if not cycle.protocol_refused:
+                log.error("backup of %s: %s", cycle.disk, exc)
+                cycle.protocol_refused = True
             return
-        kind = event["event"]
-        if kind == "step":
-            step = event.get("step")
-            state = event.get("state")
-            if step in ("unmount", "lock-disk") and state in ("done", "left-as-found", "failed"):
-                cycle.closing[str(step)] = str(state)
-            self._status.step = step if isinstance(step, str) else None
+        except ValueError as exc:
+            log.warning("the backup cycle wrote a line that is not an event (%s): %.200s", exc, line)
+            return
+        if isinstance(event, events.StepEvent):
+            if event.step in ("unmount", "lock-disk") and event.state in ("done", "left-as-found", "failed"):
+                cycle.closing[event.step] = event.state
+            self._status.step = event.step
             self._refresh()
-        elif kind == "progress":
-            progress = {key: event.get(key) for key in _PROGRESS_FIELDS}
+        elif isinstance(event, events.ProgressEvent):
+            progress: dict[str, Any] = event.fields()
             progress["elapsed"] = round(time.monotonic() - cycle.started_monotonic, 3)
             self._status.progress = progress
             self._tell("progress", event)
-        elif kind == "warning":
-            log.warning("backup of %s: %s", cycle.disk, event.get("message"))
-            if event.get("step") == "lock-disk":
-                cycle.lock_warning = str(event.get("message") or "")
-        elif kind == "complete":
+        elif isinstance(event, events.WarningEvent):
+            log.warning("backup of %s: %s", cycle.disk, event.message)
+            if event.step == "lock-disk":
+                cycle.lock_warning = event.message
+        elif isinstance(event, events.CompleteEvent):
             cycle.complete = event
-            if not event.get("skipped"):
+            if not event.skipped:
                 self._tell("backup_completed", event)
-        elif kind == "error":
+        else:
             cycle.error = event
-            step = event.get("step")
-            message = str(event.get("message") or "the backup failed")
-            code = event.get("exit_code")
-            exit_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+            step = event.step
+            message = event.message or "the backup failed"
+            exit_code = event.exit_code
             if exit_code == EXIT_BUSY and step == "lock":
                 # Maybe another cycle took the machine lock first: that is a
                 # wait, not a failure; _finish decides once the cycle has ended.
@@ -1026,31 +786,20 @@ class Agent:
             if cycle.stop_requested:
                 log.info("backup of %s: %s (stopped as asked)", cycle.disk, message)
                 return
-            self._tell("backup_failed", step if isinstance(step, str) else None, message, exit_code)
+            self._tell("backup_failed", step, message, exit_code)
 
-    def _exited(self, cycle: _Cycle, process: "subprocess.Popen[bytes]") -> None:
+    def _exited(self, cycle: _Cycle) -> None:
         """The cycle's process ended: read what it left in the pipes, then conclude."""
-        if cycle.finished or cycle is not self._cycle:
+        process = cycle.process
+        if cycle.finished or cycle is not self._cycle or process is None:
             return
-        if process.poll() is None:
-            return  # not yet (a spurious wake-up)
-        # Everything it wrote is in the pipes now; a child of it (a hook's
-        # background job) may keep them open, so read to "nothing more now",
-        # not to end-of-file.
-        for stream in ("stdout", "stderr"):
-            self._read(cycle, stream)
-            self._close_pipe(cycle, stream)
+        process.drain()
         self._finish(cycle, process.returncode, None)
 
     def _detach(self, cycle: _Cycle) -> None:
         """Stop reading the cycle (it keeps running if it still runs)."""
-        for stream in ("stdout", "stderr"):
-            self._close_pipe(cycle, stream)
-        if cycle.pidfd >= 0:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(cycle.pidfd)
-            os.close(cycle.pidfd)
-            cycle.pidfd = -1
+        if cycle.process is not None:
+            cycle.process.detach()
 
     def _finish(self, cycle: _Cycle, returncode: int | None, failure: str | None) -> None:
         """Conclude a cycle: the schedule, the record, the state file, listeners, the next decision."""
@@ -1065,33 +814,33 @@ class Agent:
         busy = (
             returncode == EXIT_BUSY
             and error is not None
-            and error.get("step") == "lock"
+            and error.step == "lock"
         )
         if busy:
             self._look_for_foreign()
         if busy and self._foreign is not None:
             # Someone else's cycle took the machine lock first: not a failure
             # of this disk; its trigger waits for that cycle (the agenda holds it).
-            log.info("the backup of %s did not start: %s", name, error.get("message") if error else "busy")
+            log.info("the backup of %s did not start: %s", name, error.message if error else "busy")
             self._status.step = None
             self._status.progress = {}
             self._do(agenda.Finished(name, "busy"))
             return
-        succeeded = complete is not None and not complete.get("skipped") and returncode in (EXIT_OK, EXIT_PARTIAL)
+        succeeded = complete is not None and not complete.skipped and returncode in (EXIT_OK, EXIT_PARTIAL)
         taken: float | None = None
         if complete is not None and succeeded:
-            snapshot = complete.get("snapshot")
+            snapshot = complete.snapshot
             # The snapshot is named after the cycle's start: the moment the
             # agent started it, on the agent's own clock.
             taken = cycle.started
-            partial = returncode == EXIT_PARTIAL or bool(complete.get("partial"))
+            partial = returncode == EXIT_PARTIAL or complete.partial
             result: Result = "partial" if partial else "success"
             message = f"snapshot {snapshot}" + (" (partial: some files could not be read)" if partial else "")
             record = dataclasses.replace(
                 record,
                 last_result=result,
                 last_message=message,
-                last_snapshot=snapshot if isinstance(snapshot, str) else record.last_snapshot,
+                last_snapshot=snapshot if snapshot is not None else record.last_snapshot,
             )
             log.info("backup of %s done: %s", name, message)
         elif cycle.stop_requested:
@@ -1102,11 +851,11 @@ class Agent:
             log.info("backup of %s stopped as asked", name)
         else:
             if error is not None:
-                message = str(error.get("message") or "the backup failed")
+                message = error.message or "the backup failed"
             elif failure is not None:
                 message = failure
-            elif complete is not None and complete.get("skipped"):
-                message = f"nothing done: {complete.get('skipped')}"
+            elif complete is not None and complete.skipped:
+                message = f"nothing done: {complete.skipped}"
             elif returncode is None:  # whoever ends a cycle that did not run gives the failure
                 message = "the backup cycle did not run"
             else:
@@ -1137,14 +886,7 @@ class Agent:
         if held is None:
             return
         try:
-            if isinstance(held, int) and not isinstance(held, bool):
-                os.close(held)
-                return
-            close = getattr(held, "close", None)
-            if callable(close):
-                outcome = close()
-                if inspect.isawaitable(outcome) and self._loop is not None and not self._loop.is_closed():
-                    self._loop.create_task(_await(outcome))
+            held.close()
         except Exception:
             log.exception("releasing the sleep inhibitor failed")
 
@@ -1247,33 +989,35 @@ class Agent:
                 log.exception("listener %r failed in %s", listener, method)
 
 
-async def _await(awaitable: Awaitable[Any]) -> None:
-    try:
-        await awaitable
-    except Exception:
-        log.exception("releasing the sleep inhibitor failed")
-
-
 # -- eject ----------------------------------------------------------------------------------------------
+
+
+def _outcome(stdout: Sequence[str]) -> tuple[events.CompleteEvent | None, events.ErrorEvent | None]:
+    """The last complete and error events among a command's lines; other lines are passed over."""
+    done: events.CompleteEvent | None = None
+    error: events.ErrorEvent | None = None
+    for line in stdout:
+        with contextlib.suppress(ValueError):
+            event = events.decode(line)
+            if isinstance(event, events.CompleteEvent):
+                done = event
+            elif isinstance(event, events.ErrorEvent):
+                error = event
+    return done, error
 
 
 def eject_reply(disk: str, returncode: int, stdout: Sequence[str], stderr: Sequence[str], *, through_sudo: bool) -> EjectReply:
     """What ``backup-agent eject --json`` ended with (pure): its exit status, events and last error line."""
-    found: dict[str, dict[str, Any]] = {}
-    for line in stdout:
-        with contextlib.suppress(ValueError):
-            event = events.decode(line)
-            found[event["event"]] = event
+    done, error = _outcome(stdout)
     said = [line.strip() for line in stderr if line.strip()]
-    error = found.get("error")
-    if error is not None and error.get("message"):
-        message = str(error["message"])
+    if error is not None and error.message:
+        message = error.message
     elif said:
         message = said[-1].removeprefix("backup-agent: ")
     else:
         message = f"the eject {_exit_description(returncode)}"
-    if returncode == EXIT_OK and "complete" in found:
-        if found["complete"].get("already_closed"):
+    if returncode == EXIT_OK and done is not None:
+        if done.already_closed:
             return EjectReply("already", f"{disk} is locked and not mounted: already safe to unplug")
         return EjectReply("ejected", f"{disk} is unmounted and locked: safe to unplug")
     if through_sudo and error is None and any("password is required" in line for line in said):
@@ -1293,24 +1037,17 @@ def browse_reply(
     disk: str, returncode: int, stdout: Sequence[str], stderr: Sequence[str], *, through_sudo: bool
 ) -> BrowseReply:
     """What ``backup-agent open --json`` ended with (pure): its exit status, events and last error line."""
-    found: dict[str, dict[str, Any]] = {}
-    for line in stdout:
-        with contextlib.suppress(ValueError):
-            event = events.decode(line)
-            found[event["event"]] = event
+    done, error = _outcome(stdout)
     said = [line.strip() for line in stderr if line.strip()]
-    error = found.get("error")
-    if error is not None and error.get("message"):
-        message = str(error["message"])
+    if error is not None and error.message:
+        message = error.message
     elif said:
         message = said[-1].removeprefix("backup-agent: ")
     else:
         message = f"opening the disk {_exit_description(returncode)}"
-    done = found.get("complete")
     if returncode == EXIT_OK and done is not None:
-        snapshots = done.get("snapshots")
-        folder = snapshots if isinstance(snapshots, str) else None
-        if done.get("already_open"):
+        folder = done.snapshots
+        if done.already_open:
             return BrowseReply("already", f"{disk} is open already", folder)
         return BrowseReply("opened", f"{disk} is open for browsing, read-only", folder)
     if through_sudo and error is None and any("password is required" in line for line in said):
@@ -1373,65 +1110,61 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
             SYSTEM_CONFIG,
         )
     async def serve() -> None:
+        """The agent with its adapters; each one opened registers its closing at once, so a failing
+        start of a later one (the tray, the notifier) still closes what was opened before it."""
         # dbus_fast is imported here, not at the top: the cycle (which runs
         # as root through sudo) never loads it.
         from .dbus import control, logind, notify, tray
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        system = await logind.system_bus()
-
-        async def inhibit() -> object | None:
-            return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
-
-        policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)
-        options = AgentOptions(
-            cycle_argv=argv,
-            policy=policy,
-            inhibit=inhibit if system is not None else None,
-            eject_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="eject"),
-            open_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="open"),
-        )
-        agent = Agent(settings, options)
-        service = await control.serve(agent)
-        if service is not None:
-            agent.add_listener(service.listener)
-        notifier = None
-        if settings.notifications and notifications:
-            notifier = await notify.start(
-                service.bus if service is not None else None, agent, disks=agent, settings=settings,
-                state_path=notice_state_path(options.state_file),
-            )
-            agent.add_listener(notifier)
-        else:
-            log.info("desktop notifications are turned off")
-        icon = None
-        if settings.tray and service is not None:
-            icon = await tray.start(service.bus, agent, settings, stop.set)  # its Quit is SIGTERM's stop
-            if icon is not None:
-                agent.add_listener(icon)
-        sleep_watch = await logind.watch_sleep(system, agent.on_resumed)
-        if notifier is not None:
-            # Runs once agent.run below has read the disks present (it does so
-            # before its first await): the login's reminders and missed failures.
-            loop.call_soon(notifier.login)
-        try:
-            await agent.run(stop)
-        finally:
-            if sleep_watch is not None:
-                sleep_watch.close()
-            if notifier is not None:
-                notifier.close()
-            if icon is not None:
-                icon.close()
-            if service is not None:
-                service.close()
-            if system is not None:
-                system.disconnect()
+        async with contextlib.AsyncExitStack() as stack:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
+                loop.add_signal_handler(signum, stop.set)
+                stack.callback(loop.remove_signal_handler, signum)
+            system = await logind.system_bus()
+            if system is not None:
+                stack.callback(system.disconnect)
+
+            async def inhibit() -> Releasable | None:
+                return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
+
+            policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)
+            options = AgentOptions(
+                cycle_argv=argv,
+                policy=policy,
+                inhibit=inhibit if system is not None else None,
+                eject_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="eject"),
+                open_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="open"),
+            )
+            agent = Agent(settings, options)
+            service = await control.serve(agent)
+            if service is not None:
+                stack.callback(service.close)
+                agent.add_listener(service.listener)
+            notifier = None
+            if settings.notifications and notifications:
+                notifier = await notify.start(
+                    service.bus if service is not None else None, agent, disks=agent, settings=settings,
+                    state_path=notice_state_path(options.state_file),
+                )
+                stack.callback(notifier.close)
+                agent.add_listener(notifier)
+            else:
+                log.info("desktop notifications are turned off")
+            if settings.tray and service is not None:
+                icon = await tray.start(service.bus, agent, settings, stop.set)  # its Quit is SIGTERM's stop
+                if icon is not None:
+                    stack.callback(icon.close)
+                    agent.add_listener(icon)
+            sleep_watch = await logind.watch_sleep(system, agent.on_resumed)
+            if sleep_watch is not None:
+                stack.callback(sleep_watch.close)
+            if notifier is not None:
+                # Runs once agent.run below has read the disks present (it does so
+                # before its first await): the login's reminders and missed failures.
+                loop.call_soon(notifier.login)
+            await agent.run(stop)
 
     asyncio.run(serve())
     return EXIT_OK
@@ -1440,14 +1173,9 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
 __all__ = [
     "Agent",
     "AgentOptions",
-    "DiskRecord",
-    "Notifier",
     "ROOT_CYCLE_LOCK",
     "cycle_argv_for",
     "cycle_lock_path",
     "eject_reply",
-    "load_state",
     "main",
-    "save_state",
-    "watchdog_interval",
 ]

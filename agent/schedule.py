@@ -23,8 +23,7 @@ the agent must apply :func:`on_started` to the state *before it handles the
 next trigger*. Then a plug-in, a timer and a "back up now" arriving at the same
 instant start exactly one cycle: the first trigger says "start", the others
 say ``"running"``. :func:`handle` does both steps in one call (decide, and mark
-the cycle started when the decision is to start), and :func:`coalesce` handles
-several triggers of one instant that way; an agent that only ever uses
+the cycle started when the decision is to start); an agent that only ever uses
 :func:`handle` cannot get this wrong.
 
 **Sleeping.** After each decision the agent may sleep :func:`seconds_until`
@@ -74,7 +73,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Literal
+from typing import Literal
 
 ON_PLUG_CHOICES = ("if-due", "always")
 
@@ -343,13 +342,3 @@ def handle(state: DiskState, policy: Policy, now: float, trigger: Trigger) -> tu
         state = on_started(state)
     return state, decision
 
-
-def coalesce(
-    state: DiskState, policy: Policy, now: float, triggers: Iterable[Trigger]
-) -> tuple[DiskState, tuple[Decision, ...]]:
-    """Several triggers at the same instant, in order: at most one decision starts."""
-    decisions: list[Decision] = []
-    for trigger in triggers:
-        state, decision = handle(state, policy, now, trigger)
-        decisions.append(decision)
-    return state, tuple(decisions)

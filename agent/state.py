@@ -12,23 +12,10 @@ use to change what root reads, writes or runs.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Protocol
 
-# The agent saves its status here (agent.daemon.save_state) and `backup-agent
-# status` reads it back when no agent runs (agent.dbus.client).
-STATE_FILE_VERSION = 1
-
-
-def state_file_path(environ: Mapping[str, str] | None = None) -> str:
-    """``$XDG_STATE_HOME/backup-agent/state.json`` (a relative XDG_STATE_HOME is ignored, as the spec says)."""
-    env = os.environ if environ is None else environ
-    base = env.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(base):
-        base = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "backup-agent", "state.json")
-
+from .events import CompleteEvent, ProgressEvent
 
 State = Literal["idle", "disk-attached", "running", "failed"]
 #: "stopped": the user stopped the last cycle (not a failure; its transfer is kept for the next run).
@@ -169,9 +156,9 @@ class Listener(Protocol):
 
     def backup_started(self, disk: str, reason: str) -> None: ...
 
-    def progress(self, event: dict[str, Any]) -> None: ...
+    def progress(self, event: ProgressEvent) -> None: ...
 
-    def backup_completed(self, event: dict[str, Any]) -> None: ...
+    def backup_completed(self, event: CompleteEvent) -> None: ...
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
         """The cycle failed in ``step``; ``exit_code`` is the cycle's (agent.errors), None when not known."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import DiskRecord, load_state
+from agent.statefile import DiskRecord, load_state
 from agent.errors import EXIT_DISK_MISSING
 from tests.test_daemon import REPO, StandIn, detach, here, real, settle, until  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import DBUS_DAEMON, private_bus

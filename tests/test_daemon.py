@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -38,10 +39,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import pytest
 
-from agent import lock, schedule
+from agent import events, lock, schedule
 from agent.config.load import load_settings
 from agent.config.model import Disk, Settings
-from agent.daemon import Agent, AgentOptions, DiskRecord, cycle_argv_for, cycle_lock_path, load_state, save_state, watchdog_interval
+from agent.daemon import Agent, AgentOptions, cycle_argv_for, cycle_lock_path
+from agent.sdnotify import watchdog_interval
+from agent.statefile import DiskRecord, load_state, save_state
 from agent.state import AgentStatus
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig: fixture)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
@@ -86,10 +89,10 @@ class Recorder:
     def backup_started(self, disk: str, reason: str) -> None:
         self._add("backup_started", disk, reason)
 
-    def progress(self, event: dict[str, Any]) -> None:
+    def progress(self, event: events.ProgressEvent) -> None:
         self._add("progress", event)
 
-    def backup_completed(self, event: dict[str, Any]) -> None:
+    def backup_completed(self, event: events.CompleteEvent) -> None:
         self._add("backup_completed", event)
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
@@ -391,7 +394,7 @@ def test_a_disk_attached_before_the_agent_starts_is_found_and_backed_up(bench: B
             assert agent.timer.when() - asyncio.get_running_loop().time() == pytest.approx(
                 status.next_due - time.time(), abs=2
             )
-            snapshot = recorder.of("backup_completed")[0][0]["snapshot"]
+            snapshot = recorder.of("backup_completed")[0][0].snapshot
         records, saved = load_state(str(bench.tmp / "agent-state" / "state.json"))
         assert records[NAME].last_snapshot == snapshot and records[NAME].failures == 0
         assert saved["state"] == "disk-attached"
@@ -481,7 +484,7 @@ def test_a_disk_pulled_out_mid_transfer_fails_cleanly_and_the_next_plug_in_resum
             assert agent.status().last_result == "success" and agent.last_returncode == 0
             done = recorder.of("backup_completed")
             assert len(done) == 1
-            return str(done[0][0]["snapshot"]), leftover
+            return str(done[0][0].snapshot), leftover
 
     snapshot, leftover = asyncio.run(scenario())
     bench.assert_locked_and_unmounted()
@@ -584,7 +587,7 @@ def test_after_a_success_the_next_cycle_waits_for_the_interval(bench: Bench, her
             await one_cycle(agent, recorder, 4)
             done = recorder.of("backup_completed")
             assert len(done) == 4 and agent.status().last_result == "success"
-            return str(done[-1][0]["snapshot"])
+            return str(done[-1][0].snapshot)
 
     newest = asyncio.run(scenario())
     bench.assert_locked_and_unmounted()
@@ -827,3 +830,18 @@ def test_the_cycle_lock_and_the_cycle_argv(monkeypatch: pytest.MonkeyPatch, tmp_
     assert argv[:5] == (sys.executable, "-m", "agent.cli", "backup", "--json")
     assert argv[-2:] == ("--config", os.path.abspath("cfg.toml"))
     assert ("--no-sudo" in argv) is (os.geteuid() != 0)
+
+
+def test_the_agent_and_status_read_the_state_file_through_one_reader(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A newer file is read as far as possible and said so, by the agent as by `status` (one reader: agent.statefile)."""
+    from agent.dbus.client import read_saved_status
+
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 2, "saved": 5.0, "disks": {"a": {"ejected": True}},
+                                "status": {"state": "idle", "disk": "a"}}))
+    with caplog.at_level(logging.WARNING, logger="agent.statefile"):
+        records, status = load_state(str(path))
+        saved = read_saved_status(str(path))
+    assert records == {"a": DiskRecord(ejected=True)} and status["disk"] == "a"
+    assert saved is not None and saved.disk == "a"
+    assert [r.getMessage().count("has version 2") for r in caplog.records] == [1, 1]

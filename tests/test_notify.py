@@ -32,9 +32,10 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
+from agent import events
 from agent.config.load import load_settings
 from agent.config.model import Disk, Settings
-from agent.daemon import DiskRecord, save_state
+from agent.statefile import DiskRecord, save_state
 from agent.cycle import human_size
 from agent.dbus import notify
 from agent.errors import (
@@ -58,11 +59,12 @@ from tests.test_udev import udevd  # noqa: F401  (fixture)
 NOW = 1763812800.0  # 2025-11-22 12:00:00 UTC
 UTC = dt.timezone.utc
 
-COMPLETE: dict[str, Any] = {
-    "event": "complete", "snapshot": "2025-11-22T12-00-00+0000", "skipped": None, "partial": False,
+COMPLETE_FIELDS: dict[str, Any] = {
+    "skipped": None, "partial": False,
     "flagged": None, "statistics": {"files": 50123, "transferred_files": 12, "transferred_size": 1_500_000},
     "warnings": 0, "deleted": [], "duration": 200.4, "dry_run": False,
 }
+COMPLETE = events.complete("2025-11-22T12-00-00+0000", **COMPLETE_FIELDS)
 
 
 # -- texts (pure) ------------------------------------------------------------------------
@@ -102,11 +104,11 @@ def test_started_text() -> None:
 
 
 def test_progress_text() -> None:
-    event = {"event": "progress", "percent": 42, "bytes": 1048576, "files": 12, "rate": 350000.0, "eta": 240}
+    event = events.progress(42, 1048576, 12, 350000.0, 240)
     assert notify.progress_text("backup1", event, "transfer") == Text(
         "Backing up to backup1: 42%", "About 4 minutes left: copying files (12 files, 1.0 MiB so far).", LOW
     )
-    unknown = notify.progress_text("backup1", {"percent": None, "eta": None}, None)
+    unknown = notify.progress_text("backup1", None, None)
     assert unknown == Text("Backing up to backup1", "Working out the time left: copying files.", LOW)
 
 
@@ -114,9 +116,9 @@ def test_sizes_are_the_cli_s_binary_units() -> None:
     """One formatter for the CLI and the notifications (agent.cycle.human_size): MiB, not MB."""
     assert human_size(1_500_000) == "1.4 MiB"
     assert "(1.4 MiB)" in notify.completed_text("backup1", COMPLETE, "locked").body
-    event = {"percent": 1, "bytes": 3 * 2**30, "files": 2, "eta": 60}
+    event = events.progress(1, 3 * 2**30, 2, None, 60)
     assert "(2 files, 3.0 GiB so far)" in notify.progress_text("backup1", event, "transfer").body
-    assert "(1 file, 512 B so far)" in notify.progress_text("backup1", {"bytes": 512, "files": 1}, None).body
+    assert "(1 file, 512 B so far)" in notify.progress_text("backup1", events.progress(None, 512, 1, None, None), None).body
 
 
 def test_completed_text_says_safe_to_unplug_only_once_locked() -> None:
@@ -129,9 +131,11 @@ def test_completed_text_says_safe_to_unplug_only_once_locked() -> None:
     assert "safe to unplug" not in locking.body
     locked = notify.completed_text("backup1", COMPLETE, "locked")
     assert locked.body.endswith("\nIt is safe to unplug backup1.")
-    nothing = notify.completed_text("backup1", {**COMPLETE, "statistics": {"transferred_files": 0}}, "locked")
+    nothing = notify.completed_text(
+        "backup1", events.complete(COMPLETE.snapshot, **{**COMPLETE_FIELDS, "statistics": {"transferred_files": 0}}), "locked"
+    )
     assert nothing.body.startswith("Nothing changed since the last backup in 3 min 20 s.")
-    partial = notify.completed_text("backup1", {**COMPLETE, "partial": True}, "locked")
+    partial = notify.completed_text("backup1", events.complete(COMPLETE.snapshot, **{**COMPLETE_FIELDS, "partial": True}), "locked")
     assert partial.summary == "Backup to backup1 finished with problems"
     assert "Some files could not be read" in partial.body
 
@@ -328,7 +332,7 @@ def test_a_whole_cycle_is_one_notification_updated_in_place(session_bus: Private
         notifier.status_changed(RUNNING)
         for at, percent in ((1.0, 10), (4.9, 20), (5.0, 30), (7.0, 40), (10.5, 50)):
             clock.now = at
-            notifier.progress({"event": "progress", "percent": percent, "bytes": 1000, "files": 1, "eta": 90})
+            notifier.progress(events.progress(percent, 1000, 1, None, 90))
         await notifier.flush()
         started, *progress = server.shown
         assert (started.replaces_id, started.summary) == (0, "Backing up to backup1")
@@ -473,7 +477,7 @@ def test_no_server_is_logged_once_and_nothing_raises(
             notifier = await notify.start(bus, FakeController(), clock=FakeClock(), now=lambda: NOW)
             assert notifier is not None and notifier.capabilities is None
             notifier.backup_started("backup1", "asked")
-            notifier.progress({"percent": 1})
+            notifier.progress(events.progress(1, 0, 0, None, None))
             notifier.backup_failed("transfer", "it broke")
             await notifier.flush()
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -752,7 +756,7 @@ def test_open_backups_is_offered_only_when_the_snapshot_can_be_reached_and_runs_
     (bin_dir / "xdg-open").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     settings = one_disk(tmp_path)
-    snapshot = tmp_path / "mnt" / "host" / "snapshots" / str(COMPLETE["snapshot"])
+    snapshot = tmp_path / "mnt" / "host" / "snapshots" / str(COMPLETE.snapshot)
     snapshot.mkdir(parents=True)
 
     def ended(left: str, detail: str = "") -> AgentStatus:

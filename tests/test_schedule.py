@@ -25,7 +25,6 @@ from agent.schedule import (
     DiskState,
     Policy,
     Trigger,
-    coalesce,
     handle,
     next_due,
     on_asked,
@@ -397,21 +396,6 @@ def test_forgetting_on_started_would_start_twice() -> None:
     state, d1 = on_plugged(DiskState(last_success=T0 - 2 * HOUR), P, T0)
     _, d2 = on_asked(state, T0)
     assert d1.start_now and d2.start_now
-
-
-@pytest.mark.parametrize(
-    "triggers",
-    [
-        ("plugged", "tick", "asked"),
-        ("asked", "plugged", "tick", "resumed"),
-        ("plugged", "plugged", "plugged"),
-        ("plugged", "unplugged", "plugged", "asked"),
-    ],
-)
-def test_coalesce_gives_one_start(triggers: tuple[Trigger, ...]) -> None:
-    state, decisions = coalesce(DiskState(last_success=T0 - 2 * HOUR), ALWAYS, T0, triggers)
-    assert sum(d.start_now for d in decisions) == 1
-    assert state.running
 
 
 def test_handle_marks_the_cycle_started() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -37,7 +38,7 @@ from dbus_fast.annotations import DBusBool, DBusInt32, DBusSignature, DBusStr
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from agent import schedule
+from agent import events, schedule
 from agent.config.load import load_settings
 from agent.config.model import Commands, Disk, Settings
 from agent.daemon import Agent, AgentOptions
@@ -102,25 +103,25 @@ def test_each_state_has_its_icon_and_status() -> None:
 
 def test_the_tooltip_shows_the_progress_or_the_last_backup() -> None:
     running = AgentStatus(state="running", disk="backup1", step="transfer", last_success=NOW - 7200)
-    event = {"percent": 42, "eta": 240, "files": 12, "bytes": 1048576}
+    event = events.progress(42, 1048576, 12, None, 240)
     assert tray.tooltip(running, event, NOW) == (
         "Backing up to backup1: 42%", "About 4 minutes left: copying files (12 files, 1.0 MiB so far)."
     )
-    assert tray.tooltip(AgentStatus(state="running", disk="backup1", step="unlock"), {}, NOW) == (
+    assert tray.tooltip(AgentStatus(state="running", disk="backup1", step="unlock"), None, NOW) == (
         "Backing up to backup1", "Working out the time left: unlocking the disk."
     )
     attached = AgentStatus(state="disk-attached", disk="backup1", last_success=NOW - 7200, last_result="success",
                            last_message=f"snapshot {SNAPSHOT}", next_due=NOW + 86400)
-    title, text = tray.tooltip(attached, {}, NOW)
+    title, text = tray.tooltip(attached, None, NOW)
     assert title == "backup1 attached"
     assert text.startswith(f"Last backup 2 hours ago: snapshot {SNAPSHOT}. Next backup tomorrow at ")
     failed = AgentStatus(state="failed", disk="backup1", last_success=NOW - 3 * 86400, last_result="failure",
                          last_message="cannot unlock the disk: wrong key")
-    assert tray.tooltip(failed, {}, NOW) == (
+    assert tray.tooltip(failed, None, NOW) == (
         "Backup to backup1 failed",
         "Cannot unlock the disk: wrong key.\nLast backup 3 days ago. Earlier snapshots are untouched.",
     )
-    assert tray.tooltip(AgentStatus(), {}, NOW) == ("Backups", "No backup yet. Plug in the backup disk to back up.")
+    assert tray.tooltip(AgentStatus(), None, NOW) == ("Backups", "No backup yet. Plug in the backup disk to back up.")
 
 
 def labels(items: tuple[Item, ...]) -> list[tuple[int, str, bool]]:
@@ -423,7 +424,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             tooltips = host.count("NewToolTip")
             for at, percent in ((1.0, 10), (4.9, 20), (6.0, 30), (7.0, 40), (11.5, 50)):
                 clock.now = at
-                icon.progress({"event": "progress", "percent": percent, "eta": 90, "files": 1, "bytes": 1000})
+                icon.progress(events.progress(percent, 1000, 1, None, 90))
             await host.quiet()
             # at most one tooltip update every 5 s of the clock (the last step's came at 0 s): 30%, 50%
             assert host.count("NewToolTip") - tooltips == 2
@@ -436,7 +437,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             updated = [body for name, body in host.signals if name == "ItemsPropertiesUpdated"]
             assert updated and {ident for ident, _ in updated[-1][0]} == {BACK_UP_NOW, STOP, OPEN_LATEST, BROWSE}
 
-            icon.backup_completed({"event": "complete", "snapshot": "S2"})
+            icon.backup_completed(events.complete("S2"))
             icon.status_changed(running("lock-disk"))
             done = AgentStatus(**{**ATTACHED.as_dict(), "last_success": NOW - 30, "last_message": "snapshot S2"})
             icon.status_changed(done)
@@ -520,6 +521,35 @@ def test_no_watcher_is_no_tray_and_no_error(session_bus: PrivateBus) -> None:
         said = [r.getMessage() for r in records if r.levelno >= logging.INFO]
         assert sum("no tray on this desktop" in line for line in said) == 1
         assert not [r for r in records if r.levelno >= logging.WARNING]
+
+    run(scenario())
+
+
+@dataclasses.dataclass
+class RefusingController(FakeController):
+    """Its eject is refused with words a markup reader would take for a tag and an entity."""
+
+    async def eject(self, disk: str) -> EjectReply:
+        self.calls.append(f"eject {disk}")
+        return EjectReply("refused", "backup-agent open holds /media/<me>/Tom & Jerry")
+
+
+@pytest.mark.integration
+def test_the_tray_s_answers_are_escaped_where_the_server_reads_markup(session_bus: PrivateBus, tmp_path: Path) -> None:
+    """The tray's Notify went out unescaped while the notifier's was escaped: one sender now escapes both."""
+    settings = Settings(path=None, disks=(disk("backup1", str(tmp_path)),))
+
+    async def scenario() -> None:
+        server_bus, server = await serve_notifications(session_bus.address, ["body", "body-markup"])
+        async with tray_on(session_bus.address, settings, RefusingController()) as (icon, host, _):
+            icon.disk_attached("backup1")
+            icon.status_changed(ATTACHED)
+            await icon.settle()
+            await host.click(EJECT_BASE)
+            await icon.settle()
+            assert (server.shown[-1].summary, server.shown[-1].body) == (
+                "backup1 is not ejected", "Backup-agent open holds /media/&lt;me&gt;/Tom &amp; Jerry.")
+        server_bus.disconnect()
 
     run(scenario())
 

@@ -19,6 +19,7 @@ from typing import Any, Final, Mapping, Sequence
 
 from ..commands import IONICE_CLASSES
 from ..rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
+from ..schedule import ON_PLUG_CHOICES
 from .messages import fail, got_type, literal, quote, show, suggest
 from .model import Commands, Disk, Hook, KeepFree, Settings
 
@@ -401,7 +402,6 @@ def _commands(file: str, data: Mapping[str, Any]) -> Commands:
     return Commands(**paths)
 
 
-ON_PLUG_CHOICES: Final = ("if-due", "always")
 MIN_INTERVAL: Final = 60
 # The longest interval the agent schedules: a year (anything longer is a typo).
 MAX_INTERVAL: Final = 366 * 86400

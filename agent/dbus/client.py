@@ -5,7 +5,7 @@ Calls go to the well-known name on the session bus, never start anything
 (:class:`NoAgentError`, exit status :data:`~agent.dbus.EXIT_NO_AGENT`).
 
 ``status`` also works when no agent runs: the agent saves its status in
-:func:`agent.state.state_file_path` (``$XDG_STATE_HOME/backup-agent/state.json``, by
+:func:`agent.statefile.state_file_path` (``$XDG_STATE_HOME/backup-agent/state.json``, by
 default ``~/.local/state/backup-agent/state.json``), and :func:`read_saved_status`
 reads it back. The file is one JSON object::
 
@@ -21,7 +21,7 @@ names (``AgentStatus.as_dict()``), times as epoch seconds, null for None.
 ``version`` is 1; ``saved`` is when it was written (epoch seconds; the file's
 mtime when missing). Missing fields take AgentStatus's defaults, unknown ones
 are ignored, and a field of the wrong type is ignored with a warning.
-:func:`agent.daemon.save_state` writes it atomically (a temporary file renamed over it).
+:func:`agent.statefile.save_state` writes it atomically (a temporary file renamed over it).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Mapping, cast, get_args
@@ -38,12 +37,14 @@ from dbus_fast import Message, MessageFlag, MessageType, unpack_variants
 from dbus_fast.aio import MessageBus
 
 from ..errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, BackupAgentError, UsageError
-from ..state import STATE_FILE_VERSION, AgentStatus, DiskLeft, DiskStatus, Result, State, state_file_path
+from .. import statefile
+from ..state import AgentStatus, DiskLeft, DiskStatus, Result, State
+from ..statefile import state_file_path
 from . import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
+from .bus import CALL_TIMEOUT, send
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT = 10.0  # seconds: an agent that does not answer by then is stuck
 
 _NO_OWNER = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
 _START_HINT = "start it with `systemctl --user start backup-agent` (or run `backup-agent run`)"
@@ -91,7 +92,7 @@ async def call(
             body=[] if disk is None else [disk],
         )
         try:
-            reply = await asyncio.wait_for(bus.call(message), timeout)
+            reply = await send(bus, message, timeout=timeout)
         except asyncio.TimeoutError:
             raise NoAgentError(f"the backup agent did not answer {member} within {timeout:g} s; it may be stuck") from None
     finally:
@@ -236,29 +237,14 @@ def read_saved_status(path: str) -> AgentStatus | None:
 
 
 def _read_state_file(path: str) -> tuple[AgentStatus, float | None] | None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-            mtime = os.fstat(handle.fileno()).st_mtime
-    except FileNotFoundError:
+    """The saved status and when it was saved, through the agent's own reader (:func:`agent.statefile.read`)."""
+    saved = statefile.read(path)
+    if saved is None:
         return None
-    except OSError as exc:
-        log.warning("cannot read the agent's saved state %s: %s", path, exc.strerror or exc)
-        return None
-    try:
-        document = json.loads(text)
-    except ValueError as exc:
-        log.warning("the agent's saved state %s is not JSON (%s); ignored", path, exc)
-        return None
-    if not isinstance(document, dict) or not isinstance(document.get("status"), dict):
+    if saved.status is None:
         log.warning('the agent\'s saved state %s has no "status" object; ignored', path)
         return None
-    version = document.get("version", STATE_FILE_VERSION)
-    if version != STATE_FILE_VERSION:
-        log.warning("the agent's saved state %s has version %r (this reader knows %d); read as far as possible", path, version, STATE_FILE_VERSION)
-    saved = document.get("saved")
-    saved_at = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else mtime
-    return status_from_mapping(document["status"], source=path), saved_at
+    return status_from_mapping(saved.status, source=path), saved.saved_at
 
 
 # -- what the three commands print ----------------------------------------------

@@ -26,6 +26,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from ..errors import EXIT_BUSY, BackupAgentError
+from ..events import CompleteEvent, ProgressEvent
 from ..state import AgentStatus, Controller, Listener
 from . import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, driver_call, session_bus_address
 
@@ -50,19 +51,6 @@ STATUS_SIGNATURES: dict[str, str] = {
     "disks": "aa{sv}",
 }
 
-# Progress signal: key in the dictionary <- keys of the cycle's progress event
-# (the first one present and not null wins). "elapsed" comes from the agent.
-_PROGRESS_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
-    "percent": (("percent",), "d"),
-    "bytes_done": (("bytes_done", "bytes"), "x"),
-    "bytes_total": (("bytes_total",), "x"),
-    "files_done": (("files_done", "files"), "x"),
-    "files_total": (("files_total",), "x"),
-    "rate": (("rate",), "d"),
-    "remaining": (("remaining", "eta"), "x"),
-    "errors": (("errors",), "x"),
-    "current_file": (("current_file",), "s"),
-}
 
 # BackupCompleted: besides the event's "statistics", these fields of the
 # complete event are added to the dictionary when present.
@@ -156,28 +144,33 @@ def status_vardict(status: AgentStatus) -> dict[str, Variant]:
     return result
 
 
-def progress_vardict(event: Mapping[str, Any], elapsed: float | None) -> dict[str, Variant]:
-    """The Progress signal's dictionary from a progress event: only what is known."""
+def progress_vardict(event: ProgressEvent, elapsed: float | None) -> dict[str, Variant]:
+    """The Progress signal's dictionary from a progress event: only what is known.
+
+    The signal's names (README, D-Bus interface) for the event's fields:
+    bytes -> bytes_done, files -> files_done, eta -> remaining; "elapsed" comes from the agent.
+    """
+    given: dict[str, tuple[str, float | None]] = {
+        "percent": ("d", event.percent),
+        "bytes_done": ("x", event.bytes),
+        "files_done": ("x", event.files),
+        "rate": ("d", event.rate),
+        "remaining": ("x", event.eta),
+        "elapsed": ("d", elapsed),
+    }
     result: dict[str, Variant] = {}
-    if elapsed is not None:
-        result["elapsed"] = Variant("d", float(elapsed))
-    elif (given := _typed("d", event.get("elapsed"))) is not None:
-        result["elapsed"] = given
-    for key, (sources, signature) in _PROGRESS_KEYS.items():
-        for source in sources:
-            variant = _typed(signature, event.get(source))
-            if variant is not None:
-                result[key] = variant
-                break
+    for key, (signature, value) in given.items():
+        variant = _typed(signature, value)
+        if variant is not None:
+            result[key] = variant
     return result
 
 
-def completed_vardict(event: Mapping[str, Any]) -> dict[str, Variant]:
+def completed_vardict(event: CompleteEvent) -> dict[str, Variant]:
     """BackupCompleted's statistics: the event's statistics, plus duration, partial, flagged, warnings."""
-    statistics = event.get("statistics")
-    result = to_vardict(statistics) if isinstance(statistics, Mapping) else {}
+    result = to_vardict(event.detail.get("statistics", {}))
     for key, signature in _COMPLETE_EXTRAS.items():
-        variant = _typed(signature, event.get(key))
+        variant = _typed(signature, event.detail.get(key))
         if variant is not None:
             result[key] = variant
     return result
@@ -338,13 +331,13 @@ class ControlInterface(ServiceInterface):
         self._started = time.monotonic()
         self._backup_started_signal(disk or "", reason or "")
 
-    def progress(self, event: dict[str, Any]) -> None:
+    def progress(self, event: ProgressEvent) -> None:
         elapsed = time.monotonic() - self._started if self._started is not None else None
         self._progress_signal(progress_vardict(event, elapsed))
 
-    def backup_completed(self, event: dict[str, Any]) -> None:
+    def backup_completed(self, event: CompleteEvent) -> None:
         self._started = None
-        self._backup_completed_signal(str(event.get("snapshot") or ""), completed_vardict(event))
+        self._backup_completed_signal(event.snapshot or "", completed_vardict(event))
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
         self._started = None
@@ -367,6 +360,14 @@ ARGUMENT_NAMES: dict[str, tuple[str, ...]] = {
 
 
 def _name_arguments(cls: type[ServiceInterface]) -> None:
+    """Give the introspected arguments the names of :data:`ARGUMENT_NAMES`.
+
+    The one place that reads dbus-fast's private marks (``__DBUS_METHOD``,
+    ``__DBUS_SIGNAL``): its decorators keep a member's introspection there
+    and offer no public way to name arguments. Should a dbus-fast release
+    move them, the names are simply left out, and the introspection test
+    (tests/test_dbus_control.py) says so.
+    """
     for member in vars(cls).values():
         marks = getattr(member, "__dict__", {})
         for key in ("__DBUS_METHOD", "__DBUS_SIGNAL"):

@@ -35,6 +35,7 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from . import driver_call
+from .bus import CALL_TIMEOUT, match_rule, send
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,7 @@ LOGIND_MANAGER = "org.freedesktop.login1.Manager"
 INHIBIT_WHAT = "sleep"
 INHIBIT_MODE = "block"  # see the module's docstring
 DEFAULT_SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
-CALL_TIMEOUT = 10.0
-
-PREPARE_FOR_SLEEP_RULE = (
-    f"type='signal',sender='{LOGIND_NAME}',path='{LOGIND_PATH}',interface='{LOGIND_MANAGER}',member='PrepareForSleep'"
-)
+PREPARE_FOR_SLEEP_RULE = match_rule(sender=LOGIND_NAME, path=LOGIND_PATH, interface=LOGIND_MANAGER, member="PrepareForSleep")
 
 _warned: set[str] = set()
 
@@ -81,7 +78,7 @@ async def system_bus() -> MessageBus | None:
 
 
 async def _call(bus: MessageBus, message: Message) -> Message:
-    return await asyncio.wait_for(bus.call(message), CALL_TIMEOUT)
+    return await send(bus, message)
 
 
 def _describe(exc: BaseException) -> str:
@@ -130,6 +127,8 @@ async def inhibit(bus: MessageBus | None, who: str, why: str) -> Inhibitor | Non
     if bus is None:
         _warn_once("no-system-bus", "no system bus: backups run without a sleep inhibitor")
         return None
+    # dbus-fast keeps negotiate_unix_fd only as a private attribute; read it
+    # here alone, and a release without it counts as "negotiated".
     if not getattr(bus, "_negotiate_unix_fd", True):
         # The bus would drop logind's reply (it carries an fd) and the call would time out.
         _warn_once(
@@ -237,6 +236,7 @@ async def watch_sleep(bus: MessageBus | None, on_resumed: Callable[[], None]) ->
         owner = await _call(bus, driver_call("NameHasOwner", "s", [LOGIND_NAME]))
         if owner.message_type is MessageType.METHOD_RETURN and owner.body == [False]:
             _warn_once("no-logind", "logind is not on the system bus: no resume notices until it starts")
-    except Exception:
-        pass
+    except Exception as exc:
+        # Only a hint for the log: the subscription above is made, notices come once logind runs.
+        log.debug("could not ask whether logind is on the system bus: %s", _describe(exc))
     return watch

@@ -44,35 +44,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-import html
 import logging
-import math
 import os
-import shutil
-import threading
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from ..commands import Runner
 from ..config.model import Settings
-from ..cycle import human_size
-from ..errors import (
-    EXIT_BUSY,
-    EXIT_DISK_BUSY,
-    EXIT_DISK_FULL,
-    EXIT_DISK_MISSING,
-    EXIT_REPOSITORY,
-    EXIT_USAGE,
-    CommandError,
-)
+from ..events import CompleteEvent, ProgressEvent
 from ..reminder import (
-    DAY,
     DiskView,
     MissedFailure,
-    MissedSummary,
     NoticeState,
     load_notice_state,
     missed_to_show,
@@ -80,20 +64,40 @@ from ..reminder import (
     save_notice_state,
 )
 from ..repository import SNAPSHOTS
-from ..state import AgentStatus, Controller, DiskLeft, Listener
+from ..state import AgentStatus, Controller, Listener
+from . import driver_call, sender
+from .actions import show_folder
+from .bus import BusCallError, match_rule, send
+from .sender import NOTIFICATIONS_INTERFACE, NOTIFICATIONS_PATH
+from .texts import (  # the words, re-exported: callers and tests name them from here
+    CRITICAL,
+    LOW,
+    NORMAL,
+    Text,
+    age,
+    completed_text,
+    day,
+    duration,
+    failed_text,
+    failure_hint,
+    missed_text,
+    past,
+    progress_text,
+    reminder_text,
+    removed_text,
+    skipped_text,
+    started_text,
+    step_words,
+    stopped_text,
+    when,
+)
 
 log = logging.getLogger(__name__)
 
-NOTIFICATIONS_NAME = "org.freedesktop.Notifications"
-NOTIFICATIONS_PATH = "/org/freedesktop/Notifications"
-NOTIFICATIONS_INTERFACE = "org.freedesktop.Notifications"
-SIGNAL_RULE = f"type='signal',interface='{NOTIFICATIONS_INTERFACE}',path='{NOTIFICATIONS_PATH}'"
+SIGNAL_RULE = match_rule(interface=NOTIFICATIONS_INTERFACE, path=NOTIFICATIONS_PATH)
 
 APP_NAME = "Backups"
 PROGRESS_INTERVAL = 5.0  # seconds between two progress updates, at least
-CALL_TIMEOUT = 5.0
-
-LOW, NORMAL, CRITICAL = 0, 1, 2
 
 ACTION_BACKUP_NOW = "backup-now"
 ACTION_STOP = "stop"
@@ -102,323 +106,6 @@ ACTION_LABELS: dict[str, str] = {ACTION_BACKUP_NOW: "Back up now", ACTION_STOP: 
 REMINDER_RETRY = 3600.0  # seconds before a reminder that could not be shown is tried again
 
 CLOSED_BY_USER = 2  # NotificationClosed's reason: dismissed by the user
-
-
-class Text(NamedTuple):
-    """One notification's words."""
-
-    summary: str
-    body: str
-    urgency: int  # LOW, NORMAL or CRITICAL
-
-
-# -- words (pure) ---------------------------------------------------------------------
-
-_STEPS: dict[str, str] = {
-    "lock": "getting ready",
-    "disk": "looking for the disk",
-    "unlock": "unlocking the disk",
-    "mount": "mounting the disk",
-    "verify": "checking the disk",
-    "prepare": "preparing",
-    "make-room": "making room on the disk",
-    "transfer": "copying files",
-    "snapshot": "saving the snapshot",
-    "rotate": "removing old snapshots",
-    "unmount": "unmounting the disk",
-    "lock-disk": "locking the disk",
-}
-
-# What to do, by the cause when the cycle's exit status tells it (agent.errors),
-# else by the step that failed.
-_CAUSE_HINTS: dict[int, str] = {
-    EXIT_USAGE: "Correct what it names, then try again with Back up now.",
-    EXIT_REPOSITORY: "Check that this is the right backup disk for this computer, then try again.",
-    EXIT_BUSY: "Wait until the other backup has finished, then try again.",
-    EXIT_DISK_MISSING: "Plug the backup disk in and try again.",
-    EXIT_DISK_BUSY: "Close the programs it names, then eject the disk from the file manager.",
-    EXIT_DISK_FULL: "Make room on the disk as it says, then try again with Back up now.",
-}
-_STOPPED_HINT = "Back up now starts it again."  # exit status 128 + the signal: stopped, not broken
-_HINTS: dict[str, str] = {
-    "disk": "Plug the backup disk in and try again.",
-    "unlock": "Check the disk's key or passphrase, then try again.",
-    "mount": "Check the disk (for example with GNOME Disks), then try again.",
-    "verify": "Check that this is the right backup disk and that it is healthy, then try again.",
-    "make-room": "Free space on the backup disk or use a bigger one.",
-    "transfer": "Keep the disk plugged in and try again.",
-    "unmount": "Close whatever has files open on the disk, then eject it from the file manager.",
-    "lock-disk": "Eject the disk from the file manager before you unplug it.",
-}
-_DEFAULT_HINT = "Try again with Back up now; the log has the details (journalctl --user -u backup-agent)."
-
-
-def failure_hint(step: str | None, exit_code: int | None) -> str:
-    """What the user can do about a failure: by its cause (the exit status) when known, else by its step."""
-    if exit_code is not None:
-        if exit_code in _CAUSE_HINTS:
-            return _CAUSE_HINTS[exit_code]
-        if 128 < exit_code < 160:
-            return _STOPPED_HINT
-    return _HINTS.get(step or "", _DEFAULT_HINT)
-
-_REASONS: dict[str, str] = {
-    "plugged in, due": "the disk was plugged in",
-    "plugged in, always": "the disk was plugged in",
-    "asked": "you asked for it",
-    "interval elapsed": "one was due",
-    "resumed from sleep, due": "one was due when the computer woke up",
-    "retry after failure": "the last one failed",
-    "plugged in, unfinished": "the disk was plugged in again: it carries on with the unfinished backup",
-}
-
-
-def step_words(step: str | None) -> str:
-    """A cycle step in the user's words ("transfer" → "copying files")."""
-    if not step:
-        return "working"
-    return _STEPS.get(step, step.replace("-", " "))
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
-def age(then: float | None, now: float) -> str:
-    """How long ago: "just now", "5 minutes ago", "3 hours ago", "4 days ago"; "never" for None."""
-    if then is None:
-        return "never"
-    seconds = max(0.0, now - then)
-    if seconds < 60:
-        return "just now"
-    if seconds < 3600:
-        return _plural(int(seconds // 60), "minute") + " ago"
-    if seconds < 48 * 3600:
-        return _plural(int(seconds // 3600), "hour") + " ago"
-    return _plural(int(seconds // 86400), "day") + " ago"
-
-
-def when(moment: float, now: float, tz: dt.tzinfo | None = None) -> str:
-    """A coming moment: "at 16:00", "tomorrow at 09:00", "on Mon 24 Nov at 09:00" (local time unless tz)."""
-    at = dt.datetime.fromtimestamp(moment, tz)
-    today = dt.datetime.fromtimestamp(now, tz).date()
-    clock = at.strftime("%H:%M")
-    if at.date() <= today:
-        return f"at {clock}"
-    if at.date() == today + dt.timedelta(days=1):
-        return f"tomorrow at {clock}"
-    return f"on {at.strftime('%a')} {at.day} {at.strftime('%b')} at {clock}"
-
-
-def day(moment: float, now: float, tz: dt.tzinfo | None = None) -> str:
-    """A past day: "Sat 15 Nov", with the year when it is not this one's (local time unless tz)."""
-    at = dt.datetime.fromtimestamp(moment, tz)
-    year = f" {at.year}" if at.year != dt.datetime.fromtimestamp(now, tz).year else ""
-    return f"{at.strftime('%a')} {at.day} {at.strftime('%b')}{year}"
-
-
-def past(moment: float, now: float, tz: dt.tzinfo | None = None) -> str:
-    """A past moment: "today at 14:03", "yesterday at 14:03", "on Sat 15 Nov at 14:03"."""
-    at = dt.datetime.fromtimestamp(moment, tz)
-    today = dt.datetime.fromtimestamp(now, tz).date()
-    clock = at.strftime("%H:%M")
-    if at.date() == today:
-        return f"today at {clock}"
-    if at.date() == today - dt.timedelta(days=1):
-        return f"yesterday at {clock}"
-    return f"on {day(moment, now, tz)} at {clock}"
-
-
-def duration(seconds: float) -> str:
-    """A span: "9 s", "3 min 20 s", "1 h 5 min"."""
-    total = int(round(max(0.0, seconds)))
-    if total < 60:
-        return f"{total} s"
-    if total < 3600:
-        minutes, rest = divmod(total, 60)
-        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
-    hours, rest = divmod(total, 3600)
-    minutes = rest // 60
-    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _time_left(seconds: float) -> str:
-    if seconds < 60:
-        return "less than a minute left"
-    if seconds < 3600:
-        return "about " + _plural(int(round(seconds / 60)), "minute") + " left"
-    hours, rest = divmod(int(seconds), 3600)
-    minutes = rest // 60
-    return f"about {_plural(hours, 'hour')}" + (f" {minutes} min" if minutes else "") + " left"
-
-
-def started_text(disk: str, reason: str, last_success: float | None, now: float) -> Text:
-    """Backup started: which disk, why, and the last backup's age."""
-    why = _REASONS.get(reason, reason)
-    if last_success is None:
-        first = "First backup to this disk: it can take a while."
-    else:
-        first = f"Last backup {age(last_success, now)}."
-    because = f" Started because {why}." if why else ""
-    return Text(
-        f"Backing up to {disk}",
-        f"{first}{because} Keep the disk plugged in until it is safe to unplug.",
-        NORMAL,
-    )
-
-
-def progress_text(disk: str, event: Mapping[str, Any], step: str | None) -> Text:
-    """Progress: percent, time left, the current step (and what was copied so far)."""
-    percent = _number(event.get("percent"))
-    summary = f"Backing up to {disk}" + (f": {int(min(100.0, max(0.0, percent)))}%" if percent is not None else "")
-    eta = _number(event.get("eta", event.get("remaining")))
-    left = _time_left(eta) if eta is not None else "working out the time left"
-    copied = []
-    files = _number(event.get("files"))
-    if files is not None:
-        copied.append(_plural(int(files), "file"))
-    done = _number(event.get("bytes"))
-    if done is not None:
-        copied.append(human_size(done))
-    so_far = f" ({', '.join(copied)} so far)" if copied else ""
-    return Text(summary, f"{left[0].upper()}{left[1:]}: {step_words(step or 'transfer')}{so_far}.", LOW)
-
-
-def _left_words(disk: str, left: DiskLeft | None, detail: str) -> str:
-    if left is None:
-        return "The disk is being locked… do not unplug it yet."
-    if left == "locked":
-        return f"It is safe to unplug {disk}."
-    if left == "mounted":
-        where = f" at {detail}" if detail else ""
-        return f"{disk} stays unlocked and mounted{where}, as it was found: eject it before you unplug it."
-    if left == "unlocked":
-        return f"{disk} was unmounted but stays unlocked, as it was found: eject it before you unplug it."
-    if left == "lock-failed":
-        why = detail.strip().rstrip(".") or "it is still unlocked"
-        return f"Could not lock {disk}: {why}. Do not unplug it yet."
-    return f"Eject {disk} from the file manager before you unplug it."
-
-
-def completed_text(disk: str, event: Mapping[str, Any], left: DiskLeft | None, detail: str = "") -> Text:
-    """Completed: what changed, how long it took, the snapshot, and how the disk was left.
-
-    ``left``: None while the disk is still being closed; otherwise the
-    status's ``disk_left`` ("locked" is the only one that says "safe to
-    unplug"), with ``disk_left_detail`` (the mount point, or why locking failed).
-    """
-    statistics = event.get("statistics")
-    stats: Mapping[str, Any] = statistics if isinstance(statistics, Mapping) else {}
-    files = _number(stats.get("transferred_files"))
-    changed_bytes = _number(stats.get("transferred_size"))
-    if files == 0:
-        changed = "Nothing changed since the last backup"
-    elif files is not None:
-        changed = f"{_plural(int(files), 'file')} changed" + (
-            f" ({human_size(changed_bytes)})" if changed_bytes is not None else ""
-        )
-    else:
-        changed = "Backed up"
-    took = _number(event.get("duration"))
-    line = changed + (f" in {duration(took)}" if took is not None else "") + "."
-    snapshot = event.get("snapshot")
-    if snapshot:
-        line += f" Snapshot {snapshot}."
-    partial = bool(event.get("partial"))
-    if partial:
-        line += " Some files could not be read: the log lists them."
-    if event.get("flagged"):
-        line += " This snapshot has far fewer files than the last one: check that nothing is missing."
-    summary = f"Backup to {disk} finished with problems" if partial else f"Backup to {disk} complete"
-    if left == "lock-failed":
-        summary += ", but the disk is still unlocked"
-    return Text(summary, f"{line}\n{_left_words(disk, left, detail)}", NORMAL)
-
-
-def failed_text(
-    disk: str | None, step: str | None, message: str, snapshot: str | None = None, exit_code: int | None = None
-) -> Text:
-    """Failed: the step, the cause, what to do, and that earlier snapshots are untouched (critical).
-
-    ``snapshot``: the cycle completed this snapshot before failing (it could
-    not unmount or lock the disk). ``exit_code``: the cycle's exit status,
-    which tells the cause (a full disk, a missing one, ...) and so what to do.
-    """
-    hint = failure_hint(step, exit_code)
-    cause = message.strip().rstrip(".") or "the backup failed"
-    if snapshot:
-        return Text(
-            f"Backed up to {disk or 'the disk'}, but the disk is still open",
-            f"Snapshot {snapshot} is complete, but {step_words(step)} failed: {cause}.\n"
-            f"{hint} Do not unplug it yet. Earlier snapshots are untouched.",
-            CRITICAL,
-        )
-    where = f"to {disk} " if disk else ""
-    return Text(
-        f"Backup {where}failed while {step_words(step)}",
-        f"{cause[0].upper()}{cause[1:]}.\n{hint}\nEarlier snapshots are untouched.",
-        CRITICAL,
-    )
-
-
-def stopped_text(disk: str, left: DiskLeft | None, detail: str = "") -> Text:
-    """Stopped as the user asked: not a failure (normal urgency); what was copied is kept, and how the disk was left."""
-    return Text(
-        f"Backup to {disk} stopped",
-        "Stopped as you asked. What was copied so far is kept: the next backup carries on from there. "
-        f"Earlier snapshots are untouched.\n{_left_words(disk, left, detail)}",
-        NORMAL,
-    )
-
-
-def missed_text(missed: MissedSummary, now: float, tz: dt.tzinfo | None = None) -> Text:
-    """A failure no one could be told about, shown at the next login: when, and how many since."""
-    failure = missed.latest
-    text = failed_text(failure.disk, failure.step, failure.message, failure.snapshot, failure.exit_code)
-    body = text.body
-    if missed.times > 1:
-        body += f"\nBackups to {failure.disk} failed {missed.times} times since {day(missed.first, now, tz)}."
-    return Text(f"{text.summary} {past(failure.time, now, tz)}", body, CRITICAL)
-
-
-def reminder_text(disk: str, last_success: float | None, now: float, tz: dt.tzinfo | None = None) -> Text:
-    """No backup succeeded for a while: the disk, and the date of its last backup ("never")."""
-    plug = f"Plug {disk} in: the backup starts by itself."
-    if last_success is None:
-        return Text(f"No backup to {disk} yet", f"Last backup: never. {plug}", NORMAL)
-    days = max(0, int((now - last_success) // DAY))
-    return Text(
-        f"No backup to {disk} for {_plural(days, 'day')}", f"Last backup on {day(last_success, now, tz)}. {plug}", NORMAL
-    )
-
-
-def removed_text(disk: str) -> Text:
-    """The disk was unplugged while a backup was being written to it."""
-    return Text(
-        f"{disk} was unplugged during the backup",
-        "This backup did not finish. Plug the disk back in to carry on where it stopped. "
-        "Earlier snapshots are untouched.",
-        CRITICAL,
-    )
-
-
-def skipped_text(
-    disk: str, last_success: float | None, next_due: float, now: float, tz: dt.tzinfo | None = None
-) -> Text:
-    """The user plugged the disk in, but the last backup is recent: when the next one is due."""
-    last = f"Last backup {age(last_success, now)}. " if last_success is not None else ""
-    return Text(
-        f"{disk}: no backup needed yet",
-        f"{last}The next one is due {when(next_due, now, tz)}; leave the disk plugged in, "
-        "or plug it in again then.",
-        LOW,
-    )
 
 
 # -- the notifier ---------------------------------------------------------------------------
@@ -507,7 +194,8 @@ class Notifier:
         self._disk: str | None = None  # the running cycle's disk
         self._last_update: float | None = None  # clock() of the cycle notification's last update
         self._muted = False  # the user dismissed this cycle's notification: no more progress
-        self._completed: dict[str, Any] | None = None  # complete event, until the cycle ends
+        self._completed: CompleteEvent | None = None  # complete event, until the cycle ends
+        self._opening: set[asyncio.Task[None]] = set()  # "Open backups" clicks still waiting for xdg-open
         self._removed = False  # the disk went away during this cycle
         self._plugged: str | None = None  # a disk just plugged in, until the agent decides
         # What the "cycle" notification shows now: its disk and kind
@@ -526,8 +214,7 @@ class Notifier:
         self.bus.add_message_handler(self._on_message)
         self._handler_added = True
         try:
-            reply = await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                                     "AddMatch", "s", [SIGNAL_RULE])
+            reply = await send(self.bus, driver_call("AddMatch", "s", [SIGNAL_RULE]))
             if reply.message_type is MessageType.ERROR:
                 log.debug("the session bus refused the notification signals' match rule: %s", reply.body)
         except Exception as exc:
@@ -657,45 +344,42 @@ class Notifier:
     # -- Listener ---------------------------------------------------------------------
 
     def status_changed(self, status: AgentStatus) -> None:
-        try:
-            self._status = status
-            plugged, self._plugged = self._plugged, None
-            if status.state != "running":
-                self._replan()  # a cycle ended: a success ends the reminders
-            if self._skipped is not None and any(d.name == self._skipped and d.ejected for d in status.disks):
-                self._withdraw("disk")  # "leave the disk plugged in" is stale once it is ejected
-                self._skipped = None
-            ended = self._stopping and status.state != "running"
-            if ended:
-                self._stopping = False
-            if self._completed is not None and status.state != "running":
-                event, self._completed = self._completed, None
-                if status.last_result in ("success", "partial"):
-                    disk = self._disk or status.disk or "the disk"
-                    open_path = self._reachable_snapshot(disk, event, status)
-                    self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail),
-                               actions=(ACTION_OPEN,) if open_path else (), icon="drive-harddisk",
-                               category="transfer.complete", open_path=open_path)
-                    self._card = (disk, "complete")
-                    self._withdraw(f"missed:{disk}")  # a failure a success made moot
-            elif ended and status.last_result == "stopped" and not self._removed:
+        self._status = status
+        plugged, self._plugged = self._plugged, None
+        if status.state != "running":
+            self._replan()  # a cycle ended: a success ends the reminders
+        if self._skipped is not None and any(d.name == self._skipped and d.ejected for d in status.disks):
+            self._withdraw("disk")  # "leave the disk plugged in" is stale once it is ejected
+            self._skipped = None
+        ended = self._stopping and status.state != "running"
+        if ended:
+            self._stopping = False
+        if self._completed is not None and status.state != "running":
+            event, self._completed = self._completed, None
+            if status.last_result in ("success", "partial"):
                 disk = self._disk or status.disk or "the disk"
-                self._post("cycle", stopped_text(disk, status.disk_left, status.disk_left_detail),
-                           actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="transfer")
-                self._card = (disk, "stopped")
-            elif (
-                plugged is not None
-                and status.state != "running"
-                and status.disk == plugged
-                and status.next_due is not None
-                and status.next_due > self._now()
-                and not _unresolved(status, plugged)
-            ):
-                self._skipped = plugged
-                self._post("disk", skipped_text(plugged, status.last_success, status.next_due, self._now()),
-                           actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added")
-        except Exception:
-            log.exception("notifications: status_changed failed")
+                open_path = self._reachable_snapshot(disk, event, status)
+                self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail),
+                           actions=(ACTION_OPEN,) if open_path else (), icon="drive-harddisk",
+                           category="transfer.complete", open_path=open_path)
+                self._card = (disk, "complete")
+                self._withdraw(f"missed:{disk}")  # a failure a success made moot
+        elif ended and status.last_result == "stopped" and not self._removed:
+            disk = self._disk or status.disk or "the disk"
+            self._post("cycle", stopped_text(disk, status.disk_left, status.disk_left_detail),
+                       actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="transfer")
+            self._card = (disk, "stopped")
+        elif (
+            plugged is not None
+            and status.state != "running"
+            and status.disk == plugged
+            and status.next_due is not None
+            and status.next_due > self._now()
+            and not _unresolved(status, plugged)
+        ):
+            self._skipped = plugged
+            self._post("disk", skipped_text(plugged, status.last_success, status.next_due, self._now()),
+                       actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added")
 
     def disk_attached(self, disk: str) -> None:
         self._plugged = disk
@@ -706,96 +390,81 @@ class Notifier:
         self._replan()
 
     def disk_removed(self, disk: str, during_backup: bool) -> None:
-        try:
-            self._plugged = None
-            self._attached.discard(disk)
-            self._replan()
-            if during_backup:
-                self._removed = True
-                self._completed = None
-                self._post("cycle", removed_text(disk), icon="dialog-warning", category="device.removed")
-                self._card = (disk, "removed")
-            else:
-                # "No backup needed yet; leave the disk plugged in" and "safe to unplug" are done with.
-                self._withdraw("disk")
-                if self._card == (disk, "complete"):
-                    self._withdraw("cycle")
-        except Exception:
-            log.exception("notifications: disk_removed failed")
+        self._plugged = None
+        self._attached.discard(disk)
+        self._replan()
+        if during_backup:
+            self._removed = True
+            self._completed = None
+            self._post("cycle", removed_text(disk), icon="dialog-warning", category="device.removed")
+            self._card = (disk, "removed")
+        else:
+            # "No backup needed yet; leave the disk plugged in" and "safe to unplug" are done with.
+            self._withdraw("disk")
+            if self._card == (disk, "complete"):
+                self._withdraw("cycle")
 
     def backup_started(self, disk: str, reason: str) -> None:
-        try:
-            self._plugged = None
-            self._disk = disk
-            self._muted = self._removed = False
-            self._completed = None
-            status = self._status
-            last = status.last_success if status is not None and status.disk == disk else None
-            self._last_update = self._clock()
-            self._stopping = True
-            # One card per disk's story: the cycle's card (the last result, stale now) is replaced in
-            # place, and a "no backup needed yet" or a missed failure of this disk is withdrawn.
-            self._withdraw("disk")
-            self._withdraw(f"missed:{disk}")
-            self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP,),
-                       icon="drive-harddisk", category="transfer", transient=True)
-            self._card = (disk, "running")
-        except Exception:
-            log.exception("notifications: backup_started failed")
+        self._plugged = None
+        self._disk = disk
+        self._muted = self._removed = False
+        self._completed = None
+        status = self._status
+        last = status.last_success if status is not None and status.disk == disk else None
+        self._last_update = self._clock()
+        self._stopping = True
+        # One card per disk's story: the cycle's card (the last result, stale now) is replaced in
+        # place, and a "no backup needed yet" or a missed failure of this disk is withdrawn.
+        self._withdraw("disk")
+        self._withdraw(f"missed:{disk}")
+        self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP,),
+                   icon="drive-harddisk", category="transfer", transient=True)
+        self._card = (disk, "running")
 
-    def progress(self, event: dict[str, Any]) -> None:
-        try:
-            if self._muted or self._removed:
-                return
-            now = self._clock()
-            if self._last_update is not None and now - self._last_update < self._min_interval:
-                return
-            self._last_update = now
-            step = self._status.step if self._status is not None and self._status.state == "running" else None
-            percent = _number(event.get("percent"))
-            value = int(min(100.0, max(0.0, percent))) if percent is not None else None
-            self._post("cycle", progress_text(self._disk or "the disk", event, step), actions=(ACTION_STOP,),
-                       icon="drive-harddisk", category="transfer", value=value, transient=True)
-        except Exception:
-            log.exception("notifications: progress failed")
+    def progress(self, event: ProgressEvent) -> None:
+        if self._muted or self._removed:
+            return
+        now = self._clock()
+        if self._last_update is not None and now - self._last_update < self._min_interval:
+            return
+        self._last_update = now
+        step = self._status.step if self._status is not None and self._status.state == "running" else None
+        percent = event.percent
+        value = int(min(100.0, max(0.0, percent))) if percent is not None else None
+        self._post("cycle", progress_text(self._disk or "the disk", event, step), actions=(ACTION_STOP,),
+                   icon="drive-harddisk", category="transfer", value=value, transient=True)
 
-    def backup_completed(self, event: dict[str, Any]) -> None:
-        try:
-            self._completed = dict(event)
-            self._muted = False
-            self._post("cycle", completed_text(self._disk or "the disk", event, None),
-                       icon="drive-harddisk", category="transfer")
-        except Exception:
-            log.exception("notifications: backup_completed failed")
+    def backup_completed(self, event: CompleteEvent) -> None:
+        self._completed = event
+        self._muted = False
+        self._post("cycle", completed_text(self._disk or "the disk", event, None),
+                   icon="drive-harddisk", category="transfer")
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
-        try:
-            completed, self._completed = self._completed, None
-            if self._removed:
-                return  # the removal notification already says it all
-            self._muted = False
-            snapshot = completed.get("snapshot") if completed is not None else None
-            done = snapshot if isinstance(snapshot, str) else None
-            text = failed_text(self._disk, step, message, done, exit_code)
-            self._card = (self._disk or "the disk", "failed")
-            failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done, exit_code)
-            self._post("cycle", text, actions=(ACTION_BACKUP_NOW,) if not snapshot else (),
-                       icon="dialog-error", category="transfer.error",
-                       missed=lambda: self._record_missed(failure))
-        except Exception:
-            log.exception("notifications: backup_failed failed")
+        completed, self._completed = self._completed, None
+        if self._removed:
+            return  # the removal notification already says it all
+        self._muted = False
+        snapshot = completed.snapshot if completed is not None else None
+        done = snapshot
+        text = failed_text(self._disk, step, message, done, exit_code)
+        self._card = (self._disk or "the disk", "failed")
+        failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done, exit_code)
+        self._post("cycle", text, actions=(ACTION_BACKUP_NOW,) if not snapshot else (),
+                   icon="dialog-error", category="transfer.error",
+                   missed=lambda: self._record_missed(failure))
 
     # -- sending ----------------------------------------------------------------------
 
-    def _reachable_snapshot(self, disk: str, event: Mapping[str, Any], status: AgentStatus) -> str | None:
+    def _reachable_snapshot(self, disk: str, event: CompleteEvent, status: AgentStatus) -> str | None:
         """The completed snapshot's directory when "Open backups" can honestly open it, else None.
 
         Only when the cycle left the disk mounted (as it found it) and the
         directory is there for this user: a locked disk has nothing to open.
         """
-        snapshot = event.get("snapshot")
+        snapshot = event.snapshot
         repository = self._repositories.get(disk)
-        if status.disk_left != "mounted" or not isinstance(snapshot, str) or not snapshot or repository is None:
+        if status.disk_left != "mounted" or not snapshot or repository is None:
             return None
         path = os.path.join(repository, SNAPSHOTS, snapshot)
         return path if os.path.isdir(path) else None
@@ -883,8 +552,6 @@ class Notifier:
                 if self._controller is not None or key == ACTION_OPEN:
                     actions += [key, ACTION_LABELS[key]]
         summary, body, urgency = item.text
-        if "body-markup" in capabilities:
-            body = html.escape(body, quote=False)
         hints: dict[str, Variant] = {
             "urgency": Variant("y", urgency),
             "category": Variant("s", item.category),
@@ -894,13 +561,10 @@ class Notifier:
         if item.transient:
             hints["transient"] = Variant("b", True)
         replaces = self._ids.get(item.slot, 0)
-        reply = await self._call(
-            NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE, "Notify", "susssasa{sv}i",
-            [self._app_name, replaces, item.icon, summary, body, actions, hints, 0 if urgency == CRITICAL else -1],
+        new_id = await sender.notify(
+            self._bus(), app_name=self._app_name, replaces=replaces, icon=item.icon, summary=summary, body=body,
+            actions=actions, hints=hints, expire=0 if urgency == CRITICAL else -1, server_can=capabilities,
         )
-        if reply.message_type is MessageType.ERROR:
-            raise RuntimeError(f"{reply.error_name}: {' '.join(str(part) for part in reply.body)}")
-        new_id = int(reply.body[0])
         if replaces and replaces != new_id:
             self._ours.pop(replaces, None)
             self._open_paths.pop(replaces, None)
@@ -920,31 +584,21 @@ class Notifier:
             return
         self._ours.pop(ident, None)
         self._open_paths.pop(ident, None)
-        reply = await self._call(NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE,
-                                 "CloseNotification", "u", [ident])
-        if reply.message_type is MessageType.ERROR:
-            log.debug("notification %d not withdrawn: %s", ident, reply.body)
+        try:
+            await sender.close(self._bus(), ident)
+        except BusCallError as exc:
+            log.debug("notification %d not withdrawn: %s", ident, exc)
 
     async def _capabilities(self) -> None:
         try:
-            reply = await self._call(NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE,
-                                     "GetCapabilities", "", [])
-            if reply.message_type is MessageType.ERROR:
-                raise RuntimeError(f"{reply.error_name}: {' '.join(str(part) for part in reply.body)}")
-            self.capabilities = {str(name) for name in reply.body[0]}
+            self.capabilities = await sender.capabilities(self._bus())
         except Exception as exc:
             self._failed(exc)
 
-    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
-                    body: list[Any]) -> Message:
+    def _bus(self) -> MessageBus:
         if self.bus is None:
             raise RuntimeError("no session bus")
-        message = Message(destination=destination, path=path, interface=interface, member=member,
-                          signature=signature, body=body)
-        reply: Message | None = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT)
-        if reply is None:  # only a call flagged "no reply expected" gives none: a bug
-            raise RuntimeError(f"{member}: the bus gave no reply")
-        return reply
+        return self.bus
 
     def _failed(self, exc: BaseException) -> None:
         self.capabilities = None  # ask again next time: the server may be a new one
@@ -997,30 +651,18 @@ class Notifier:
 
 
     def _open(self, path: str | None) -> None:
-        """"Open backups": ``xdg-open SNAPSHOT`` (argv, no shell), in a thread: a file manager may stay in front."""
+        """"Open backups": the snapshot's folder in the file manager (agent.dbus.actions, as the tray does)."""
         if path is None or not os.path.isdir(path):
             log.warning("cannot open the backups: %s is not there any more (the disk was unmounted?)", path)
             return
-        program = shutil.which("xdg-open")
-        if program is None:
-            log.warning("cannot open the backups: xdg-open is not installed (apt-get install xdg-utils)")
-            return
-        argv = (program, path)
-        # The session's environment (display, bus, locale), not the cycle's clean one: the file manager
-        # is this user's. An empty LC_ALL is as good as none.
-        env = {**os.environ, "LC_ALL": os.environ.get("LC_ALL", "")}
+        task = asyncio.get_running_loop().create_task(self._show(path))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
 
-        def run() -> None:
-            try:
-                result = Runner().run(argv, step="open backups", env=env, check=False)
-            except CommandError as exc:
-                log.warning("cannot open the backups: %s", exc.message)
-                return
-            if result.kind == "error":
-                tail = f": {result.stderr_tail[-1]}" if result.stderr_tail else ""
-                log.warning("xdg-open %s failed (%s)%s", path, result.meaning, tail)
-
-        threading.Thread(target=run, name="open-backups", daemon=True).start()
+    async def _show(self, path: str) -> None:
+        problem = await show_folder(path)
+        if problem is not None:
+            log.warning("cannot open the backups in %s: %s", path, problem)
 
 
 def _unresolved(status: AgentStatus, disk: str) -> bool:

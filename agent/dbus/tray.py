@@ -17,8 +17,8 @@ Three parts:
 Without a watcher (plain GNOME) there is no tray and no error: that is
 logged once at info level. The tray never blocks or stops a backup: the
 listener methods only compute and emit signals, looking at a disk runs in a
-thread, and a failure is logged (a bus failure once) and never raised into
-the agent.
+thread, and a failure is logged (a bus failure once): a listener method
+that raises is logged by the agent's dispatcher, which calls each one guarded.
 
 Menu clicks call the agent's :class:`~agent.state.Controller` (Back up now,
 Stop, and Eject for a disk left open, which the agent closes with
@@ -35,8 +35,6 @@ import logging
 import os
 import posixpath
 import shlex
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Coroutine, Final, Mapping, NamedTuple, Sequence
@@ -56,27 +54,20 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from ..config.model import Disk, Settings
-from ..errors import DiskError
 from ..disk.devices import device_number, top_mount
 from ..disk.mount import holders, umount_argv
 from ..disk.unlock import unlock_argv, unlock_method
+from ..errors import DiskError
+from ..events import CompleteEvent, ProgressEvent
 from ..mounts import MountEntry, read_mountinfo
 from ..repository import LATEST
 from ..state import AgentStatus, BrowseReply, Controller, EjectReply, Listener
-from . import driver_call
-from .notify import (
-    APP_NAME,
-    CALL_TIMEOUT,
-    NORMAL,
-    NOTIFICATIONS_INTERFACE,
-    NOTIFICATIONS_NAME,
-    NOTIFICATIONS_PATH,
-    PROGRESS_INTERVAL,
-    Text,
-    age,
-    progress_text,
-    when,
-)
+from . import driver_call, sender
+from .actions import show_folder
+from .bus import call as bus_call
+from .bus import match_rule
+from .notify import APP_NAME, PROGRESS_INTERVAL
+from .texts import NORMAL, Text, age, progress_text, when
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +79,8 @@ WATCHER_NAME: Final = "org.kde.StatusNotifierWatcher"
 WATCHER_PATH: Final = "/StatusNotifierWatcher"
 WATCHER_INTERFACE: Final = "org.kde.StatusNotifierWatcher"
 ITEM_ID: Final = "backup-agent"
-OWNER_RULE: Final = (
-    "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
-    f"interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{WATCHER_NAME}'"
-)
+OWNER_RULE: Final = match_rule(sender="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                               interface="org.freedesktop.DBus", member="NameOwnerChanged", arg0=WATCHER_NAME)
 _NO_OWNER: Final = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
 
 #: Icon names of the freedesktop icon naming specification, one per agent state.
@@ -109,7 +98,6 @@ STATUSES: Final[Mapping[str, str]] = {
     "failed": "NeedsAttention",
 }
 
-SHOW_WAIT: Final = 5.0  # seconds xdg-open may take before the folder counts as shown
 LOOK_TIMEOUT: Final = 5.0  # seconds a look at a disk may take (a hung USB disk must not hang the menu)
 
 # Menu item ids (0 is the root). An attached disk's Eject item is EJECT_BASE + its index in the config.
@@ -180,7 +168,7 @@ def _sentence(text: str) -> str:
     return f"{text[0].upper()}{text[1:]}." if text else ""
 
 
-def tooltip(status: AgentStatus, progress: Mapping[str, Any], now: float) -> tuple[str, str]:
+def tooltip(status: AgentStatus, progress: ProgressEvent | None, now: float) -> tuple[str, str]:
     """(title, description): the progress while backing up, else the last backup's time and result."""
     disk = status.disk or "the backup disk"
     if status.state == "running":
@@ -599,6 +587,7 @@ class _Said:
 
     ident: int = 0
     warned: bool = False
+    capabilities: set[str] | None = None  # the server's, asked before the first answer
     disk: str | None = None  # the disk an Eject answer says is safe to unplug
 
 
@@ -629,7 +618,7 @@ class Tray:
         self._menu = _Menu(self)
         self._disks = {disk.name: disk for disk in settings.disks}
         self._status = AgentStatus()
-        self._progress: dict[str, Any] = {}
+        self._progress: ProgressEvent | None = None
         self._attached: list[str] = []
         self._places: dict[str, Place] = {}
         self._revision = 1
@@ -756,57 +745,42 @@ class Tray:
     # -- Listener -----------------------------------------------------------------------
 
     def status_changed(self, status: AgentStatus) -> None:
-        try:
-            self._status = status
-            if status.state != "running":
-                self._progress = {}
-            if status.state == "idle":
-                self._attached.clear()
-            elif status.state == "disk-attached" and status.disk is not None and status.disk not in self._attached:
-                self._attached.append(status.disk)
-            self._publish()
-            if status.state != "running" and status.disk in self._attached:
-                self._start(self._refresh_place(status.disk))
-        except Exception:
-            log.exception("tray: status_changed failed")
+        self._status = status
+        if status.state != "running":
+            self._progress = None
+        if status.state == "idle":
+            self._attached.clear()
+        elif status.state == "disk-attached" and status.disk is not None and status.disk not in self._attached:
+            self._attached.append(status.disk)
+        self._publish()
+        if status.state != "running" and status.disk in self._attached:
+            self._start(self._refresh_place(status.disk))
 
     def disk_attached(self, disk: str) -> None:
-        try:
-            if disk not in self._attached:
-                self._attached.append(disk)
-            self._publish()
-        except Exception:
-            log.exception("tray: disk_attached failed")
+        if disk not in self._attached:
+            self._attached.append(disk)
+        self._publish()
 
     def disk_removed(self, disk: str, during_backup: bool) -> None:
-        try:
-            if disk in self._attached:
-                self._attached.remove(disk)
-            self._places.pop(disk, None)
-            self._publish()
-            self._withdraw_said(disk)  # "safe to unplug" is done with once it is unplugged
-        except Exception:
-            log.exception("tray: disk_removed failed")
+        if disk in self._attached:
+            self._attached.remove(disk)
+        self._places.pop(disk, None)
+        self._publish()
+        self._withdraw_said(disk)  # "safe to unplug" is done with once it is unplugged
 
     def backup_started(self, disk: str, reason: str) -> None:
-        try:
-            self._progress = {}
-            self._places.pop(disk, None)  # what was open may be closed by the cycle's end
-            self._withdraw_said(disk)  # "safe to unplug" is untrue while it is backed up
-        except Exception:
-            log.exception("tray: backup_started failed")
+        self._progress = None
+        self._places.pop(disk, None)  # what was open may be closed by the cycle's end
+        self._withdraw_said(disk)  # "safe to unplug" is untrue while it is backed up
 
-    def progress(self, event: dict[str, Any]) -> None:
-        try:
-            self._progress = dict(event)
-            now = self.clock()
-            if self._tooltip_at is not None and now - self._tooltip_at < self.min_interval:
-                return
-            self._publish()
-        except Exception:
-            log.exception("tray: progress failed")
+    def progress(self, event: ProgressEvent) -> None:
+        self._progress = event
+        now = self.clock()
+        if self._tooltip_at is not None and now - self._tooltip_at < self.min_interval:
+            return
+        self._publish()
 
-    def backup_completed(self, event: dict[str, Any]) -> None:
+    def backup_completed(self, event: CompleteEvent) -> None:
         return None  # the status change that follows says it
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
@@ -953,24 +927,10 @@ class Tray:
             return
         self._places[name] = place
         self._publish_menu()
-        program = shutil.which("xdg-open")
-        if program is None:
-            await self._say(Text("The latest backup cannot be opened",
-                                 f"xdg-open is not installed (package xdg-utils). The backup is {place.latest}.",
-                                 NORMAL))
-            return
         log.info("tray: opening %s", place.latest)
-        process = await asyncio.create_subprocess_exec(
-            program, place.latest, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        _, error = await process.communicate()
-        if process.returncode != 0:
-            detail = error.decode(errors="replace").strip().splitlines()
-            log.warning("tray: xdg-open %s exited with status %s%s", place.latest, process.returncode,
-                        f": {detail[-1]}" if detail else "")
-            await self._say(Text("The latest backup could not be opened",
-                                 f"xdg-open exited with status {process.returncode}. The backup is {place.latest}.",
+        problem = await show_folder(place.latest)
+        if problem is not None:
+            await self._say(Text("The latest backup could not be opened", f"{problem} The backup is {place.latest}.",
                                  NORMAL))
 
     async def _browse(self) -> None:
@@ -990,7 +950,7 @@ class Tray:
             await self._say(Text(f"{name} cannot be browsed now", _sentence(reply.message), NORMAL), icon="folder-open")
             return
         await self._refresh_place(name)
-        problem = await self._show_folder(reply.snapshots)
+        problem = await show_folder(reply.snapshots)
         if problem is not None:
             await self._say(Text(f"{name} is open, but its backups could not be shown",
                                  f"{problem} They are in {reply.snapshots}.", NORMAL), icon="folder-open")
@@ -1000,40 +960,20 @@ class Tray:
                              "They are read-only: copy what you need back out. The disk closes again after 15 minutes "
                              "unused, or choose Eject.", NORMAL), icon="folder-open")
 
-    async def _show_folder(self, path: str) -> str | None:
-        """Show ``path`` in the file manager (xdg-open); None, or why it was not shown."""
-        program = shutil.which("xdg-open")
-        if program is None:
-            return "xdg-open is not installed (package xdg-utils)."
-        # Where no desktop handles it, xdg-open runs the file manager itself and
-        # returns only when it is closed: still running after a while means shown.
-        process = await asyncio.create_subprocess_exec(
-            program, path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            status = await asyncio.wait_for(process.wait(), SHOW_WAIT)
-        except asyncio.TimeoutError:
-            return None
-        if status != 0:
-            log.warning("tray: xdg-open %s exited with status %s", path, status)
-            return f"xdg-open exited with status {status}."
-        return None
-
     async def _say(self, text: Text, *, icon: str = "drive-harddisk", disk: str | None = None) -> None:
         """One notification that answers a click, replacing the previous answer (``disk``: an Eject's)."""
         summary, body, urgency = text
         hints = {"urgency": Variant("y", urgency), "category": Variant("s", "device")}
         try:
-            reply = await self._call(
-                NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE, "Notify", "susssasa{sv}i",
-                [APP_NAME, self._said.ident, icon, summary, body, [], hints, -1],
+            if self._said.capabilities is None:
+                self._said.capabilities = await sender.capabilities(self.bus)
+            self._said.ident = await sender.notify(
+                self.bus, app_name=APP_NAME, replaces=self._said.ident, icon=icon, summary=summary, body=body,
+                actions=(), hints=hints, expire=-1, server_can=self._said.capabilities,
             )
-            if reply.message_type is MessageType.ERROR:
-                raise RuntimeError(f"{reply.error_name}: {' '.join(str(part) for part in reply.body)}")
-            self._said.ident = int(reply.body[0])
             self._said.disk = disk
         except Exception as exc:
+            self._said.capabilities = None  # ask again next time: the server may be a new one
             if not self._said.warned:
                 self._said.warned = True
                 log.warning("tray: cannot show the answer as a notification (%s): %s. %s", exc, summary, body)
@@ -1049,23 +989,15 @@ class Tray:
 
     async def _close_said(self, ident: int) -> None:
         try:
-            reply = await self._call(NOTIFICATIONS_NAME, NOTIFICATIONS_PATH, NOTIFICATIONS_INTERFACE,
-                                     "CloseNotification", "u", [ident])
-            if reply.message_type is MessageType.ERROR:
-                log.debug("tray: notification %d not withdrawn: %s", ident, reply.body)
-        except Exception as exc:
+            await sender.close(self.bus, ident)
+        except Exception as exc:  # gone already, or the server went away: nothing stale is left to close
             log.info("tray: could not withdraw notification %d: %s", ident, exc)
 
     # -- the bus -------------------------------------------------------------------------
 
     async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
                     body: list[Any], flags: MessageFlag = MessageFlag.NONE) -> Message:
-        message = Message(destination=destination, path=path, interface=interface, member=member,
-                          signature=signature, body=body, flags=flags)
-        reply = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT)
-        if reply is None:
-            raise RuntimeError(f"no reply to {member}")
-        return reply
+        return await bus_call(self.bus, destination, path, interface, member, signature, body, flags=flags)
 
     def _on_message(self, message: Message) -> bool:
         if (
