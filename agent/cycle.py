@@ -7,6 +7,9 @@ runs one at a time, and with ``dry_run`` writes nothing at all. Every step is
 announced as an event; each resource is released by the ``ExitStack`` that
 took it, also when a step fails, so later steps (unlock, mount, hooks) slot in
 as more context managers.
+
+The cycle reads from a :class:`~agent.sources.Source` (given, or the
+configured path); docs/ARCHITECTURE.md, "Seams", says what plugs in there.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from . import hooks
 from . import manifest as manifests
 from . import unfinished
 from .commands import Runner, priority_prefix
-from .config.model import Disk, Settings, effective_excludes
+from .config.model import Disk, Settings
 from .errors import (
     BackupAgentError,
     CommandError,
@@ -45,9 +48,10 @@ from .errors import (
 )
 from .events import Emitter, complete, error, progress, step, warning
 from .hooks import HookContext
-from .mounts import find_skipped_mounts, read_mountinfo
+from .mounts import read_mountinfo
 from .repository import IN_PROGRESS, Repository, classify, free_space, reserve_name
 from .rotation import Plan, parse_snapshot_name, plan_rotation
+from .sources import PathSource, Source
 
 log = logging.getLogger(__name__)
 
@@ -96,46 +100,6 @@ class Outcome:
     skipped: str | None = None  # why nothing was done (the disk is not attached)
 
 
-def find_cachedir_tagged(source: str, one_file_system: bool) -> list[str]:
-    """Directories under ``source`` holding a valid CACHEDIR.TAG (not below one another)."""
-    found: list[str] = []
-    try:
-        top_dev = os.lstat(source).st_dev
-    except OSError:
-        return found
-    stack = [source]
-    while stack:
-        directory = stack.pop()
-        subdirs: list[str] = []
-        tagged = False
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            subdirs.append(entry.path)
-                        elif entry.name == "CACHEDIR.TAG" and entry.is_file(follow_symlinks=False):
-                            with open(entry.path, "rb") as handle:
-                                tagged = rsync.is_cachedir_tag(handle.read(len(rsync.CACHEDIR_SIGNATURE)))
-                    except OSError as exc:
-                        log.debug("skipping %s while looking for CACHEDIR.TAG: %s", entry.path, exc)
-        except OSError as exc:
-            log.debug("cannot list %s while looking for CACHEDIR.TAG: %s", directory, exc)
-            continue
-        if tagged and directory != source:
-            found.append(directory)
-            continue
-        for sub in subdirs:
-            if one_file_system:
-                try:
-                    if os.lstat(sub).st_dev != top_dev:
-                        continue
-                except OSError:
-                    continue
-            stack.append(sub)
-    return sorted(found)
-
-
 def transfer_progress(update: rsync.Progress, elapsed: float, *, copies_all: bool = False) -> tuple[int, int | None]:
     """Percent done and seconds left: by bytes when every file is copied, else by files checked.
 
@@ -163,11 +127,13 @@ def transfer_progress(update: rsync.Progress, elapsed: float, *, copies_all: boo
 class Cycle:
     """Runs one request; emits events; raises BackupAgentError on failure."""
 
-    def __init__(self, request: Request, emitter: Emitter, runner: Runner) -> None:
+    def __init__(self, request: Request, emitter: Emitter, runner: Runner, *, source: Source | None = None) -> None:
         self.request = request
         self.settings = request.settings
         self.emitter = emitter
         self.runner = runner
+        # What is read: by default the configured path (the command line may have replaced it).
+        self.source: Source = source if source is not None else PathSource.from_settings(request.settings, request.source)
         self.outcome = Outcome()
         self.current_step: str | None = None
         self.repository: Repository | None = None
@@ -394,9 +360,8 @@ class Cycle:
     def _prepare(self, stack: contextlib.ExitStack) -> None:
         request = self.request
         with self._step("prepare", repository=request.repository) as done:
-            source = request.source
             if "backup" in request.steps:
-                self._check_source(source)
+                self.source.check(request.repository)
             state = classify(request.repository)
             needs_repository = "backup" in request.steps or "snapshot" in request.steps
             if state in ("missing", "empty") and not needs_repository:
@@ -432,22 +397,6 @@ class Cycle:
             return
         if changed:
             log.info("made %d manifests readable by root only", len(changed))
-
-    def _check_source(self, source: str) -> None:
-        if not os.path.isdir(source):
-            raise UsageError(f"source {source} is not a directory: give the directory to back up", step="prepare")
-        if classify(source) == "repository":
-            raise UsageError(
-                f"source {source} is a backup-agent repository: did you swap SOURCE and DESTINATION?",
-                step="prepare",
-            )
-        repo_real = os.path.realpath(self.request.repository)
-        source_real = os.path.realpath(source)
-        if repo_real == source_real or source_real.startswith(repo_real.rstrip("/") + "/"):
-            raise UsageError(
-                f"source {source} lies inside the repository {self.request.repository}: give another source",
-                step="prepare",
-            )
 
     # -- transfer ------------------------------------------------------------
 
@@ -537,21 +486,18 @@ class Cycle:
         # Nothing to link to: every file is sent, and the progress counts bytes.
         copies_all = latest is None and not leftovers
         self.hook_context.snapshot = name
-        with self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done:
-            skipped = find_skipped_mounts(request.source) if settings.one_file_system else ()
-            tagged = find_cachedir_tagged(request.source, settings.one_file_system) if settings.skip_cachedir_tagged else []
-            filters = rsync.cachedir_filter_rules(request.source, tagged) + rsync.exclude_repository_rule(
-                request.source, request.repository
-            )
-            excludes = effective_excludes(settings)
+        with (
+            self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done,
+            self.source.opened(request.repository) as tree,
+        ):
             argv = rsync.build_argv(
                 rsync=settings.commands.rsync,
-                source=request.source,
+                source=tree.root,
                 target=target,
                 link_dests=link_dests,
-                one_file_system=settings.one_file_system,
-                excludes=excludes,
-                filter_rules=filters,
+                one_file_system=tree.one_file_system,
+                excludes=tree.excludes,
+                filter_rules=tree.filter_rules,
                 io_timeout=settings.io_timeout,
                 dry_run=request.dry_run,
                 priority_prefix=self._priority(),
@@ -618,7 +564,7 @@ class Cycle:
                 "name": name,
                 "state": "transferred",
                 "host": socket.gethostname(),
-                "source": request.source,
+                "source": self.source.path,
                 "tool_version": __version__,
                 "start": start.isoformat(timespec="milliseconds"),
                 "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
@@ -629,14 +575,11 @@ class Cycle:
                 "errors": {"count": errors.count, "first": list(errors.first)},
                 "vanished": errors.vanished,
                 "warnings": list(self.outcome.warnings),
-                "excludes": list(excludes),
-                "cachedir_tagged": tagged,
-                "skipped_mounts": list(skipped),
-                "one_file_system": settings.one_file_system,
+                **tree.record,
             }
             if repo is not None and not request.dry_run:
                 repo.write_metadata(name, metadata)
-            done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(skipped))
+            done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(tree.skipped_mounts))
         self.outcome.snapshot = name
         return name
 
