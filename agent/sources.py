@@ -23,10 +23,12 @@ Today there is one source, :class:`PathSource`: one live path with its
 excludes, ``one_file_system`` and the CACHEDIR.TAG rule, built from the
 configuration by :meth:`PathSource.from_settings`. What plugs in next, each
 a new class: a btrfs subvolume frozen by a read-only snapshot (``opened``
-takes the snapshot, gives its mount as the tree, removes it on exit), a
-command's output (``opened`` streams the output into a staging directory),
-the system's package lists; several sources in one snapshot each under its
-own directory (the cycle then runs one transfer per source).
+takes the snapshot and removes it on exit, also after a failure; reading it
+at the live path inside a private mount namespace adds a command prefix
+for rsync to :class:`Tree`), a command's output and the system's package
+lists (``opened`` writes them into a staging directory, removed on exit).
+Several sources in one snapshot, each under its own directory, make the
+cycle open each and run one transfer per source.
 """
 
 from __future__ import annotations
