@@ -1,6 +1,6 @@
 """Report channels: who hears a backup's events.
 
-The seam (docs/ARCHITECTURE.md, "Seams"). A :class:`Channel` must provide one
+The seam (docs/ARCHITECTURE.md, "Seams for what comes next"). A :class:`Channel` must provide one
 method, ``send(event)``, called for every event the cycle emits, in order:
 ``step``, ``progress``, ``warning``, then one ``complete`` or ``error``
 (README, "JSON-lines protocol"). A channel that needs the whole run (a mail

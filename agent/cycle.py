@@ -8,9 +8,9 @@ announced as an event; each resource is released by the ``ExitStack`` that
 took it, also when a step fails, so later steps (unlock, mount, hooks) slot in
 as more context managers.
 
-The cycle composes three seams (docs/ARCHITECTURE.md, "Seams"): it reads
-from a :class:`~agent.sources.Source` (given, or the configured path), makes
-and deletes snapshots through the repository's
+The cycle composes three seams (docs/ARCHITECTURE.md, "Seams for what
+comes next"): it reads from a :class:`~agent.sources.Source` (given, or the
+configured path), makes and deletes snapshots through the repository's
 :class:`~agent.layouts.Layout` (:func:`agent.layouts.for_repository`), and
 reports through the :class:`~agent.events.Emitter` its caller composed from
 report channels (:mod:`agent.channels`).

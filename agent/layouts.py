@@ -1,6 +1,6 @@
 """Destination layouts: how a snapshot is begun, completed and deleted in a repository.
 
-The seam (docs/ARCHITECTURE.md, "Seams"). A :class:`Layout` must provide:
+The seam (docs/ARCHITECTURE.md, "Seams for what comes next"). A :class:`Layout` must provide:
 
 - ``begin(start, dry_run=)``: reserve the new snapshot's name and the
   directory the transfer writes into, and say what the transfer links

@@ -1,6 +1,6 @@
 """Sources: what a backup reads, and what a snapshot's metadata says of it.
 
-The seam (docs/ARCHITECTURE.md, "Seams"). A :class:`Source` must provide:
+The seam (docs/ARCHITECTURE.md, "Seams for what comes next"). A :class:`Source` must provide:
 
 - ``path``: the live path the snapshot stands for. The metadata records it as
   ``source``, and ``versions``, ``diff`` and ``restore`` map live paths to
