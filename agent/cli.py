@@ -20,7 +20,7 @@ import time
 from types import FrameType
 from typing import Any, Callable, Sequence
 
-from . import __version__, access, browse, history, when
+from . import __version__, access, browse, channels, history, when
 from . import restore as restoring
 from . import verify as verifier
 from .commands import IONICE_CLASSES, Runner
@@ -457,7 +457,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         disk=disk,
         interactive=sys.stdin.isatty(),
     )
-    emitter = Emitter(sys.stdout if args.json else None)
+    emitter = channels.emitter_for(channels.backup_channels(sys.stdout if args.json else None))
     outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
     # From a timer (no terminal), "nothing to do" is the one log line already written.
     if not args.json and not args.quiet and (outcome.skipped is None or request.interactive):

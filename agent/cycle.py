@@ -7,6 +7,13 @@ runs one at a time, and with ``dry_run`` writes nothing at all. Every step is
 announced as an event; each resource is released by the ``ExitStack`` that
 took it, also when a step fails, so later steps (unlock, mount, hooks) slot in
 as more context managers.
+
+The cycle composes three seams (docs/ARCHITECTURE.md, "Seams for what
+comes next"): it reads from a :class:`~agent.sources.Source` (given, or the
+configured path), makes and deletes snapshots through the repository's
+:class:`~agent.layouts.Layout` (:func:`agent.layouts.for_repository`), and
+reports through the :class:`~agent.events.Emitter` its caller composed from
+report channels (:mod:`agent.channels`).
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ from .disk.identity import verify_identity
 from .disk.mount import disk_full, mounted
 from .disk.unlock import unlocked
 from . import hooks
+from . import layouts
 from . import manifest as manifests
 from . import unfinished
 from .commands import Runner, priority_prefix
-from .config.model import Disk, Settings, effective_excludes
+from .config.model import Disk, Settings
 from .errors import (
     BackupAgentError,
     CommandError,
@@ -45,9 +53,11 @@ from .errors import (
 )
 from .events import Emitter, complete, error, progress, step, warning
 from .hooks import HookContext
-from .mounts import find_skipped_mounts, read_mountinfo
-from .repository import IN_PROGRESS, Repository, classify, free_space, reserve_name
+from .layouts import Begun, Layout
+from .mounts import read_mountinfo
+from .repository import IN_PROGRESS, Repository, classify, free_space
 from .rotation import Plan, parse_snapshot_name, plan_rotation
+from .sources import PathSource, Source
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +66,6 @@ STEPS = ("backup", "snapshot", "rotate")
 SHRINK_ALARM = 0.5
 # Progress events at most this often (seconds).
 PROGRESS_INTERVAL = 0.5
-MAX_LINK_DESTS = 20
 
 
 @dataclass(frozen=True)
@@ -96,46 +105,6 @@ class Outcome:
     skipped: str | None = None  # why nothing was done (the disk is not attached)
 
 
-def find_cachedir_tagged(source: str, one_file_system: bool) -> list[str]:
-    """Directories under ``source`` holding a valid CACHEDIR.TAG (not below one another)."""
-    found: list[str] = []
-    try:
-        top_dev = os.lstat(source).st_dev
-    except OSError:
-        return found
-    stack = [source]
-    while stack:
-        directory = stack.pop()
-        subdirs: list[str] = []
-        tagged = False
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            subdirs.append(entry.path)
-                        elif entry.name == "CACHEDIR.TAG" and entry.is_file(follow_symlinks=False):
-                            with open(entry.path, "rb") as handle:
-                                tagged = rsync.is_cachedir_tag(handle.read(len(rsync.CACHEDIR_SIGNATURE)))
-                    except OSError as exc:
-                        log.debug("skipping %s while looking for CACHEDIR.TAG: %s", entry.path, exc)
-        except OSError as exc:
-            log.debug("cannot list %s while looking for CACHEDIR.TAG: %s", directory, exc)
-            continue
-        if tagged and directory != source:
-            found.append(directory)
-            continue
-        for sub in subdirs:
-            if one_file_system:
-                try:
-                    if os.lstat(sub).st_dev != top_dev:
-                        continue
-                except OSError:
-                    continue
-            stack.append(sub)
-    return sorted(found)
-
-
 def transfer_progress(update: rsync.Progress, elapsed: float, *, copies_all: bool = False) -> tuple[int, int | None]:
     """Percent done and seconds left: by bytes when every file is copied, else by files checked.
 
@@ -163,21 +132,23 @@ def transfer_progress(update: rsync.Progress, elapsed: float, *, copies_all: boo
 class Cycle:
     """Runs one request; emits events; raises BackupAgentError on failure."""
 
-    def __init__(self, request: Request, emitter: Emitter, runner: Runner) -> None:
+    def __init__(self, request: Request, emitter: Emitter, runner: Runner, *, source: Source | None = None) -> None:
         self.request = request
         self.settings = request.settings
         self.emitter = emitter
         self.runner = runner
+        # What is read: by default the configured path (the command line may have replaced it).
+        self.source: Source = source if source is not None else PathSource.from_settings(request.settings, request.source)
         self.outcome = Outcome()
         self.current_step: str | None = None
         self.repository: Repository | None = None
+        # How snapshots are made and deleted there; set once the repository is opened (or known missing).
+        self.layout: Layout | None = None
         self.hook_context = HookContext(
             disk=request.disk.name if request.disk else None, repository=request.repository
         )
         self._started = time.monotonic()
         self._failed_step: str | None = None
-        # The transfer under way and the unfinished one it resumes from.
-        self._resuming: tuple[str, list[str]] | None = None
 
     # -- helpers ------------------------------------------------------------
 
@@ -376,7 +347,7 @@ class Cycle:
                     log.info("would delete %s to make room", victim)
                     deleted.append(victim)
                     break
-                repo.discard([victim], self.runner, self._rm_argv(), step="make-room")
+                self._layout().delete([victim], step="make-room")
                 deleted.append(victim)
             if deleted:
                 self._warn(f"deleted {len(deleted)} old snapshots to keep {human_size(wanted)} free: {', '.join(deleted)}")
@@ -394,9 +365,8 @@ class Cycle:
     def _prepare(self, stack: contextlib.ExitStack) -> None:
         request = self.request
         with self._step("prepare", repository=request.repository) as done:
-            source = request.source
             if "backup" in request.steps:
-                self._check_source(source)
+                self.source.check(request.repository)
             state = classify(request.repository)
             needs_repository = "backup" in request.steps or "snapshot" in request.steps
             if state in ("missing", "empty") and not needs_repository:
@@ -409,6 +379,7 @@ class Cycle:
                     lock.probe(self.repository.lock_path)
                 else:
                     log.info("would create the repository %s", request.repository)
+                self._open_layout()
                 done["created"] = state != "repository"
                 return
             if request.disk is not None:
@@ -418,6 +389,7 @@ class Cycle:
                 self.repository = Repository.create(request.repository)
             stack.enter_context(lock.hold(self.repository.lock_path, self._holder()))
             self.repository.remove_leftovers()
+            self._open_layout()
             done["created"] = state != "repository"
             done["id"] = self.repository.marker.id
 
@@ -433,125 +405,54 @@ class Cycle:
         if changed:
             log.info("made %d manifests readable by root only", len(changed))
 
-    def _check_source(self, source: str) -> None:
-        if not os.path.isdir(source):
-            raise UsageError(f"source {source} is not a directory: give the directory to back up", step="prepare")
-        if classify(source) == "repository":
-            raise UsageError(
-                f"source {source} is a backup-agent repository: did you swap SOURCE and DESTINATION?",
-                step="prepare",
-            )
-        repo_real = os.path.realpath(self.request.repository)
-        source_real = os.path.realpath(source)
-        if repo_real == source_real or source_real.startswith(repo_real.rstrip("/") + "/"):
-            raise UsageError(
-                f"source {source} lies inside the repository {self.request.repository}: give another source",
-                step="prepare",
-            )
+    def _layout(self) -> Layout:
+        if self.layout is None:
+            raise RepositoryError(f"{self.request.repository} is not open", step=self.current_step)
+        return self.layout
+
+    def _open_layout(self) -> None:
+        self.layout = layouts.for_repository(
+            self.request.repository, self.repository, runner=self.runner, rm_argv=self._rm_argv(), warn=self._warn
+        )
 
     # -- transfer ------------------------------------------------------------
 
     def _transfer(self) -> str:
         """The transfer, leaving at most one unfinished transfer behind, whatever happens (agent.unfinished)."""
-        self._resuming = None
+        layout = self._layout()
+        start = dt.datetime.now().astimezone()
+        begun = layout.begin(start, dry_run=self.request.dry_run)
         try:
-            name = self._transfer_once()
+            name = self._transfer_into(begun, start)
         except BaseException as exc:
-            if self._resuming is not None:
-                self._keep_one_unfinished(*self._resuming)
+            if not self.request.dry_run:
+                layout.end_transfer(begun, whole=False)
                 if isinstance(exc, DiskFullError):
                     exc.message = self._disk_full_message()
             raise
-        if self._resuming is not None and self.repository is not None:
-            # The new transfer is whole: what it resumed from is not needed any more.
-            self.repository.discard([n + IN_PROGRESS for n in self._resuming[1]], self.runner, self._rm_argv(), step="transfer")
+        if not self.request.dry_run:
+            layout.end_transfer(begun, whole=True)
         return name
 
-    def _fold_leftovers(self, repo: Repository, leftovers: list[str]) -> list[str]:
-        """More than one unfinished transfer (left by an older version): fold them into the newest."""
-        if len(leftovers) < 2:
-            return leftovers
-        newest = leftovers[-1]
-        for older in leftovers[:-1]:
-            self._fold(repo, older, newest)
-        return [newest]
-
-    def _keep_one_unfinished(self, name: str, leftovers: list[str]) -> None:
-        """After a transfer that did not finish: fold what it resumed from into it, so one remains."""
-        repo = self.repository
-        if repo is None or not leftovers or not os.path.isdir(repo.in_progress_path(name)):
-            return
-        if (repo.read_metadata(name) or {}).get("state") == "transferred":
-            # Whole already (a later step failed): never add older entries to it.
-            repo.discard([n + IN_PROGRESS for n in leftovers], self.runner, self._rm_argv(), step="transfer")
-            return
-        for older in leftovers:
-            self._fold(repo, older, name)
-
-    def _fold(self, repo: Repository, older: str, newer: str) -> None:
-        """Fold one unfinished transfer into another and delete it; a failure is a warning, both are kept."""
-        try:
-            linked = unfinished.fold(repo.in_progress_path(older), repo.in_progress_path(newer))
-            repo.discard([older + IN_PROGRESS], self.runner, self._rm_argv(), step="transfer")
-        except (OSError, BackupAgentError) as exc:
-            self._warn(f"the unfinished transfer {older} could not be folded into {newer} ({exc}): both are kept")
-            return
-        log.info("folded the unfinished transfer %s into %s (%d entries linked)", older, newer, linked)
-
-    def _transfer_once(self) -> str:
+    def _transfer_into(self, begun: Begun, start: dt.datetime) -> str:
         settings = self.settings
         request = self.request
         repo = self.repository
-        start = dt.datetime.now().astimezone()
-        if repo is None:
-            snapshots_dir = os.path.join(request.repository, "snapshots")
-            name = reserve_name(snapshots_dir, start, create=False)
-            latest = None
-            leftovers: list[str] = []
-            target = os.path.join(snapshots_dir, name + ".in-progress")
-        elif request.dry_run:
-            name = reserve_name(repo.snapshots_dir, start, create=False)
-            latest = repo.latest_name()
-            leftovers = repo.in_progress_names()
-            target = repo.in_progress_path(name)
-        else:
-            leftovers = self._fold_leftovers(repo, repo.in_progress_names())
-            name = repo.reserve(start)
-            latest = repo.latest_name()
-            target = repo.in_progress_path(name)
-            self._resuming = (name, [n for n in leftovers if n != name])
-        # Newest leftovers first: they hold the most recent partial copies.
-        leftovers = [n for n in reversed(leftovers) if n != name][: MAX_LINK_DESTS - 1]
-        link_dests: list[str] = []
-        if latest is not None and repo is not None:
-            link_dests.append(repo.snapshot_path(latest))
-        if repo is not None:
-            link_dests.extend(repo.in_progress_path(n) for n in leftovers)
-        if request.dry_run and repo is not None and latest is not None:
-            # rsync -n compares with the latest snapshot itself: what differs
-            # is what a real run would copy (rsync 3.5 with --xattrs and
-            # --link-dest fails a dry run into a directory that does not exist).
-            target = repo.snapshot_path(latest)
-            link_dests = []
-
-        # Nothing to link to: every file is sent, and the progress counts bytes.
-        copies_all = latest is None and not leftovers
+        name, latest, leftovers = begun.name, begun.previous, list(begun.resumed_from)
+        copies_all = begun.copies_all
         self.hook_context.snapshot = name
-        with self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done:
-            skipped = find_skipped_mounts(request.source) if settings.one_file_system else ()
-            tagged = find_cachedir_tagged(request.source, settings.one_file_system) if settings.skip_cachedir_tagged else []
-            filters = rsync.cachedir_filter_rules(request.source, tagged) + rsync.exclude_repository_rule(
-                request.source, request.repository
-            )
-            excludes = effective_excludes(settings)
+        with (
+            self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done,
+            self.source.opened(request.repository) as tree,
+        ):
             argv = rsync.build_argv(
                 rsync=settings.commands.rsync,
-                source=request.source,
-                target=target,
-                link_dests=link_dests,
-                one_file_system=settings.one_file_system,
-                excludes=excludes,
-                filter_rules=filters,
+                source=tree.root,
+                target=begun.target,
+                link_dests=begun.link_dests,
+                one_file_system=tree.one_file_system,
+                excludes=tree.excludes,
+                filter_rules=tree.filter_rules,
                 io_timeout=settings.io_timeout,
                 dry_run=request.dry_run,
                 priority_prefix=self._priority(),
@@ -618,7 +519,7 @@ class Cycle:
                 "name": name,
                 "state": "transferred",
                 "host": socket.gethostname(),
-                "source": request.source,
+                "source": self.source.path,
                 "tool_version": __version__,
                 "start": start.isoformat(timespec="milliseconds"),
                 "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
@@ -629,14 +530,11 @@ class Cycle:
                 "errors": {"count": errors.count, "first": list(errors.first)},
                 "vanished": errors.vanished,
                 "warnings": list(self.outcome.warnings),
-                "excludes": list(excludes),
-                "cachedir_tagged": tagged,
-                "skipped_mounts": list(skipped),
-                "one_file_system": settings.one_file_system,
+                **tree.record,
             }
             if repo is not None and not request.dry_run:
                 repo.write_metadata(name, metadata)
-            done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(skipped))
+            done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(tree.skipped_mounts))
         self.outcome.snapshot = name
         return name
 
@@ -672,12 +570,13 @@ class Cycle:
         with self._step("snapshot", snapshot=name) as done:
             if repo is None or self.request.dry_run:
                 if name is None and repo is not None:
-                    name = self._finished_transfer(repo)
+                    name = self._layout().finished_transfer()
                 log.info("would complete snapshot %s", name)
                 done["snapshot"] = name
                 return name
+            layout = self._layout()
             if name is None:
-                name = self._finished_transfer(repo)
+                name = layout.finished_transfer()
             metadata = repo.read_metadata(name) or {}
             if metadata.get("state") != "transferred":
                 raise StepError(f"the transfer into {name} did not finish: run the backup again", step="snapshot")
@@ -698,16 +597,13 @@ class Cycle:
             self.outcome.partial = bool(metadata.get("partial"))
             self.outcome.statistics = metadata.get("statistics", {})
             repo.write_metadata(name, metadata)
-            repo.complete(name)
-            log.info("snapshot %s complete", name)
-            # Earlier unfinished transfers served as --link-dest; they are not needed now.
-            leftovers = [n + ".in-progress" for n in repo.in_progress_names() if n != name]
-            repo.discard(leftovers, self.runner, self._rm_argv(), step="snapshot")
+            # Complete and durable; earlier unfinished transfers, which served as --link-dest, are deleted.
+            discarded = layout.complete(name)
             done.update(
                 snapshot=name,
                 partial=self.outcome.partial,
                 flagged=self.outcome.flagged,
-                discarded=leftovers,
+                discarded=list(discarded),
                 manifest=recorded,
             )
         self.outcome.snapshot = name
@@ -732,7 +628,7 @@ class Cycle:
                 log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
         target = repo.manifest_path(name)
         try:
-            recorded = manifests.record(repo.in_progress_path(name), target, known, owners=owners)
+            recorded = manifests.record(self._layout().transfer_path(name), target, known, owners=owners)
             recorded = replace(recorded, seconds=time.monotonic() - started)
         except OSError as exc:
             what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)
@@ -749,15 +645,6 @@ class Cycle:
             recorded.reused_files, previous if known else "none", recorded.seconds,
         )
         return recorded.as_metadata(previous if known else None)
-
-    def _finished_transfer(self, repo: Repository) -> str:
-        for candidate in reversed(repo.in_progress_names()):
-            if (repo.read_metadata(candidate) or {}).get("state") == "transferred":
-                return candidate
-        raise StepError(
-            f"{repo.root} has no finished transfer to complete: run backup-agent backup --backup first",
-            step="snapshot",
-        )
 
     def _shrink_check(self, repo: Repository, previous: str | None, metadata: dict[str, Any]) -> str | None:
         if previous is None:
@@ -822,8 +709,8 @@ class Cycle:
                 for victim in plan.delete:
                     log.info("would delete snapshot %s", victim)
                 return
-            repo.discard(list(plan.delete), self.runner, self._rm_argv(), step="rotate")
-            repo.empty_trash(self.runner, self._rm_argv(), step="rotate")
+            self._layout().delete(plan.delete, step="rotate")
+            self._layout().empty_trash(step="rotate")
             self.outcome.deleted += plan.delete
 
     @staticmethod
