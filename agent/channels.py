@@ -12,7 +12,7 @@ logged with its traceback and the backup goes on (a report must never cost a
 snapshot). :func:`backup_channels` is the one place the backup command
 composes its channels.
 
-Today there is one channel, :class:`JsonLines`: one JSON object per line on
+Today there is one channel, :class:`~agent.events.JsonLines`: one JSON object per line on
 stdout (``backup --json``), which the desktop agent reads; its listeners
 (notifications, the tray, D-Bus) live in the agent's process, not here. What
 plugs in next, each a new class added in :func:`backup_channels` from the
@@ -23,14 +23,13 @@ for machines nobody watches.
 from __future__ import annotations
 
 import logging
-from typing import IO, Any, Callable, Iterable, Protocol
+from typing import IO, Callable, Iterable, Protocol
 
-from .events import Emitter, encode
+from .events import Emitter, Event, JsonLines
 
 log = logging.getLogger(__name__)
 
-# What an Emitter hands its subscribers; typed events take its place here.
-Event = dict[str, Any]
+__all__ = ["Channel", "JsonLines", "backup_channels", "emitter_for"]
 
 
 class Channel(Protocol):
@@ -41,28 +40,6 @@ class Channel(Protocol):
         ...
 
 
-class JsonLines:
-    """One JSON object per line on a stream: the interface between the root cycle and the desktop agent.
-
-    Losing the reader (the agent died) must never stop a backup: a write
-    that fails is logged once and the stream is dropped.
-    """
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream: IO[str] | None = stream
-
-    def send(self, event: Event) -> None:
-        if self._stream is None:
-            return
-        line = encode(event) + "\n"
-        try:
-            self._stream.write(line)
-            self._stream.flush()
-        except OSError as exc:
-            log.warning("event reader went away (%s); the backup goes on without it", exc)
-            self._stream = None
-
-
 def _guarded(channel: Channel) -> Callable[[Event], None]:
     """``channel.send``, with a failure logged instead of raised."""
 
@@ -70,7 +47,7 @@ def _guarded(channel: Channel) -> Callable[[Event], None]:
         try:
             channel.send(event)
         except Exception:
-            log.exception("the report channel %s failed on a %s event; the backup goes on", type(channel).__name__, event.get("event"))
+            log.exception("the report channel %s failed on a %s event; the backup goes on", type(channel).__name__, event.kind)
 
     return send
 

@@ -302,27 +302,40 @@ def decode(line: str) -> Event:
         raise ValueError(f"{kind} event without {exc}: {line[:80]!r}") from None
 
 
-class Emitter:
-    """Sends events to subscribers: JSON lines on a stream and/or callbacks.
+class JsonLines:
+    """One JSON object per line on a stream: the interface between the root cycle and the desktop agent.
 
-    Losing the reader (the agent died) must never stop a backup: a write that
-    fails is logged once and the stream is dropped.
+    A report channel (agent/channels.py). Losing the reader (the agent
+    died) must never stop a backup: a write that fails is logged once and
+    the stream is dropped.
     """
 
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream: IO[str] | None = stream
+
+    def send(self, event: Event) -> None:
+        if self._stream is None:
+            return
+        line = encode(event) + "\n"
+        try:
+            self._stream.write(line)
+            self._stream.flush()
+        except OSError as exc:
+            log.warning("event reader went away (%s); the backup goes on without it", exc)
+            self._stream = None
+
+
+class Emitter:
+    """Sends events to subscribers, in the order they subscribed; ``stream``: JSON lines there first."""
+
     def __init__(self, stream: IO[str] | None = None) -> None:
-        self._stream = stream
         self._subscribers: list[Callable[[Event], None]] = []
+        if stream is not None:
+            self.subscribe(JsonLines(stream).send)
 
     def subscribe(self, callback: Callable[[Event], None]) -> None:
         self._subscribers.append(callback)
 
     def emit(self, event: Event) -> None:
-        if self._stream is not None:
-            try:
-                self._stream.write(encode(event) + "\n")
-                self._stream.flush()
-            except (BrokenPipeError, OSError) as exc:
-                log.warning("event reader went away (%s); the backup goes on without it", exc)
-                self._stream = None
         for callback in self._subscribers:
             callback(event)

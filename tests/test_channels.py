@@ -14,7 +14,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,23 +21,23 @@ from agent import channels
 from agent.commands import Runner
 from agent.config.load import load_settings
 from agent.cycle import Cycle, Request
-from agent.events import decode, step
+from agent.events import CompleteEvent, Event, StepEvent, decode, step
 
 FAST = '[backup]\nionice = "none"\nnice = 0\n[rotation]\nhourly = "always"\n'
 
 
 @dataclass
 class Recorder:
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
-    def send(self, event: dict[str, Any]) -> None:
+    def send(self, event: Event) -> None:
         self.events.append(event)
 
 
 class Broken:
     """A channel whose every send fails, as an SMTP server that refuses would."""
 
-    def send(self, event: dict[str, Any]) -> None:
+    def send(self, event: Event) -> None:
         raise ConnectionRefusedError("no mail server here")
 
 
@@ -67,9 +66,9 @@ def test_a_failing_channel_costs_neither_the_backup_nor_the_others(
     assert outcome.snapshot is not None and os.path.isdir(tmp_path / "repo" / "snapshots" / outcome.snapshot)
     lines = [decode(line) for line in stream.getvalue().splitlines()]
     # Every event reached the stream and the channel after the broken one, in the same order.
-    assert [e["event"] for e in lines] == [e["event"] for e in after.events]
-    assert lines[-1]["event"] == "complete" and lines[-1]["snapshot"] == outcome.snapshot
-    assert ("transfer", "done") in [(e.get("step"), e.get("state")) for e in after.events]
+    assert lines == after.events
+    assert isinstance(lines[-1], CompleteEvent) and lines[-1].snapshot == outcome.snapshot
+    assert ("transfer", "done") in [(e.step, e.state) for e in after.events if isinstance(e, StepEvent)]
     failures = [r for r in caplog.records if "Broken failed" in r.getMessage()]
     assert len(failures) == len(after.events) and failures[0].exc_info is not None
 
@@ -83,7 +82,7 @@ def test_a_reader_that_went_away_is_dropped(caplog: pytest.LogCaptureFixture) ->
     with caplog.at_level(logging.WARNING, logger="agent.channels"):
         emitter.emit(step("lock", "start"))
         emitter.emit(step("lock", "done"))
-    assert [e["state"] for e in after.events] == ["start", "done"]
+    assert [e.state for e in after.events if isinstance(e, StepEvent)] == ["start", "done"]
     gone = [r for r in caplog.records if "event reader went away" in r.getMessage()]
     assert len(gone) == 1  # said once, then the stream is no longer written to
     with pytest.raises(BrokenPipeError):

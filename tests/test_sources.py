@@ -28,7 +28,7 @@ from agent.config.load import load_settings
 from agent.config.model import DEFAULT_SYSTEM_EXCLUDES
 from agent.cycle import Cycle, Request
 from agent.errors import CommandError, UsageError
-from agent.events import Emitter
+from agent.events import CompleteEvent, Emitter, ErrorEvent, Event
 from agent.repository import Repository
 from agent.rsync import CACHEDIR_SIGNATURE
 from agent.sources import PathSource, Source, Tree
@@ -72,7 +72,7 @@ def _settings(tmp_path: Path, rsync: str) -> Any:
     return load_settings(str(config))
 
 
-def _cycle(settings: Any, repo: Path, source: Source, events: list[dict[str, Any]]) -> Cycle:
+def _cycle(settings: Any, repo: Path, source: Source, events: list[Event]) -> Cycle:
     request = Request(settings=settings, source=settings.source, repository=str(repo))
     emitter = Emitter()
     emitter.subscribe(events.append)
@@ -93,7 +93,7 @@ def test_a_second_source_goes_through_real_cycles(tmp_path: Path, rsync_path: st
     settings = _settings(tmp_path, rsync_path)
     repo = tmp_path / "repo"
     source = StagedSource("/var/lib/staged", {"kept": b"same in both\n", "changed": b"first\n"})
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     first = _cycle(settings, repo, source, events).run().snapshot
     source.files["changed"] = b"second\n"
     second = _cycle(settings, repo, source, events).run().snapshot
@@ -110,7 +110,7 @@ def test_a_second_source_goes_through_real_cycles(tmp_path: Path, rsync_path: st
     assert metadata["source"] == "/var/lib/staged"
     assert metadata["staged"] == ["changed", "kept"]
     assert "cachedir_tagged" not in metadata  # the path source's fields come from the path source only
-    assert [e["snapshot"] for e in events if e["event"] == "complete"] == [first, second]
+    assert [e.snapshot for e in events if isinstance(e, CompleteEvent)] == [first, second]
     # Each staging directory existed during its transfer only.
     assert len(source.roots) == 2 and not any(os.path.exists(root) for root in source.roots)
 
@@ -122,22 +122,22 @@ def test_a_failed_transfer_still_closes_the_source(tmp_path: Path) -> None:
     settings = _settings(tmp_path, false)  # "rsync" exits 1: the transfer fails
     repo = tmp_path / "repo"
     source = StagedSource("/var/lib/staged", {"a": b"a\n"})
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     with pytest.raises(CommandError):
         _cycle(settings, repo, source, events).run()
     assert len(source.roots) == 1 and not os.path.exists(source.roots[0])
     assert Repository.open(str(repo)).snapshot_names() == []
-    assert events[-1]["event"] == "error" and events[-1]["step"] == "transfer"
+    assert isinstance(events[-1], ErrorEvent) and events[-1].step == "transfer"
 
 
 def test_a_source_refusing_stops_the_cycle_before_anything_is_written(tmp_path: Path) -> None:
     settings = _settings(tmp_path, "/usr/bin/rsync")
     repo = tmp_path / "repo"
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     with pytest.raises(UsageError, match="nothing staged"):
         _cycle(settings, repo, StagedSource("/x", {}), events).run()
     assert not repo.exists()
-    assert events[-1]["event"] == "error" and events[-1]["step"] == "prepare"
+    assert isinstance(events[-1], ErrorEvent) and events[-1].step == "prepare"
 
 
 @pytest.mark.parametrize(
