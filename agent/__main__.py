@@ -1,6 +1,6 @@
 """python -m agent"""
 import sys
 
-from .cli import main
+from agent.cli import main
 
 sys.exit(main())

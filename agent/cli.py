@@ -20,22 +20,25 @@ import time
 from types import FrameType
 from typing import Any, Callable, Sequence
 
-from . import __version__, access, browse, channels, history, when
-from . import restore as restoring
-from . import verify as verifier
-from .commands import IONICE_CLASSES, Runner
-from .disk.find import find_device, first_present, none_attached, select_disk
-from .disk.identity import id_path, record_id, recorded_id, verify_mount
-from .disk.mount import mounted
-from .disk.unlock import unlocked
-from . import install as installer
-from . import lock
-from .config.load import SYSTEM_CONFIG, load_settings
-from .config.model import Disk, Settings, effective_excludes
-from .config.trust import running_through_sudo
-from .config.validate import check_exclude
-from .cycle import STEPS, Cycle, Outcome, Request, check_platform, human_size
-from .errors import (
+from agent import __version__
+from agent.disk import access, browse
+from agent.engine import channels, history
+from agent.core import when
+from agent.engine import restore as restoring
+from agent.engine import verify as verifier
+from agent.core.commands import IONICE_CLASSES, Runner
+from agent.disk.find import find_device, first_present, none_attached, select_disk
+from agent.disk.identity import id_path, record_id, recorded_id, verify_mount
+from agent.disk.mount import mounted
+from agent.disk.unlock import unlocked
+from agent.system import install as installer
+from agent.core import lock
+from agent.config.load import SYSTEM_CONFIG, load_settings
+from agent.config.model import Disk, Settings, effective_excludes
+from agent.config.trust import running_through_sudo
+from agent.config.validate import check_exclude
+from agent.engine.cycle import STEPS, Cycle, Outcome, Request, check_platform, human_size
+from agent.core.errors import (
     EXIT_DAMAGED,
     EXIT_OK,
     EXIT_PARTIAL,
@@ -47,10 +50,10 @@ from .errors import (
     RepositoryError,
     UsageError,
 )
-from .eject import Eject
-from .events import Emitter, error
-from .repository import Repository, classify
-from .rotation import FREQUENCIES, Count, Plan, Scheme
+from agent.disk.eject import Eject
+from agent.core.events import Emitter, error
+from agent.repository.store import Repository, classify
+from agent.policy.rotation import FREQUENCIES, Count, Plan, Scheme
 
 log = logging.getLogger("agent")
 
@@ -235,11 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 # -- the narrow door: what may run through sudo --------------------------------
 
 # The forms the desktop agent runs through sudo; the sudoers rule install
-# writes allows a subset of them (agent.install.agent_argvs).
+# writes allows a subset of them (agent.system.install.agent_argvs).
 # Through sudo the caller may be anyone the sudoers rule lets in, so only the
 # options that cannot change what is read, written or run pass: the system
 # configuration decides those. The agent's rule allows fewer still
-# (agent.install.agent_argvs); an administrator may run these forms.
+# (agent.system.install.agent_argvs); an administrator may run these forms.
 SUDO_FORMS: dict[str, str] = {
     "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
     "init": "init --disk NAME [--yes] [-q|-v]",
@@ -859,7 +862,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import daemon  # pyudev and asyncio only for this command
+    from agent.desktop import daemon  # pyudev and asyncio only for this command
 
     return daemon.main(
         config=args.config, no_sudo=args.no_sudo, argv0=sys.argv[0], notifications=not args.disable_notifications
@@ -867,19 +870,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_now(args: argparse.Namespace) -> int:
-    from .dbus import client  # dbus_fast only for these commands
+    from agent.desktop.dbus import client  # dbus_fast only for these commands
 
     return client.run_now(args.disk)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from .dbus import client
+    from agent.desktop.dbus import client
 
     return client.run_stop()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .dbus import client
+    from agent.desktop.dbus import client
 
     return client.run_status(args.json)
 

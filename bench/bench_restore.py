@@ -8,10 +8,10 @@ times, interleaved round by round (warm caches for all):
 
 - walk: ``os.walk`` + ``os.lstat`` of every entry of both snapshots, the
   least a comparison that does not know about hard links must do;
-- diff: ``agent.history.diff`` of the two snapshots (scandir, inodes);
+- diff: ``agent.engine.history.diff`` of the two snapshots (scandir, inodes);
 - diff (CLI): ``python -m agent.cli diff --json --repository REPO``, the
   whole command in a new process;
-- versions: ``agent.history.versions`` of one file and of one directory.
+- versions: ``agent.engine.history.versions`` of one file and of one directory.
 
 Prints medians and ratios to the walk. Exit status 0 when everything ran, 1
 when diff did not find exactly the changed files.
@@ -37,8 +37,8 @@ sys.path[:0] = [str(BENCH_DIR), str(PROJECT_DIR)]
 
 from bench_incremental import AGENT_CONFIG, build_source  # noqa: E402
 
-from agent import history  # noqa: E402
-from agent.repository import Repository  # noqa: E402
+from agent.engine import history
+from agent.repository.store import Repository
 
 
 def walk(root: str) -> int:

@@ -1,4 +1,4 @@
-"""Opening a repository for reading (agent/access.py).
+"""Opening a repository for reading (agent/disk/access.py).
 
 A repository by path needs nothing else. The disk lifecycle runs on
 tests/test_disk.py's rig: a real LUKS2 header on a loop device (real blkid,
@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from agent.disk.identity import record_id
-from agent import lock
-from agent.access import open_repository, read_only
-from agent.commands import Runner
+from agent.core import lock
+from agent.disk.access import open_repository, read_only
+from agent.core.commands import Runner
 from agent.config.model import Disk, Settings
 from agent.cli import main
-from agent.errors import EXIT_REPOSITORY, BusyError, DiskMissingError, RepositoryError, UsageError, WrongDiskError
-from agent.repository import Repository
+from agent.core.errors import EXIT_REPOSITORY, BusyError, DiskMissingError, RepositoryError, UsageError, WrongDiskError
+from agent.repository.store import Repository
 from tests.test_disk import NAME, Rig, _assert_closed, make_disk, rig  # noqa: F401  (rig is the fixture used here)
 
 

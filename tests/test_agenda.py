@@ -1,4 +1,4 @@
-"""The agent's agenda across disks (agent/agenda.py): pure, so tested directly, by example and with hypothesis."""
+"""The agent's agenda across disks (agent/desktop/agenda.py): pure, so tested directly, by example and with hypothesis."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import dataclasses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import agenda, schedule
-from agent.agenda import (
+from agent.desktop import agenda
+from agent.policy import schedule
+from agent.desktop.agenda import (
     Answer,
     Asked,
     Blocked,

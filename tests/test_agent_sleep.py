@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.statefile import DiskRecord, load_state
+from agent.desktop.statefile import DiskRecord, load_state
 from tests.test_daemon import REPO, StandIn, detach, here, real, settle, until  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import DBUS_DAEMON, private_bus
 from tests.test_disk import NAME, rig  # noqa: F401  (fixture)

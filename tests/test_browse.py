@@ -26,16 +26,16 @@ from typing import Iterator
 
 import pytest
 
-from agent import browse
+from agent.disk import browse
 from agent.config.load import SYSTEM_CONFIG
 from agent.config.model import Disk
-from agent.daemon import browse_reply
-from agent.errors import EXIT_USAGE
-from agent.install import sudoers_rule
+from agent.desktop.daemon import browse_reply
+from agent.core.errors import EXIT_USAGE
+from agent.system.install import sudoers_rule
 from tests.conftest import ReadableCode
 from tests.test_disk import NAME, Rig, _require_parts
 from tests.test_disk_cycle import Bench
-from agent.state import BrowseReply
+from agent.desktop.state import BrowseReply
 from tests.test_daemon import agent_on, here, one_cycle, real, settle, until  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import run
 from tests.test_disk import rig  # noqa: F401  (rig: the fixture bench uses)
@@ -201,7 +201,7 @@ def through_sudo(user: str, wrapper: Path, *arguments: str) -> subprocess.Comple
     """``sudo -n backup-agent ARGUMENTS`` as ``user``, waiting while a root cycle elsewhere holds the machine lock.
 
     Through sudo the machine lock is /run/backup-agent.lock whatever the
-    environment says (agent.lock): a backup run on this machine by someone
+    environment says (agent.core.lock): a backup run on this machine by someone
     else meanwhile holds it, and open and eject then rightly refuse.
     """
     deadline = time.monotonic() + 60
@@ -298,12 +298,12 @@ def test_the_agent_opens_a_disk_for_browsing_and_closes_it_once_unused(bench: Be
         open_argv = (sys.executable, "-m", "agent.cli", "open", "--json", "--config", str(bench.config))
         async with agent_on(bench, open_argv=open_argv, browse_idle=0.5) as (agent, recorder):
             await until(lambda: agent.cycle_pid is not None, "the plug-in's cycle to start")
-            refused = await agent.browse(NAME)
+            refused = await agent.disk.browse(NAME)
             assert refused.result == "refused" and refused.message.startswith("a backup is running")
             await one_cycle(agent, recorder)
             bench.assert_locked_and_unmounted()
 
-            reply = await agent.browse(NAME)
+            reply = await agent.disk.browse(NAME)
             assert reply == BrowseReply("opened", f"{NAME} is open for browsing, read-only", str(bench.repository / "snapshots"))
             assert browse.missing_flags(os.statvfs(bench.rig.mount_point).f_flag) == []
             latest = bench.repository / "latest"

@@ -1,4 +1,4 @@
-"""The report channel seam (agent.channels): who hears a backup's events.
+"""The report channel seam (agent.engine.channels): who hears a backup's events.
 
 A real cycle (real rsync, real files) reports through composed channels: the
 JSON-lines stream the desktop agent reads, a channel that fails on every
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import channels
-from agent.commands import Runner
+from agent.engine import channels
+from agent.core.commands import Runner
 from agent.config.load import load_settings
-from agent.cycle import Cycle, Request
-from agent.events import CompleteEvent, Event, StepEvent, decode, step
+from agent.engine.cycle import Cycle, Request
+from agent.core.events import CompleteEvent, Event, StepEvent, decode, step
 
 FAST = '[backup]\nionice = "none"\nnice = 0\n[rotation]\nhourly = "always"\n'
 
@@ -61,7 +61,7 @@ def test_a_failing_channel_costs_neither_the_backup_nor_the_others(
     stream = io.StringIO()
     after = Recorder()
     emitter = channels.emitter_for([*channels.backup_channels(stream), Broken(), after])
-    with caplog.at_level(logging.ERROR, logger="agent.channels"):
+    with caplog.at_level(logging.ERROR, logger="agent.engine.channels"):
         outcome = Cycle(request, emitter, Runner()).run()
     assert outcome.snapshot is not None and os.path.isdir(tmp_path / "repo" / "snapshots" / outcome.snapshot)
     lines = [decode(line) for line in stream.getvalue().splitlines()]
@@ -79,7 +79,7 @@ def test_a_reader_that_went_away_is_dropped(caplog: pytest.LogCaptureFixture) ->
     stream = os.fdopen(write, "w")
     after = Recorder()
     emitter = channels.emitter_for([channels.JsonLines(stream), after])
-    with caplog.at_level(logging.WARNING, logger="agent.channels"):
+    with caplog.at_level(logging.WARNING, logger="agent.engine.channels"):
         emitter.emit(step("lock", "start"))
         emitter.emit(step("lock", "done"))
     assert [e.state for e in after.events if isinstance(e, StepEvent)] == ["start", "done"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.cli import build_parser, main
-from agent.errors import EXIT_USAGE
+from agent.core.errors import EXIT_USAGE
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 
 from agent.cli import main
-from agent.errors import EXIT_USAGE
-from agent.repository import Repository
-from agent.rotation import Scheme
+from agent.core.errors import EXIT_USAGE
+from agent.repository.store import Repository
+from agent.policy.rotation import Scheme
 from tests.test_rotation import Oracle, name_sets, peers_python, schemes, weeks_agree, with_newest_kept
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.commands import Runner, clean_environment, describe_status, priority_prefix
-from agent.errors import CommandError
+from agent.core.commands import Runner, clean_environment, describe_status, priority_prefix
+from agent.core.errors import CommandError
 
 
 def test_lines_end_at_newline_and_carriage_return() -> None:

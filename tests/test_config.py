@@ -28,8 +28,8 @@ from agent.config.load import SYSTEM_CONFIG, load_settings
 from agent.config.model import DEFAULT_SYSTEM_EXCLUDES, Commands, Disk, Hook, KeepFree, Settings, effective_excludes
 from agent.config.trust import check_trusted, running_through_sudo
 from agent.config.validate import named_programs, parse_duration, parse_keep_free, settings_from_mapping
-from agent.errors import EXIT_USAGE, ConfigError
-from agent.rotation import DEFAULT_SCHEME, FREQUENCIES, Scheme, plan_rotation
+from agent.core.errors import EXIT_USAGE, ConfigError
+from agent.policy.rotation import DEFAULT_SCHEME, FREQUENCIES, Scheme, plan_rotation
 
 FILE = "/etc/backup-agent/config.toml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.toml"
@@ -2201,3 +2201,13 @@ def test_agent_errors_name_the_key(table: dict[str, object], key: str, problem: 
     assert caught.value.key == key
     assert problem in str(caught.value)
     assert str(caught.value).startswith(f"/c.toml: {key}: ")
+
+
+def test_a_config_path_that_cannot_be_examined_is_told_as_such_not_as_distrust() -> None:
+    """lstat fails (a name too long for the filesystem): nothing to trust, and the message says why."""
+    path = "/" + "x" * 300 + "/config.toml"
+    with pytest.raises(ConfigError) as caught:
+        check_trusted(path)
+    message = str(caught.value)
+    assert "cannot examine" in message and "File name too long" in message
+    assert "expected a readable path" in message and "refusing an unsafe config" not in message

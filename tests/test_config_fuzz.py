@@ -17,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import rsync
+from agent.engine import rsync
 from agent.cli import main
 from agent.config.load import load_settings
 from agent.config.model import effective_excludes
-from agent.errors import EXIT_OK, EXIT_USAGE, ConfigError
-from agent.repository import Repository
+from agent.core.errors import EXIT_OK, EXIT_USAGE, ConfigError
+from agent.repository.store import Repository
 
 EXAMPLE = (Path(__file__).parent.parent / "examples" / "config.toml").read_text()
 LINES = EXAMPLE.splitlines()

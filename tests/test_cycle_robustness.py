@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from agent import lock
-from agent.errors import (
+from agent.core import lock
+from agent.core.errors import (
     EXIT_BUSY,
     EXIT_NOT_AVAILABLE,
     EXIT_OK,
@@ -40,7 +40,7 @@ from agent.errors import (
     EXIT_USAGE,
     BusyError,
 )
-from agent.rotation import parse_snapshot_name
+from agent.policy.rotation import parse_snapshot_name
 from tests.conftest import ReadableCode
 
 pytestmark = pytest.mark.integration
@@ -96,7 +96,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
     monkeypatch.setenv("BACKUP_AGENT_RUNTIME_DIR", str(run_dir))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(run_dir))
     made = Cli(run_dir)
-    assert made.machine_lock == run_dir / "backup-agent.lock", "agent.lock ignores BACKUP_AGENT_RUNTIME_DIR"
+    assert made.machine_lock == run_dir / "backup-agent.lock", "agent.core.lock ignores BACKUP_AGENT_RUNTIME_DIR"
     return made
 
 

@@ -1,4 +1,4 @@
-"""The desktop agent (agent/daemon.py) with real parts: udevd, loop devices, the real cycle.
+"""The desktop agent (agent/desktop/daemon.py) with real parts: udevd, loop devices, the real cycle.
 
 Every test uses tests/test_disk_cycle.py's bench: a real LUKS2 header on a
 loop device, a plain ext4 image the stand-in cryptdisks_start exposes as the
@@ -39,13 +39,14 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import pytest
 
-from agent import events, lock, schedule
+from agent.core import events, lock
+from agent.policy import schedule
 from agent.config.load import load_settings
 from agent.config.model import Disk, Settings
-from agent.daemon import Agent, AgentOptions, cycle_argv_for, cycle_lock_path
-from agent.sdnotify import watchdog_interval
-from agent.statefile import DiskRecord, load_state, save_state
-from agent.state import AgentStatus
+from agent.desktop.daemon import Agent, AgentOptions, cycle_argv_for, cycle_lock_path
+from agent.desktop.sdnotify import watchdog_interval
+from agent.desktop.statefile import DiskRecord, load_state, save_state
+from agent.desktop.state import AgentStatus
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig: fixture)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
 from tests.test_udev import udevd  # noqa: F401  (fixture)
@@ -833,13 +834,13 @@ def test_the_cycle_lock_and_the_cycle_argv(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_the_agent_and_status_read_the_state_file_through_one_reader(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A newer file is read as far as possible and said so, by the agent as by `status` (one reader: agent.statefile)."""
-    from agent.dbus.client import read_saved_status
+    """A newer file is read as far as possible and said so, by the agent as by `status` (one reader: agent.desktop.statefile)."""
+    from agent.desktop.dbus.client import read_saved_status
 
     path = tmp_path / "state.json"
     path.write_text(json.dumps({"version": 2, "saved": 5.0, "disks": {"a": {"ejected": True}},
                                 "status": {"state": "idle", "disk": "a"}}))
-    with caplog.at_level(logging.WARNING, logger="agent.statefile"):
+    with caplog.at_level(logging.WARNING, logger="agent.desktop.statefile"):
         records, status = load_state(str(path))
         saved = read_saved_status(str(path))
     assert records == {"a": DiskRecord(ejected=True)} and status["disk"] == "a"

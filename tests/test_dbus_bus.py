@@ -1,9 +1,9 @@
-"""The shared D-Bus plumbing (agent/dbus/bus.py): match rules built, not written by hand."""
+"""The shared D-Bus plumbing (agent/desktop/dbus/bus.py): match rules built, not written by hand."""
 
 from __future__ import annotations
 
-from agent.dbus.bus import match_rule
-from agent.dbus.logind import PREPARE_FOR_SLEEP_RULE
+from agent.desktop.dbus.bus import match_rule
+from agent.desktop.dbus.logind import PREPARE_FOR_SLEEP_RULE
 
 
 def test_a_match_rule_is_the_one_the_specification_spells() -> None:

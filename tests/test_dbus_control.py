@@ -2,7 +2,7 @@
 
 Each test starts its own dbus-daemon (a config of our own: a socket in a
 fresh directory, no service activation) and kills it by its pid afterwards.
-What is under test is the D-Bus layer (agent.dbus.control, agent.dbus.client
+What is under test is the D-Bus layer (agent.desktop.dbus.control, agent.desktop.dbus.client
 and the three CLI commands); the controller behind it is a plain fake that
 records calls.
 """
@@ -31,13 +31,13 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from agent import events
-from agent.dbus import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
-from agent.dbus import client
-from agent.dbus.control import AgentAlreadyRunningError, ControlInterface, serve
-from agent.errors import EXIT_DISK_MISSING, BackupAgentError
-from agent.state import AgentStatus, DiskStatus
-from agent.statefile import save_state, state_file_path
+from agent.core import events
+from agent.desktop.dbus import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
+from agent.desktop.dbus import client
+from agent.desktop.dbus.control import AgentAlreadyRunningError, ControlInterface, serve
+from agent.core.errors import EXIT_DISK_MISSING, BackupAgentError
+from agent.desktop.state import AgentStatus, DiskStatus
+from agent.desktop.statefile import save_state, state_file_path
 
 REPO = Path(__file__).resolve().parent.parent
 DBUS_DAEMON = shutil.which("dbus-daemon")
@@ -365,7 +365,7 @@ def test_a_failing_controller_gives_a_dbus_error_and_the_service_goes_on(session
         assert reply.body == ["the configuration is broken: fix /etc/backup-agent/config.toml"]
 
         controller.failure = RuntimeError("secret internals /home/me/.ssh/id_rsa")
-        with captured("agent.dbus.control") as records:
+        with captured("agent.desktop.dbus.control") as records:
             reply = await call(other, "Stop")
         assert reply.error_name == "org.backupagent.Agent1.Error.Failed"
         assert "secret" not in reply.body[0] and "Stop failed inside the agent" in reply.body[0]
@@ -604,7 +604,7 @@ def test_no_session_bus_gives_none_and_one_log_line(address: str, monkeypatch: p
         assert session_bus_address() is None
     else:
         monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", address)
-    with captured("agent.dbus.control") as records:
+    with captured("agent.desktop.dbus.control") as records:
         assert run(serve(FakeController())) is None
     warnings = [r for r in records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in records]
@@ -765,7 +765,7 @@ def test_a_bad_state_file_is_ignored_with_a_warning(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     for text in ("not json", "[]", '{"version": 1}', '{"status": 3}'):
         path.write_text(text)
-        with captured("agent.dbus.client") as records, captured("agent.statefile") as read_records:
+        with captured("agent.desktop.dbus.client") as records, captured("agent.desktop.statefile") as read_records:
             assert client.read_saved_status(str(path)) is None
         assert len([r for r in records + read_records if r.levelno == logging.WARNING]) == 1, text
 
@@ -773,7 +773,7 @@ def test_a_bad_state_file_is_ignored_with_a_warning(tmp_path: Path) -> None:
         "state": 3, "disk": ["x"], "last_success": "yesterday", "next_due": True, "cycle_pid": -1,
         "last_message": "kept", "progress": "half",
     }}))
-    with captured("agent.dbus.client") as records:
+    with captured("agent.desktop.dbus.client") as records:
         status = client.read_saved_status(str(path))
     assert status == AgentStatus(last_message="kept")
     assert len(records) == 6

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.mounts import read_mountinfo
+from agent.core.mounts import read_mountinfo
 from tests.conftest import REPO
 from tests.test_disk import _require_parts, _within
 

@@ -31,15 +31,23 @@ import pytest
 
 from agent.disk.devices import device_number, top_mount
 from agent.disk.find import find_device, parse_blkid_export, present_disks
-from agent.disk.identity import UNSUPPORTED_FILESYSTEMS, check_marker, check_mount, id_path, record_id, recorded_id, verify_mount
+from agent.disk.identity import (
+    UNSUPPORTED_FILESYSTEMS,
+    check_marker,
+    check_mount,
+    id_path,
+    record_id,
+    recorded_id,
+    verify_mount,
+)
 from agent.disk.mount import disk_full, holders, mount_argv, mounted, umount_argv
 from agent.disk.tables import CrypttabEntry, FstabEntry, fstab_entry_for, parse_crypttab, parse_fstab
 from agent.disk.unlock import key_file_problem, systemd_escape, unlock_argv, unlock_method, unlocked
-from agent.commands import Runner
+from agent.core.commands import Runner
 from agent.config.model import Commands, Disk, Settings
-from agent.errors import DiskBusyError, DiskError, UnsafeKeyFileError, WrongDiskError
-from agent.mounts import MountEntry, read_mountinfo
-from agent.repository import Marker
+from agent.core.errors import DiskBusyError, DiskError, UnsafeKeyFileError, WrongDiskError
+from agent.core.mounts import MountEntry, read_mountinfo
+from agent.repository.store import Marker
 
 from tests.helpers import fake_cryptdisks
 

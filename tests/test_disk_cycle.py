@@ -9,7 +9,7 @@ cryptdisks_start exposes as the "mapped device" (this kernel has no
 device-mapper; only that step is replaced). mount, umount, sync, rsync and
 the repository are real.
 
-Every failure test checks the same things: the exit status (agent/errors.py),
+Every failure test checks the same things: the exit status (agent/core/errors.py),
 the one error line names the step and the cause, what the run opened is
 closed again (the kernel's /proc/self/mountinfo, the mapped device, the
 stand-in's call log: stop refuses while mounted, so a clean stop proves the
@@ -36,9 +36,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from agent import lock
-from agent.errors import EXIT_USAGE
-from agent.repository import MARKER, Marker
+from agent.core import lock
+from agent.core.errors import EXIT_USAGE
+from agent.repository.store import MARKER, Marker
 from tests.test_disk import NAME, Rig, _run, rig  # noqa: F401  (rig is the fixture these tests use)
 from tests.treeutil import describe, inodes
 
@@ -48,12 +48,12 @@ REPO = Path(__file__).resolve().parent.parent
 FAKE_RSYNC = Path(__file__).resolve().parent / "helpers" / "fake_rsync.py"
 MiB = 1024 * 1024
 
-# exit statuses (agent/errors.py), spelled out so a renumbering is noticed
+# exit statuses (agent/core/errors.py), spelled out so a renumbering is noticed
 EXIT_OK, EXIT_REPOSITORY, EXIT_BUSY, EXIT_STEP_FAILED, EXIT_DISK_MISSING, EXIT_DISK_BUSY, EXIT_DISK_FULL = 0, 3, 4, 5, 6, 9, 12
 
 
 # ---------------------------------------------------------------------------
-# What the kernel says (read here, not through agent.mounts)
+# What the kernel says (read here, not through agent.core.mounts)
 
 
 def kernel_mounts() -> list[tuple[str, str, str]]:

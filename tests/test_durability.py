@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.repository import Repository
+from agent.repository.store import Repository
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The JSON-lines events (agent/events.py): the wire as the README documents it, and the one boundary that reads it."""
+"""The JSON-lines events (agent/core/events.py): the wire as the README documents it, and the one boundary that reads it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent import events
+from agent.core import events
 
 
 def _without_time(line: str) -> str:

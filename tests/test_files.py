@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.files import rename_noreplace, write_atomic
+from agent.core.files import rename_noreplace, write_atomic
 
 
 def test_replaces_with_the_mode_asked_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""versions and diff (agent/history.py) agree with a brute-force comparison on random histories.
+"""versions and diff (agent/engine/history.py) agree with a brute-force comparison on random histories.
 
 Each history is a few snapshots of random changes, made with the real backup
 cycle (``backup --no-sudo``, real rsync). The brute force looks at every
@@ -25,10 +25,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import history
+from agent.engine import history
 from agent.cli import main
-from agent.errors import RepositoryError, UsageError
-from agent.repository import Repository
+from agent.core.errors import RepositoryError, UsageError
+from agent.repository.store import Repository
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ from typing import Iterator
 
 import pytest
 
-from agent.commands import Runner, clean_environment
+from agent.core.commands import Runner, clean_environment
 from agent.config.model import Hook
-from agent.errors import CommandError, HookError, Interrupted
-from agent.hooks import HookContext, around, describe_exception, hook_environment
+from agent.core.errors import CommandError, HookError, Interrupted
+from agent.engine.hooks import HookContext, around, describe_exception, hook_environment
 
 # What every recording hook writes: who, when, and how it went.
 _RECORD = 'echo "$0 $BACKUP_AGENT_STEP $BACKUP_AGENT_OUTCOME $BACKUP_AGENT_ERROR" >> "$1"'
@@ -415,10 +415,10 @@ def test_dry_run_runs_nothing_and_says_what_it_would_run(
 def test_each_run_is_logged_with_name_and_stage(
     log: Path, warnings: Warnings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agent.hooks")
+    caplog.set_level(logging.INFO, logger="agent.engine.hooks")
     with around("snapshot", [recording_hook("dump", log, around="snapshot")], Runner(), HookContext(), warnings):
         pass
-    said = [record.getMessage() for record in caplog.records if record.name == "agent.hooks"]
+    said = [record.getMessage() for record in caplog.records if record.name == "agent.engine.hooks"]
     assert said == [
         "running snapshot hook 'dump' (before_snapshot)",
         "running snapshot hook 'dump' (after_snapshot)",

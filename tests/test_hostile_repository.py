@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import lock
-from agent import manifest as manifests
+from agent.core import lock
+from agent.repository import manifest as manifests
 from agent.cli import main
-from agent.commands import Runner
-from agent.errors import EXIT_OK, EXIT_REPOSITORY, RepositoryError
-from agent.repository import Repository, classify
-from agent.rotation import format_snapshot_name
+from agent.core.commands import Runner
+from agent.core.errors import EXIT_OK, EXIT_REPOSITORY, RepositoryError
+from agent.repository.store import Repository, classify
+from agent.policy.rotation import format_snapshot_name
 
 pytestmark = pytest.mark.usefixtures("rsync_path")
 

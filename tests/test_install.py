@@ -23,15 +23,15 @@ from typing import Any, Callable, TypedDict
 
 import pytest
 
-from agent import install as installer
-from agent.commands import SAFE_PATH
+from agent.system import install as installer
+from agent.core.commands import SAFE_PATH
 from agent.config.trust import untrusted_program
-from agent.errors import EXIT_USAGE, CommandError, UsageError
+from agent.core.errors import EXIT_USAGE, CommandError, UsageError
 from agent.config.model import Disk
 from tests import test_udev
 from tests.test_udev import loops, luks_image  # noqa: F401 (fixtures)
 
-from agent.install import (
+from agent.system.install import (
     MARKER,
     RULES_MARKER,
     UNIT_MARKER,

@@ -1,4 +1,4 @@
-"""The destination layout seam (agent.layouts): begin, end a transfer, complete, delete, on a real repository.
+"""The destination layout seam (agent.engine.layouts): begin, end a transfer, complete, delete, on a real repository.
 
 The links layout is driven step by step as the cycle drives it, with files
 written where rsync would write them, real hard links from folding, and the
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.commands import Runner
-from agent.errors import StepError
-from agent.layouts import Begun, Layout, LinksLayout, for_repository
-from agent.repository import Repository
+from agent.core.commands import Runner
+from agent.core.errors import StepError
+from agent.engine.layouts import Begun, Layout, LinksLayout, for_repository
+from agent.repository.store import Repository
 
 UTC = dt.timezone.utc
 

@@ -1,4 +1,4 @@
-"""Tests of agent.lock's errors: who holds a lock is read from the error, not from its words.
+"""Tests of agent.core.lock's errors: who holds a lock is read from the error, not from its words.
 
 Real flock locks on files in a temporary directory: a lock held through one
 open file description refuses another, also within one process.
@@ -12,8 +12,8 @@ from typing import Callable
 
 import pytest
 
-from agent import lock
-from agent.errors import EXIT_BUSY, BusyError, LockFileError
+from agent.core import lock
+from agent.core.errors import EXIT_BUSY, BusyError, LockFileError
 
 
 def _hold(path: str) -> None:

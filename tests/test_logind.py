@@ -14,7 +14,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusStr, DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
-from agent.dbus import logind
+from agent.desktop.dbus import logind
 from tests.test_dbus_control import DBUS_DAEMON, PrivateBus, captured, private_bus, run
 
 integration = pytest.mark.integration
@@ -136,7 +136,7 @@ def test_a_refused_or_missing_logind_gives_none_and_logs_once(system_bus: Privat
         bus = await logind.system_bus()
         assert bus is not None
         try:
-            with captured("agent.dbus.logind") as records:
+            with captured("agent.desktop.dbus.logind") as records:
                 assert await logind.inhibit(bus, "backup-agent", "no logind here") is None
                 assert await logind.inhibit(bus, "backup-agent", "no logind here") is None
             warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
@@ -145,7 +145,7 @@ def test_a_refused_or_missing_logind_gives_none_and_logs_once(system_bus: Privat
             logind_bus, stand_in = await start_stand_in(system_bus.address)
             stand_in.refusal = "Permission denied"
             try:
-                with captured("agent.dbus.logind") as records:
+                with captured("agent.desktop.dbus.logind") as records:
                     assert await logind.inhibit(bus, "backup-agent", "refused") is None
                 warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
                 assert len(warnings) == 1 and "AccessDenied: Permission denied" in warnings[0], warnings
@@ -165,7 +165,7 @@ def test_a_bus_without_fd_passing_gives_none(system_bus: PrivateBus) -> None:
         logind_bus, stand_in = await start_stand_in(system_bus.address)
         bus = await MessageBus(bus_address=system_bus.address).connect()  # negotiate_unix_fd left False
         try:
-            with captured("agent.dbus.logind") as records:
+            with captured("agent.desktop.dbus.logind") as records:
                 assert await logind.inhibit(bus, "backup-agent", "no fds") is None
             assert any("negotiate_unix_fd" in r.getMessage() or "file descriptor" in r.getMessage() for r in records)
         finally:
@@ -232,7 +232,7 @@ def test_a_failing_resume_handler_is_logged_and_the_watch_goes_on(system_bus: Pr
         try:
             watch = await logind.watch_sleep(bus, on_resumed)
             assert watch is not None
-            with captured("agent.dbus.logind") as records:
+            with captured("agent.desktop.dbus.logind") as records:
                 stand_in.PrepareForSleep(False)
                 stand_in.PrepareForSleep(False)
                 await round_trip(bus, logind.LOGIND_NAME)
@@ -253,7 +253,7 @@ def test_watch_sleep_without_logind_is_kept_and_says_so_once(system_bus: Private
         bus = await logind.system_bus()
         assert bus is not None
         try:
-            with captured("agent.dbus.logind") as records:
+            with captured("agent.desktop.dbus.logind") as records:
                 watch = await logind.watch_sleep(bus, lambda: None)
                 again = await logind.watch_sleep(bus, lambda: None)
             assert watch is not None and again is not None
@@ -272,7 +272,7 @@ def test_no_system_bus_gives_none_and_one_log_line(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus-here")
 
     async def scenario() -> None:
-        with captured("agent.dbus.logind") as records:
+        with captured("agent.desktop.dbus.logind") as records:
             bus = await logind.system_bus()
             assert bus is None
             assert await logind.inhibit(bus, "backup-agent", "x") is None

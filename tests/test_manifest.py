@@ -22,9 +22,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import manifest as manifests
+from agent.repository import manifest as manifests
 from agent.cli import main
-from agent.errors import EXIT_PARTIAL, CorruptManifestError
+from agent.core.errors import EXIT_PARTIAL, CorruptManifestError
 from tests.test_cycle_robustness import (  # noqa: F401  (cli is a fixture)
     Cli,
     cli,

@@ -1,4 +1,4 @@
-"""Tests of agent.mounts: the mountinfo parser, the pure skip rule, and real mounts."""
+"""Tests of agent.core.mounts: the mountinfo parser, the pure skip rule, and real mounts."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Iterator
 
 import pytest
 
-from agent import mounts
-from agent.mounts import MountEntry, find_skipped_mounts, parse_mountinfo, read_mountinfo, skipped_mount_points
-from agent.rsync import build_argv
+from agent.core import mounts
+from agent.core.mounts import MountEntry, find_skipped_mounts, parse_mountinfo, read_mountinfo, skipped_mount_points
+from agent.engine.rsync import build_argv
 
 # Lines in the format of proc(5): with and without optional fields, escapes
 # for space (\040), tab (\011), newline (\012) and backslash (\134).

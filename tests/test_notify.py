@@ -32,13 +32,13 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
-from agent import events
+from agent.core import events
 from agent.config.load import load_settings
 from agent.config.model import Disk, Settings
-from agent.statefile import DiskRecord, save_state
-from agent.cycle import human_size
-from agent.dbus import notify
-from agent.errors import (
+from agent.desktop.statefile import DiskRecord, save_state
+from agent.engine.cycle import human_size
+from agent.desktop.dbus import notify
+from agent.core.errors import (
     EXIT_BUSY,
     EXIT_DISK_BUSY,
     EXIT_DISK_FULL,
@@ -47,9 +47,9 @@ from agent.errors import (
     EXIT_STEP_FAILED,
     EXIT_USAGE,
 )
-from agent.dbus.notify import CRITICAL, LOW, NORMAL, Notifier, Text
-from agent.reminder import MissedFailure, MissedSummary, NoticeState, load_notice_state, save_notice_state
-from agent.state import AgentStatus, DiskStatus, EjectReply
+from agent.desktop.dbus.notify import CRITICAL, LOW, NORMAL, Notifier, Text
+from agent.desktop.reminder import MissedFailure, MissedSummary, NoticeState, load_notice_state, save_notice_state
+from agent.desktop.state import AgentStatus, DiskStatus, EjectReply
 from tests.test_daemon import REPO, Recorder, agent_on, detach, here, one_cycle, real, settle  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import DBUS_DAEMON, PrivateBus, private_bus, run
 from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
@@ -113,7 +113,7 @@ def test_progress_text() -> None:
 
 
 def test_sizes_are_the_cli_s_binary_units() -> None:
-    """One formatter for the CLI and the notifications (agent.cycle.human_size): MiB, not MB."""
+    """One formatter for the CLI and the notifications (agent.engine.cycle.human_size): MiB, not MB."""
     assert human_size(1_500_000) == "1.4 MiB"
     assert "(1.4 MiB)" in notify.completed_text("backup1", COMPLETE, "locked").body
     event = events.progress(1, 3 * 2**30, 2, None, 60)
@@ -473,7 +473,7 @@ def test_no_server_is_logged_once_and_nothing_raises(
 ) -> None:
     async def scenario() -> None:
         bus = await MessageBus(bus_address=session_bus.address).connect()
-        with caplog.at_level(logging.DEBUG, logger="agent.dbus.notify"):
+        with caplog.at_level(logging.DEBUG, logger="agent.desktop.dbus.notify"):
             notifier = await notify.start(bus, FakeController(), clock=FakeClock(), now=lambda: NOW)
             assert notifier is not None and notifier.capabilities is None
             notifier.backup_started("backup1", "asked")
@@ -497,7 +497,7 @@ def test_no_server_is_logged_once_and_nothing_raises(
 
 def test_no_bus_is_logged_once_and_nothing_raises(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
-        with caplog.at_level(logging.DEBUG, logger="agent.dbus.notify"):
+        with caplog.at_level(logging.DEBUG, logger="agent.desktop.dbus.notify"):
             notifier = await notify.start(None, FakeController(), clock=FakeClock(), now=lambda: NOW)
             notifier.login()
             notifier.backup_started("backup1", "asked")

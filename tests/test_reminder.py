@@ -1,4 +1,4 @@
-"""Reminders and missed failures: the pure decisions (agent.reminder), and the file kept across logins."""
+"""Reminders and missed failures: the pure decisions (agent.desktop.reminder), and the file kept across logins."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from agent.reminder import (
+from agent.desktop.reminder import (
     DAY,
     DiskView,
     MissedFailure,

@@ -1,4 +1,4 @@
-"""restore (agent/restore.py, ``backup-agent restore``): real rsync, real files.
+"""restore (agent/engine/restore.py, ``backup-agent restore``): real rsync, real files.
 
 What is restored equals what was backed up in content, mode, owner, times,
 ACLs, xattrs, hard links and symbolic links (tests/treeutil.describe);
@@ -21,13 +21,13 @@ from typing import Iterator
 import pytest
 
 from agent.config import load as configuration
-from agent import history
+from agent.engine import history
 from agent.cli import build_parser, main, through_sudo_refusal
-from agent.commands import Runner
-from agent.errors import EXIT_STEP_FAILED, EXIT_USAGE, StepError, UsageError
-from agent.repository import Repository
-from agent.restore import Plan, Target, caller_refusal, choose, early_refusal, execute, may_search, plan_restore
-from agent.rsync import restore_argv
+from agent.core.commands import Runner
+from agent.core.errors import EXIT_STEP_FAILED, EXIT_USAGE, StepError, UsageError
+from agent.repository.store import Repository
+from agent.engine.restore import Plan, Target, caller_refusal, choose, early_refusal, execute, may_search, plan_restore
+from agent.engine.rsync import restore_argv
 from tests.conftest import requires_root
 from tests.test_snapshot_fidelity import build_source, config  # noqa: F401  (config is a fixture)
 from tests.treeutil import describe

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from agent.rotation import (
+from agent.policy.rotation import (
     FREQUENCIES,
     SNAPSHOT_NAME_RE,
     Count,

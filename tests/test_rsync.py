@@ -1,4 +1,4 @@
-"""Tests of agent.rsync: pure functions on captured output, and real rsync runs.
+"""Tests of agent.engine.rsync: pure functions on captured output, and real rsync runs.
 
 Samples marked "rsync 3.5.0" were captured from ``rsync version 3.5.0
 protocol version 32`` (/usr/bin/rsync) run with the flags of build_argv;
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.commands import Runner
-from agent.cycle import transfer_progress
-from agent.errors import CommandError
-from agent.rsync import (
+from agent.core.commands import Runner
+from agent.engine.cycle import transfer_progress
+from agent.core.errors import CommandError
+from agent.engine.rsync import (
     CACHEDIR_SIGNATURE,
     EXIT_TABLE,
     ErrorCollector,

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import schedule
-from agent.schedule import (
+from agent.policy import schedule
+from agent.policy.schedule import (
     CLOCK_SKEW,
     Decision,
     DiskState,

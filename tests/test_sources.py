@@ -1,4 +1,4 @@
-"""The source seam (agent.sources): what a backup reads, and what the metadata says of it.
+"""The source seam (agent.engine.sources): what a backup reads, and what the metadata says of it.
 
 A second Source, written here in a few lines, goes through real cycles with
 real rsync: the cycle reads whatever tree a source gives, records the
@@ -23,15 +23,15 @@ from typing import Any, Iterator
 import pytest
 
 from agent.cli import main
-from agent.commands import Runner
+from agent.core.commands import Runner
 from agent.config.load import load_settings
 from agent.config.model import DEFAULT_SYSTEM_EXCLUDES
-from agent.cycle import Cycle, Request
-from agent.errors import CommandError, UsageError
-from agent.events import CompleteEvent, Emitter, ErrorEvent, Event
-from agent.repository import Repository
-from agent.rsync import CACHEDIR_SIGNATURE
-from agent.sources import PathSource, Source, Tree
+from agent.engine.cycle import Cycle, Request
+from agent.core.errors import CommandError, UsageError
+from agent.core.events import CompleteEvent, Emitter, ErrorEvent, Event
+from agent.repository.store import Repository
+from agent.engine.rsync import CACHEDIR_SIGNATURE
+from agent.engine.sources import PathSource, Source, Tree
 
 FAST = '[backup]\nionice = "none"\nnice = 0\n[rotation]\nhourly = "always"\n'
 

@@ -28,9 +28,9 @@ import pytest
 from agent import cli
 from agent.config import load as config
 from agent.cli import build_parser, main, sudo_door, through_sudo_refusal
-from agent.commands import SAFE_PATH
-from agent.errors import ConfigError, EXIT_USAGE
-from agent.install import agent_argvs, sudoers_rule
+from agent.core.commands import SAFE_PATH
+from agent.core.errors import ConfigError, EXIT_USAGE
+from agent.system.install import agent_argvs, sudoers_rule
 
 REPO = Path(__file__).resolve().parent.parent
 DOOR = sudo_door("backup")

@@ -1,4 +1,4 @@
-"""The tray icon (agent/dbus/tray.py): the look, pure; the item and its menu on a real, private bus.
+"""The tray icon (agent/desktop/dbus/tray.py): the look, pure; the item and its menu on a real, private bus.
 
 The look (icon, status, tooltip, menu items, what Eject says, where a disk
 stands) is pure and tested directly. The Tray is tested on a private
@@ -11,7 +11,7 @@ menu, records the signals, and clicks menu items with ``Event`` as a panel
 does.
 
 The Tray is fed the listener calls a real cycle produces (in the order
-agent.daemon makes them, as tests/test_daemon.py records them), and in the
+agent.desktop.daemon makes them, as tests/test_daemon.py records them), and in the
 last test it follows a real Agent doing real cycles on the bench of
 tests/test_disk_cycle.py (root, loop devices, udev). ``xdg-open`` there is a
 stand-in on PATH that records its argv (a process boundary).
@@ -38,13 +38,14 @@ from dbus_fast.annotations import DBusBool, DBusInt32, DBusSignature, DBusStr
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from agent import events, schedule
+from agent.core import events
+from agent.policy import schedule
 from agent.config.load import load_settings
 from agent.config.model import Commands, Disk, Settings
-from agent.daemon import Agent, AgentOptions
-from agent.dbus import tray
-from agent.dbus.notify import NORMAL, Text
-from agent.dbus.tray import (
+from agent.desktop.daemon import Agent, AgentOptions
+from agent.desktop.dbus import tray
+from agent.desktop.dbus.notify import NORMAL, Text
+from agent.desktop.dbus.tray import (
     BACK_UP_NOW,
     BACKUP_BASE,
     BROWSE,
@@ -61,8 +62,8 @@ from agent.dbus.tray import (
     Item,
     Place,
 )
-from agent.mounts import MountEntry
-from agent.state import AgentStatus, EjectReply
+from agent.core.mounts import MountEntry
+from agent.desktop.state import AgentStatus, EjectReply
 from tests.test_daemon import cycle_argv, eject_argv, here, real, until  # noqa: F401  (here: fixture)
 from tests.test_dbus_control import PrivateBus, captured, run
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig: fixture)
@@ -410,7 +411,7 @@ def test_registers_and_shows_each_state_of_a_cycle(session_bus: PrivateBus) -> N
             menu = await host.properties(MENU_PATH, MENU_INTERFACE)
             assert (menu["Version"], menu["TextDirection"], menu["Status"]) == (3, "ltr", "normal")
 
-            # the calls a real cycle makes (agent.daemon's order): plug-in, start, steps, progress, end
+            # the calls a real cycle makes (agent.desktop.daemon's order): plug-in, start, steps, progress, end
             icon.disk_attached("backup1")
             icon.status_changed(ATTACHED)
             await host.quiet()
@@ -507,7 +508,7 @@ def test_close_gives_the_name_back_on_the_bus_it_was_given(session_bus: PrivateB
 @pytest.mark.integration
 def test_no_watcher_is_no_tray_and_no_error(session_bus: PrivateBus) -> None:
     async def scenario() -> None:
-        with captured("agent.dbus.tray") as records:
+        with captured("agent.desktop.dbus.tray") as records:
             async with tray_on(session_bus.address) as (icon, host, _):
                 assert not icon.registered
                 assert await icon.register() is False  # asked again: still none, not logged again

@@ -1,4 +1,4 @@
-"""Watching udev (agent/udev.py): the pure matching and tracking, then real udev events.
+"""Watching udev (agent/desktop/udev.py): the pure matching and tracking, then real udev events.
 
 The pure part is fed hand-made events shaped like udev's. The integration
 tests (``-m integration``) use a real udevd (the one running, or one started
@@ -30,7 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config.model import Disk
-from agent.udev import DeviceEvent, DiskGone, DiskSeen, Monitor, Tracker, enumerate_present, match
+from agent.desktop.udev import DeviceEvent, DiskGone, DiskSeen, Monitor, Tracker, enumerate_present, match
 
 UUID_A = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 UUID_B = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"
@@ -609,7 +609,7 @@ def test_a_failing_handler_is_logged_and_stop_from_the_handler_is_clean(
         monitor = Monitor([make_disk(NAME, uuid)], handler)
         monitor.start(asyncio.get_running_loop())
         try:
-            with caplog.at_level(logging.ERROR, logger="agent.udev"):
+            with caplog.at_level(logging.ERROR, logger="agent.desktop.udev"):
                 device = loops.attach(image)
                 assert await recorder.next() == DiskSeen(NAME, device)
             assert "a bug in the agent" in caplog.text
@@ -649,7 +649,7 @@ def test_lost_events_are_recovered_by_reading_the_devices_again(
                 run("udevadm", "trigger", "--action=change", device)
             loops.detach(device)
             settle()
-            with caplog.at_level(logging.WARNING, logger="agent.udev"):
+            with caplog.at_level(logging.WARNING, logger="agent.desktop.udev"):
                 assert await recorder.next() == DiskGone(NAME, device)
                 await recorder.quiet()
             assert "udev events were lost" in caplog.text

@@ -46,11 +46,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from agent import lock
-from agent.daemon import ROOT_CYCLE_LOCK
-from agent.dbus.notify import CRITICAL, NORMAL
-from agent.dbus.tray import BROWSE, EJECT_BASE
-from agent.errors import EXIT_DISK_MISSING, BusyError
+from agent.core import lock
+from agent.desktop.daemon import ROOT_CYCLE_LOCK
+from agent.desktop.dbus.notify import CRITICAL, NORMAL
+from agent.desktop.dbus.tray import BROWSE, EJECT_BASE
+from agent.core.errors import EXIT_DISK_MISSING, BusyError
 from tests.conftest import ReadableCode
 from tests.test_browse import alices_rule, open_bench, people, reads, system_config  # noqa: F401  (fixtures)
 from tests.test_browse import write_system_config

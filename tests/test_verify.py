@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from agent import manifest as manifests
+from agent.repository import manifest as manifests
 from agent.cli import build_parser, sudo_door, through_sudo_refusal
-from agent.errors import EXIT_DAMAGED, EXIT_OK, EXIT_UNVERIFIED, EXIT_USAGE
-from agent.errors import UsageError
-from agent.verify import Location, Problem, choose, describe
+from agent.core.errors import EXIT_DAMAGED, EXIT_OK, EXIT_UNVERIFIED, EXIT_USAGE
+from agent.core.errors import UsageError
+from agent.engine.verify import Location, Problem, choose, describe
 from tests.conftest import ReadableCode, requires_root
 from tests.test_cycle_robustness import Cli, cli  # noqa: F401  (cli is a fixture)
 from tests.test_disk import NAME, _run, rig  # noqa: F401  (rig is the fixture bench uses)

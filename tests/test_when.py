@@ -1,4 +1,4 @@
-"""``restore --at``: times as people write them (agent/when.py), against fixed "now" values."""
+"""``restore --at``: times as people write them (agent/core/when.py), against fixed "now" values."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import zoneinfo
 
 import pytest
 
-from agent.errors import UsageError
-from agent.when import FORMS, parse_when
+from agent.core.errors import UsageError
+from agent.core.when import FORMS, parse_when
 
 UTC = dt.timezone.utc
 # A Wednesday afternoon.

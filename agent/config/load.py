@@ -21,10 +21,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-from .messages import fail
-from .model import Settings
-from .trust import Distrust, check_programs, refuse_untrusted, trusted_stat, walk_trusted
-from .validate import named_programs, settings_from_mapping
+from agent.config.messages import fail
+from agent.config.model import Settings
+from agent.config.trust import Distrust, check_programs, refuse_untrusted, trusted_stat, walk_trusted
+from agent.config.validate import named_programs, settings_from_mapping
 
 SYSTEM_CONFIG: Final = "/etc/backup-agent/config.toml"
 

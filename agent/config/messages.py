@@ -1,6 +1,6 @@
 """How a config problem is told: values shown as TOML writes them, in one line.
 
-Every refusal is a :class:`~agent.errors.ConfigError` of one line that names
+Every refusal is a :class:`~agent.core.errors.ConfigError` of one line that names
 the file, the ``table.key``, the value found and what was expected, so the
 user can fix the file from the message alone; the validators, the trust
 checks and the reading of the file all word it with these helpers.
@@ -12,7 +12,7 @@ import datetime as dt
 import difflib
 from typing import Final, Mapping, NoReturn, Sequence
 
-from ..errors import ConfigError
+from agent.core.errors import ConfigError
 
 _SHOW_LIMIT: Final = 80
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from ..rotation import DEFAULT_SCHEME, Scheme
+from agent.policy.rotation import DEFAULT_SCHEME, Scheme
 
 # Used when the whole system is backed up and the user did not list excludes:
 # virtual and runtime filesystems, mount points of other disks, swap, and

@@ -14,7 +14,7 @@ import posixpath
 import stat
 from typing import Final, Iterable, Literal, NoReturn, overload
 
-from .messages import fail, show
+from agent.config.messages import fail, show
 
 
 def running_through_sudo() -> bool:
@@ -34,12 +34,18 @@ _PROGRAM_EXPECTED: Final = (
 
 
 class Distrust(Exception):
-    """Why a path is not under root's sole control; ``missing`` names a component that does not exist."""
+    """Why a path is not under root's sole control.
 
-    def __init__(self, problem: str, *, missing: str | None = None) -> None:
+    ``missing`` names a component that does not exist; ``unreadable`` says
+    the path could not be examined at all (no sign of distrust, but nothing
+    to trust either).
+    """
+
+    def __init__(self, problem: str, *, missing: str | None = None, unreadable: bool = False) -> None:
         super().__init__(problem)
         self.problem = problem
         self.missing = missing
+        self.unreadable = unreadable
 
 
 def _owner_mode_problem(name: str, info: os.stat_result) -> str | None:
@@ -63,7 +69,7 @@ def _lstat_component(name: str, *, missing_ok: bool) -> os.stat_result | None:
             return None
         raise Distrust(f"{name} does not exist", missing=name) from None
     except OSError as error:
-        raise Distrust(f"cannot examine {name} ({error.strerror})") from None
+        raise Distrust(f"cannot examine {name} ({error.strerror})", unreadable=True) from None
 
 
 def _check_component(name: str, info: os.stat_result, *, last: bool) -> None:
@@ -155,7 +161,7 @@ def trusted_stat(path: str) -> tuple[str, os.stat_result]:
     except Distrust as distrust:
         if distrust.missing is not None:
             fail(path, None, f"{distrust.missing} does not exist; expected the config file at this path")
-        if distrust.problem.startswith("cannot examine "):
+        if distrust.unreadable:
             fail(path, None, f"{distrust.problem}; expected a readable path")
         refuse_untrusted(path, distrust.problem)
     return found

@@ -17,11 +17,11 @@ import socket
 from types import MappingProxyType
 from typing import Any, Final, Mapping, Sequence
 
-from ..commands import IONICE_CLASSES
-from ..rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
-from ..schedule import ON_PLUG_CHOICES
-from .messages import fail, got_type, literal, quote, show, suggest
-from .model import Commands, Disk, Hook, KeepFree, Settings
+from agent.core.commands import IONICE_CLASSES
+from agent.policy.rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
+from agent.policy.schedule import ON_PLUG_CHOICES
+from agent.config.messages import fail, got_type, literal, quote, show, suggest
+from agent.config.model import Commands, Disk, Hook, KeepFree, Settings
 
 # Top-level directories that hold the system itself: a repository there would
 # mix snapshots into (or delete from) the running system.

@@ -17,7 +17,7 @@ unlocked``); this package itself defines nothing.
   shows them, shared by the steps above.
 
 Pure rules take values and return values and are tested directly; the
-adapters run every external program through :class:`~agent.commands.Runner`
+adapters run every external program through :class:`~agent.core.commands.Runner`
 and check each step's result on the system itself (the mapped device exists,
 mountinfo shows the mount, the mapped device is gone) instead of trusting an
 exit status. "Leave it as found": each context manager undoes only what it

@@ -13,9 +13,9 @@ import posixpath
 import stat
 from typing import Iterable, Protocol, TypeVar
 
-from ..config.model import Disk
-from ..errors import DiskError
-from ..mounts import MountEntry
+from agent.config.model import Disk
+from agent.core.errors import DiskError
+from agent.core.mounts import MountEntry
 
 
 class _HasMountPoint(Protocol):

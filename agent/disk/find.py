@@ -11,10 +11,10 @@ import os
 import re
 from typing import Final, Iterable
 
-from ..commands import Runner
-from ..config.load import SYSTEM_CONFIG
-from ..config.model import Disk, Settings
-from ..errors import DiskError, UsageError
+from agent.core.commands import Runner
+from agent.config.load import SYSTEM_CONFIG
+from agent.config.model import Disk, Settings
+from agent.core.errors import DiskError, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import socket
 import stat
 from typing import Final
 
-from ..config.model import Disk, Settings
-from ..errors import DiskError, WrongDiskError
-from ..files import write_atomic
-from ..mounts import MountEntry, read_mountinfo
-from ..repository import Marker, Repository, classify
-from .devices import device_number, mapped_rdev, normalize, top_mount
+from agent.config.model import Disk, Settings
+from agent.core.errors import DiskError, WrongDiskError
+from agent.core.files import write_atomic
+from agent.core.mounts import MountEntry, read_mountinfo
+from agent.repository.store import Marker, Repository, classify
+from agent.disk.devices import device_number, mapped_rdev, normalize, top_mount
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import shlex
 import time
 from typing import Callable, Final, Iterable, Iterator
 
-from ..commands import Result, Runner
-from ..config.model import Disk, Settings
-from ..errors import CommandError, DiskBusyError, DiskError, WrongDiskError
-from ..mounts import MountEntry, read_mountinfo
-from .devices import device_number, mapped_rdev, mounts_of, normalize, top_mount
-from .tables import fstab_entry_for, parse_fstab
-from .unlock import said_last, unlock_argv, unlock_method
+from agent.core.commands import Result, Runner
+from agent.config.model import Disk, Settings
+from agent.core.errors import CommandError, DiskBusyError, DiskError, WrongDiskError
+from agent.core.mounts import MountEntry, read_mountinfo
+from agent.disk.devices import device_number, mapped_rdev, mounts_of, normalize, top_mount
+from agent.disk.tables import fstab_entry_for, parse_fstab
+from agent.disk.unlock import said_last, unlock_argv, unlock_method
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def mount_argv(disk: Disk, settings: Settings) -> tuple[str, ...]:
         if disk.mount_options:
             argv += ("-o", ",".join(disk.mount_options))
         return argv + (disk.mapped_device, disk.mount_point)
-    # Options of our own (browsing: agent.browse) come after the line's, so they win.
+    # Options of our own (browsing: agent.disk.browse) come after the line's, so they win.
     extra = ("--options-mode", "append", "-o", ",".join(disk.mount_options)) if disk.mount_options else ()
     return (mount, "--fstab", settings.fstab, *extra, disk.mount_point)
 

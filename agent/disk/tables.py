@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from ..mounts import unescape
-from .devices import last_at
+from agent.core.mounts import unescape
+from agent.disk.devices import last_at
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _table_lines(text: str) -> Iterator[list[str]]:
 
     Comments (``#`` at the start of a line) and blank lines are skipped;
     fields are separated by blanks, so blanks inside one are written as
-    octal escapes, decoded by the caller with :func:`agent.mounts.unescape`.
+    octal escapes, decoded by the caller with :func:`agent.core.mounts.unescape`.
     """
     for line in text.splitlines():
         stripped = line.strip()

@@ -4,7 +4,7 @@ The pure rules (whether a key file is safe, which unlock method and argv,
 systemd's unit-name escaping) come first, then :func:`unlocked`, the context
 manager that unlocks only what was locked and locks again only what it
 unlocked: never under a mount. Every program runs through
-:class:`~agent.commands.Runner`, and the mapped device must then exist (or
+:class:`~agent.core.commands.Runner`, and the mapped device must then exist (or
 be gone) on the system itself.
 """
 
@@ -18,12 +18,12 @@ import stat
 import time
 from typing import Callable, Final, Iterable, Iterator
 
-from ..commands import Result, Runner
-from ..config.model import Commands, Disk, Settings
-from ..errors import CommandError, DiskError, UnsafeKeyFileError
-from ..mounts import read_mountinfo
-from .devices import device_number, mapped_rdev, mounts_of, normalize
-from .tables import CrypttabEntry, parse_crypttab
+from agent.core.commands import Result, Runner
+from agent.config.model import Commands, Disk, Settings
+from agent.core.errors import CommandError, DiskError, UnsafeKeyFileError
+from agent.core.mounts import read_mountinfo
+from agent.disk.devices import device_number, mapped_rdev, mounts_of, normalize
+from agent.disk.tables import CrypttabEntry, parse_crypttab
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def unlocked(
     """The disk unlocked for the body; yields whether this run unlocked it (and so locks it again).
 
     ``keep``: asked when the body ends without an error; True leaves the disk
-    unlocked (``open`` leaves it so for browsing, agent.browse).
+    unlocked (``open`` leaves it so for browsing, agent.disk.browse).
 
     Found unlocked (the mapped device exists): nothing is done now or later.
     Otherwise the crypttab line and its key file are checked first, the

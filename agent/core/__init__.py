@@ -1,0 +1,1 @@
+"""The ground floor: errors, the one command runner, typed events, files, locks, time parsing, mounts."""

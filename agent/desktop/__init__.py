@@ -1,0 +1,1 @@
+"""The unprivileged desktop agent: its agenda, udev, reminders, state, and its D-Bus adapters."""

@@ -1,0 +1,391 @@
+"""The agent's agenda across all disks: one pure step, ``(agenda, event, now) -> (agenda, actions)``.
+
+:mod:`agent.policy.schedule` decides for one disk; this module decides for the
+agent as a whole, and nothing else does: which disk's cycle runs (one at a
+time across disks and across agents), which triggers wait for it and are
+replayed when it ends, which disks the user ejected (closed until they are
+plugged in again or asked for, also across a restart of the agent), how a
+stop the user asked for ends (not a failure, no retry), and when the agent
+must wake up next. :class:`agent.desktop.daemon.Agent` feeds it what happened
+(:data:`Event`) and only carries out the :data:`Action` values it returns:
+start or stop a cycle, answer a caller, save the state file, arm its timer.
+
+Values in, values out: no clock, no I/O. ``now`` is wall-clock epoch seconds.
+
+Rules (besides the schedule's):
+
+- At most one cycle runs, and none while something else holds the machine
+  (:class:`Blocked`: a cycle started elsewhere, an eject under way). A
+  plug-in or "Back up now" that cannot start then is held back and replayed,
+  first, when the way is clear; a timer is not held (it is asked again).
+- An ejected disk is opened by nothing but a plug-in seen while the agent
+  runs, or "Back up now": finding it present when the agent starts again
+  does not reopen it (a disk that was not ejected is then backed up as on a
+  plug-in). An ejected disk has no next due time.
+- A stop the user asked for ends as "stopped": no failure, no retry before
+  the next regular time; the unfinished transfer is carried on by the next
+  plug-in (see :func:`agent.policy.schedule.on_stopped`).
+- A cycle that lost the machine lock to another cycle ("busy") is no
+  failure: its trigger waits for that cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Mapping, Sequence, Union
+
+from agent.policy import schedule
+
+Held = Literal["plugged", "asked"]
+Outcome = Literal["success", "failure", "busy"]
+
+
+@dataclass(frozen=True)
+class DiskAgenda:
+    """One disk: the schedule's state, and what the agenda adds to it."""
+
+    state: schedule.DiskState = schedule.DiskState()
+    ejected: bool = False  # closed by the user: no scheduled backup opens it
+    held: Held | None = None  # a trigger waiting for the running cycle to end
+    next_due: float | None = None  # the last decision's due time (None: not attached, or ejected)
+
+
+@dataclass(frozen=True)
+class Running:
+    """The one cycle this agent runs."""
+
+    disk: str
+    reason: str
+    trigger: schedule.Trigger  # what started it (replayed if it loses the lock to another cycle)
+    stopping: bool = False  # the user asked to stop it
+
+
+@dataclass(frozen=True)
+class Agenda:
+    """Everything the agent decides from; ``order`` is the configuration's order of disks."""
+
+    policy: schedule.Policy
+    order: tuple[str, ...]
+    disks: Mapping[str, DiskAgenda] = field(default_factory=dict)
+    running: Running | None = None
+    blocked: str | None = None  # why no cycle may start (another cycle, an eject), or None
+
+    def disk(self, name: str) -> DiskAgenda:
+        return self.disks.get(name, DiskAgenda())
+
+    def attached(self) -> tuple[str, ...]:
+        return tuple(name for name in self.order if self.disk(name).state.attached)
+
+
+def new(
+    policy: schedule.Policy,
+    order: Sequence[str],
+    states: Mapping[str, schedule.DiskState] | None = None,
+    ejected: Sequence[str] = (),
+) -> Agenda:
+    """The agenda at start: each disk's remembered state (not attached, nothing running)."""
+    known = states or {}
+    disks = {
+        name: DiskAgenda(
+            state=replace(known.get(name, schedule.DiskState()), attached=False, running=False),
+            ejected=name in ejected,
+        )
+        for name in order
+    }
+    return Agenda(policy, tuple(order), disks)
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plugged:
+    """A configured disk appeared; ``at_start``: found present when the agent started (not a plug-in)."""
+
+    disk: str
+    at_start: bool = False
+
+
+@dataclass(frozen=True)
+class Unplugged:
+    disk: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The agent's timer fired."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The machine woke from sleep."""
+
+
+@dataclass(frozen=True)
+class Asked:
+    """"Back up now" (``disk`` None: the first attached disk in the configuration's order)."""
+
+    disk: str | None = None
+
+
+@dataclass(frozen=True)
+class StopAsked:
+    """The user asked to stop the running cycle."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The cycle of ``disk`` ended: ``success``, ``failure``, or ``busy`` (it lost the lock to another cycle).
+
+    ``snapshot_time``: what the new snapshot is named after (a success).
+    """
+
+    disk: str
+    outcome: Outcome
+    snapshot_time: float | None = None
+
+
+@dataclass(frozen=True)
+class Ejected:
+    """The user ejected ``disk``: it is unmounted and locked."""
+
+    disk: str
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """Something else holds the machine (``reason``), or nothing any more (None)."""
+
+    reason: str | None
+
+
+Event = Union[Plugged, Unplugged, Tick, Resumed, Asked, StopAsked, Finished, Ejected, Blocked]
+
+# -- actions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Start the cycle for ``disk``; ``reason`` is the schedule's (for listeners and logs)."""
+
+    disk: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop the running cycle (SIGTERM: it cleans up)."""
+
+    disk: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The reply to the caller of :class:`Asked` or :class:`StopAsked` (a short word)."""
+
+    word: str
+
+
+@dataclass(frozen=True)
+class Waits:
+    """A trigger for ``disk`` waits (``why``): for the log."""
+
+    disk: str
+    reason: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Save:
+    """What must survive a restart changed (ejected disks, failures, unfinished runs)."""
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Arm the one timer for ``at`` (wall clock), or none (None)."""
+
+    at: float | None
+
+
+Action = Union[Start, Stop, Answer, Waits, Save, Wake]
+
+
+# -- the step ----------------------------------------------------------------------------------
+
+
+def step(agenda: Agenda, event: Event, now: float) -> tuple[Agenda, tuple[Action, ...]]:
+    """Apply one event; the new agenda and what to do, ending with one :class:`Wake`."""
+    before = persisted(agenda)
+    actions: list[Action] = []
+    agenda = _apply(agenda, event, now, actions)
+    agenda = _settle(agenda, now, actions)
+    if persisted(agenda) != before:
+        actions.append(Save())
+    actions.append(Wake(wake_at(agenda)))
+    return agenda, tuple(actions)
+
+
+def persisted(agenda: Agenda) -> tuple[tuple[str, schedule.DiskState, bool], ...]:
+    """What the state file keeps of the agenda (attached and running are not kept)."""
+    return tuple(
+        (name, replace(agenda.disk(name).state, attached=False, running=False), agenda.disk(name).ejected)
+        for name in agenda.order
+    )
+
+
+def wake_at(agenda: Agenda) -> float | None:
+    """The earliest due time among attached, not ejected disks; None while a cycle runs or is blocked."""
+    if agenda.running is not None or agenda.blocked is not None:
+        return None
+    dues = [
+        entry.next_due
+        for name in agenda.attached()
+        if not (entry := agenda.disk(name)).ejected and entry.next_due is not None
+    ]
+    return min(dues) if dues else None
+
+
+def _with(agenda: Agenda, name: str, entry: DiskAgenda) -> Agenda:
+    return replace(agenda, disks={**agenda.disks, name: entry})
+
+
+def _apply(agenda: Agenda, event: Event, now: float, actions: list[Action]) -> Agenda:
+    if isinstance(event, Plugged):
+        if event.disk not in agenda.order:
+            return agenda
+        entry = agenda.disk(event.disk)
+        if entry.state.attached:  # a repeated event: a tick for this disk
+            return _try(agenda, event.disk, "tick", now, actions)
+        if event.at_start and entry.ejected:
+            # Still the disk the user ejected: attached, closed, nothing due.
+            state = replace(entry.state, attached=True)
+            return _with(agenda, event.disk, replace(entry, state=state, next_due=None))
+        agenda = _with(agenda, event.disk, replace(entry, ejected=False))
+        return _try(agenda, event.disk, "plugged", now, actions)
+    if isinstance(event, Unplugged):
+        if event.disk not in agenda.order:
+            return agenda
+        entry = agenda.disk(event.disk)
+        state = schedule.on_unplugged(entry.state)
+        return _with(agenda, event.disk, DiskAgenda(state=state))
+    if isinstance(event, (Tick, Resumed)):
+        trigger: schedule.Trigger = "tick" if isinstance(event, Tick) else "resumed"
+        for name in agenda.attached():
+            agenda = _try(agenda, name, trigger, now, actions)
+        return agenda
+    if isinstance(event, Asked):
+        return _ask(agenda, event.disk, now, actions)
+    if isinstance(event, StopAsked):
+        if agenda.running is None:
+            actions.append(Answer("not-running"))
+            return agenda
+        actions += [Stop(agenda.running.disk), Answer("stopping")]
+        return replace(agenda, running=replace(agenda.running, stopping=True))
+    if isinstance(event, Finished):
+        return _finish(agenda, event, now)
+    if isinstance(event, Ejected):
+        entry = agenda.disk(event.disk)
+        if event.disk not in agenda.order or not entry.state.attached:
+            return agenda
+        return _with(agenda, event.disk, replace(entry, ejected=True, held=None, next_due=None))
+    if isinstance(event, Blocked):
+        return replace(agenda, blocked=event.reason)
+    raise ValueError(f"unknown event {event!r}")
+
+
+def _ask(agenda: Agenda, disk: str | None, now: float, actions: list[Action]) -> Agenda:
+    if disk is not None and disk not in agenda.order:
+        actions.append(Answer("unknown-disk"))
+        return agenda
+    if agenda.running is not None:
+        actions.append(Answer("running"))
+        return agenda
+    attached = agenda.attached()
+    name = disk if disk is not None else (attached[0] if attached else None)
+    if name is None or not agenda.disk(name).state.attached:
+        actions.append(Answer("no-disk"))
+        return agenda
+    agenda = _with(agenda, name, replace(agenda.disk(name), ejected=False))
+    agenda = _try(agenda, name, "asked", now, actions)
+    started = agenda.running is not None and agenda.running.disk == name
+    actions.append(Answer("started" if started else "running"))
+    return agenda
+
+
+def _decide(entry: DiskAgenda, policy: schedule.Policy, now: float, trigger: schedule.Trigger) -> tuple[schedule.DiskState, schedule.Decision]:
+    state = entry.state
+    if trigger == "plugged":
+        return schedule.on_plugged(replace(state, attached=False), policy, now)
+    if trigger == "asked":
+        return schedule.on_asked(state, now)
+    if trigger == "resumed":
+        return schedule.on_resumed(state, policy, now)
+    return schedule.on_tick(state, policy, now)
+
+
+def _try(agenda: Agenda, name: str, trigger: schedule.Trigger, now: float, actions: list[Action]) -> Agenda:
+    """One trigger for one disk: start it when the schedule says so and the way is clear, else hold or wait."""
+    entry = agenda.disk(name)
+    if entry.ejected and trigger in ("tick", "resumed"):
+        return _with(agenda, name, replace(entry, next_due=None))
+    state, decision = _decide(entry, agenda.policy, now, trigger)
+    if not decision.start_now:
+        due = decision.next_due if decision.reason != "running" else entry.next_due
+        return _with(agenda, name, replace(entry, state=state, next_due=due))
+    why = agenda.blocked or (f"the backup of {agenda.running.disk} is running" if agenda.running else None)
+    if why is not None:
+        held: Held | None = "plugged" if trigger == "plugged" else "asked" if trigger == "asked" else entry.held
+        actions.append(Waits(name, decision.reason, why))
+        return _with(agenda, name, replace(entry, state=state, held=held, next_due=now))
+    state = schedule.on_started(state)
+    actions.append(Start(name, decision.reason))
+    running = Running(name, decision.reason, trigger)
+    return replace(_with(agenda, name, replace(entry, state=state, held=None, next_due=now)), running=running)
+
+
+def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
+    running = agenda.running
+    if running is None or running.disk != event.disk:
+        return agenda
+    entry = agenda.disk(event.disk)
+    agenda = replace(agenda, running=None)
+    if event.outcome == "busy":
+        held: Held | None = (
+            "plugged" if running.trigger == "plugged" else "asked" if running.trigger == "asked" else entry.held
+        )
+        if not entry.state.attached or entry.ejected:
+            held = None  # gone or closed meanwhile: nothing to carry on with
+        state = replace(entry.state, running=False)
+        return _with(agenda, event.disk, replace(entry, state=state, held=held))
+    if event.outcome == "success":
+        state = schedule.on_finished(entry.state, now, True, snapshot_time=event.snapshot_time)
+    elif running.stopping:
+        state = schedule.on_stopped(entry.state, now)
+    else:
+        state = schedule.on_finished(entry.state, now, False)
+    return _with(agenda, event.disk, replace(entry, state=state))
+
+
+def _settle(agenda: Agenda, now: float, actions: list[Action]) -> Agenda:
+    """When the way is clear: replay held triggers first (configuration order), then each attached disk's tick."""
+    if agenda.running is not None or agenda.blocked is not None:
+        return agenda
+    for name in agenda.order:
+        entry = agenda.disk(name)
+        if entry.held is not None and entry.state.attached:
+            agenda = _with(agenda, name, replace(entry, held=None))  # replayed once: it starts or it is not due
+            agenda = _try(agenda, name, entry.held, now, actions)
+            if agenda.running is not None:
+                return agenda
+    for name in agenda.attached():
+        agenda = _try(agenda, name, "tick", now, actions)
+        if agenda.running is not None:
+            return agenda
+    return agenda
+
+
+__all__ = [
+    "Action", "Agenda", "Answer", "Asked", "Blocked", "DiskAgenda", "Ejected", "Event", "Finished", "Plugged",
+    "Resumed", "Running", "Save", "Start", "Stop", "StopAsked", "Tick", "Unplugged", "Wake", "Waits",
+    "new", "persisted", "step", "wake_at",
+]

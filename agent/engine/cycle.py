@@ -1,0 +1,743 @@
+"""One backup cycle: lock → prepare → transfer → snapshot → rotate.
+
+The cycle keeps the rules of docs/ARCHITECTURE.md: it writes only into a fresh
+``<name>.in-progress`` (never into a completed snapshot), completes a snapshot
+by an atomic rename, deletes old snapshots only after a new one completed,
+runs one at a time, and with ``dry_run`` writes nothing at all. Every step is
+announced as an event; each resource is released by the ``ExitStack`` that
+took it, also when a step fails, so later steps (unlock, mount, hooks) slot in
+as more context managers.
+
+The cycle composes three seams (docs/ARCHITECTURE.md, "Seams for what
+comes next"): it reads from a :class:`~agent.engine.sources.Source` (given, or the
+configured path), makes and deletes snapshots through the repository's
+:class:`~agent.engine.layouts.Layout` (:func:`agent.engine.layouts.for_repository`), and
+reports through the :class:`~agent.core.events.Emitter` its caller composed from
+report channels (:mod:`agent.engine.channels`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
+
+from agent import __version__
+from agent.core import lock
+from agent.engine import rsync
+from agent.disk import browse
+from agent.disk.devices import top_mount
+from agent.disk.find import find_device, not_attached
+from agent.disk.identity import verify_identity
+from agent.disk.mount import disk_full, mounted
+from agent.disk.unlock import unlocked
+from agent.engine import hooks
+from agent.engine import layouts
+from agent.repository import manifest as manifests
+from agent.repository import unfinished
+from agent.core.commands import Runner, priority_prefix
+from agent.config.model import Disk, Settings
+from agent.core.errors import (
+    BackupAgentError,
+    CommandError,
+    CorruptManifestError,
+    DiskFullError,
+    DiskMissingError,
+    RepositoryError,
+    StepError,
+    UsageError,
+)
+from agent.core.events import Emitter, complete, error, progress, step, warning
+from agent.engine.hooks import HookContext
+from agent.engine.layouts import Begun, Layout
+from agent.core.mounts import read_mountinfo
+from agent.repository.store import IN_PROGRESS, Repository, classify, free_space
+from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
+from agent.engine.sources import PathSource, Source
+
+log = logging.getLogger(__name__)
+
+STEPS = ("backup", "snapshot", "rotate")
+# A snapshot with fewer than this share of the previous one's files is flagged.
+SHRINK_ALARM = 0.5
+# Progress events at most this often (seconds).
+PROGRESS_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the caller asked for, after the config and the command line merged.
+
+    With ``disk``, the cycle unlocks and mounts it, proves it is the right
+    disk, and ``repository`` is the disk's; without, ``repository`` is a
+    directory the caller gave.
+    """
+
+    settings: Settings
+    source: str
+    repository: str
+    steps: frozenset[str] = frozenset(STEPS)
+    dry_run: bool = False
+    disk: Disk | None = None
+    # Run from a terminal: a missing disk is an error to explain, not a
+    # quiet "nothing to do" as from a timer.
+    interactive: bool = True
+    # rotate --discard-unfinished: delete unfinished transfers too (otherwise kept to resume from).
+    discard_unfinished: bool = False
+
+
+@dataclass
+class Outcome:
+    """What the cycle did; the CLI turns it into an exit status and a summary."""
+
+    snapshot: str | None = None
+    partial: bool = False
+    flagged: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    plan: Plan | None = None
+    deleted: tuple[str, ...] = ()
+    duration: float = 0.0
+    skipped: str | None = None  # why nothing was done (the disk is not attached)
+
+
+def transfer_progress(update: rsync.Progress, elapsed: float, *, copies_all: bool = False) -> tuple[int, int | None]:
+    """Percent done and seconds left: by bytes when every file is copied, else by files checked.
+
+    ``copies_all``: there is nothing to link to (the first snapshot, no
+    unfinished one to resume from), so every file is sent and rsync's own
+    percent, bytes sent of the total size of the files listed, is the
+    share of the work done. Otherwise most files are hard-linked, not sent,
+    and count for nothing in rsync's bytes: its percent would sit near 0 to
+    the end, and the bytes still to send are known only once rsync has
+    compared every file. Then the share of files checked (linked or copied)
+    is what moves steadily; it runs ahead while a few large new files copy.
+    Both may step back while rsync is still scanning and the total grows.
+    """
+    percent = update.percent
+    if not copies_all and update.total and update.checked is not None:
+        percent = max(0, min(100, (100 * update.checked) // update.total))
+    eta = None
+    if 0 < percent < 100 and not update.scanning:
+        eta = int(elapsed * (100 - percent) / percent)
+    elif percent >= 100:
+        eta = 0
+    return percent, eta
+
+
+class Cycle:
+    """Runs one request; emits events; raises BackupAgentError on failure."""
+
+    def __init__(self, request: Request, emitter: Emitter, runner: Runner, *, source: Source | None = None) -> None:
+        self.request = request
+        self.settings = request.settings
+        self.emitter = emitter
+        self.runner = runner
+        # What is read: by default the configured path (the command line may have replaced it).
+        self.source: Source = source if source is not None else PathSource.from_settings(request.settings, request.source)
+        self.outcome = Outcome()
+        self.current_step: str | None = None
+        self.repository: Repository | None = None
+        # How snapshots are made and deleted there; set once the repository is opened (or known missing).
+        self.layout: Layout | None = None
+        self.hook_context = HookContext(
+            disk=request.disk.name if request.disk else None, repository=request.repository
+        )
+        self._started = time.monotonic()
+        self._failed_step: str | None = None
+
+    # -- helpers ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _step(self, name: str, **detail: Any) -> Iterator[dict[str, Any]]:
+        """Announce a step; the block may add detail to its ``done`` event."""
+        self.current_step = name
+        self.emitter.emit(step(name, "start", **detail))
+        done: dict[str, Any] = {}
+        yield done
+        self.emitter.emit(step(name, "done", **done))
+
+    def _warn(self, message: str, **detail: Any) -> None:
+        log.warning("%s", message)
+        self.outcome.warnings.append(message)
+        self.emitter.emit(warning(self.current_step or "cycle", message, **detail))
+
+    def _priority(self, ionice_class: str | None = None) -> tuple[str, ...]:
+        commands = self.settings.commands
+        return priority_prefix(
+            commands.ionice, commands.nice, ionice_class or self.settings.ionice, self.settings.nice
+        )
+
+    def _holder(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "repository": self.request.repository,
+        }
+
+    # -- the cycle -----------------------------------------------------------
+
+    def run(self) -> Outcome:
+        request = self.request
+        settings = self.settings
+        try:
+            with contextlib.ExitStack() as stack, self._remembering_failure():
+                self._lock_machine(stack)
+                if request.disk is not None and not self._open_disk(stack, request.disk):
+                    self._emit_complete()
+                    return self.outcome
+                if "backup" in request.steps:
+                    self.current_step = "before_backup"
+                    stack.enter_context(
+                        hooks.around("backup", settings.hooks, self.runner, self.hook_context, self._warn, dry_run=request.dry_run)
+                    )
+                self._prepare(stack)
+                self._close_manifests()
+                name: str | None = None
+                if "backup" in request.steps:
+                    self._make_room()
+                    self.current_step = "before_snapshot"
+                    with hooks.around(
+                        "snapshot", settings.hooks, self.runner, self.hook_context, self._warn, dry_run=request.dry_run
+                    ):
+                        name = self._transfer()
+                if "snapshot" in request.steps:
+                    name = self._snapshot(name)
+                if "rotate" in request.steps:
+                    self._rotate(name)
+                self._emit_complete()
+        except (OSError, BackupAgentError) as exc:
+            failure = exc if isinstance(exc, BackupAgentError) else self._filesystem_failure(exc)
+            failure.step = failure.step or self._failed_step or self.current_step
+            failure.snapshots_untouched = not self.outcome.deleted
+            self.emitter.emit(error(failure.step, failure.message, failure.exit_code, failure.snapshots_untouched))
+            if failure is exc:
+                raise
+            raise failure from exc
+        return self.outcome
+
+    @contextlib.contextmanager
+    def _remembering_failure(self) -> Iterator[None]:
+        """Note the step a failure happened in, before the undo steps (which
+        rename current_step as they run) unwind."""
+        try:
+            yield
+        except BaseException:
+            self._failed_step = self.current_step
+            raise
+
+    def _filesystem_failure(self, exc: OSError) -> StepError:
+        """The filesystem said no (disk full, read-only, permission): the user
+        can act on that, so it is an error message, not a bug."""
+        what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        if (self._failed_step or self.current_step) in ("transfer", "snapshot"):
+            what += "; the unfinished transfer is kept and the next run resumes from it"
+        return StepError(what, step=self._failed_step or self.current_step)
+
+    def _emit_complete(self) -> None:
+        """The cycle's result; emitted before the disk is closed, which reports its own steps."""
+        self.outcome.duration = round(time.monotonic() - self._started, 3)
+        self.emitter.emit(
+            complete(
+                self.outcome.snapshot,
+                partial=self.outcome.partial,
+                flagged=self.outcome.flagged,
+                statistics=self.outcome.statistics,
+                warnings=len(self.outcome.warnings),
+                deleted=list(self.outcome.deleted),
+                duration=self.outcome.duration,
+                dry_run=self.request.dry_run,
+                skipped=self.outcome.skipped,
+            )
+        )
+
+    # -- the disk ------------------------------------------------------------
+
+    def _open_disk(self, stack: contextlib.ExitStack, disk: Disk) -> bool:
+        """Find, unlock, mount and verify the disk; False when there is nothing to do."""
+        settings = self.settings
+        with self._step("disk", disk=disk.name) as done:
+            device = find_device(disk, settings, self.runner)
+            done["present"] = device is not None
+            done["device"] = device
+        if device is None:
+            message = not_attached(disk)
+            if self.request.interactive:
+                raise DiskMissingError(message, step="disk")
+            log.info("%s", message)
+            self.outcome.skipped = "disk not attached"
+            return False
+        if self.request.dry_run and not self._disk_is_open(disk):
+            log.info("would unlock %s, mount it on %s and back up into %s", disk.name, disk.mount_point, disk.repository)
+            self.outcome.skipped = "dry run: the disk is not unlocked and mounted, so nothing more can be checked"
+            return False
+        # ExitStack unwinds in reverse: for each undo, first name the step
+        # (so its warnings carry it), then the undo, then report what is true
+        # afterwards.
+        unlocked_now: list[bool] = []
+        stack.callback(self._report_closed, "lock-disk", unlocked_now, lambda: os.path.exists(disk.mapped_device))
+        with self._step("unlock", disk=disk.name) as done:
+            unlocked_now.append(stack.enter_context(unlocked(disk, settings, self.runner, self._warn)))
+            done["unlocked_now"] = unlocked_now[0]
+        stack.callback(self._set_step, "lock-disk")
+        mounted_now: list[bool] = []
+        stack.callback(self._report_closed, "unmount", mounted_now, lambda: self._disk_is_mounted(disk))
+        with self._step("mount", mount_point=disk.mount_point) as done:
+            mounted_now.append(stack.enter_context(mounted(disk, settings, self.runner, self._warn)))
+            done["mounted_now"] = mounted_now[0]
+        stack.callback(self._set_step, "unmount")
+        with self._step("verify", repository=disk.repository) as done:
+            marker = verify_identity(disk, settings)
+            done["id"] = marker.id if marker else None
+        if not self.request.dry_run:
+            # Opened for browsing (read-only): writable for this cycle, read-only again after (agent.disk.browse).
+            self.current_step = "mount"
+            stack.enter_context(browse.writable(disk, settings, self.runner, self._warn))
+        return True
+
+    @classmethod
+    def _disk_is_open(cls, disk: Disk) -> bool:
+        return os.path.exists(disk.mapped_device) and cls._disk_is_mounted(disk)
+
+    @staticmethod
+    def _disk_is_mounted(disk: Disk) -> bool:
+        return top_mount(read_mountinfo(), os.path.realpath(disk.mount_point)) is not None
+
+    def _set_step(self, name: str) -> None:
+        self.current_step = name
+
+    def _report_closed(self, name: str, opened_now: list[bool], still_open: Callable[[], bool]) -> None:
+        """Say what is true after an undo: closed by us, left as found, or still open."""
+        if not opened_now or not opened_now[0]:
+            state = "left-as-found"
+        elif still_open():
+            state = "failed"
+        else:
+            state = "done"
+        self.emitter.emit(step(name, state))
+
+    def _make_room(self) -> None:
+        """Opt-in: delete the oldest snapshots beyond the scheme until keep_free is free."""
+        keep_free = self.settings.keep_free
+        repo = self.repository
+        if keep_free is None or repo is None:
+            return
+        with self._step("make-room") as done:
+            deleted: list[str] = []
+            while True:
+                free, total = free_space(repo.root)
+                wanted = keep_free.bytes if keep_free.bytes is not None else int(total * (keep_free.percent or 0) / 100)
+                if free >= wanted:
+                    break
+                names = repo.snapshot_names()
+                protected = self.protected(repo, names)
+                candidates = [n for n in names[:-1] if n not in protected]
+                if len(names) - 1 < keep_free.min_snapshots or not candidates:
+                    self._warn(
+                        f"only {human_size(free)} free of the {human_size(wanted)} keep_free asks for, and no snapshot may be "
+                        f"deleted (min_snapshots = {keep_free.min_snapshots}, the newest is always kept)"
+                    )
+                    break
+                victim = candidates[0]
+                if self.request.dry_run:
+                    log.info("would delete %s to make room", victim)
+                    deleted.append(victim)
+                    break
+                self._layout().delete([victim], step="make-room")
+                deleted.append(victim)
+            if deleted:
+                self._warn(f"deleted {len(deleted)} old snapshots to keep {human_size(wanted)} free: {', '.join(deleted)}")
+                self.outcome.deleted += tuple(deleted)
+            done["deleted"] = deleted
+
+    def _lock_machine(self, stack: contextlib.ExitStack) -> None:
+        with self._step("lock"):
+            path = lock.machine_lock_path()
+            if self.request.dry_run:
+                lock.probe(path)
+            else:
+                stack.enter_context(lock.hold(path, self._holder()))
+
+    def _prepare(self, stack: contextlib.ExitStack) -> None:
+        request = self.request
+        with self._step("prepare", repository=request.repository) as done:
+            if "backup" in request.steps:
+                self.source.check(request.repository)
+            state = classify(request.repository)
+            needs_repository = "backup" in request.steps or "snapshot" in request.steps
+            if state in ("missing", "empty") and not needs_repository:
+                raise RepositoryError(f"{request.repository} holds no repository yet: nothing to rotate", step="prepare")
+            if request.dry_run:
+                if state == "foreign":
+                    Repository.create(request.repository)  # raises the same refusal, creating nothing
+                if state == "repository":
+                    self.repository = Repository.open(request.repository)
+                    lock.probe(self.repository.lock_path)
+                else:
+                    log.info("would create the repository %s", request.repository)
+                self._open_layout()
+                done["created"] = state != "repository"
+                return
+            if request.disk is not None:
+                # The cycle never creates a repository on a disk by itself (init does).
+                self.repository = Repository.open(request.repository)
+            else:
+                self.repository = Repository.create(request.repository)
+            stack.enter_context(lock.hold(self.repository.lock_path, self._holder()))
+            self.repository.remove_leftovers()
+            self._open_layout()
+            done["created"] = state != "repository"
+            done["id"] = self.repository.marker.id
+
+    def _close_manifests(self) -> None:
+        """Manifests root's alone, also those an older version left readable (agent.disk.browse.private_manifests)."""
+        if self.repository is None or self.request.dry_run:
+            return
+        try:
+            changed = browse.private_manifests(self.repository.metadata_dir)
+        except OSError as exc:
+            self._warn(f"the manifests in {self.repository.metadata_dir} could not be made private: {exc.strerror}")
+            return
+        if changed:
+            log.info("made %d manifests readable by root only", len(changed))
+
+    def _layout(self) -> Layout:
+        if self.layout is None:
+            raise RepositoryError(f"{self.request.repository} is not open", step=self.current_step)
+        return self.layout
+
+    def _open_layout(self) -> None:
+        self.layout = layouts.for_repository(
+            self.request.repository, self.repository, runner=self.runner, rm_argv=self._rm_argv(), warn=self._warn
+        )
+
+    # -- transfer ------------------------------------------------------------
+
+    def _transfer(self) -> str:
+        """The transfer, leaving at most one unfinished transfer behind, whatever happens (agent.repository.unfinished)."""
+        layout = self._layout()
+        start = dt.datetime.now().astimezone()
+        begun = layout.begin(start, dry_run=self.request.dry_run)
+        try:
+            name = self._transfer_into(begun, start)
+        except BaseException as exc:
+            if not self.request.dry_run:
+                layout.end_transfer(begun, whole=False)
+                if isinstance(exc, DiskFullError):
+                    exc.message = self._disk_full_message()
+            raise
+        if not self.request.dry_run:
+            layout.end_transfer(begun, whole=True)
+        return name
+
+    def _transfer_into(self, begun: Begun, start: dt.datetime) -> str:
+        settings = self.settings
+        request = self.request
+        repo = self.repository
+        name, latest, leftovers = begun.name, begun.previous, list(begun.resumed_from)
+        copies_all = begun.copies_all
+        self.hook_context.snapshot = name
+        with (
+            self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done,
+            self.source.opened(request.repository) as tree,
+        ):
+            argv = rsync.build_argv(
+                rsync=settings.commands.rsync,
+                source=tree.root,
+                target=begun.target,
+                link_dests=begun.link_dests,
+                one_file_system=tree.one_file_system,
+                excludes=tree.excludes,
+                filter_rules=tree.filter_rules,
+                io_timeout=settings.io_timeout,
+                dry_run=request.dry_run,
+                priority_prefix=self._priority(),
+            )
+            parser = rsync.ProgressParser()
+            errors = rsync.ErrorCollector()
+            other_lines: list[str] = []
+            last_emit = 0.0
+            transfer_started = time.monotonic()
+            unsent: list[rsync.Progress] = []  # the last record, when it was not sent (too soon)
+
+            def emit(update: rsync.Progress, now: float) -> None:
+                percent, eta = transfer_progress(update, now - transfer_started, copies_all=copies_all)
+                self.emitter.emit(progress(percent, update.bytes, update.files, update.rate, eta))
+
+            def on_stdout(line: str) -> None:
+                nonlocal last_emit
+                update = parser.feed(line)
+                if update is None:
+                    other_lines.append(line)
+                    return
+                now = time.monotonic()
+                unsent[:] = [update]
+                if now - last_emit >= PROGRESS_INTERVAL or update.percent >= 100:
+                    last_emit = now
+                    unsent.clear()
+                    emit(update, now)
+
+            result = self.runner.run(
+                argv,
+                step="transfer",
+                exit_table=rsync.EXIT_TABLE,
+                on_stdout=on_stdout,
+                on_stderr=errors.feed,
+                mutating=False if request.dry_run else True,
+                check=False,
+            )
+            if unsent and result.kind != "error":
+                emit(unsent[0], time.monotonic())  # where the transfer ended: a first snapshot's bytes may end below 100%
+            if disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
+                raise DiskFullError(self._disk_full_message(), step="transfer")
+            if result.kind == "error":
+                raise CommandError(
+                    f"rsync failed ({result.meaning}): {' | '.join(result.stderr_tail[-3:]) or 'no error output'}; "
+                    "the unfinished transfer is kept and the next run resumes from it",
+                    argv=result.argv,
+                    returncode=result.returncode,
+                    stderr_tail=result.stderr_tail,
+                    step="transfer",
+                )
+            stats = rsync.parse_stats(other_lines)
+            self.outcome.statistics = stats.as_dict()
+            if result.kind == "warning":
+                self._warn(f"rsync: {result.meaning} ({errors.vanished} files)", code=result.returncode)
+            if result.kind == "partial":
+                self.outcome.partial = True
+                self._warn(
+                    f"snapshot {name} is partial: {errors.count} files could not be transferred",
+                    code=result.returncode,
+                    errors=list(errors.first),
+                )
+            metadata = {
+                "format": 1,
+                "name": name,
+                "state": "transferred",
+                "host": socket.gethostname(),
+                "source": self.source.path,
+                "tool_version": __version__,
+                "start": start.isoformat(timespec="milliseconds"),
+                "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
+                "link_dest": latest,
+                "resumed_from": leftovers,
+                "statistics": self.outcome.statistics,
+                "partial": self.outcome.partial,
+                "errors": {"count": errors.count, "first": list(errors.first)},
+                "vanished": errors.vanished,
+                "warnings": list(self.outcome.warnings),
+                **tree.record,
+            }
+            if repo is not None and not request.dry_run:
+                repo.write_metadata(name, metadata)
+            done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(tree.skipped_mounts))
+        self.outcome.snapshot = name
+        return name
+
+    def _disk_full_message(self) -> str:
+        """What really takes the space (the unfinished transfer included) and the commands that free it."""
+        repo = self.repository
+        free, _total = free_space(repo.root if repo else self.request.repository)
+        disk = f" --disk {self.request.disk.name}" if self.request.disk is not None else ""
+        held = ""
+        if repo is not None:
+            kept = repo.in_progress_names()
+            sizes = [unfinished.own_bytes(repo.in_progress_path(n)) for n in kept]
+            if kept:
+                what = f"the unfinished transfer {kept[0]}" if len(kept) == 1 else f"{len(kept)} unfinished transfers"
+                held = (
+                    f"; {what} holds {human_size(sum(sizes))} of its own (kept so the next run resumes from it; "
+                    f"free it with: sudo backup-agent rotate --discard-unfinished{disk})"
+                )
+            if (latest := repo.latest_name()) is not None:
+                stats = (repo.read_metadata(latest) or {}).get("statistics") or {}
+                if isinstance(stats.get("transferred_size"), int):
+                    held += f"; the last snapshot ({latest}) added {human_size(stats['transferred_size'])}"
+        return (
+            f"the backup disk is full ({human_size(free)} free): no snapshot was completed{held}; delete old snapshots "
+            f"with: sudo backup-agent rotate{disk} (after lowering the counts in [rotation]), set keep_free in "
+            "[rotation], or use a bigger disk"
+        )
+
+    # -- snapshot ------------------------------------------------------------
+
+    def _snapshot(self, name: str | None) -> str | None:
+        repo = self.repository
+        with self._step("snapshot", snapshot=name) as done:
+            if repo is None or self.request.dry_run:
+                if name is None and repo is not None:
+                    name = self._layout().finished_transfer()
+                log.info("would complete snapshot %s", name)
+                done["snapshot"] = name
+                return name
+            layout = self._layout()
+            if name is None:
+                name = layout.finished_transfer()
+            metadata = repo.read_metadata(name) or {}
+            if metadata.get("state") != "transferred":
+                raise StepError(f"the transfer into {name} did not finish: run the backup again", step="snapshot")
+            previous = repo.latest_name()
+            self.outcome.flagged = self._shrink_check(repo, previous, metadata)
+            recorded = self._record_manifest(repo, name, previous)
+            end = dt.datetime.now().astimezone()
+            start = dt.datetime.fromisoformat(metadata["start"])
+            metadata.update(
+                state="complete",
+                end=end.isoformat(timespec="milliseconds"),
+                duration=round((end - start).total_seconds(), 3),
+                flagged=self.outcome.flagged,
+                previous=previous,
+                manifest=recorded,
+                warnings=sorted(set(metadata.get("warnings", [])) | set(self.outcome.warnings)),
+            )
+            self.outcome.partial = bool(metadata.get("partial"))
+            self.outcome.statistics = metadata.get("statistics", {})
+            repo.write_metadata(name, metadata)
+            # Complete and durable; earlier unfinished transfers, which served as --link-dest, are deleted.
+            discarded = layout.complete(name)
+            done.update(
+                snapshot=name,
+                partial=self.outcome.partial,
+                flagged=self.outcome.flagged,
+                discarded=list(discarded),
+                manifest=recorded,
+            )
+        self.outcome.snapshot = name
+        return name
+
+    def _record_manifest(self, repo: Repository, name: str, previous: str | None) -> dict[str, Any]:
+        """Checksums of the snapshot's files, reusing the previous manifest's for shared inodes.
+
+        A failure is a warning: the snapshot is completed without a manifest
+        (its metadata says why), since losing a good snapshot over its
+        checksums would be worse; the next snapshot then hashes every file.
+        """
+        started = time.monotonic()  # the step's cost includes reading the previous manifest
+        known: manifests.Known = {}
+        owners: dict[int, bytes] = {}
+        if previous is not None:
+            try:
+                known = manifests.reusable(repo.manifest_path(previous), owners)
+            except FileNotFoundError:
+                log.info("snapshot %s has no manifest: every file of %s is hashed", previous, name)
+            except (OSError, CorruptManifestError) as exc:
+                log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
+        target = repo.manifest_path(name)
+        try:
+            recorded = manifests.record(self._layout().transfer_path(name), target, known, owners=owners)
+            recorded = replace(recorded, seconds=time.monotonic() - started)
+        except OSError as exc:
+            what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)
+            if os.path.isfile(target):
+                os.unlink(target)  # never leave an older attempt's manifest beside this snapshot
+            self._warn(
+                f"snapshot {name} is completed without a manifest ({what}): verify cannot check it, "
+                "and the next backup hashes every file again"
+            )
+            return {"error": what}
+        log.info(
+            "manifest of %s: %d files, %d hashed (%s), %d reused from %s, in %.2f s",
+            name, recorded.entries, recorded.hashed_files, human_size(recorded.hashed_bytes),
+            recorded.reused_files, previous if known else "none", recorded.seconds,
+        )
+        return recorded.as_metadata(previous if known else None)
+
+    def _shrink_check(self, repo: Repository, previous: str | None, metadata: dict[str, Any]) -> str | None:
+        if previous is None:
+            return None
+        before = ((repo.read_metadata(previous) or {}).get("statistics") or {}).get("files")
+        after = (metadata.get("statistics") or {}).get("files")
+        if not isinstance(before, int) or not isinstance(after, int) or before <= 0:
+            return None
+        if after < before * SHRINK_ALARM:
+            message = (
+                f"file count dropped from {before} to {after} since {previous}: the snapshot is kept but flagged, "
+                "and old snapshots are not rotated; check the source, then run backup-agent rotate"
+            )
+            self._warn(message)
+            return message
+        return None
+
+    def _rm_argv(self) -> tuple[str, ...]:
+        return (*self._priority("idle"), self.settings.commands.rm)
+
+    # -- rotate --------------------------------------------------------------
+
+    def _rotate(self, made: str | None) -> None:
+        request = self.request
+        repo = self.repository
+        with self._step("rotate") as done:
+            if self.outcome.flagged:
+                self._warn("rotation skipped: the new snapshot is flagged")
+                done["skipped"] = "flagged"
+                return
+            names = repo.snapshot_names() if repo is not None else []
+            if request.dry_run and made is not None and made not in names:
+                names.append(made)
+            protected = self.protected(repo, names) if repo is not None else {}
+            if repo is not None:
+                # Everything else in snapshots/ is shown as kept, with why.
+                foreign = repo.foreign_names()
+                names += foreign
+                for odd in (n for n in foreign if parse_snapshot_name(n) is not None):
+                    protected[odd] = "not a directory"
+                    self._warn(f"snapshots/{odd} is not a directory: it is no snapshot, and nothing uses or deletes it")
+                transfers = [n + IN_PROGRESS for n in repo.in_progress_names()]
+                names += transfers
+                if not request.discard_unfinished:
+                    protected.update((n, "unfinished transfer") for n in transfers)
+            if not names:
+                done["keep"], done["delete"] = {}, []
+                return
+            plan = plan_rotation(names, self.settings.rotation, protected)
+            if request.discard_unfinished:
+                gone = tuple(n for n in names if n.endswith(IN_PROGRESS))
+                plan = Plan(keep={k: v for k, v in plan.keep.items() if k not in gone}, delete=(*plan.delete, *gone))
+            if made is not None and made in plan.delete:
+                # Names sort by wall-clock time; in the hour repeated when
+                # clocks go back, the snapshot just made may sort before an
+                # older one. It is the newest in fact, so it stays.
+                plan = Plan(keep={**plan.keep, made: ("just made",)}, delete=tuple(n for n in plan.delete if n != made))
+            self.outcome.plan = plan
+            done["keep"] = {k: list(v) for k, v in plan.keep.items()}
+            done["delete"] = list(plan.delete)
+            if request.dry_run or repo is None:
+                for victim in plan.delete:
+                    log.info("would delete snapshot %s", victim)
+                return
+            self._layout().delete(plan.delete, step="rotate")
+            self._layout().empty_trash(step="rotate")
+            self.outcome.deleted += plan.delete
+
+    @staticmethod
+    def protected(repo: Repository, names: list[str]) -> dict[str, str]:
+        """Snapshots rotation must leave alone: partial and flagged ones."""
+        reasons: dict[str, str] = {}
+        for name in names:
+            metadata = repo.read_metadata(name) or {}
+            if metadata.get("partial"):
+                reasons[name] = "partial"
+            elif metadata.get("flagged"):
+                reasons[name] = "flagged"
+        return reasons
+
+
+def human_size(count: float) -> str:
+    """Bytes for people: 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def check_platform(force: bool) -> None:
+    """backup-agent is built for Linux; --force runs it elsewhere at the user's risk."""
+    if platform.system() != "Linux" and not force:
+        raise UsageError(f"backup-agent runs on Linux, not {platform.system()}: pass --force to try anyway")

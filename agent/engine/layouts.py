@@ -1,0 +1,261 @@
+"""Destination layouts: how a snapshot is begun, completed and deleted in a repository.
+
+The seam (docs/ARCHITECTURE.md, "Seams for what comes next"). A :class:`Layout` must provide:
+
+- ``begin(start, dry_run=)``: reserve the new snapshot's name and the
+  directory the transfer writes into, and say what the transfer links
+  against (:class:`Begun`: target, ``--link-dest`` directories, the snapshot
+  and the unfinished transfers it reuses). A dry run reserves nothing.
+- ``end_transfer(begun, whole=)``: after the transfer, whole or not: tidy
+  the unfinished transfers it resumed from, so at most one is left.
+- ``finished_transfer()`` and ``transfer_path(name)``: the transfer that
+  finished but was not completed yet (``backup --snapshot`` alone), and the
+  directory holding a transfer's files until it completes (the manifest is
+  recorded from it).
+- ``complete(name)``: make the transferred snapshot complete and ``latest``,
+  durable on return (the repository's promise: a snapshot's files and
+  metadata on the disk before its name says complete, the rename and
+  ``latest`` on the disk before success is reported or anything deleted).
+- ``delete(entries, step=)`` and ``empty_trash(step=)``: delete snapshots
+  or unfinished transfers so that a half-deleted one never looks like a
+  snapshot, and finish what an interrupted deletion left.
+
+Who calls it: :class:`agent.engine.cycle.Cycle`, in its transfer, snapshot,
+make-room and rotate steps; :func:`for_repository` is the one place a
+repository gets its layout. Listing snapshots, metadata and manifests stay
+with :class:`agent.repository.store.Repository`, shared by every layout and by the
+reading commands.
+
+Today there is one layout, :class:`LinksLayout`: ``rsync --link-dest`` into
+``snapshots/<name>.in-progress``, completed by a rename, deleted through
+``.trash``, every step a call into :class:`~agent.repository.store.Repository`,
+whose operations open directories by descriptor and follow no link. What
+plugs in next, each a new class chosen in :func:`for_repository` by the kind
+``init`` records: btrfs subvolumes (``begin`` gives a writable ``current``
+and no ``--link-dest``, ``complete`` takes a read-only snapshot of it,
+``delete`` is ``btrfs subvolume delete``, ``empty_trash`` may run after the
+cycle reported success), a repository over SSH or on an rsync daemon (the
+same names, each step run on the server).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from agent.repository import unfinished
+from agent.core.commands import Runner
+from agent.core.errors import BackupAgentError, RepositoryError, StepError
+from agent.repository.store import IN_PROGRESS, SNAPSHOTS, Repository, reserve_name
+from agent.engine.rsync import MAX_LINK_DESTS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Begun:
+    """A transfer about to start: the snapshot's name, where its files go, what they link against.
+
+    ``previous`` is the complete snapshot linked against (metadata
+    ``link_dest``), ``resumed_from`` the unfinished transfers whose files are
+    reused, newest first (metadata ``resumed_from``); ``link_dests`` are the
+    directories rsync gets as ``--link-dest``, in its order.
+    """
+
+    name: str
+    target: str
+    link_dests: tuple[str, ...]
+    previous: str | None
+    resumed_from: tuple[str, ...]
+
+    @property
+    def copies_all(self) -> bool:
+        """Nothing to link to: every file is sent (the progress then counts bytes)."""
+        return self.previous is None and not self.resumed_from
+
+
+class Layout(Protocol):
+    """How snapshots are made and deleted in one repository (this module's docstring says who calls what)."""
+
+    def begin(self, start: dt.datetime, *, dry_run: bool) -> Begun:
+        """Reserve the snapshot started at ``start`` and say where the transfer writes; a dry run reserves nothing."""
+        ...
+
+    def end_transfer(self, begun: Begun, *, whole: bool) -> None:
+        """After the transfer (``whole``: it finished): leave at most one unfinished transfer to resume from."""
+        ...
+
+    def finished_transfer(self) -> str:
+        """The name of the transfer that finished and awaits completing; StepError when there is none."""
+        ...
+
+    def transfer_path(self, name: str) -> str:
+        """The directory holding ``name``'s files until it completes."""
+        ...
+
+    def complete(self, name: str) -> tuple[str, ...]:
+        """Make ``name`` a complete snapshot and ``latest``, durable on return; the entries deleted with it."""
+        ...
+
+    def delete(self, entries: Sequence[str], *, step: str) -> None:
+        """Delete snapshots or unfinished transfers (names with their suffix) and their metadata."""
+        ...
+
+    def empty_trash(self, *, step: str) -> None:
+        """Finish deletions an interrupted run left."""
+        ...
+
+
+class LinksLayout:
+    """Hard-linked snapshots: ``rsync --link-dest`` into ``<name>.in-progress``, then a rename.
+
+    ``repository`` is None only for a dry run into a repository that does
+    not exist yet: ``begin`` then says what would be made under ``root``.
+    ``rm_argv`` deletes trees (rm under idle I/O priority); ``warn`` reports
+    what the cycle goes on despite.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        repository: Repository | None,
+        *,
+        runner: Runner,
+        rm_argv: Sequence[str],
+        warn: Callable[[str], None],
+    ) -> None:
+        self.root = root
+        self.repository = repository
+        self.runner = runner
+        self.rm_argv = tuple(rm_argv)
+        self.warn = warn
+
+    def _repo(self) -> Repository:
+        if self.repository is None:
+            raise RepositoryError(f"{self.root} holds no repository yet", step="prepare")
+        return self.repository
+
+    # -- begin ---------------------------------------------------------------
+
+    def begin(self, start: dt.datetime, *, dry_run: bool) -> Begun:
+        """Reserve ``<name>.in-progress`` (after folding older unfinished transfers into one) and link to latest.
+
+        A dry run reserves nothing: rsync -n then compares with the latest
+        snapshot itself, since what differs is what a real run would copy
+        (rsync 3.5 with --xattrs and --link-dest fails a dry run into a
+        directory that does not exist).
+        """
+        repo = self.repository
+        if repo is None:
+            snapshots_dir = os.path.join(self.root, SNAPSHOTS)
+            name = reserve_name(snapshots_dir, start, create=False)
+            return Begun(name, os.path.join(snapshots_dir, name + IN_PROGRESS), (), None, ())
+        if dry_run:
+            name = reserve_name(repo.snapshots_dir, start, create=False)
+            leftovers = repo.in_progress_names()
+        else:
+            leftovers = self._fold_leftovers(repo, repo.in_progress_names())
+            name = repo.reserve(start)
+        latest = repo.latest_name()
+        # Newest leftovers first: they hold the most recent partial copies.
+        resumed = tuple(n for n in reversed(leftovers) if n != name)[: MAX_LINK_DESTS - 1]
+        if dry_run and latest is not None:
+            return Begun(name, repo.snapshot_path(latest), (), latest, resumed)
+        link_dests = ([repo.snapshot_path(latest)] if latest is not None else []) + [repo.in_progress_path(n) for n in resumed]
+        return Begun(name, repo.in_progress_path(name), tuple(link_dests), latest, resumed)
+
+    def end_transfer(self, begun: Begun, *, whole: bool) -> None:
+        """Leave at most one unfinished transfer behind (agent.repository.unfinished).
+
+        Whole: what the transfer resumed from is not needed any more. Not
+        whole: fold what it resumed from into it, so one remains to resume
+        from next time.
+        """
+        repo = self._repo()
+        older = [n for n in reversed(begun.resumed_from)]  # oldest first
+        if whole:
+            self.delete([n + IN_PROGRESS for n in older], step="transfer")
+            return
+        if not older or not os.path.isdir(repo.in_progress_path(begun.name)):
+            return
+        if (repo.read_metadata(begun.name) or {}).get("state") == "transferred":
+            # Whole already (a later step failed): never add older entries to it.
+            self.delete([n + IN_PROGRESS for n in older], step="transfer")
+            return
+        for name in older:
+            self._fold(repo, name, begun.name)
+
+    def _fold_leftovers(self, repo: Repository, leftovers: list[str]) -> list[str]:
+        """More than one unfinished transfer (left by an older version): fold them into the newest."""
+        if len(leftovers) < 2:
+            return leftovers
+        newest = leftovers[-1]
+        for older in leftovers[:-1]:
+            self._fold(repo, older, newest)
+        return [newest]
+
+    def _fold(self, repo: Repository, older: str, newer: str) -> None:
+        """Fold one unfinished transfer into another and delete it; a failure is a warning, both are kept."""
+        try:
+            linked = unfinished.fold(repo.in_progress_path(older), repo.in_progress_path(newer))
+            self.delete([older + IN_PROGRESS], step="transfer")
+        except (OSError, BackupAgentError) as exc:
+            self.warn(f"the unfinished transfer {older} could not be folded into {newer} ({exc}): both are kept")
+            return
+        log.info("folded the unfinished transfer %s into %s (%d entries linked)", older, newer, linked)
+
+    # -- complete ------------------------------------------------------------
+
+    def finished_transfer(self) -> str:
+        """The newest unfinished transfer whose metadata says its transfer finished."""
+        repo = self._repo()
+        for candidate in reversed(repo.in_progress_names()):
+            if (repo.read_metadata(candidate) or {}).get("state") == "transferred":
+                return candidate
+        raise StepError(
+            f"{repo.root} has no finished transfer to complete: run backup-agent backup --backup first",
+            step="snapshot",
+        )
+
+    def transfer_path(self, name: str) -> str:
+        return self._repo().in_progress_path(name)
+
+    def complete(self, name: str) -> tuple[str, ...]:
+        """Rename ``<name>.in-progress`` to ``<name>`` and point ``latest`` at it, durably
+        (:meth:`Repository.complete`: syncfs, rename, fsync); then delete the
+        other unfinished transfers, which served only as ``--link-dest``. The entries deleted."""
+        repo = self._repo()
+        repo.complete(name)
+        log.info("snapshot %s complete", name)
+        leftovers = tuple(n + IN_PROGRESS for n in repo.in_progress_names() if n != name)
+        self.delete(leftovers, step="snapshot")
+        return leftovers
+
+    # -- delete --------------------------------------------------------------
+
+    def delete(self, entries: Sequence[str], *, step: str) -> None:
+        """Entries of snapshots/ (names with any suffix) renamed into .trash, then removed, with their metadata."""
+        self._repo().discard(entries, self.runner, self.rm_argv, step=step)
+
+    def empty_trash(self, *, step: str) -> None:
+        """Finish deletions an interrupted run left in .trash."""
+        self._repo().empty_trash(self.runner, self.rm_argv, step=step)
+
+
+def for_repository(
+    root: str,
+    repository: Repository | None,
+    *,
+    runner: Runner,
+    rm_argv: Sequence[str],
+    warn: Callable[[str], None],
+) -> Layout:
+    """The layout of the repository at ``root``: today always hard links.
+
+    The one place a layout is chosen; a btrfs or remote repository's layout
+    is picked here from what its marker records.
+    """
+    return LinksLayout(root, repository, runner=runner, rm_argv=rm_argv, warn=warn)

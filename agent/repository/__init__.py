@@ -1,0 +1,1 @@
+"""The repository on the backup disk: its layout, manifests and unfinished transfers."""

@@ -1,0 +1,466 @@
+"""Manifests: the content checksum of every regular file in a snapshot.
+
+A manifest is written when a snapshot completes. Files the snapshot shares
+with the previous one (hard links made by ``rsync --link-dest``: the same
+inode, on the same filesystem) take their checksum from the previous
+snapshot's manifest without being read again, so the cost follows the
+changed data, not the size of the system. The previous snapshot's inodes are
+live (nothing deletes a file in a completed snapshot, and rotation runs only
+after this), so an inode number it lists cannot have been reused.
+
+The format is text, one file per line, sorted by nothing in particular::
+
+    # backup-agent manifest 2 sha256
+    <hex digest> <size> <inode> <path, relative, \\ and newline escaped>
+    = <inode> <type> <mode> <uid> <gid> <size> <link target in hex, or -> <path>
+    ...
+    # end <entries> sha256:<hex digest of every byte above this line>
+
+Format 2 adds the ``=`` lines: one for every entry of the snapshot
+(directories, links and special files too), so verify can tell a changed
+type, mode, owner or link target, not only changed contents. ``<entries>``
+counts the content lines only, as in format 1, which is still read.
+
+The trailer makes the manifest check itself: a damaged or truncated manifest
+is reported as such, never as thousands of damaged files. Paths are bytes,
+so names that are not UTF-8 survive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from agent.core.errors import CorruptManifestError
+from agent.core.files import write_atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+# A manifest is read whole (it is checked against its own checksum first):
+# bigger than this, it is not read at all (a repository is untrusted data).
+MAX_MANIFEST_BYTES = 2 << 30
+# Chosen by measurement (README, "Benchmarks"): with the SHA extensions
+# (sha_ni) OpenSSL's SHA-256 hashes about twice as fast as hashlib's BLAKE2b.
+ALGORITHM = "sha256"
+READ_SIZE = 1 << 20
+
+_HEADER = re.compile(rb"# backup-agent manifest (\d+) ([a-z0-9_]+)\n")
+_TRAILER = re.compile(rb"# end (\d+) ([a-z0-9_]+):([0-9a-f]+)\n")
+_ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
+_REUSABLE = re.compile(rb"^([0-9a-f]+ [0-9]+) ([0-9]+) [^\n]*\n", re.MULTILINE)
+_FILE_ATTRIBUTES = re.compile(rb"^= ([0-9]+) f ([0-7]+ [0-9]+ [0-9]+) ", re.MULTILINE)
+TYPES = {
+    stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
+    stat.S_IFSOCK: "s", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
+}
+TYPE_NAMES = {
+    "f": "a file", "d": "a directory", "l": "a symbolic link", "p": "a pipe",
+    "s": "a socket", "c": "a character device", "b": "a block device",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One regular file of a snapshot as the manifest records it."""
+
+    path: bytes
+    digest: str
+    size: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """What an entry was when it was backed up, apart from its contents (format 2)."""
+
+    path: bytes
+    inode: int
+    type: str  # a key of TYPES' values: f d l p s c b
+    mode: int  # permission bits (and setuid, setgid, sticky)
+    uid: int
+    gid: int
+    size: int
+    target: bytes | None  # a link's target
+
+
+@dataclass(frozen=True)
+class Manifest:
+    algorithm: str
+    entries: tuple[Entry, ...]
+    digest: str  # "<algorithm>:<hex>", the manifest's own checksum (its trailer)
+    attributes: tuple[Attributes, ...] = ()  # empty in format 1
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What writing a manifest cost; ``hashed_*`` counts only what was read."""
+
+    entries: int
+    hashed_files: int
+    hashed_bytes: int
+    reused_files: int
+    digest: str
+    seconds: float
+
+    def as_metadata(self, previous: str | None) -> dict[str, object]:
+        return {
+            "algorithm": ALGORITHM,
+            "format": FORMAT,
+            "entries": self.entries,
+            "digest": self.digest,
+            "hashed_files": self.hashed_files,
+            "hashed_bytes": self.hashed_bytes,
+            "reused_files": self.reused_files,
+            "reused_from": previous,
+            "duration": round(self.seconds, 3),
+        }
+
+
+# -- the format (pure) -------------------------------------------------------
+
+
+def escape_path(path: bytes) -> bytes:
+    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n") if b"\\" in path or b"\n" in path else path
+
+
+def unescape_path(text: bytes) -> bytes:
+    if b"\\" not in text:
+        return text
+    return _ESCAPED.sub(lambda m: b"\n" if m.group(1) == b"n" else m.group(1), text)
+
+
+def header(algorithm: str = ALGORITHM) -> bytes:
+    return b"# backup-agent manifest %d %s\n" % (FORMAT, algorithm.encode())
+
+
+def trailer(entries: int, own: str) -> bytes:
+    """The last line: how many entries, and ``own`` ("<algorithm>:<hex>") of every byte above it."""
+    return b"# end %d %s\n" % (entries, own.encode())
+
+
+def _line(start: bytes, inode: int, path: bytes) -> bytes:
+    """An entry's line from its start (b"<digest> <size>", as :data:`Known` keeps it)."""
+    return b"%s %d %s\n" % (start, inode, escape_path(path))
+
+
+def line(digest: str, size: int, inode: int, path: bytes) -> bytes:
+    """One entry's line."""
+    return _line(b"%s %d" % (digest.encode(), size), inode, path)
+
+
+def _attributes_line(inode: int, kind: str, owner: bytes, size: int, target: bytes | None, path: bytes) -> bytes:
+    """An entry's ``=`` line; ``owner`` is b"<mode in octal> <uid> <gid>"."""
+    shown = target.hex().encode() if target is not None else b"-"
+    return b"= %d %s %s %d %s %s\n" % (inode, kind.encode(), owner, size, shown, escape_path(path))
+
+
+def attributes_line(attributes: Attributes) -> bytes:
+    """One entry's ``=`` line (format 2)."""
+    owner = b"%o %d %d" % (attributes.mode, attributes.uid, attributes.gid)
+    return _attributes_line(attributes.inode, attributes.type, owner, attributes.size, attributes.target, attributes.path)
+
+
+def _owner(info: os.stat_result) -> bytes:
+    return b"%o %d %d" % (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid)
+
+
+def render(body: bytes, entries: int, algorithm: str = ALGORITHM) -> tuple[bytes, str]:
+    """The whole manifest from its entry lines (header, lines, self-checking trailer), and its own digest."""
+    head = header(algorithm)
+    own = f"{algorithm}:{hashlib.new(algorithm, head + body).hexdigest()}"
+    return head + body + trailer(entries, own), own
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """Where a manifest's entry lines are, once its header and trailer check out."""
+
+    algorithm: str
+    start: int  # the first entry line
+    cut: int  # the trailer
+    count: int  # the entries the trailer announces
+    own: str  # the hex digest of everything above the trailer
+
+
+def _check(data: bytes, where: str) -> _Checked:
+    """The header, the trailer and the manifest's own checksum; :class:`CorruptManifestError` when any is wrong."""
+    header = _HEADER.match(data)
+    if header is None:
+        raise CorruptManifestError(f"{where}: not a backup-agent manifest (no header line)")
+    if int(header.group(1)) not in READABLE_FORMATS:
+        raise CorruptManifestError(f"{where}: manifest format {header.group(1).decode()} is not supported by this version")
+    algorithm = header.group(2).decode()
+    if algorithm not in hashlib.algorithms_available:
+        raise CorruptManifestError(f"{where}: manifest algorithm {algorithm} is not available here")
+    cut = data.rfind(b"# end ", 0, len(data) - 1)
+    trailer = _TRAILER.fullmatch(data, cut) if cut >= 0 else None
+    if trailer is None or data[cut - 1 : cut] != b"\n":
+        raise CorruptManifestError(f"{where}: manifest is truncated (no trailer line)")
+    own = hashlib.new(algorithm, data[:cut]).hexdigest()
+    if trailer.group(2).decode() != algorithm or trailer.group(3).decode() != own:
+        raise CorruptManifestError(f"{where}: manifest does not match its own checksum")
+    return _Checked(algorithm, header.end(), cut, int(trailer.group(1)), own)
+
+
+def _wrong_count(where: str, found: int, checked: _Checked) -> CorruptManifestError:
+    return CorruptManifestError(f"{where}: manifest lists {found} files, its trailer says {checked.count}")
+
+
+def parse(data: bytes, where: str) -> Manifest:
+    """Read a manifest; :class:`CorruptManifestError` when it does not check out."""
+    checked = _check(data, where)
+    entries = []
+    attributes = []
+    for line in data[checked.start : checked.cut].split(b"\n")[:-1]:
+        try:
+            if line.startswith(b"= "):
+                attributes.append(_parse_attributes(line))
+                continue
+            fields = line.split(b" ", 3)
+            entries.append(Entry(unescape_path(fields[3]), fields[0].decode(), int(fields[1]), int(fields[2])))
+        except (IndexError, ValueError):
+            raise CorruptManifestError(f"{where}: unreadable manifest line {line[:60]!r}") from None
+    if len(entries) != checked.count:
+        raise _wrong_count(where, len(entries), checked)
+    return Manifest(checked.algorithm, tuple(entries), f"{checked.algorithm}:{checked.own}", tuple(attributes))
+
+
+def _parse_attributes(line: bytes) -> Attributes:
+    _, inode, kind, mode, uid, gid, size, target, path = line.split(b" ", 8)
+    if kind.decode() not in TYPE_NAMES:
+        raise ValueError(kind)
+    return Attributes(
+        unescape_path(path), int(inode), kind.decode(), int(mode, 8), int(uid), int(gid), int(size),
+        None if target == b"-" else bytes.fromhex(target.decode()),
+    )
+
+
+# inode -> b"<digest> <size>", the start of its manifest line: what the next
+# snapshot reuses for a file it shares.
+Known = dict[int, bytes]
+
+
+def read_manifest(path: str) -> bytes:
+    """A manifest's bytes: a regular file of at most MAX_MANIFEST_BYTES, its last name not followed if a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptManifestError(f"{path}: not a regular file")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise CorruptManifestError(f"{path}: {info.st_size} bytes, more than a manifest may hold ({MAX_MANIFEST_BYTES})")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(MAX_MANIFEST_BYTES + 1)[:MAX_MANIFEST_BYTES]
+    finally:
+        os.close(fd)
+
+
+def reusable(path: str, owners: dict[int, bytes] | None = None) -> Known:
+    """The previous snapshot's checksums by inode, checked like :func:`load`.
+
+    Leaner than :func:`parse` (a backup of a whole system has hundreds of
+    thousands of files): no object per entry, only the start of each line
+    by its inode. A manifest of another algorithm gives nothing to reuse.
+    ``owners``, when given, receives each file's b"<mode> <uid> <gid>" by
+    inode (format 2), so a shared file needs no stat either.
+    """
+    data = read_manifest(path)
+    checked = _check(data, path)
+    known: Known = {}
+    if checked.algorithm != ALGORITHM:
+        log.info("%s uses %s, not %s: nothing in it is reused", path, checked.algorithm, ALGORITHM)
+        return known
+    found = 0
+    # One match per well-formed line (a path never holds a raw newline): a
+    # line that does not match leaves the count short of the trailer's.
+    for match in _REUSABLE.finditer(data, checked.start, checked.cut):  # not findall: no list of every line
+        known[int(match[2])] = match[1]
+        found += 1
+    if found != checked.count:
+        raise _wrong_count(path, found, checked)
+    if owners is not None:
+        for match in _FILE_ATTRIBUTES.finditer(data, checked.start, checked.cut):
+            owners[int(match[1])] = match[2]
+    return known
+
+
+def load(path: str) -> Manifest:
+    """Read and check the manifest at ``path`` (OSError when it cannot be read)."""
+    return parse(read_manifest(path), path)
+
+
+# -- reading files --------------------------------------------------------------
+
+
+def open_to_hash(path: bytes) -> int:
+    """A descriptor on a regular file, without following a symbolic link.
+
+    O_NOATIME where allowed, so reading a whole backup back does not write
+    to it.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_NOATIME)
+    except PermissionError:  # O_NOATIME needs the file's owner or CAP_FOWNER
+        return os.open(path, flags)
+
+
+def hash_fd(fd: int, algorithm: str = ALGORITHM, buffer: bytearray | None = None) -> tuple[str, int]:
+    """Digest and size of what ``fd`` reads to its end."""
+    digest = hashlib.new(algorithm)
+    view = memoryview(buffer if buffer is not None else bytearray(READ_SIZE))
+    size = 0
+    while True:
+        count = os.readv(fd, [view])
+        if not count:
+            break
+        digest.update(view[:count])
+        size += count
+    return digest.hexdigest(), size
+
+
+def hash_file(path: bytes, algorithm: str = ALGORITHM, buffer: bytearray | None = None) -> tuple[str, int]:
+    """Digest and size of a regular file, read without following a symbolic link."""
+    fd = open_to_hash(path)
+    try:
+        return hash_fd(fd, algorithm, buffer)
+    finally:
+        os.close(fd)
+
+
+def walk_files(
+    root: bytes,
+    unlistable: list[tuple[bytes, OSError]] | None = None,
+    others: list[tuple[bytes, "os.DirEntry[bytes]"]] | None = None,
+) -> Iterator[tuple[bytes, int]]:
+    """(relative path, inode) of every regular file below ``root``, from readdir alone (no stat).
+
+    A directory that cannot be listed raises, unless ``unlistable`` is
+    given: then it is added there (relative path, ``b""`` for ``root``,
+    and the error) and the walk goes on, so a reader can name it.
+    ``others`` receives every other entry (directories, links, special
+    files) with its relative path, as it is found.
+    """
+    stack: list[tuple[bytes, bytes]] = [(root, b"")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, prefix + entry.name + b"/"))
+                        if others is not None:
+                            others.append((prefix + entry.name, entry))
+                    elif entry.is_file(follow_symlinks=False):
+                        yield prefix + entry.name, entry.inode()
+                    elif others is not None:
+                        others.append((prefix + entry.name, entry))
+        except OSError as exc:
+            if unlistable is None:
+                raise
+            unlistable.append((prefix.rstrip(b"/"), exc))
+
+
+_BATCH = 1024  # lines hashed and written together
+
+
+class _Writer:
+    """The manifest's bytes as the walk finds the files, its own checksum kept on the way."""
+
+    def __init__(self, root: bytes, known: Known, owners: dict[int, bytes], on_file: Callable[[int], None] | None) -> None:
+        self.root = root
+        self.known = known
+        self.owners = owners  # inode -> b"<mode> <uid> <gid>", the previous manifest's and this one's
+        self.hashed: Known = {}  # inodes read in this snapshot (hard links inside it)
+        self.on_file = on_file
+        self.own = hashlib.new(ALGORITHM)
+        self.entries = self.hashed_files = self.hashed_bytes = self.reused = 0
+
+    def chunks(self) -> Iterator[bytes]:
+        yield self._hashed([header()])
+        buffer = bytearray(READ_SIZE)
+        batch: list[bytes] = []
+        others: list[tuple[bytes, os.DirEntry[bytes]]] = []
+        for rel, inode in walk_files(self.root, others=others):
+            start = self.known.get(inode) or self.hashed.get(inode)
+            if start is None:
+                fd = open_to_hash(self.root + b"/" + rel)
+                try:
+                    self.owners[inode] = _owner(os.fstat(fd))
+                    digest, size = hash_fd(fd, ALGORITHM, buffer)
+                finally:
+                    os.close(fd)
+                start = self.hashed[inode] = b"%s %d" % (digest.encode(), size)
+                self.hashed_files += 1
+                self.hashed_bytes += size
+                if self.on_file is not None:
+                    self.on_file(size)
+            else:
+                self.reused += 1
+            owner = self.owners.get(inode)
+            if owner is None:  # shared with a format-1 manifest's file: one lstat
+                owner = self.owners[inode] = _owner(os.lstat(self.root + b"/" + rel))
+            batch.append(_line(start, inode, rel))
+            batch.append(_attributes_line(inode, "f", owner, int(start.rsplit(b" ", 1)[1]), None, rel))
+            self.entries += 1
+            self._others(others, batch)
+            if len(batch) >= _BATCH:
+                yield self._hashed(batch)
+        self._others(others, batch)  # what the walk found after the last file
+        yield self._hashed(batch)
+        yield trailer(self.entries, self.digest)
+
+    @staticmethod
+    def _others(others: list[tuple[bytes, "os.DirEntry[bytes]"]], batch: list[bytes]) -> None:
+        """The ``=`` lines of the entries that are not regular files (one lstat each), emptying ``others``."""
+        for rel, entry in others:
+            info = entry.stat(follow_symlinks=False)
+            kind = TYPES.get(stat.S_IFMT(info.st_mode), "f")
+            target = os.readlink(entry.path) if kind == "l" else None
+            batch.append(_attributes_line(info.st_ino, kind, _owner(info), info.st_size, target, rel))
+        others.clear()
+
+    @property
+    def digest(self) -> str:
+        return f"{ALGORITHM}:{self.own.hexdigest()}"
+
+    def _hashed(self, lines: list[bytes]) -> bytes:
+        chunk = b"".join(lines)
+        lines.clear()
+        self.own.update(chunk)
+        return chunk
+
+
+def record(
+    snapshot: str,
+    target: str,
+    known: Known,
+    *,
+    owners: dict[int, bytes] | None = None,
+    on_file: Callable[[int], None] | None = None,
+) -> Recorded:
+    """Write the manifest of the tree at ``snapshot`` to ``target`` (atomically).
+
+    Files whose inode is in ``known`` (the previous snapshot's manifest) or
+    was hashed already (a hard link inside this snapshot) are not read. The
+    lines are hashed and written as the walk goes: memory follows ``known``
+    and the new files, not the whole manifest.
+    """
+    started = time.monotonic()
+    writer = _Writer(os.fsencode(snapshot), known, {} if owners is None else owners, on_file)
+    # Not durable by itself: Repository.complete syncs the filesystem before the rename.
+    # Root's alone: it names every file with a checksum of its content, also
+    # files only their owner may read (a disk opened for browsing, agent.disk.browse).
+    write_atomic(target, writer.chunks(), mode=0o600, durable=False)
+    return Recorded(
+        writer.entries, writer.hashed_files, writer.hashed_bytes, writer.reused, writer.digest,
+        time.monotonic() - started,
+    )

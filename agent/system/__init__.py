@@ -1,0 +1,1 @@
+"""Installing into the system: the sudo rule, the udev rule and the user unit."""
