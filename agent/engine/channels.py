@@ -109,8 +109,10 @@ def reporting(channels: Sequence[Channel]) -> Iterator[Emitter]:
     logger = logging.getLogger("agent")
     logger.addHandler(tail)
     problem: BaseException | None = None
+    emitter = emitter_for(channels)
+    emitter.subscribe(tail.note)
     try:
-        yield emitter_for(channels)
+        yield emitter
     except BaseException as exc:
         problem = exc
         raise

@@ -50,7 +50,7 @@ class Verdict:
 
 
 class LogTail(logging.Handler):
-    """The last lines the program logged during the run: the ``/fail`` body and the end of a mail."""
+    """The run's last lines, its events and what the program logged: the ``/fail`` body and the end of a mail."""
 
     def __init__(self, lines: int = TAIL_LINES) -> None:
         super().__init__(logging.INFO)
@@ -58,6 +58,17 @@ class LogTail(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self._lines.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+    def note(self, event: Event) -> None:
+        """An event as a line, between the log's own lines: what the run did, in order."""
+        if isinstance(event, StepEvent):
+            self._lines.append(f"{event.step}: {event.state}")
+        elif isinstance(event, WarningEvent):
+            self._lines.append(f"warning ({event.step}): {event.message}")
+        elif isinstance(event, ErrorEvent):
+            self._lines.append(f"error ({event.step or '-'}): {event.message}")
+        elif isinstance(event, CompleteEvent):
+            self._lines.append(f"complete: snapshot {event.snapshot}" if event.skipped is None else f"complete: {event.skipped}")
 
     def lines(self) -> tuple[str, ...]:
         return tuple(self._lines)
@@ -165,8 +176,25 @@ def send_mail(report: MailReport, subject: str, text: str) -> None:
         if report.security == "starttls":
             smtp.starttls(context=context)
         if report.user is not None and password is not None:
-            smtp.login(report.user, password)
+            _login(smtp, report.user, password)
         smtp.send_message(mail_message(report, subject, text))
+
+
+def _login(smtp: smtplib.SMTP, user: str, password: str) -> None:
+    """One login: AUTH PLAIN where offered (the common one, and inside TLS), else what smtplib picks.
+
+    smtplib's ``login`` tries each mechanism in turn after a refusal, which
+    only asks the same wrong password again: one clear answer is what the
+    log needs, and a server may count each try against the account.
+    """
+    smtp.ehlo_or_helo_if_needed()
+    if "PLAIN" in smtp.esmtp_features.get("auth", "").upper().split():
+        smtp.user, smtp.password = user, password
+        code, reply = smtp.auth("PLAIN", smtp.auth_plain)
+        if code != 235:
+            raise smtplib.SMTPAuthenticationError(code, reply)
+    else:
+        smtp.login(user, password)
 
 
 def _mail_failure(report: MailReport, exc: BaseException) -> str:
