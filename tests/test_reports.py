@@ -403,3 +403,73 @@ def test_a_password_file_others_may_read_is_refused(trusted_dir: Path) -> None:
     assert read_secret(str(_password(trusted_dir))) == PASSWORD
     with pytest.raises(Distrust, match=r"may be read by group or others \(mode 0640\)"):
         read_secret(str(_password(trusted_dir, mode=0o640)))
+
+
+@pytest.fixture
+def smtps_server(certificate: Path) -> Iterator[SmtpServer]:
+    """aiosmtpd speaking TLS from the first byte (SMTPS), no login."""
+    mailbox = Mailbox()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(certificate), str(certificate.with_name("key.pem")))
+    port = free_port()
+    controller = aiosmtpd_controller.Controller(mailbox, hostname="127.0.0.1", port=port, ssl_context=context)
+    controller.start()
+    try:
+        yield SmtpServer(port, mailbox, certificate)
+    finally:
+        controller.stop()
+
+
+@pytest.mark.integration
+def test_mail_over_tls_from_the_first_byte_without_a_login(smtps_server: SmtpServer) -> None:
+    report = MailReport(
+        host="127.0.0.1", sender="b@example.org", to=("a@example.org", "c@example.org"), port=smtps_server.port,
+        security="tls", ca_file=str(smtps_server.certificate), on=("stale",), timeout=5,
+    )  # fmt: skip
+    record = stale.Record(dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10), "s", "/r")
+    found = stale.stale_verdict(record, dt.datetime.now(dt.timezone.utc), 7, "testhost")
+    assert found is not None and reports.deliver(report, found, ["lock: start"])
+    (mail,) = smtps_server.mailbox.messages
+    assert mail["To"] == "a@example.org, c@example.org" and mail["Subject"] == "backup-agent on testhost: no backup for 10 days"
+    assert mail["Auto-Submitted"] == "auto-generated" and "lock: start" in mail.get_content()
+
+
+def test_a_result_not_in_on_is_not_sent() -> None:
+    """Nothing is sent (port 9 on 127.0.0.1 would refuse it anyway, which would be logged)."""
+    found = reports.verdict([complete("x")], None, "h")
+    assert found is not None and found.when == "success"
+    assert not reports.deliver(PingReport(url="http://127.0.0.1:9/c", on=("failure", "stale")), found)
+    assert not reports.deliver(MailReport(host="127.0.0.1", sender="a@b", to=("c@d",), port=9), found)
+
+
+@dataclass
+class FailsAtTheEnd:
+    heard: int = 0
+
+    def send(self, event: Any) -> None:
+        self.heard += 1
+
+    def finish(self, problem: BaseException | None, tail: Any) -> None:
+        raise RuntimeError("cannot report")
+
+
+@pytest.mark.integration
+def test_a_channel_that_fails_at_the_end_costs_the_backup_nothing(
+    tmp_path: Path, rsync_path: str, source: Path, ping_server: PingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(_config(tmp_path, rsync_path, _ping_toml(ping_server.url("/check"))))
+    request = Request(settings=settings, source=str(source), repository=str(tmp_path / "repo"))
+    broken = FailsAtTheEnd()
+    with caplog.at_level(logging.ERROR, logger="agent"):
+        with channels.reporting([broken, *channels.backup_channels(None, settings, host="h", repository=str(tmp_path / "repo"))]) as emitter:
+            outcome = Cycle(request, emitter, Runner()).run()
+    assert outcome.snapshot is not None and broken.heard > 0
+    assert [p for p, _ in ping_server.pings] == ["/check/start", "/check"]  # the channels after it still reported
+    assert any("FailsAtTheEnd failed at the end of the run" in r.getMessage() for r in caplog.records)
+
+
+def test_check_stale_with_remind_after_zero_never_reports(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[notifications]\nremind_after = 0\n[system]\nstate_dir = "{tmp_path}"\n' + _ping_toml("http://127.0.0.1:9/x"))
+    stale.write_record(str(tmp_path), stale.Record(dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc), "s", "/r"))
+    assert cli.main(["--config", str(config), "check-stale"]) == EXIT_OK
