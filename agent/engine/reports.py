@@ -32,6 +32,7 @@ from typing import Final, Sequence
 from agent.config.model import MailReport, PingReport, Report
 from agent.config.trust import Distrust, read_secret
 from agent.core.events import CompleteEvent, ErrorEvent, Event, StepEvent, WarningEvent
+from agent.engine.cycle import human_size
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +75,13 @@ class LogTail(logging.Handler):
         return tuple(self._lines)
 
 
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
 def _statistics(done: CompleteEvent) -> list[str]:
     stats = done.statistics
     lines = [f"snapshot: {done.snapshot}"]
     if stats:
         lines.append(
             f"files: {int(stats.get('files', 0))}, changed: {int(stats.get('transferred_files', 0))} "
-            f"({_size(stats.get('transferred_size', 0))}), total size: {_size(stats.get('total_size', 0))}"
+            f"({human_size(stats.get('transferred_size', 0))}), total size: {human_size(stats.get('total_size', 0))}"
         )
     if done.duration is not None:
         lines.append(f"duration: {done.duration:.1f} s")
