@@ -74,11 +74,11 @@ class SmtpServer:
 
 
 @pytest.fixture
-def certificate(tmp_path: Path) -> Path:
-    """A self-signed certificate for 127.0.0.1, made by openssl (an EC key: fast)."""
+def certificate(trusted_dir: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1, made by openssl (an EC key: fast), where root alone can change it."""
     if shutil.which("openssl") is None:
         pytest.skip(reason="openssl missing (apt-get install openssl)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert, key = trusted_dir / "cert.pem", trusted_dir / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
          "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
@@ -283,6 +283,7 @@ def test_an_untrusted_certificate_or_a_readable_password_file_sends_nothing(
         assert not reports.deliver(report, found)
         assert not reports.deliver(MailReport(**{**report.__dict__, "ca_file": None, "password_file": str(_password(trusted_dir))}), found)
     readable_line, tls_line = [r.getMessage() for r in caplog.records if r.name == "agent.engine.reports"]
+    assert "refusing a file others could have changed or may read:" in readable_line
     assert "may be read by group or others (mode 0644); chmod 600 it" in readable_line
     assert "TLS failed (CERTIFICATE_VERIFY_FAILED)" in tls_line
     assert smtp_server.mailbox.messages == [] and smtp_server.mailbox.logins == []
@@ -432,6 +433,18 @@ def test_mail_over_tls_from_the_first_byte_without_a_login(smtps_server: SmtpSer
     (mail,) = smtps_server.mailbox.messages
     assert mail["To"] == "a@example.org, c@example.org" and mail["Subject"] == "backup-agent on testhost: no backup for 10 days"
     assert mail["Auto-Submitted"] == "auto-generated" and "lock: start" in mail.get_content()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the CA file is checked for root only")
+def test_a_ca_file_others_could_change_is_refused_as_root(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ca = tmp_path / "ca.pem"  # under /tmp, which anyone may write
+    ca.write_text("")
+    report = MailReport(host="127.0.0.1", sender="a@b", to=("c@d",), port=9, ca_file=str(ca), on=("success",), timeout=1)
+    found = reports.verdict([complete("x")], None, "h")
+    assert found is not None
+    with caplog.at_level(logging.ERROR, logger="agent"):
+        assert not reports.deliver(report, found)
+    assert "refusing a file others could have changed or may read: /tmp is writable by group or others" in caplog.text
 
 
 def test_a_result_not_in_on_is_not_sent() -> None:

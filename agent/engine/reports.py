@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import smtplib
 import socket
 import ssl
@@ -30,7 +31,7 @@ from email.utils import formatdate, make_msgid
 from typing import Final, Sequence
 
 from agent.config.model import MailReport, PingReport, Report
-from agent.config.trust import Distrust, read_secret
+from agent.config.trust import Distrust, read_secret, walk_trusted
 from agent.core.events import CompleteEvent, ErrorEvent, Event, StepEvent, WarningEvent
 from agent.engine.cycle import human_size
 
@@ -158,6 +159,8 @@ def mail_message(report: MailReport, subject: str, text: str) -> EmailMessage:
 
 def send_mail(report: MailReport, subject: str, text: str) -> None:
     """One mail over SMTP (STARTTLS, TLS or plain), certificates checked; raises OSError, SMTPException or Distrust."""
+    if report.ca_file is not None and os.geteuid() == 0:
+        walk_trusted(report.ca_file)  # whoever could change it could read the mail, and the password
     context = ssl.create_default_context(cafile=report.ca_file)
     password = read_secret(report.password_file) if report.password_file is not None else None
     smtp: smtplib.SMTP
@@ -196,7 +199,7 @@ def _mail_failure(report: MailReport, exc: BaseException) -> str:
         reply = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
         return f"the server refused the login of {report.user!r} ({exc.smtp_code} {reply}): check user and password_file"
     if isinstance(exc, Distrust):
-        return f"the password file is not used: {exc.problem}"
+        return f"refusing a file others could have changed or may read: {exc.problem}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed ({exc.reason or exc}): check security, port and ca_file"
     if isinstance(exc, (socket.timeout, TimeoutError)):
@@ -249,7 +252,7 @@ def _ping_logged(report: PingReport, when: str, body: str) -> bool:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         log.error("the %s ping to %s failed (%s); the backup goes on", when, _shown(report.url), reason)
         return False
-    log.debug("pinged %s", ping_url(report, when))
+    log.debug("sent the %s ping to %s", when, _shown(report.url))
     return True
 
 
