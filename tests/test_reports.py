@@ -486,3 +486,12 @@ def test_check_stale_with_remind_after_zero_never_reports(tmp_path: Path) -> Non
     config.write_text(f'[notifications]\nremind_after = 0\n[system]\nstate_dir = "{tmp_path}"\n' + _ping_toml("http://127.0.0.1:9/x"))
     stale.write_record(str(tmp_path), stale.Record(dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc), "s", "/r"))
     assert cli.main(["--config", str(config), "check-stale"]) == EXIT_OK
+
+
+@pytest.mark.integration
+def test_a_dry_run_reports_nothing(tmp_path: Path, rsync_path: str, source: Path, ping_server: PingServer) -> None:
+    config = _config(tmp_path, rsync_path, _ping_toml(ping_server.url("/check")))
+    assert cli.main(["--config", config, "backup", "--quiet", "--dry-run", str(source), str(tmp_path / "repo")]) == EXIT_OK
+    assert ping_server.pings == [] and not (tmp_path / "state").exists()
+    assert cli.main(["--config", config, "backup", "--quiet", str(source), str(tmp_path / "repo")]) == EXIT_OK
+    assert [p for p, _ in ping_server.pings] == ["/check/start", "/check"]  # the same run for real is reported
