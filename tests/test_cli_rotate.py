@@ -80,6 +80,22 @@ def test_rotate_json_agrees_with_rotate_backups(
         assert not os.path.exists(repo.trash_dir) or not os.listdir(repo.trash_dir)
 
 
+def test_rotate_removes_what_an_interrupted_run_left_in_the_trash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The files of rotated snapshots go after success; a run stopped then leaves them, and rotate finishes."""
+    kept = "2026-11-22T13-00-00+0100"
+    repo = make_repository(tmp_path / "repo", {kept})
+    left = Path(repo.trash_dir) / "2026-11-22T12-00-00+0100.0123456789ab"
+    (left / "half" / "deep").mkdir(parents=True)
+    (left / "half" / "deep" / "file").write_text("not removed yet\n")
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    assert main(["rotate", "--json", "--config", str(config), "--hourly=1", repo.root]) == 0
+    assert json.loads(capsys.readouterr().out)["delete"] == []
+    assert os.listdir(repo.trash_dir) == []
+    assert os.listdir(repo.snapshots_dir) == [kept]
+    assert Path(repo.snapshot_path(kept), "file").read_text() == kept
+
+
 def test_an_empty_scheme_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     repo = make_repository(tmp_path / "repo", {"2026-11-22T13-00-00+0100"})
     config = tmp_path / "empty.toml"

@@ -628,6 +628,61 @@ def test_a_half_emptied_trash_does_not_wedge_later_runs(cli: Cli, tmp_path: Path
     assert tree(repo / "snapshots" / made) == source.tree
 
 
+def test_emptying_the_trash_stopped_after_success_is_finished_by_the_next_run(
+    cli: Cli, tmp_path: Path, trusted_dir: Path
+) -> None:
+    """Rotation's files are removed after the complete event; a stop then costs nothing and the next run finishes.
+
+    The first run's rm is a stand-in at the process boundary (it says it
+    started, then waits like an rm deleting a large tree), so the stop lands
+    in the emptying for certain; the next run uses the real rm.
+    """
+    source = small_source(tmp_path / "source")
+    repo = tmp_path / "repo"
+    old = "2020-01-01T00-00-00+0000"
+    real = tmp_path / "real.toml"
+    real.write_text('[backup]\nionice = "none"\nnice = 0\n[rotation]\nhourly = 1\n')
+    backup_ok(cli, real, source.path, repo)
+    shutil.copytree(source.path, repo / "snapshots" / old, symlinks=True)
+    started = tmp_path / "rm-started"
+    slow_rm = trusted_dir / "rm"
+    slow_rm.write_text(f"#!/bin/sh\n: > {started}\nexec sleep 60\n")
+    slow_rm.chmod(0o755)
+    slow = tmp_path / "slow.toml"
+    slow.write_text(real.read_text() + f"[commands]\nrm = {json.dumps(str(slow_rm))}\n")
+    with open(tmp_path / "events.jsonl", "wb") as out:
+        process = cli.popen("backup", "--no-sudo", "--json", "--config", slow, source.path, repo, stdout=out, stderr=subprocess.DEVNULL)
+        below: list[Proc] = []
+        try:
+            wait_for(started.exists, 30, "the rm of the empty-trash step to start", process)
+            below = identify(descendants(process.pid))
+            os.kill(process.pid, signal.SIGTERM)  # as the agent's Stop does
+            assert process.wait(timeout=30) == EXIT_OK  # the backup itself had succeeded
+            wait_gone(below)  # the stand-in rm was stopped with it
+        finally:
+            kill_tree(process)
+            kill_procs(below)
+    evs = events((tmp_path / "events.jsonl").read_text())
+    kinds = [(e["event"], e.get("step"), e.get("state")) for e in evs]
+    done = the_event(evs, "complete")
+    assert old in done["deleted"]
+    at = kinds.index(("complete", None, None))
+    assert kinds[at + 1] == ("step", "empty-trash", "start")
+    assert ("step", "empty-trash", "failed") in kinds[at:] and ("step", "empty-trash", "done") not in kinds
+    warned = [e for e in evs[at:] if e["event"] == "warning"]
+    assert len(warned) == 1 and "next backup" in warned[0]["message"] and "SIGTERM" in warned[0]["message"]
+    assert not [e for e in evs if e["event"] == "error"]
+    # Out of the listing, its files still there, and never listed again.
+    (left,) = os.listdir(repo / ".trash")
+    assert left.startswith(old + ".") and (repo / ".trash" / left / "f00.txt").exists()
+    assert old not in [row["name"] for row in list_json(cli, real, repo)]
+
+    result = cli.run("backup", "--no-sudo", "--json", "--config", real, source.path, repo)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert left in step_event(events(result.stdout), "empty-trash", "done")["emptied"]
+    assert os.listdir(repo / ".trash") == []
+
+
 # -- 2. a killed run never blocks the next -------------------------------------
 
 

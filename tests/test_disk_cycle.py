@@ -975,6 +975,29 @@ def test_keep_free_deletions_are_reported_after_a_rotation_too(bench: Bench) -> 
     assert run.the("complete")["deleted"] == names[:1]
 
 
+def test_rotated_snapshots_are_removed_after_success_and_before_the_disk_closes(bench: Bench) -> None:
+    before = _snapshots_of(bench, 2)
+    names = list(before["snapshots"])
+    bench.write_config(rotation={"hourly": 1, "daily": 0, "weekly": 0, "monthly": 0, "yearly": 0})
+    run = bench.backup()
+    assert run.returncode == 0, str(run)
+    # The hour's first snapshot and the newest stay; the one between goes.
+    assert run.the("complete")["deleted"] == [names[1]]
+    tail = [s for s in run.steps() if s[0] in ("rotate", "complete", "empty-trash", "unmount", "lock-disk")]
+    assert tail == [
+        ("rotate", "start"), ("rotate", "done"), ("complete", ""),
+        ("empty-trash", "start"), ("empty-trash", "done"), ("unmount", "done"), ("lock-disk", "done"),
+    ]
+    (emptied,) = [e["emptied"] for e in run.events if e.get("step") == "empty-trash" and e["state"] == "done"]
+    assert len(emptied) == 1 and emptied[0].startswith(names[1] + ".")
+    bench.assert_locked_and_unmounted()
+    after = bench.fingerprint()
+    assert set(after["snapshots"]) == {names[0], run.the("complete")["snapshot"]}
+    assert after["snapshots"][names[0]] == before["snapshots"][names[0]]
+    with bench.looking() as root:
+        assert os.listdir(root / "host" / ".trash") == []
+
+
 # ===========================================================================
 # What hooks are told
 

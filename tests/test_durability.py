@@ -3,9 +3,11 @@
 A power cut keeps only what reached the disk. The snapshot's files, its
 metadata and manifest must be on the disk (syncfs) before the rename names
 it complete; the rename and ``latest`` must be durable (fsync of their
-directories) before success is reported and before rotation deletes an old
-snapshot (its rename into .trash, then rm). strace records the real calls of
-the real command; nothing is replaced.
+directories) before rotation takes an old snapshot out of the listing (its
+rename into .trash) and before success is reported; the old snapshot's files
+are removed (rm) only after success was reported, so the result does not
+wait for the slowest part of a run. strace records the real calls of the
+real command; nothing is replaced.
 """
 
 from __future__ import annotations
@@ -68,5 +70,7 @@ def test_syncfs_rename_fsync_then_report_then_delete(tmp_path: Path, rsync_path:
     reported = first(r'^write\(1, .*\\"event\\":\\"complete\\"')
     trashed = first(rf'^rename(at2?)?\(.*{re.escape(OLD)}".*{re.escape(OLD)}\.[0-9a-f]+"')
     removed = first(r'^execve\("[^"]*/rm"', trashed)
-    assert completed < latest < durable < trashed < removed
-    assert durable < reported
+    assert completed < latest < durable < trashed < reported < removed
+    emptying = first(r'^write\(1, .*\\"step\\":\\"empty-trash\\".*\\"state\\":\\"start\\"', reported)
+    assert emptying < removed
+    assert os.listdir(repo.trash_dir) == []

@@ -118,7 +118,7 @@ def test_a_link_put_at_trash_after_opening_is_not_followed(tmp_path: Path) -> No
     opened = Repository.open(repo.root)
     os.symlink(outside, repo.trash_dir)
     with pytest.raises(RepositoryError, match="symbolic link"):
-        opened.discard([names(3)[0]], Runner(), ("rm",), step="rotate")
+        opened.discard([names(3)[0]], step="rotate")
     with pytest.raises(RepositoryError, match="symbolic link"):
         opened.empty_trash(Runner(), ("rm",), step="rotate")
     assert contents(outside) == before
@@ -127,8 +127,11 @@ def test_a_link_put_at_trash_after_opening_is_not_followed(tmp_path: Path) -> No
 
 def test_trash_is_emptied_through_its_descriptor(tmp_path: Path) -> None:
     repo = make_repository(tmp_path / "repo")
-    repo.discard([names(3)[0]], Runner(), ("rm",), step="rotate")
+    repo.discard([names(3)[0]], step="rotate")
     assert repo.snapshot_names() == names(3)[1:]
+    moved = repo.trash_names()
+    assert len(moved) == 1 and moved[0].startswith(names(3)[0] + ".")
+    assert repo.empty_trash(Runner(), ("rm",), step="rotate") == moved
     assert os.listdir(repo.trash_dir) == []
 
 

@@ -65,6 +65,10 @@ def test_begin_complete_and_delete_on_a_real_repository(tmp_path: Path) -> None:
     layout.delete([first.name], step="rotate")
     assert listing(repo) == [second.name]
     assert not os.path.exists(repo.metadata_path(first.name))
+    # Out of the listing at once; its files go when the trash is emptied.
+    (moved,) = os.listdir(repo.trash_dir)
+    assert moved.startswith(first.name + ".")
+    assert layout.empty_trash(step="empty-trash") == (moved,)
     assert os.listdir(repo.trash_dir) == []
     # The file both shared lives on in the snapshot kept.
     assert Path(repo.snapshot_path(second.name), "a").read_text() == "one"

@@ -151,6 +151,7 @@ class Cycle:
         )
         self._started = time.monotonic()
         self._failed_step: str | None = None
+        self._completed = False  # the complete event was sent: what is left is emptying the trash and closing
 
     # -- helpers ------------------------------------------------------------
 
@@ -192,6 +193,9 @@ class Cycle:
                 if request.disk is not None and not self._open_disk(stack, request.disk):
                     self._emit_complete()
                     return self.outcome
+                # After success is reported and after_backup ran, before the
+                # disk is unmounted and locked: the ExitStack unwinds in reverse.
+                stack.callback(self._empty_trash)
                 if "backup" in request.steps:
                     self.current_step = "before_backup"
                     stack.enter_context(
@@ -212,6 +216,7 @@ class Cycle:
                 if "rotate" in request.steps:
                     self._rotate(name)
                 self._emit_complete()
+                self._completed = True
         except (OSError, BackupAgentError) as exc:
             failure = exc if isinstance(exc, BackupAgentError) else self._filesystem_failure(exc)
             failure.step = failure.step or self._failed_step or self.current_step
@@ -349,7 +354,9 @@ class Cycle:
                     log.info("would delete %s to make room", victim)
                     deleted.append(victim)
                     break
+                # The space is wanted now, before the transfer: removed at once.
                 self._layout().delete([victim], step="make-room")
+                self._layout().empty_trash(step="make-room")
                 deleted.append(victim)
             if deleted:
                 self._warn(f"deleted {len(deleted)} old snapshots to keep {human_size(wanted)} free: {', '.join(deleted)}")
@@ -711,9 +718,38 @@ class Cycle:
                 for victim in plan.delete:
                     log.info("would delete snapshot %s", victim)
                 return
+            # Out of the listing only: the files are removed by the
+            # empty-trash step, after the complete event (_empty_trash).
             self._layout().delete(plan.delete, step="rotate")
-            self._layout().empty_trash(step="rotate")
             self.outcome.deleted += plan.delete
+
+    def _empty_trash(self) -> None:
+        """Remove what this run (or an interrupted one) moved into .trash, after the cycle reported success.
+
+        Deleting hard-link trees is the slowest part of a run on a large
+        tree, and the snapshots are gone from the listing already, so the
+        result does not wait for it (docs/ARCHITECTURE.md, "One backup").
+        rm runs at idle I/O priority under the repository's lock, taken
+        again (after_backup ran without it); the disk is closed after it.
+        A failure or a stop leaves the rest in .trash, which the next
+        backup or rotate removes: a warning, since the backup succeeded.
+        """
+        repo = self.repository
+        if not self._completed or repo is None or self.request.dry_run or self.layout is None:
+            return
+        try:
+            pending = repo.trash_names()
+            if not pending:
+                return
+            with self._step("empty-trash", entries=len(pending)) as done, lock.hold(repo.lock_path, self._holder()):
+                done["emptied"] = list(self.layout.empty_trash(step="empty-trash"))
+        except (OSError, BackupAgentError) as exc:
+            what = exc.message if isinstance(exc, BackupAgentError) else str(exc)
+            self._warn(
+                f"old snapshots moved to {repo.trash_dir} were not all removed ({what}): they are no longer listed, "
+                "and the next backup or backup-agent rotate removes them"
+            )
+            self.emitter.emit(step("empty-trash", "failed"))
 
     @staticmethod
     def protected(repo: Repository, names: list[str]) -> dict[str, str]:

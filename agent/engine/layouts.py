@@ -16,9 +16,11 @@ The seam (docs/ARCHITECTURE.md, "Seams for what comes next"). A :class:`Layout` 
   durable on return (the repository's promise: a snapshot's files and
   metadata on the disk before its name says complete, the rename and
   ``latest`` on the disk before success is reported or anything deleted).
-- ``delete(entries, step=)`` and ``empty_trash(step=)``: delete snapshots
-  or unfinished transfers so that a half-deleted one never looks like a
-  snapshot, and finish what an interrupted deletion left.
+- ``delete(entries, step=)``: take snapshots or unfinished transfers out
+  of the listing at once, so that a half-deleted one never looks like a
+  snapshot; and ``empty_trash(step=)``: remove what was taken out, the slow
+  part, which the cycle runs after it reported success (and which finishes
+  what an interrupted run left).
 
 Who calls it: :class:`agent.engine.cycle.Cycle`, in its transfer, snapshot,
 make-room and rotate steps; :func:`for_repository` is the one place a
@@ -33,8 +35,8 @@ whose operations open directories by descriptor and follow no link. What
 plugs in next, each a new class chosen in :func:`for_repository` by the kind
 ``init`` records: btrfs subvolumes (``begin`` gives a writable ``current``
 and no ``--link-dest``, ``complete`` takes a read-only snapshot of it,
-``delete`` is ``btrfs subvolume delete``, ``empty_trash`` may run after the
-cycle reported success), a repository over SSH or on an rsync daemon (the
+``delete`` renames subvolumes aside, ``empty_trash`` is ``btrfs subvolume
+delete``), a repository over SSH or on an rsync daemon (the
 same names, each step run on the server).
 """
 
@@ -101,11 +103,11 @@ class Layout(Protocol):
         ...
 
     def delete(self, entries: Sequence[str], *, step: str) -> None:
-        """Delete snapshots or unfinished transfers (names with their suffix) and their metadata."""
+        """Take snapshots or unfinished transfers (names with their suffix) and their metadata out of the listing."""
         ...
 
-    def empty_trash(self, *, step: str) -> None:
-        """Finish deletions an interrupted run left."""
+    def empty_trash(self, *, step: str) -> tuple[str, ...]:
+        """Remove what ``delete`` took out, also what an interrupted run left; the entries removed."""
         ...
 
 
@@ -237,12 +239,12 @@ class LinksLayout:
     # -- delete --------------------------------------------------------------
 
     def delete(self, entries: Sequence[str], *, step: str) -> None:
-        """Entries of snapshots/ (names with any suffix) renamed into .trash, then removed, with their metadata."""
-        self._repo().discard(entries, self.runner, self.rm_argv, step=step)
+        """Entries of snapshots/ (names with any suffix) renamed into .trash, their metadata removed."""
+        self._repo().discard(entries, step=step)
 
-    def empty_trash(self, *, step: str) -> None:
-        """Finish deletions an interrupted run left in .trash."""
-        self._repo().empty_trash(self.runner, self.rm_argv, step=step)
+    def empty_trash(self, *, step: str) -> tuple[str, ...]:
+        """Remove what .trash holds (rm under idle I/O priority), this run's deletions and an interrupted run's."""
+        return tuple(self._repo().empty_trash(self.runner, self.rm_argv, step=step))
 
 
 def for_repository(

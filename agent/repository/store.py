@@ -437,12 +437,13 @@ class Repository:
             log.info("removed %s, left by an interrupted run", entry)
         return removed
 
-    def discard(self, entries: Sequence[str], runner: Runner, rm_argv: Sequence[str], *, step: str) -> None:
-        """Delete entries of snapshots/ (names with any suffix) and their metadata.
+    def discard(self, entries: Sequence[str], *, step: str) -> None:
+        """Take entries of snapshots/ (names with any suffix) out of the listing, with their metadata.
 
-        Each is first renamed into .trash/, out of the listed names, so a
-        half-deleted tree never looks like a snapshot; then removed with
-        ``rm_argv`` (rm under ionice) through the runner.
+        Each is renamed into .trash/, so a half-deleted tree never looks like
+        a snapshot; its files are removed later by :meth:`empty_trash` (the
+        cycle does that after it reported success, docs/ARCHITECTURE.md,
+        rule 4), and what is in .trash/ is never listed, read or restored.
         """
         if not entries:
             return
@@ -461,18 +462,23 @@ class Repository:
                 for with_it in (name + ".json", name + MANIFEST_SUFFIX):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(with_it, dir_fd=metadata)
-        self.empty_trash(runner, rm_argv, step=step)
 
-    def empty_trash(self, runner: Runner, rm_argv: Sequence[str], *, step: str) -> None:
-        """Finish deletions (also those an interrupted run left in .trash/).
+    def trash_names(self) -> list[str]:
+        """What .trash/ holds: deletions not finished yet (by this run, or one that was interrupted)."""
+        with self.directory(TRASH) as trash:
+            return [] if trash is None else sorted(os.listdir(trash))
+
+    def empty_trash(self, runner: Runner, rm_argv: Sequence[str], *, step: str) -> list[str]:
+        """Finish deletions (also those an interrupted run left in .trash/); the entries removed.
 
         rm is given the opened .trash itself (``/proc/self/fd/N``, the
         descriptor passed to it), never the path: a link put at .trash
-        cannot send it elsewhere.
+        cannot send it elsewhere. Killed half-way, rm leaves the rest in
+        .trash/, which the next call removes.
         """
         with self.directory(TRASH) as trash:
             if trash is None:
-                return
+                return []
             leftovers = sorted(os.listdir(trash))
             if leftovers:
                 log.info("emptying %s: %s", self.trash_dir, ", ".join(leftovers))
@@ -481,6 +487,7 @@ class Repository:
                     step=step,
                     pass_fds=(trash,),
                 )
+            return leftovers
 
 
 def read_bounded(directory: str, name: str, limit: int) -> bytes:
