@@ -89,6 +89,7 @@ def test_words() -> None:
     assert notify.when(NOW + 2 * 86400, NOW, UTC) == "on Mon 24 Nov at 12:00"
     assert notify.step_words("transfer") == "copying files"
     assert notify.step_words("lock-disk") == "locking the disk"
+    assert notify.step_words("empty-trash") == "freeing the space of old snapshots"
 
 
 def test_started_text() -> None:

@@ -39,6 +39,7 @@ _STEPS: dict[str, str] = {
     "transfer": "copying files",
     "snapshot": "saving the snapshot",
     "rotate": "removing old snapshots",
+    "empty-trash": "freeing the space of old snapshots",
     "unmount": "unmounting the disk",
     "lock-disk": "locking the disk",
 }
