@@ -627,17 +627,16 @@ class Cycle:
         """
         started = time.monotonic()  # the step's cost includes reading the previous manifest
         known: manifests.Known = {}
-        owners: dict[int, bytes] = {}
         if previous is not None:
             try:
-                known = manifests.reusable(repo.manifest_path(previous), owners)
+                known = manifests.reusable(repo.manifest_path(previous), owners=True)
             except FileNotFoundError:
                 log.info("snapshot %s has no manifest: every file of %s is hashed", previous, name)
             except (OSError, CorruptManifestError) as exc:
                 log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
         target = repo.manifest_path(name)
         try:
-            recorded = manifests.record(self._layout().transfer_path(name), target, known, owners=owners)
+            recorded = manifests.record(self._layout().transfer_path(name), target, known)
             recorded = replace(recorded, seconds=time.monotonic() - started)
         except OSError as exc:
             what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)
