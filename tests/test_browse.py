@@ -298,12 +298,14 @@ def test_the_agent_opens_a_disk_for_browsing_and_closes_it_once_unused(bench: Be
         open_argv = (sys.executable, "-m", "agent.cli", "open", "--json", "--config", str(bench.config))
         async with agent_on(bench, open_argv=open_argv, browse_idle=0.5) as (agent, recorder):
             await until(lambda: agent.cycle_pid is not None, "the plug-in's cycle to start")
-            refused = await agent.disk.browse(NAME)
+            refused = await agent.browse(NAME)
             assert refused.result == "refused" and refused.message.startswith("a backup is running")
             await one_cycle(agent, recorder)
             bench.assert_locked_and_unmounted()
 
-            reply = await agent.disk.browse(NAME)
+            assert recorder.of("disk_opened") == []  # refused: nothing opened
+            reply = await agent.browse(NAME)
+            assert recorder.of("disk_opened") == [(NAME,)]  # listeners hear it: "safe to unplug" is untrue now
             assert reply == BrowseReply("opened", f"{NAME} is open for browsing, read-only", str(bench.repository / "snapshots"))
             assert browse.missing_flags(os.statvfs(bench.rig.mount_point).f_flag) == []
             latest = bench.repository / "latest"

@@ -283,14 +283,14 @@ def test_the_agent_ejects_refuses_during_a_backup_and_the_schedule_leaves_an_eje
         async with agent_on(bench, clock=lambda: time.time() + offset[0]) as (agent, recorder):
             # attached and never backed up: the plug-in starts a cycle; eject is refused under it
             await until(lambda: agent.cycle_pid is not None, "the plug-in's cycle to start")
-            refused = await agent.disk.eject(NAME)
+            refused = await agent.eject(NAME)
             assert refused.result == "refused"
             assert refused.message.startswith("a backup is running: wait for it or stop it")
             await one_cycle(agent, recorder)
             bench.assert_locked_and_unmounted()
 
             open_by_hand(bench)
-            assert await agent.disk.eject(NAME) == EjectReply("ejected", f"{NAME} is unmounted and locked: safe to unplug")
+            assert await agent.eject(NAME) == EjectReply("ejected", f"{NAME} is unmounted and locked: safe to unplug")
             bench.assert_locked_and_unmounted()
             assert agent.status().state == "disk-attached" and agent.status().next_due is None
             assert agent.timer is None  # nothing scheduled for a disk ejected to be unplugged
@@ -299,7 +299,7 @@ def test_the_agent_ejects_refuses_during_a_backup_and_the_schedule_leaves_an_eje
             agent.tick()
             agent.on_resumed()
             assert agent.cycle_pid is None and len(recorder.of("backup_started")) == 1
-            assert await agent.disk.eject(NAME) == EjectReply(
+            assert await agent.eject(NAME) == EjectReply(
                 "already", f"{NAME} is locked and not mounted: already safe to unplug")
 
             assert agent.backup_now() == "started"  # asked for: it backs up again
@@ -323,7 +323,7 @@ def test_no_cycle_starts_while_an_eject_runs_and_none_fails(bench: Bench, here: 
             open_by_hand(bench)
             inside = subprocess.Popen(["sleep", "60"], cwd=bench.repository)  # busy: the eject retries for ~3 s
             bench.rig.processes.append(inside)
-            ejecting = asyncio.create_task(agent.disk.eject(NAME))
+            ejecting = asyncio.create_task(agent.eject(NAME))
             await until(lambda: agent.ejecting == NAME, "the eject to start")
             assert agent.backup_now() == "running"  # held back, not started, not failed
             agent.tick()
@@ -337,7 +337,7 @@ def test_no_cycle_starts_while_an_eject_runs_and_none_fails(bench: Bench, here: 
             assert recorder.of("backup_failed") == [] and agent.status().last_result == "success"
             assert [entry[0] for entry in bench.mounted_here()] == [str(bench.rig.mount_point)]
             bench.rig.release(inside)
-            assert (await agent.disk.eject(NAME)).result == "ejected"
+            assert (await agent.eject(NAME)).result == "ejected"
 
     run(scenario(), timeout=60)
     bench.assert_locked_and_unmounted()

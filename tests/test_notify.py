@@ -375,6 +375,35 @@ def test_a_whole_cycle_is_one_notification_updated_in_place(session_bus: Private
 
 
 @pytest.mark.integration
+def test_safe_to_unplug_is_withdrawn_once_the_disk_is_opened_for_browsing(session_bus: PrivateBus) -> None:
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, FakeController(), clock=FakeClock(), now=lambda: NOW)
+        locked = dict(disk="backup1", last_success=NOW, next_due=NOW + 3600, disk_left="locked")
+        for end in ("success", "stopped"):
+            notifier.backup_started("backup1", "asked")
+            notifier.status_changed(RUNNING)
+            if end == "success":
+                notifier.backup_completed(COMPLETE)
+            notifier.status_changed(AgentStatus(state="disk-attached", last_result=end, **locked))  # type: ignore[arg-type]
+            await notifier.flush()
+            card = server.shown[-1]
+            assert card.body.endswith("It is safe to unplug backup1.")
+            notifier.disk_opened("other")  # another disk's browsing says nothing of this one
+            await notifier.flush()
+            assert card.id not in server.closed
+            notifier.disk_opened("backup1")  # Browse backups: unlocked and mounted now
+            await notifier.flush()
+            assert server.order[-1] == ("close", card.id)
+        notifier.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
 def test_a_failure_is_critical_and_offers_back_up_now(session_bus: PrivateBus) -> None:
     async def scenario() -> None:
         server_bus, server = await serve(session_bus.address, ["actions", "body", "body-markup"])

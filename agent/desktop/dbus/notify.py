@@ -404,6 +404,12 @@ class Notifier:
             if self._card == (disk, "complete"):
                 self._withdraw("cycle")
 
+    def disk_opened(self, disk: str) -> None:
+        # "Complete/stopped — it is safe to unplug" is untrue while the disk is open for browsing;
+        # what the card said of the backup itself the tray and `status` still show.
+        if self._card is not None and self._card[0] == disk and self._card[1] in ("complete", "stopped"):
+            self._withdraw("cycle")
+
     def backup_started(self, disk: str, reason: str) -> None:
         self._plugged = None
         self._disk = disk

@@ -768,6 +768,9 @@ class Tray:
         self._publish()
         self._withdraw_said(disk)  # "safe to unplug" is done with once it is unplugged
 
+    def disk_opened(self, disk: str) -> None:
+        self._withdraw_said(disk)  # "safe to unplug" is untrue while it is open for browsing
+
     def backup_started(self, disk: str, reason: str) -> None:
         self._progress = None
         self._places.pop(disk, None)  # what was open may be closed by the cycle's end
