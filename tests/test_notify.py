@@ -748,6 +748,76 @@ def test_a_failure_no_one_could_be_told_is_shown_at_the_next_login_once(session_
 
 
 @pytest.mark.integration
+def test_the_next_agent_withdraws_the_cards_an_earlier_one_left_once_untrue(session_bus: PrivateBus, tmp_path: Path) -> None:
+    state = str(tmp_path / "state" / "notifications.json")
+    settings = one_disk(tmp_path)
+    disks = FakeDisks({"backup1": NOW - 86400}, ["backup1"])
+    clock = Clock(NOW)
+
+    async def agent(address: str) -> tuple[Notifier, MessageBus]:
+        bus = await MessageBus(bus_address=address).connect()
+        notifier = await notify.start(bus, FakeController(), disks=disks, settings=settings, state_path=state,
+                                      clock=FakeClock(), now=clock)
+        notifier.login()
+        await notifier.flush()
+        return notifier, bus
+
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        first, bus = await agent(session_bus.address)
+        first.backup_started("backup1", "asked")
+        first.backup_failed("transfer", "transfer failed: rsync said so")
+        await first.flush()
+        failed = server.shown[-1]
+        first.close()  # the agent restarts: its cards stay on screen
+        bus.disconnect()
+
+        # Still true (no success since): left as it is, and the next card of that disk replaces it in place.
+        clock.now += 60
+        second, bus = await agent(session_bus.address)
+        assert server.closed == []
+        server.action_invoked(failed.id, "backup-now")  # its button still works for the new agent
+        await until(lambda: second._controller.calls == ["backup_now"])  # type: ignore[union-attr]
+        second.backup_started("backup1", "asked")
+        second.backup_completed(COMPLETE)
+        second.status_changed(AgentStatus(state="disk-attached", disk="backup1", last_success=clock.now,
+                                          last_result="success", next_due=clock.now + 3600, disk_left="locked"))
+        await second.flush()
+        done = server.shown[-1]
+        assert done.replaces_id == failed.id and done.body.endswith("It is safe to unplug backup1.")
+        second.close()
+        bus.disconnect()
+
+        # Unplugged while no agent ran: "safe to unplug" is done with, and the next agent withdraws it.
+        disks.successes["backup1"], disks.here = clock.now, []
+        clock.now += 60
+        third, bus = await agent(session_bus.address)
+        assert server.order[-1] == ("close", done.id)
+        third.backup_started("backup1", "asked")  # a later card is a new one, not a replacement of the closed one
+        await third.flush()
+        assert server.shown[-1].replaces_id == 0
+        third.backup_failed("transfer", "transfer failed: rsync said so")
+        await third.flush()
+        third.close()
+        bus.disconnect()
+
+        # Another server (a new login): its ids are not the earlier server's; nothing of it is closed.
+        server_bus.disconnect()
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        disks.successes["backup1"] = clock.now + 1
+        clock.now += 60
+        fourth, bus = await agent(session_bus.address)
+        fourth.backup_started("backup1", "asked")
+        await fourth.flush()
+        assert server.closed == [] and server.shown[-1].replaces_id == 0
+        fourth.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
 def test_a_failure_followed_by_a_success_is_not_shown_at_login(session_bus: PrivateBus, tmp_path: Path) -> None:
     state = str(tmp_path / "notifications.json")
     save_notice_state(state, NoticeState(missed=[MissedFailure(NOW - 7200, "backup1", "transfer", "it broke")]))
