@@ -754,11 +754,12 @@ def test_the_next_agent_withdraws_the_cards_an_earlier_one_left_once_untrue(sess
     disks = FakeDisks({"backup1": NOW - 86400}, ["backup1"])
     clock = Clock(NOW)
 
-    async def agent(address: str) -> tuple[Notifier, MessageBus]:
+    async def agent(address: str, login: bool = True) -> tuple[Notifier, MessageBus]:
         bus = await MessageBus(bus_address=address).connect()
         notifier = await notify.start(bus, FakeController(), disks=disks, settings=settings, state_path=state,
                                       clock=FakeClock(), now=clock)
-        notifier.login()
+        if login:
+            notifier.login()
         await notifier.flush()
         return notifier, bus
 
@@ -811,6 +812,17 @@ def test_the_next_agent_withdraws_the_cards_an_earlier_one_left_once_untrue(sess
         await fourth.flush()
         assert server.closed == [] and server.shown[-1].replaces_id == 0
         fourth.close()
+        bus.disconnect()
+
+        # A cycle that starts before the next agent's login replaces the earlier "running" card in place,
+        # and the login then leaves this agent's own card alone.
+        running = server.shown[-1]
+        fifth, bus = await agent(session_bus.address, login=False)
+        fifth.backup_started("backup1", "asked")
+        fifth.login()
+        await fifth.flush()
+        assert server.shown[-1].replaces_id == running.id and server.closed == []
+        fifth.close()
         bus.disconnect()
         server_bus.disconnect()
 

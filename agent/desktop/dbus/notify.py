@@ -301,6 +301,11 @@ class Notifier:
         except Exception:
             log.exception("notifications: login failed")
 
+    def _settled(self, slot: str) -> None:
+        """This agent has replaced or withdrawn the slot's card: an earlier agent's card there is no longer to judge."""
+        if self._adopted:
+            self._adopted = [card for card in self._adopted if card.slot != slot]
+
     def _judge_adopted(self, successes: dict[str, float | None]) -> None:
         """Withdraw the cards an earlier agent left that are untrue now; the rest are replaced in place later."""
         adopted, self._adopted = self._adopted, []
@@ -543,6 +548,7 @@ class Notifier:
     ) -> None:
         if self._closed:
             return
+        self._settled(slot)
         queue = self._worker_queue()
         if queue is None:
             return
@@ -553,6 +559,7 @@ class Notifier:
         """Close the slot's notification (if one is shown): what it says is no longer true."""
         if self._closed:
             return
+        self._settled(slot)
         queue = self._worker_queue()
         if queue is not None:
             queue.put_nowait(_Item(slot, Text("", "", LOW), (), "", "", None, False, close=True))
