@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import sys
 import time
 from types import FrameType
@@ -22,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from agent import __version__
 from agent.disk import access, browse
-from agent.engine import channels, history
+from agent.engine import channels, history, reports, stale
 from agent.core import when
 from agent.engine import restore as restoring
 from agent.engine import verify as verifier
@@ -42,12 +43,14 @@ from agent.core.errors import (
     EXIT_DAMAGED,
     EXIT_OK,
     EXIT_PARTIAL,
+    EXIT_STALE,
     EXIT_UNVERIFIED,
     BackupAgentError,
     DiskMissingError,
     Interrupted,
     NotAvailableError,
     RepositoryError,
+    StepError,
     UsageError,
 )
 from agent.disk.eject import Eject
@@ -230,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     now = sub.add_parser("now", parents=[loud], help="ask the running agent to back up now (D-Bus)")
     now.add_argument("--disk", metavar="NAME", help="this configured disk (default: the first one attached)")
     sub.add_parser("stop", parents=[loud], help="ask the running agent to stop the running backup (D-Bus)")
+    sub.add_parser(
+        "check-stale",
+        parents=[common],
+        help="report through [[report]] when no backup succeeded for remind_after days (for a system timer)",
+        description="Report through the [[report]] channels when no backup succeeded for [notifications] remind_after days.",
+    )
     status = sub.add_parser("status", parents=[loud], help="the agent's status (its last saved state when it does not run)")
     status.add_argument("--json", action="store_true", help="one JSON object: agent, saved, state_file, status")
     return parser
@@ -460,8 +469,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
         disk=disk,
         interactive=sys.stdin.isatty(),
     )
-    emitter = channels.emitter_for(channels.backup_channels(sys.stdout if args.json else None))
-    outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
+    # [[report]] channels hear a run that writes; a dry run reports nothing beyond its own output.
+    chosen = channels.backup_channels(
+        sys.stdout if args.json else None,
+        None if args.dry_run else settings,
+        host=socket.gethostname(),
+        repository=request.repository,
+    )
+    with channels.reporting(chosen) as emitter:
+        outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
     # From a timer (no terminal), "nothing to do" is the one log line already written.
     if not args.json and not args.quiet and (outcome.skipped is None or request.interactive):
         print(_summary(outcome, request))
@@ -852,6 +868,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_UNVERIFIED if report.unverified else EXIT_DAMAGED
 
 
+def cmd_check_stale(args: argparse.Namespace) -> int:
+    """Exit 0 when a backup succeeded within remind_after days, 14 (reported) when not; see the README."""
+    settings = _load(args)
+    where = settings.path or SYSTEM_CONFIG
+    if not settings.reports:
+        raise UsageError(
+            f"{where} lists no [[report]] channel: check-stale reports through them, and the backup records its "
+            'successes only for them; add one, such as [[report]] type = "mail" ... on = ["failure", "stale"]'
+        )
+    now = dt.datetime.now().astimezone()
+    try:
+        record = stale.read_record(settings.state_dir)
+    except ValueError as exc:
+        raise StepError(str(exc), step="check-stale") from None
+    if record is None:
+        try:
+            stale.write_record(settings.state_dir, stale.Record(now))
+        except OSError as exc:
+            raise StepError(f"{stale.record_path(settings.state_dir)}: {exc.strerror}; run check-stale as root", step="check-stale") from None
+        log.info("no backup has succeeded since this machine began recording; watching from now")
+        return EXIT_OK
+    found = stale.stale_verdict(record, now, settings.remind_after, socket.gethostname())
+    if found is None:
+        if settings.remind_after == 0:
+            log.info("[notifications] remind_after = 0: no backup is ever stale")
+        elif record.snapshot is None:
+            log.info("no backup has succeeded yet; watching since %s", record.time.isoformat(timespec="minutes"))
+        else:
+            log.info("the last backup succeeded at %s (snapshot %s)", record.time.isoformat(timespec="minutes"), record.snapshot)
+        return EXIT_OK
+    log.warning("%s", found.text.splitlines()[0])
+    for report in settings.reports:
+        reports.deliver(report, found)
+    return EXIT_STALE
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     # sys.argv[0]: the file this process was started as, not a PATH lookup.
     return installer.install(user=args.user, dry_run=args.dry_run, argv0=sys.argv[0])
@@ -904,6 +956,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "now": cmd_now,
     "stop": cmd_stop,
     "status": cmd_status,
+    "check-stale": cmd_check_stale,
 }
 
 

@@ -52,7 +52,8 @@ PROJECT_DIR = BENCH_DIR.parent
 if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
-from agent.desktop.daemon import cycle_lock_path, load_state
+from agent.desktop.daemon import cycle_lock_path  # noqa: E402
+from agent.desktop.statefile import load_state  # noqa: E402
 from tests.conftest import _trusted_base  # noqa: E402
 from tests.test_disk import NAME, Rig  # noqa: E402
 from tests.test_disk_cycle import Bench  # noqa: E402

@@ -230,8 +230,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                     if mode == "cold":
                         drop_caches()
                     else:
-                        agent.engine.verify() if what == "verify" else cat_files(newest, listing, runs / "logs" / "cat")
-                    seconds, read = agent.engine.verify() if what == "verify" else cat_files(newest, listing, runs / "logs" / "cat")
+                        agent.verify() if what == "verify" else cat_files(newest, listing, runs / "logs" / "cat")
+                    seconds, read = agent.verify() if what == "verify" else cat_files(newest, listing, runs / "logs" / "cat")
                     row[what] = seconds
                     row[f"{what}_mib_s"] = read / MIB / seconds
                 row["ratio"] = row["verify_mib_s"] / row["cat_mib_s"]

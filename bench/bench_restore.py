@@ -37,8 +37,8 @@ sys.path[:0] = [str(BENCH_DIR), str(PROJECT_DIR)]
 
 from bench_incremental import AGENT_CONFIG, build_source  # noqa: E402
 
-from agent.engine import history
-from agent.repository.store import Repository
+from agent.engine import history  # noqa: E402
+from agent.repository.store import Repository  # noqa: E402
 
 
 def walk(root: str) -> int:

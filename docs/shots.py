@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO))
 from dbus_fast import Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 
-from agent.desktop.daemon import DiskRecord, load_state, save_state
-from agent.desktop.state import AgentStatus, state_file_path
+from agent.desktop.state import AgentStatus  # noqa: E402
+from agent.desktop.statefile import DiskRecord, load_state, save_state, state_file_path  # noqa: E402
 from tests.test_disk import Rig  # noqa: E402
 from tests.test_disk_cycle import Bench  # noqa: E402
 

@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 from agent.config.load import SYSTEM_CONFIG, load_settings
-from agent.config.model import DEFAULT_SYSTEM_EXCLUDES, Commands, Disk, Hook, KeepFree, Settings, effective_excludes
+from agent.config.model import DEFAULT_SYSTEM_EXCLUDES, Commands, Disk, Hook, KeepFree, MailReport, PingReport, Settings, effective_excludes
 from agent.config.trust import check_trusted, running_through_sudo
 from agent.config.validate import named_programs, parse_duration, parse_keep_free, settings_from_mapping
 from agent.core.errors import EXIT_USAGE, ConfigError
@@ -35,7 +35,7 @@ FILE = "/etc/backup-agent/config.toml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.toml"
 IS_ROOT = os.geteuid() == 0
 
-TABLES = "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [[disk]], [[hooks]]"
+TABLES = "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [[disk]], [[hooks]], [[report]]"
 BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout"
 COUNT = 'expected a whole number of 0 or more, or "always"'
 DURATION = (
@@ -2226,3 +2226,57 @@ def test_a_config_path_that_cannot_be_examined_is_told_as_such_not_as_distrust()
     message = str(caught.value)
     assert "cannot examine" in message and "File name too long" in message
     assert "expected a readable path" in message and "refusing an unsafe config" not in message
+
+
+def test_example_commented_reports_are_valid() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    block = text[text.index("# [[report]]") : text.index("# Hooks:")]
+    data = tomllib.loads("\n".join(line.removeprefix("#").removeprefix(" ") for line in block.splitlines()))
+    mail, ping = settings_from_mapping(data, str(EXAMPLE)).reports
+    assert isinstance(mail, MailReport) and isinstance(ping, PingReport)
+    assert (mail.security, mail.port, mail.on, mail.timeout) == ("starttls", 587, ("failure", "stale"), 30)
+    assert (ping.url, ping.on, ping.timeout) == ("https://hc-ping.com/your-check-uuid", ("failure", "success", "stale"), 10)
+
+
+# --------------------------------------------------------------------------
+# [[report]]
+
+MAIL = {"type": "mail", "host": "smtp.example.org", "from": "backup@example.org", "to": ["admin@example.org"]}
+
+
+def test_report_defaults() -> None:
+    mail, ping = settings_from_mapping({"report": [MAIL, {"type": "ping", "url": "https://hc-ping.com/abc/"}]}, FILE).reports
+    assert mail == MailReport(host="smtp.example.org", sender="backup@example.org", to=("admin@example.org",))
+    assert (mail.port, mail.security, mail.on, mail.timeout) == (587, "starttls", ("failure", "stale"), 30)
+    assert ping == PingReport(url="https://hc-ping.com/abc", timeout=10, on=("failure", "success", "stale"))
+    tls = settings_from_mapping({"report": [{**MAIL, "security": "tls", "on": ["stale", "failure", "stale"]}]}, FILE).reports[0]
+    assert isinstance(tls, MailReport) and (tls.port, tls.on) == (465, ("failure", "stale"))
+    assert settings_from_mapping({}, FILE).reports == ()
+
+
+@pytest.mark.parametrize(
+    ("report", "key", "problem"),
+    [
+        ({"type": "sms"}, "report[0].type", 'got "sms"; expected one of "mail", "ping"'),
+        ({**MAIL, "to": "admin@example.org"}, "report[0].to", 'got "admin@example.org"; expected an array of addresses'),
+        ({**MAIL, "to": ["admin@example.org\nBcc: x@y"]}, "report[0].to[0]", "expected a mail address"),
+        ({**MAIL, "from": "Backup <b@example.org>"}, "report[0].from", "expected a mail address"),
+        ({**MAIL, "user": "me"}, "report[0]", "got only one of user and password_file"),
+        ({**MAIL, "user": "me", "password_file": "/etc/p", "security": "none"}, "report[0].security", "never crosses the network in clear"),
+        ({**MAIL, "security": "ssl"}, "report[0].security", 'got "ssl"; expected one of "starttls", "tls", "none"'),
+        ({**MAIL, "port": 0}, "report[0].port", "expected a TCP port from 1 to 65535"),
+        ({**MAIL, "password_file": "secret.txt", "user": "me"}, "report[0].password_file", "a relative path"),
+        ({**MAIL, "url": "https://x"}, "report[0].url", "is not one of a mail report's"),
+        ({**MAIL, "on": []}, "report[0].on", "expected an array of one or more of"),
+        ({**MAIL, "on": ["failed"]}, "report[0].on[0]", '(did you mean "failure"?)'),
+        ({**MAIL, "timeout": "10m"}, "report[0].timeout", 'expected a duration from "1s" to "5m"'),
+        ({"type": "ping", "url": "hc-ping.com/abc"}, "report[0].url", "expected an http:// or https:// URL"),
+        ({"type": "ping", "url": "https://hc-ping.com/abc/fail"}, "report[0].url", "/start and /fail are added to it"),
+        ({"type": "ping", "url": "https://h/x", "host": "h"}, "report[0].host", "is not one of a ping report's"),
+        ({"type": "ping"}, "report[0].url", "missing; expected an http:// or https:// URL"),
+    ],
+)
+def test_report_refusals(report: dict[str, object], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings_from_mapping({"report": [report]}, FILE)
+    assert info.value.key == key and problem in info.value.problem, info.value.message

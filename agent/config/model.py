@@ -8,7 +8,7 @@ program only reads them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Union
 
 from agent.policy.rotation import DEFAULT_SCHEME, Scheme
 from agent.policy.schedule import DEFAULT_INTERVAL, DEFAULT_ON_PLUG
@@ -101,6 +101,39 @@ class KeepFree:
     min_snapshots: int = DEFAULT_MIN_SNAPSHOTS  # never delete below this many complete snapshots
 
 
+REPORT_WHEN: Final[tuple[str, ...]] = ("failure", "success", "stale")
+
+
+@dataclass(frozen=True)
+class MailReport:
+    """A ``[[report]]`` of ``type = "mail"``: a plain-text mail over SMTP when the run ends (docs: README, [[report]])."""
+
+    host: str
+    sender: str  # the file's "from"
+    to: tuple[str, ...]
+    port: int = 587
+    security: str = "starttls"  # "starttls" | "tls" | "none"
+    user: str | None = None
+    password_file: str | None = None  # root's alone; read only when a mail is sent
+    ca_file: str | None = None  # certificates to trust instead of the system's (a private CA)
+    timeout: int = 30  # seconds, for each network operation
+    # A mail an hour that all is well is noise: by default only what needs someone.
+    on: tuple[str, ...] = ("failure", "stale")
+
+
+@dataclass(frozen=True)
+class PingReport:
+    """A ``[[report]]`` of ``type = "ping"``: HTTP pings in the Healthchecks convention (``/start``, the URL, ``/fail``)."""
+
+    url: str
+    timeout: int = 10  # seconds; no retry, so the run waits at most this long for one ping
+    # A heartbeat monitor notices silence only if it hears every success.
+    on: tuple[str, ...] = REPORT_WHEN
+
+
+Report = Union[MailReport, PingReport]
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the configuration decides, validated; ``path`` is the file read."""
@@ -121,6 +154,7 @@ class Settings:
     remind_after: int = 7  # [notifications]: days without a successful backup before a reminder; 0: never
     disks: tuple[Disk, ...] = ()
     hooks: tuple[Hook, ...] = ()
+    reports: tuple[Report, ...] = ()  # [[report]]: who hears the root cycle's result besides the desktop
     keep_free: KeepFree | None = None
     interval: int = DEFAULT_INTERVAL  # [agent]: seconds between backups while the disk stays attached
     on_plug: str = DEFAULT_ON_PLUG  # [agent]: one of agent.policy.schedule.ON_PLUG_CHOICES

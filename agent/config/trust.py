@@ -200,3 +200,44 @@ def check_programs(file: str, programs: Iterable[tuple[str, str]]) -> None:
         problem = untrusted_program(program)
         if problem is not None:
             fail(file, key, f"got {show(program)}, but {problem}; {_PROGRAM_EXPECTED}")
+
+
+_MAX_SECRET: Final = 4096
+
+
+def read_secret(path: str) -> str:
+    """The first line of a password file that only its owner can read: root's alone when run as root.
+
+    As root the file and every directory above it must pass the rules of
+    :func:`walk_trusted` (no one else can have put or changed it); for any
+    user, nobody but the owner may read it (mode 0600 or 0400), as it holds
+    a secret. Raises :class:`Distrust` saying why not, without the secret.
+    """
+    if os.geteuid() == 0:
+        real, info = walk_trusted(path)
+    else:
+        real, info = path, _lstat_component(path, missing_ok=False)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise Distrust(f"{path} is not a regular file of uid {os.geteuid()}")
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise Distrust(f"{path} may be read by group or others (mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        raise Distrust(f"cannot open {path} ({error.strerror})", unreadable=True) from None
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+            raise Distrust(f"{path} changed while it was being checked")
+        raw = os.read(fd, _MAX_SECRET + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > _MAX_SECRET:
+        raise Distrust(f"{path} is longer than {_MAX_SECRET} bytes; expected one line holding the password")
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise Distrust(f"{path} is not UTF-8 text; expected one line holding the password") from None
+    if not lines or not lines[0]:
+        raise Distrust(f"{path} is empty; expected one line holding the password")
+    return lines[0]

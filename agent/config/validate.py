@@ -21,7 +21,19 @@ from agent.core.commands import IONICE_CLASSES
 from agent.policy.rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
 from agent.policy.schedule import ON_PLUG_CHOICES
 from agent.config.messages import fail, got_type, literal, quote, show, suggest
-from agent.config.model import DEFAULT_HOOK_TIMEOUT, DEFAULT_MIN_SNAPSHOTS, Commands, Disk, Hook, KeepFree, Settings
+from agent.config.model import (
+    DEFAULT_HOOK_TIMEOUT,
+    DEFAULT_MIN_SNAPSHOTS,
+    REPORT_WHEN,
+    Commands,
+    Disk,
+    Hook,
+    KeepFree,
+    MailReport,
+    PingReport,
+    Report,
+    Settings,
+)
 
 # Top-level directories that hold the system itself: a repository there would
 # mix snapshots into (or delete from) the running system.
@@ -104,10 +116,24 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "mount_options",
         ),
         "hooks": ("name", "around", "before", "after", "timeout", "critical"),
+        "report": (
+            "type",
+            "on",
+            "host",
+            "port",
+            "security",
+            "user",
+            "password_file",
+            "ca_file",
+            "from",
+            "to",
+            "url",
+            "timeout",
+        ),
     }
 )
 # What one element of each array of tables is, for messages.
-_ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType({"disk": "disk", "hooks": "hook"})
+_ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType({"disk": "disk", "hooks": "hook", "report": "report channel"})
 
 UNLOCK_METHODS: Final[tuple[str, ...]] = ("auto", "cryptdisks", "systemd")
 HOOK_AROUND: Final[tuple[str, ...]] = ("backup", "snapshot")
@@ -862,6 +888,108 @@ def _hooks(file: str, value: object) -> tuple[Hook, ...]:
     return tuple(hooks)
 
 
+REPORT_TYPES: Final[tuple[str, ...]] = ("mail", "ping")
+SMTP_SECURITY: Final[tuple[str, ...]] = ("starttls", "tls", "none")
+_SMTP_PORTS: Final[Mapping[str, int]] = MappingProxyType({"starttls": 587, "tls": 465, "none": 25})
+_MAIL_KEYS: Final = frozenset({"type", "on", "host", "port", "security", "user", "password_file", "ca_file", "from", "to", "timeout"})
+_PING_KEYS: Final = frozenset({"type", "on", "url", "timeout"})
+MAX_REPORT_TIMEOUT: Final = 300
+_HOST_RE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.:-]{0,252}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]", re.ASCII)
+_ADDRESS_RE: Final = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+", re.ASCII)
+_URL_RE: Final = re.compile(r"https?://[^\s/?#]+[^\s]*", re.ASCII)
+
+
+def _text(file: str, key: str, value: object, expected: str, pattern: "re.Pattern[str]") -> str:
+    if not isinstance(value, str):
+        fail(file, key, f"{got_type(value)}; expected a string holding {expected}")
+    if pattern.fullmatch(value) is None:
+        fail(file, key, f"got {show(value)}; expected {expected}")
+    return value
+
+
+def _report_on(file: str, key: str, value: object) -> tuple[str, ...]:
+    expected = f"an array of one or more of {', '.join(quote(w) for w in REPORT_WHEN)}"
+    if not isinstance(value, list) or not value:
+        fail(file, key, f"{got_type(value)}; expected {expected}")
+    for index, item in enumerate(value):
+        _choice(file, f"{key}[{index}]", item, REPORT_WHEN)
+    return tuple(when for when in REPORT_WHEN if when in value)
+
+
+def _report_timeout(file: str, key: str, value: object) -> int:
+    seconds = _duration(file, key, value)
+    if not 1 <= seconds <= MAX_REPORT_TIMEOUT:
+        fail(file, key, f'got {show(value)}; expected a duration from "1s" to "5m": a report must never hold up a backup for long')
+    return seconds
+
+
+def _mail(file: str, prefix: str, data: Mapping[str, Any]) -> MailReport:
+    for key in data:
+        if key not in _MAIL_KEYS:
+            fail(file, f"{prefix}.{key}", f"the key {quote(key)} is not one of a mail report's; expected {', '.join(sorted(_MAIL_KEYS))}")
+    host_expected = 'the SMTP server\'s host name or address, such as "smtp.example.org"'
+    host = _text(file, f"{prefix}.host", _required(file, prefix, data, "host", host_expected), host_expected, _HOST_RE)
+    address = 'a mail address such as "backup@example.org" (no name, no <>)'
+    sender = _text(file, f"{prefix}.from", _required(file, prefix, data, "from", address), address, _ADDRESS_RE)
+    raw_to = _required(file, prefix, data, "to", f"an array of {address}")
+    if isinstance(raw_to, str):
+        fail(file, f"{prefix}.to", f"got {show(raw_to)}; expected an array of addresses, such as [{show(raw_to)}]")
+    if not isinstance(raw_to, list) or not raw_to:
+        fail(file, f"{prefix}.to", f"{got_type(raw_to)}; expected a non-empty array of {address}")
+    to = tuple(_text(file, f"{prefix}.to[{i}]", item, address, _ADDRESS_RE) for i, item in enumerate(raw_to))
+    security = _choice(file, f"{prefix}.security", data["security"], SMTP_SECURITY) if "security" in data else "starttls"
+    port = _SMTP_PORTS[security]
+    if "port" in data:
+        port = data["port"]
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            fail(file, f"{prefix}.port", f"{got_type(port)}; expected a TCP port from 1 to 65535 (587 for starttls, 465 for tls)")
+    user: str | None = None
+    if "user" in data:
+        user = data["user"]
+        if not isinstance(user, str) or not user or any(c in user for c in "\x00\r\n"):
+            fail(file, f"{prefix}.user", f"{got_type(user)}; expected the SMTP login name on one line")
+    password_file: str | None = None
+    if "password_file" in data:
+        password_file = _path(file, f"{prefix}.password_file", data["password_file"], what="an absolute path to a file only root can read")
+    if (user is None) != (password_file is None):
+        fail(file, prefix, "got only one of user and password_file; expected both (to log in) or neither")
+    if user is not None and security == "none":
+        fail(
+            file,
+            f"{prefix}.security",
+            'got "none" with a login; expected "starttls" or "tls", so the password never crosses the network in clear',
+        )
+    ca_file = _path(file, f"{prefix}.ca_file", data["ca_file"], what="an absolute path to a PEM file") if "ca_file" in data else None
+    timeout = _report_timeout(file, f"{prefix}.timeout", data["timeout"]) if "timeout" in data else 30
+    on = _report_on(file, f"{prefix}.on", data["on"]) if "on" in data else ("failure", "stale")
+    return MailReport(
+        host=host, sender=sender, to=to, port=port, security=security, user=user,
+        password_file=password_file, ca_file=ca_file, timeout=timeout, on=on,
+    )
+
+
+def _ping(file: str, prefix: str, data: Mapping[str, Any]) -> PingReport:
+    for key in data:
+        if key not in _PING_KEYS:
+            fail(file, f"{prefix}.{key}", f"the key {quote(key)} is not one of a ping report's; expected {', '.join(sorted(_PING_KEYS))}")
+    expected = 'an http:// or https:// URL to ping, such as "https://hc-ping.com/<uuid>" (without /start or /fail)'
+    url = _text(file, f"{prefix}.url", _required(file, prefix, data, "url", expected), expected, _URL_RE).rstrip("/")
+    if url.endswith(("/start", "/fail")):
+        fail(file, f"{prefix}.url", f"got {show(url)}; expected the check's own URL: /start and /fail are added to it")
+    timeout = _report_timeout(file, f"{prefix}.timeout", data["timeout"]) if "timeout" in data else 10
+    on = _report_on(file, f"{prefix}.on", data["on"]) if "on" in data else REPORT_WHEN
+    return PingReport(url=url, timeout=timeout, on=on)
+
+
+def _reports(file: str, value: object) -> tuple[Report, ...]:
+    reports: list[Report] = []
+    for index, data in enumerate(_elements(file, "report", value)):
+        prefix = f"report[{index}]"
+        kind = _choice(file, f"{prefix}.type", _required(file, prefix, data, "type", '"mail" or "ping"'), REPORT_TYPES)
+        reports.append(_mail(file, prefix, data) if kind == "mail" else _ping(file, prefix, data))
+    return tuple(reports)
+
+
 def _check_tables(file: str, data: Mapping[str, Any]) -> None:
     """Refuse anything at the top level that is not one of the known tables."""
     known = [*_TABLE_KEYS, *_ARRAY_KEYS]
@@ -917,6 +1045,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields["disks"] = _disks(path, data["disk"], socket.gethostname() if hostname is None else hostname)
     if "hooks" in data:
         fields["hooks"] = _hooks(path, data["hooks"])
+    if "report" in data:
+        fields["reports"] = _reports(path, data["report"])
     return Settings(path=path, **fields)
 
 

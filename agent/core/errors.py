@@ -25,6 +25,7 @@ EXIT_NO_AGENT = 10
 EXIT_DAMAGED = 11  # verify found damage (a report, not an exception)
 EXIT_DISK_FULL = 12
 EXIT_UNVERIFIED = 13  # verify found nothing wrong, but could check no snapshot (no manifests)
+EXIT_STALE = 14  # check-stale: no backup succeeded for remind_after days (a report, not an exception)
 EXIT_INTERRUPTED = 130
 
 
