@@ -231,23 +231,28 @@ class Notifier:
             self._failed(exc)
             return
         await self._capabilities()
-        await self._adopt()
+        await self._learn_server()
+        self._adopt()
 
-    async def _adopt(self) -> None:
+    async def _learn_server(self) -> None:
+        """Which server shows the cards (asked once, here at the start when one runs, so that no call of
+        this kind is still on its way when the agent stops right after a notification)."""
+        if self._server is not None or self._state_path is None or self.bus is None:
+            return
+        try:
+            self._server = await sender.server(self.bus)
+        except Exception as exc:
+            log.debug("the notification server is not known (yet); its cards are not kept: %s", exc)
+
+    def _adopt(self) -> None:
         """Take over the ids of the cards an earlier agent left on screen, if the same server shows them.
 
         Another server (a new login, a restarted daemon) shows none of them
         and gives their numbers to other cards: they are forgotten, never closed.
         """
-        kept = self._notice.cards
-        if not kept or self.bus is None:
+        if self._server is None:
             return
-        try:
-            self._server = await sender.server(self.bus)
-        except Exception as exc:
-            log.debug("the notification server is not known; the earlier cards are left alone: %s", exc)
-            return
-        for card in kept:
+        for card in self._notice.cards:
             if card.server != self._server or card.slot in self._ids:
                 continue
             self._ids[card.slot] = card.ident
@@ -647,11 +652,7 @@ class Notifier:
         if self._warned:
             log.info("desktop notifications work again")
             self._warned = False
-        if self._server is None and self._state_path is not None:
-            try:
-                self._server = await sender.server(self._bus())
-            except Exception as exc:
-                log.debug("the notification server is not known; its cards are not kept: %s", exc)
+        await self._learn_server()  # a server that started after the agent
         self._keep_cards()
 
     def _keep_cards(self) -> None:
