@@ -23,6 +23,7 @@ import pytest
 from agent.desktop.statefile import DiskRecord, load_state
 from agent.core.errors import EXIT_DISK_MISSING
 from tests.test_daemon import REPO, StandIn, detach, here, real, settle, until  # noqa: F401  (here: fixture)
+from agent.desktop.dbus import driver_call
 from tests.test_dbus_control import DBUS_DAEMON, private_bus
 from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
 from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
@@ -123,3 +124,50 @@ def test_now_stop_and_status_reach_the_running_agent(bench: Bench, here: None, t
                     agent.wait()
 
         asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("failing", ["notify", "tray"])
+def test_a_failing_start_of_the_notifier_or_the_tray_leaves_no_connection_or_name_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """serve() opens the system bus, then the session bus with the agent's name, then the notifier and
+    the tray; when a later start raises, what was opened before it is closed. The failing start is a
+    stand-in (the adapter's own start replaced by one that raises): a real notifier or tray never
+    raises out of its start, so only a bug would; the buses, the name and the agent are real."""
+    import importlib
+
+    from dbus_fast.aio import MessageBus
+
+    from agent.desktop import daemon
+
+    if DBUS_DAEMON is None:
+        pytest.skip(reason="dbus-daemon is not installed (apt-get install -y dbus-daemon): no private bus to test on")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[disk]]\nname = "{NAME}"\nluks_uuid = "5f0c0f4e-0c2a-4f1c-9a53-2a8a8f7a1b10"\n'
+                      f'mount_point = "{tmp_path / "mnt"}"\n')
+
+    async def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{failing} could not start")
+
+    monkeypatch.setattr(importlib.import_module(f"agent.desktop.dbus.{failing}"), "start", fails)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+    async def names(address: str) -> tuple[set[str], bool]:
+        """Every connection on the bus but the one asking, and whether the agent's name has an owner."""
+        bus = await MessageBus(bus_address=address).connect()
+        try:
+            listed = await bus.call(driver_call("ListNames", "", []))
+            owned = await bus.call(driver_call("NameHasOwner", "s", ["org.backupagent.Agent"]))
+            assert listed is not None and owned is not None
+            return {n for n in listed.body[0] if n.startswith(":") and n != bus.unique_name}, bool(owned.body[0])
+        finally:
+            bus.disconnect()
+
+    with private_bus("session") as session, private_bus("system") as system:
+        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", session.address)
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", system.address)
+        with pytest.raises(RuntimeError, match=f"{failing} could not start"):
+            daemon.main(config=str(config), no_sudo=True, argv0="backup-agent")
+        for address in (session.address, system.address):
+            assert asyncio.run(names(address)) == (set(), False), address

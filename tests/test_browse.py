@@ -303,7 +303,9 @@ def test_the_agent_opens_a_disk_for_browsing_and_closes_it_once_unused(bench: Be
             await one_cycle(agent, recorder)
             bench.assert_locked_and_unmounted()
 
+            assert recorder.of("disk_opened") == []  # refused: nothing opened
             reply = await agent.browse(NAME)
+            assert recorder.of("disk_opened") == [(NAME,)]  # listeners hear it: "safe to unplug" is untrue now
             assert reply == BrowseReply("opened", f"{NAME} is open for browsing, read-only", str(bench.repository / "snapshots"))
             assert browse.missing_flags(os.statvfs(bench.rig.mount_point).f_flag) == []
             latest = bench.repository / "latest"

@@ -1156,6 +1156,21 @@ def test_empty_mapping_gives_defaults() -> None:
     assert settings_from_mapping({}, FILE) == Settings(path=FILE)
 
 
+def test_each_default_has_one_home_and_empty_tables_keep_it() -> None:
+    """The defaults the reading of a file and the agent's schedule use are the model's, not copies of them."""
+    from agent.config.model import DEFAULT_HOOK_TIMEOUT, DEFAULT_MIN_SNAPSHOTS
+    from agent.policy import schedule
+
+    empty = {"notifications": {}, "tray": {}, "agent": {}}
+    assert settings_from_mapping(empty, FILE) == Settings(path=FILE)
+    assert (Settings(path=None).interval, Settings(path=None).on_plug) == (schedule.DEFAULT_INTERVAL, schedule.DEFAULT_ON_PLUG)
+    assert (schedule.Policy().interval, schedule.Policy().on_plug) == (schedule.DEFAULT_INTERVAL, schedule.DEFAULT_ON_PLUG)
+    hook = {"name": "h", "around": "backup", "before": ["/bin/true"]}
+    assert settings_from_mapping({"hooks": [hook]}, FILE).hooks[0].timeout == DEFAULT_HOOK_TIMEOUT == Hook("h", "backup").timeout
+    kept = settings_from_mapping({"rotation": {"keep_free": "10%"}}, FILE).keep_free
+    assert kept is not None and kept.min_snapshots == DEFAULT_MIN_SNAPSHOTS == KeepFree(percent=10.0).min_snapshots
+
+
 def test_defaults() -> None:
     settings = Settings(path=None)
     assert settings.source == "/"

@@ -87,6 +87,9 @@ class Recorder:
     def disk_removed(self, disk: str, during_backup: bool) -> None:
         self._add("disk_removed", disk, during_backup)
 
+    def disk_opened(self, disk: str) -> None:
+        self._add("disk_opened", disk)
+
     def backup_started(self, disk: str, reason: str) -> None:
         self._add("backup_started", disk, reason)
 

@@ -376,6 +376,35 @@ def test_a_whole_cycle_is_one_notification_updated_in_place(session_bus: Private
 
 
 @pytest.mark.integration
+def test_safe_to_unplug_is_withdrawn_once_the_disk_is_opened_for_browsing(session_bus: PrivateBus) -> None:
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        notifier = await notify.start(bus, FakeController(), clock=FakeClock(), now=lambda: NOW)
+        locked = dict(disk="backup1", last_success=NOW, next_due=NOW + 3600, disk_left="locked")
+        for end in ("success", "stopped"):
+            notifier.backup_started("backup1", "asked")
+            notifier.status_changed(RUNNING)
+            if end == "success":
+                notifier.backup_completed(COMPLETE)
+            notifier.status_changed(AgentStatus(state="disk-attached", last_result=end, **locked))  # type: ignore[arg-type]
+            await notifier.flush()
+            card = server.shown[-1]
+            assert card.body.endswith("It is safe to unplug backup1.")
+            notifier.disk_opened("other")  # another disk's browsing says nothing of this one
+            await notifier.flush()
+            assert card.id not in server.closed
+            notifier.disk_opened("backup1")  # Browse backups: unlocked and mounted now
+            await notifier.flush()
+            assert server.order[-1] == ("close", card.id)
+        notifier.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
 def test_a_failure_is_critical_and_offers_back_up_now(session_bus: PrivateBus) -> None:
     async def scenario() -> None:
         server_bus, server = await serve(session_bus.address, ["actions", "body", "body-markup"])
@@ -713,6 +742,88 @@ def test_a_failure_no_one_could_be_told_is_shown_at_the_next_login_once(session_
         await notifier.flush()
         assert again.id in server.closed and server.shown[-1].summary == "Backing up to backup1"
         notifier.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_the_next_agent_withdraws_the_cards_an_earlier_one_left_once_untrue(session_bus: PrivateBus, tmp_path: Path) -> None:
+    state = str(tmp_path / "state" / "notifications.json")
+    settings = one_disk(tmp_path)
+    disks = FakeDisks({"backup1": NOW - 86400}, ["backup1"])
+    clock = Clock(NOW)
+
+    async def agent(address: str, login: bool = True) -> tuple[Notifier, MessageBus]:
+        bus = await MessageBus(bus_address=address).connect()
+        notifier = await notify.start(bus, FakeController(), disks=disks, settings=settings, state_path=state,
+                                      clock=FakeClock(), now=clock)
+        if login:
+            notifier.login()
+        await notifier.flush()
+        return notifier, bus
+
+    async def scenario() -> None:
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        first, bus = await agent(session_bus.address)
+        first.backup_started("backup1", "asked")
+        first.backup_failed("transfer", "transfer failed: rsync said so")
+        await first.flush()
+        failed = server.shown[-1]
+        first.close()  # the agent restarts: its cards stay on screen
+        bus.disconnect()
+
+        # Still true (no success since): left as it is, and the next card of that disk replaces it in place.
+        clock.now += 60
+        second, bus = await agent(session_bus.address)
+        assert server.closed == []
+        server.action_invoked(failed.id, "backup-now")  # its button still works for the new agent
+        await until(lambda: second._controller.calls == ["backup_now"])  # type: ignore[union-attr]
+        second.backup_started("backup1", "asked")
+        second.backup_completed(COMPLETE)
+        second.status_changed(AgentStatus(state="disk-attached", disk="backup1", last_success=clock.now,
+                                          last_result="success", next_due=clock.now + 3600, disk_left="locked"))
+        await second.flush()
+        done = server.shown[-1]
+        assert done.replaces_id == failed.id and done.body.endswith("It is safe to unplug backup1.")
+        second.close()
+        bus.disconnect()
+
+        # Unplugged while no agent ran: "safe to unplug" is done with, and the next agent withdraws it.
+        disks.successes["backup1"], disks.here = clock.now, []
+        clock.now += 60
+        third, bus = await agent(session_bus.address)
+        assert server.order[-1] == ("close", done.id)
+        third.backup_started("backup1", "asked")  # a later card is a new one, not a replacement of the closed one
+        await third.flush()
+        assert server.shown[-1].replaces_id == 0
+        third.backup_failed("transfer", "transfer failed: rsync said so")
+        await third.flush()
+        third.close()
+        bus.disconnect()
+
+        # Another server (a new login): its ids are not the earlier server's; nothing of it is closed.
+        server_bus.disconnect()
+        server_bus, server = await serve(session_bus.address, ["actions", "body"])
+        disks.successes["backup1"] = clock.now + 1
+        clock.now += 60
+        fourth, bus = await agent(session_bus.address)
+        fourth.backup_started("backup1", "asked")
+        await fourth.flush()
+        assert server.closed == [] and server.shown[-1].replaces_id == 0
+        fourth.close()
+        bus.disconnect()
+
+        # A cycle that starts before the next agent's login replaces the earlier "running" card in place,
+        # and the login then leaves this agent's own card alone.
+        running = server.shown[-1]
+        fifth, bus = await agent(session_bus.address, login=False)
+        fifth.backup_started("backup1", "asked")
+        fifth.login()
+        await fifth.flush()
+        assert server.shown[-1].replaces_id == running.id and server.closed == []
+        fifth.close()
         bus.disconnect()
         server_bus.disconnect()
 

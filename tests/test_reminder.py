@@ -13,11 +13,13 @@ from agent.desktop.reminder import (
     MissedFailure,
     NoticeState,
     Reminder,
+    ShownCard,
     load_notice_state,
     missed_to_show,
     notice_state_path,
     plan_reminders,
     save_notice_state,
+    stale_cards,
 )
 
 UTC = dt.timezone.utc
@@ -111,3 +113,37 @@ def test_the_state_file_round_trips_beside_the_agent_s_and_a_damaged_one_is_igno
     assert load_notice_state(path) == NoticeState()
     Path(path).write_text(json.dumps({"reminded": {"a": "yesterday"}, "missed": [{"disk": 3}, "x"]}))
     assert load_notice_state(path) == NoticeState()
+
+
+def test_cards_an_earlier_agent_left_are_stale_once_untrue() -> None:
+    def card(kind: str, disk: str = "b1", slot: str = "cycle") -> ShownCard:
+        return ShownCard(slot, 7, disk, kind, NOW, "bus/:1.5", ("backup-now",))
+
+    def stale(kind: str, *, attached: tuple[str, ...] = (), open_disks: tuple[str, ...] = (),
+              success: float | None = None) -> bool:
+        cards = [card(kind), card(kind, "b2")]  # b2 is never asked about: its card is judged alone
+        found = stale_cards(cards, attached=attached, open_disks=open_disks, last_successes={"b1": success})
+        return card(kind) in found
+
+    # another agent's cycle and its "leave the disk plugged in" are never this agent's to keep
+    assert stale("running", attached=("b1",)) and stale("skipped", attached=("b1",)) and stale("new-kind")
+    for kind in ("complete", "stopped"):  # "safe to unplug": true while it is here and closed
+        assert not stale(kind, attached=("b1",))
+        assert stale(kind) and stale(kind, attached=("b1",), open_disks=("b1",))
+    assert stale("removed", attached=("b1",)) and not stale("removed")
+    for kind in ("failed", "missed"):  # a failure: until a backup of its disk succeeds after it
+        assert not stale(kind, success=NOW - 1) and not stale(kind, attached=("b1",))
+        assert stale(kind, success=NOW + 1)
+    assert not stale("reminder") and stale("reminder", attached=("b1",)) and stale("reminder", success=NOW + 1)
+
+
+def test_the_cards_on_screen_round_trip_and_bad_entries_are_dropped(tmp_path: Path) -> None:
+    path = str(tmp_path / "notifications.json")
+    kept = ShownCard("missed:b1", 12, "b1", "missed", NOW, "abc/:1.9", ("backup-now",))
+    save_notice_state(path, NoticeState(cards=[kept]))
+    assert load_notice_state(path).cards == [kept]
+    data = json.loads(Path(path).read_text())
+    data["cards"] += [{"slot": "cycle", "ident": True, "disk": "b1", "kind": "failed", "time": NOW, "server": "x"},
+                      {"slot": "cycle", "ident": 0, "disk": "b1", "kind": "failed", "time": NOW, "server": "x"}, "junk"]
+    Path(path).write_text(json.dumps(data))
+    assert load_notice_state(path).cards == [kept]

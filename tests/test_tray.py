@@ -619,7 +619,8 @@ def test_menu_clicks(session_bus: PrivateBus, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_the_eject_answer_is_withdrawn_once_untrue(session_bus: PrivateBus, tmp_path: Path) -> None:
-    """"It is safe to unplug" is untrue once a backup of that disk starts, and done with once it is unplugged."""
+    """"It is safe to unplug" is untrue once a backup of that disk starts or it is opened for browsing, and done
+    with once it is unplugged."""
     settings = Settings(path=None, disks=(disk("backup1", str(tmp_path)), disk("backup2", str(tmp_path))))
 
     async def scenario() -> None:
@@ -644,6 +645,15 @@ def test_the_eject_answer_is_withdrawn_once_untrue(session_bus: PrivateBus, tmp_
             icon.status_changed(ATTACHED)
             said = await eject()
             icon.disk_removed("backup1", during_backup=False)
+            await icon.settle()
+            assert server.closed[-1] == said
+            # opened for browsing (unlocked and mounted): untrue again, another disk's opening says nothing of it
+            icon.disk_attached("backup1")
+            said = await eject()
+            icon.disk_opened("backup2")
+            await icon.settle()
+            assert server.closed[-1] != said
+            icon.disk_opened("backup1")
             await icon.settle()
             assert server.closed[-1] == said
         server_bus.disconnect()

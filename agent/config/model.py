@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from typing import Final, Union
 
 from agent.policy.rotation import DEFAULT_SCHEME, Scheme
+from agent.policy.schedule import DEFAULT_INTERVAL, DEFAULT_ON_PLUG
 
 # Used when the whole system is backed up and the user did not list excludes:
 # virtual and runtime filesystems, mount points of other disks, swap, and
 # caches that are rebuilt on demand. Anchored at the transfer root ("/"), and
 # "dir/*" keeps the (empty) directory itself so a restore recreates it.
+#: Seconds a hook's before or after may run ([[hooks]] timeout).
+DEFAULT_HOOK_TIMEOUT: Final = 600
+#: keep_free never deletes below this many complete snapshots ([rotation] min_snapshots).
+DEFAULT_MIN_SNAPSHOTS: Final = 3
+
 DEFAULT_SYSTEM_EXCLUDES: Final[tuple[str, ...]] = (
     "/dev/*",
     "/proc/*",
@@ -82,7 +88,7 @@ class Hook:
     around: str  # "backup" | "snapshot"
     before: tuple[str, ...] | None = None  # argv; no shell unless the user writes sh -c
     after: tuple[str, ...] | None = None
-    timeout: int = 600  # seconds, for each of before and after
+    timeout: int = DEFAULT_HOOK_TIMEOUT  # seconds, for each of before and after
     critical: bool = True  # a failed critical before-hook stops the cycle before anything is written
 
 
@@ -92,7 +98,7 @@ class KeepFree:
 
     bytes: int | None = None
     percent: float | None = None
-    min_snapshots: int = 3  # never delete below this many complete snapshots
+    min_snapshots: int = DEFAULT_MIN_SNAPSHOTS  # never delete below this many complete snapshots
 
 
 REPORT_WHEN: Final[tuple[str, ...]] = ("failure", "success", "stale")
@@ -150,8 +156,8 @@ class Settings:
     hooks: tuple[Hook, ...] = ()
     reports: tuple[Report, ...] = ()  # [[report]]: who hears the root cycle's result besides the desktop
     keep_free: KeepFree | None = None
-    interval: int = 3600  # [agent]: seconds between backups while the disk stays attached
-    on_plug: str = "if-due"  # [agent]: "if-due" or "always"
+    interval: int = DEFAULT_INTERVAL  # [agent]: seconds between backups while the disk stays attached
+    on_plug: str = DEFAULT_ON_PLUG  # [agent]: one of agent.policy.schedule.ON_PLUG_CHOICES
     state_dir: str = "/var/lib/backup-agent"  # where init records each disk's repository id
     crypttab: str = "/etc/crypttab"
     fstab: str = "/etc/fstab"

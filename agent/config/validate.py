@@ -21,7 +21,19 @@ from agent.core.commands import IONICE_CLASSES
 from agent.policy.rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
 from agent.policy.schedule import ON_PLUG_CHOICES
 from agent.config.messages import fail, got_type, literal, quote, show, suggest
-from agent.config.model import REPORT_WHEN, Commands, Disk, Hook, KeepFree, MailReport, PingReport, Report, Settings
+from agent.config.model import (
+    DEFAULT_HOOK_TIMEOUT,
+    DEFAULT_MIN_SNAPSHOTS,
+    REPORT_WHEN,
+    Commands,
+    Disk,
+    Hook,
+    KeepFree,
+    MailReport,
+    PingReport,
+    Report,
+    Settings,
+)
 
 # Top-level directories that hold the system itself: a repository there would
 # mix snapshots into (or delete from) the running system.
@@ -134,10 +146,8 @@ _FILESYSTEM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.+-]{0,31}", re.ASCII)
 FILESYSTEMS_WITHOUT_LINKS_OR_OWNERS: Final = frozenset({"vfat", "msdos", "fat", "exfat", "ntfs", "ntfs3", "ntfs-3g"})
 # Mounting the disk over one of these would hide what the system or its users need.
 MOUNT_POINTS_REFUSED: Final = SYSTEM_DIRECTORIES | {"/home", "/root", "/tmp", "/opt", "/srv"}
-DEFAULT_HOOK_TIMEOUT: Final = 600
 # Longer than a week is a stuck hook, not a slow one (and keeps timers in range).
 MAX_HOOK_TIMEOUT: Final = 7 * 86400
-DEFAULT_MIN_SNAPSHOTS: Final = 3
 _SIZE_UNITS: Final[Mapping[str, int]] = MappingProxyType({"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4})
 _SIZE_RE: Final = re.compile(r"([0-9]+)([KMGT]?)", re.ASCII)
 _PERCENT_RE: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)%", re.ASCII)
@@ -443,14 +453,16 @@ def _agent(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     if "on_plug" in data:
         value = data["on_plug"]
         if value not in ON_PLUG_CHOICES:
-            fail(file, "agent.on_plug", f"got {show(value)}; expected \"if-due\" or \"always\"")
+            fail(file, "agent.on_plug", f"got {show(value)}; expected {' or '.join(map(show, ON_PLUG_CHOICES))}")
         out["on_plug"] = value
     return out
 
 
 def _notifications(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     _check_keys(file, "notifications", data)
-    out: dict[str, Any] = {"notifications": _bool(file, "notifications.enabled", data.get("enabled", True))}
+    out: dict[str, Any] = {}  # what is left out keeps the model's default (agent.config.model.Settings)
+    if "enabled" in data:
+        out["notifications"] = _bool(file, "notifications.enabled", data["enabled"])
     if "remind_after" in data:
         out["remind_after"] = _remind_after(file, data["remind_after"])
     return out
@@ -471,9 +483,9 @@ def _remind_after(file: str, value: object) -> int:
     return value
 
 
-def _tray(file: str, data: Mapping[str, Any]) -> bool:
+def _tray(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
     _check_keys(file, "tray", data)
-    return _bool(file, "tray.enabled", data.get("enabled", True))
+    return {"tray": _bool(file, "tray.enabled", data["enabled"])} if "enabled" in data else {}
 
 
 # --------------------------------------------------------------------------
@@ -1024,7 +1036,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
     if "notifications" in data:
         fields.update(_notifications(path, data["notifications"]))
     if "tray" in data:
-        fields["tray"] = _tray(path, data["tray"])
+        fields.update(_tray(path, data["tray"]))
     if "system" in data:
         fields.update(_system(path, data["system"]))
     if "agent" in data:

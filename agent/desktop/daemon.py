@@ -464,6 +464,7 @@ class Agent:
         (log.info if reply.open else log.warning)("browse %s: %s", disk, reply.message)
         if reply.open:
             self._arm_browse_close(disk)
+            self._tell("disk_opened", disk)  # what said "safe to unplug" is untrue now
         return reply
 
     def _arm_browse_close(self, disk: str) -> None:

@@ -9,11 +9,15 @@ Two decisions, both pure (values in, values out, tested directly):
 * :func:`missed_to_show`: the failures that no one could be told about
   (no session bus, no notification server, the notification failed), one per
   disk, without those a later successful backup made moot.
+* :func:`stale_cards`: which of the cards an earlier agent left on screen
+  are untrue now, so that the next agent withdraws them (it cannot know
+  their ids otherwise: they are kept here, with the server that showed them).
 
 What they need from one login to the next is kept in a small JSON file
 beside the agent's state file (:func:`notice_state_path`), written only by
 the notifications: when each disk was first known and last reminded, and
-the missed failures. The agent's own state file stays the agent's.
+the missed failures, the cards still on screen. The agent's own state file
+stays the agent's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 from agent.core.files import write_atomic
 
@@ -146,6 +150,64 @@ def missed_to_show(missed: Sequence[MissedFailure], last_successes: Mapping[str,
     return sorted(summaries, key=lambda s: s.latest.time)
 
 
+# -- cards left on screen -----------------------------------------------------------------
+
+#: What a card says, as far as whether it stays true goes: "running" (a cycle in progress, or its
+#: disk being locked), "complete" and "stopped" (how the cycle ended: safe to unplug, or how the
+#: disk was left), "removed" (unplugged during the backup), "failed", "skipped" ("no backup needed
+#: yet: leave the disk plugged in"), "missed" (a failure shown at login), "reminder".
+CARD_KINDS = ("running", "complete", "stopped", "removed", "failed", "skipped", "missed", "reminder")
+
+
+@dataclass(frozen=True)
+class ShownCard:
+    """A notification on screen: where the notifier keeps it, the server's id for it, and what it is about."""
+
+    slot: str  # "cycle", "disk", "missed:DISK" or "reminder:DISK"
+    ident: int
+    disk: str
+    kind: str  # one of CARD_KINDS
+    time: float  # epoch seconds it was first shown as this kind
+    server: str  # the server that showed it (the bus's id and the server's unique name): ids are its own
+    actions: tuple[str, ...] = ()
+
+
+def stale_cards(
+    cards: Sequence[ShownCard],
+    *,
+    attached: Collection[str],
+    open_disks: Collection[str],
+    last_successes: Mapping[str, float | None],
+) -> list[ShownCard]:
+    """The cards an earlier agent showed that are untrue now (to withdraw); the rest may stay.
+
+    A cycle's progress and "no backup needed yet" belong to the agent that
+    showed them (the next one decides afresh); "safe to unplug" (complete,
+    stopped) is done with once the disk is gone and untrue while it is open
+    (mounted, e.g. for browsing); "unplugged during the backup" once it is
+    back; a failure once a backup of its disk succeeded after it; a reminder
+    once the disk is here or backed up.
+    """
+    stale: list[ShownCard] = []
+    for card in cards:
+        success = last_successes.get(card.disk)
+        succeeded = success is not None and success >= card.time
+        here = card.disk in attached
+        if card.kind in ("complete", "stopped"):
+            untrue = not here or card.disk in open_disks
+        elif card.kind == "removed":
+            untrue = here
+        elif card.kind in ("failed", "missed"):
+            untrue = succeeded
+        elif card.kind == "reminder":
+            untrue = here or succeeded
+        else:  # running, skipped, and a kind this version does not know
+            untrue = True
+        if untrue:
+            stale.append(card)
+    return stale
+
+
 # -- the file ------------------------------------------------------------------------------
 
 
@@ -156,6 +218,7 @@ class NoticeState:
     known_since: dict[str, float] = field(default_factory=dict)
     reminded: dict[str, float] = field(default_factory=dict)
     missed: list[MissedFailure] = field(default_factory=list)
+    cards: list[ShownCard] = field(default_factory=list)  # on screen when last written
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -163,6 +226,7 @@ class NoticeState:
             "known_since": dict(self.known_since),
             "reminded": dict(self.reminded),
             "missed": [vars(failure) for failure in self.missed[-MAX_MISSED:]],
+            "cards": [{**vars(card), "actions": list(card.actions)} for card in self.cards],
         }
 
 
@@ -201,6 +265,24 @@ def _missed(value: object) -> list[MissedFailure]:
     return found
 
 
+def _cards(value: object) -> list[ShownCard]:
+    found: list[ShownCard] = []
+    for item in value if isinstance(value, list) else []:
+        if not isinstance(item, dict):
+            continue
+        slot, ident, disk, kind, when, server, actions = (
+            item.get(k) for k in ("slot", "ident", "disk", "kind", "time", "server", "actions")
+        )
+        if (
+            isinstance(slot, str) and isinstance(disk, str) and isinstance(kind, str) and isinstance(server, str)
+            and isinstance(ident, int) and not isinstance(ident, bool) and ident > 0
+            and isinstance(when, (int, float)) and not isinstance(when, bool)
+        ):
+            keys = tuple(a for a in actions if isinstance(a, str)) if isinstance(actions, list) else ()
+            found.append(ShownCard(slot, ident, disk, kind, float(when), server, keys))
+    return found
+
+
 def load_notice_state(path: str) -> NoticeState:
     """The file's contents; empty when missing, and when damaged (logged): it only costs a reminder."""
     try:
@@ -214,7 +296,10 @@ def load_notice_state(path: str) -> NoticeState:
     if not isinstance(data, dict):
         log.warning("ignoring the notifications' state file %s: not a JSON object", path)
         return NoticeState()
-    return NoticeState(_times(data.get("known_since")), _times(data.get("reminded")), _missed(data.get("missed")))
+    return NoticeState(
+        _times(data.get("known_since")), _times(data.get("reminded")), _missed(data.get("missed")),
+        _cards(data.get("cards")),
+    )
 
 
 def save_notice_state(path: str, state: NoticeState) -> None:
@@ -232,9 +317,11 @@ __all__ = [
     "NoticeState",
     "Reminder",
     "ReminderPlan",
+    "ShownCard",
     "load_notice_state",
     "missed_to_show",
     "notice_state_path",
     "plan_reminders",
     "save_notice_state",
+    "stale_cards",
 ]

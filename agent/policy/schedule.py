@@ -73,9 +73,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Final, Literal
 
-ON_PLUG_CHOICES = ("if-due", "always")
+#: The defaults of ``[agent]``, here once: the configuration's model and the Policy take them from here.
+DEFAULT_INTERVAL: Final = 3600  # seconds between backups while the disk stays attached
+DEFAULT_ON_PLUG: Final = "if-due"
+ON_PLUG_CHOICES = (DEFAULT_ON_PLUG, "always")
 
 #: How far in the future (seconds) a last success or failure may be before it
 #: is taken as a sign that the wall clock was set back (see the module notes).
@@ -101,8 +104,8 @@ Trigger = Literal["plugged", "unplugged", "tick", "resumed", "asked"]
 class Policy:
     """When to back up one disk (from the configuration)."""
 
-    interval: float = 3600.0  # seconds between backups while the disk stays attached
-    on_plug: str = "if-due"  # "if-due" | "always"
+    interval: float = float(DEFAULT_INTERVAL)  # seconds between backups while the disk stays attached
+    on_plug: str = DEFAULT_ON_PLUG  # one of ON_PLUG_CHOICES
     retry_first: float = 300.0  # first retry delay after a failure; doubles each failure
     retry_max: float = 3600.0 * 4  # cap of the retry delay (at least retry_first)
 

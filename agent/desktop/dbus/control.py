@@ -327,6 +327,9 @@ class ControlInterface(ServiceInterface):
     def disk_removed(self, disk: str, during_backup: bool) -> None:
         self._disk_removed_signal(disk, bool(during_backup))
 
+    def disk_opened(self, disk: str) -> None:
+        """Nothing to signal: the caller of Browse gets the reply, and the status does not change."""
+
     def backup_started(self, disk: str, reason: str) -> None:
         self._started = time.monotonic()
         self._backup_started_signal(disk or "", reason or "")

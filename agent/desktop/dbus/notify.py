@@ -32,6 +32,9 @@ mounted as it found it, and the snapshot's directory is there for this user.
 
 Reminders and missed failures (:mod:`agent.desktop.reminder` decides): at login
 (:meth:`Notifier.login`, once the agent has read the disks present) the
+cards an earlier agent left on screen that are untrue now are withdrawn
+(their ids are kept in the notifications' file with the server that showed
+them; :func:`agent.desktop.reminder.stale_cards` decides), the
 failures no one could be told about are shown, and a disk that had no
 successful backup for ``remind_after`` days gets a reminder, then once a
 day while the agent runs, until the disk is seen. One timer waits for the
@@ -58,10 +61,12 @@ from agent.desktop.reminder import (
     DiskView,
     MissedFailure,
     NoticeState,
+    ShownCard,
     load_notice_state,
     missed_to_show,
     plan_reminders,
     save_notice_state,
+    stale_cards,
 )
 from agent.repository.store import SNAPSHOTS
 from agent.desktop.state import AgentStatus, Controller, Listener
@@ -132,6 +137,7 @@ class _Item(NamedTuple):
     shown: Callable[[], None] | None = None  # called once the server showed it
     missed: Callable[[], None] | None = None  # called when it could not be shown
     close: bool = False  # withdraw the slot's notification (CloseNotification): what it says is stale
+    about: tuple[str, str] = ("", "")  # its disk and kind (agent.desktop.reminder.CARD_KINDS), kept across restarts
 
 
 class Notifier:
@@ -186,6 +192,10 @@ class Notifier:
         self._worker: asyncio.Task[None] | None = None
         self._ids: dict[str, int] = {}  # slot → the id the server gave its notification
         self._ours: dict[int, tuple[str, ...]] = {}  # id → the actions it offers
+        self._about: dict[str, tuple[str, str, float]] = {}  # slot → its disk, kind, and since when (now())
+        self._server: str | None = None  # which server gave the ids (sender.server); None: not known
+        self._adopted: list[ShownCard] = []  # cards an earlier agent left on screen, until login() judges them
+        self._mounts = {disk.name: disk.mount_point for disk in settings.disks} if settings is not None else {}
         self._warned = bus is None  # start() already said there is no bus
         self._closed = False
         self._handler_added = False
@@ -221,6 +231,35 @@ class Notifier:
             self._failed(exc)
             return
         await self._capabilities()
+        await self._learn_server()
+        self._adopt()
+
+    async def _learn_server(self) -> None:
+        """Which server shows the cards (asked once, here at the start when one runs, so that no call of
+        this kind is still on its way when the agent stops right after a notification)."""
+        if self._server is not None or self._state_path is None or self.bus is None:
+            return
+        try:
+            self._server = await sender.server(self.bus)
+        except Exception as exc:
+            log.debug("the notification server is not known (yet); its cards are not kept: %s", exc)
+
+    def _adopt(self) -> None:
+        """Take over the ids of the cards an earlier agent left on screen, if the same server shows them.
+
+        Another server (a new login, a restarted daemon) shows none of them
+        and gives their numbers to other cards: they are forgotten, never closed.
+        """
+        if self._server is None:
+            return
+        for card in self._notice.cards:
+            if card.server != self._server or card.slot in self._ids:
+                continue
+            self._ids[card.slot] = card.ident
+            self._ours[card.ident] = tuple(key for key in card.actions if key != ACTION_OPEN)
+            self._about[card.slot] = (card.disk, card.kind, card.time)
+            self._adopted.append(card)
+        self._keep_cards()
 
     def close(self) -> None:
         """Stop: no more notifications; the ones shown stay."""
@@ -253,6 +292,7 @@ class Notifier:
                 now = self._now()
                 for name in successes:
                     self._notice.known_since.setdefault(name, now)
+            self._judge_adopted(successes)
             summaries = missed_to_show(self._notice.missed, successes)
             # Failures a later success made moot are forgotten.
             self._notice.missed = [f for f in self._notice.missed if any(f.disk == s.latest.disk for s in summaries)]
@@ -260,10 +300,27 @@ class Notifier:
             for summary in summaries:
                 self._post(f"missed:{summary.latest.disk}", missed_text(summary, self._now(), self._tz),
                            actions=(ACTION_BACKUP_NOW,), icon="dialog-error", category="transfer.error",
+                           about=(summary.latest.disk, "missed"),
                            shown=functools.partial(self._forget_missed, summary.latest))
             self._replan(login=True)
         except Exception:
             log.exception("notifications: login failed")
+
+    def _settled(self, slot: str) -> None:
+        """This agent has replaced or withdrawn the slot's card: an earlier agent's card there is no longer to judge."""
+        if self._adopted:
+            self._adopted = [card for card in self._adopted if card.slot != slot]
+
+    def _judge_adopted(self, successes: dict[str, float | None]) -> None:
+        """Withdraw the cards an earlier agent left that are untrue now; the rest are replaced in place later."""
+        adopted, self._adopted = self._adopted, []
+        open_disks = {name for name, mount in self._mounts.items() if os.path.ismount(mount)}
+        stale = stale_cards(adopted, attached=self._attached, open_disks=open_disks, last_successes=successes)
+        for card in adopted:
+            if card in stale:
+                self._withdraw(card.slot)
+            elif card.slot == "cycle":
+                self._card = (card.disk, card.kind)  # withdrawn or replaced as this agent's own would be
 
     def _forget_missed(self, shown: MissedFailure) -> None:
         self._notice.missed = [f for f in self._notice.missed if f.disk != shown.disk or f.time > shown.time]
@@ -309,7 +366,7 @@ class Notifier:
                     continue
                 self._reminding.add(reminder.disk)
                 self._post(f"reminder:{reminder.disk}", reminder_text(reminder.disk, reminder.last_success, now, self._tz),
-                           icon="drive-harddisk", category="device",
+                           icon="drive-harddisk", category="device", about=(reminder.disk, "reminder"),
                            shown=functools.partial(self._reminded, reminder.disk, True),
                            missed=functools.partial(self._reminded, reminder.disk, False))
         if wake is not None:
@@ -361,13 +418,14 @@ class Notifier:
                 open_path = self._reachable_snapshot(disk, event, status)
                 self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail),
                            actions=(ACTION_OPEN,) if open_path else (), icon="drive-harddisk",
-                           category="transfer.complete", open_path=open_path)
+                           category="transfer.complete", open_path=open_path, about=(disk, "complete"))
                 self._card = (disk, "complete")
                 self._withdraw(f"missed:{disk}")  # a failure a success made moot
         elif ended and status.last_result == "stopped" and not self._removed:
             disk = self._disk or status.disk or "the disk"
             self._post("cycle", stopped_text(disk, status.disk_left, status.disk_left_detail),
-                       actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="transfer")
+                       actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="transfer",
+                       about=(disk, "stopped"))
             self._card = (disk, "stopped")
         elif (
             plugged is not None
@@ -379,7 +437,8 @@ class Notifier:
         ):
             self._skipped = plugged
             self._post("disk", skipped_text(plugged, status.last_success, status.next_due, self._now()),
-                       actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added")
+                       actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added",
+                       about=(plugged, "skipped"))
 
     def disk_attached(self, disk: str) -> None:
         self._plugged = disk
@@ -396,13 +455,20 @@ class Notifier:
         if during_backup:
             self._removed = True
             self._completed = None
-            self._post("cycle", removed_text(disk), icon="dialog-warning", category="device.removed")
+            self._post("cycle", removed_text(disk), icon="dialog-warning", category="device.removed",
+                       about=(disk, "removed"))
             self._card = (disk, "removed")
         else:
             # "No backup needed yet; leave the disk plugged in" and "safe to unplug" are done with.
             self._withdraw("disk")
             if self._card == (disk, "complete"):
                 self._withdraw("cycle")
+
+    def disk_opened(self, disk: str) -> None:
+        # "Complete/stopped — it is safe to unplug" is untrue while the disk is open for browsing;
+        # what the card said of the backup itself the tray and `status` still show.
+        if self._card is not None and self._card[0] == disk and self._card[1] in ("complete", "stopped"):
+            self._withdraw("cycle")
 
     def backup_started(self, disk: str, reason: str) -> None:
         self._plugged = None
@@ -418,7 +484,7 @@ class Notifier:
         self._withdraw("disk")
         self._withdraw(f"missed:{disk}")
         self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP,),
-                   icon="drive-harddisk", category="transfer", transient=True)
+                   icon="drive-harddisk", category="transfer", transient=True, about=(disk, "running"))
         self._card = (disk, "running")
 
     def progress(self, event: ProgressEvent) -> None:
@@ -432,13 +498,14 @@ class Notifier:
         percent = event.percent
         value = int(min(100.0, max(0.0, percent))) if percent is not None else None
         self._post("cycle", progress_text(self._disk or "the disk", event, step), actions=(ACTION_STOP,),
-                   icon="drive-harddisk", category="transfer", value=value, transient=True)
+                   icon="drive-harddisk", category="transfer", value=value, transient=True,
+                   about=(self._disk or "the disk", "running"))
 
     def backup_completed(self, event: CompleteEvent) -> None:
         self._completed = event
         self._muted = False
         self._post("cycle", completed_text(self._disk or "the disk", event, None),
-                   icon="drive-harddisk", category="transfer")
+                   icon="drive-harddisk", category="transfer", about=(self._disk or "the disk", "running"))
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
         completed, self._completed = self._completed, None
@@ -451,7 +518,7 @@ class Notifier:
         self._card = (self._disk or "the disk", "failed")
         failure = MissedFailure(self._now(), self._disk or "the disk", step, message, done, exit_code)
         self._post("cycle", text, actions=(ACTION_BACKUP_NOW,) if not snapshot else (),
-                   icon="dialog-error", category="transfer.error",
+                   icon="dialog-error", category="transfer.error", about=(failure.disk, "failed"),
                    missed=lambda: self._record_missed(failure))
 
     # -- sending ----------------------------------------------------------------------
@@ -482,18 +549,22 @@ class Notifier:
         open_path: str | None = None,
         shown: Callable[[], None] | None = None,
         missed: Callable[[], None] | None = None,
+        about: tuple[str, str],
     ) -> None:
         if self._closed:
             return
+        self._settled(slot)
         queue = self._worker_queue()
         if queue is None:
             return
-        queue.put_nowait(_Item(slot, text, actions, icon, category, value, transient, open_path, shown, missed))
+        queue.put_nowait(_Item(slot, text, actions, icon, category, value, transient, open_path, shown, missed,
+                               about=about))
 
     def _withdraw(self, slot: str) -> None:
         """Close the slot's notification (if one is shown): what it says is no longer true."""
         if self._closed:
             return
+        self._settled(slot)
         queue = self._worker_queue()
         if queue is not None:
             queue.put_nowait(_Item(slot, Text("", "", LOW), (), "", "", None, False, close=True))
@@ -569,6 +640,10 @@ class Notifier:
             self._ours.pop(replaces, None)
             self._open_paths.pop(replaces, None)
         self._ids[item.slot] = new_id
+        disk, kind = item.about
+        earlier = self._about.get(item.slot)
+        same = earlier is not None and replaces == new_id and earlier[:2] == (disk, kind)
+        self._about[item.slot] = (disk, kind, earlier[2] if same and earlier is not None else self._now())
         self._ours[new_id] = tuple(actions[::2])
         if item.open_path is not None and ACTION_OPEN in self._ours[new_id]:
             self._open_paths[new_id] = item.open_path
@@ -577,13 +652,30 @@ class Notifier:
         if self._warned:
             log.info("desktop notifications work again")
             self._warned = False
+        await self._learn_server()  # a server that started after the agent
+        self._keep_cards()
+
+    def _keep_cards(self) -> None:
+        """Keep the ids of the cards on screen (with the server's name) for the next agent, when they changed."""
+        if self._state_path is None or self._server is None:
+            return
+        cards = [
+            ShownCard(slot, ident, *self._about[slot], server=self._server, actions=self._ours.get(ident, ()))
+            for slot, ident in self._ids.items()
+            if slot in self._about
+        ]
+        if cards != self._notice.cards:
+            self._notice.cards = cards
+            self._save_notice()
 
     async def _close_slot(self, slot: str) -> None:
         ident = self._ids.pop(slot, None)
+        self._about.pop(slot, None)
         if ident is None:
             return
         self._ours.pop(ident, None)
         self._open_paths.pop(ident, None)
+        self._keep_cards()
         try:
             await sender.close(self._bus(), ident)
         except BusCallError as exc:
@@ -602,6 +694,7 @@ class Notifier:
 
     def _failed(self, exc: BaseException) -> None:
         self.capabilities = None  # ask again next time: the server may be a new one
+        self._server = None
         if self._warned:
             log.debug("desktop notification not shown: %s", exc)
             return
@@ -633,8 +726,10 @@ class Notifier:
                     for slot, shown in list(self._ids.items()):
                         if shown == ident:
                             del self._ids[slot]
+                            self._about.pop(slot, None)
                             if slot == "cycle" and reason == CLOSED_BY_USER and self._completed is None:
                                 self._muted = True  # dismissed: no more progress for this cycle
+                    self._keep_cards()
         except Exception:
             log.exception("notifications: a signal from the server could not be handled")
         return False

@@ -14,7 +14,8 @@ from typing import Any, Collection, Mapping, Sequence
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from agent.desktop.dbus.bus import call, checked
+from agent.desktop.dbus import driver_call
+from agent.desktop.dbus.bus import call, checked, send
 
 NOTIFICATIONS_NAME = "org.freedesktop.Notifications"
 NOTIFICATIONS_PATH = "/org/freedesktop/Notifications"
@@ -61,3 +62,15 @@ async def notify(
 async def close(bus: MessageBus, ident: int) -> None:
     """Withdraw one notification (BusCallError when the server says it is not there)."""
     await _call(bus, "CloseNotification", "u", [ident])
+
+
+async def server(bus: MessageBus) -> str:
+    """Which server shows the notifications now: the bus's id and the server's unique name.
+
+    A notification's id is the server's own: a new server (a new login, a
+    restarted daemon) gives the same numbers to other cards, so an id kept
+    across agent restarts may be withdrawn only while this is unchanged.
+    """
+    bus_id = checked(await send(bus, driver_call("GetId", "", [])), "GetId").body[0]
+    owner = checked(await send(bus, driver_call("GetNameOwner", "s", [NOTIFICATIONS_NAME])), "GetNameOwner").body[0]
+    return f"{bus_id}/{owner}"

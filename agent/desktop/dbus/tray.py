@@ -1,18 +1,20 @@
-"""The tray icon: an ``org.kde.StatusNotifierItem`` with a ``com.canonical.dbusmenu`` menu.
+"""The tray icon, following the agent: a :class:`~agent.desktop.state.Listener` with a menu.
 
-Three parts:
+Three modules, one job each:
 
-* the look, pure: the icon name and SNI status for each agent state, the
-  tooltip's words (progress, or the last backup's time and result), the
-  menu's items and which are enabled, and what Eject says;
-* :func:`look_at`, the one place that looks at a disk (mount table, the
-  mapped device, the repository's ``latest``): the agent runs without root,
-  so it looks without root, and closes an open disk only through the
-  agent's eject (root, through the sudo rule);
-* :class:`Tray`, a :class:`~agent.desktop.state.Listener` that exports the item at
-  :data:`ITEM_PATH` and the menu at :data:`MENU_PATH` under the name
-  ``org.kde.StatusNotifierItem-<pid>-<n>``, registers it with the
-  StatusNotifierWatcher, and registers again whenever a watcher (re)starts.
+* :mod:`agent.desktop.dbus.traylook`, pure: the icon name and SNI status for
+  each agent state, the tooltip's words (progress, or the last backup's time
+  and result), the menu's items and which are enabled, and what Eject says;
+* :mod:`agent.desktop.dbus.sni`: the D-Bus objects, an
+  ``org.kde.StatusNotifierItem`` and its ``com.canonical.dbusmenu`` menu, which
+  read what to show from the :class:`Tray` and hand it the clicks;
+* this one: :func:`look_at`, the one place that looks at a disk (mount table,
+  the mapped device, the repository's ``latest``): the agent runs without
+  root, so it looks without root, and closes an open disk only through the
+  agent's eject (root, through the sudo rule); and :class:`Tray`, which
+  exports the item at :data:`ITEM_PATH` and the menu at :data:`MENU_PATH`
+  under the name ``org.kde.StatusNotifierItem-<pid>-<n>``, registers it with
+  the StatusNotifierWatcher, and registers again whenever a watcher (re)starts.
 
 Without a watcher (plain GNOME) there is no tray and no error: that is
 logged once at info level. The tray never blocks or stops a backup: the
@@ -33,33 +35,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import posixpath
-import shlex
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Coroutine, Final, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Coroutine, Final, NamedTuple
 
-from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant
+from dbus_fast import Message, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import (
-    DBusBool,
-    DBusInt32,
-    DBusObjectPath,
-    DBusSignature,
-    DBusStr,
-    DBusUInt32,
-    DBusVariant,
-)
-from dbus_fast.constants import PropertyAccess
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from agent.config.model import Disk, Settings
-from agent.disk.devices import device_number, top_mount
+from agent.disk.devices import device_number
 from agent.disk.mount import holders, umount_argv
-from agent.disk.unlock import unlock_argv, unlock_method
-from agent.core.errors import DiskError
 from agent.core.events import CompleteEvent, ProgressEvent
-from agent.core.mounts import MountEntry, read_mountinfo
+from agent.core.mounts import read_mountinfo
 from agent.repository.store import LATEST
 from agent.desktop.state import AgentStatus, BrowseReply, Controller, EjectReply, Listener
 from agent.desktop.dbus import driver_call, sender
@@ -67,251 +54,42 @@ from agent.desktop.dbus.actions import show_folder
 from agent.desktop.dbus.bus import call as bus_call
 from agent.desktop.dbus.bus import match_rule
 from agent.desktop.dbus.notify import APP_NAME, PROGRESS_INTERVAL
-from agent.desktop.dbus.texts import NORMAL, Text, age, progress_text, when
+from agent.desktop.dbus.texts import NORMAL, Text
+from agent.desktop.dbus.sni import ITEM_INTERFACE as ITEM_INTERFACE
+from agent.desktop.dbus.sni import ITEM_PATH as ITEM_PATH
+from agent.desktop.dbus.sni import MENU_INTERFACE as MENU_INTERFACE
+from agent.desktop.dbus.sni import MENU_PATH as MENU_PATH
+from agent.desktop.dbus.sni import WATCHER_INTERFACE, WATCHER_NAME, WATCHER_PATH, ItemService, MenuService
+from agent.desktop.dbus.traylook import (  # the look, re-exported: callers and tests name it from here
+    BACK_UP_NOW,
+    BACKUP_BASE,
+    BROWSE,
+    EJECT,
+    EJECT_BASE,
+    ICONS,
+    OPEN_LATEST,
+    QUIT,
+    SEPARATOR,
+    STATUSES,
+    STOP,
+    Item,
+    Place,
+    eject_text,
+    icon_name,
+    item_status,
+    lock_argv,
+    menu_items,
+    place_of,
+    sentence,
+    tooltip,
+)
 
 log = logging.getLogger(__name__)
 
-ITEM_PATH: Final = "/StatusNotifierItem"
-MENU_PATH: Final = "/MenuBar"
-ITEM_INTERFACE: Final = "org.kde.StatusNotifierItem"
-MENU_INTERFACE: Final = "com.canonical.dbusmenu"
-WATCHER_NAME: Final = "org.kde.StatusNotifierWatcher"
-WATCHER_PATH: Final = "/StatusNotifierWatcher"
-WATCHER_INTERFACE: Final = "org.kde.StatusNotifierWatcher"
-ITEM_ID: Final = "backup-agent"
 OWNER_RULE: Final = match_rule(sender="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                                interface="org.freedesktop.DBus", member="NameOwnerChanged", arg0=WATCHER_NAME)
 _NO_OWNER: Final = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
-
-#: Icon names of the freedesktop icon naming specification, one per agent state.
-ICONS: Final[Mapping[str, str]] = {
-    "idle": "drive-removable-media",  # no backup disk attached
-    "disk-attached": "drive-harddisk",
-    "running": "document-save",
-    "failed": "dialog-error",
-}
-#: The SNI status per agent state: Passive may be hidden by the panel.
-STATUSES: Final[Mapping[str, str]] = {
-    "idle": "Passive",
-    "disk-attached": "Active",
-    "running": "Active",
-    "failed": "NeedsAttention",
-}
-
 LOOK_TIMEOUT: Final = 5.0  # seconds a look at a disk may take (a hung USB disk must not hang the menu)
-
-# Menu item ids (0 is the root). An attached disk's Eject item is EJECT_BASE + its index in the config.
-BACK_UP_NOW, STOP, OPEN_LATEST, EJECT, SEPARATOR, QUIT = 1, 2, 3, 4, 5, 6
-BROWSE: Final = 7
-EJECT_BASE: Final = 100
-#: With several disks attached, "Back up now to NAME" is BACKUP_BASE + the disk's index in the config.
-BACKUP_BASE: Final = 200
-
-
-# -- the look (pure) ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where a disk stands, as a user without root can see it."""
-
-    unlocked: bool = False  # its mapped device exists
-    mounts: tuple[str, ...] = ()  # where the mapped device is mounted
-    latest: str | None = None  # the latest snapshot's directory, when it can be opened now
-    users: tuple[tuple[int, str], ...] = ()  # processes using the mounted disk (pid, command)
-
-    @property
-    def closed(self) -> bool:
-        """Locked and not mounted: safe to unplug."""
-        return not self.unlocked and not self.mounts
-
-
-def place_of(
-    disk: Disk,
-    entries: Sequence[MountEntry],
-    mapped_rdev: str | None,
-    latest_link: str | None,
-    readable: Callable[[str], bool],
-) -> Place:
-    """Where ``disk`` stands (pure): from the mount table, the mapped device's "major:minor" (None:
-    missing) and the target of the repository's ``latest`` link (None: none or unreadable).
-
-    The latest snapshot counts only when the mapped device is what is visible
-    at the mount point and ``latest`` names a directory under ``snapshots/``
-    that ``readable`` accepts.
-    """
-    if mapped_rdev is None:
-        return Place()
-    mounts = tuple(entry.mount_point for entry in entries if entry.device == mapped_rdev)
-    latest = None
-    top = top_mount(entries, disk.mount_point)
-    if top is not None and top.device == mapped_rdev and latest_link is not None:
-        relative = posixpath.normpath(latest_link)
-        parts = relative.split("/")
-        if len(parts) == 2 and parts[0] == "snapshots" and parts[1] not in ("", ".", ".."):
-            path = posixpath.join(disk.repository, relative)
-            if readable(path):
-                latest = path
-    return Place(unlocked=True, mounts=mounts, latest=latest)
-
-
-def icon_name(status: AgentStatus) -> str:
-    return ICONS.get(status.state, ICONS["idle"])
-
-
-def item_status(status: AgentStatus) -> str:
-    return STATUSES.get(status.state, "Active")
-
-
-def _sentence(text: str) -> str:
-    text = text.strip().rstrip(".")
-    return f"{text[0].upper()}{text[1:]}." if text else ""
-
-
-def tooltip(status: AgentStatus, progress: ProgressEvent | None, now: float) -> tuple[str, str]:
-    """(title, description): the progress while backing up, else the last backup's time and result."""
-    disk = status.disk or "the backup disk"
-    if status.state == "running":
-        summary, body, _ = progress_text(disk, progress, status.step or "lock")
-        return summary, body
-    if status.last_success is None:
-        last = "No backup yet."
-    else:
-        last = f"Last backup {age(status.last_success, now)}."
-    if status.state == "failed":
-        what = _sentence(status.last_message) or "The backup failed."
-        return f"Backup to {disk} failed", f"{what}\n{last} Earlier snapshots are untouched."
-    if status.last_result in ("success", "partial") and status.last_message and status.last_success is not None:
-        last = f"Last backup {age(status.last_success, now)}: {status.last_message}."
-    if status.state == "disk-attached":
-        due = f" Next backup {when(status.next_due, now)}." if status.next_due is not None else ""
-        return f"{disk} attached", f"{last}{due}"
-    return APP_NAME, f"{last} Plug in the backup disk to back up."
-
-
-@dataclass(frozen=True)
-class Item:
-    """One menu entry, as dbusmenu describes it."""
-
-    id: int
-    label: str = ""
-    enabled: bool = True
-    separator: bool = False
-    icon: str = ""
-
-    def properties(self) -> dict[str, Variant]:
-        if self.separator:
-            return {"type": Variant("s", "separator"), "visible": Variant("b", True)}
-        values = {
-            "label": Variant("s", self.label),
-            "enabled": Variant("b", self.enabled),
-            "visible": Variant("b", True),
-        }
-        if self.icon:
-            values["icon-name"] = Variant("s", self.icon)
-        return values
-
-
-def menu_items(
-    status: AgentStatus, attached: Sequence[str], disks: Sequence[str], place: Place | None
-) -> tuple[Item, ...]:
-    """The menu for this state (pure); ``place``: where the status's disk stands, when looked at."""
-    running = status.state == "running"
-    here = [name for name in disks if name in attached]
-    if running:
-        open_label, can_open = "Open latest backup (after this backup)", False
-    elif status.disk is None or status.disk not in here:
-        open_label, can_open = "Open latest backup (no disk attached)", False
-    elif place is None or place.closed:
-        open_label, can_open = "Open latest backup (the disk is locked)", False
-    elif not place.mounts:
-        open_label, can_open = "Open latest backup (the disk is not mounted)", False
-    elif place.latest is None:
-        open_label, can_open = "Open latest backup (none found on the disk)", False
-    else:
-        open_label, can_open = "Open latest backup", True
-    if len(here) > 1:  # several disks: the user says which
-        items = [
-            Item(BACKUP_BASE + disks.index(name), f"Back up now to {name}", not running, icon="document-save")
-            for name in here
-        ]
-    else:
-        items = [Item(BACK_UP_NOW, "Back up now", bool(here) and not running, icon="document-save")]
-    items += [
-        Item(STOP, "Stop the backup", running, icon="process-stop"),
-        Item(OPEN_LATEST, open_label, can_open, icon="folder-open"),
-    ]
-    if here:
-        items += [Item(EJECT_BASE + disks.index(name), f"Eject {name}", True, icon="media-eject") for name in here]
-    else:
-        items.append(Item(EJECT, "Eject (no disk attached)", False, icon="media-eject"))
-    # Opens the disk read-only first (backup-agent open through the agent), so it needs no mounted disk.
-    items.append(Item(BROWSE, "Browse backups", bool(here) and not running, icon="folder-open"))
-    items += [Item(SEPARATOR, separator=True), Item(QUIT, "Quit", True, icon="application-exit")]
-    return tuple(items)
-
-
-def eject_text(
-    disk: Disk,
-    *,
-    backing_up: bool,
-    place: Place,
-    reply: EjectReply | None,
-    unmount: Sequence[str],
-    lock: Sequence[str],
-) -> Text:
-    """What Eject answers (pure): refused while a backup runs; safe to unplug; or why it is still open.
-
-    ``place``: where the disk stands now; ``reply``: how ``backup-agent
-    eject`` ended, None when it was not run (a backup runs, or the disk was
-    closed already).
-    """
-    name = disk.name
-    if backing_up:
-        return Text(
-            f"{name} is not ejected: a backup is running",
-            "Wait until it finishes: the backup unmounts and locks the disk when it ends. "
-            "Or choose Stop: the backup stops, then unmounts and locks the disk. Earlier snapshots are untouched.",
-            NORMAL,
-        )
-    if reply is not None and reply.result == "ejected":
-        return Text(f"It is safe to unplug {name}", f"{name} was unmounted and locked.", NORMAL)
-    if (reply is None and place.closed) or (reply is not None and reply.result == "already"):
-        return Text(f"It is safe to unplug {name}", f"{name} is locked and not mounted.", NORMAL)
-    if reply is not None and reply.result == "refused":
-        return Text(f"{name} is not ejected", _sentence(reply.message), NORMAL)
-    if reply is not None and reply.result == "busy":
-        return Text(
-            f"{name} is still open: do not unplug it yet",
-            f"{_sentence(reply.message)} Once they are closed, choose Eject again.",
-            NORMAL,
-        )
-    steps = []
-    if place.mounts:
-        where = ", ".join(place.mounts)
-        users = ", ".join(f"{command} (pid {pid})" for pid, command in place.users)
-        state = f"{name} is mounted at {where}" + (f" and in use by {users}" if users else "") + "."
-        steps.append("sudo " + shlex.join(unmount))
-    else:
-        state = f"{name} is unlocked ({disk.mapped_device}) but not mounted."
-    steps.append("sudo " + shlex.join(lock))
-    failed = f" {_sentence('ejecting it failed: ' + reply.message)}" if reply is not None else ""
-    return Text(
-        f"{name} is still open: do not unplug it yet",
-        f"{state}{failed} Close what uses it, then run: {' && '.join(steps)}",
-        NORMAL,
-    )
-
-
-def lock_argv(disk: Disk, settings: Settings) -> tuple[str, ...]:
-    """How the disk is locked again (for the user to type): its unlock method's stop command."""
-    try:
-        method = unlock_method(
-            disk, os.path.exists(settings.commands.cryptdisks_stop), os.path.exists(settings.commands.systemctl)
-        )
-    except DiskError:
-        method = "cryptdisks"
-    return unlock_argv(disk, method, settings.commands)[1]
 
 
 # -- looking at a disk (I/O) -----------------------------------------------------------------
@@ -338,238 +116,6 @@ def look_at(disk: Disk, *, users: bool = False) -> Place:
         place = Place(place.unlocked, place.mounts, place.latest, tuple(sorted(found)))
     return place
 
-
-# -- D-Bus objects ---------------------------------------------------------------------------
-
-_Nothing = Annotated[None, DBusSignature("")]  # a method or signal without a value
-_ToolTip = Annotated[tuple[str, list[Any], str, str], DBusSignature("(sa(iiay)ss)")]
-_Pixmaps = Annotated[list[Any], DBusSignature("a(iiay)")]
-_Layout = Annotated[tuple[int, list[Any]], DBusSignature("u(ia{sv}av)")]
-_Group = Annotated[list[Any], DBusSignature("a(ia{sv})")]
-
-
-class _Item(ServiceInterface):
-    """org.kde.StatusNotifierItem: what the panel shows; the values come from the Tray."""
-
-    def __init__(self, tray: "Tray") -> None:
-        super().__init__(ITEM_INTERFACE)
-        self._tray = tray
-
-    @dbus_property(access=PropertyAccess.READ, name="Category")
-    def _category(self) -> DBusStr:
-        return "ApplicationStatus"
-
-    @dbus_property(access=PropertyAccess.READ, name="Id")
-    def _id(self) -> DBusStr:
-        return ITEM_ID
-
-    @dbus_property(access=PropertyAccess.READ, name="Title")
-    def _title(self) -> DBusStr:
-        return APP_NAME
-
-    @dbus_property(access=PropertyAccess.READ, name="Status")
-    def _status(self) -> DBusStr:
-        return self._tray.item_status
-
-    @dbus_property(access=PropertyAccess.READ, name="WindowId")
-    def _window_id(self) -> DBusInt32:
-        return 0
-
-    @dbus_property(access=PropertyAccess.READ, name="IconName")
-    def _icon_name(self) -> DBusStr:
-        return self._tray.icon_name
-
-    @dbus_property(access=PropertyAccess.READ, name="IconPixmap")
-    def _icon_pixmap(self) -> _Pixmaps:
-        return []
-
-    @dbus_property(access=PropertyAccess.READ, name="OverlayIconName")
-    def _overlay_icon_name(self) -> DBusStr:
-        return ""
-
-    @dbus_property(access=PropertyAccess.READ, name="OverlayIconPixmap")
-    def _overlay_icon_pixmap(self) -> _Pixmaps:
-        return []
-
-    @dbus_property(access=PropertyAccess.READ, name="AttentionIconName")
-    def _attention_icon_name(self) -> DBusStr:
-        return ICONS["failed"]
-
-    @dbus_property(access=PropertyAccess.READ, name="AttentionIconPixmap")
-    def _attention_icon_pixmap(self) -> _Pixmaps:
-        return []
-
-    @dbus_property(access=PropertyAccess.READ, name="AttentionMovieName")
-    def _attention_movie_name(self) -> DBusStr:
-        return ""
-
-    @dbus_property(access=PropertyAccess.READ, name="IconThemePath")
-    def _icon_theme_path(self) -> DBusStr:
-        return ""
-
-    @dbus_property(access=PropertyAccess.READ, name="ToolTip")
-    def _tooltip(self) -> _ToolTip:
-        title, text = self._tray.tooltip
-        return (self._tray.icon_name, [], title, text)
-
-    @dbus_property(access=PropertyAccess.READ, name="ItemIsMenu")
-    def _item_is_menu(self) -> DBusBool:
-        return True
-
-    @dbus_property(access=PropertyAccess.READ, name="Menu")
-    def _menu(self) -> DBusObjectPath:
-        return MENU_PATH
-
-    # A click shows the menu (ItemIsMenu); these exist for hosts that call them anyway.
-
-    @dbus_method(name="Activate")
-    def _activate(self, x: DBusInt32, y: DBusInt32) -> _Nothing:
-        return None
-
-    @dbus_method(name="SecondaryActivate")
-    def _secondary_activate(self, x: DBusInt32, y: DBusInt32) -> _Nothing:
-        return None
-
-    @dbus_method(name="ContextMenu")
-    def _context_menu(self, x: DBusInt32, y: DBusInt32) -> _Nothing:
-        return None
-
-    @dbus_method(name="Scroll")
-    def _scroll(self, delta: DBusInt32, orientation: DBusStr) -> _Nothing:
-        return None
-
-    @dbus_signal(name="NewIcon")
-    def new_icon(self) -> _Nothing:
-        return None
-
-    @dbus_signal(name="NewAttentionIcon")
-    def new_attention_icon(self) -> _Nothing:
-        return None
-
-    @dbus_signal(name="NewToolTip")
-    def new_tooltip(self) -> _Nothing:
-        return None
-
-    @dbus_signal(name="NewTitle")
-    def new_title(self) -> _Nothing:
-        return None
-
-    @dbus_signal(name="NewStatus")
-    def new_status(self, status: str) -> DBusStr:
-        return status
-
-
-class _Menu(ServiceInterface):
-    """com.canonical.dbusmenu (version 3): one flat menu below the root item 0."""
-
-    def __init__(self, tray: "Tray") -> None:
-        super().__init__(MENU_INTERFACE)
-        self._tray = tray
-
-    @dbus_property(access=PropertyAccess.READ, name="Version")
-    def _version(self) -> DBusUInt32:
-        return 3
-
-    @dbus_property(access=PropertyAccess.READ, name="TextDirection")
-    def _text_direction(self) -> DBusStr:
-        return "ltr"
-
-    @dbus_property(access=PropertyAccess.READ, name="Status")
-    def _status(self) -> DBusStr:
-        return "notice" if self._tray.item_status == "NeedsAttention" else "normal"
-
-    @dbus_property(access=PropertyAccess.READ, name="IconThemePath")
-    def _icon_theme_path(self) -> Annotated[list[str], DBusSignature("as")]:
-        return []
-
-    @dbus_method(name="GetLayout")
-    def _get_layout(
-        self, parent_id: DBusInt32, recursion_depth: DBusInt32, property_names: Annotated[list[str], DBusSignature("as")]
-    ) -> _Layout:
-        items = self._tray.items
-        names = set(property_names)
-
-        def pick(values: dict[str, Variant]) -> dict[str, Variant]:
-            return {key: value for key, value in values.items() if not names or key in names}
-
-        if parent_id == 0:
-            children = (
-                [Variant("(ia{sv}av)", [item.id, pick(item.properties()), []]) for item in items]
-                if recursion_depth != 0
-                else []
-            )
-            return self._tray.revision, [0, pick(self._root_properties()), children]
-        item = self._find(parent_id)
-        return self._tray.revision, [item.id, pick(item.properties()), []]
-
-    @dbus_method(name="GetGroupProperties")
-    def _get_group_properties(
-        self, ids: Annotated[list[int], DBusSignature("ai")], property_names: Annotated[list[str], DBusSignature("as")]
-    ) -> _Group:
-        # The dbusmenu spec: an empty list asks for every item, the root (0)
-        # included; a host (libdbusmenu-glib) asks for the root's properties too.
-        names = set(property_names)
-        wanted = set(ids)
-        every = [(0, self._root_properties())] + [(item.id, item.properties()) for item in self._tray.items]
-        return [
-            [ident, {key: value for key, value in values.items() if not names or key in names}]
-            for ident, values in every
-            if not wanted or ident in wanted
-        ]
-
-    @staticmethod
-    def _root_properties() -> dict[str, Variant]:
-        """The root item 0: the menu itself, whose children show as a submenu."""
-        return {"children-display": Variant("s", "submenu")}
-
-    @dbus_method(name="GetProperty")
-    def _get_property(self, ident: DBusInt32, name: DBusStr) -> DBusVariant:
-        values = self._root_properties() if ident == 0 else self._find(ident).properties()
-        if name not in values:
-            raise DBusError(ErrorType.INVALID_ARGS, f"menu item {ident} has no property {name!r}")
-        return values[name]
-
-    @dbus_method(name="Event")
-    def _event(self, ident: DBusInt32, event_id: DBusStr, data: DBusVariant, timestamp: DBusUInt32) -> _Nothing:
-        self._find(ident)
-        self._tray.menu_event(ident, event_id)
-
-    @dbus_method(name="EventGroup")
-    def _event_group(self, events: Annotated[list[Any], DBusSignature("a(isvu)")]) -> Annotated[list[int], DBusSignature("ai")]:
-        known = {item.id for item in self._tray.items}
-        errors = [int(event[0]) for event in events if int(event[0]) not in known]
-        for event in events:
-            if int(event[0]) in known:
-                self._tray.menu_event(int(event[0]), str(event[1]))
-        return errors
-
-    @dbus_method(name="AboutToShow")
-    async def _about_to_show(self, ident: DBusInt32) -> DBusBool:
-        return await self._tray.about_to_show()
-
-    @dbus_method(name="AboutToShowGroup")
-    async def _about_to_show_group(
-        self, ids: Annotated[list[int], DBusSignature("ai")]
-    ) -> Annotated[tuple[list[int], list[int]], DBusSignature("aiai")]:
-        known = {0} | {item.id for item in self._tray.items}
-        changed = await self._tray.about_to_show()
-        return ([0] if changed else []), [ident for ident in ids if ident not in known]
-
-    @dbus_signal(name="ItemsPropertiesUpdated")
-    def items_properties_updated(
-        self, updated: list[Any], removed: list[Any]
-    ) -> Annotated[tuple[list[Any], list[Any]], DBusSignature("a(ia{sv})a(ias)")]:
-        return updated, removed
-
-    @dbus_signal(name="LayoutUpdated")
-    def layout_updated(self, revision: int, parent: int) -> Annotated[tuple[int, int], DBusSignature("ui")]:
-        return revision, parent
-
-    def _find(self, ident: int) -> Item:
-        for item in self._tray.items:
-            if item.id == ident:
-                return item
-        raise DBusError(ErrorType.INVALID_ARGS, f"no menu item {ident}")
 
 
 # -- the tray ---------------------------------------------------------------------------------
@@ -614,8 +160,8 @@ class Tray:
         self.min_interval = min_interval
         self.name: str | None = None  # the well-known name, once owned
         self.registered = False  # a watcher accepted the item
-        self._item = _Item(self)
-        self._menu = _Menu(self)
+        self._item = ItemService(self)
+        self._menu = MenuService(self)
         self._disks = {disk.name: disk for disk in settings.disks}
         self._status = AgentStatus()
         self._progress: ProgressEvent | None = None
@@ -767,6 +313,9 @@ class Tray:
         self._places.pop(disk, None)
         self._publish()
         self._withdraw_said(disk)  # "safe to unplug" is done with once it is unplugged
+
+    def disk_opened(self, disk: str) -> None:
+        self._withdraw_said(disk)  # "safe to unplug" is untrue while it is open for browsing
 
     def backup_started(self, disk: str, reason: str) -> None:
         self._progress = None
@@ -947,7 +496,7 @@ class Tray:
             log.exception("tray: opening %s for browsing failed", name)
             reply = BrowseReply("failed", "the agent could not open the disk; its log says why")
         if not reply.open or reply.snapshots is None:
-            await self._say(Text(f"{name} cannot be browsed now", _sentence(reply.message), NORMAL), icon="folder-open")
+            await self._say(Text(f"{name} cannot be browsed now", sentence(reply.message), NORMAL), icon="folder-open")
             return
         await self._refresh_place(name)
         problem = await show_folder(reply.snapshots)
@@ -1059,9 +608,20 @@ async def start(
 
 
 __all__ = [
+    "BACKUP_BASE",
+    "BACK_UP_NOW",
+    "BROWSE",
+    "EJECT",
+    "EJECT_BASE",
     "ICONS",
+    "ITEM_INTERFACE",
     "ITEM_PATH",
+    "MENU_INTERFACE",
     "MENU_PATH",
+    "OPEN_LATEST",
+    "QUIT",
+    "SEPARATOR",
+    "STOP",
     "Item",
     "Place",
     "STATUSES",
