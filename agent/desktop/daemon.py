@@ -46,7 +46,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Final, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Final, Literal, Protocol, Sequence
 
 from agent.desktop import agenda
 from agent.core import events, lock
@@ -394,6 +394,25 @@ class Agent:
             return f"another backup is running ({self._foreign.description})"
         return None
 
+    def _why_not_run(
+        self, disk: str, argv: Sequence[str], doing: str, again: str
+    ) -> tuple[Literal["refused", "failed"], str] | None:
+        """Why eject or open cannot run for ``disk`` now, as (result, message); None: it may.
+
+        The same four checks for both: a configured disk, no eject running,
+        no cycle running (this agent's or another's), a way to run it.
+        """
+        if disk not in self._disk_names:
+            return "failed", f"{disk} is not a configured backup disk"
+        if self._ejecting is not None:
+            return "refused", f"{self._ejecting} is being ejected: wait for it"
+        blocker = self._blocker()
+        if blocker is not None:
+            return "refused", f"a backup is running: {again} ({blocker})"
+        if not argv:
+            return "failed", f"this agent was started without a way to {doing}"
+        return None
+
     async def eject(self, disk: str, *, by_user: bool = True) -> EjectReply:
         """Unmount and lock ``disk`` now: ``eject_argv + ("--disk", disk)``, as the cycle is run.
 
@@ -406,15 +425,11 @@ class Agent:
         A close that the user did not ask for (``by_user=False``: the end of
         browsing) leaves the schedule as it was.
         """
-        if disk not in self._disk_names:
-            return EjectReply("failed", f"{disk} is not a configured backup disk")
-        if self._ejecting is not None:
-            return EjectReply("refused", f"{self._ejecting} is being ejected: wait for it")
-        blocker = self._blocker()
-        if blocker is not None:
-            return EjectReply("refused", f"a backup is running: wait for it or stop it, then eject {disk} again ({blocker})")
-        if not self._options.eject_argv:
-            return EjectReply("failed", "this agent was started without a way to eject a disk")
+        refused = self._why_not_run(
+            disk, self._options.eject_argv, "eject a disk", f"wait for it or stop it, then eject {disk} again"
+        )
+        if refused is not None:
+            return EjectReply(*refused)
         argv = [*self._options.eject_argv, "--disk", disk]
         self._ejecting = disk
         self._block()
@@ -444,15 +459,9 @@ class Agent:
         (an eject) after :attr:`AgentOptions.browse_idle` seconds in which no
         process of this user used it; a click on Browse again restarts that time.
         """
-        if disk not in self._disk_names:
-            return BrowseReply("failed", f"{disk} is not a configured backup disk")
-        if self._ejecting is not None:
-            return BrowseReply("refused", f"{self._ejecting} is being ejected: wait for it")
-        blocker = self._blocker()
-        if blocker is not None:
-            return BrowseReply("refused", f"a backup is running: wait for it, then browse {disk} again ({blocker})")
-        if not self._options.open_argv:
-            return BrowseReply("failed", "this agent was started without a way to open a disk")
+        refused = self._why_not_run(disk, self._options.open_argv, "open a disk", f"wait for it, then browse {disk} again")
+        if refused is not None:
+            return BrowseReply(*refused)
         argv = [*self._options.open_argv, "--disk", disk]
         log.info("opening %s for browsing: running %s", disk, " ".join(argv))
         try:
