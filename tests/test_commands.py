@@ -136,3 +136,29 @@ def test_the_commands_run_are_shown_with_verbose_only(tmp_path: Path) -> None:
 
     assert "backup-agent: running: " not in backup()
     assert "backup-agent: running: " in backup("-v")  # -v before the subcommand, as a global option
+
+
+def test_stdout_as_raw_chunks_keeps_every_byte_and_splits_nothing() -> None:
+    # Binary output with line ends and \r, as a compressed or SQL dump holds.
+    payload = bytes(range(256)) * 800  # 200 KiB: several pipe reads
+    chunks: list[bytes] = []
+    lines: list[str] = []
+    Runner().run(
+        ["/usr/bin/python3", "-c", "import sys; sys.stdout.buffer.write(bytes(range(256)) * 800)"],
+        step="t",
+        on_stdout=lines.append,
+        on_stdout_data=chunks.append,
+    )
+    assert b"".join(chunks) == payload
+    assert len(chunks) > 1
+    assert lines == []
+
+
+def test_a_failing_chunk_consumer_stops_the_command() -> None:
+    def full(chunk: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        Runner(kill_grace=1).run(["/usr/bin/yes"], step="t", on_stdout_data=full)
+    assert time.monotonic() - started < 5

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from typing import IO, Callable, Literal, Mapping, Sequence
 
 from agent.core.errors import CommandError
 
@@ -114,6 +114,19 @@ class _LineSplitter:
 _LINE_END = re.compile(r"[\r\n]")
 
 
+class _Chunks:
+    """Hands output on as it arrives, unsplit: a dump streamed to a file is data, not lines."""
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+
+    def feed(self, chunk: bytes) -> None:
+        self._sink(chunk)
+
+    def close(self) -> None:
+        """Nothing is held back."""
+
+
 class Runner:
     """Runs argv tuples; in dry-run mode it only says what it would run.
 
@@ -134,6 +147,7 @@ class Runner:
         exit_table: ExitTable = DEFAULT_EXIT_TABLE,
         on_stdout: Callable[[str], None] | None = None,
         on_stderr: Callable[[str], None] | None = None,
+        on_stdout_data: Callable[[bytes], None] | None = None,
         mutating: bool = True,
         check: bool = True,
         cwd: str | None = None,
@@ -198,7 +212,10 @@ class Runner:
             raise CommandError(f"{argv[0]} cannot be executed (permission denied)", argv=argv, step=step) from None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            finished = self._pump(process, _LineSplitter(stdout_line), _LineSplitter(stderr_line), deadline)
+            out: _LineSplitter | _Chunks = (
+                _Chunks(on_stdout_data) if on_stdout_data is not None else _LineSplitter(stdout_line)
+            )
+            finished = self._pump(process, out, _LineSplitter(stderr_line), deadline)
             if not finished:
                 self._stop(process, shown)
                 raise CommandError(
@@ -232,13 +249,13 @@ class Runner:
 
     @staticmethod
     def _pump(
-        process: "subprocess.Popen[bytes]", out: _LineSplitter, err: _LineSplitter, deadline: float | None
+        process: "subprocess.Popen[bytes]", out: _LineSplitter | _Chunks, err: _LineSplitter, deadline: float | None
     ) -> bool:
         """Read both pipes as data arrives (big reads: rsync prints a line per file).
 
         Returns False when the deadline passed first.
         """
-        streams = {process.stdout: out, process.stderr: err}
+        streams: dict[IO[bytes] | None, _LineSplitter | _Chunks] = {process.stdout: out, process.stderr: err}
         with selectors.DefaultSelector() as selector:
             for stream in streams:
                 if stream is not None:
