@@ -35,7 +35,10 @@ FILE = "/etc/backup-agent/config.toml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.toml"
 IS_ROOT = os.geteuid() == 0
 
-TABLES = "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [[disk]], [[hooks]], [[report]]"
+TABLES = (
+    "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [packages], "
+    "[[disk]], [[hooks]], [[report]], [[command_source]]"
+)
 BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout"
 COUNT = 'expected a whole number of 0 or more, or "always"'
 DURATION = (
@@ -579,7 +582,7 @@ LIFECYCLE_ERRORS = [
     pytest.param(
         {"name": "backup1"},
         "name",
-        'got the key "name" outside any table; expected it below the line [[disk]] or [[hooks]]',
+        'got the key "name" outside any table; expected it below the line [[disk]] or [[hooks]] or [[command_source]]',
         id="key-outside-table-arrays",
     ),
     pytest.param(

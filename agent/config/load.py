@@ -164,5 +164,13 @@ def load_settings(path: str | None = None, *, through_sudo: bool = False) -> Set
                 "read only from a file that root owns and only root can write: expected this file and every "
                 f"directory above it to be owned by root and writable by root only (such as {system})",
             )
+        if settings.command_sources and distrust is not None:
+            fail(
+                file,
+                "command_source",
+                f"got [[command_source]] in a file that root does not control ({distrust}); its commands are run as "
+                "root, so they are read only from a file that root owns and only root can write (such as "
+                f"{system})",
+            )
         check_programs(file, named_programs(data, settings))
     return settings

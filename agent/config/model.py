@@ -93,6 +93,37 @@ class Hook:
 
 
 @dataclass(frozen=True)
+class CommandSource:
+    """A ``[[command_source]]``: a command whose output every snapshot stores (a database dump).
+
+    Run as root after the transfer, its stdout streamed into the snapshot's
+    ``.backup-agent/commands/<file>`` (README, "Command sources").
+    """
+
+    name: str
+    command: tuple[str, ...]  # argv; the program an absolute path root owns
+    file: str  # a plain file name; with compress = "gzip" it ends in .gz
+    compress: str = "none"  # "none" | "gzip"
+    timeout: int = DEFAULT_HOOK_TIMEOUT  # seconds
+    critical: bool = True  # a failed critical command fails the backup; otherwise a warning
+
+
+@dataclass(frozen=True)
+class Packages:
+    """``[packages]``: the installed packages and the package database stored with every snapshot."""
+
+    # None: when the backup is of the whole system (the source is /), whose packages they are.
+    enabled: bool | None = None
+
+
+def packages_wanted(settings: "Settings", source: str) -> bool:
+    """Whether this backup stores the system's packages: as configured, else when it backs up /."""
+    if settings.packages.enabled is not None:
+        return settings.packages.enabled
+    return source == "/"
+
+
+@dataclass(frozen=True)
 class KeepFree:
     """Free space to make before a transfer by deleting the oldest snapshots (opt-in)."""
 
@@ -155,6 +186,8 @@ class Settings:
     disks: tuple[Disk, ...] = ()
     hooks: tuple[Hook, ...] = ()
     reports: tuple[Report, ...] = ()  # [[report]]: who hears the root cycle's result besides the desktop
+    command_sources: tuple[CommandSource, ...] = ()  # [[command_source]]: dumps stored in every snapshot
+    packages: Packages = Packages()  # [packages]: the package lists and database with every snapshot
     keep_free: KeepFree | None = None
     interval: int = DEFAULT_INTERVAL  # [agent]: seconds between backups while the disk stays attached
     on_plug: str = DEFAULT_ON_PLUG  # [agent]: one of agent.policy.schedule.ON_PLUG_CHOICES

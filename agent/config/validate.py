@@ -25,11 +25,13 @@ from agent.config.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_MIN_SNAPSHOTS,
     REPORT_WHEN,
+    CommandSource,
     Commands,
     Disk,
     Hook,
     KeepFree,
     MailReport,
+    Packages,
     PingReport,
     Report,
     Settings,
@@ -100,6 +102,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "tray": ("enabled",),
         "system": ("state_dir", "crypttab", "fstab"),
         "agent": ("interval", "on_plug"),
+        "packages": ("enabled",),
     }
 )
 # Arrays of tables ([[disk]], [[hooks]]): each element has these keys.
@@ -130,10 +133,13 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "url",
             "timeout",
         ),
+        "command_source": ("name", "command", "file", "compress", "timeout", "critical"),
     }
 )
 # What one element of each array of tables is, for messages.
-_ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType({"disk": "disk", "hooks": "hook", "report": "report channel"})
+_ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType(
+    {"disk": "disk", "hooks": "hook", "report": "report channel", "command_source": "command source"}
+)
 
 UNLOCK_METHODS: Final[tuple[str, ...]] = ("auto", "cryptdisks", "systemd")
 HOOK_AROUND: Final[tuple[str, ...]] = ("backup", "snapshot")
@@ -990,6 +996,58 @@ def _reports(file: str, value: object) -> tuple[Report, ...]:
     return tuple(reports)
 
 
+# --------------------------------------------------------------------------
+# [[command_source]] and [packages]: what every snapshot stores besides the source
+
+COMPRESS_CHOICES: Final[tuple[str, ...]] = ("none", "gzip")
+# A plain file name in .backup-agent/commands/: no directory, no dot file, nothing to quote.
+_DUMP_FILE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", re.ASCII)
+
+
+def _command_source(file: str, index: int, data: Mapping[str, Any]) -> CommandSource:
+    prefix = f"command_source[{index}]"
+    _check_keys(file, "command_source", data, prefix=prefix)
+    name_expected = 'a non-empty name on one line, such as "mariadb"'
+    name = _required(file, prefix, data, "name", name_expected)
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "\x00\r\n"):
+        fail(file, f"{prefix}.name", f"{got_type(name)}; expected {name_expected}")
+    command = _argv(file, f"{prefix}.command", _required(file, prefix, data, "command", _ARGV_EXPECTED))
+    file_expected = 'a plain file name (letters, digits, . _ + -; no /), such as "mariadb.sql"'
+    stored = _text(file, f"{prefix}.file", _required(file, prefix, data, "file", file_expected), file_expected, _DUMP_FILE_RE)
+    compress = _choice(file, f"{prefix}.compress", data["compress"], COMPRESS_CHOICES) if "compress" in data else "none"
+    if compress == "gzip" and not stored.endswith(".gz"):
+        stored += ".gz"
+    timeout = DEFAULT_HOOK_TIMEOUT
+    if "timeout" in data:
+        timeout = _duration(file, f"{prefix}.timeout", data["timeout"])
+        if not 1 <= timeout <= MAX_HOOK_TIMEOUT:
+            fail(file, f"{prefix}.timeout", f'got {show(data["timeout"])}; expected a duration from "1s" to "7d"')
+    critical = _bool(file, f"{prefix}.critical", data["critical"]) if "critical" in data else True
+    return CommandSource(name=name, command=command, file=stored, compress=compress, timeout=timeout, critical=critical)
+
+
+def _command_sources(file: str, value: object) -> tuple[CommandSource, ...]:
+    sources: list[CommandSource] = []
+    for index, data in enumerate(_elements(file, "command_source", value)):
+        source = _command_source(file, index, data)
+        for other_index, other in enumerate(sources):
+            for key in ("name", "file"):
+                if getattr(source, key) == getattr(other, key):
+                    fail(
+                        file,
+                        f"command_source[{index}].{key}",
+                        f"got {quote(getattr(source, key))}, already the {key} of command_source[{other_index}]; "
+                        f"expected a {key} of its own for each command source",
+                    )
+        sources.append(source)
+    return tuple(sources)
+
+
+def _packages(file: str, data: Mapping[str, Any]) -> Packages:
+    _check_keys(file, "packages", data)
+    return Packages(enabled=_bool(file, "packages.enabled", data["enabled"]) if "enabled" in data else None)
+
+
 def _check_tables(file: str, data: Mapping[str, Any]) -> None:
     """Refuse anything at the top level that is not one of the known tables."""
     known = [*_TABLE_KEYS, *_ARRAY_KEYS]
@@ -1047,6 +1105,10 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields["hooks"] = _hooks(path, data["hooks"])
     if "report" in data:
         fields["reports"] = _reports(path, data["report"])
+    if "command_source" in data:
+        fields["command_sources"] = _command_sources(path, data["command_source"])
+    if "packages" in data:
+        fields["packages"] = _packages(path, data["packages"])
     return Settings(path=path, **fields)
 
 
@@ -1064,4 +1126,6 @@ def named_programs(data: Mapping[str, Any], settings: Settings) -> tuple[tuple[s
         for side, argv in (("before", hook.before), ("after", hook.after)):
             if argv is not None:
                 programs.append((f"hooks[{index}].{side}", argv[0]))
+    for index, source in enumerate(settings.command_sources):
+        programs.append((f"command_source[{index}].command", source.command[0]))
     return tuple(programs)

@@ -39,6 +39,7 @@ from agent.disk.mount import disk_full, mounted
 from agent.disk.unlock import unlocked
 from agent.engine import hooks
 from agent.engine import layouts
+from agent.engine import sysstate
 from agent.repository import manifest as manifests
 from agent.repository import unfinished
 from agent.core.commands import Runner, priority_prefix
@@ -461,7 +462,7 @@ class Cycle:
                 link_dests=begun.link_dests,
                 one_file_system=tree.one_file_system,
                 excludes=tree.excludes,
-                filter_rules=tree.filter_rules,
+                filter_rules=(*tree.filter_rules, *self._state_rules()),
                 io_timeout=settings.io_timeout,
                 dry_run=request.dry_run,
                 priority_prefix=self._priority(),
@@ -541,11 +542,32 @@ class Cycle:
                 "warnings": list(self.outcome.warnings),
                 **tree.record,
             }
-            if repo is not None and not request.dry_run:
-                repo.write_metadata(name, metadata)
             done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(tree.skipped_mounts))
+        metadata.update(self._system_state(begun))
+        if repo is not None and not request.dry_run:
+            repo.write_metadata(name, metadata)
         self.outcome.snapshot = name
         return name
+
+    def _state_rules(self) -> tuple[str, ...]:
+        """Keep a live /.backup-agent out: that directory of a snapshot is the system state's (engine/sysstate)."""
+        return (sysstate.EXCLUDE_RULE,) if sysstate.wanted(self.settings, self.source.path) else ()
+
+    def _system_state(self, begun: Begun) -> dict[str, Any]:
+        """Command sources' output and the packages, into the snapshot being made, before its metadata says
+        transferred (docs/ARCHITECTURE.md, "System state"); what the metadata records of them."""
+        if not sysstate.wanted(self.settings, self.source.path):
+            return {}
+        repo = self.repository
+        with self._step("system-state", snapshot=begun.name) as done:
+            if repo is None or self.request.dry_run:
+                for command_source in self.settings.command_sources:
+                    log.info("would run command source %r into %s", command_source.name, command_source.file)
+                return {}
+            previous = repo.snapshot_path(begun.previous) if begun.previous is not None else None
+            record = sysstate.capture(self.settings, self.source.path, self.runner, begun.target, previous, self._warn)
+            done.update(record)
+        return {"system_state": record}
 
     def _disk_full_message(self) -> str:
         """What really takes the space (the unfinished transfer included) and the commands that free it."""
