@@ -27,6 +27,7 @@ from agent.engine import channels, history, reports, stale
 from agent.core import when
 from agent.engine import restore as restoring
 from agent.engine import verify as verifier
+from agent.engine.sysstate import packages as sysstate_packages
 from agent.core.commands import IONICE_CLASSES, Runner
 from agent.disk.find import find_device, first_present, none_attached, select_disk
 from agent.disk.identity import id_path, record_id, recorded_id, verify_mount
@@ -170,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("-n", "--dry-run", action="store_true", help="say what would be restored where; change nothing")
     restore.add_argument("paths", nargs="+", metavar="PATH", help="as it is (or was) on this machine; relative to here")
 
+    packaged = sub.add_parser(
+        "packages",
+        parents=[common, reading],
+        help="the packages a snapshot recorded as installed, what changed between two, and how to reinstall them",
+        description=(
+            "Read the package lists stored with each snapshot (.backup-agent/packages/): the packages installed "
+            "then, those installed on purpose and the commands that install them again on a fresh system; with "
+            "--diff, what was added, removed and upgraded between two snapshots."
+        ),
+    )
+    packaged_which = packaged.add_mutually_exclusive_group()
+    packaged_which.add_argument("--snapshot", metavar="NAME", help="this snapshot (default: the newest)")
+    packaged_which.add_argument("--diff", nargs=2, metavar=("A", "B"), help="what changed from snapshot A to snapshot B")
+    packaged.add_argument("--json", action="store_true", help="one JSON object")
+
     verify = sub.add_parser(
         "verify",
         parents=[common, reading],
@@ -263,6 +279,7 @@ SUDO_FORMS: dict[str, str] = {
     "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
     "verify": "verify [SNAPSHOT | --all] [--disk NAME] [--json] [-q|-v]",
+    "packages": "packages [--snapshot NAME | --diff A B] [--disk NAME] [--json] [-q|-v]",
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
@@ -281,6 +298,8 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     # Read-only; SNAPSHOT must be one of the repository's snapshot names.
     # --repository is refused: root would read and report on any directory.
     "verify": frozenset({"snapshot", "all", "disk", "json", "quiet", "verbose"}),
+    # Read-only; the names must be the repository's snapshots.
+    "packages": frozenset({"snapshot", "diff", "disk", "json", "quiet", "verbose"}),
 }
 # Run by an administrator with sudo (they check for root themselves), or
 # harmless: they only talk to the user's agent.
@@ -765,6 +784,41 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_packages(args: argparse.Namespace) -> int:
+    """Reads .backup-agent/packages/ of one snapshot, or compares two (engine/sysstate/packages)."""
+    settings = _load(args)
+    with _reading(args, settings) as repo:
+        snaps = history.snapshots(repo)
+        if not snaps:
+            raise UsageError(f"{repo.root} holds no snapshot yet")
+        if args.diff:
+            a, b = history.pick_pair(snaps, args.diff[0], args.diff[1])
+            before, after = sysstate_packages.read_inventories(a.path), sysstate_packages.read_inventories(b.path)
+            chosen = [a, b]
+        else:
+            a = b = history.pick_pair(snaps, args.snapshot, None)[0] if args.snapshot else snaps[-1]
+            before = after = sysstate_packages.read_inventories(b.path)
+            chosen = [b]
+        for snap, held in ((a, before), (b, after)):
+            if not held:
+                raise UsageError(
+                    f"snapshot {snap.name} holds no package lists (made with [packages] off, of a source other than /, "
+                    "or before backup-agent stored them)"
+                )
+    if args.diff:
+        differences = sysstate_packages.compare(before, after)
+        if args.json:
+            print(json.dumps({"a": a.name, "b": b.name, "managers": [sysstate_packages.as_json(d) for d in differences]}, indent=2))
+        else:
+            print("\n".join(sysstate_packages.render_differences(a.name, b.name, differences)))
+        return EXIT_OK
+    if args.json:
+        print(json.dumps({"snapshot": chosen[0].name, "managers": [sysstate_packages.as_json(i) for i in after]}, indent=2))
+    else:
+        print("\n".join(sysstate_packages.render_inventories(b.name, after)))
+    return EXIT_OK
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     settings = _load(args)
     now = dt.datetime.now().astimezone()
@@ -950,6 +1004,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "diff": cmd_diff,
     "restore": cmd_restore,
     "verify": cmd_verify,
+    "packages": cmd_packages,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
     "run": cmd_run,

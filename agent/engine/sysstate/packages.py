@@ -270,3 +270,36 @@ def as_json(item: Inventory | Difference) -> Mapping[str, Any]:
     """A dict for --json output."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in item.__dict__.items()}
 
+
+
+def render_inventories(snapshot: str, inventories: Sequence[Inventory]) -> list[str]:
+    """What ``backup-agent packages`` prints for one snapshot: per manager, the counts, the manual set,
+    and the commands that reinstall it on a fresh system (pure)."""
+    lines = []
+    for inventory in inventories:
+        lines.append(
+            f"{inventory.manager}: {len(inventory.installed)} packages installed in {snapshot}, "
+            f"{len(inventory.manual)} of them on purpose:"
+        )
+        lines += [f"  {name} {inventory.installed.get(name, '')}".rstrip() for name in inventory.manual]
+        if inventory.reinstall:
+            lines.append("  to install them again on a fresh system (as root, with its package sources set up as they were):")
+            lines += [f"    {command}" for command in inventory.reinstall]
+    return lines
+
+
+def render_differences(a: str, b: str, differences: Sequence[Difference]) -> list[str]:
+    """What ``backup-agent packages --diff A B`` prints: + added, - removed, ~ changed version (pure)."""
+    lines = [f"{a} -> {b}"]
+    for difference in differences:
+        counts = (len(difference.added), len(difference.removed), len(difference.changed))
+        lines.append(f"{difference.manager}: {counts[0]} added, {counts[1]} removed, {counts[2]} changed version")
+        lines += [f"+ {name} {version}" for name, version in difference.added.items()]
+        lines += [f"- {name} {version}" for name, version in difference.removed.items()]
+        lines += [f"~ {name} {old} -> {new}" for name, (old, new) in difference.changed.items()]
+        if difference.manual_added or difference.manual_removed:
+            lines.append(
+                "  installed on purpose: "
+                + ", ".join([*(f"+{n}" for n in difference.manual_added), *(f"-{n}" for n in difference.manual_removed)])
+            )
+    return lines
