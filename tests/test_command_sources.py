@@ -271,6 +271,10 @@ def test_a_failed_critical_command_completes_no_snapshot_and_a_non_critical_one_
     assert outcome.snapshot is not None
     assert any("command source 'sqlite' failed" in w and "not critical" in w for w in outcome.warnings)
     assert not _dump(repo, outcome.snapshot).exists()
+    # That run resumed from the unfinished transfer (its .backup-agent/ did not get in the way) and discarded it.
+    metadata = Repository.open(str(repo)).read_metadata(outcome.snapshot) or {}
+    assert metadata["resumed_from"] == [leftover.name.removesuffix(".in-progress")]
+    assert Repository.open(str(repo)).in_progress_names() == []
 
 
 @pytest.mark.integration

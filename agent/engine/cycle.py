@@ -242,7 +242,7 @@ class Cycle:
         """The filesystem said no (disk full, read-only, permission): the user
         can act on that, so it is an error message, not a bug."""
         what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
-        if (self._failed_step or self.current_step) in ("transfer", "snapshot"):
+        if (self._failed_step or self.current_step) in ("transfer", "system-state", "snapshot"):
             what += "; the unfinished transfer is kept and the next run resumes from it"
         return StepError(what, step=self._failed_step or self.current_step)
 

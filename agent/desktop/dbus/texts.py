@@ -37,6 +37,7 @@ _STEPS: dict[str, str] = {
     "prepare": "preparing",
     "make-room": "making room on the disk",
     "transfer": "copying files",
+    "system-state": "storing database dumps and the package lists",
     "snapshot": "saving the snapshot",
     "rotate": "removing old snapshots",
     "empty-trash": "freeing the space of old snapshots",
@@ -62,6 +63,7 @@ _HINTS: dict[str, str] = {
     "verify": "Check that this is the right backup disk and that it is healthy, then try again.",
     "make-room": "Free space on the backup disk or use a bigger one.",
     "transfer": "Keep the disk plugged in and try again.",
+    "system-state": "Run the command source it names by hand as root to see why it fails, then try again.",
     "unmount": "Close whatever has files open on the disk, then eject it from the file manager.",
     "lock-disk": "Eject the disk from the file manager before you unplug it.",
 }

@@ -162,8 +162,13 @@ def capture_manager(
             if _link_previous(previous_fd, [*names, STAMP], target_fd):
                 return {"unchanged": True, "files": names, "seconds": round(time.monotonic() - started, 3)}
     written: list[str] = []
+    as_root = os.geteuid() == 0
     for output in manager.outputs:
         if output.optional and not os.path.isfile(output.argv[0]):
+            continue
+        problem = untrusted_program(output.argv[0]) if as_root else None
+        if problem is not None:
+            warn(f"the {manager.name} package list {output.file} was not captured: {problem}")
             continue
         try:
             _run_output(runner, output.argv, target_fd, output.file)
