@@ -12,6 +12,7 @@ whose "database" is a file of the test.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from agent.cli import main
+from agent.cli import build_parser, main, through_sudo_refusal
 from agent.config.load import load_settings
 from agent.config.model import Settings, packages_wanted
 from agent.config.validate import settings_from_mapping
@@ -147,6 +148,39 @@ def test_the_capture_runs_again_only_when_the_database_changed(tmp_path: Path) -
     third = _capture(manager, three, two)
     assert third["unchanged"] is False and log.read_text() == "run\nrun\n"
     assert (three / "pk" / "list.txt").read_text() == "alpha 1\nbeta 2\n"
+
+
+def test_a_capture_that_missed_a_list_is_tried_again_though_the_database_did_not_change(tmp_path: Path) -> None:
+    database, log = tmp_path / "status", tmp_path / "ran"
+    database.write_text("alpha 1\n")
+    broken = dataclasses.replace(
+        _stand_in(database, log), outputs=(Output("list.txt", ("/bin/sh", "-c", f"echo run >> {log}; exit 3")),)
+    )
+    warnings: list[str] = []
+    (tmp_path / "one").mkdir()
+    with files.directory(str(tmp_path / "one"), create=0o755) as out:
+        assert out is not None
+        assert capture_manager(broken, Runner(), out, None, warnings.append)["complete"] is False
+    assert any("standin package list list.txt was not captured" in w for w in warnings)
+    second = tmp_path / "two"
+    second.mkdir()
+    with files.directory(str(tmp_path / "one"), create=0o755) as before, files.directory(str(second), create=0o755) as out:
+        assert out is not None
+        assert capture_manager(_stand_in(database, log), Runner(), out, before, warnings.append)["unchanged"] is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "refused"),
+    [
+        (["packages", "--disk", "backup1", "--diff", "A", "B", "--json"], None),
+        (["packages", "--snapshot", "A"], None),
+        (["packages", "--repository", "/home/me/x"], "--repository"),
+    ],
+)
+def test_packages_through_sudo_only_reads_a_configured_disk(argv: list[str], refused: str | None) -> None:
+    args = build_parser().parse_args(argv)
+    refusal = through_sudo_refusal(args)
+    assert (refusal is None) if refused is None else (refusal is not None and refused in refusal)
 
 
 def test_a_linked_directory_on_the_disk_is_never_followed_to_skip_a_capture(tmp_path: Path) -> None:

@@ -156,12 +156,14 @@ def capture_manager(
     started = time.monotonic()
     now = stamp(manager.database)
     before = _previous_stamp(previous_fd)
-    if previous_fd is not None and before is not None and before.get("database") == now:
+    # Only a capture that got every list is reused: one that missed a list (a warning then) is tried again.
+    if previous_fd is not None and before is not None and before.get("database") == now and before.get("complete") is True:
         names = before.get("files")
         if isinstance(names, list) and all(isinstance(n, str) and files.SAFE_NAME.fullmatch(n) for n in names):
             if _link_previous(previous_fd, [*names, STAMP], target_fd):
                 return {"unchanged": True, "files": names, "seconds": round(time.monotonic() - started, 3)}
     written: list[str] = []
+    complete = True
     as_root = os.geteuid() == 0
     for output in manager.outputs:
         if output.optional and not os.path.isfile(output.argv[0]):
@@ -169,11 +171,13 @@ def capture_manager(
         problem = untrusted_program(output.argv[0]) if as_root else None
         if problem is not None:
             warn(f"the {manager.name} package list {output.file} was not captured: {problem}")
+            complete = False
             continue
         try:
             _run_output(runner, output.argv, target_fd, output.file)
         except CommandError as failure:
             warn(f"the {manager.name} package list {output.file} was not captured: {failure.message}")
+            complete = False
             continue
         written.append(output.file)
     if manager.archive is not None and os.path.isdir(manager.archive):
@@ -188,13 +192,13 @@ def capture_manager(
             os.close(out)
         os.rename(temporary, ARCHIVE, src_dir_fd=target_fd, dst_dir_fd=target_fd)
         written.append(ARCHIVE)
-    record = {"manager": manager.name, "database": now, "files": written}
+    record = {"manager": manager.name, "database": now, "files": written, "complete": complete}
     out = files.create(target_fd, STAMP, FILE_MODE)
     try:
         files.write_all(out, json.dumps(record, indent=1, sort_keys=True).encode() + b"\n")
     finally:
         os.close(out)
-    return {"unchanged": False, "files": written, "seconds": round(time.monotonic() - started, 3)}
+    return {"unchanged": False, "files": written, "complete": complete, "seconds": round(time.monotonic() - started, 3)}
 
 
 # -- reading them back ------------------------------------------------------------
