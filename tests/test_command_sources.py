@@ -294,3 +294,10 @@ def test_a_dump_is_streamed_not_held(tmp_path: Path) -> None:
     sizes: list[int] = []
     Runner().run(["/usr/bin/head", "-c", str(4 * 1024 * 1024), "/dev/zero"], step="t", on_stdout_data=lambda c: sizes.append(len(c)))
     assert sum(sizes) == 4 * 1024 * 1024 and max(sizes) <= 65536
+
+
+def test_the_desktop_names_the_step_and_what_to_do_when_it_fails() -> None:
+    from agent.desktop.dbus.texts import failure_hint, step_words
+
+    assert step_words("system-state") == "storing database dumps and the package lists"
+    assert "command source" in failure_hint("system-state", 5)
