@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +57,7 @@ from agent.config.model import CommandSource, Commands, Packages, Settings  # no
 from agent.core.commands import Runner  # noqa: E402
 from agent.core.events import Emitter, Event, StepEvent  # noqa: E402
 from agent.engine.cycle import Cycle, Request  # noqa: E402
+from agent.engine.sysstate import dumps  # noqa: E402
 
 SHARE_TARGET = 0.05  # the system state's step: under 5 % of the cycle
 SQLITE3 = "/usr/bin/sqlite3"
@@ -108,6 +111,56 @@ def run_cycle(settings: Settings, source: Path, repo: Path) -> tuple[float, Time
     if outcome.snapshot is None or outcome.partial:
         raise BenchError(f"the backup into {repo} made no complete snapshot")
     return elapsed, timed
+
+
+def dump_costs(database: Path, work: Path, rounds: int) -> dict[str, float]:
+    """The command source alone, medians in seconds: the bare dump, the dump streamed into a SHA-256 (what
+    comparing by checksum would cost), our capture when the dump is unchanged (compared with the previous
+    copy byte for byte and linked: no write), and our capture with no previous copy (written, fsynced)."""
+    source = CommandSource(name="shop", command=(SQLITE3, str(database), ".dump"), file="shop.sql")
+    previous = work / "previous"
+    previous.mkdir()
+
+    def capture(index: int, with_previous: bool) -> float:
+        target = work / f"{'same' if with_previous else 'new'}-{index}"
+        target.mkdir()
+        out = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        before = os.open(previous, os.O_RDONLY | os.O_DIRECTORY) if with_previous else None
+        try:
+            start = time.perf_counter()
+            record = dumps.capture(source, Runner(), out, before, print)
+            elapsed = time.perf_counter() - start
+        finally:
+            os.close(out)
+            if before is not None:
+                os.close(before)
+        if with_previous and not record["linked"]:
+            raise BenchError("the unchanged dump was not linked")
+        return elapsed
+
+    def bare() -> float:
+        start = time.perf_counter()
+        subprocess.run(source.command, stdout=subprocess.DEVNULL, check=True)
+        return time.perf_counter() - start
+
+    def hashed() -> float:
+        digest = hashlib.sha256()
+        start = time.perf_counter()
+        Runner().run(source.command, step="bench", on_stdout_data=digest.update)
+        return time.perf_counter() - start
+
+    first = os.open(previous, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        dumps.capture(source, Runner(), first, None, print)
+    finally:
+        os.close(first)
+    times: dict[str, list[float]] = {"bare": [], "hashed": [], "unchanged": [], "written": []}
+    for index in range(rounds):
+        times["bare"].append(bare())
+        times["hashed"].append(hashed())
+        times["unchanged"].append(capture(index, True))
+        times["written"].append(capture(index, False))
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,13 +249,20 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "met" if share < SHARE_TARGET else "MISSED"
         print(f"  share of the cycle: {share * 100:.2f} % (target: under {SHARE_TARGET * 100:.0f} %): {verdict}")
         print(f"  difference between the two cycles: {overhead * 100:+.2f} % (noise included)")
+        costs = dump_costs(database, Path(tempfile.mkdtemp(prefix="dump-", dir=runs)), max(args.rounds, 5))
+        print()
+        print(f"the command source alone ({dump_bytes / 2**20:.1f} MiB dump), medians:")
+        print(f"  sqlite3 .dump > /dev/null (its floor):           {costs['bare'] * 1000:.0f} ms")
+        print(f"  streamed through the runner into a SHA-256:      {costs['hashed'] * 1000:.0f} ms")
+        print(f"  unchanged: compared with the old copy and linked: {costs['unchanged'] * 1000:.0f} ms")
+        print(f"  no previous copy: written and fsynced:           {costs['written'] * 1000:.0f} ms")
         if args.json is not None:
             args.json.write_text(json.dumps({
                 "files": tree.files, "rows": args.rows, "dump_bytes": dump_bytes, "rounds": args.rounds,
                 "first_plain_s": first_plain, "first_state_s": first_state, "first_step_s": first_step,
                 "plain_s": plain_times, "state_s": state_times, "step_s": step_times,
                 "median_plain_s": plain, "median_state_s": state, "median_step_s": step,
-                "dump_s": dump_times, "packages_s": package_times, "recaptured_rounds": recaptured,
+                "dump_costs_s": costs, "dump_s": dump_times, "packages_s": package_times, "recaptured_rounds": recaptured,
                 "share": share, "share_target": SHARE_TARGET,
             }, indent=2))
         return 0
