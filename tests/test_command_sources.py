@@ -11,9 +11,12 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import sys
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -301,3 +304,50 @@ def test_the_desktop_names_the_step_and_what_to_do_when_it_fails() -> None:
 
     assert step_words("system-state") == "storing database dumps and the package lists"
     assert "command source" in failure_hint("system-state", 5)
+
+
+class Stop(BaseException):
+    """Stands for a stop (SIGTERM turned into an exception) that arrives while the dump runs."""
+
+
+@pytest.mark.integration
+def test_a_backup_stopped_while_dumping_leaves_no_partial_dump_and_the_next_one_completes(
+    tmp_path: Path, trusted_dir: Path, rsync_path: str
+) -> None:
+    source, repo, marker = tmp_path / "source", tmp_path / "repo", tmp_path / "started"
+    source.mkdir()
+    (source / "file").write_text("data\n")
+    slow = ["/bin/sh", "-c", f'echo "-- a partial dump"; touch {marker}; exec sleep 30']
+    settings = _settings(trusted_dir, rsync_path, tmp_path / "unused", command=slow)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stop()
+
+    def stop_when_dumping() -> None:
+        deadline = time.monotonic() + 20
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGALRM)  # handled in the main thread, where the cycle runs
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    stopper = threading.Thread(target=stop_when_dumping)
+    try:
+        stopper.start()
+        started = time.monotonic()
+        with pytest.raises(Stop):
+            _backup(settings, source, repo)
+        assert time.monotonic() - started < 20  # the dump was stopped, not waited for
+    finally:
+        stopper.join()
+        signal.signal(signal.SIGALRM, previous)
+    assert marker.exists()  # it was stopped while dumping, after the transfer
+    opened = Repository.open(str(repo))
+    assert opened.snapshot_names() == []
+    (leftover,) = opened.in_progress_names()
+    assert os.listdir(Path(opened.in_progress_path(leftover)) / ".backup-agent" / "commands") == []
+
+    database = tmp_path / "shop.sqlite"
+    _database(database, 3)
+    outcome = _backup(_settings(trusted_dir, rsync_path, database), source, repo)
+    assert outcome.snapshot is not None and b"CREATE TABLE t" in _dump(repo, outcome.snapshot).read_bytes()
+    assert Repository.open(str(repo)).in_progress_names() == []
