@@ -351,3 +351,25 @@ def test_a_backup_stopped_while_dumping_leaves_no_partial_dump_and_the_next_one_
     outcome = _backup(_settings(trusted_dir, rsync_path, database), source, repo)
     assert outcome.snapshot is not None and b"CREATE TABLE t" in _dump(repo, outcome.snapshot).read_bytes()
     assert Repository.open(str(repo)).in_progress_names() == []
+
+
+@pytest.mark.integration
+def test_a_dump_compressed_by_zstd_in_the_command_is_linked_while_unchanged_and_a_failing_dump_fails(
+    tmp_path: Path, trusted_dir: Path, rsync_path: str
+) -> None:
+    """The README's way to another compressor: a shell with pipefail running the dump into zstd."""
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        pytest.skip("zstd is not installed")
+    source, repo, database = tmp_path / "source", tmp_path / "repo", tmp_path / "shop.sqlite"
+    source.mkdir()
+    _database(database, 300)
+    piped = ["/bin/bash", "-o", "pipefail", "-c", f"{SQLITE3} {database} .dump | {zstd} -q"]
+    settings = _settings(trusted_dir, rsync_path, database, command=piped)
+    first, second = (_backup(settings, source, repo).snapshot for _ in range(2))
+    assert _dump(repo, second).stat().st_ino == _dump(repo, first).stat().st_ino
+    plain = subprocess.run([zstd, "-dqc", str(_dump(repo, second))], capture_output=True, check=True).stdout
+    assert b"INSERT INTO t VALUES(300," in plain
+    broken = ["/bin/bash", "-o", "pipefail", "-c", f"{SQLITE3} -bail {tmp_path}/absent/db .dump | {zstd} -q"]
+    with pytest.raises(HookError):
+        _backup(_settings(trusted_dir, rsync_path, database, command=broken), source, repo)
