@@ -150,6 +150,18 @@ def test_the_capture_runs_again_only_when_the_database_changed(tmp_path: Path) -
     assert (three / "pk" / "list.txt").read_text() == "alpha 1\nbeta 2\n"
 
 
+def test_the_lists_are_readable_by_all_whatever_the_umask(tmp_path: Path) -> None:
+    database, log = tmp_path / "status", tmp_path / "ran"
+    database.write_text("alpha 1\n")
+    old = os.umask(0o077)  # a root service's umask may be this strict
+    try:
+        _capture(_stand_in(database, log), tmp_path / "one", None)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "one" / "pk").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "one" / "pk" / "list.txt").stat().st_mode & 0o777 == 0o644
+
+
 def test_a_capture_that_missed_a_list_is_tried_again_though_the_database_did_not_change(tmp_path: Path) -> None:
     database, log = tmp_path / "status", tmp_path / "ran"
     database.write_text("alpha 1\n")

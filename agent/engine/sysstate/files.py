@@ -45,10 +45,14 @@ def open_directory(root: str, *parts: str, create: int | None = None) -> int | N
         raise
     for part in parts:
         try:
+            made = False
             if create is not None:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, create, dir_fd=fd)
+                    made = True
             inner = os.open(part, DIRECTORY_FLAGS, dir_fd=fd)
+            if made and create is not None:
+                os.fchmod(inner, create)  # whatever the umask: the modes are part of what the README promises
         except OSError as exc:
             os.close(fd)
             if exc.errno in _ABSENT and create is None:
@@ -101,8 +105,11 @@ def read_small(directory_fd: int, name: str, limit: int) -> bytes | None:
 
 
 def create(directory_fd: int, name: str, mode: int) -> int:
-    """A new file for writing (it must not exist: the snapshot being made starts without it)."""
-    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=directory_fd)
+    """A new file for writing with exactly ``mode``, whatever the umask (it must not exist: the snapshot
+    being made starts without it)."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=directory_fd)
+    os.fchmod(fd, mode)
+    return fd
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
