@@ -35,7 +35,7 @@ FILE = "/etc/backup-agent/config.toml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.toml"
 IS_ROOT = os.geteuid() == 0
 
-TABLES = "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [[disk]], [[hooks]], [[report]]"
+TABLES = "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [conditions], [[disk]], [[hooks]], [[report]]"
 BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout"
 COUNT = 'expected a whole number of 0 or more, or "always"'
 DURATION = (
