@@ -300,3 +300,26 @@ def test_a_bad_condition_is_one_line_naming_the_key(table: dict[str, object], me
     with pytest.raises(ConfigError) as info:
         settings_from_mapping({"conditions": table}, "/c.toml", hostname="h")
     assert message in str(info.value), str(info.value)
+
+
+# -- where the reason shows (pure words) -----------------------------------------------------------
+
+
+def test_the_reason_shows_in_status_and_the_tooltip_never_as_a_failure() -> None:
+    from agent.desktop.dbus.client import format_status
+    from agent.desktop.dbus.traylook import tooltip
+    from agent.desktop.state import AgentStatus, DiskStatus
+
+    reason = "on battery at 12% (below 30%)"
+    status = AgentStatus(state="disk-attached", disk="backup1", last_success=T0 - 3 * HOUR, last_result="success",
+                         skipped=reason,
+                         disks=[DiskStatus("backup1", attached=True, skipped=reason), DiskStatus("other")])
+    title, body = tooltip(status, None, T0)
+    assert title == "backup1 attached" and f"A backup is due and waits: {reason}. It starts when that ends." in body
+    assert "fail" not in body.lower()
+    text = format_status(status, live=True)
+    assert f"waiting:      {reason} (the due backup starts when this ends; not a failure)" in text
+    assert f"next backup:  none scheduled (waiting: {reason})" in text
+    assert f"  backup1: attached; last success never; waiting: {reason}" in text
+    # the saved state (no agent running) does not claim a wait it cannot know is still true
+    assert "waiting" not in format_status(status, live=False)

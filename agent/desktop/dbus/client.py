@@ -331,7 +331,7 @@ def format_status(status: AgentStatus, *, live: bool, saved_at: float | None = N
     lines.append(f"last result:  {result}")
     ejected = [disk.name for disk in status.disks if disk.ejected]
     why_none = f"{', '.join(ejected)} ejected" if ejected and not status.next_due else "no disk attached"
-    if status.skipped:
+    if status.skipped and live:  # a saved wait may be over: only a running agent says it
         why_none = f"waiting: {status.skipped}"
     lines.append(f"next backup:  {_when(status.next_due) if status.next_due is not None else f'none scheduled ({why_none})'}")
     if status.skipped and live:
