@@ -175,3 +175,38 @@ def test_no_job_server_means_no_view_and_no_warning(session_bus: PrivateBus, cap
     with caplog.at_level(logging.INFO, logger="agent"):
         run(scenario())
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.integration
+def test_a_server_with_only_the_newer_form_gets_one_update_per_change_and_its_cancel_stops(
+    session_bus: PrivateBus,
+) -> None:
+    from tests.helpers.desktop_services import serve_jobviews_v2_only
+    from tests.test_notify import until
+
+    async def scenario() -> None:
+        server_bus, server = await serve_jobviews_v2_only(session_bus.address)
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        controller = FakeController()
+        views = jobview.JobViews(bus, controller)
+        views.backup_started("backup1", "asked")
+        views.progress(events.progress(42.0, 2048, 3, 100.0, 9))
+        await views.flush()
+        assert server.requests == [("backup-agent", 1, {"immediate": True})] and views.active
+        view = server.views[0]
+        await until(lambda: len(view.updates) == 2)
+        assert view.updates[0] == {"infoMessage": "Backing up to backup1", "descriptionLabel1": "Destination",
+                                   "descriptionValue1": "backup1"}
+        assert view.updates[1] == {"percent": 42, "speed": 100, "processedBytes": 2048, "processedFiles": 3,
+                                   "descriptionLabel2": "Copied", "descriptionValue2": "3 files, 2.0 KiB"}
+        view.cancel_requested()
+        await until(lambda: controller.calls == ["stop"])
+        views.backup_failed("transfer", "interrupted by SIGTERM")
+        await views.flush()
+        await until(lambda: view.terminated is not None)
+        assert view.terminated == (100, "interrupted by SIGTERM", {}) and not views.active
+        views.close()
+        bus.disconnect()
+        server_bus.disconnect()
+
+    run(scenario())

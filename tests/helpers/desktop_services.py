@@ -168,6 +168,56 @@ async def serve_jobviews(address: str) -> tuple[MessageBus, JobViewServer]:
     return bus, server
 
 
+class JobViewV3(ServiceInterface):
+    """One job of the newer form (org.kde.JobViewV3): every update's values, and how it ended."""
+
+    def __init__(self) -> None:
+        super().__init__("org.kde.JobViewV3")
+        self.updates: list[dict[str, Any]] = []
+        self.terminated: tuple[int, str, dict[str, Any]] | None = None
+
+    @dbus_method(name="update")
+    def _update(self, values: Annotated[dict[str, Variant], DBusSignature("a{sv}")]):  # type: ignore[no-untyped-def]
+        self.updates.append({key: value.value for key, value in values.items()})
+
+    @dbus_method(name="terminate")
+    def _terminate(self, code: DBusUInt32, message: DBusStr,  # type: ignore[no-untyped-def]
+                   hints: Annotated[dict[str, Variant], DBusSignature("a{sv}")]):
+        self.terminated = (code, message, {key: value.value for key, value in hints.items()})
+
+    @dbus_signal(name="cancelRequested")
+    def cancel_requested(self) -> None:
+        return None
+
+
+class JobViewServerV2Only(ServiceInterface):
+    """A server that offers only org.kde.JobViewServerV2 (requestView with a desktop entry and hints)."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        super().__init__("org.kde.JobViewServerV2")
+        self.bus = bus
+        self.requests: list[tuple[str, int, dict[str, Any]]] = []
+        self.views: list[JobViewV3] = []
+
+    @dbus_method(name="requestView")
+    def _request_view(self, entry: DBusStr, capabilities: Annotated[int, DBusSignature("i")],
+                      hints: Annotated[dict[str, Variant], DBusSignature("a{sv}")]) -> DBusObjectPath:
+        self.requests.append((entry, capabilities, {key: value.value for key, value in hints.items()}))
+        path = f"/org/kde/notificationmanager/jobs/JobView_{len(self.views) + 1}"
+        view = JobViewV3()
+        self.bus.export(path, view)
+        self.views.append(view)
+        return path
+
+
+async def serve_jobviews_v2_only(address: str) -> tuple[MessageBus, JobViewServerV2Only]:
+    bus = await MessageBus(bus_address=address).connect()
+    server = JobViewServerV2Only(bus)
+    bus.export("/JobViewServer", server)
+    await own(bus, "org.kde.JobViewServer")
+    return bus, server
+
+
 # -- a dock: what it hears of the launcher entry ------------------------------------------------------
 
 

@@ -7,10 +7,16 @@ appIconName, capabilities)`` gives an object path that speaks
 ``setInfoMessage``, ``setDescriptionField`` and ``terminate``; its
 ``cancelRequested`` signal is the user's click on the job's cancel button,
 which the view offers because the capabilities say Killable. That click is
-the agent's Stop (a stop, never a failure). The server's
-``org.kde.JobViewServerV2`` form (a desktop entry, hints, and a
-``JobViewV3`` with one ``update(a{sv})``) is not used: every Plasma that
-offers it offers this one too.
+the agent's Stop (a stop, never a failure).
+
+A server that offers only ``org.kde.JobViewServerV2`` (its
+``requestView(desktopEntry, capabilities, hints)`` gives a
+``org.kde.JobViewV3``: one ``update(a{sv})`` with KJob's keys, and
+``terminate(errorCode, errorMessage, hints)``) gets the same calls in that
+form (:func:`v3_update`). The first form is preferred where both are
+offered, as Plasma does: it names the application and its icon itself,
+where the second looks them up in a desktop entry the project does not
+install.
 
 :class:`JobViews` is a :class:`~agent.desktop.state.Listener`. Whether a
 job server is there is asked when a backup starts (one may come and go with
@@ -28,7 +34,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from agent.core.events import CompleteEvent, ProgressEvent
@@ -43,8 +49,12 @@ log = logging.getLogger(__name__)
 JOB_SERVER_NAME = "org.kde.JobViewServer"
 JOB_SERVER_PATH = "/JobViewServer"
 JOB_SERVER_INTERFACE = "org.kde.JobViewServer"
+JOB_SERVER_V2_INTERFACE = "org.kde.JobViewServerV2"
 JOB_VIEW_INTERFACE = "org.kde.JobViewV2"
+JOB_VIEW_V3_INTERFACE = "org.kde.JobViewV3"
+DESKTOP_ENTRY = "backup-agent"  # what the V2 server is told (a desktop entry of that name, where there is one)
 KILLABLE = 1  # KJob::Killable: the view shows a cancel button (our Stop)
+USER_DEFINED_ERROR = 100  # KJob::UserDefinedError: the job failed (0: it did not; 1 would say "cancelled")
 APP_NAME = "Backups"
 APP_ICON = "drive-harddisk"
 PROGRESS_INTERVAL = 1.0  # seconds between two progress updates, at least
@@ -96,6 +106,29 @@ def ended_calls(error: str) -> tuple[JobCall, ...]:
     return (JobCall("terminate", "s", (error,)),)
 
 
+_V3_FIELDS = {0: ("descriptionLabel1", "descriptionValue1"), 1: ("descriptionLabel2", "descriptionValue2")}
+_V3_AMOUNTS = {"bytes": "processedBytes", "files": "processedFiles"}
+
+
+def v3_update(calls: tuple[JobCall, ...]) -> dict[str, Variant]:
+    """The same calls as one ``org.kde.JobViewV3.update`` (pure; ``terminate`` is left out: it stays a call)."""
+    values: dict[str, Variant] = {}
+    for job_call in calls:
+        member, body = job_call.member, job_call.body
+        if member == "setInfoMessage":
+            values["infoMessage"] = Variant("s", body[0])
+        elif member == "setDescriptionField" and body[0] in _V3_FIELDS:
+            label, value = _V3_FIELDS[body[0]]
+            values[label], values[value] = Variant("s", body[1]), Variant("s", body[2])
+        elif member == "setPercent":
+            values["percent"] = Variant("u", body[0])
+        elif member == "setSpeed":
+            values["speed"] = Variant("t", body[0])
+        elif member == "setProcessedAmount" and body[1] in _V3_AMOUNTS:
+            values[_V3_AMOUNTS[body[1]]] = Variant("t", body[0])
+    return values
+
+
 # -- the listener --------------------------------------------------------------------------
 
 
@@ -128,6 +161,7 @@ class JobViews:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._view: str | None = None  # the object path of this cycle's job, once the server gave one
+        self._v3 = False  # the view speaks org.kde.JobViewV3 (a server with JobViewServerV2 only)
         self._rule: str | None = None
         self._disk: str | None = None
         self._step: str | None = None
@@ -234,8 +268,7 @@ class JobViews:
             await self._end("")  # a job left over from a cycle whose end was not heard
             await self._open()
         elif isinstance(item, _Calls):
-            for job_call in item.calls:
-                await self._call(job_call)
+            await self._send(item.calls)
         else:
             await self._end(item.error)
 
@@ -244,20 +277,54 @@ class JobViews:
         if owner.message_type is not MessageType.METHOD_RETURN or owner.body != [True]:
             log.debug("no KDE job server on the session bus: progress goes to notifications")
             return
-        reply = checked(await call(self.bus, JOB_SERVER_NAME, JOB_SERVER_PATH, JOB_SERVER_INTERFACE, "requestView",
-                                   "ssi", [APP_NAME, APP_ICON, KILLABLE]), "requestView")
+        offered = checked(await call(self.bus, JOB_SERVER_NAME, JOB_SERVER_PATH, "org.freedesktop.DBus.Introspectable",
+                                     "Introspect"), "Introspect").body[0]
+        v3 = f'"{JOB_SERVER_INTERFACE}"' not in offered and f'"{JOB_SERVER_V2_INTERFACE}"' in offered
+        if v3:
+            reply = checked(await call(self.bus, JOB_SERVER_NAME, JOB_SERVER_PATH, JOB_SERVER_V2_INTERFACE,
+                                       "requestView", "sia{sv}",
+                                       [DESKTOP_ENTRY, KILLABLE, {"immediate": Variant("b", True)}]), "requestView")
+        else:
+            reply = checked(await call(self.bus, JOB_SERVER_NAME, JOB_SERVER_PATH, JOB_SERVER_INTERFACE,
+                                       "requestView", "ssi", [APP_NAME, APP_ICON, KILLABLE]), "requestView")
         path = str(reply.body[0])
-        rule = match_rule(path=path, interface=JOB_VIEW_INTERFACE, member="cancelRequested")
+        self._v3 = v3
+        rule = match_rule(path=path, interface=self._view_interface, member="cancelRequested")
         checked(await send(self.bus, driver_call("AddMatch", "s", [rule])), "AddMatch")
         self._view, self._rule = path, rule
         if self._warned:
             log.info("the backup shows as a KDE job again")
             self._warned = False
-        for job_call in started_calls(self._disk or "the backup disk"):
+        await self._send(started_calls(self._disk or "the backup disk"))
+
+    async def _send(self, calls: tuple[JobCall, ...]) -> None:
+        """The calls in order; to a JobViewV3 as one update."""
+        if self._v3 and self._view is not None:
+            values = v3_update(calls)
+            if values:
+                await self.bus.send(Message(destination=JOB_SERVER_NAME, path=self._view,
+                                            interface=JOB_VIEW_V3_INTERFACE, member="update", signature="a{sv}",
+                                            body=[values], flags=MessageFlag.NO_REPLY_EXPECTED))
+            calls = tuple(job_call for job_call in calls if job_call.member == "terminate")
+        for job_call in calls:
             await self._call(job_call)
+
+    @property
+    def _view_interface(self) -> str:
+        return JOB_VIEW_V3_INTERFACE if self._v3 else JOB_VIEW_INTERFACE
 
     async def _call(self, job_call: JobCall) -> None:
         if self._view is None:
+            return
+        if self._v3:
+            if job_call.member == "terminate":  # errorCode: KJob::UserDefinedError when it failed
+                error = str(job_call.body[0])
+                await self.bus.send(Message(destination=JOB_SERVER_NAME, path=self._view,
+                                            interface=JOB_VIEW_V3_INTERFACE, member="terminate", signature="usa{sv}",
+                                            body=[USER_DEFINED_ERROR if error else 0, error, {}],
+                                            flags=MessageFlag.NO_REPLY_EXPECTED))
+            else:
+                await self._send((job_call,))
             return
         if job_call.member == "setDescriptionField":  # the one method with a reply
             checked(await call(self.bus, JOB_SERVER_NAME, self._view, JOB_VIEW_INTERFACE, job_call.member,
@@ -271,8 +338,7 @@ class JobViews:
         if self._view is None:
             return
         try:
-            for job_call in ended_calls(error):
-                await self._call(job_call)
+            await self._send(ended_calls(error))
         finally:
             rule, self._view, self._rule = self._rule, None, None
             if rule is not None and self.bus.connected:
@@ -281,7 +347,7 @@ class JobViews:
     def _on_message(self, message: Message) -> None:
         if (
             message.message_type is not MessageType.SIGNAL
-            or message.interface != JOB_VIEW_INTERFACE
+            or message.interface != self._view_interface
             or message.member != "cancelRequested"
             or self._view is None
             or message.path != self._view
@@ -302,5 +368,5 @@ def _listener(views: JobViews) -> Listener:
 
 __all__ = [
     "APP_NAME", "JOB_SERVER_NAME", "JOB_SERVER_PATH", "JOB_VIEW_INTERFACE", "JobCall", "JobViews", "KILLABLE",
-    "ended_calls", "progress_calls", "started_calls", "step_calls",
+    "ended_calls", "progress_calls", "started_calls", "step_calls", "v3_update",
 ]
