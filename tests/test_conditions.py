@@ -245,6 +245,10 @@ def test_random_sequences_never_back_up_while_held_catch_up_after_and_postpone_o
                 entry = plan.disk(name)
                 if entry.skipped is not None:
                     assert held(name) == entry.skipped
+                    if entry.skipped.until is not None and not entry.ejected:  # quiet hours: the timer ends them
+                        wake_at = actions[-1]
+                        assert isinstance(wake_at, Wake) and wake_at.at is not None
+                        assert wake_at.at <= entry.skipped.until
                 else:
                     assert entry.held is None
         # the timer is never for a moment already past (no busy loop, quiet hours included)

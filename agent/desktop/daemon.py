@@ -217,6 +217,7 @@ class Agent:
             },
             ejected=[name for name, record in self._records.items() if record.ejected],
             rules=rules_of(settings),
+            remote=remote_destinations(settings),
         )
         self._queue: list[agenda.Event] = []  # events that came while one was being carried out
         self._stepping = False
@@ -343,6 +344,7 @@ class Agent:
             {name: self._agenda.disk(name).state for name in self._disk_names},
             ejected=[name for name in self._disk_names if self._agenda.disk(name).ejected],
             rules=self._agenda.rules,
+            remote=tuple(self._agenda.remote),
         )
         self._queue.clear()
         self._loop = None
@@ -1017,6 +1019,15 @@ class Agent:
 def rules_of(settings: Settings) -> conditions.Rules:
     """The configuration's ``[conditions]`` as the agenda's rules."""
     return conditions.Rules(settings.battery_below, settings.skip_metered, settings.quiet_hours)
+
+
+def remote_destinations(settings: Settings) -> tuple[str, ...]:
+    """The configured backups whose destination is remote, which a metered connection holds back.
+
+    None yet: every destination is a local disk. A remote destination names
+    itself here (docs/ARCHITECTURE.md, "Moments not to back up").
+    """
+    return ()
 
 
 # -- eject ----------------------------------------------------------------------------------------------
