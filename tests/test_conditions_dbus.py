@@ -205,6 +205,7 @@ def test_a_backup_skipped_on_battery_is_caught_up_on_mains_shown_as_a_kde_job_st
                 assert said - 1 <= later.postponed_until - 3600 <= time.time(), later
                 after = await status()
                 assert after["last_result"] == "stopped" and after["next_due"] == later.postponed_until, after
+                assert after["last_message"].startswith("not now, as asked; the next backup at "), after
                 bench.assert_locked_and_unmounted()
 
                 agent.send_signal(signal.SIGTERM)
