@@ -170,6 +170,8 @@ def test_a_backup_skipped_on_battery_is_caught_up_on_mains_shown_as_a_kde_job_st
                 done = await until(lambda: (r := record()) is not None and r.last_result != "none" and r, "cycle 1")
                 assert done.last_result == "success", (done, log())
                 assert f"starting the backup of {NAME} (plugged in, due)" in log()
+                # the connection is metered (NetworkManager says so), and a local disk backs up all the same
+                assert "metered connection: True" in log()
                 assert jobs.requests == [("Backups", "drive-harddisk", 1)]
                 first = jobs.views[0]
                 await until(lambda: first.calls and first.calls[-1][0] == "terminate", "the job's end", 5)
