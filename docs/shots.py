@@ -46,8 +46,10 @@ from dbus_fast.aio import MessageBus  # noqa: E402
 
 from agent.desktop.state import AgentStatus  # noqa: E402
 from agent.desktop.statefile import DiskRecord, load_state, save_state, state_file_path  # noqa: E402
+from tests.helpers.desktop_services import serve_upower  # noqa: E402
 from tests.test_disk import Rig  # noqa: E402
 from tests.test_disk_cycle import Bench  # noqa: E402
+from tests.test_dbus_control import private_bus  # noqa: E402
 
 CROP_WIDTH = 460  # the screen's right end: dunst (400 wide, 12 from the edge) and the tray
 PANEL = 32  # xfce4-panel's height (scripts/screenshots); the tray icon is the last PANEL x PANEL square
@@ -158,8 +160,10 @@ class Agent:
     def state_file(self) -> str:
         return state_file_path({"XDG_STATE_HOME": str(self.state_home), "HOME": str(self.state_home)})
 
-    def start(self) -> None:
+    def start(self, system_bus: str | None = None) -> None:
         env = dict(os.environ, XDG_STATE_HOME=str(self.state_home))
+        if system_bus is not None:  # the laptop's battery: a UPower stand-in on a bus of its own
+            env["DBUS_SYSTEM_BUS_ADDRESS"] = system_bus
         env.pop("SUDO_UID", None)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
@@ -366,6 +370,24 @@ async def story(camera: Camera, bench: Bench, agent: Agent, watch: NotifyWatch, 
         agent.check()
         missing.append(f"notification-reminder.png: {exc}".split("; the agent's log")[0])
     agent.stop()
+
+    print("plugged in on a low battery: the due backup waits", flush=True)
+    agent.remember(time.time() - 3 * DAY, first)
+    close_notifications()
+    watch.drain()
+    # This machine has no battery: UPower is a stand-in (tests/helpers/desktop_services.py) on a
+    # private bus that the agent takes for the system bus; it says "on battery, 18 %".
+    with private_bus("system") as system:
+        upower_bus, _, _ = await serve_upower(system.address, on_battery=True, percent=18.0)
+        try:
+            agent.start(system_bus=system.address)
+            await asyncio.sleep(2.0)  # the agent reads the battery, then watches udev
+            rig.attach(rig.luks_image)
+            await watch.next(lambda shown: shown.summary == f"{DISK}: backup waits", "waits on battery", agent)
+            camera.shoot("notification-skipped-battery.png")
+        finally:
+            agent.stop()
+            upower_bus.disconnect()
     return missing
 
 

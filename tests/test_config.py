@@ -36,7 +36,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.toml"
 IS_ROOT = os.geteuid() == 0
 
 TABLES = (
-    "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [packages], "
+    "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [packages], [conditions], "
     "[[disk]], [[hooks]], [[report]], [[command_source]]"
 )
 BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout"

@@ -314,10 +314,12 @@ def test_methods_reach_the_controller_and_return_its_word(session_bus: PrivateBu
             "disks": ("aa{sv}", [
                 {"name": ("s", "backup1"), "attached": ("b", True), "ejected": ("b", False),
                  "last_success": ("d", 1763812800.5), "last_result": ("s", "success"), "last_message": ("s", ""),
-                 "unfinished": ("b", False)},
+                 "unfinished": ("b", False), "skipped": ("s", "")},
                 {"name": ("s", "offsite"), "attached": ("b", True), "ejected": ("b", True),
-                 "last_result": ("s", "stopped"), "last_message": ("s", ""), "unfinished": ("b", True)},
+                 "last_result": ("s", "stopped"), "last_message": ("s", ""), "unfinished": ("b", True),
+                 "skipped": ("s", "")},
             ]),
+            "skipped": ("s", ""),
         }
         # the client reads it back into the same AgentStatus (eta: None is left out, so it is missing)
         expected = dataclasses.replace(RUNNING, progress={k: v for k, v in RUNNING.progress.items() if v is not None})
@@ -332,7 +334,7 @@ def test_get_status_leaves_out_what_is_unknown(session_bus: PrivateBus) -> None:
         reply = await call(other, "GetStatus")
         assert plain(reply.body[0]) == {
             "state": ("s", "idle"), "last_result": ("s", "none"), "last_message": ("s", ""), "progress": ("a{sv}", {}),
-            "disk_left": ("s", ""), "disk_left_detail": ("s", ""), "disks": ("aa{sv}", []),
+            "disk_left": ("s", ""), "disk_left_detail": ("s", ""), "disks": ("aa{sv}", []), "skipped": ("s", ""),
         }
         assert await client.get_status(other) == AgentStatus()
 

@@ -275,6 +275,10 @@ class FakeController:
         self.calls.append("stop")
         return "stopping"
 
+    def not_now(self) -> str:
+        self.calls.append("not_now")
+        return "postponed"
+
     async def eject(self, disk: str) -> EjectReply:
         self.calls.append(f"eject {disk}")
         return EjectReply("already", f"{disk} is locked and not mounted: already safe to unplug")
@@ -338,7 +342,9 @@ def test_a_whole_cycle_is_one_notification_updated_in_place(session_bus: Private
         started, *progress = server.shown
         assert (started.replaces_id, started.summary) == (0, "Backing up to backup1")
         assert started.body.startswith("Last backup 24 hours ago. Started because the disk was plugged in.")
-        assert started.actions == ["stop", "Stop"] and started.hints["urgency"] == NORMAL
+        # Stop, and Not now (a stop whose next try is one interval later), on the started card and its updates
+        assert started.actions == ["stop", "Stop", "not-now", "Not now"] and started.hints["urgency"] == NORMAL
+        assert all(p.actions == started.actions for p in progress)
         # at most one update every 5 s of the (fake) clock, each replacing the same notification
         assert [p.summary for p in progress] == ["Backing up to backup1: 30%", "Backing up to backup1: 50%"]
         assert {p.replaces_id for p in progress} == {started.id} and progress[0].hints["value"] == 30
@@ -350,6 +356,8 @@ def test_a_whole_cycle_is_one_notification_updated_in_place(session_bus: Private
         server.action_invoked(999, "stop")  # not ours: ignored
         await asyncio.sleep(0.05)
         assert controller.calls == ["stop"]
+        server.action_invoked(started.id, "not-now")
+        await until(lambda: controller.calls == ["stop", "not_now"])
 
         notifier.backup_completed(COMPLETE)
         notifier.status_changed(AgentStatus(**{**RUNNING.as_dict(), "step": "lock-disk"}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Union
 
+from agent.policy.conditions import DEFAULT_BATTERY_BELOW, DEFAULT_SKIP_METERED, QuietHours
 from agent.policy.rotation import DEFAULT_SCHEME, Scheme
 from agent.policy.schedule import DEFAULT_INTERVAL, DEFAULT_ON_PLUG
 
@@ -191,6 +192,10 @@ class Settings:
     keep_free: KeepFree | None = None
     interval: int = DEFAULT_INTERVAL  # [agent]: seconds between backups while the disk stays attached
     on_plug: str = DEFAULT_ON_PLUG  # [agent]: one of agent.policy.schedule.ON_PLUG_CHOICES
+    # [conditions]: moments not to back up (agent.policy.conditions)
+    battery_below: int = DEFAULT_BATTERY_BELOW  # percent of charge; 0: the battery never holds a backup
+    skip_metered: bool = DEFAULT_SKIP_METERED  # a remote destination waits while the connection is metered
+    quiet_hours: QuietHours | None = None  # local time; None: none
     state_dir: str = "/var/lib/backup-agent"  # where init records each disk's repository id
     crypttab: str = "/etc/crypttab"
     fstab: str = "/etc/fstab"

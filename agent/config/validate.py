@@ -20,6 +20,7 @@ from typing import Any, Final, Mapping, Sequence
 from agent.core.commands import IONICE_CLASSES
 from agent.policy.rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
 from agent.policy.schedule import ON_PLUG_CHOICES
+from agent.policy.conditions import parse_quiet_hours
 from agent.config.messages import fail, got_type, literal, quote, show, suggest
 from agent.config.model import (
     DEFAULT_HOOK_TIMEOUT,
@@ -103,6 +104,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "system": ("state_dir", "crypttab", "fstab"),
         "agent": ("interval", "on_plug"),
         "packages": ("enabled",),
+        "conditions": ("battery_below", "skip_metered", "quiet_hours"),
     }
 )
 # Arrays of tables ([[disk]], [[hooks]]): each element has these keys.
@@ -461,6 +463,31 @@ def _agent(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
         if value not in ON_PLUG_CHOICES:
             fail(file, "agent.on_plug", f"got {show(value)}; expected {' or '.join(map(show, ON_PLUG_CHOICES))}")
         out["on_plug"] = value
+    return out
+
+
+def _conditions(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The [conditions] table: moments the desktop agent does not back up (agent.policy.conditions)."""
+    _check_keys(file, "conditions", data)
+    out: dict[str, Any] = {}
+    if "battery_below" in data:
+        value = data["battery_below"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+            shown = f"got {show(value)}" if isinstance(value, (int, str)) and not isinstance(value, bool) else got_type(value)
+            fail(file, "conditions.battery_below",
+                 f"{shown}; expected a whole percent from 0 (never wait for the battery) to 100, such as 30")
+        out["battery_below"] = value
+    if "skip_metered" in data:
+        out["skip_metered"] = _bool(file, "conditions.skip_metered", data["skip_metered"])
+    if "quiet_hours" in data:
+        value = data["quiet_hours"]
+        if not isinstance(value, str):
+            fail(file, "conditions.quiet_hours", f'{got_type(value)}; expected a string such as "23:00-07:00", or "" for none')
+        if value.strip():
+            try:
+                out["quiet_hours"] = parse_quiet_hours(value)
+            except ValueError as exc:
+                fail(file, "conditions.quiet_hours", f"got {show(value)}: {exc}")
     return out
 
 
@@ -1099,6 +1126,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields.update(_system(path, data["system"]))
     if "agent" in data:
         fields.update(_agent(path, data["agent"]))
+    if "conditions" in data:
+        fields.update(_conditions(path, data["conditions"]))
     if "disk" in data:
         fields["disks"] = _disks(path, data["disk"], socket.gethostname() if hostname is None else hostname)
     if "hooks" in data:

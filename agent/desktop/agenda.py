@@ -27,14 +27,24 @@ Rules (besides the schedule's):
   plug-in (see :func:`agent.policy.schedule.on_stopped`).
 - A cycle that lost the machine lock to another cycle ("busy") is no
   failure: its trigger waits for that cycle.
+- A due backup is skipped while a condition of :mod:`agent.policy.conditions`
+  holds (quiet hours, the battery, a metered connection for a remote
+  destination): no start, no failure, the disk's ``skipped`` says why, and
+  it starts as soon as the condition ends (:class:`Circumstance` from UPower
+  or NetworkManager, or the timer at the end of quiet hours). A skipped
+  plug-in is replayed as a plug-in then. "Back up now" is never skipped.
+- "Not now" (:class:`NotNow`) stops the running cycle as a stop does, and
+  the next try is exactly one interval after it was said
+  (:func:`agent.policy.schedule.on_postponed`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field, replace
 from typing import Literal, Mapping, Sequence, Union
 
-from agent.policy import schedule
+from agent.policy import conditions, schedule
 
 Held = Literal["plugged", "asked"]
 Outcome = Literal["success", "failure", "busy"]
@@ -48,6 +58,7 @@ class DiskAgenda:
     ejected: bool = False  # closed by the user: no scheduled backup opens it
     held: Held | None = None  # a trigger waiting for the running cycle to end
     next_due: float | None = None  # the last decision's due time (None: not attached, or ejected)
+    skipped: conditions.Hold | None = None  # a due backup waits for this condition to end
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class Running:
     reason: str
     trigger: schedule.Trigger  # what started it (replayed if it loses the lock to another cycle)
     stopping: bool = False  # the user asked to stop it
+    postponed_at: float | None = None  # "Not now" was said then: the next try one interval later
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,10 @@ class Agenda:
     disks: Mapping[str, DiskAgenda] = field(default_factory=dict)
     running: Running | None = None
     blocked: str | None = None  # why no cycle may start (another cycle, an eject), or None
+    rules: conditions.Rules = conditions.Rules()  # [conditions]: moments not to back up
+    circumstances: conditions.Circumstances = conditions.Circumstances()  # battery and network, as last told
+    remote: frozenset[str] = frozenset()  # disks whose destination is remote (a metered connection holds them)
+    tz: dt.tzinfo | None = None  # the zone quiet hours are read in (None: the machine's)
 
     def disk(self, name: str) -> DiskAgenda:
         return self.disks.get(name, DiskAgenda())
@@ -82,6 +98,10 @@ def new(
     order: Sequence[str],
     states: Mapping[str, schedule.DiskState] | None = None,
     ejected: Sequence[str] = (),
+    *,
+    rules: conditions.Rules = conditions.Rules(),
+    remote: Sequence[str] = (),
+    tz: dt.tzinfo | None = None,
 ) -> Agenda:
     """The agenda at start: each disk's remembered state (not attached, nothing running)."""
     known = states or {}
@@ -92,7 +112,7 @@ def new(
         )
         for name in order
     }
-    return Agenda(policy, tuple(order), disks)
+    return Agenda(policy, tuple(order), disks, rules=rules, remote=frozenset(remote), tz=tz)
 
 
 # -- events ----------------------------------------------------------------------------
@@ -159,7 +179,19 @@ class Blocked:
     reason: str | None
 
 
-Event = Union[Plugged, Unplugged, Tick, Resumed, Asked, StopAsked, Finished, Ejected, Blocked]
+@dataclass(frozen=True)
+class Circumstance:
+    """UPower or NetworkManager told something new: the machine's circumstances now."""
+
+    now: conditions.Circumstances
+
+
+@dataclass(frozen=True)
+class NotNow:
+    """"Not now" on the started notification: stop the running cycle; the next try one interval later."""
+
+
+Event = Union[Plugged, Unplugged, Tick, Resumed, Asked, StopAsked, Finished, Ejected, Blocked, Circumstance, NotNow]
 
 # -- actions ---------------------------------------------------------------------------------
 
@@ -207,7 +239,15 @@ class Wake:
     at: float | None
 
 
-Action = Union[Start, Stop, Answer, Waits, Save, Wake]
+@dataclass(frozen=True)
+class Skipped:
+    """A due backup of ``disk`` is skipped for a condition (a new one, or another kind): for the log."""
+
+    disk: str
+    reason: str
+
+
+Action = Union[Start, Stop, Answer, Waits, Save, Wake, Skipped]
 
 
 # -- the step ----------------------------------------------------------------------------------
@@ -234,14 +274,23 @@ def persisted(agenda: Agenda) -> tuple[tuple[str, schedule.DiskState, bool], ...
 
 
 def wake_at(agenda: Agenda) -> float | None:
-    """The earliest due time among attached, not ejected disks; None while a cycle runs or is blocked."""
+    """The earliest due time among attached, not ejected disks; None while a cycle runs or is blocked.
+
+    A skipped disk wakes the agent at the end of its condition when that is a
+    time (quiet hours); the end of the others is an event, not a timer.
+    """
     if agenda.running is not None or agenda.blocked is not None:
         return None
-    dues = [
-        entry.next_due
-        for name in agenda.attached()
-        if not (entry := agenda.disk(name)).ejected and entry.next_due is not None
-    ]
+    dues: list[float] = []
+    for name in agenda.attached():
+        entry = agenda.disk(name)
+        if entry.ejected or entry.next_due is None:
+            continue
+        if entry.skipped is not None:
+            if entry.skipped.until is not None:
+                dues.append(entry.skipped.until)
+            continue
+        dues.append(entry.next_due)
     return min(dues) if dues else None
 
 
@@ -287,9 +336,17 @@ def _apply(agenda: Agenda, event: Event, now: float, actions: list[Action]) -> A
         entry = agenda.disk(event.disk)
         if event.disk not in agenda.order or not entry.state.attached:
             return agenda
-        return _with(agenda, event.disk, replace(entry, ejected=True, held=None, next_due=None))
+        return _with(agenda, event.disk, replace(entry, ejected=True, held=None, next_due=None, skipped=None))
     if isinstance(event, Blocked):
         return replace(agenda, blocked=event.reason)
+    if isinstance(event, Circumstance):
+        return replace(agenda, circumstances=event.now)  # _settle then starts what no longer waits
+    if isinstance(event, NotNow):
+        if agenda.running is None:
+            actions.append(Answer("not-running"))
+            return agenda
+        actions += [Stop(agenda.running.disk), Answer("postponed")]
+        return replace(agenda, running=replace(agenda.running, stopping=True, postponed_at=now))
     raise ValueError(f"unknown event {event!r}")
 
 
@@ -331,16 +388,27 @@ def _try(agenda: Agenda, name: str, trigger: schedule.Trigger, now: float, actio
     state, decision = _decide(entry, agenda.policy, now, trigger)
     if not decision.start_now:
         due = decision.next_due if decision.reason != "running" else entry.next_due
-        return _with(agenda, name, replace(entry, state=state, next_due=due))
+        skipped = entry.skipped if entry.held == "plugged" else None  # a skipped plug-in still waits
+        return _with(agenda, name, replace(entry, state=state, next_due=due, skipped=skipped))
+    if trigger != "asked":
+        held_by = conditions.hold(agenda.rules, agenda.circumstances, now, remote=name in agenda.remote, tz=agenda.tz)
+        if held_by is not None:
+            if entry.skipped is None or entry.skipped.kind != held_by.kind:
+                actions.append(Skipped(name, held_by.text))
+            # A skipped plug-in is replayed as one when the condition ends (on_plug "always", unfinished).
+            keep: Held | None = "plugged" if trigger == "plugged" else entry.held
+            return _with(agenda, name, replace(entry, state=state, held=keep, next_due=now, skipped=held_by))
     why = agenda.blocked or (f"the backup of {agenda.running.disk} is running" if agenda.running else None)
     if why is not None:
         held: Held | None = "plugged" if trigger == "plugged" else "asked" if trigger == "asked" else entry.held
         actions.append(Waits(name, decision.reason, why))
-        return _with(agenda, name, replace(entry, state=state, held=held, next_due=now))
+        return _with(agenda, name, replace(entry, state=state, held=held, next_due=now, skipped=None))
     state = schedule.on_started(state)
     actions.append(Start(name, decision.reason))
     running = Running(name, decision.reason, trigger)
-    return replace(_with(agenda, name, replace(entry, state=state, held=None, next_due=now)), running=running)
+    return replace(
+        _with(agenda, name, replace(entry, state=state, held=None, next_due=now, skipped=None)), running=running
+    )
 
 
 def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
@@ -353,12 +421,16 @@ def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
         held: Held | None = (
             "plugged" if running.trigger == "plugged" else "asked" if running.trigger == "asked" else entry.held
         )
-        if not entry.state.attached or entry.ejected:
-            held = None  # gone or closed meanwhile: nothing to carry on with
+        if not entry.state.attached or entry.ejected or running.postponed_at is not None:
+            held = None  # gone or closed meanwhile, or "not now": nothing to carry on with
         state = replace(entry.state, running=False)
+        if running.postponed_at is not None:
+            state = replace(state, postponed_until=running.postponed_at + agenda.policy.interval)
         return _with(agenda, event.disk, replace(entry, state=state, held=held))
     if event.outcome == "success":
         state = schedule.on_finished(entry.state, now, True, snapshot_time=event.snapshot_time)
+    elif running.stopping and running.postponed_at is not None:
+        state = schedule.on_postponed(entry.state, agenda.policy, running.postponed_at)
     elif running.stopping:
         state = schedule.on_stopped(entry.state, now)
     else:
@@ -378,6 +450,8 @@ def _settle(agenda: Agenda, now: float, actions: list[Action]) -> Agenda:
             if agenda.running is not None:
                 return agenda
     for name in agenda.attached():
+        if agenda.disk(name).held is not None:
+            continue  # replayed just above, and skipped again
         agenda = _try(agenda, name, "tick", now, actions)
         if agenda.running is not None:
             return agenda
@@ -385,7 +459,8 @@ def _settle(agenda: Agenda, now: float, actions: list[Action]) -> Agenda:
 
 
 __all__ = [
-    "Action", "Agenda", "Answer", "Asked", "Blocked", "DiskAgenda", "Ejected", "Event", "Finished", "Plugged",
-    "Resumed", "Running", "Save", "Start", "Stop", "StopAsked", "Tick", "Unplugged", "Wake", "Waits",
+    "Action", "Agenda", "Answer", "Asked", "Blocked", "Circumstance", "DiskAgenda", "Ejected", "Event", "Finished",
+    "NotNow", "Plugged", "Resumed", "Running", "Save", "Skipped", "Start", "Stop", "StopAsked", "Tick", "Unplugged",
+    "Wake", "Waits",
     "new", "persisted", "step", "wake_at",
 ]

@@ -50,7 +50,7 @@ from typing import Any, Awaitable, Callable, Final, Literal, Protocol, Sequence
 
 from agent.desktop import agenda
 from agent.core import events, lock
-from agent.policy import schedule
+from agent.policy import conditions, schedule
 from agent.config.model import Settings
 from agent.disk.mount import holders
 from agent.core.errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, LockFileError, UsageError
@@ -211,10 +211,13 @@ class Agent:
                     last_failure=record.last_failure,
                     unfinished=record.unfinished,
                     stopped_at=record.stopped_at,
+                    postponed_until=record.postponed_until,
                 )
                 for name, record in self._records.items()
             },
             ejected=[name for name, record in self._records.items() if record.ejected],
+            rules=rules_of(settings),
+            remote=remote_destinations(settings),
         )
         self._queue: list[agenda.Event] = []  # events that came while one was being carried out
         self._stepping = False
@@ -340,6 +343,8 @@ class Agent:
             self._disk_names,
             {name: self._agenda.disk(name).state for name in self._disk_names},
             ejected=[name for name in self._disk_names if self._agenda.disk(name).ejected],
+            rules=self._agenda.rules,
+            remote=tuple(self._agenda.remote),
         )
         self._queue.clear()
         self._loop = None
@@ -364,6 +369,26 @@ class Agent:
                 self._foreign.description,
             )
         return self._do(agenda.StopAsked()) or "not-running"
+
+    def not_now(self) -> str:
+        """"Not now": stop the running cycle as stop() does; the next try exactly one interval later.
+        "postponed" or "not-running"."""
+        return self._do(agenda.NotNow()) or "not-running"
+
+    def on_power(self, on_battery: bool, percent: float | None) -> None:
+        """UPower told the battery's state (agent.desktop.dbus.upower): a skipped backup may start now."""
+        battery = conditions.on_battery_percent(on_battery, percent)
+        self._circumstances(dataclasses.replace(battery, metered=self._agenda.circumstances.metered))
+
+    def on_network(self, metered: bool | None) -> None:
+        """NetworkManager told whether the connection is metered (None: not known, taken as not)."""
+        self._circumstances(dataclasses.replace(self._agenda.circumstances, metered=metered is True))
+
+    def _circumstances(self, now: conditions.Circumstances) -> None:
+        if now != self._agenda.circumstances:
+            log.info("on battery: %s (%s%%); metered connection: %s", now.on_battery,
+                     "?" if now.battery_percent is None else f"{now.battery_percent:.0f}", now.metered)
+            self._do(agenda.Circumstance(now))
 
     def _kill(self, disk: str) -> None:
         cycle = self._cycle
@@ -581,6 +606,8 @@ class Agent:
             return action.word
         elif isinstance(action, agenda.Waits):
             log.info("backup of %s (%s) waits: %s", action.disk, action.reason, action.why)
+        elif isinstance(action, agenda.Skipped):
+            log.info("backup of %s skipped for now: %s (it starts when that ends)", action.disk, action.reason)
         elif isinstance(action, agenda.Save):
             self._keep_agenda()
             self._save()
@@ -601,6 +628,7 @@ class Agent:
                 unfinished=state.unfinished,
                 stopped_at=state.stopped_at,
                 ejected=entry.ejected,
+                postponed_until=state.postponed_until,
             )
 
     def _block(self) -> None:
@@ -835,6 +863,10 @@ class Agent:
             # Asked for: not a failure. What was copied so far stays as the
             # unfinished transfer the next run carries on with.
             message = "as asked; the next backup carries on from where this one stopped"
+            running = self._agenda.running
+            if running is not None and running.disk == name and running.postponed_at is not None:
+                later = dt.datetime.fromtimestamp(running.postponed_at + self._agenda.policy.interval)
+                message = f"not now, as asked; the next backup at {later:%H:%M} carries on from where this one stopped"
             record = dataclasses.replace(record, last_result="stopped", last_message=message)
             log.info("backup of %s stopped as asked", name)
         else:
@@ -907,6 +939,7 @@ class Agent:
         status.disks = [self._disk_status(name, running) for name in self._disk_names]
         dues = [disk.next_due for disk in status.disks if disk.next_due is not None]
         status.next_due = min(dues) if dues else None
+        status.skipped = next((disk.skipped for disk in status.disks if disk.name == status.disk), "")
         if not running:
             status.step = None
             status.progress = {}
@@ -932,6 +965,9 @@ class Agent:
         record = self._records[name]
         attached = entry.state.attached
         due = entry.next_due if attached and not entry.ejected and not running else None
+        skipped = entry.skipped.text if entry.skipped is not None and due is not None else ""
+        if entry.skipped is not None and due is not None:
+            due = entry.skipped.until  # the end of quiet hours; an event ends the others
         return DiskStatus(
             name=name,
             attached=attached,
@@ -941,6 +977,7 @@ class Agent:
             last_message=record.last_message,
             next_due=due,
             unfinished=entry.state.unfinished,
+            skipped=skipped,
         )
 
     def _notify_status(self) -> None:
@@ -957,6 +994,8 @@ class Agent:
             return f"backing up to {status.disk}" + (f": {status.step}" if status.step else "")
         if status.state == "failed":
             return f"the last backup failed: {status.last_message}"
+        if status.state == "disk-attached" and status.skipped:
+            return f"{status.disk} attached; the backup waits: {status.skipped}"
         if status.state == "disk-attached":
             due = status.next_due
             when = dt.datetime.fromtimestamp(due).strftime("%H:%M") if due is not None else "?"
@@ -975,6 +1014,20 @@ class Agent:
                 getattr(listener, method)(*args)
             except Exception:
                 log.exception("listener %r failed in %s", listener, method)
+
+
+def rules_of(settings: Settings) -> conditions.Rules:
+    """The configuration's ``[conditions]`` as the agenda's rules."""
+    return conditions.Rules(settings.battery_below, settings.skip_metered, settings.quiet_hours)
+
+
+def remote_destinations(settings: Settings) -> tuple[str, ...]:
+    """The configured backups whose destination is remote, which a metered connection holds back.
+
+    None yet: every destination is a local disk. A remote destination names
+    itself here (docs/ARCHITECTURE.md, "Moments not to back up").
+    """
+    return ()
 
 
 # -- eject ----------------------------------------------------------------------------------------------
@@ -1102,7 +1155,7 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
         start of a later one (the tray, the notifier) still closes what was opened before it."""
         # dbus_fast is imported here, not at the top: the cycle (which runs
         # as root through sudo) never loads it.
-        from agent.desktop.dbus import control, logind, notify, tray
+        from agent.desktop.dbus import control, jobview, launcher, logind, networkmanager, notify, notray, tray, upower
 
         async with contextlib.AsyncExitStack() as stack:
             stop = asyncio.Event()
@@ -1117,7 +1170,7 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
             async def inhibit() -> Releasable | None:
                 return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
 
-            policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)
+            policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)  # rules: rules_of()
             options = AgentOptions(
                 cycle_argv=argv,
                 policy=policy,
@@ -1145,6 +1198,25 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
                 if icon is not None:
                     stack.callback(icon.close)
                     agent.add_listener(icon)
+            # Progress where the desktop shows it (docs/ARCHITECTURE.md, "Progress where each desktop shows it").
+            if service is not None:
+                jobs = jobview.JobViews(service.bus, agent)
+                stack.callback(jobs.close)
+                agent.add_listener(jobs)
+                if notifier is not None:
+                    notifier.progress_elsewhere = lambda: jobs.active
+                dock = launcher.start(service.bus)
+                if dock is not None:
+                    stack.callback(dock.close)
+                    agent.add_listener(dock.entry)
+                await notray.tell_if_no_tray(service.bus)
+            # Moments not to back up: the battery and the connection, as they change.
+            power = await upower.watch_power(system, agent.on_power)
+            if power is not None:
+                stack.callback(power.close)
+            network = await networkmanager.watch_network(system, lambda state: agent.on_network(state.metered))
+            if network is not None:
+                stack.callback(network.close)
             sleep_watch = await logind.watch_sleep(system, agent.on_resumed)
             if sleep_watch is not None:
                 stack.callback(sleep_watch.close)

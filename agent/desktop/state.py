@@ -57,6 +57,7 @@ class DiskStatus:
     last_message: str = ""
     next_due: float | None = None  # None: not attached, ejected, or a backup runs
     unfinished: bool = False  # the last run failed or was stopped: the next plug-in carries on with it
+    skipped: str = ""  # why a due backup waits now (agent.policy.conditions: battery, quiet hours...); "": it does not
 
 
 @dataclass
@@ -75,6 +76,7 @@ class AgentStatus:
     disk_left: DiskLeft = ""  # how the last cycle left the disk (see DiskLeft)
     disk_left_detail: str = ""  # the mount point ("mounted"), or why locking failed ("lock-failed")
     disks: list[DiskStatus] = field(default_factory=list)  # every configured disk, in the configuration's order
+    skipped: str = ""  # why the disk's due backup waits now (a condition, never a failure); "": it does not
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +134,10 @@ class Controller(Protocol):
 
     def stop(self) -> str:
         """Stop the running cycle (SIGTERM; it cleans up): "stopping" or "not-running"."""
+        ...
+
+    def not_now(self) -> str:
+        """"Not now": stop the running cycle; the next try one interval later: "postponed" or "not-running"."""
         ...
 
     def status(self) -> AgentStatus: ...

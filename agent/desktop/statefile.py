@@ -48,6 +48,7 @@ class DiskRecord:
     unfinished: bool = False  # the last run failed or was stopped; no success since
     stopped_at: float | None = None  # the user stopped the last run then
     ejected: bool = False  # the user ejected the disk: closed until plugged in again or asked for
+    postponed_until: float | None = None  # "Not now": the next try is then
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,6 +86,7 @@ def _record_from(value: object) -> DiskRecord | None:
         unfinished=value.get("unfinished") is True,
         stopped_at=_epoch(value.get("stopped_at")),
         ejected=value.get("ejected") is True,
+        postponed_until=_epoch(value.get("postponed_until")),
     )
 
 

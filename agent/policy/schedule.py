@@ -55,6 +55,9 @@ Rules, including those chosen here:
   cycle with ``on_plug = "if-due"`` too: it carries on with that run.
 - A stop the user asked for (:func:`on_stopped`) is not a failure: no retry,
   the next regular try at least ``interval`` after the stop.
+- "Not now" (:func:`on_postponed`) is such a stop that names the next try
+  itself: exactly one ``interval`` after the user said it, whatever the
+  last success, failure or stop say; the next run, whatever its end, clears it.
 - "Back up now" starts a cycle whenever the disk is attached and none runs,
   due or not.
 - Clock set back: a ``last_success`` (or ``last_failure``) more than
@@ -137,6 +140,7 @@ class DiskState:
     # transfer is unfinished, and the next plug-in carries on with it.
     unfinished: bool = False
     stopped_at: float | None = None  # the user stopped the last run then: no retry before an interval passed
+    postponed_until: float | None = None  # "Not now": the next try is then, exactly
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,8 @@ def next_due(state: DiskState, policy: Policy, now: float) -> float | None:
 
 def _due(state: DiskState, policy: Policy, now: float) -> float:
     """:func:`next_due` of an attached disk."""
+    if state.postponed_until is not None:
+        return state.postponed_until
     retry = _retry_due(state, policy, now)
     due = retry if retry is not None else _regular_due(state, policy, now)
     stopped = state.stopped_at
@@ -223,7 +229,7 @@ def _evaluate(state: DiskState, policy: Policy, now: float, *, resumed: bool) ->
         return Decision(False, "not due", due)
     if resumed:
         return Decision(True, "resumed from sleep, due", now)
-    if _retry_due(state, policy, now) is not None:
+    if state.postponed_until is None and _retry_due(state, policy, now) is not None:
         return Decision(True, "retry after failure", now)
     return Decision(True, "interval elapsed", now)
 
@@ -294,9 +300,11 @@ def on_finished(
             last_failure=None,
             unfinished=False,
             stopped_at=None,
+            postponed_until=None,
         )
     return replace(
-        state, running=False, failures=state.failures + 1, last_failure=now, unfinished=True, stopped_at=None
+        state, running=False, failures=state.failures + 1, last_failure=now, unfinished=True, stopped_at=None,
+        postponed_until=None,
     )
 
 
@@ -306,7 +314,12 @@ def on_stopped(state: DiskState, now: float) -> DiskState:
     The failure count is kept as it was; the next scheduled try is a regular
     one, at least ``interval`` after the stop; a plug-in carries on with it.
     """
-    return replace(state, running=False, unfinished=True, stopped_at=now)
+    return replace(state, running=False, unfinished=True, stopped_at=now, postponed_until=None)
+
+
+def on_postponed(state: DiskState, policy: Policy, at: float) -> DiskState:
+    """"Not now" at ``at`` stopped the cycle: as a stop, with the next try exactly one interval after ``at``."""
+    return replace(state, running=False, unfinished=True, stopped_at=None, postponed_until=at + policy.interval)
 
 
 def seconds_until(decision: Decision, now: float) -> float | None:

@@ -170,9 +170,9 @@ def status_from_mapping(values: Any, *, source: str) -> AgentStatus:
                 setattr(status, name, value)
             else:
                 bad(name, "a string or null")
-        elif name == "last_message":
+        elif name in ("last_message", "skipped"):
             if isinstance(value, str):
-                status.last_message = value
+                setattr(status, name, value)
             else:
                 bad(name, "a string")
         elif name == "disk_left":
@@ -227,6 +227,9 @@ def _disk_from(value: Any, source: str) -> DiskStatus | None:
     message = value.get("last_message")
     if isinstance(message, str):
         disk.last_message = message
+    skipped = value.get("skipped")
+    if isinstance(skipped, str):
+        disk.skipped = skipped
     return disk
 
 
@@ -328,7 +331,11 @@ def format_status(status: AgentStatus, *, live: bool, saved_at: float | None = N
     lines.append(f"last result:  {result}")
     ejected = [disk.name for disk in status.disks if disk.ejected]
     why_none = f"{', '.join(ejected)} ejected" if ejected and not status.next_due else "no disk attached"
+    if status.skipped and live:  # a saved wait may be over: only a running agent says it
+        why_none = f"waiting: {status.skipped}"
     lines.append(f"next backup:  {_when(status.next_due) if status.next_due is not None else f'none scheduled ({why_none})'}")
+    if status.skipped and live:
+        lines.append(f"waiting:      {status.skipped} (the due backup starts when this ends; not a failure)")
     if status.cycle_pid is not None:
         lines.append(f"cycle:        pid {status.cycle_pid}")
     if len(status.disks) > 1 or any(disk.ejected for disk in status.disks):
@@ -346,6 +353,8 @@ def _disk_line(disk: DiskStatus, *, live: bool) -> str:
         parts.append(f"last run {disk.last_result}" + (f": {disk.last_message}" if disk.last_message else ""))
     if disk.unfinished:
         parts.append("the next plug-in carries on with the unfinished backup")
+    if live and disk.skipped:
+        parts.append(f"waiting: {disk.skipped}")
     if live and disk.next_due is not None:
         parts.append(f"next backup {_when(disk.next_due)}")
     return "; ".join(parts)

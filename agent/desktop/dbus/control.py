@@ -49,6 +49,7 @@ STATUS_SIGNATURES: dict[str, str] = {
     "disk_left": "s",
     "disk_left_detail": "s",
     "disks": "aa{sv}",
+    "skipped": "s",
 }
 
 

@@ -94,6 +94,7 @@ from agent.desktop.dbus.texts import (  # the words, re-exported: callers and te
     started_text,
     step_words,
     stopped_text,
+    waiting_text,
     when,
 )
 
@@ -107,7 +108,10 @@ PROGRESS_INTERVAL = 5.0  # seconds between two progress updates, at least
 ACTION_BACKUP_NOW = "backup-now"
 ACTION_STOP = "stop"
 ACTION_OPEN = "open-backups"
-ACTION_LABELS: dict[str, str] = {ACTION_BACKUP_NOW: "Back up now", ACTION_STOP: "Stop", ACTION_OPEN: "Open backups"}
+ACTION_NOT_NOW = "not-now"  # stop, and the next try one interval later (agent.desktop.agenda.NotNow)
+ACTION_LABELS: dict[str, str] = {
+    ACTION_BACKUP_NOW: "Back up now", ACTION_STOP: "Stop", ACTION_OPEN: "Open backups", ACTION_NOT_NOW: "Not now",
+}
 REMINDER_RETRY = 3600.0  # seconds before a reminder that could not be shown is tried again
 
 CLOSED_BY_USER = 2  # NotificationClosed's reason: dismissed by the user
@@ -213,6 +217,9 @@ class Notifier:
         self._card: tuple[str, str] | None = None
         self._stopping = False  # a cycle runs and its end is to be told as "stopped" if so
         self._skipped: str | None = None  # the disk the "no backup needed yet" card is about
+        self._waiting: set[str] = set()  # disks whose due backup waits for a condition, told once each time
+        # Whether another view shows the running backup's progress now (KDE's job view): no progress cards then.
+        self.progress_elsewhere: Callable[[], bool] = lambda: False
 
     # -- life -------------------------------------------------------------------------
 
@@ -408,6 +415,7 @@ class Notifier:
         if self._skipped is not None and any(d.name == self._skipped and d.ejected for d in status.disks):
             self._withdraw("disk")  # "leave the disk plugged in" is stale once it is ejected
             self._skipped = None
+        self._tell_waiting(status)
         ended = self._stopping and status.state != "running"
         if ended:
             self._stopping = False
@@ -434,11 +442,26 @@ class Notifier:
             and status.next_due is not None
             and status.next_due > self._now()
             and not _unresolved(status, plugged)
+            and not status.skipped
         ):
             self._skipped = plugged
             self._post("disk", skipped_text(plugged, status.last_success, status.next_due, self._now()),
                        actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device.added",
                        about=(plugged, "skipped"))
+
+    def _tell_waiting(self, status: AgentStatus) -> None:
+        """Once each time a disk's due backup starts to wait for a condition: a low-urgency card, never a failure."""
+        for entry in status.disks:
+            if not entry.skipped:
+                self._waiting.discard(entry.name)
+                continue
+            if entry.name in self._waiting:
+                continue
+            self._waiting.add(entry.name)
+            self._skipped = entry.name  # withdrawn as "no backup needed yet" is: started, unplugged, ejected
+            self._post("disk", waiting_text(entry.name, entry.skipped, entry.next_due, self._now(), self._tz),
+                       actions=(ACTION_BACKUP_NOW,), icon="drive-harddisk", category="device",
+                       about=(entry.name, "skipped"))
 
     def disk_attached(self, disk: str) -> None:
         self._plugged = disk
@@ -483,12 +506,12 @@ class Notifier:
         # place, and a "no backup needed yet" or a missed failure of this disk is withdrawn.
         self._withdraw("disk")
         self._withdraw(f"missed:{disk}")
-        self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP,),
+        self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP, ACTION_NOT_NOW),
                    icon="drive-harddisk", category="transfer", transient=True, about=(disk, "running"))
         self._card = (disk, "running")
 
     def progress(self, event: ProgressEvent) -> None:
-        if self._muted or self._removed:
+        if self._muted or self._removed or self.progress_elsewhere():
             return
         now = self._clock()
         if self._last_update is not None and now - self._last_update < self._min_interval:
@@ -497,7 +520,7 @@ class Notifier:
         step = self._status.step if self._status is not None and self._status.state == "running" else None
         percent = event.percent
         value = int(min(100.0, max(0.0, percent))) if percent is not None else None
-        self._post("cycle", progress_text(self._disk or "the disk", event, step), actions=(ACTION_STOP,),
+        self._post("cycle", progress_text(self._disk or "the disk", event, step), actions=(ACTION_STOP, ACTION_NOT_NOW),
                    icon="drive-harddisk", category="transfer", value=value, transient=True,
                    about=(self._disk or "the disk", "running"))
 
@@ -739,7 +762,12 @@ class Notifier:
         if controller is None:
             return
         try:
-            reply = controller.stop() if key == ACTION_STOP else controller.backup_now()
+            if key == ACTION_STOP:
+                reply = controller.stop()
+            elif key == ACTION_NOT_NOW:
+                reply = controller.not_now()
+            else:
+                reply = controller.backup_now()
             log.info("notification action %s: %s", ACTION_LABELS.get(key, key), reply)
         except Exception:
             log.exception("notification action %s failed", key)
@@ -824,6 +852,7 @@ __all__ = [
     "start",
     "stopped_text",
     "started_text",
+    "waiting_text",
     "step_words",
     "when",
 ]

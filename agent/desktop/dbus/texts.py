@@ -327,3 +327,11 @@ def skipped_text(
         "or plug it in again then.",
         LOW,
     )
+
+
+def waiting_text(disk: str, reason: str, until: float | None, now: float, tz: dt.tzinfo | None = None) -> Text:
+    """A due backup waits for a condition (battery, quiet hours, a metered connection): not a failure, low urgency."""
+    end = f" It starts by itself {when(until, now, tz)}, when that ends." if until is not None else (
+        " It starts by itself when that ends."
+    )
+    return Text(f"{disk}: backup waits", f"A backup is due, but it waits: {reason}.{end}", LOW)

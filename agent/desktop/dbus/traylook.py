@@ -120,6 +120,8 @@ def tooltip(status: AgentStatus, progress: ProgressEvent | None, now: float) -> 
         return f"Backup to {disk} failed", f"{what}\n{last} Earlier snapshots are untouched."
     if status.last_result in ("success", "partial") and status.last_message and status.last_success is not None:
         last = f"Last backup {age(status.last_success, now)}: {status.last_message}."
+    if status.state == "disk-attached" and status.skipped:
+        return f"{disk} attached", f"{last} A backup is due and waits: {status.skipped}. It starts when that ends."
     if status.state == "disk-attached":
         due = f" Next backup {when(status.next_due, now)}." if status.next_due is not None else ""
         return f"{disk} attached", f"{last}{due}"
