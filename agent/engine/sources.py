@@ -57,7 +57,9 @@ class Tree:
     placed before ``excludes``, so they win; ``record`` holds what the
     snapshot's metadata says of the source (beside ``source``, its path);
     ``skipped_mounts`` are the mount points the transfer leaves empty, shown
-    in the transfer step's result.
+    in the transfer step's result; ``command_prefix`` runs the transfer
+    through another program first (a frozen source's private mount
+    namespace, :mod:`agent.engine.frozen`).
     """
 
     root: str
@@ -66,6 +68,7 @@ class Tree:
     excludes: tuple[str, ...]
     skipped_mounts: tuple[str, ...]
     record: Mapping[str, Any]
+    command_prefix: tuple[str, ...] = ()
 
 
 class Source(Protocol):
