@@ -514,7 +514,7 @@ class Cycle:
         """One source's rsync into its directory of the snapshot; its result and statistics."""
         settings = self.settings
         request = self.request
-        link_dests = source_set.part_link_dests(begun.link_dests, part.directory)
+        link_dests = source_set.part_link_dests(begun.link_dests, part.directory, part.source.path, self._metadata_of)
         copies_all = begun.copies_all or not link_dests
         index, count = position
         argv = rsync.build_argv(
@@ -584,6 +584,13 @@ class Cycle:
         if result.kind == "partial" and count > 1:
             log.warning("%d files of %s could not be transferred", errors.count - before, part.source.path)
         return result, stats
+
+    def _metadata_of(self, link_dest: str) -> dict[str, Any]:
+        """What a snapshot the transfer links to says of itself (unfinished ones by their reserved name)."""
+        name = os.path.basename(link_dest)
+        if name.endswith(IN_PROGRESS):
+            name = name[: -len(IN_PROGRESS)]
+        return (self.repository.read_metadata(name) if self.repository is not None else None) or {}
 
     def _disk_full_message(self) -> str:
         """What really takes the space (the unfinished transfer included) and the commands that free it."""

@@ -103,14 +103,31 @@ def parts_from_settings(
     return tuple(parts)
 
 
-def part_link_dests(link_dests: Sequence[str], directory: str) -> list[str]:
-    """The directories one source's transfer links to: the same directory of each snapshot it shares with,
-    where that is a real directory (a snapshot of another layout, or before the source was added, has none)."""
-    if not directory:
-        return list(link_dests)
+def part_link_dests(
+    link_dests: Sequence[str], directory: str, path: str, metadata_of: Callable[[str], Mapping[str, Any]]
+) -> list[str]:
+    """The directories one source's transfer links to, in each snapshot it shares with: where that
+    snapshot holds the same source path (its directory among several, or its whole tree when it holds
+    that source alone), so unchanged files stay links when sources are added or removed; else the same
+    directory (or tree) as today. Only real directories: a snapshot may not hold the source at all."""
     found = []
+    path = posixpath.normpath(path)
     for link_dest in link_dests:
-        candidate = os.path.join(link_dest, directory)
+        metadata = metadata_of(link_dest)
+        parts = stored_parts(metadata)
+        source = metadata.get("source")
+        if parts:
+            where = dict(parts).get(path)
+            if where is None:
+                continue
+            candidate = os.path.join(link_dest, where)
+        elif isinstance(source, str) and posixpath.normpath(source) == path:
+            candidate = link_dest
+        else:
+            candidate = os.path.join(link_dest, directory) if directory else link_dest
+        if candidate == link_dest and not directory:
+            found.append(candidate)  # as a snapshot of one source always linked
+            continue
         try:
             if stat.S_ISDIR(os.lstat(candidate).st_mode):
                 found.append(candidate)
