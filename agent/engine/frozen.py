@@ -240,6 +240,9 @@ class FrozenSource:
 
 
 def _same_device(a: str, b: str) -> bool:
+    """``a`` (or, while it does not exist yet, the nearest directory above it) lies on ``b``'s filesystem."""
+    while not os.path.lexists(a) and a != "/":
+        a = os.path.dirname(a)
     try:
         return os.stat(a).st_dev == os.stat(b).st_dev
     except OSError:
