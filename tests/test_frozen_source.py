@@ -175,3 +175,39 @@ def test_what_is_not_a_subvolume_is_read_live_or_refused_when_freeze_is_always(b
     with never.opened(str(tmp_path / "repo")) as tree:
         assert tree.record["frozen"] is False
     assert _ours(btrfs) == []
+
+
+@pytest.mark.integration
+def test_for_slash_the_command_runs_chrooted_in_the_snapshot_with_the_mounts_carried(tmp_path: Path) -> None:
+    """Freezing / itself needs a btrfs root, which this machine has not: the view's --root is tried on a
+    directory standing in for the snapshot, with the system's programs carried onto it as mounts are."""
+    need_root_and_tools()
+    root = tmp_path / "snapshot"
+    root.mkdir()
+    (root / "marker").write_text("inside the snapshot\n")
+    carried: list[tuple[str, str, bool]] = []
+    for name in ("usr", "bin", "lib", "lib64"):
+        host = Path("/") / name
+        if host.is_symlink():
+            os.symlink(os.readlink(host), root / name)
+        elif host.is_dir():
+            (root / name).mkdir()
+            carried.append((str(host), str(root / name), True))
+    prefix = view_prefix(unshare="/usr/bin/unshare", python=sys.executable, path="/", snapshot=str(root), carried=carried)
+    seen = subprocess.run([*prefix, "/bin/cat", "/marker"], capture_output=True, text=True)
+    assert (seen.returncode, seen.stdout) == (0, "inside the snapshot\n"), seen.stderr
+    assert not (Path("/") / "marker").exists()
+
+
+@pytest.mark.integration
+def test_a_failed_transfer_still_deletes_the_frozen_snapshot(
+    btrfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(FAST + '[commands]\nrsync = "/bin/false"\n')  # run in the namespace, after the snapshot
+    capsys.readouterr()
+    argv = ["backup", "--no-sudo", "--json", "--config", str(config), str(btrfs / "sv"), str(tmp_path / "repo")]
+    assert main(argv) != 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["step"], e["message"][:12]) for e in events if e["event"] == "error"] == [("transfer", "rsync failed")]
+    assert _ours(btrfs) == []
