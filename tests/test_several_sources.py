@@ -182,6 +182,7 @@ def test_several_filesystems_make_one_snapshot_read_back_by_live_paths(
         os.utime(efi / "EFI" / "grub.cfg", (later_time, later_time))
         assert main(backup) == 0
 
+        assert main([*backup[:4], "-n", *backup[4:]]) == 0  # a dry run reads every source and writes nothing
         first, one, two = sorted(os.listdir(repo / "snapshots"))
         top = repo / "snapshots" / one
         data_dir = directory_for(str(data))

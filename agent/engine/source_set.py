@@ -79,8 +79,7 @@ def parts_from_settings(
     commands = settings.commands
 
     def frozen(live: PathSource, freeze: str) -> Source:
-        if freeze == "never":
-            return live
+        # Also with "never": the metadata then says frozen: false for it, as for any source read live.
         return FrozenSource(
             live=live, runner=runner, freeze=freeze, btrfs=commands.btrfs, unshare=commands.unshare, warn=warn
         )
