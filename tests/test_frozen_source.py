@@ -23,7 +23,7 @@ import pytest
 
 from agent.cli import main
 from agent.core.commands import Runner
-from agent.core.errors import UsageError
+from agent.core.errors import CommandError, UsageError
 from agent.core.mounts import MountEntry, read_mountinfo
 from agent.engine.frozen import MARK, FrozenSource, containing_mount, view_prefix
 from agent.engine.sources import PathSource
@@ -210,4 +210,24 @@ def test_a_failed_transfer_still_deletes_the_frozen_snapshot(
     assert main(argv) != 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(e["step"], e["message"][:12]) for e in events if e["event"] == "error"] == [("transfer", "rsync failed")]
+    assert _ours(btrfs) == []
+
+
+@pytest.mark.integration
+def test_a_subvolume_that_cannot_be_snapshotted_is_read_live_with_auto_and_refused_with_always(
+    btrfs: Path, tmp_path: Path
+) -> None:
+    warnings: list[str] = []
+    subprocess.run(["mount", "-o", "remount,ro", str(btrfs)], check=True)  # a read-only root, say
+    try:
+        auto = FrozenSource(live=PathSource(str(btrfs / "sv")), runner=Runner(), warn=warnings.append)
+        with auto.opened(str(tmp_path / "repo")) as tree:
+            assert tree.record["frozen"] is False and tree.command_prefix == ()
+            assert "Read-only file system" in tree.record["freeze_failed"]
+        assert len(warnings) == 1 and "could not be frozen" in warnings[0] and "backed up live" in warnings[0]
+        always = FrozenSource(live=PathSource(str(btrfs / "sv")), runner=Runner(), freeze="always")
+        with pytest.raises(CommandError), always.opened(str(tmp_path / "repo")):
+            pass
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(btrfs)], check=True)
     assert _ours(btrfs) == []

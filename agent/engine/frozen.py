@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 from agent.core.commands import Runner
-from agent.core.errors import UsageError
+from agent.core.errors import CommandError, UsageError
 from agent.core.mounts import MountEntry, read_mountinfo, skipped_mount_points
 from agent.engine.sources import PathSource, Tree
 
@@ -181,7 +181,17 @@ class FrozenSource:
                 yield replace(tree, record={**tree.record, "freeze": self.freeze, "frozen": False, "would_freeze": True})
                 return
             with contextlib.ExitStack() as stack:
-                yield self._frozen(tree, stack)
+                try:
+                    frozen = self._frozen(tree, stack)
+                except CommandError as exc:
+                    if self.freeze == "always":
+                        raise
+                    # "auto" freezes what can be frozen: a read-only filesystem (a read-only root) is read live.
+                    stack.close()
+                    self.warn(f"{self.path} could not be frozen ({exc.message}): it is backed up live")
+                    frozen = replace(tree, record={**tree.record, "freeze": self.freeze, "frozen": False,
+                                                   "freeze_failed": exc.message})
+                yield frozen
 
     def _frozen(self, tree: Tree, stack: contextlib.ExitStack) -> Tree:
         entries = read_mountinfo()
