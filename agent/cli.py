@@ -455,6 +455,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if source is not None:
         overrides["source"] = os.path.abspath(source)
+        overrides["sources"] = ()  # a SOURCE given here replaces the configured [[source]] list
+    elif args.exclude and settings.sources:
+        raise UsageError("--exclude: the configuration lists [[source]] tables; give each its exclude there")
     if args.ionice:
         overrides["ionice"] = args.ionice
     if args.multi_fs:
@@ -755,25 +758,25 @@ def cmd_diff(args: argparse.Namespace) -> int:
     with _reading(args, settings) as repo:
         snaps = history.snapshots(repo)
         a, b = history.pick_pair(snaps, args.a, args.b)
-        if a.source != b.source:
-            raise UsageError(f"{a.name} backs up {a.source} and {b.name} backs up {b.source}: they cannot be compared")
-        changes = history.diff(a.path, b.path)
+        # Several sources: each compared with itself, its changes named by their live paths.
+        changes = [(source, change) for source, in_a, in_b in history.part_pairs(a, b) for change in history.diff(in_a, in_b)]
     if args.json:
         body = {
             "a": a.name,
             "b": b.name,
-            "source": b.source,
+            "source": b.source if not b.parts else None,
+            "sources": list(b.sources),
             "partial": [s.name for s in (a, b) if s.partial],
-            "changes": [c.as_dict(b.source) for c in changes],
+            "changes": [c.as_dict(source) for source, c in changes],
         }
         print(json.dumps(body, indent=2, ensure_ascii=False))
         return EXIT_OK
     print(f"{_partial(a.name, [s.name for s in (a, b) if s.partial])} -> {_partial(b.name, [b.name] if b.partial else [])}")
     signs = {"added": "+", "removed": "-", "changed": "~"}
     counts = {"added": 0, "removed": 0, "changed": 0}
-    for change in changes:
+    for source, change in changes:
         counts[change.change] += 1
-        shown = os.path.join(b.source, change.path) + ("/" if change.kind == "directory" else "")
+        shown = os.path.join(source, change.path) + ("/" if change.kind == "directory" else "")
         if change.change == "changed":
             sizes = "" if change.kind == "directory" else f"{human_size(change.size_before or 0)} -> {human_size(change.size_after or 0)}, "
             print(f"{signs[change.change]} {shown}  ({sizes}{change.what})")

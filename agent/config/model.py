@@ -63,6 +63,8 @@ class Commands:
     mount: str = "/bin/mount"
     umount: str = "/bin/umount"
     sync: str = "/bin/sync"
+    btrfs: str = "/bin/btrfs"  # a frozen source's read-only snapshot (freeze)
+    unshare: str = "/usr/bin/unshare"  # the private mount namespace a frozen source is read in
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,28 @@ class KeepFree:
     min_snapshots: int = DEFAULT_MIN_SNAPSHOTS  # never delete below this many complete snapshots
 
 
+#: How a source that is a btrfs subvolume is read ([[source]] freeze, [backup] freeze).
+FREEZE_CHOICES: Final[tuple[str, ...]] = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One ``[[source]]``: a live path stored under its own directory of a snapshot of several sources.
+
+    ``directory`` is the name of that directory (``name`` in the file, else
+    derived from the path: :func:`agent.config.source_names.directory_for`);
+    ``None`` for ``one_file_system`` and ``skip_cachedir_tagged`` follows
+    ``[backup]``; ``exclude`` ``None`` means the defaults (the system's for ``/``).
+    """
+
+    path: str
+    directory: str
+    exclude: tuple[str, ...] | None = None
+    one_file_system: bool | None = None
+    skip_cachedir_tagged: bool | None = None
+    freeze: str = "auto"
+
+
 REPORT_WHEN: Final[tuple[str, ...]] = ("failure", "success", "stale")
 
 
@@ -190,6 +214,8 @@ class Settings:
     command_sources: tuple[CommandSource, ...] = ()  # [[command_source]]: dumps stored in every snapshot
     packages: Packages = Packages()  # [packages]: the package lists and database with every snapshot
     keep_free: KeepFree | None = None
+    freeze: str = "auto"  # [backup]: the single source's, when it is a btrfs subvolume
+    sources: tuple[SourceSpec, ...] = ()  # [[source]]: several sources in one snapshot (replaces [backup] source)
     interval: int = DEFAULT_INTERVAL  # [agent]: seconds between backups while the disk stays attached
     on_plug: str = DEFAULT_ON_PLUG  # [agent]: one of agent.policy.schedule.ON_PLUG_CHOICES
     # [conditions]: moments not to back up (agent.policy.conditions)

@@ -25,6 +25,7 @@ from agent.config.messages import fail, got_type, literal, quote, show, suggest
 from agent.config.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_MIN_SNAPSHOTS,
+    FREEZE_CHOICES,
     REPORT_WHEN,
     CommandSource,
     Commands,
@@ -36,7 +37,9 @@ from agent.config.model import (
     PingReport,
     Report,
     Settings,
+    SourceSpec,
 )
+from agent.config.source_names import directory_for, directory_problem
 
 # Top-level directories that hold the system itself: a repository there would
 # mix snapshots into (or delete from) the running system.
@@ -84,6 +87,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "nice",
             "skip_cachedir_tagged",
             "io_timeout",
+            "freeze",
         ),
         "rotation": (*FREQUENCIES, "prefer_recent", "strict", "keep_free", "min_snapshots"),
         "commands": (
@@ -98,6 +102,8 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "mount",
             "umount",
             "sync",
+            "btrfs",
+            "unshare",
         ),
         "notifications": ("enabled", "remind_after"),
         "tray": ("enabled",),
@@ -136,11 +142,12 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "timeout",
         ),
         "command_source": ("name", "command", "file", "compress", "timeout", "critical"),
+        "source": ("path", "name", "exclude", "one_file_system", "skip_cachedir_tagged", "freeze"),
     }
 )
 # What one element of each array of tables is, for messages.
 _ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType(
-    {"disk": "disk", "hooks": "hook", "report": "report channel", "command_source": "command source"}
+    {"disk": "disk", "hooks": "hook", "report": "report channel", "command_source": "command source", "source": "source"}
 )
 
 UNLOCK_METHODS: Final[tuple[str, ...]] = ("auto", "cryptdisks", "systemd")
@@ -318,6 +325,8 @@ def _backup(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
         out["nice"] = _nice(file, data["nice"])
     if "io_timeout" in data:
         out["io_timeout"] = _io_timeout(file, data["io_timeout"])
+    if "freeze" in data:
+        out["freeze"] = _choice(file, "backup.freeze", data["freeze"], FREEZE_CHOICES)
     return out
 
 
@@ -338,13 +347,13 @@ def check_exclude(pattern: str) -> None:
         )
 
 
-def _excludes(file: str, value: object) -> tuple[str, ...]:
+def _excludes(file: str, value: object, where: str = "backup.exclude") -> tuple[str, ...]:
     if not isinstance(value, list):
         example = f"[{show(value)}]" if isinstance(value, str) else '["/home/*/Downloads"]'
-        fail(file, "backup.exclude", f"{got_type(value)}; expected an array of rsync patterns such as {example}")
+        fail(file, where, f"{got_type(value)}; expected an array of rsync patterns such as {example}")
     patterns = []
     for index, item in enumerate(value):
-        key = f"backup.exclude[{index}]"
+        key = f"{where}[{index}]"
         if not isinstance(item, str):
             fail(file, key, f"{got_type(item)}; expected a string holding an rsync pattern")
         if not item:
@@ -1075,6 +1084,61 @@ def _packages(file: str, data: Mapping[str, Any]) -> Packages:
     return Packages(enabled=_bool(file, "packages.enabled", data["enabled"]) if "enabled" in data else None)
 
 
+def _sources(file: str, value: object, backup: Mapping[str, Any]) -> tuple[SourceSpec, ...]:
+    """``[[source]]``: several sources in one snapshot, each under its own directory (agent.config.source_names)."""
+    for key in ("source", "exclude", "freeze"):
+        if isinstance(backup, Mapping) and key in backup:
+            fail(
+                file,
+                f"backup.{key}",
+                f"given beside [[source]]; expected either [backup] {key} for one source, "
+                f"or {key if key != 'source' else 'path'} in each [[source]]",
+            )
+    specs: list[SourceSpec] = []
+    for index, data in enumerate(_elements(file, "source", value)):
+        prefix = f"source[{index}]"
+        _check_keys(file, "source", data, prefix=prefix)
+        path = _path(
+            file, f"{prefix}.path", _required(file, prefix, data, "path", "the absolute path of a directory to back up"),
+            what="an absolute directory path",
+        )
+        if "name" in data:
+            name = data["name"]
+            if not isinstance(name, str):
+                fail(file, f"{prefix}.name", f"{got_type(name)}; expected a string, the source's directory in a snapshot")
+            problem = directory_problem(name)
+            if problem is not None:
+                fail(file, f"{prefix}.name", f"got {show(name)}: {problem}")
+        else:
+            name = directory_for(path)
+            problem = directory_problem(name)
+            if problem is not None:
+                fail(file, f"{prefix}.path", f"the directory named after {show(path)} would be {problem}: set name")
+        for other_index, other in enumerate(specs):
+            if other.path == path:
+                fail(file, f"{prefix}.path", f"got {show(path)}, already source[{other_index}]; expected each path once")
+            if other.directory == name:
+                fail(
+                    file, f"{prefix}.name",
+                    f"the directory {show(name)} is already source[{other_index}]'s ({other.path}); expected a name of its own",
+                )
+        specs.append(
+            SourceSpec(
+                path=path,
+                directory=name,
+                exclude=_excludes(file, data["exclude"], f"{prefix}.exclude") if "exclude" in data else None,
+                one_file_system=_bool(file, f"{prefix}.one_file_system", data["one_file_system"])
+                if "one_file_system" in data else None,
+                skip_cachedir_tagged=_bool(file, f"{prefix}.skip_cachedir_tagged", data["skip_cachedir_tagged"])
+                if "skip_cachedir_tagged" in data else None,
+                freeze=_choice(file, f"{prefix}.freeze", data["freeze"], FREEZE_CHOICES) if "freeze" in data else "auto",
+            )
+        )
+    if not specs:
+        fail(file, "source", "an empty array; expected at least one [[source]] table with a path")
+    return tuple(specs)
+
+
 def _check_tables(file: str, data: Mapping[str, Any]) -> None:
     """Refuse anything at the top level that is not one of the known tables."""
     known = [*_TABLE_KEYS, *_ARRAY_KEYS]
@@ -1084,7 +1148,7 @@ def _check_tables(file: str, data: Mapping[str, Any]) -> None:
             if not isinstance(value, Mapping):
                 fail(file, name, f"{got_type(value)}; expected the table [{name}]")
             continue
-        if name in _ARRAY_KEYS:
+        if name in _ARRAY_KEYS and (name != "source" or isinstance(value, list)):
             continue  # checked with its elements
         is_array_of_tables = (
             isinstance(value, list) and bool(value) and all(isinstance(item, Mapping) for item in value)
@@ -1138,6 +1202,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields["command_sources"] = _command_sources(path, data["command_source"])
     if "packages" in data:
         fields["packages"] = _packages(path, data["packages"])
+    if "source" in data:
+        fields["sources"] = _sources(path, data["source"], data.get("backup", {}))
     return Settings(path=path, **fields)
 
 

@@ -42,7 +42,7 @@ from agent.engine import layouts
 from agent.engine import sysstate
 from agent.repository import manifest as manifests
 from agent.repository import unfinished
-from agent.core.commands import Runner, priority_prefix
+from agent.core.commands import Result, Runner, priority_prefix
 from agent.config.model import Disk, Settings
 from agent.core.errors import (
     BackupAgentError,
@@ -60,7 +60,8 @@ from agent.engine.layouts import Begun, Layout
 from agent.core.mounts import read_mountinfo
 from agent.repository.store import IN_PROGRESS, Repository, classify, free_space
 from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
-from agent.engine.sources import PathSource, Source
+from agent.engine import source_set
+from agent.engine.sources import Source, Tree
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,13 @@ class Cycle:
         self.settings = request.settings
         self.emitter = emitter
         self.runner = runner
-        # What is read: by default the configured path (the command line may have replaced it).
-        self.source: Source = source if source is not None else PathSource.from_settings(request.settings, request.source)
+        # What is read: by default the configured sources, or the one path (the command line may have replaced it).
+        self.parts = (
+            (source_set.Part("", source),)
+            if source is not None
+            else source_set.parts_from_settings(request.settings, request.source, runner, self._warn)
+        )
+        self.source: Source = self.parts[0].source
         self.outcome = Outcome()
         self.current_step: str | None = None
         self.repository: Repository | None = None
@@ -376,7 +382,8 @@ class Cycle:
         request = self.request
         with self._step("prepare", repository=request.repository) as done:
             if "backup" in request.steps:
-                self.source.check(request.repository)
+                for part in self.parts:
+                    part.source.check(request.repository)
             state = classify(request.repository)
             needs_repository = "backup" in request.steps or "snapshot" in request.steps
             if state in ("missing", "empty") and not needs_repository:
@@ -445,91 +452,41 @@ class Cycle:
         return name
 
     def _transfer_into(self, begun: Begun, start: dt.datetime) -> str:
-        settings = self.settings
+        """Open every source (frozen ones are snapshotted then, close together), then one rsync per source."""
         request = self.request
         repo = self.repository
         name, latest, leftovers = begun.name, begun.previous, list(begun.resumed_from)
-        copies_all = begun.copies_all
         self.hook_context.snapshot = name
         with (
             self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done,
-            self.source.opened(request.repository) as tree,
+            contextlib.ExitStack() as trees,
         ):
-            argv = rsync.build_argv(
-                rsync=settings.commands.rsync,
-                source=tree.root,
-                target=begun.target,
-                link_dests=begun.link_dests,
-                one_file_system=tree.one_file_system,
-                excludes=tree.excludes,
-                filter_rules=(*tree.filter_rules, *self._state_rules()),
-                io_timeout=settings.io_timeout,
-                dry_run=request.dry_run,
-                priority_prefix=self._priority(),
-            )
-            parser = rsync.ProgressParser()
+            opened = [(part, trees.enter_context(part.source.opened(request.repository))) for part in self.parts]
             errors = rsync.ErrorCollector()
-            other_lines: list[str] = []
-            last_emit = 0.0
-            transfer_started = time.monotonic()
-            unsent: list[rsync.Progress] = []  # the last record, when it was not sent (too soon)
-
-            def emit(update: rsync.Progress, now: float) -> None:
-                percent, eta = transfer_progress(update, now - transfer_started, copies_all=copies_all)
-                self.emitter.emit(progress(percent, update.bytes, update.files, update.rate, eta))
-
-            def on_stdout(line: str) -> None:
-                nonlocal last_emit
-                update = parser.feed(line)
-                if update is None:
-                    other_lines.append(line)
-                    return
-                now = time.monotonic()
-                unsent[:] = [update]
-                if now - last_emit >= PROGRESS_INTERVAL or update.percent >= 100:
-                    last_emit = now
-                    unsent.clear()
-                    emit(update, now)
-
-            result = self.runner.run(
-                argv,
-                step="transfer",
-                exit_table=rsync.EXIT_TABLE,
-                on_stdout=on_stdout,
-                on_stderr=errors.feed,
-                mutating=False if request.dry_run else True,
-                check=False,
-            )
-            if unsent and result.kind != "error":
-                emit(unsent[0], time.monotonic())  # where the transfer ended: a first snapshot's bytes may end below 100%
-            if disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
-                raise DiskFullError(self._disk_full_message(), step="transfer")
-            if result.kind == "error":
-                raise CommandError(
-                    f"rsync failed ({result.meaning}): {' | '.join(result.stderr_tail[-3:]) or 'no error output'}; "
-                    "the unfinished transfer is kept and the next run resumes from it",
-                    argv=result.argv,
-                    returncode=result.returncode,
-                    stderr_tail=result.stderr_tail,
-                    step="transfer",
-                )
-            stats = rsync.parse_stats(other_lines)
-            self.outcome.statistics = stats.as_dict()
-            if result.kind == "warning":
-                self._warn(f"rsync: {result.meaning} ({errors.vanished} files)", code=result.returncode)
-            if result.kind == "partial":
+            partial_codes: list[int] = []
+            each: list[dict[str, Any]] = []
+            for index, (part, tree) in enumerate(opened):
+                result, stats = self._transfer_part(part, tree, begun, errors, (index, len(opened)))
+                if result.kind == "partial":
+                    partial_codes.append(result.returncode)
+                each.append(stats)
+            self.outcome.statistics = each[0] if len(each) == 1 else source_set.sum_statistics(each)
+            if partial_codes:
                 self.outcome.partial = True
                 self._warn(
                     f"snapshot {name} is partial: {errors.count} files could not be transferred",
-                    code=result.returncode,
+                    code=partial_codes[-1],
                     errors=list(errors.first),
                 )
+            sources = [
+                {"path": part.source.path, "directory": part.directory, **tree.record, "statistics": stats}
+                for (part, tree), stats in zip(opened, each)
+            ]
             metadata = {
                 "format": 1,
                 "name": name,
                 "state": "transferred",
                 "host": socket.gethostname(),
-                "source": self.source.path,
                 "tool_version": __version__,
                 "start": start.isoformat(timespec="milliseconds"),
                 "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
@@ -540,23 +497,119 @@ class Cycle:
                 "errors": {"count": errors.count, "first": list(errors.first)},
                 "vanished": errors.vanished,
                 "warnings": list(self.outcome.warnings),
-                **tree.record,
+                "sources": sources,
             }
-            done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(tree.skipped_mounts))
+            if len(opened) == 1:
+                # One source: the snapshot is its tree, and the metadata reads as it always did.
+                metadata.update(source=self.parts[0].source.path, **opened[0][1].record)
+            skipped = [point for _part, tree in opened for point in tree.skipped_mounts]
+            done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=skipped)
         metadata.update(self._system_state(begun))
         if repo is not None and not request.dry_run:
             repo.write_metadata(name, metadata)
         self.outcome.snapshot = name
         return name
 
-    def _state_rules(self) -> tuple[str, ...]:
-        """Keep a live /.backup-agent out: that directory of a snapshot is the system state's (engine/sysstate)."""
-        return (sysstate.EXCLUDE_RULE,) if sysstate.wanted(self.settings, self.source.path) else ()
+    def _transfer_part(
+        self, part: source_set.Part, tree: Tree, begun: Begun, errors: rsync.ErrorCollector, position: tuple[int, int]
+    ) -> tuple[Result, dict[str, Any]]:
+        """One source's rsync into its directory of the snapshot; its result and statistics."""
+        settings = self.settings
+        request = self.request
+        link_dests = source_set.part_link_dests(begun.link_dests, part.directory, part.source.path, self._metadata_of)
+        copies_all = begun.copies_all or not link_dests
+        index, count = position
+        argv = rsync.build_argv(
+            rsync=settings.commands.rsync,
+            source=tree.root,
+            target=os.path.join(begun.target, part.directory) if part.directory else begun.target,
+            link_dests=link_dests,
+            one_file_system=tree.one_file_system,
+            excludes=tree.excludes,
+            filter_rules=(*part.filter_rules, *tree.filter_rules, *self._state_rules(part)),
+            io_timeout=settings.io_timeout,
+            dry_run=request.dry_run,
+            priority_prefix=(*tree.command_prefix, *self._priority()),
+        )
+        parser = rsync.ProgressParser()
+        other_lines: list[str] = []
+        last_emit = 0.0
+        transfer_started = time.monotonic()
+        unsent: list[rsync.Progress] = []  # the last record, when it was not sent (too soon)
+
+        def emit(update: rsync.Progress, now: float) -> None:
+            percent, eta = transfer_progress(update, now - transfer_started, copies_all=copies_all)
+            if count > 1:  # each source its share of the bar, in order
+                percent, eta = (100 * index + percent) // count, None
+            self.emitter.emit(progress(percent, update.bytes, update.files, update.rate, eta))
+
+        def on_stdout(line: str) -> None:
+            nonlocal last_emit
+            update = parser.feed(line)
+            if update is None:
+                other_lines.append(line)
+                return
+            now = time.monotonic()
+            unsent[:] = [update]
+            if now - last_emit >= PROGRESS_INTERVAL or update.percent >= 100:
+                last_emit = now
+                unsent.clear()
+                emit(update, now)
+
+        before = errors.count
+        result = self.runner.run(
+            argv,
+            step="transfer",
+            exit_table=rsync.EXIT_TABLE,
+            on_stdout=on_stdout,
+            on_stderr=errors.feed,
+            mutating=False if request.dry_run else True,
+            check=False,
+        )
+        if unsent and result.kind != "error":
+            emit(unsent[0], time.monotonic())  # where the transfer ended: a first snapshot's bytes may end below 100%
+        if disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
+            raise DiskFullError(self._disk_full_message(), step="transfer")
+        if result.kind == "error":
+            which = f" reading {part.source.path}" if count > 1 else ""
+            raise CommandError(
+                f"rsync failed{which} ({result.meaning}): {' | '.join(result.stderr_tail[-3:]) or 'no error output'}; "
+                "the unfinished transfer is kept and the next run resumes from it",
+                argv=result.argv,
+                returncode=result.returncode,
+                stderr_tail=result.stderr_tail,
+                step="transfer",
+            )
+        stats = rsync.parse_stats(other_lines).as_dict()
+        if result.kind == "warning":
+            self._warn(f"rsync: {result.meaning} ({errors.vanished} files)", code=result.returncode)
+        if result.kind == "partial" and count > 1:
+            log.warning("%d files of %s could not be transferred", errors.count - before, part.source.path)
+        return result, stats
+
+    def _metadata_of(self, link_dest: str) -> dict[str, Any]:
+        """What a snapshot the transfer links to says of itself (unfinished ones by their reserved name)."""
+        name = os.path.basename(link_dest)
+        if name.endswith(IN_PROGRESS):
+            name = name[: -len(IN_PROGRESS)]
+        return (self.repository.read_metadata(name) if self.repository is not None else None) or {}
+
+    def _system_source(self) -> str:
+        """The source the system state belongs with: ``/`` when any source is, else the first."""
+        paths = [part.source.path for part in self.parts]
+        return "/" if "/" in paths else paths[0]
+
+    def _state_rules(self, part: source_set.Part) -> tuple[str, ...]:
+        """Keep a live /.backup-agent out of the snapshot's top (engine/sysstate); a source stored in a directory
+        of its own never reaches the top, and no source's directory may be named so (config/source_names)."""
+        if part.directory or not sysstate.wanted(self.settings, self._system_source()):
+            return ()
+        return (sysstate.EXCLUDE_RULE,)
 
     def _system_state(self, begun: Begun) -> dict[str, Any]:
         """Command sources' output and the packages, into the snapshot being made, before its metadata says
         transferred (docs/ARCHITECTURE.md, "System state"); what the metadata records of them."""
-        if not sysstate.wanted(self.settings, self.source.path):
+        if not sysstate.wanted(self.settings, self._system_source()):
             return {}
         repo = self.repository
         with self._step("system-state", snapshot=begun.name) as done:
@@ -565,7 +618,7 @@ class Cycle:
                     log.info("would run command source %r into %s", command_source.name, command_source.file)
                 return {}
             previous = repo.snapshot_path(begun.previous) if begun.previous is not None else None
-            record = sysstate.capture(self.settings, self.source.path, self.runner, begun.target, previous, self._warn)
+            record = sysstate.capture(self.settings, self._system_source(), self.runner, begun.target, previous, self._warn)
             done.update(record)
         return {"system_state": record}
 

@@ -21,7 +21,10 @@ changed in any way (content, mode, owner, times, ACLs, xattrs) is a new one:
 Paths are the source's paths as they were backed up: each snapshot's
 metadata records its source, so a backup of ``/`` holds ``/home/me/x`` at
 ``snapshots/<name>/home/me/x`` and a backup of ``/home`` at
-``snapshots/<name>/me/x``. Nothing here follows a symbolic link inside a
+``snapshots/<name>/me/x``. A snapshot of several sources holds each under
+its own directory (agent.engine.source_set): :func:`narrow` gives, for one
+path, each snapshot as the part that holds it, so everything below reads
+one tree per snapshot either way. Nothing here follows a symbolic link inside a
 snapshot: a link is a backed-up file, and points into the live system.
 """
 
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from agent.core.errors import RepositoryError, UsageError
+from agent.engine.source_set import covering, stored_parts
 from agent.repository.store import Repository
 
 
@@ -48,6 +52,12 @@ class Snapshot:
     path: str
     source: str
     partial: bool
+    # Several sources: (live path, directory) of each; () for a snapshot of one source.
+    parts: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(source for source, _directory in self.parts) if self.parts else (self.source,)
 
 
 def snapshots(repo: Repository) -> list[Snapshot]:
@@ -56,15 +66,45 @@ def snapshots(repo: Repository) -> list[Snapshot]:
     for name in repo.snapshot_names():
         metadata = repo.read_metadata(name) or {}
         source = metadata.get("source")
+        parts = stored_parts(metadata)
         found.append(
             Snapshot(
                 name=name,
                 path=repo.snapshot_path(name),
-                source=posixpath.normpath(source) if isinstance(source, str) and source.startswith("/") else "/",
+                source=parts[0][0] if parts else (
+                    posixpath.normpath(source) if isinstance(source, str) and source.startswith("/") else "/"
+                ),
                 partial=bool(metadata.get("partial")),
+                parts=parts,
             )
         )
     return found
+
+
+def narrow(history: Sequence[Snapshot], path: str) -> list[Snapshot]:
+    """Each snapshot as the one tree that holds ``path``: a snapshot of several sources becomes the part
+    whose source holds it (the longest such source path), stored under its directory."""
+    out = []
+    for snap in history:
+        if not snap.parts:
+            out.append(snap)
+            continue
+        source, directory = covering(snap.parts, path) or snap.parts[0]
+        out.append(Snapshot(snap.name, os.path.join(snap.path, directory), source, snap.partial))
+    return out
+
+
+def part_pairs(a: Snapshot, b: Snapshot) -> list[tuple[str, str, str]]:
+    """(source, tree in ``a``, tree in ``b``) for each source both snapshots hold; UsageError when they differ."""
+    if a.sources != b.sources and sorted(a.sources) != sorted(b.sources):
+        raise UsageError(
+            f"{a.name} backs up {', '.join(a.sources)} and {b.name} backs up {', '.join(b.sources)}: "
+            "they cannot be compared"
+        )
+    if not a.parts:
+        return [(a.source, a.path, b.path)]
+    in_b = dict(b.parts)
+    return [(source, os.path.join(a.path, directory), os.path.join(b.path, in_b[source])) for source, directory in a.parts]
 
 
 def within(source: str, path: str) -> str | None:
@@ -118,7 +158,7 @@ def iso_time(ns: int) -> str:
 def holding(history: Sequence[Snapshot], path: str) -> list[tuple[Snapshot, str]]:
     """(snapshot, path inside it) for each snapshot whose source covers ``path`` and that holds it."""
     found = []
-    for snap in history:
+    for snap in narrow(history, path):
         rel = within(snap.source, path)
         if rel is not None and lstat_in(snap.path, rel) is not None:
             found.append((snap, rel))
@@ -129,9 +169,9 @@ def not_held(history: Sequence[Snapshot], path: str) -> UsageError:
     """The error for a path no snapshot holds, naming the nearest parent one does."""
     if not history:
         return UsageError(f"{path}: the repository holds no snapshot yet")
-    covering = [snap for snap in history if within(snap.source, path) is not None]
+    covering = [snap for snap in narrow(history, path) if within(snap.source, path) is not None]
     if not covering:
-        sources = ", ".join(sorted({snap.source for snap in history}))
+        sources = ", ".join(sorted({source for snap in history for source in snap.sources}))
         return UsageError(f"{path} is outside what was backed up ({sources}): give a path below it")
     parent = posixpath.dirname(path)
     while True:
@@ -227,7 +267,7 @@ def versions(history: Sequence[Snapshot], path: str) -> list[Version]:
     found: list[Version] = []
     previous_key: object = None
     previous_signature: DirSignature | None = None
-    for snap in history:
+    for snap in narrow(history, path):
         rel = within(snap.source, path)
         info = lstat_in(snap.path, rel) if rel is not None else None
         if info is None or rel is None:

@@ -40,7 +40,7 @@ from agent.engine import rsync
 from agent.core.commands import Runner
 from agent.core.errors import CommandError, StepError, UsageError
 from agent.core.files import rename_noreplace
-from agent.engine.history import Snapshot, kind_of, lstat_in, within
+from agent.engine.history import Snapshot, kind_of, lstat_in, narrow, within
 from agent.policy.rotation import format_snapshot_name, parse_snapshot_name
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def choose(
 ) -> Target:
     """The snapshot to restore ``path`` from: the one named, the newest at or before ``at``, else the
     newest that holds it (a file deleted since is found in the last snapshot that had it)."""
+    history = narrow(history, path)  # several sources: the part that holds the path
     if snapshot is not None:
         chosen = [s for s in history if s.name == snapshot]
         if not chosen:

@@ -19,16 +19,17 @@ Who calls it: :class:`agent.engine.cycle.Cycle`, which checks the source while
 preparing and enters ``opened`` inside its transfer step, around the rsync
 run; the destination layout decides where the tree is written.
 
-Today there is one source, :class:`PathSource`: one live path with its
-excludes, ``one_file_system`` and the CACHEDIR.TAG rule, built from the
-configuration by :meth:`PathSource.from_settings`. What plugs in next, each
-a new class: a btrfs subvolume frozen by a read-only snapshot (``opened``
-takes the snapshot and removes it on exit, also after a failure; reading it
-at the live path inside a private mount namespace adds a command prefix
-for rsync to :class:`Tree`), a command's output and the system's package
-lists (``opened`` writes them into a staging directory, removed on exit).
-Several sources in one snapshot, each under its own directory, make the
-cycle open each and run one transfer per source.
+:class:`PathSource` is one live path with its excludes,
+``one_file_system`` and the CACHEDIR.TAG rule, built from the configuration
+by :meth:`PathSource.from_settings`. :class:`agent.engine.frozen.FrozenSource`
+wraps one for a btrfs subvolume: ``opened`` takes read-only snapshots and
+removes them on exit, also after a failure, and its tree's
+``command_prefix`` reads them at the live path inside a private mount
+namespace. Several sources in one snapshot, each under its own directory,
+are :class:`agent.engine.source_set.Part`s: the cycle opens each and runs
+one transfer per source. What plugs in next: a command's output and the
+system's package lists (``opened`` writes them into a staging directory,
+removed on exit).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class Tree:
     placed before ``excludes``, so they win; ``record`` holds what the
     snapshot's metadata says of the source (beside ``source``, its path);
     ``skipped_mounts`` are the mount points the transfer leaves empty, shown
-    in the transfer step's result.
+    in the transfer step's result; ``command_prefix`` runs the transfer
+    through another program first (a frozen source's private mount
+    namespace, :mod:`agent.engine.frozen`).
     """
 
     root: str
@@ -66,6 +69,7 @@ class Tree:
     excludes: tuple[str, ...]
     skipped_mounts: tuple[str, ...]
     record: Mapping[str, Any]
+    command_prefix: tuple[str, ...] = ()
 
 
 class Source(Protocol):
