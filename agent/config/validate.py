@@ -91,6 +91,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "blkid",
             "cryptdisks_start",
             "cryptdisks_stop",
+            "cryptsetup",
             "systemctl",
             "mount",
             "umount",
