@@ -53,8 +53,12 @@ from agent.core import events, lock
 from agent.policy import schedule
 from agent.config.model import Settings
 from agent.disk.mount import holders
-from agent.core.errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, LockFileError, UsageError
+from agent.core.errors import (
+    EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, EXIT_WRONG_PASSPHRASE, BusyError, LockFileError, UsageError,
+)
 from agent.desktop.reminder import notice_state_path
+from agent.desktop.passphrase import TRIES, Given, Passphrases, too_many_tries
+from agent.desktop.pinentry import PromptUnavailable
 from agent.desktop.process import ChildProcess, run_to_end
 from agent.desktop.sdnotify import Notifier, watchdog_interval
 from agent.desktop.statefile import DiskRecord, load_state, save_state, state_file_path
@@ -131,6 +135,9 @@ class AgentOptions:
     open_argv: Sequence[str] = ()
     #: Seconds a disk opened for browsing stays open; then, when nothing uses it, it is closed.
     browse_idle: float = BROWSE_IDLE
+    #: Where the passphrase of a disk without a key file comes from (the
+    #: keyring, pinentry); None: such a disk must be unlocked by hand.
+    passphrases: Passphrases | None = None
 
     def lock_path(self) -> str:
         if self.cycle_lock is not None:
@@ -157,6 +164,13 @@ class _Cycle:
     inhibitor: Releasable | None = None
     launch: "asyncio.Task[None] | None" = None
     finished: bool = False
+    # A disk opened with a passphrase (docs/ARCHITECTURE.md, "A passphrase disk"):
+    given: Given | None = None  # the one being tried, until the disk is open
+    wrong: int = 0  # typed passphrases that did not open it
+    forgotten: bool = False  # a remembered one did not open it and was forgotten
+    remember: bool | None = None  # the user's answer to "remember it?"
+    skipped: str | None = None  # not run, and not a failure: why (a cancelled prompt)
+    announced: bool = False  # listeners heard backup_started
 
 
 @dataclass(frozen=True)
@@ -682,7 +696,9 @@ class Agent:
         # before they hear that it started: the first plug-in after the agent
         # started would otherwise be told as a first backup ever.
         self._refresh()
-        self._tell("backup_started", name, reason)
+        passphrases = self._options.passphrases
+        if passphrases is None or not passphrases.needed(name):
+            self._announce(cycle)  # else once the passphrase is there: a cancelled prompt leaves no card
         inhibit = self._options.inhibit
         if inhibit is None:
             self._spawn(loop, cycle)
@@ -707,7 +723,13 @@ class Agent:
         if cycle.stop_requested:
             self._finish(cycle, None, "stopped before it started")
             return
+        passphrases = self._options.passphrases
+        if passphrases is not None and cycle.given is None and passphrases.needed(cycle.disk):
+            cycle.launch = loop.create_task(self._ask_then_spawn(loop, cycle, passphrases))
+            return
         argv = [*self._options.cycle_argv, "--disk", cycle.disk]
+        if cycle.given is not None:
+            argv.append("--passphrase-stdin")
 
         def on_line(stream: str, line: str) -> None:
             if stream == "stdout":
@@ -717,12 +739,64 @@ class Agent:
 
         process = ChildProcess(loop, on_line, lambda: self._exited(cycle))
         try:
-            process.start(argv)
+            process.start(argv, stdin=cycle.given.secret if cycle.given is not None else None)
         except OSError as exc:
             self._finish(cycle, None, f"could not start the backup cycle ({argv[0]}): {exc.strerror or exc}")
             return
         cycle.process = process
         self._refresh()
+
+    def _announce(self, cycle: _Cycle) -> None:
+        if not cycle.announced:
+            cycle.announced = True
+            self._tell("backup_started", cycle.disk, cycle.reason)
+
+    async def _ask_then_spawn(self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, passphrases: Passphrases) -> None:
+        """Get the disk's passphrase (the keyring, else pinentry), then start the cycle with it; a cancel skips the backup."""
+        try:
+            given = await passphrases.ask(
+                cycle.disk, "backup", wrong=cycle.wrong, forgotten=cycle.forgotten, remember=cycle.remember
+            )
+        except PromptUnavailable as exc:
+            if cycle is self._cycle:
+                self._announce(cycle)
+                self._finish(cycle, None, f"cannot ask for the passphrase of {cycle.disk}: {exc}")
+            return
+        if cycle is not self._cycle:  # the agent shut down meanwhile
+            if given is not None:
+                given.wipe()
+            return
+        if given is None:
+            cycle.skipped = "the passphrase prompt was cancelled"
+            self._finish(cycle, None, None)
+            return
+        cycle.given, cycle.remember = given, given.remember
+        self._announce(cycle)
+        self._spawn(loop, cycle)
+
+    def _passphrase_again(self, cycle: _Cycle, returncode: int | None) -> bool | str:
+        """At the cycle's exit: True when the passphrase was wrong and is asked again (the cycle goes on);
+        after the last try, the failure to tell; else False. The passphrase is wiped in any case."""
+        given, cycle.given = cycle.given, None
+        passphrases, loop = self._options.passphrases, self._loop
+        if given is None:
+            return False
+        given.wipe()
+        if returncode != EXIT_WRONG_PASSPHRASE or passphrases is None or loop is None:
+            return False
+        if given.remembered:
+            passphrases.forget(cycle.disk)
+            cycle.forgotten = True
+        else:
+            cycle.wrong += 1
+            if cycle.wrong >= TRIES:
+                return too_many_tries(cycle.disk)
+        self._detach(cycle)
+        cycle.process, cycle.complete, cycle.error = None, None, None
+        cycle.stderr_tail.clear()
+        cycle.closing.clear()
+        cycle.launch = loop.create_task(self._ask_then_spawn(loop, cycle, passphrases))
+        return True
 
     def _on_stderr(self, cycle: _Cycle, line: str) -> None:
         if not line.strip():
@@ -747,6 +821,9 @@ class Agent:
         if isinstance(event, events.StepEvent):
             if event.step in ("unmount", "lock-disk") and event.state in ("done", "left-as-found", "failed"):
                 cycle.closing[event.step] = event.state
+            if event.step == "unlock" and event.state == "done" and cycle.given is not None and self._options.passphrases:
+                given, cycle.given = cycle.given, None
+                self._options.passphrases.opened(cycle.disk, given)  # remembered if asked, then wiped
             self._status.step = event.step
             self._refresh()
         elif isinstance(event, events.ProgressEvent):
@@ -771,6 +848,8 @@ class Agent:
                 # Maybe another cycle took the machine lock first: that is a
                 # wait, not a failure; _finish decides once the cycle has ended.
                 return
+            if exit_code == EXIT_WRONG_PASSPHRASE:
+                return  # asked again, or told after the last try (_finish)
             if cycle.stop_requested:
                 log.info("backup of %s: %s (stopped as asked)", cycle.disk, message)
                 return
@@ -791,6 +870,11 @@ class Agent:
 
     def _finish(self, cycle: _Cycle, returncode: int | None, failure: str | None) -> None:
         """Conclude a cycle: the schedule, the record, the state file, listeners, the next decision."""
+        again = self._passphrase_again(cycle, returncode)
+        if again is True:
+            return
+        if isinstance(again, str):
+            cycle.error, failure = None, again
         cycle.finished = True
         self._last_returncode = returncode
         self._detach(cycle)
@@ -806,6 +890,13 @@ class Agent:
         )
         if busy:
             self._look_for_foreign()
+        if cycle.skipped is not None:
+            # Not run, and not a failure: no card; the next try comes after an interval.
+            log.info("the backup of %s was skipped: %s", name, cycle.skipped)
+            self._status.step = None
+            self._status.progress = {}
+            self._do(agenda.Finished(name, "skipped"))
+            return
         if busy and self._foreign is not None:
             # Someone else's cycle took the machine lock first: not a failure
             # of this disk; its trigger waits for that cycle (the agenda holds it).

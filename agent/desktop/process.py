@@ -56,21 +56,34 @@ class ChildProcess:
         self._buffers: dict[Stream, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         self._pidfd = -1
 
-    def start(self, argv: Sequence[str]) -> None:
+    def start(self, argv: Sequence[str], stdin: bytearray | None = None) -> None:
         """Start ``argv`` (no shell) in its own session: a signal to the agent's group does not reach it.
 
-        Raises OSError when it cannot be started.
+        ``stdin``: written to its standard input, which is then closed (a
+        passphrase: a few hundred bytes, far below a pipe's buffer, so this
+        does not wait); otherwise it reads /dev/null. Raises OSError when it
+        cannot be started.
         """
         log.info("running %s", " ".join(argv))
         process = subprocess.Popen(
             list(argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,
         )
         self._process = process
+        if process.stdin is not None:
+            try:
+                with memoryview(stdin or bytearray()) as view:
+                    written = 0
+                    while written < len(view):
+                        written += os.write(process.stdin.fileno(), view[written:])
+            except BrokenPipeError:
+                log.warning("%s exited before reading its standard input", argv[0])
+            finally:
+                process.stdin.close()
         if process.stdout is None or process.stderr is None:  # stdout=PIPE, stderr=PIPE give both: a bug
             raise RuntimeError(f"{argv[0]} (pid {process.pid}) was started without its output pipes")
         self._fds = {"stdout": process.stdout.fileno(), "stderr": process.stderr.fileno()}
