@@ -58,6 +58,7 @@ from agent.core.errors import (
 )
 from agent.desktop.reminder import notice_state_path
 from agent.desktop.passphrase import TRIES, Given, Passphrases, too_many_tries
+from agent.desktop import pinentry
 from agent.desktop.pinentry import PromptUnavailable
 from agent.desktop.process import ChildProcess, run_to_end
 from agent.desktop.sdnotify import Notifier, watchdog_interval
@@ -479,16 +480,50 @@ class Agent:
         argv = [*self._options.open_argv, "--disk", disk]
         log.info("opening %s for browsing: running %s", disk, " ".join(argv))
         try:
-            returncode, out, err = await run_to_end(argv)
+            ended = await self._open_with_passphrase(disk, argv)
         except OSError as exc:
             reply = BrowseReply("failed", f"could not start opening the disk ({argv[0]}): {exc.strerror or exc}")
         else:
-            reply = browse_reply(disk, returncode, out, err, through_sudo=_through_sudo(argv))
+            reply = ended if isinstance(ended, BrowseReply) else browse_reply(disk, *ended, through_sudo=_through_sudo(argv))
         (log.info if reply.open else log.warning)("browse %s: %s", disk, reply.message)
         if reply.open:
             self._arm_browse_close(disk)
             self._tell("disk_opened", disk)  # what said "safe to unplug" is untrue now
         return reply
+
+    async def _open_with_passphrase(self, disk: str, argv: list[str]) -> tuple[int, list[str], list[str]] | BrowseReply:
+        """``open``, with the passphrase on stdin for a disk without a key file (asked again as for a backup)."""
+        passphrases = self._options.passphrases
+        if passphrases is None or not passphrases.needed(disk):
+            return await run_to_end(argv)
+        wrong, forgotten, remember = 0, False, None
+        while True:
+            try:
+                given = await passphrases.ask(disk, "browse", wrong=wrong, forgotten=forgotten, remember=remember)
+            except PromptUnavailable as exc:
+                return BrowseReply("failed", f"cannot ask for the passphrase of {disk}: {exc}")
+            if given is None:
+                return BrowseReply("refused", "the passphrase prompt was cancelled: the disk stays locked")
+            remember = given.remember
+            try:
+                ended = await run_to_end([*argv, "--passphrase-stdin"], stdin=given.secret)
+            except BaseException:
+                given.wipe()
+                raise
+            if ended[0] != EXIT_WRONG_PASSPHRASE:
+                if ended[0] == EXIT_OK:
+                    passphrases.opened(disk, given)  # remembered if asked, then wiped
+                else:
+                    given.wipe()
+                return ended
+            given.wipe()
+            if given.remembered:
+                passphrases.forget(disk)
+                forgotten = True
+            else:
+                wrong += 1
+                if wrong >= TRIES:
+                    return BrowseReply("failed", too_many_tries(disk, "browse"))
 
     def _arm_browse_close(self, disk: str) -> None:
         old = self._browsing.pop(disk, None)
@@ -1193,7 +1228,7 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
         start of a later one (the tray, the notifier) still closes what was opened before it."""
         # dbus_fast is imported here, not at the top: the cycle (which runs
         # as root through sudo) never loads it.
-        from agent.desktop.dbus import control, logind, notify, tray
+        from agent.desktop.dbus import control, logind, notify, secrets, tray
 
         async with contextlib.AsyncExitStack() as stack:
             stop = asyncio.Event()
@@ -1209,18 +1244,24 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
                 return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
 
             policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)
+            program = pinentry.choose(os.environ, shutil.which)
+            if program is None:
+                log.info("no pinentry fits this session: a disk without a key file must be unlocked by hand")
+            passphrases = Passphrases(settings, pinentry.Pinentry(program) if program else None, None)
             options = AgentOptions(
                 cycle_argv=argv,
                 policy=policy,
                 inhibit=inhibit if system is not None else None,
                 eject_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="eject"),
                 open_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="open"),
+                passphrases=passphrases,
             )
             agent = Agent(settings, options)
             service = await control.serve(agent)
             if service is not None:
                 stack.callback(service.close)
                 agent.add_listener(service.listener)
+                passphrases.keyring = secrets.SecretService(service.bus)  # offered only with a session bus
             notifier = None
             if settings.notifications and notifications:
                 notifier = await notify.start(

@@ -90,8 +90,10 @@ def remember_question(disk: str) -> Prompt:
     )
 
 
-def too_many_tries(disk: str) -> str:
+def too_many_tries(disk: str, purpose: Purpose = "backup") -> str:
     """The failure told after the last wrong try (pure)."""
+    if purpose == "browse":
+        return f"the passphrase typed for {disk} was wrong {TRIES} times: the disk stays locked; choose Browse backups to try again"
     return (
         f"the passphrase typed for {disk} was wrong {TRIES} times: the disk stays locked and nothing was backed up; "
         "back up again to type it once more"

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 import subprocess
-from typing import Callable, Final, Literal, Sequence
+from typing import Callable, Final, Literal, Sequence, cast
 
 log = logging.getLogger(__name__)
 
@@ -186,17 +186,19 @@ class ChildProcess:
                 pipe.close()
 
 
-async def run_to_end(argv: Sequence[str]) -> tuple[int, list[str], list[str]]:
+async def run_to_end(argv: Sequence[str], stdin: bytearray | None = None) -> tuple[int, list[str], list[str]]:
     """Run a short command of the agent's (``eject``, ``open``) to its end: (exit status, stdout lines, stderr lines).
 
     Waited for in a thread, so the loop goes on; in its own session, as the
-    cycle is. Raises OSError when it cannot be started.
+    cycle is. ``stdin``: what it reads on its standard input (a passphrase;
+    handed over without a copy). Raises OSError when it cannot be started.
     """
     process = subprocess.Popen(
-        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True, close_fds=True,
+        list(argv), stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
     )
-    out, err = await asyncio.to_thread(process.communicate)
+    # communicate reads its input through a memoryview: a bytearray goes as it is, uncopied.
+    out, err = await asyncio.to_thread(process.communicate, cast(bytes, stdin))
     return process.returncode, out.decode("utf-8", "replace").splitlines(), err.decode("utf-8", "replace").splitlines()
 
 

@@ -37,12 +37,14 @@ class Typist:
             except OSError:
                 return
             self.shown += data
-            if self.answered < len(self.script):
+            while self.answered < len(self.script):  # several steps may be shown in one read
                 expected, reply = self.script[self.answered]
                 found = self.shown.find(expected, seen_until)
-                if found >= 0:
-                    seen_until = found + len(expected)
-                    self.answered += 1
+                if found < 0:
+                    break
+                seen_until = found + len(expected)
+                self.answered += 1
+                if reply:
                     os.write(self.master, reply)
 
     def close(self) -> None:
