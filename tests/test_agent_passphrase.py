@@ -199,3 +199,47 @@ def test_browsing_a_passphrase_disk_asks_too_and_opens_it_read_only(
     assert b"Wrong passphrase (try 2 of 3)" in typist.shown
     assert [call["exit"] for call in phrase.calls() if call["argv"][0] == "open"] == [2, 0]
     bench.assert_locked_and_unmounted()
+
+
+def _holding(tty: str) -> list[int]:
+    """The processes that have ``tty`` open (read from /proc): the prompt, while it is up."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == tty:
+                    found.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+@real
+def test_stop_while_the_prompt_is_up_closes_it_and_skips_the_backup(
+    phrase_bench: tuple[Bench, PassphraseRig], typists: list[Typist]
+) -> None:
+    bench, phrase = phrase_bench
+    settings = load_settings(str(bench.config))
+    nobody = Typist([])  # shown the prompt, answers nothing
+    typists.append(nobody)
+
+    async def scenario() -> None:
+        passphrases = Passphrases(settings, Pinentry("/usr/bin/pinentry-tty", tty=nobody.tty), None)
+        async with agent_on(bench, passphrases=passphrases) as (agent, recorder):
+            await until(lambda: b"Passphrase:" in nobody.shown, "the prompt to show")
+            assert _holding(nobody.tty) != []  # pinentry-tty has the terminal
+            assert agent.stop() == "stopping"
+            await until(lambda: agent.status().state != "running", "the backup to be given up")
+            await until(lambda: _holding(nobody.tty) == [], "the prompt to close", 5)
+            assert recorder.of("backup_started") == [] and recorder.of("backup_failed") == []
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert phrase.calls() == []
+    bench.assert_locked_and_unmounted()

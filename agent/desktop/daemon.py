@@ -172,6 +172,7 @@ class _Cycle:
     remember: bool | None = None  # the user's answer to "remember it?"
     skipped: str | None = None  # not run, and not a failure: why (a cancelled prompt)
     announced: bool = False  # listeners heard backup_started
+    asking: bool = False  # the passphrase prompt is up
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,9 @@ class Agent:
         cycle = self._cycle
         if cycle is not None:
             if cycle.launch is not None and not cycle.launch.done():
-                cycle.launch.cancel()
+                cycle.launch.cancel()  # a passphrase prompt closes with it
+            if cycle.given is not None:
+                cycle.given.wipe()
             if cycle.process is not None and cycle.process.poll() is None:
                 log.info(
                     "the backup cycle (pid %d) goes on without the agent; the next agent will show it",
@@ -385,6 +388,11 @@ class Agent:
         if cycle is None or cycle.disk != disk:
             return
         cycle.stop_requested = True
+        if cycle.asking and cycle.launch is not None and not cycle.launch.done():
+            cycle.launch.cancel()  # the passphrase prompt closes: nothing ran, nothing to stop
+            cycle.skipped = "stopped while the passphrase was asked for"
+            self._finish(cycle, None, None)
+            return
         if cycle.process is not None and cycle.process.poll() is None:
             log.info("stopping the backup cycle (pid %d)", cycle.process.pid)
             with contextlib.suppress(ProcessLookupError):
@@ -733,7 +741,7 @@ class Agent:
         self._refresh()
         passphrases = self._options.passphrases
         if passphrases is None or not passphrases.needed(name):
-            self._announce(cycle)  # else once the passphrase is there: a cancelled prompt leaves no card
+            self._announce(cycle)  # else once the passphrase opened the disk, or at the end: a cancel leaves no card
         inhibit = self._options.inhibit
         if inhibit is None:
             self._spawn(loop, cycle)
@@ -788,15 +796,17 @@ class Agent:
 
     async def _ask_then_spawn(self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, passphrases: Passphrases) -> None:
         """Get the disk's passphrase (the keyring, else pinentry), then start the cycle with it; a cancel skips the backup."""
+        cycle.asking = True
         try:
             given = await passphrases.ask(
                 cycle.disk, "backup", wrong=cycle.wrong, forgotten=cycle.forgotten, remember=cycle.remember
             )
         except PromptUnavailable as exc:
             if cycle is self._cycle:
-                self._announce(cycle)
                 self._finish(cycle, None, f"cannot ask for the passphrase of {cycle.disk}: {exc}")
             return
+        finally:
+            cycle.asking = False
         if cycle is not self._cycle:  # the agent shut down meanwhile
             if given is not None:
                 given.wipe()
@@ -806,7 +816,6 @@ class Agent:
             self._finish(cycle, None, None)
             return
         cycle.given, cycle.remember = given, given.remember
-        self._announce(cycle)
         self._spawn(loop, cycle)
 
     def _passphrase_again(self, cycle: _Cycle, returncode: int | None) -> bool | str:
@@ -858,7 +867,11 @@ class Agent:
                 cycle.closing[event.step] = event.state
             if event.step == "unlock" and event.state == "done" and cycle.given is not None and self._options.passphrases:
                 given, cycle.given = cycle.given, None
-                self._options.passphrases.opened(cycle.disk, given)  # remembered if asked, then wiped
+                if event.detail.get("unlocked_now") is True:  # it opened the disk: remembered if asked, then wiped
+                    self._options.passphrases.opened(cycle.disk, given)
+                else:  # found unlocked: the passphrase proved nothing
+                    given.wipe()
+                self._announce(cycle)
             self._status.step = event.step
             self._refresh()
         elif isinstance(event, events.ProgressEvent):
@@ -940,6 +953,7 @@ class Agent:
             self._status.progress = {}
             self._do(agenda.Finished(name, "busy"))
             return
+        self._announce(cycle)  # a passphrase disk's backup that ended before its disk opened: told now
         succeeded = complete is not None and not complete.skipped and returncode in (EXIT_OK, EXIT_PARTIAL)
         taken: float | None = None
         if complete is not None and succeeded:
