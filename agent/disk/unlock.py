@@ -172,6 +172,19 @@ def _crypttab_entry(disk: Disk, settings: Settings) -> CrypttabEntry:
     return entry
 
 
+def passphrase_entry(disk: Disk, settings: Settings) -> CrypttabEntry | None:
+    """The disk's crypttab line when it has no key file (opened with a passphrase, closed with cryptsetup), else None.
+
+    For closing only: a crypttab that cannot be read, or has no line for the
+    disk, gives None (the unlock method's own stop command is used then).
+    """
+    try:
+        entry = _crypttab_entry(disk, settings)
+    except DiskError:
+        return None
+    return entry if entry.key_file is None else None
+
+
 def _check_key_file(disk: Disk, entry: CrypttabEntry, settings: Settings) -> None:
     """Refuse (UnsafeKeyFileError) a key file others could read or change, or one on the backup disk."""
     key_file = entry.key_file
