@@ -826,7 +826,7 @@ class Agent:
         if given is None:
             return False
         given.wipe()
-        if returncode != EXIT_WRONG_PASSPHRASE or passphrases is None or loop is None:
+        if returncode != EXIT_WRONG_PASSPHRASE or passphrases is None or loop is None or cycle.stop_requested:
             return False
         if given.remembered:
             passphrases.forget(cycle.disk)
