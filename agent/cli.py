@@ -32,6 +32,7 @@ from agent.core.commands import IONICE_CLASSES, Runner
 from agent.disk.find import find_device, first_present, none_attached, select_disk
 from agent.disk.identity import id_path, record_id, recorded_id, verify_mount
 from agent.disk.mount import mounted
+from agent.disk.passphrase import read_passphrase, wipe
 from agent.disk.unlock import unlocked
 from agent.system import install as installer
 from agent.core import lock
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("-f", "--force", action="store_true", help="run on a system other than Linux")
     backup.add_argument("--disable-notifications", action="store_true", help="no desktop notifications for this run")
     backup.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
+    backup.add_argument(
+        "--passphrase-stdin", action="store_true", help="unlock the disk with the passphrase on standard input (crypttab gives no key file)"
+    )
     backup.add_argument("source", nargs="?", metavar="SOURCE", help="directory to back up (default: config, else /)")
     backup.add_argument("destination", nargs="?", metavar="DESTINATION", help="the repository directory")
 
@@ -220,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opening.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to open")
     opening.add_argument("--json", action="store_true", help="write events as JSON lines on stdout")
+    opening.add_argument(
+        "--passphrase-stdin", action="store_true", help="unlock the disk with the passphrase on standard input (crypttab gives no key file)"
+    )
 
     loud = _Parser(add_help=False)
     loud.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="say more (every command run)")
@@ -269,10 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 # configuration decides those. The agent's rule allows fewer still
 # (agent.system.install.agent_argvs); an administrator may run these forms.
 SUDO_FORMS: dict[str, str] = {
-    "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
+    "backup": "backup [--json] [--disk NAME [--passphrase-stdin] | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
     "init": "init --disk NAME [--yes] [-q|-v]",
     "eject": "eject --disk NAME [--json] [-q|-v]",
-    "open": "open --disk NAME [--json] [-q|-v]",
+    "open": "open --disk NAME [--json] [--passphrase-stdin] [-q|-v]",
     "list": "list [--json] [--disk NAME] [-q|-v]",
     "rotate": "rotate [-n] [--json] [--disk NAME] [--discard-unfinished] [-q|-v]",
     "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
@@ -282,10 +289,14 @@ SUDO_FORMS: dict[str, str] = {
     "packages": "packages [--snapshot NAME | --diff A B] [--disk NAME] [--json] [-q|-v]",
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
-    "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
+    # --passphrase-stdin: the passphrase only ever reaches `cryptsetup open` of
+    # the configured disk's LUKS partition (README, "A disk with a passphrase").
+    "backup": frozenset(
+        {"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications", "passphrase_stdin"}
+    ),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
     "eject": frozenset({"disk", "json", "quiet", "verbose"}),
-    "open": frozenset({"disk", "json", "quiet", "verbose"}),
+    "open": frozenset({"disk", "json", "quiet", "verbose", "passphrase_stdin"}),
     "list": frozenset({"json", "disk", "quiet", "verbose"}),
     "rotate": frozenset({"json", "dry_run", "disk", "discard_unfinished", "quiet", "verbose"}),
     # Reading only, and restoring only into a new directory beside the
@@ -482,6 +493,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
         disk = first_present(settings, Runner())
         if disk is None:
             return _no_disk(settings, interactive=sys.stdin.isatty())
+    if args.passphrase_stdin and disk is None:
+        raise UsageError("--passphrase-stdin unlocks a configured disk: give --disk NAME too")
+    passphrase = _passphrase(args)
     request = Request(
         settings=settings,
         source=settings.source,
@@ -489,7 +503,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         steps=steps,
         dry_run=args.dry_run,
         disk=disk,
-        interactive=sys.stdin.isatty(),
+        interactive=sys.stdin.isatty() if passphrase is None else False,
+        passphrase=passphrase,
     )
     # [[report]] channels hear a run that writes; a dry run reports nothing beyond its own output.
     chosen = channels.backup_channels(
@@ -498,12 +513,25 @@ def cmd_backup(args: argparse.Namespace) -> int:
         host=socket.gethostname(),
         repository=request.repository,
     )
-    with channels.reporting(chosen) as emitter:
-        outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
+    try:
+        with channels.reporting(chosen) as emitter:
+            outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
+    finally:
+        if passphrase is not None:
+            wipe(passphrase)
     # From a timer (no terminal), "nothing to do" is the one log line already written.
     if not args.json and not args.quiet and (outcome.skipped is None or request.interactive):
         print(_summary(outcome, request))
     return EXIT_PARTIAL if outcome.partial else EXIT_OK
+
+
+def _passphrase(args: argparse.Namespace) -> bytearray | None:
+    """With --passphrase-stdin, the passphrase from standard input (a pipe: a terminal would show it)."""
+    if not args.passphrase_stdin:
+        return None
+    if sys.stdin.isatty():
+        raise UsageError("--passphrase-stdin reads the passphrase from a pipe, not a terminal: pipe it in")
+    return read_passphrase(sys.stdin.fileno())
 
 
 def _no_disk(settings: Settings, *, interactive: bool) -> int:
@@ -648,12 +676,17 @@ def cmd_open(args: argparse.Namespace) -> int:
     """Unlock and mount a configured disk read-only for browsing, and leave it so (the tray's Browse backups)."""
     settings, disk = _root_disk(args, "unlocks and mounts the disk")
     emitter = Emitter(sys.stdout if args.json else None)
+    passphrase: bytearray | None = None
     try:
-        opened = browse.open_for_browsing(disk, settings, Runner(), emitter, log.warning)
+        passphrase = _passphrase(args)
+        opened = browse.open_for_browsing(disk, settings, Runner(), emitter, log.warning, passphrase=passphrase)
     except BackupAgentError as exc:
         # Open never writes to a repository: every snapshot is untouched.
         emitter.emit(error(exc.step, exc.message, exc.exit_code, True))
         raise
+    finally:
+        if passphrase is not None:
+            wipe(passphrase)
     if not args.json and not args.quiet:
         state = "opened" if opened else "already open"
         print(f"{disk.name} is {state}: its snapshots are in {os.path.join(disk.repository, 'snapshots')}")

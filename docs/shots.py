@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import pwd
@@ -44,6 +45,8 @@ sys.path.insert(0, str(REPO))
 from dbus_fast import Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 
+from agent.desktop.passphrase import prompt_for, remember_question  # noqa: E402
+from agent.desktop.pinentry import Pinentry  # noqa: E402
 from agent.desktop.state import AgentStatus  # noqa: E402
 from agent.desktop.statefile import DiskRecord, load_state, save_state, state_file_path  # noqa: E402
 from tests.helpers.desktop_services import serve_upower  # noqa: E402
@@ -288,6 +291,42 @@ def category(name: str, *, progress: bool | None = None) -> Callable[[Shown], bo
     return wanted
 
 
+async def passphrase_prompt(camera: Camera) -> None:
+    """The prompt for a disk without a key file: the real pinentry-gtk-2, asked with the agent's own words.
+
+    The agent's Pinentry speaks to it as it does in a session (agent.desktop.pinentry);
+    once its window is up, the window alone is captured and the question is
+    given up on, which closes it.
+    """
+    program = shutil.which("pinentry-gtk-2") or shutil.which("pinentry-gtk2")
+    if program is None:
+        raise ShotError("pinentry-gtk-2 is not installed (apt-get install -y pinentry-gtk2)")
+    asking = asyncio.create_task(Pinentry(program).get_pin(prompt_for(DISK, "backup"), remember_question(DISK)))
+    try:
+        window = ""
+        deadline = time.monotonic() + 20
+        while not window:
+            if asking.done() or time.monotonic() > deadline:
+                raise ShotError("the passphrase prompt did not show within 20 s")
+            found = subprocess.run(["xdotool", "search", "--onlyvisible", "--name", f"Backup disk {DISK}"],
+                                   capture_output=True, text=True)
+            window = found.stdout.split()[0] if found.stdout.split() else ""
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # drawn a moment after it is mapped
+        target = camera.out / "passphrase-prompt.png"
+        _run("import", "-window", window, str(camera.work / "prompt.png"))
+        _run("convert", str(camera.work / "prompt.png"), "-bordercolor", "#4c566a", "-border", "1", str(target))
+        colours = int(_run("identify", "-format", "%k", str(target)))
+        if colours < MIN_COLOURS:
+            raise ShotError(f"{target} came out empty ({colours} colours)")
+        camera.taken.append(target.name)
+        print(f"  took {target}", flush=True)
+    finally:
+        asking.cancel()  # the dialog is closed with it
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+
+
 async def story(camera: Camera, bench: Bench, agent: Agent, watch: NotifyWatch, bus: MessageBus) -> list[str]:
     """Take the pictures; returns what could not be taken yet (a part not built), with why."""
     missing: list[str] = []
@@ -411,6 +450,7 @@ async def main(args: argparse.Namespace) -> int:
                 raise ShotError(f"{what} did not appear on the session bus ({name}) within 20 s")
         watch = await NotifyWatch.open()
         buses.append(watch.bus)
+        await passphrase_prompt(camera)
         rig = Rig(work, trusted, name=DISK)
         try:
             bench = Bench(rig, trusted)

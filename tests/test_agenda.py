@@ -76,6 +76,19 @@ def test_a_stop_is_not_a_failure_and_is_not_retried() -> None:
     assert starts(run(plan, (Unplugged("a"), T0 + 20), (Plugged("a"), T0 + 30))[1]) == [("a", "plugged in, unfinished")]
 
 
+def test_a_skipped_cycle_is_no_failure_and_the_next_try_is_an_interval_away() -> None:
+    # The user cancelled the passphrase prompt: nothing ran, nothing failed.
+    plan, _ = run(fresh(a=schedule.DiskState(last_success=T0 - 2 * HOUR, unfinished=False)), (Plugged("a"), T0))
+    plan, actions = agenda.step(plan, Finished("a", "skipped"), T0 + 5)
+    state = plan.disk("a").state
+    assert state.failures == 0 and state.last_failure is None and not state.unfinished and not state.running
+    assert state.stopped_at == T0 + 5 and plan.running is None
+    assert Save() in actions and actions[-1] == Wake(T0 + 5 + HOUR)
+    assert starts(run(plan, (Tick(), T0 + 300))[1]) == []  # not asked again at once
+    assert starts(run(plan, (Tick(), T0 + 5 + HOUR))[1]) == [("a", "interval elapsed")]
+    assert starts(run(plan, (Asked(), T0 + 20))[1]) == [("a", "asked")]  # "Back up now" asks again
+
+
 def test_stop_with_nothing_running_says_so() -> None:
     assert agenda.step(fresh(), StopAsked(), T0)[1] == (Answer("not-running"), Wake(None))
 
@@ -156,7 +169,7 @@ event_strategy = st.one_of(
     st.just(StopAsked()),
     st.builds(Ejected, st.sampled_from(DISKS)),
     st.builds(Blocked, st.sampled_from((None, "another backup is running"))),
-    st.sampled_from(("success", "failure", "busy")),  # the running cycle ends (below)
+    st.sampled_from(("success", "failure", "busy", "skipped")),  # the running cycle ends (below)
 )
 initial_states = st.builds(
     schedule.DiskState,
@@ -221,6 +234,10 @@ def test_random_event_sequences_keep_every_rule(
             stopped_at.pop(disk, None)
         else:
             assert plan.running == before.running or isinstance(event, (Finished, StopAsked))
+        if isinstance(event, Finished) and event.outcome == "skipped" and before.running is not None:
+            # a skip (a cancelled passphrase prompt) is no failure, and is not asked again before the interval
+            assert plan.disk(event.disk).state.failures == before.disk(event.disk).state.failures
+            stopped_at[event.disk] = now
         if isinstance(event, Finished) and before.running is not None and before.running.stopping:
             if event.outcome == "failure":
                 assert plan.disk(event.disk).state.failures == before.disk(event.disk).state.failures

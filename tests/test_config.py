@@ -645,7 +645,7 @@ LIFECYCLE_ERRORS = [
         {"commands": {"cryptdisk_stop": "/sbin/cryptdisks_stop"}},
         "commands.cryptdisk_stop",
         'unknown key "cryptdisk_stop" in [commands], did you mean cryptdisks_stop?; expected one of rsync, ionice, '
-        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, systemctl, mount, umount, sync, btrfs, unshare",
+        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, cryptsetup, systemctl, mount, umount, sync, btrfs, unshare",
         id="commands-unknown-key-suggested",
     ),
     # [[disk]]: keys, required keys
@@ -1455,7 +1455,8 @@ def test_system_table() -> None:
 
 
 def test_new_commands() -> None:
-    table = {key: f"/opt/tools/{key}" for key in ("blkid", "cryptdisks_start", "cryptdisks_stop", "systemctl", "mount", "umount", "sync")}
+    keys = ("blkid", "cryptdisks_start", "cryptdisks_stop", "cryptsetup", "systemctl", "mount", "umount", "sync")
+    table = {key: f"/opt/tools/{key}" for key in keys}
     commands = settings_from_mapping({"commands": table}, FILE).commands
     assert commands == Commands(**table)
     assert commands.rsync == "/usr/bin/rsync"  # the others keep their defaults

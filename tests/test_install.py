@@ -62,7 +62,11 @@ alice ALL = (root) NOPASSWD: {EXE} backup --json, \\
     {EXE} eject --json --disk backup1, \\
     {EXE} eject --json --disk usb.2-B_x, \\
     {EXE} open --json --disk backup1, \\
-    {EXE} open --json --disk usb.2-B_x
+    {EXE} open --json --disk usb.2-B_x, \\
+    {EXE} backup --json --disk backup1 --passphrase-stdin, \\
+    {EXE} open --json --disk backup1 --passphrase-stdin, \\
+    {EXE} backup --json --disk usb.2-B_x --passphrase-stdin, \\
+    {EXE} open --json --disk usb.2-B_x --passphrase-stdin
 """
 
 
@@ -81,6 +85,8 @@ def test_the_rule_allows_exactly_the_agents_forms() -> None:
     assert agent_argvs(["backup1"]) == (
         ("backup", "--json"), ("backup", "--json", "--disk", "backup1"), ("eject", "--json", "--disk", "backup1"),
         ("open", "--json", "--disk", "backup1"),
+        ("backup", "--json", "--disk", "backup1", "--passphrase-stdin"),
+        ("open", "--json", "--disk", "backup1", "--passphrase-stdin"),
     )
 
 

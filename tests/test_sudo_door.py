@@ -93,7 +93,7 @@ def _backup_parser() -> argparse.ArgumentParser:
 
 ALLOWED_OPTIONS = {
     "-h", "--help", "--json", "--disk", "-c", "--crypto", "-m", "--mount", "-n", "--dry-run", "-q", "--quiet",
-    "-v", "--verbose", "--disable-notifications",
+    "-v", "--verbose", "--disable-notifications", "--passphrase-stdin",
 }
 
 
@@ -133,6 +133,9 @@ ALLOWED = [
     ["rotate", "--discard-unfinished", "--disk", "backup1"],
     ["open", "--json", "--disk", "backup1"],
     ["-q", "open", "--disk", "backup1"],
+    # a disk opened with a passphrase the agent asked for, on standard input
+    ["backup", "--json", "--disk", "backup1", "--passphrase-stdin"],
+    ["open", "--json", "--disk", "backup1", "--passphrase-stdin"],
 ]
 
 
@@ -345,9 +348,25 @@ def test_sudo_lets_the_user_eject_a_configured_disk_as_root(test_user: str, wrap
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("command", ["backup", "open"])
+def test_sudo_lets_the_user_hand_a_passphrase_on_stdin(test_user: str, wrapper: Path, drop_in: Path, command: str) -> None:
+    """The passphrase forms (``--passphrase-stdin`` last) reach backup-agent as root and pass the door; stdin goes along."""
+    result = as_user(test_user, [str(wrapper), command, "--json", "--disk", DISK, "--passphrase-stdin"])
+    assert "a password is required" not in result.stderr
+    assert "wrapper: uid 0\n" in result.stderr, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"backup-agent: --disk {DISK}: no ") and "configured" in last, result.stderr
+    assert result.returncode == EXIT_USAGE
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "arguments",
     [
+        ["backup", "--json", "--passphrase-stdin", "--disk", DISK],
+        ["backup", "--json", "--passphrase-stdin"],
+        ["open", "--json", "--disk", "another", "--passphrase-stdin"],
+        ["eject", "--json", "--disk", DISK, "--passphrase-stdin"],
         ["backup", "--json", "/tmp", "/tmp/x"],
         ["eject", "--disk", DISK],
         ["eject", "--json", "--disk", DISK, "--config", "/tmp/evil.toml"],

@@ -59,6 +59,8 @@ class Commands:
     blkid: str = "/sbin/blkid"
     cryptdisks_start: str = "/sbin/cryptdisks_start"
     cryptdisks_stop: str = "/sbin/cryptdisks_stop"
+    # A disk opened with a passphrase the agent asked for (crypttab: no key file).
+    cryptsetup: str = "/sbin/cryptsetup"
     systemctl: str = "/bin/systemctl"
     mount: str = "/bin/mount"
     umount: str = "/bin/umount"

@@ -98,6 +98,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "blkid",
             "cryptdisks_start",
             "cryptdisks_stop",
+            "cryptsetup",
             "systemctl",
             "mount",
             "umount",

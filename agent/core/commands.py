@@ -154,6 +154,7 @@ class Runner:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         pass_fds: Sequence[int] = (),
+        stdin: bytearray | None = None,
     ) -> Result:
         """Run ``argv`` to the end; raise :class:`CommandError` on an error status.
 
@@ -162,6 +163,9 @@ class Runner:
         SIGKILL) and raises CommandError saying it timed out. ``pass_fds``
         stay open in the child under the same numbers (every other one is
         closed), so it can reach an open directory as ``/proc/self/fd/N``.
+        ``stdin``: written whole to the child's standard input, which is then
+        closed (a passphrase for ``cryptsetup --key-file=-``: never in argv,
+        the environment or the log); otherwise the child reads /dev/null.
         """
         argv = tuple(argv)
         if not argv:
@@ -190,7 +194,7 @@ class Runner:
         try:
             process = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env={**clean_environment(), **(env or {})},
@@ -211,6 +215,8 @@ class Runner:
         except PermissionError:
             raise CommandError(f"{argv[0]} cannot be executed (permission denied)", argv=argv, step=step) from None
         deadline = None if timeout is None else time.monotonic() + timeout
+        if stdin is not None:
+            _feed(process, stdin, program)
         try:
             out: _LineSplitter | _Chunks = (
                 _Chunks(on_stdout_data) if on_stdout_data is not None else _LineSplitter(stdout_line)
@@ -295,6 +301,27 @@ class Runner:
             process.wait()
         # What the command started may outlive it in the group: end it too.
         _signal_group(process, signal.SIGKILL)
+
+
+def _feed(process: "subprocess.Popen[bytes]", data: bytearray, program: str) -> None:
+    """Write ``data`` to the child's stdin and close it; a child that exited early (EPIPE) is told by its status.
+
+    A passphrase is a few hundred bytes at most, far below a pipe's buffer,
+    so this never waits on the child. Written through a memoryview: no copy
+    of the secret is made here.
+    """
+    pipe = process.stdin
+    if pipe is None:
+        return
+    try:
+        with memoryview(data) as view:
+            written = 0
+            while written < len(view):
+                written += os.write(pipe.fileno(), view[written:])
+    except BrokenPipeError:
+        log.debug("%s exited before reading its standard input", program)
+    finally:
+        pipe.close()
 
 
 def _signal_group(process: "subprocess.Popen[bytes]", signum: int) -> None:

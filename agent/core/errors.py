@@ -26,6 +26,7 @@ EXIT_DAMAGED = 11  # verify found damage (a report, not an exception)
 EXIT_DISK_FULL = 12
 EXIT_UNVERIFIED = 13  # verify found nothing wrong, but could check no snapshot (no manifests)
 EXIT_STALE = 14  # check-stale: no backup succeeded for remind_after days (a report, not an exception)
+EXIT_WRONG_PASSPHRASE = 15  # the passphrase given on standard input does not open the disk
 EXIT_INTERRUPTED = 130
 
 
@@ -120,6 +121,12 @@ class DiskError(BackupAgentError):
     """Unlocking, mounting or checking the backup disk failed."""
 
     exit_code = EXIT_STEP_FAILED
+
+
+class WrongPassphraseError(DiskError):
+    """The passphrase given on standard input opens no key slot: the agent asks again (nothing was unlocked)."""
+
+    exit_code = EXIT_WRONG_PASSPHRASE
 
 
 class DiskBusyError(BackupAgentError):

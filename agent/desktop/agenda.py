@@ -47,7 +47,7 @@ from typing import Literal, Mapping, Sequence, Union
 from agent.policy import conditions, schedule
 
 Held = Literal["plugged", "asked"]
-Outcome = Literal["success", "failure", "busy"]
+Outcome = Literal["success", "failure", "busy", "skipped"]
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,8 @@ class StopAsked:
 
 @dataclass(frozen=True)
 class Finished:
-    """The cycle of ``disk`` ended: ``success``, ``failure``, or ``busy`` (it lost the lock to another cycle).
+    """The cycle of ``disk`` ended: ``success``, ``failure``, ``busy`` (it lost the lock to another cycle),
+    or ``skipped`` (it did not run, and that is no failure: the user cancelled the passphrase prompt).
 
     ``snapshot_time``: what the new snapshot is named after (a success).
     """
@@ -427,7 +428,10 @@ def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
         if running.postponed_at is not None:
             state = replace(state, postponed_until=running.postponed_at + agenda.policy.interval)
         return _with(agenda, event.disk, replace(entry, state=state, held=held))
-    if event.outcome == "success":
+    if event.outcome == "skipped":
+        # As after a stop, the next regular try is an interval away; nothing was transferred.
+        state = replace(entry.state, running=False, stopped_at=now)
+    elif event.outcome == "success":
         state = schedule.on_finished(entry.state, now, True, snapshot_time=event.snapshot_time)
     elif running.stopping and running.postponed_at is not None:
         state = schedule.on_postponed(entry.state, agenda.policy, running.postponed_at)

@@ -53,8 +53,13 @@ from agent.core import events, lock
 from agent.policy import conditions, schedule
 from agent.config.model import Settings
 from agent.disk.mount import holders
-from agent.core.errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, BusyError, LockFileError, UsageError
+from agent.core.errors import (
+    EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, EXIT_WRONG_PASSPHRASE, BusyError, LockFileError, UsageError,
+)
 from agent.desktop.reminder import notice_state_path
+from agent.desktop.passphrase import TRIES, Given, Passphrases, too_many_tries
+from agent.desktop import pinentry
+from agent.desktop.pinentry import PromptUnavailable
 from agent.desktop.process import ChildProcess, run_to_end
 from agent.desktop.sdnotify import Notifier, watchdog_interval
 from agent.desktop.statefile import DiskRecord, load_state, save_state, state_file_path
@@ -131,6 +136,9 @@ class AgentOptions:
     open_argv: Sequence[str] = ()
     #: Seconds a disk opened for browsing stays open; then, when nothing uses it, it is closed.
     browse_idle: float = BROWSE_IDLE
+    #: Where the passphrase of a disk without a key file comes from (the
+    #: keyring, pinentry); None: such a disk must be unlocked by hand.
+    passphrases: Passphrases | None = None
 
     def lock_path(self) -> str:
         if self.cycle_lock is not None:
@@ -157,6 +165,14 @@ class _Cycle:
     inhibitor: Releasable | None = None
     launch: "asyncio.Task[None] | None" = None
     finished: bool = False
+    # A disk opened with a passphrase (docs/ARCHITECTURE.md, "A passphrase disk"):
+    given: Given | None = None  # the one being tried, until the disk is open
+    wrong: int = 0  # typed passphrases that did not open it
+    forgotten: bool = False  # a remembered one did not open it and was forgotten
+    remember: bool | None = None  # the user's answer to "remember it?"
+    skipped: str | None = None  # not run, and not a failure: why (a cancelled prompt)
+    announced: bool = False  # listeners heard backup_started
+    asking: bool = False  # the passphrase prompt is up
 
 
 @dataclass(frozen=True)
@@ -328,7 +344,9 @@ class Agent:
         cycle = self._cycle
         if cycle is not None:
             if cycle.launch is not None and not cycle.launch.done():
-                cycle.launch.cancel()
+                cycle.launch.cancel()  # a passphrase prompt closes with it
+            if cycle.given is not None:
+                cycle.given.wipe()
             if cycle.process is not None and cycle.process.poll() is None:
                 log.info(
                     "the backup cycle (pid %d) goes on without the agent; the next agent will show it",
@@ -395,6 +413,11 @@ class Agent:
         if cycle is None or cycle.disk != disk:
             return
         cycle.stop_requested = True
+        if cycle.asking and cycle.launch is not None and not cycle.launch.done():
+            cycle.launch.cancel()  # the passphrase prompt closes: nothing ran, nothing to stop
+            cycle.skipped = "stopped while the passphrase was asked for"
+            self._finish(cycle, None, None)
+            return
         if cycle.process is not None and cycle.process.poll() is None:
             log.info("stopping the backup cycle (pid %d)", cycle.process.pid)
             with contextlib.suppress(ProcessLookupError):
@@ -490,16 +513,50 @@ class Agent:
         argv = [*self._options.open_argv, "--disk", disk]
         log.info("opening %s for browsing: running %s", disk, " ".join(argv))
         try:
-            returncode, out, err = await run_to_end(argv)
+            ended = await self._open_with_passphrase(disk, argv)
         except OSError as exc:
             reply = BrowseReply("failed", f"could not start opening the disk ({argv[0]}): {exc.strerror or exc}")
         else:
-            reply = browse_reply(disk, returncode, out, err, through_sudo=_through_sudo(argv))
+            reply = ended if isinstance(ended, BrowseReply) else browse_reply(disk, *ended, through_sudo=_through_sudo(argv))
         (log.info if reply.open else log.warning)("browse %s: %s", disk, reply.message)
         if reply.open:
             self._arm_browse_close(disk)
             self._tell("disk_opened", disk)  # what said "safe to unplug" is untrue now
         return reply
+
+    async def _open_with_passphrase(self, disk: str, argv: list[str]) -> tuple[int, list[str], list[str]] | BrowseReply:
+        """``open``, with the passphrase on stdin for a disk without a key file (asked again as for a backup)."""
+        passphrases = self._options.passphrases
+        if passphrases is None or not passphrases.needed(disk):
+            return await run_to_end(argv)
+        wrong, forgotten, remember = 0, False, None
+        while True:
+            try:
+                given = await passphrases.ask(disk, "browse", wrong=wrong, forgotten=forgotten, remember=remember)
+            except PromptUnavailable as exc:
+                return BrowseReply("failed", f"cannot ask for the passphrase of {disk}: {exc}")
+            if given is None:
+                return BrowseReply("refused", "the passphrase prompt was cancelled: the disk stays locked")
+            remember = given.remember
+            try:
+                ended = await run_to_end([*argv, "--passphrase-stdin"], stdin=given.secret)
+            except BaseException:
+                given.wipe()
+                raise
+            if ended[0] != EXIT_WRONG_PASSPHRASE:
+                if ended[0] == EXIT_OK:
+                    passphrases.opened(disk, given)  # remembered if asked, then wiped
+                else:
+                    given.wipe()
+                return ended
+            given.wipe()
+            if given.remembered:
+                passphrases.forget(disk)
+                forgotten = True
+            else:
+                wrong += 1
+                if wrong >= TRIES:
+                    return BrowseReply("failed", too_many_tries(disk, "browse"))
 
     def _arm_browse_close(self, disk: str) -> None:
         old = self._browsing.pop(disk, None)
@@ -710,7 +767,9 @@ class Agent:
         # before they hear that it started: the first plug-in after the agent
         # started would otherwise be told as a first backup ever.
         self._refresh()
-        self._tell("backup_started", name, reason)
+        passphrases = self._options.passphrases
+        if passphrases is None or not passphrases.needed(name):
+            self._announce(cycle)  # else once the passphrase opened the disk, or at the end: a cancel leaves no card
         inhibit = self._options.inhibit
         if inhibit is None:
             self._spawn(loop, cycle)
@@ -735,7 +794,13 @@ class Agent:
         if cycle.stop_requested:
             self._finish(cycle, None, "stopped before it started")
             return
+        passphrases = self._options.passphrases
+        if passphrases is not None and cycle.given is None and passphrases.needed(cycle.disk):
+            cycle.launch = loop.create_task(self._ask_then_spawn(loop, cycle, passphrases))
+            return
         argv = [*self._options.cycle_argv, "--disk", cycle.disk]
+        if cycle.given is not None:
+            argv.append("--passphrase-stdin")
 
         def on_line(stream: str, line: str) -> None:
             if stream == "stdout":
@@ -745,12 +810,65 @@ class Agent:
 
         process = ChildProcess(loop, on_line, lambda: self._exited(cycle))
         try:
-            process.start(argv)
+            process.start(argv, stdin=cycle.given.secret if cycle.given is not None else None)
         except OSError as exc:
             self._finish(cycle, None, f"could not start the backup cycle ({argv[0]}): {exc.strerror or exc}")
             return
         cycle.process = process
         self._refresh()
+
+    def _announce(self, cycle: _Cycle) -> None:
+        if not cycle.announced:
+            cycle.announced = True
+            self._tell("backup_started", cycle.disk, cycle.reason)
+
+    async def _ask_then_spawn(self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, passphrases: Passphrases) -> None:
+        """Get the disk's passphrase (the keyring, else pinentry), then start the cycle with it; a cancel skips the backup."""
+        cycle.asking = True
+        try:
+            given = await passphrases.ask(
+                cycle.disk, "backup", wrong=cycle.wrong, forgotten=cycle.forgotten, remember=cycle.remember
+            )
+        except PromptUnavailable as exc:
+            if cycle is self._cycle:
+                self._finish(cycle, None, f"cannot ask for the passphrase of {cycle.disk}: {exc}")
+            return
+        finally:
+            cycle.asking = False
+        if cycle is not self._cycle:  # the agent shut down meanwhile
+            if given is not None:
+                given.wipe()
+            return
+        if given is None:
+            cycle.skipped = "the passphrase prompt was cancelled"
+            self._finish(cycle, None, None)
+            return
+        cycle.given, cycle.remember = given, given.remember
+        self._spawn(loop, cycle)
+
+    def _passphrase_again(self, cycle: _Cycle, returncode: int | None) -> bool | str:
+        """At the cycle's exit: True when the passphrase was wrong and is asked again (the cycle goes on);
+        after the last try, the failure to tell; else False. The passphrase is wiped in any case."""
+        given, cycle.given = cycle.given, None
+        passphrases, loop = self._options.passphrases, self._loop
+        if given is None:
+            return False
+        given.wipe()
+        if returncode != EXIT_WRONG_PASSPHRASE or passphrases is None or loop is None or cycle.stop_requested:
+            return False
+        if given.remembered:
+            passphrases.forget(cycle.disk)
+            cycle.forgotten = True
+        else:
+            cycle.wrong += 1
+            if cycle.wrong >= TRIES:
+                return too_many_tries(cycle.disk)
+        self._detach(cycle)
+        cycle.process, cycle.complete, cycle.error = None, None, None
+        cycle.stderr_tail.clear()
+        cycle.closing.clear()
+        cycle.launch = loop.create_task(self._ask_then_spawn(loop, cycle, passphrases))
+        return True
 
     def _on_stderr(self, cycle: _Cycle, line: str) -> None:
         if not line.strip():
@@ -775,6 +893,13 @@ class Agent:
         if isinstance(event, events.StepEvent):
             if event.step in ("unmount", "lock-disk") and event.state in ("done", "left-as-found", "failed"):
                 cycle.closing[event.step] = event.state
+            if event.step == "unlock" and event.state == "done" and cycle.given is not None and self._options.passphrases:
+                given, cycle.given = cycle.given, None
+                if event.detail.get("unlocked_now") is True:  # it opened the disk: remembered if asked, then wiped
+                    self._options.passphrases.opened(cycle.disk, given)
+                else:  # found unlocked: the passphrase proved nothing
+                    given.wipe()
+                self._announce(cycle)
             self._status.step = event.step
             self._refresh()
         elif isinstance(event, events.ProgressEvent):
@@ -799,6 +924,8 @@ class Agent:
                 # Maybe another cycle took the machine lock first: that is a
                 # wait, not a failure; _finish decides once the cycle has ended.
                 return
+            if exit_code == EXIT_WRONG_PASSPHRASE:
+                return  # asked again, or told after the last try (_finish)
             if cycle.stop_requested:
                 log.info("backup of %s: %s (stopped as asked)", cycle.disk, message)
                 return
@@ -819,6 +946,11 @@ class Agent:
 
     def _finish(self, cycle: _Cycle, returncode: int | None, failure: str | None) -> None:
         """Conclude a cycle: the schedule, the record, the state file, listeners, the next decision."""
+        again = self._passphrase_again(cycle, returncode)
+        if again is True:
+            return
+        if isinstance(again, str):
+            cycle.error, failure = None, again
         cycle.finished = True
         self._last_returncode = returncode
         self._detach(cycle)
@@ -834,6 +966,13 @@ class Agent:
         )
         if busy:
             self._look_for_foreign()
+        if cycle.skipped is not None:
+            # Not run, and not a failure: no card; the next try comes after an interval.
+            log.info("the backup of %s was skipped: %s", name, cycle.skipped)
+            self._status.step = None
+            self._status.progress = {}
+            self._do(agenda.Finished(name, "skipped"))
+            return
         if busy and self._foreign is not None:
             # Someone else's cycle took the machine lock first: not a failure
             # of this disk; its trigger waits for that cycle (the agenda holds it).
@@ -842,6 +981,7 @@ class Agent:
             self._status.progress = {}
             self._do(agenda.Finished(name, "busy"))
             return
+        self._announce(cycle)  # a passphrase disk's backup that ended before its disk opened: told now
         succeeded = complete is not None and not complete.skipped and returncode in (EXIT_OK, EXIT_PARTIAL)
         taken: float | None = None
         if complete is not None and succeeded:
@@ -1155,7 +1295,7 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
         start of a later one (the tray, the notifier) still closes what was opened before it."""
         # dbus_fast is imported here, not at the top: the cycle (which runs
         # as root through sudo) never loads it.
-        from agent.desktop.dbus import control, jobview, launcher, logind, networkmanager, notify, notray, tray, upower
+        from agent.desktop.dbus import control, jobview, launcher, logind, networkmanager, notify, notray, secrets, tray, upower
 
         async with contextlib.AsyncExitStack() as stack:
             stop = asyncio.Event()
@@ -1171,18 +1311,24 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
                 return await logind.inhibit(system, "backup-agent", "a backup is being written to the backup disk")
 
             policy = schedule.Policy(interval=float(settings.interval), on_plug=settings.on_plug)  # rules: rules_of()
+            program = pinentry.choose(os.environ, shutil.which)
+            if program is None:
+                log.info("no pinentry fits this session: a disk without a key file must be unlocked by hand")
+            passphrases = Passphrases(settings, pinentry.Pinentry(program) if program else None, None)
             options = AgentOptions(
                 cycle_argv=argv,
                 policy=policy,
                 inhibit=inhibit if system is not None else None,
                 eject_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="eject"),
                 open_argv=cycle_argv_for(config=config, no_sudo=no_sudo, argv0=argv0, command="open"),
+                passphrases=passphrases,
             )
             agent = Agent(settings, options)
             service = await control.serve(agent)
             if service is not None:
                 stack.callback(service.close)
                 agent.add_listener(service.listener)
+                passphrases.keyring = secrets.SecretService(service.bus)  # offered only with a session bus
             notifier = None
             if settings.notifications and notifications:
                 notifier = await notify.start(

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 import subprocess
-from typing import Callable, Final, Literal, Sequence
+from typing import Callable, Final, Literal, Sequence, cast
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +56,34 @@ class ChildProcess:
         self._buffers: dict[Stream, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         self._pidfd = -1
 
-    def start(self, argv: Sequence[str]) -> None:
+    def start(self, argv: Sequence[str], stdin: bytearray | None = None) -> None:
         """Start ``argv`` (no shell) in its own session: a signal to the agent's group does not reach it.
 
-        Raises OSError when it cannot be started.
+        ``stdin``: written to its standard input, which is then closed (a
+        passphrase: a few hundred bytes, far below a pipe's buffer, so this
+        does not wait); otherwise it reads /dev/null. Raises OSError when it
+        cannot be started.
         """
         log.info("running %s", " ".join(argv))
         process = subprocess.Popen(
             list(argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,
         )
         self._process = process
+        if process.stdin is not None:
+            try:
+                with memoryview(stdin or bytearray()) as view:
+                    written = 0
+                    while written < len(view):
+                        written += os.write(process.stdin.fileno(), view[written:])
+            except BrokenPipeError:
+                log.warning("%s exited before reading its standard input", argv[0])
+            finally:
+                process.stdin.close()
         if process.stdout is None or process.stderr is None:  # stdout=PIPE, stderr=PIPE give both: a bug
             raise RuntimeError(f"{argv[0]} (pid {process.pid}) was started without its output pipes")
         self._fds = {"stdout": process.stdout.fileno(), "stderr": process.stderr.fileno()}
@@ -173,17 +186,19 @@ class ChildProcess:
                 pipe.close()
 
 
-async def run_to_end(argv: Sequence[str]) -> tuple[int, list[str], list[str]]:
+async def run_to_end(argv: Sequence[str], stdin: bytearray | None = None) -> tuple[int, list[str], list[str]]:
     """Run a short command of the agent's (``eject``, ``open``) to its end: (exit status, stdout lines, stderr lines).
 
     Waited for in a thread, so the loop goes on; in its own session, as the
-    cycle is. Raises OSError when it cannot be started.
+    cycle is. ``stdin``: what it reads on its standard input (a passphrase;
+    handed over without a copy). Raises OSError when it cannot be started.
     """
     process = subprocess.Popen(
-        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True, close_fds=True,
+        list(argv), stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
     )
-    out, err = await asyncio.to_thread(process.communicate)
+    # communicate reads its input through a memoryview: a bytearray goes as it is, uncopied.
+    out, err = await asyncio.to_thread(process.communicate, cast(bytes, stdin))
     return process.returncode, out.decode("utf-8", "replace").splitlines(), err.decode("utf-8", "replace").splitlines()
 
 

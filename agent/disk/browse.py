@@ -56,13 +56,22 @@ def missing_flags(flags: int) -> list[str]:
     return [name for name, bit in _FLAGS.items() if not flags & bit]
 
 
-def open_for_browsing(disk: Disk, settings: Settings, runner: Runner, emitter: Emitter, warn: Callable[[str], None]) -> bool:
+def open_for_browsing(
+    disk: Disk,
+    settings: Settings,
+    runner: Runner,
+    emitter: Emitter,
+    warn: Callable[[str], None],
+    *,
+    passphrase: bytearray | None = None,
+) -> bool:
     """Unlock and mount ``disk`` for browsing and leave it so; True when this call opened it.
 
     Under the machine lock, so no cycle or eject runs meanwhile. Each step
     is undone when a later one fails: a refused or failed open leaves the
     disk as found. Found already mounted, it is left as it is (a mount by
-    hand may be read-write), and said so.
+    hand may be read-write), and said so. ``passphrase``: as for a backup
+    (agent.disk.unlock.unlocked).
     """
     if os.geteuid() != 0:
         raise StepError(f"opening the backup disk {disk.name} needs root: run it with sudo", step="disk")
@@ -82,7 +91,7 @@ def open_for_browsing(disk: Disk, settings: Settings, runner: Runner, emitter: E
             raise DiskMissingError(not_attached(disk), step="disk")
         emitter.emit(step("disk", "done"))
         emitter.emit(step("unlock", "start", disk=disk.name))
-        unlocked_now = stack.enter_context(unlocked(disk, settings, runner, warn, keep))
+        unlocked_now = stack.enter_context(unlocked(disk, settings, runner, warn, keep, passphrase=passphrase))
         emitter.emit(step("unlock", "done", unlocked_now=unlocked_now))
         emitter.emit(step("mount", "start", mount_point=disk.mount_point))
         mounted_now = stack.enter_context(mounted(browse_disk(disk), settings, runner, warn, keep))

@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from agent.disk.passphrase import close_argv
 from agent.disk import devices, mount, unlock
 from agent.core import lock
 from agent.core.commands import Runner
@@ -176,8 +177,15 @@ class Eject:
         return plan, device
 
     def _stop_argv(self) -> tuple[str, ...]:
-        """The lock command of the disk's unlock method, as the cycle picks it (before anything is touched)."""
+        """The lock command of the disk's unlock method, as the cycle picks it (before anything is touched).
+
+        A disk whose crypttab line has no key file is closed with ``cryptsetup
+        close NAME``, as the cycle that opened it with a passphrase does.
+        """
         commands = self.settings.commands
+        entry = unlock.passphrase_entry(self.disk, self.settings)
+        if entry is not None:
+            return close_argv(entry, commands)
         try:
             method = unlock.unlock_method(
                 self.disk, os.access(commands.cryptdisks_start, os.X_OK), os.access(commands.systemctl, os.X_OK)

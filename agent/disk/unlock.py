@@ -20,9 +20,11 @@ from typing import Callable, Final, Iterable, Iterator
 
 from agent.core.commands import Result, Runner
 from agent.config.model import Commands, Disk, Settings
-from agent.core.errors import CommandError, DiskError, UnsafeKeyFileError
+from agent.core.errors import CommandError, DiskError, UnsafeKeyFileError, UsageError, WrongPassphraseError
 from agent.core.mounts import read_mountinfo
 from agent.disk.devices import device_number, mapped_rdev, mounts_of, normalize
+from agent.disk.find import find_device
+from agent.disk.passphrase import CRYPTSETUP_WRONG_KEY, close_argv, open_argv, wipe
 from agent.disk.tables import CrypttabEntry, parse_crypttab
 
 log = logging.getLogger(__name__)
@@ -170,6 +172,19 @@ def _crypttab_entry(disk: Disk, settings: Settings) -> CrypttabEntry:
     return entry
 
 
+def passphrase_entry(disk: Disk, settings: Settings) -> CrypttabEntry | None:
+    """The disk's crypttab line when it has no key file (opened with a passphrase, closed with cryptsetup), else None.
+
+    For closing only: a crypttab that cannot be read, or has no line for the
+    disk, gives None (the unlock method's own stop command is used then).
+    """
+    try:
+        entry = _crypttab_entry(disk, settings)
+    except DiskError:
+        return None
+    return entry if entry.key_file is None else None
+
+
 def _check_key_file(disk: Disk, entry: CrypttabEntry, settings: Settings) -> None:
     """Refuse (UnsafeKeyFileError) a key file others could read or change, or one on the backup disk."""
     key_file = entry.key_file
@@ -204,6 +219,17 @@ def _check_key_file(disk: Disk, entry: CrypttabEntry, settings: Settings) -> Non
     problem = key_file_problem(key_file, info, on_backup_disk=on_disk)
     if problem is not None:
         raise UnsafeKeyFileError(f"refusing to unlock {disk.name}: {problem}; nothing was unlocked", step="unlock")
+
+
+def _luks_device(disk: Disk, settings: Settings, runner: Runner) -> str:
+    """The LUKS partition to open: found by its UUID (the one the crypttab line was checked against)."""
+    device = find_device(disk, settings, runner)
+    if device is None:
+        raise DiskError(
+            f"backup disk {disk.name} is not attached (no LUKS partition with UUID {disk.luks_uuid}); nothing was unlocked",
+            step="unlock",
+        )
+    return device
 
 
 def said_last(result_or_error: Result | CommandError, stdout: Iterable[str] = ()) -> str:
@@ -253,7 +279,13 @@ def lock_disk(
 
 @contextlib.contextmanager
 def unlocked(
-    disk: Disk, settings: Settings, runner: Runner, warn: Callable[[str], None], keep: Callable[[], bool] | None = None
+    disk: Disk,
+    settings: Settings,
+    runner: Runner,
+    warn: Callable[[str], None],
+    keep: Callable[[], bool] | None = None,
+    *,
+    passphrase: bytearray | None = None,
 ) -> Iterator[bool]:
     """The disk unlocked for the body; yields whether this run unlocked it (and so locks it again).
 
@@ -274,8 +306,18 @@ def unlocked(
     entry = _crypttab_entry(disk, settings)
     _check_key_file(disk, entry, settings)
     commands = settings.commands
-    method = unlock_method(disk, os.access(commands.cryptdisks_start, os.X_OK), os.access(commands.systemctl, os.X_OK))
-    start, stop = unlock_argv(disk, method, commands)
+    if passphrase is not None:
+        if entry.key_file is not None:
+            raise UsageError(
+                f"{settings.crypttab} opens {disk.name} with the key file {entry.key_file}: a passphrase on standard "
+                "input is only for a disk whose crypttab line has none; nothing was unlocked",
+                step="unlock",
+            )
+        method = "cryptsetup"
+        start, stop = open_argv(entry, _luks_device(disk, settings, runner), commands), close_argv(entry, commands)
+    else:
+        method = unlock_method(disk, os.access(commands.cryptdisks_start, os.X_OK), os.access(commands.systemctl, os.X_OK))
+        start, stop = unlock_argv(disk, method, commands)
     if entry.key_file is None and method == "cryptdisks":
         # cryptdisks_start would wait for a passphrase on a console nobody
         # watches (the cycle runs it without a terminal, often from a timer).
@@ -295,17 +337,26 @@ def unlocked(
     failure: Result | CommandError | None = None
     said: list[str] = []  # cryptdisks_start reports on stdout, cryptsetup on stderr
     try:
-        result = runner.run(start, step="unlock", check=False, timeout=UNLOCK_TIMEOUT, on_stdout=said.append)
+        result = runner.run(
+            start, step="unlock", check=False, timeout=UNLOCK_TIMEOUT, on_stdout=said.append, stdin=passphrase
+        )
         if result.kind == "error":
             failure = result
     except CommandError as error:
         failure = error
+    finally:
+        if passphrase is not None:
+            wipe(passphrase)
     appeared = _wait_until(lambda: _mapped_exists(disk), 0 if failure is not None else SETTLE_TIME)
     if failure is not None or not appeared:
         if appeared or failure is None:
             # Half done (mapped, then failed) or not visible where expected:
             # stop it, so the disk is left as found.
             lock_disk(disk, stop, None, runner, warn, why="undoing a failed unlock")
+        if method == "cryptsetup" and isinstance(failure, Result) and failure.returncode == CRYPTSETUP_WRONG_KEY:
+            raise WrongPassphraseError(
+                f"the passphrase does not open {disk.name} (no key slot takes it); nothing was unlocked", step="unlock"
+            )
         if isinstance(failure, CommandError):
             raise DiskError(f"unlocking {disk.name} failed: {failure.message}{hint}; nothing was unlocked", step="unlock")
         if failure is not None:

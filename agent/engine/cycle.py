@@ -92,6 +92,8 @@ class Request:
     interactive: bool = True
     # rotate --discard-unfinished: delete unfinished transfers too (otherwise kept to resume from).
     discard_unfinished: bool = False
+    # --passphrase-stdin: opens a disk whose crypttab line has no key file (agent.disk.passphrase); wiped once used.
+    passphrase: bytearray | None = None
 
 
 @dataclass
@@ -295,7 +297,9 @@ class Cycle:
         unlocked_now: list[bool] = []
         stack.callback(self._report_closed, "lock-disk", unlocked_now, lambda: os.path.exists(disk.mapped_device))
         with self._step("unlock", disk=disk.name) as done:
-            unlocked_now.append(stack.enter_context(unlocked(disk, settings, self.runner, self._warn)))
+            unlocked_now.append(
+                stack.enter_context(unlocked(disk, settings, self.runner, self._warn, passphrase=self.request.passphrase))
+            )
             done["unlocked_now"] = unlocked_now[0]
         stack.callback(self._set_step, "lock-disk")
         mounted_now: list[bool] = []

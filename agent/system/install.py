@@ -16,7 +16,9 @@ its own marker line, and never over a file it did not write:
 The desktop agent runs as the user and starts the root backup cycle with
 ``sudo -n backup-agent backup --json [--disk NAME]``, and the tray's Eject
 with ``sudo -n backup-agent eject --json --disk NAME``, and Browse backups
-with ``sudo -n backup-agent open --json --disk NAME``. The drop-in written
+with ``sudo -n backup-agent open --json --disk NAME``; for a disk opened
+with a passphrase, the backup and open forms end in ``--passphrase-stdin``
+(the passphrase on standard input). The drop-in written
 here lets exactly one user run exactly those argument lists (sudo compares a
 rule's arguments word for word when the rule gives any), without a password,
 with none of the caller's environment. Everything else through sudo asks for
@@ -94,7 +96,12 @@ def agent_argvs(disk_names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     backups = tuple(("backup", "--json", "--disk", name) for name in disk_names)
     ejects = tuple(("eject", "--json", "--disk", name) for name in disk_names)
     opens = tuple(("open", "--json", "--disk", name) for name in disk_names)
-    return (("backup", "--json"),) + backups + ejects + opens
+    # A disk whose crypttab line has no key file: the passphrase the agent
+    # asked for comes on standard input (README, "A disk with a passphrase").
+    unlocking = tuple(
+        (command, "--json", "--disk", name, "--passphrase-stdin") for name in disk_names for command in ("backup", "open")
+    )
+    return (("backup", "--json"),) + backups + ejects + opens + unlocking
 
 
 def sudoers_rule(user: str, executable: str, disk_names: Sequence[str]) -> str:
