@@ -56,6 +56,9 @@ from agent.core.errors import (
 from agent.disk.eject import Eject
 from agent.core.events import Emitter, error
 from agent.repository.store import Repository, classify
+from agent.repository.remote import Remote, RemoteRepository, as_configured, is_daemon_destination, opened_for_reading, parse_destination
+from agent.repository.remote import named as remote_named
+from agent.engine.remote import RemoteCycle, remote_request
 from agent.policy.rotation import FREQUENCIES, Count, Plan, Scheme
 
 log = logging.getLogger("agent")
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("-c", "--crypto", metavar="NAME", help="unlock the encrypted backup disk first")
     backup.add_argument("-t", "--tunnel", metavar="TUNNEL_SPEC", help="reach an rsync daemon over SSH")
     backup.add_argument("--disk", metavar="NAME", help="back up to this configured disk")
+    backup.add_argument("--remote", metavar="NAME", help="back up to this configured [[remote]] over ssh")
     backup.add_argument("-i", "--ionice", metavar="CLASS", choices=sorted((*IONICE_CLASSES, "none")), help="I/O class for rsync and rm")
     backup.add_argument("-u", "--no-sudo", action="store_true", help="run as the current user (no root needed)")
     backup.add_argument("-n", "--dry-run", action="store_true", help="write nothing anywhere; say what would happen")
@@ -128,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", parents=[common], help="list the snapshots of a repository")
     listing.add_argument("--json", action="store_true", help="one JSON array of snapshots")
     listing.add_argument("--disk", metavar="NAME", help="list this configured disk (default: the one attached)")
+    listing.add_argument("--remote", metavar="NAME", help="list this configured [[remote]] over ssh")
     listing.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
     rotate = sub.add_parser("rotate", parents=[common], help="rotate old snapshots now")
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--discard-unfinished", action="store_true", help="delete the unfinished transfer too (else kept to resume from)"
     )
     rotate.add_argument("--disk", metavar="NAME", help="rotate this configured disk (default: the one attached)")
+    rotate.add_argument("--remote", metavar="NAME", help="rotate this configured [[remote]] over ssh")
     rotate.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
     reading = _Parser(add_help=False)
@@ -253,24 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
 # configuration decides those. The agent's rule allows fewer still
 # (agent.system.install.agent_argvs); an administrator may run these forms.
 SUDO_FORMS: dict[str, str] = {
-    "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
+    "backup": "backup [--json] [--disk NAME | --remote NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
     "init": "init --disk NAME [--yes] [-q|-v]",
     "eject": "eject --disk NAME [--json] [-q|-v]",
     "open": "open --disk NAME [--json] [-q|-v]",
-    "list": "list [--json] [--disk NAME] [-q|-v]",
-    "rotate": "rotate [-n] [--json] [--disk NAME] [--discard-unfinished] [-q|-v]",
+    "list": "list [--json] [--disk NAME | --remote NAME] [-q|-v]",
+    "rotate": "rotate [-n] [--json] [--disk NAME | --remote NAME] [--discard-unfinished] [-q|-v]",
     "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
     "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
     "verify": "verify [SNAPSHOT | --all] [--disk NAME] [--json] [-q|-v]",
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
-    "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
+    "backup": frozenset({"json", "disk", "remote", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
     "eject": frozenset({"disk", "json", "quiet", "verbose"}),
     "open": frozenset({"disk", "json", "quiet", "verbose"}),
-    "list": frozenset({"json", "disk", "quiet", "verbose"}),
-    "rotate": frozenset({"json", "dry_run", "disk", "discard_unfinished", "quiet", "verbose"}),
+    "list": frozenset({"json", "disk", "remote", "quiet", "verbose"}),
+    "rotate": frozenset({"json", "dry_run", "disk", "remote", "discard_unfinished", "quiet", "verbose"}),
     # Reading only, and restoring only into a new directory beside the
     # original (restore itself checks the caller owns that directory and
     # could reach the path): --repository, --to and --in-place choose what is
@@ -418,6 +424,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
         refusal = through_sudo_refusal(args)  # main() checked already; this keeps cmd_backup safe on its own
         if refusal is not None:
             raise UsageError(refusal)
+    if args.destination is not None or args.source is not None:
+        given = args.destination if args.destination is not None else args.source
+        if is_daemon_destination(given):
+            raise NotAvailableError(
+                f"{given}: rsync daemon repositories are not available in this version: "
+                "back up over SSH ([user@]host:/path) or to a local disk instead"
+            )
     if args.tunnel:
         raise NotAvailableError(
             "--tunnel (an rsync daemon over SSH) is not available in this version: "
@@ -431,7 +444,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         )
     settings = _load(args)
     source, destination = args.source, args.destination
-    if source is not None and destination is None:
+    if source is not None and destination is None and not args.remote:  # with --remote, one path alone is the SOURCE
         source, destination = None, source
     overrides: dict[str, Any] = {}
     if source is not None:
@@ -453,6 +466,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
         overrides["exclude"] = effective_excludes(settings) + tuple(args.exclude)
     settings = dataclasses.replace(settings, **overrides)
     steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)
+    remote = _remote_of(settings, args.remote, destination)
+    if remote is not None:
+        return _backup_remote(args, settings, remote, steps)
     disk = select_disk(settings, name=args.disk, crypto=args.crypto, mount=args.mount)
     if disk is not None and destination is not None:
         raise UsageError(f"give either DESTINATION or a disk ({disk.name}), not both: the disk's repository is {disk.repository}")
@@ -480,6 +496,34 @@ def cmd_backup(args: argparse.Namespace) -> int:
         outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
     # From a timer (no terminal), "nothing to do" is the one log line already written.
     if not args.json and not args.quiet and (outcome.skipped is None or request.interactive):
+        print(_summary(outcome, request))
+    return EXIT_PARTIAL if outcome.partial else EXIT_OK
+
+
+def _remote_of(settings: Settings, name: str | None, given: str | None) -> Remote | None:
+    """The remote repository ``--remote NAME`` or a ``[user@]host:/path`` names; None for a local one."""
+    if name is not None:
+        if given is not None:
+            raise UsageError(f"give either --remote {name} or a repository ({given}), not both")
+        return remote_named(settings, name)
+    remote = parse_destination(given) if given is not None else None
+    return as_configured(settings, remote) if remote is not None else None
+
+
+def _backup_remote(args: argparse.Namespace, settings: Settings, remote: Remote, steps: frozenset[str]) -> int:
+    """A backup into a repository on a server over ssh (agent.engine.remote)."""
+    if args.disk or args.crypto or args.mount:
+        raise UsageError(f"{remote.shown} is a remote repository: --disk, --crypto and --mount name a local disk; give one or the other")
+    request = remote_request(settings, remote, steps=steps, dry_run=args.dry_run, interactive=sys.stdin.isatty())
+    chosen = channels.backup_channels(
+        sys.stdout if args.json else None,
+        None if args.dry_run else settings,
+        host=socket.gethostname(),
+        repository=request.repository,
+    )
+    with channels.reporting(chosen) as emitter:
+        outcome = RemoteCycle(request, emitter, Runner(dry_run=args.dry_run), remote, ssh=settings.commands.ssh).run()
+    if not args.json and not args.quiet:
         print(_summary(outcome, request))
     return EXIT_PARTIAL if outcome.partial else EXIT_OK
 
@@ -518,9 +562,15 @@ def _summary(outcome: Outcome, request: Request) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load(args)
-    with access.open_repository(
-        settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command="list"
-    ) as repo:
+    remote = _remote_of(settings, args.remote, args.repository)
+    opened: contextlib.AbstractContextManager[Repository | RemoteRepository]
+    if remote is not None:
+        opened = opened_for_reading(remote, Runner(), ssh=settings.commands.ssh, rsync=settings.commands.rsync)
+    else:
+        opened = access.open_repository(
+            settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command="list"
+        )
+    with opened as repo:
         rows = []
         for name in repo.snapshot_names():
             metadata = repo.read_metadata(name) or {}
@@ -657,6 +707,13 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     if args.relaxed:
         scheme = dataclasses.replace(scheme, strict=False)
     settings = dataclasses.replace(settings, rotation=scheme)
+    remote = _remote_of(settings, args.remote, args.repository)
+    if remote is not None:
+        request = remote_request(
+            settings, remote, steps=frozenset({"rotate"}), dry_run=args.dry_run, discard_unfinished=args.discard_unfinished
+        )
+        outcome = RemoteCycle(request, Emitter(None), Runner(dry_run=args.dry_run), remote, ssh=settings.commands.ssh).run()
+        return _print_rotation(outcome, args)
     # The configured disk, opened as a backup opens it (read-write), unless a repository is named.
     disk = select_disk(settings, name=args.disk, crypto=None, mount=None)
     if disk is not None and args.repository is not None:
@@ -677,6 +734,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         discard_unfinished=args.discard_unfinished,
     )
     outcome = Cycle(request, Emitter(None), Runner(dry_run=args.dry_run)).run()
+    return _print_rotation(outcome, args)
+
+
+def _print_rotation(outcome: Outcome, args: argparse.Namespace) -> int:
     if outcome.skipped and not args.json:
         print(f"nothing done: {outcome.skipped}")
         return EXIT_OK

@@ -62,6 +62,26 @@ class Commands:
     mount: str = "/bin/mount"
     umount: str = "/bin/umount"
     sync: str = "/bin/sync"
+    ssh: str = "/usr/bin/ssh"  # remote repositories (agent.repository.remote)
+
+
+@dataclass(frozen=True)
+class RemoteRepository:
+    """One [[remote]]: a repository on a server reached over ssh (agent.repository.remote).
+
+    ``identity_file`` and ``known_hosts`` are files on this machine; None
+    leaves them to ssh (the running user's ~/.ssh). ``interval`` is the
+    agent's seconds between backups to it while it is reachable.
+    """
+
+    name: str
+    host: str
+    path: str
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    connect_timeout: int = 10
 
 
 @dataclass(frozen=True)
@@ -153,6 +173,7 @@ class Settings:
     tray: bool = True  # [tray]: the agent's status icon (StatusNotifierItem) where the desktop shows one
     remind_after: int = 7  # [notifications]: days without a successful backup before a reminder; 0: never
     disks: tuple[Disk, ...] = ()
+    remotes: tuple[RemoteRepository, ...] = ()  # [[remote]]: repositories on servers over ssh
     hooks: tuple[Hook, ...] = ()
     reports: tuple[Report, ...] = ()  # [[report]]: who hears the root cycle's result besides the desktop
     keep_free: KeepFree | None = None

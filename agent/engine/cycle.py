@@ -59,7 +59,7 @@ from agent.engine.layouts import Begun, Layout
 from agent.core.mounts import read_mountinfo
 from agent.repository.store import IN_PROGRESS, Repository, classify, free_space
 from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
-from agent.engine.sources import PathSource, Source
+from agent.engine.sources import PathSource, Source, Tree
 
 log = logging.getLogger(__name__)
 
@@ -444,28 +444,15 @@ class Cycle:
         return name
 
     def _transfer_into(self, begun: Begun, start: dt.datetime) -> str:
-        settings = self.settings
         request = self.request
-        repo = self.repository
         name, latest, leftovers = begun.name, begun.previous, list(begun.resumed_from)
         copies_all = begun.copies_all
         self.hook_context.snapshot = name
         with (
             self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done,
-            self.source.opened(request.repository) as tree,
+            self.source.opened(self._excluded_repository()) as tree,
         ):
-            argv = rsync.build_argv(
-                rsync=settings.commands.rsync,
-                source=tree.root,
-                target=begun.target,
-                link_dests=begun.link_dests,
-                one_file_system=tree.one_file_system,
-                excludes=tree.excludes,
-                filter_rules=tree.filter_rules,
-                io_timeout=settings.io_timeout,
-                dry_run=request.dry_run,
-                priority_prefix=self._priority(),
-            )
+            argv = self._transfer_argv(begun, tree)
             parser = rsync.ProgressParser()
             errors = rsync.ErrorCollector()
             other_lines: list[str] = []
@@ -501,6 +488,8 @@ class Cycle:
             )
             if unsent and result.kind != "error":
                 emit(unsent[0], time.monotonic())  # where the transfer ended: a first snapshot's bytes may end below 100%
+            if (lost := self._transfer_failure(result.returncode, result.stderr_tail)) is not None:
+                raise lost
             if disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
                 raise DiskFullError(self._disk_full_message(), step="transfer")
             if result.kind == "error":
@@ -541,11 +530,41 @@ class Cycle:
                 "warnings": list(self.outcome.warnings),
                 **tree.record,
             }
-            if repo is not None and not request.dry_run:
-                repo.write_metadata(name, metadata)
+            if not request.dry_run:
+                self._write_transfer_metadata(name, metadata)
             done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=list(tree.skipped_mounts))
         self.outcome.snapshot = name
         return name
+
+    # What a layout elsewhere than this machine changes (agent.engine.remote overrides these).
+
+    def _transfer_argv(self, begun: Begun, tree: Tree) -> tuple[str, ...]:
+        """rsync's argv for the transfer into ``begun``."""
+        settings = self.settings
+        return rsync.build_argv(
+            rsync=settings.commands.rsync,
+            source=tree.root,
+            target=begun.target,
+            link_dests=begun.link_dests,
+            one_file_system=tree.one_file_system,
+            excludes=tree.excludes,
+            filter_rules=tree.filter_rules,
+            io_timeout=settings.io_timeout,
+            dry_run=self.request.dry_run,
+            priority_prefix=self._priority(),
+        )
+
+    def _excluded_repository(self) -> str:
+        """The local path the source leaves out (the repository, when it lies inside the source)."""
+        return self.request.repository
+
+    def _transfer_failure(self, returncode: int, stderr: tuple[str, ...]) -> BackupAgentError | None:
+        """A failure of the transfer with a meaning of its own (a lost connection); None: rsync's status says it."""
+        return None
+
+    def _write_transfer_metadata(self, name: str, metadata: dict[str, Any]) -> None:
+        if self.repository is not None:
+            self.repository.write_metadata(name, metadata)
 
     def _disk_full_message(self) -> str:
         """What really takes the space (the unfinished transfer included) and the commands that free it."""
