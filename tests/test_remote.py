@@ -24,6 +24,7 @@ import pytest
 from agent.cli import main
 from agent.config.validate import settings_from_mapping
 from agent.core.errors import (
+    EXIT_BUSY,
     EXIT_CONNECTION_LOST,
     EXIT_DISK_FULL,
     EXIT_HOST_KEY,
@@ -178,7 +179,8 @@ def server_root(tmp_path: Path) -> Path:
 
 def write_config(tmp_path: Path, sshd: SshServer, repo: Path, extra: str = "", **overrides: Path) -> Path:
     config = tmp_path / "config.toml"
-    config.write_text(FAST + extra + sshd.config(str(repo), **overrides))
+    (tmp_path / "state").mkdir(exist_ok=True)
+    config.write_text(FAST + f'[system]\nstate_dir = "{tmp_path / "state"}"\n' + extra + sshd.config(str(repo), **overrides))
     return config
 
 
@@ -408,3 +410,30 @@ def test_a_full_remote_disk_is_one_line_and_loses_nothing(sshd: SshServer, serve
         assert os.readlink(repo / "latest") == f"snapshots/{earlier}"
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.integration
+@requires_sshd
+def test_a_replaced_repository_and_a_lock_of_another_host_are_refused(sshd: SshServer, server_root: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "f").write_text("x")
+    repo = server_root / "repo"
+    config = write_config(tmp_path, sshd, repo)
+    assert run(config, "backup", "--no-sudo", "--json", "--remote", "nas", str(source))[0] == 0
+    recorded = (tmp_path / "state" / "remote-nas.id").read_text().strip()
+    marker = repo / ".backup-agent.toml"
+    original = marker.read_text()
+    assert f'id = "{recorded}"' in original
+    marker.write_text(original.replace(recorded, "f" * 32))
+    status, events = run(config, "backup", "--no-sudo", "--json", "--remote", "nas", str(source))
+    assert status == EXIT_REPOSITORY and "recorded" in str(the_error(events)["message"])
+    assert not (repo / ".remote-lock").exists() and len(os.listdir(repo / "snapshots")) == 1
+    marker.write_text(original)
+    (repo / ".remote-lock").mkdir()
+    holder = '{"host": "desktop-in-the-attic", "pid": 4242, "started": "2026-12-01T10:00:00+01:00"}'
+    (repo / ".remote-lock" / "holder").write_text(holder + "\n")
+    status, events = run(config, "backup", "--no-sudo", "--json", "--remote", "nas", str(source))
+    assert status == EXIT_BUSY and "desktop-in-the-attic" in str(the_error(events)["message"])
+    assert (repo / ".remote-lock" / "holder").read_text() == holder + "\n"
+    assert len(os.listdir(repo / "snapshots")) == 1

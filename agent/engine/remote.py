@@ -38,7 +38,8 @@ from agent.engine.layouts import Begun
 from agent.engine.sources import Source, Tree
 from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
 from agent.repository.remote import Remote, RemoteRepository, check_key, connection_failure, free_name, multiplexed, rsync_shell
-from agent.repository.store import IN_PROGRESS
+from agent.core.files import write_atomic
+from agent.repository.store import IN_PROGRESS, Marker
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,12 @@ class RemoteLayout:
 
     def complete(self, name: str) -> tuple[str, ...]:
         """On the server: sync, rename, ``latest``, sync; then the other unfinished transfers go."""
+        return self.complete_with(name, self.repository.read_metadata(name) or {})
+
+    def complete_with(self, name: str, metadata: dict[str, Any]) -> tuple[str, ...]:
+        """:meth:`complete`, writing ``metadata`` in the same call to the server."""
         repo = self.repository
-        repo.complete(name)
+        repo.complete(name, metadata)
         leftovers = tuple(n + IN_PROGRESS for n in repo.in_progress_names() if n != name)
         self.delete(leftovers, step="snapshot")
         return leftovers
@@ -125,47 +130,56 @@ class RemoteCycle(Cycle):
             if "backup" in request.steps:
                 self.source.check(NOT_LOCAL)
             check_key(self.remote)
+            recorded = self.settings_recorded_id()
+            repo.expected_id = recorded
             self.remote = stack.enter_context(multiplexed(self.remote, self.runner, self.ssh))
             repo.remote = self.remote
             stack.callback(repo.close)
             # After the lock below is released and while the connection is still open (before after_backup).
             stack.callback(self._empty_remote_trash)
-            creating = "backup" in request.steps and not request.dry_run
             if request.dry_run:
                 probe = repo.probe()
-                if probe.state == "foreign":
-                    repo.open(create=False)  # raises the refusal, creating nothing
                 if probe.state != "repository":
-                    if not ("backup" in request.steps or "snapshot" in request.steps):
-                        raise RepositoryError(f"{repo.root} holds no repository yet: nothing to rotate", step="prepare")
+                    if probe.state == "foreign" or not ("backup" in request.steps or "snapshot" in request.steps):
+                        stack.enter_context(repo.opened(create=False, lock=False, ours=self._not_ours))  # raises the refusal
                     log.info("would create the repository %s", repo.root)
                     self.layout = self.remote_layout
                     done["created"] = True
                     return
-            marker = repo.open(create=creating)
-            self._check_ours(marker.id, marker.host)
-            if not request.dry_run:
-                stack.enter_context(repo.locked())
-                repo.probe()  # the listing under the lock
+            creating = "backup" in request.steps and not request.dry_run
+            marker = stack.enter_context(repo.opened(create=creating, lock=not request.dry_run, ours=self._not_ours))
             repo.fetch_metadata()
             self.layout = self.remote_layout
             done["id"] = marker.id
+            if recorded is None and not request.dry_run:
+                self._record_id(marker.id)
 
-    def _check_ours(self, repository_id: str, host: str) -> None:
-        """A repository whose marker another machine wrote, or with another id than this one recorded, is not ours."""
-        recorded = self.settings_recorded_id()
-        if recorded is not None and recorded != repository_id:
-            raise RepositoryError(
-                f"{self.remote_repository.root} holds the repository {repository_id} (host {host}), not {recorded} that "
-                f"this machine recorded for it: it is not ours, nothing was written",
-                step="prepare",
+    def _not_ours(self, marker: Marker) -> str | None:
+        """Why the repository is not ours: another id than this machine recorded, or another host's marker; None if ours."""
+        recorded = self.remote_repository.expected_id
+        root = self.remote_repository.root
+        if recorded is not None and recorded != marker.id:
+            return (
+                f"{root} holds the repository {marker.id} (host {marker.host}), not {recorded} that this machine "
+                "recorded for it: it is not ours, nothing was written; if it was replaced on purpose, remove "
+                f"{self.recorded_id_path()}"
             )
-        if recorded is None and host != self.hostname():
-            raise RepositoryError(
-                f"{self.remote_repository.root} holds the repository of {host} (id {repository_id}), not this machine's: "
-                "nothing was written; give another path for this machine",
-                step="prepare",
+        if recorded is None and marker.host != self.hostname():
+            return (
+                f"{root} holds the repository of {marker.host} (id {marker.id}), not this machine's: it is not ours, "
+                "nothing was written; give another path for this machine"
             )
+        return None
+
+    def _record_id(self, repository_id: str) -> None:
+        """Remember a [[remote]]'s repository id, so a repository put in its place later is refused (a warning if it cannot)."""
+        path = self.recorded_id_path()
+        if path is None:
+            return
+        try:
+            write_atomic(path, (repository_id + "\n").encode())
+        except OSError as exc:
+            self._warn(f"the id of {self.remote_repository.root} could not be recorded in {path} ({exc.strerror})")
 
     def settings_recorded_id(self) -> str | None:
         """The repository id this machine recorded for the configured remote (None: not recorded yet)."""
@@ -256,8 +270,7 @@ class RemoteCycle(Cycle):
             )
             self.outcome.partial = bool(metadata.get("partial"))
             self.outcome.statistics = metadata.get("statistics", {})
-            repo.write_metadata(name, metadata, step="snapshot")
-            discarded = layout.complete(name)
+            discarded = layout.complete_with(name, metadata)
             done.update(snapshot=name, partial=self.outcome.partial, flagged=self.outcome.flagged, discarded=list(discarded))
         self.outcome.snapshot = name
         return name
@@ -337,7 +350,10 @@ class RemoteCycle(Cycle):
             return
         started = time.monotonic()
         try:
-            with self._step("empty-trash", entries=repo.probe_result.trash) as done, repo.locked(step="empty-trash"):
+            with (
+                self._step("empty-trash", entries=repo.probe_result.trash) as done,
+                repo.opened(create=False, lock=True, ours=self._not_ours, step="empty-trash"),
+            ):
                 repo.empty_trash(step="empty-trash")
                 done["seconds"] = round(time.monotonic() - started, 3)
         except BackupAgentError as exc:

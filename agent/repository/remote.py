@@ -34,7 +34,7 @@ import stat
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from agent.config.model import RemoteRepository as RemoteSettings
 from agent.config.model import Settings
@@ -284,6 +284,8 @@ _NEWLINES = """nl='
 cr=$(printf '\\r')
 """
 
+# $1 root; to take the lock as well: $2 the holder (one line), $3 "take" to take one
+# this machine left, $4 the marker's line that proves it ours (no lock is taken otherwise).
 PROBE = _NEWLINES + r"""r=$1
 if [ ! -e "$r" ] && [ ! -L "$r" ]; then echo 'state missing'; exit 0; fi
 if [ -L "$r" ] || [ ! -d "$r" ]; then echo 'state foreign'; exit 0; fi
@@ -299,6 +301,18 @@ fi
 echo 'state repository'
 dd if=.backup-agent.toml bs=65536 count=1 2>/dev/null | sed 's/^/marker /'
 echo
+if [ -n "$2" ]; then
+  if ! grep -qxF -- "$4" .backup-agent.toml; then echo 'lock not-ours'
+  elif mkdir .remote-lock 2>/dev/null || { [ "$3" = take ] && [ -d .remote-lock ] && [ ! -L .remote-lock ]; }; then
+    if printf '%s\n' "$2" > .remote-lock/holder.new && mv -f -- .remote-lock/holder.new .remote-lock/holder; then
+      echo 'lock taken'
+    else
+      echo 'lock failed'
+    fi
+  else
+    printf 'lock held '; dd if=.remote-lock/holder bs=4096 count=1 2>/dev/null | tr -d '\n\r'; echo
+  fi
+fi
 for d in snapshots metadata .trash; do
   if [ -d "$d" ] && [ ! -L "$d" ]; then echo "has $d"; elif [ -e "$d" ] || [ -L "$d" ]; then echo "bad $d"; fi
 done
@@ -320,9 +334,6 @@ if [ -L latest ]; then
   t=$(readlink latest)
   case $t in *"$nl"*|*"$cr"*) ;; *) echo "latest $t";; esac
 fi
-if [ -d .remote-lock ]; then
-  printf 'lock '; dd if=.remote-lock/holder bs=4096 count=1 2>/dev/null | tr -d '\n\r'; echo
-fi
 """
 
 # $1 root, $2 the marker's text. Refuses a directory that is not empty.
@@ -337,16 +348,6 @@ t=.backup-agent.toml.tmp-$$
 printf '%s' "$2" > "$t" && mv -f -- "$t" .backup-agent.toml && sync
 """
 
-# $1 root, $2 the holder (one line), $3 "take" to take a lock this machine left.
-LOCK = r"""cd -- "$1" || exit 3
-if mkdir .remote-lock 2>/dev/null; then :
-elif [ "$3" = take ] && [ -d .remote-lock ] && [ ! -L .remote-lock ]; then :
-else
-  printf 'held '; dd if=.remote-lock/holder bs=4096 count=1 2>/dev/null | tr -d '\n\r'; echo; exit 0
-fi
-printf '%s\n' "$2" > .remote-lock/holder.new && mv -f -- .remote-lock/holder.new .remote-lock/holder && echo taken
-"""
-
 # $1 root, $2 the holder: released only when it is still ours.
 UNLOCK = r"""cd -- "$1" || exit 3
 [ -d .remote-lock ] && [ ! -L .remote-lock ] || exit 0
@@ -355,25 +356,22 @@ if [ "$h" != "$2" ]; then echo 'the lock is no longer ours' >&2; exit 0; fi
 rm -f -- .remote-lock/holder && rmdir -- .remote-lock
 """
 
-# $1 root, $2 name: reserve <name>.in-progress (mkdir fails when it exists).
-RESERVE = r"""cd -- "$1/snapshots" || exit 3
-[ -e "$2" ] || [ -L "$2" ] && { echo "snapshots/$2 exists" >&2; exit 4; }
-mkdir -- "$2.in-progress"
-"""
-
 # $1 root, $2 name, $3 the metadata (JSON). Written beside, then renamed.
 WRITE_METADATA = r"""cd -- "$1/metadata" || exit 3
 printf '%s\n' "$3" > ".$2.json.tmp" && mv -f -- ".$2.json.tmp" "$2.json"
 """
 
-# $1 root, $2 name. Durable before visible: sync, rename, latest, sync.
-COMPLETE = r"""cd -- "$1/snapshots" || exit 3
+# $1 root, $2 name, $3 its metadata (complete). Durable before visible: metadata, sync, rename, latest, sync. ``sync -f``
+# (coreutils, busybox) syncs the repository's filesystem alone; plain sync elsewhere.
+COMPLETE = r"""cd -- "$1/metadata" || exit 3
 n=$2
+printf '%s\n' "$3" > ".$n.json.tmp" && mv -f -- ".$n.json.tmp" "$n.json" || exit 3
+cd ../snapshots || exit 3
 if [ ! -d "$n.in-progress" ] || [ -L "$n.in-progress" ]; then echo "snapshots/$n.in-progress is gone" >&2; exit 4; fi
 if [ -e "$n" ] || [ -L "$n" ]; then echo "snapshots/$n exists already" >&2; exit 4; fi
-sync
+sync -f . 2>/dev/null || sync
 mv -- "$n.in-progress" "$n" || exit 5
-cd .. && ln -sfn -- "snapshots/$n" latest && sync
+cd .. && ln -sfn -- "snapshots/$n" latest && { sync -f . 2>/dev/null || sync; }
 """
 
 # $1 root, then entries of snapshots/: each out of the listing into .trash, its metadata removed.
@@ -555,6 +553,15 @@ def _first(text: str, pattern: re.Pattern[str]) -> str:
     return text[start : end if end >= 0 else len(text)].strip()[:200]
 
 
+def marker_line(repository: "RemoteRepository", marker: Marker | None = None) -> str:
+    """The marker line the lock requires: the recorded id when there is one, else this host's name."""
+    if repository.expected_id is not None:
+        return f'id = "{repository.expected_id}"'
+    if marker is not None:
+        return f'id = "{marker.id}"'
+    return Marker(FORMAT_VERSION, "", socket.gethostname(), "").render().splitlines()[3]
+
+
 def holder_line(repository: str) -> str:
     """What the lock says about its holder: one JSON line (this host, pid, start)."""
     return json.dumps(
@@ -600,7 +607,8 @@ class RemoteRepository:
         self.probe_result = Probe()
         self.marker: Marker | None = None
         self._cache: str | None = None
-        self._holder: str | None = None
+        # The repository id this machine recorded for it (a [[remote]] backed up before), if any.
+        self.expected_id: str | None = None
 
     @property
     def root(self) -> str:
@@ -628,9 +636,15 @@ class RemoteRepository:
 
     # -- reading -------------------------------------------------------------
 
-    def probe(self, *, step: str = "prepare") -> Probe:
-        """What the repository directory holds now (one ssh call, changes nothing)."""
-        self.probe_result = parse_probe(self.run_script(PROBE, self.remote.path, step=step, mutating=False))
+    def probe(self, *, step: str = "prepare", holder: str = "", take: bool = False, ours: str = "") -> Probe:
+        """What the repository directory holds now (one ssh call); with ``holder``, the lock is taken in the same call.
+
+        ``ours`` is the marker line that proves the repository ours: without
+        it in the marker no lock is taken (a repository that is not ours is
+        not touched).
+        """
+        lines = self.run_script(PROBE, self.remote.path, holder, "take" if take else "", ours, step=step, mutating=bool(holder))
+        self.probe_result = parse_probe(lines)
         probe = self.probe_result
         if probe.state == "repository":
             self.marker = parse_marker(probe.marker_text, f"{self.root}/{MARKER}")
@@ -642,12 +656,21 @@ class RemoteRepository:
                 )
         return probe
 
-    def open(self, *, create: bool, step: str = "prepare") -> Marker:
-        """The repository's marker; with ``create``, a missing or empty directory becomes a repository first.
+    @contextlib.contextmanager
+    def opened(self, *, create: bool, lock: bool, ours: Callable[[Marker], str | None], step: str = "prepare") -> Iterator[Marker]:
+        """The repository's marker, its lock held for the block when ``lock`` (one ssh call in the common case).
 
-        A directory that holds anything else is refused: it is not ours.
+        With ``create``, a missing or empty directory becomes a repository
+        first; a directory holding anything else is refused (not ours).
+        ``ours(marker)`` says why a repository is not ours (None: it is); the
+        lock is never taken on one that is not. The machine lock is held
+        around every cycle, so a lock this host left (a run killed or cut
+        off) is stale and taken over with a warning; one held by another host
+        is a BusyError naming it.
         """
-        probe = self.probe(step=step)
+        holder = holder_line(self.remote.path) if lock else ""
+        proof = marker_line(self)
+        probe = self.probe(step=step, holder=holder, ours=proof)
         if probe.state == "foreign":
             raise RepositoryError(
                 f"{self.root} exists and is not a backup-agent repository (no {MARKER}): it is not ours, nothing was "
@@ -662,10 +685,35 @@ class RemoteRepository:
             )
             self.run_script(CREATE, self.remote.path, marker.render(), step=step)
             log.info("created the repository %s (id %s)", self.root, marker.id)
-            self.probe(step=step)
-        if self.marker is None:
+            probe = self.probe(step=step, holder=holder, ours=marker_line(self, marker))
+        found = self.marker
+        if found is None:
             raise RepositoryError(f"{self.root}: the repository marker could not be read", step=step)
-        return self.marker
+        refusal = ours(found)
+        if refusal is not None:
+            if probe.lock == "taken":
+                self.run_script(UNLOCK, self.remote.path, holder, step=step)
+            raise RepositoryError(refusal, step=step)
+        if lock:
+            if probe.lock is not None and probe.lock.startswith("held"):
+                other = parse_holder(probe.lock[5:])
+                if other.get("host") != socket.gethostname():
+                    raise BusyError(
+                        f"{self.root} is locked by {other.get('host', 'an unknown host')} (pid {other.get('pid', '?')}, since "
+                        f"{other.get('started', '?')}): another machine is writing to it; try again later, or if that run is "
+                        f"gone remove {LOCK_DIR} in the repository on {self.remote.host}",
+                        step=step,
+                        holder=other,
+                    )
+                log.warning("taking over the lock a stopped run of this machine left on %s (pid %s)", self.root, other.get("pid"))
+                probe = self.probe(step=step, holder=holder, take=True, ours=proof)
+            if probe.lock != "taken":
+                raise CommandError(f"the lock of {self.root} could not be taken ({probe.lock or 'no answer'})", step=step)
+        try:
+            yield found
+        finally:
+            if lock:
+                self.run_script(UNLOCK, self.remote.path, holder, step=step)
 
     def snapshot_names(self) -> list[str]:
         return self.probe_result.snapshot_names
@@ -720,46 +768,12 @@ class RemoteRepository:
             shutil.rmtree(self._cache, ignore_errors=True)
             self._cache = None
 
-    # -- the lock ------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def locked(self, *, step: str = "prepare") -> Iterator[None]:
-        """Hold the repository's lock on the server (``mkdir .remote-lock``) until the block ends.
-
-        The machine lock is held around every cycle, so a lock this host left
-        (a run killed or cut off) is stale and taken over with a warning; one
-        held by another host is a BusyError naming it.
-        """
-        holder = holder_line(self.remote.path)
-        answer = self.run_script(LOCK, self.remote.path, holder, "", step=step)
-        if answer and answer[-1].startswith("held"):
-            other = parse_holder(answer[-1][5:])
-            if other.get("host") != socket.gethostname():
-                raise BusyError(
-                    f"{self.root} is locked by {other.get('host', 'an unknown host')} (pid {other.get('pid', '?')}, since "
-                    f"{other.get('started', '?')}): another machine is writing to it; try again later, or if that run is "
-                    f"gone remove {LOCK_DIR} in the repository on {self.remote.host}",
-                    step=step,
-                    holder=other,
-                )
-            log.warning("taking over the lock a stopped run of this machine left on %s (pid %s)", self.root, other.get("pid"))
-            answer = self.run_script(LOCK, self.remote.path, holder, "take", step=step)
-        if not answer or answer[-1] != "taken":
-            raise CommandError(f"the lock of {self.root} could not be taken ({' '.join(answer)[:200]})", step=step)
-        self._holder = holder
-        try:
-            yield
-        finally:
-            self._holder = None
-            self.run_script(UNLOCK, self.remote.path, holder, step=step)
-
     # -- writing -------------------------------------------------------------
 
-    def reserve(self, start: dt.datetime, *, step: str = "transfer") -> str:
-        """Reserve ``snapshots/<name>.in-progress`` on the server; the name."""
+    def reserve(self, start: dt.datetime) -> str:
+        """The new snapshot's name, free in the listing taken under the lock; rsync makes ``<name>.in-progress`` itself."""
         probe = self.probe_result
         name = free_name(start, {*probe.directories, *probe.others})
-        self.run_script(RESERVE, self.remote.path, name, step=step)
         probe.directories.append(name + IN_PROGRESS)
         return name
 
@@ -767,13 +781,18 @@ class RemoteRepository:
         """Write ``metadata/<name>.json`` on the server (beside, then renamed) and in the local copy."""
         text = json.dumps(data, indent=2, ensure_ascii=True)
         self.run_script(WRITE_METADATA, self.remote.path, name, text, step=step)
+        self._cache_metadata(name, text)
+
+    def _cache_metadata(self, name: str, text: str) -> None:
         if self._cache is not None:
             with open(os.path.join(self._cache, name + ".json"), "w", encoding="utf-8") as handle:
                 handle.write(text + "\n")
 
-    def complete(self, name: str, *, step: str = "snapshot") -> None:
-        """On the server: sync, rename ``<name>.in-progress`` to ``<name>``, ``latest`` to it, sync."""
-        self.run_script(COMPLETE, self.remote.path, name, step=step)
+    def complete(self, name: str, metadata: dict[str, Any], *, step: str = "snapshot") -> None:
+        """On the server, in one call: the metadata written, sync, ``<name>.in-progress`` renamed ``<name>``, ``latest``, sync."""
+        text = json.dumps(metadata, indent=2, ensure_ascii=True)
+        self.run_script(COMPLETE, self.remote.path, name, text, step=step)
+        self._cache_metadata(name, text)
         probe = self.probe_result
         probe.directories = [d for d in probe.directories if d != name + IN_PROGRESS] + [name]
         probe.latest = f"snapshots/{name}"
@@ -804,8 +823,8 @@ def opened_for_reading(remote: Remote, runner: Runner, *, ssh: str, rsync: str) 
     with multiplexed(remote, runner, ssh) as shared:
         repo = RemoteRepository(shared, runner, ssh=ssh, rsync=rsync)
         try:
-            repo.open(create=False)
-            repo.fetch_metadata()
-            yield repo
+            with repo.opened(create=False, lock=False, ours=lambda marker: None):
+                repo.fetch_metadata()
+                yield repo
         finally:
             repo.close()
