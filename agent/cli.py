@@ -56,9 +56,17 @@ from agent.core.errors import (
 from agent.disk.eject import Eject
 from agent.core.events import Emitter, error
 from agent.repository.store import Repository, classify
-from agent.repository.remote import Remote, RemoteRepository, as_configured, is_daemon_destination, opened_for_reading, parse_destination
+from agent.repository.remote import (
+    Remote,
+    RemoteRepository,
+    as_configured,
+    is_daemon_destination,
+    opened_for_reading,
+    parse_destination,
+    rsync_shell,
+)
 from agent.repository.remote import named as remote_named
-from agent.engine.remote import RemoteCycle, remote_request
+from agent.engine.remote import RemoteCycle, kind_finder, remote_request, remote_snapshots
 from agent.policy.rotation import FREQUENCIES, Count, Plan, Scheme
 
 log = logging.getLogger("agent")
@@ -840,6 +848,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         early = restoring.early_refusal(paths, caller, os.path.lexists, lambda path: os.lstat(path).st_uid)
         if early is not None:
             raise UsageError(early + "; nothing was opened or restored")
+    remote = _remote_of(settings, None, args.repository) if args.repository else None
+    if remote is not None:
+        return _restore_remote(args, settings, remote, paths, to=to, now=now, at=at)
     with _reading(args, settings) as repo:
         snaps = history.snapshots(repo)
         targets = []
@@ -861,6 +872,32 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(f"{verb} {item.path} from {_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}{moved}")
         if not args.dry_run:
             restoring.execute(plan, Runner(), settings.commands.rsync, say=print, caller=caller)
+            print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
+    return EXIT_OK
+
+
+def _restore_remote(
+    args: argparse.Namespace, settings: Settings, remote: Remote, paths: list[str], *, to: str | None, now: dt.datetime, at: dt.datetime | None
+) -> int:
+    """restore --repository [user@]host:/path: chosen and planned as locally, rsync reading from the server over ssh."""
+    runner = Runner()
+    commands = settings.commands
+    with opened_for_reading(remote, runner, ssh=commands.ssh, rsync=commands.rsync) as repo:
+        snaps = remote_snapshots(repo)
+        kind_in = kind_finder(repo)
+        targets = []
+        for path in paths:
+            try:
+                targets.append(restoring.choose(snaps, path, snapshot=args.snapshot, at=at, kind_in=kind_in))
+            except LookupError:
+                raise history.not_held(snaps, path) from None
+        plan = restoring.plan_restore(targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
+        verb = "would restore" if args.dry_run else "restoring"
+        for item in plan.items:
+            print(f"{verb} {item.path} from {remote.login}:{_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}")
+        if not args.dry_run:
+            shared = (rsync_shell(repo.remote, commands.ssh), remote.host)
+            restoring.execute(plan, runner, commands.rsync, say=print, remote=shared)
             print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
     return EXIT_OK
 

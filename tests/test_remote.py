@@ -239,6 +239,17 @@ def test_backups_over_ssh_link_unchanged_files_and_complete(sshd: SshServer, ser
     assert sorted(os.listdir(repo / "snapshots")) == [second]
     assert not (repo / "metadata" / f"{first}.json").exists()
     assert os.listdir(repo / ".trash") == []
+    # restore from the server: the chosen snapshot's files, every attribute kept, into a new directory
+    (source / "f-changes").write_text("lost")
+    os.unlink(source / "f-it's")
+    where = tmp_path / "restored"
+    where.mkdir()
+    status, _ = run(config, "restore", "--repository", f"127.0.0.1:{repo}", "--to", str(where), str(source / "f-changes"), str(source / "f-it's"))
+    assert status == 0
+    back = where
+    assert (back / "f-changes").read_text() == "changed, and longer"
+    assert (back / "f-it's").read_text() == "it's"
+    assert describe(back / "f-changes") == describe(repo / "snapshots" / second / "f-changes")
 
 
 @pytest.mark.integration

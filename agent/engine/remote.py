@@ -23,18 +23,20 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import posixpath
 import socket
 import time
 from typing import Any, Callable, Sequence
 
 from agent.config.model import Settings
-from agent.core.errors import BackupAgentError, RepositoryError, StepError
+from agent.core.errors import BackupAgentError, StepError
 from agent.core.events import Emitter
 from agent.core.commands import Runner
 from agent.disk.mount import disk_full
 from agent.engine import rsync
 from agent.engine.cycle import Cycle, Request
 from agent.engine.layouts import Begun
+from agent.engine.history import Snapshot
 from agent.engine.sources import Source, Tree
 from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
 from agent.repository.remote import Remote, RemoteRepository, check_key, connection_failure, free_name, multiplexed, rsync_shell
@@ -367,3 +369,32 @@ def remote_request(settings: Settings, remote: Remote, **fields: Any) -> Request
     """The cycle's request for a remote repository (its ``repository`` is how messages name it)."""
     return Request(settings=settings, source=fields.pop("source", settings.source), repository=remote.shown, **fields)
 
+
+
+def remote_snapshots(repo: RemoteRepository) -> list[Snapshot]:
+    """The complete snapshots of a remote repository, oldest first, their paths on the server (as history.snapshots)."""
+    found = []
+    for name in repo.snapshot_names():
+        metadata = repo.read_metadata(name) or {}
+        source = metadata.get("source")
+        found.append(
+            Snapshot(
+                name=name,
+                path=repo.remote.at("snapshots", name),
+                source=posixpath.normpath(source) if isinstance(source, str) and source.startswith("/") else "/",
+                partial=bool(metadata.get("partial")),
+            )
+        )
+    return found
+
+
+def kind_finder(repo: RemoteRepository) -> Callable[[Snapshot, str], str | None]:
+    """restore.choose's question "what does this snapshot hold at rel?", asked of the server (one ssh call per path)."""
+    asked: dict[str, dict[str, str]] = {}
+
+    def kind_in(snap: Snapshot, rel: str) -> str | None:
+        if rel not in asked:
+            asked[rel] = repo.kinds_at(rel, repo.snapshot_names())
+        return asked[rel].get(snap.name)
+
+    return kind_in

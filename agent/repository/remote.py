@@ -403,6 +403,30 @@ exit $s
 """
 
 
+# $1 root, $2 a path relative to a snapshot, then snapshot names: what each holds there
+# (f, d, l, o), following no link below the snapshot, like the local lstat_in.
+HOLDS = r"""set -f
+cd -- "$1/snapshots" || exit 3
+rel=$2
+shift 2
+for n in "$@"; do
+  p=$n; ok=1; saved=$IFS; IFS=/
+  for c in $rel; do
+    IFS=$saved
+    [ -n "$c" ] || continue
+    if [ -L "$p" ] || [ ! -d "$p" ]; then ok=0; break; fi
+    p="$p/$c"
+  done
+  IFS=$saved
+  [ $ok = 1 ] || continue
+  if [ -L "$p" ]; then echo "l $n"; elif [ -d "$p" ]; then echo "d $n"; elif [ -f "$p" ]; then echo "f $n"
+  elif [ -e "$p" ]; then echo "o $n"; fi
+done
+"""
+
+KINDS = {"f": "file", "d": "directory", "l": "symlink", "o": "other"}
+
+
 # -- reading the answers (pure) ----------------------------------------------------
 
 
@@ -810,6 +834,15 @@ class RemoteRepository:
             if self._cache is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self._cache, entry.removesuffix(IN_PROGRESS) + ".json"))
+
+    def kinds_at(self, rel: str, names: Sequence[str], *, step: str = "restore") -> dict[str, str]:
+        """What each of the snapshots ``names`` holds at ``rel`` (file, directory, symlink, other); absent ones left out."""
+        found: dict[str, str] = {}
+        for line in self.run_script(HOLDS, self.remote.path, rel, *names, step=step, mutating=False):
+            kind, _, name = line.partition(" ")
+            if kind in KINDS and name in names:
+                found[name] = KINDS[kind]
+        return found
 
     def empty_trash(self, *, step: str) -> None:
         """Remove what .trash holds on the server (rm -rf, at idle I/O priority where ionice exists)."""
