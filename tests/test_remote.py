@@ -448,3 +448,16 @@ def test_a_replaced_repository_and_a_lock_of_another_host_are_refused(sshd: SshS
     assert status == EXIT_BUSY and "desktop-in-the-attic" in str(the_error(events)["message"])
     assert (repo / ".remote-lock" / "holder").read_text() == holder + "\n"
     assert len(os.listdir(repo / "snapshots")) == 1
+
+
+@pytest.mark.integration
+@requires_sshd
+def test_a_dry_run_writes_nothing_on_the_server(sshd: SshServer, server_root: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "f").write_text("x")
+    repo = server_root / "repo"
+    config = write_config(tmp_path, sshd, repo)
+    status, events = backup(config, source, f"127.0.0.1:{repo}", "--dry-run")
+    assert status == 0, events
+    assert not repo.exists() and os.listdir(tmp_path / "state") == []
