@@ -48,7 +48,6 @@ from agent.core.errors import (
     BackupAgentError,
     DiskMissingError,
     Interrupted,
-    NotAvailableError,
     RepositoryError,
     StepError,
     UsageError,
@@ -67,6 +66,14 @@ from agent.repository.remote import (
 )
 from agent.repository.remote import named as remote_named
 from agent.engine.remote import RemoteCycle, kind_finder, remote_request, remote_snapshots
+from agent.repository.daemon import (
+    Daemon,
+    DaemonRepository,
+    daemon_as_configured,
+    daemon_name,
+    parse_daemon_destination,
+    parse_tunnel,
+)
 from agent.policy.rotation import FREQUENCIES, Count, Plan, Scheme
 
 log = logging.getLogger("agent")
@@ -432,17 +439,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         refusal = through_sudo_refusal(args)  # main() checked already; this keeps cmd_backup safe on its own
         if refusal is not None:
             raise UsageError(refusal)
-    if args.destination is not None or args.source is not None:
-        given = args.destination if args.destination is not None else args.source
-        if is_daemon_destination(given):
-            raise NotAvailableError(
-                f"{given}: rsync daemon repositories are not available in this version: "
-                "back up over SSH ([user@]host:/path) or to a local disk instead"
-            )
-    if args.tunnel:
-        raise NotAvailableError(
-            "--tunnel (an rsync daemon over SSH) is not available in this version: "
-            "back up to a local disk or a mounted directory instead"
+    given = args.destination if args.destination is not None else args.source
+    if args.tunnel and (given is None or not is_daemon_destination(given)):
+        raise UsageError(
+            "--tunnel reaches an rsync daemon through ssh: give DESTINATION as rsync://host/module or host::module"
         )
     check_platform(args.force)
     if os.geteuid() != 0 and not args.no_sudo:
@@ -474,6 +474,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
         overrides["exclude"] = effective_excludes(settings) + tuple(args.exclude)
     settings = dataclasses.replace(settings, **overrides)
     steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)
+    daemon = parse_daemon_destination(destination) if destination is not None else None
+    if daemon is not None:
+        return _backup_daemon(args, settings, daemon, steps)
     remote = _remote_of(settings, args.remote, destination)
     if remote is not None:
         return _backup_remote(args, settings, remote, steps)
@@ -516,6 +519,28 @@ def _remote_of(settings: Settings, name: str | None, given: str | None) -> Remot
         return remote_named(settings, name)
     remote = parse_destination(given) if given is not None else None
     return as_configured(settings, remote) if remote is not None else None
+
+
+def _backup_daemon(args: argparse.Namespace, settings: Settings, daemon: Daemon, steps: frozenset[str]) -> int:
+    """A backup into an rsync daemon's module (agent.repository.daemon), through an ssh tunnel with --tunnel."""
+    if args.disk or args.crypto or args.mount:
+        raise UsageError(f"{daemon.shown} is an rsync daemon: --disk, --crypto and --mount name a local disk; give one or the other")
+    daemon = daemon_as_configured(settings, daemon)
+    tunnel = as_configured(settings, parse_tunnel(args.tunnel), any_path=True) if args.tunnel else None
+    runner = Runner(dry_run=args.dry_run)
+    repository = DaemonRepository(daemon, runner, ssh=settings.commands.ssh, rsync=settings.commands.rsync, tunnel=tunnel)
+    remote = dataclasses.replace(repository.remote, name=daemon_name(settings, daemon))
+    request = dataclasses.replace(
+        remote_request(settings, remote, steps=steps, dry_run=args.dry_run, interactive=sys.stdin.isatty()), repository=daemon.shown
+    )
+    chosen = channels.backup_channels(
+        sys.stdout if args.json else None, None if args.dry_run else settings, host=socket.gethostname(), repository=daemon.shown
+    )
+    with channels.reporting(chosen) as emitter:
+        outcome = RemoteCycle(request, emitter, runner, remote, ssh=settings.commands.ssh, repository=repository).run()
+    if not args.json and not args.quiet:
+        print(_summary(outcome, request))
+    return EXIT_PARTIAL if outcome.partial else EXIT_OK
 
 
 def _backup_remote(args: argparse.Namespace, settings: Settings, remote: Remote, steps: frozenset[str]) -> int:

@@ -82,6 +82,9 @@ class RemoteRepository:
     identity_file: str | None = None
     known_hosts: str | None = None
     connect_timeout: int = 10
+    # An rsync daemon's module instead of a path over ssh (agent.repository.daemon), and its password file.
+    module: str | None = None
+    password_file: str | None = None
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,9 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "url",
             "timeout",
         ),
-        "remote": ("name", "host", "port", "user", "path", "identity_file", "known_hosts", "connect_timeout"),
+        "remote": (
+            "name", "host", "port", "user", "path", "identity_file", "known_hosts", "connect_timeout", "module", "password_file",
+        ),  # fmt: skip
     }
 )
 # What one element of each array of tables is, for messages.
@@ -1006,8 +1008,18 @@ def _remote(file: str, index: int, data: Mapping[str, Any]) -> RemoteRepository:
     name = _disk_name(file, f"{prefix}.name", _required(file, prefix, data, "name", _DISK_NAME_EXPECTED))
     host_expected = 'the server\'s host name or address, such as "nas.home.arpa" or "192.168.1.10"'
     host = _text(file, f"{prefix}.host", _required(file, prefix, data, "host", host_expected), host_expected, _REMOTE_HOST_RE)
-    path_expected = 'the repository\'s absolute path on the server, such as "/srv/backup/laptop"'
-    path = _text(file, f"{prefix}.path", _required(file, prefix, data, "path", path_expected), path_expected, _REMOTE_PATH_RE)
+    module = None
+    if "module" in data:
+        module = _text(file, f"{prefix}.module", data["module"], 'an rsync daemon module\'s name, such as "laptop"', _REMOTE_USER_RE)
+        if "path" in data:
+            fail(file, f"{prefix}.path", "got both module and path; expected one: an rsync daemon's module is the repository itself")
+    path_expected = 'the repository\'s absolute path on the server, such as "/srv/backup/laptop" (or an rsync daemon\'s module)'
+    path = "" if module else _text(file, f"{prefix}.path", _required(file, prefix, data, "path", path_expected), path_expected, _REMOTE_PATH_RE)
+    password_file = None
+    if "password_file" in data:
+        if module is None:
+            fail(file, f"{prefix}.password_file", "got a password file without module; expected it only for an rsync daemon")
+        password_file = _path(file, f"{prefix}.password_file", data["password_file"], what="an absolute path to a file only root can read")
     user = None
     if "user" in data:
         user = _text(file, f"{prefix}.user", data["user"], "a login name on the server, such as \"backup\"", _REMOTE_USER_RE)
@@ -1030,8 +1042,8 @@ def _remote(file: str, index: int, data: Mapping[str, Any]) -> RemoteRepository:
         if not 1 <= timeout <= 120:
             fail(file, f"{prefix}.connect_timeout", f'got {show(data["connect_timeout"])}; expected a duration from "1s" to "2m"')
     return RemoteRepository(
-        name=name, host=host, path=path.rstrip("/") or "/", user=user, port=port,
-        identity_file=identity, known_hosts=known_hosts, connect_timeout=timeout,
+        name=name, host=host, path=(path.rstrip("/") or "/") if path else "", user=user, port=port,
+        identity_file=identity, known_hosts=known_hosts, connect_timeout=timeout, module=module, password_file=password_file,
     )
 
 

@@ -39,7 +39,8 @@ from agent.engine.layouts import Begun
 from agent.engine.history import Snapshot
 from agent.engine.sources import Source, Tree
 from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
-from agent.repository.remote import Remote, RemoteRepository, check_key, connection_failure, free_name, multiplexed, rsync_shell
+from agent.repository.daemon import DaemonRepository, daemon_failure, daemon_options
+from agent.repository.remote import Remote, RemoteRepository, connection_failure, free_name, rsync_shell
 from agent.core.files import write_atomic
 from agent.repository.store import IN_PROGRESS, Marker
 
@@ -115,12 +116,21 @@ class RemoteCycle(Cycle):
     """The backup cycle into a repository on a server reached over ssh."""
 
     def __init__(
-        self, request: Request, emitter: Emitter, runner: Runner, remote: Remote, *, source: Source | None = None, ssh: str = "/usr/bin/ssh"
+        self,
+        request: Request,
+        emitter: Emitter,
+        runner: Runner,
+        remote: Remote,
+        *,
+        source: Source | None = None,
+        ssh: str = "/usr/bin/ssh",
+        repository: RemoteRepository | None = None,
     ) -> None:
         super().__init__(request, emitter, runner, source=source)
         self.remote = remote
         self.ssh = ssh
-        self.remote_repository = RemoteRepository(remote, runner, ssh=ssh, rsync=request.settings.commands.rsync)
+        # Over ssh, or an rsync daemon's module (agent.repository.daemon), which has the same operations.
+        self.remote_repository = repository or RemoteRepository(remote, runner, ssh=ssh, rsync=request.settings.commands.rsync)
         self.remote_layout = RemoteLayout(self.remote_repository, self._warn)
 
     # -- prepare -------------------------------------------------------------
@@ -131,11 +141,10 @@ class RemoteCycle(Cycle):
         with self._step("prepare", repository=request.repository) as done:
             if "backup" in request.steps:
                 self.source.check(NOT_LOCAL)
-            check_key(self.remote)
             recorded = self.settings_recorded_id()
             repo.expected_id = recorded
-            self.remote = stack.enter_context(multiplexed(self.remote, self.runner, self.ssh))
-            repo.remote = self.remote
+            stack.enter_context(repo.connected())
+            self.remote = repo.remote
             stack.callback(repo.close)
             # After the lock below is released and while the connection is still open (before after_backup).
             stack.callback(self._empty_remote_trash)
@@ -221,13 +230,19 @@ class RemoteCycle(Cycle):
             dry_run=self.request.dry_run,
             priority_prefix=self._priority(),
         )
-        host = self.remote.host
-        return rsync.over_ssh(local, shell=rsync_shell(self.remote, self.ssh), host=host, link_dests=begun.link_dests)
+        repo = self.remote_repository
+        if isinstance(repo, DaemonRepository):
+            url = repo.daemon.url(begun.target) + "/"
+            return rsync.to_daemon(local, url=url, options=daemon_options(repo.daemon), link_dests=begun.link_dests)
+        return rsync.over_ssh(local, shell=rsync_shell(self.remote, self.ssh), host=self.remote.host, link_dests=begun.link_dests)
 
     def _transfer_failure(self, returncode: int, stderr: tuple[str, ...]) -> BackupAgentError | None:
         if returncode == 0 or disk_full(stderr):
             return None
         if returncode in (5, 10, 12, 30, 35, 255) or returncode < 0:
+            repo = self.remote_repository
+            if isinstance(repo, DaemonRepository):
+                return daemon_failure(repo.daemon, stderr, step="transfer", during=True)
             return connection_failure(self.remote, stderr, step="transfer", during=True)
         return None
 
@@ -239,7 +254,7 @@ class RemoteCycle(Cycle):
         held = f"; the unfinished transfer {kept[-1]} is kept so the next run resumes from it" if kept else ""
         return (
             f"the disk of {self.remote_repository.root} is full: no snapshot was completed{held}; delete old snapshots with "
-            f"backup-agent rotate {self.remote.shown} (after lowering the counts in [rotation]), or free space on the server"
+            f"backup-agent rotate {self.remote_repository.root} (after lowering the counts in [rotation]), or free space on the server"
         )
 
     # -- snapshot ------------------------------------------------------------

@@ -173,6 +173,19 @@ def over_ssh(argv: Sequence[str], *, shell: str, host: str, link_dests: Sequence
     return (*head, "-e", shell, *(f"--link-dest={d}" for d in link_dests), source, f"{host}:{target}")
 
 
+def to_daemon(argv: Sequence[str], *, url: str, options: Sequence[str], link_dests: Sequence[str] = ()) -> tuple[str, ...]:
+    """:func:`build_argv`'s argv sent to an rsync daemon's module (pure): the target becomes ``url``
+    (``rsync://[user@]host[:port]/module/...``), ``options`` (``--password-file``, ``--contimeout``) are added,
+    and the link-dests are relative to the target as for :func:`over_ssh`."""
+    checked = over_ssh(argv, shell="-", host="placeholder", link_dests=link_dests)
+    if not url.startswith("rsync://"):
+        raise ValueError(f"not an rsync daemon URL: {url!r}")
+    *head, source, _target = checked
+    shell_at = head.index("-e")
+    head = head[:shell_at] + head[shell_at + 2 :]
+    return (*head, *options, source, url)
+
+
 # --- progress --------------------------------------------------------------
 
 

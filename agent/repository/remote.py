@@ -156,16 +156,25 @@ def named(settings: Settings, name: str) -> Remote:
     """The ``[[remote]]`` called ``name``; a UsageError naming the configured ones otherwise."""
     for configured in settings.remotes:
         if configured.name == name:
+            if configured.module is not None:
+                raise UsageError(f"[[remote]] {name} is an rsync daemon's module: back up to it as rsync://{configured.host}/{configured.module}")
             return from_settings(configured)
     known = ", ".join(r.name for r in settings.remotes) or "none"
     raise UsageError(f"no [[remote]] named {name!r} in {settings.path or 'the configuration'} (configured: {known})")
 
 
-def as_configured(settings: Settings, remote: Remote) -> Remote:
-    """A ``host:/path`` given on the command line that a ``[[remote]]`` describes takes its key, known_hosts and port."""
+def as_configured(settings: Settings, remote: Remote, *, any_path: bool = False) -> Remote:
+    """A ``host:/path`` given on the command line that a ``[[remote]]`` describes takes its key, known_hosts and port.
+
+    ``any_path``: the host alone decides (an ssh tunnel's server, -t).
+    """
     for configured in settings.remotes:
-        if configured.host == remote.host and configured.path == remote.path and remote.user in (None, configured.user):
-            return from_settings(configured)
+        same_path = any_path or configured.path == remote.path
+        same_user = remote.user is None or configured.user in (None, remote.user)
+        if configured.host == remote.host and same_path and same_user and configured.module is None:
+            found = from_settings(configured)
+            found = dataclasses.replace(found, user=remote.user or found.user)
+            return dataclasses.replace(found, path=remote.path, port=remote.port or found.port) if any_path else found
     return remote
 
 
@@ -738,6 +747,14 @@ class RemoteRepository:
         finally:
             if lock:
                 self.run_script(UNLOCK, self.remote.path, holder, step=step)
+
+    @contextlib.contextmanager
+    def connected(self) -> Iterator[None]:
+        """The connection every call of the block shares: one ssh master (multiplexed), the key checked first."""
+        check_key(self.remote)
+        with multiplexed(self.remote, self.runner, self.ssh) as shared:
+            self.remote = shared
+            yield
 
     def snapshot_names(self) -> list[str]:
         return self.probe_result.snapshot_names
