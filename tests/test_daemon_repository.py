@@ -44,9 +44,13 @@ def test_daemon_argv_and_answers() -> None:
     assert argv == ("rsync", "-a", "--link-dest=../A", "--password-file=/etc/p", "/src/", target)
     forward = tunnel_argv(parse_tunnel("me@gate"), daemon, 40000, "/run/x/master")
     assert forward[-3:] == ("-L", "127.0.0.1:40000:nas:8873", "gate") and "ExitOnForwardFailure=yes" in forward
-    listing = ["drwxr-xr-x          4,096 2026/12/05 08:42:08 .", "drwxr-xr-x          4,096 2026/12/05 08:42:08 2026-12-05T08-42-08+0000",
-               "-rw-r--r--            172 2026/12/05 08:42:08 name with spaces", "lrwxrwxrwx             34 2026/12/05 08:42:08 latest -> snapshots/x",
-               "-rw-r--r--              1 2026/12/05 08:42:08 bad\\#012name"]  # fmt: skip
+    listing = [
+        "drwxr-xr-x          4,096 2026/12/05 08:42:08 .",
+        "drwxr-xr-x          4,096 2026/12/05 08:42:08 2026-12-05T08-42-08+0000",
+        "-rw-r--r--            172 2026/12/05 08:42:08 name with spaces",
+        "lrwxrwxrwx             34 2026/12/05 08:42:08 latest -> snapshots/x",
+        "-rw-r--r--              1 2026/12/05 08:42:08 bad\\#012name",
+    ]
     assert parse_list(listing) == [("d", "2026-12-05T08-42-08+0000"), ("-", "name with spaces"), ("l", "latest")]
     refused = daemon_failure(daemon, ["@ERROR: auth failed on module laptop"], step="prepare", during=False)
     assert isinstance(refused, RefusedError) and "/etc/p" in refused.message
