@@ -69,6 +69,7 @@ from agent.engine.remote import RemoteCycle, kind_finder, remote_request, remote
 from agent.repository.daemon import (
     Daemon,
     DaemonRepository,
+    configured_daemon,
     daemon_as_configured,
     daemon_name,
     parse_daemon_destination,
@@ -475,6 +476,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, **overrides)
     steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)
     daemon = parse_daemon_destination(destination) if destination is not None else None
+    if daemon is None and args.remote is not None:
+        daemon = configured_daemon(settings, args.remote)
     if daemon is not None:
         return _backup_daemon(args, settings, daemon, steps)
     remote = _remote_of(settings, args.remote, destination)

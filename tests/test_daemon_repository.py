@@ -97,7 +97,7 @@ def test_backups_to_an_rsync_daemon_are_completed_by_the_server(rsyncd: RsyncDae
     assert {p for p in one if one[p] != two[p]} == {b"changes"}
     assert describe(repo / "snapshots" / second) == describe(source)
     # rotation (hourly = 1, the newest kept): the server moves the older one out and removes it
-    status, events = run(config, "backup", "--no-sudo", "--json", "-r", str(source), url)
+    status, events = run(config, "backup", "--no-sudo", "--json", "-r", "--remote", "daemon", str(source))
     assert status == 0, events
     (rotated,) = [e for e in events if e.get("step") == "rotate" and e.get("state") == "done"]
     assert rotated["delete"] == [first], rotated

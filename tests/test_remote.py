@@ -40,6 +40,7 @@ from agent.core.errors import (
     UsageError,
 )
 from agent.engine.rsync import over_ssh
+from agent.system.install import sudoers_rule
 from agent.repository.remote import (
     Remote,
     connection_failure,
@@ -147,6 +148,15 @@ def test_identity_file_must_be_private() -> None:
     assert "chmod 600" in (key_problem("/k", info(0o640, 0), as_root=True) or "")
     assert "not root" in (key_problem("/k", info(0o600, 1000), as_root=True) or "")
     assert key_problem("/k", info(0o600, 1000), as_root=False) is None
+
+
+def test_the_sudo_rule_has_one_backup_form_per_remote() -> None:
+    rule = sudoers_rule("alice", "/usr/local/bin/backup-agent", ["usb1"], ["nas", "nas", "attic"])
+    assert "/usr/local/bin/backup-agent backup --json --remote nas, \\" in rule
+    assert rule.count("--remote nas") == 1 and "--remote attic" in rule
+    assert "eject --json --remote" not in rule and "open --json --remote" not in rule
+    with pytest.raises(UsageError, match="remote name"):
+        sudoers_rule("alice", "/usr/local/bin/backup-agent", [], ["ALL, /bin/sh"])
 
 
 def test_remote_section_is_validated() -> None:

@@ -509,3 +509,14 @@ def daemon_name(settings: Settings, daemon: Daemon) -> str | None:
         if configured.module == daemon.module and configured.host == daemon.host:
             return configured.name
     return None
+
+
+def configured_daemon(settings: Settings, name: str) -> Daemon | None:
+    """The daemon module of the ``[[remote]]`` called ``name``; None when that one is over ssh (or not configured)."""
+    for configured in settings.remotes:
+        if configured.name == name and configured.module is not None:
+            return Daemon(
+                host=configured.host, module=configured.module, user=configured.user, port=configured.port,
+                password_file=configured.password_file, connect_timeout=configured.connect_timeout,
+            )  # fmt: skip
+    return None
