@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from agent.config.model import RemoteRepository as RemoteSettings
 from agent.config.model import Settings
-from agent.core.commands import ExitTable, Runner
+from agent.core.commands import Runner
 from agent.core.errors import (
     BackupAgentError,
     BusyError,
@@ -77,8 +77,6 @@ SERVER_ALIVE = ("15", "4")
 _USER = r"[A-Za-z0-9._][A-Za-z0-9._-]*"
 _HOST = r"[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\]"
 _DESTINATION = re.compile(rf"^(?:(?P<user>{_USER})@)?(?P<host>{_HOST}):(?P<path>.*)$", re.DOTALL)
-HOST_RE = re.compile(rf"^(?:{_HOST})$")
-USER_RE = re.compile(rf"^{_USER}$")
 
 
 @dataclass(frozen=True)
@@ -620,9 +618,6 @@ def parse_holder(text: str) -> dict[str, Any]:
 
 
 # -- the repository on the server ---------------------------------------------------
-
-SSH_EXIT: ExitTable = {0: ("ok", "success")}
-
 
 class RemoteRepository:
     """A repository on a server: listing, metadata, lock, completion and deletion, each one ssh call.
