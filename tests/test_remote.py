@@ -471,3 +471,31 @@ def test_a_dry_run_writes_nothing_on_the_server(sshd: SshServer, server_root: Pa
     status, events = backup(config, source, f"127.0.0.1:{repo}", "--dry-run")
     assert status == 0, events
     assert not repo.exists() and os.listdir(tmp_path / "state") == []
+
+
+@pytest.mark.integration
+@requires_sshd
+def test_a_lock_this_machine_left_is_taken_over_and_odd_entries_are_left_alone(sshd: SshServer, server_root: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "f").write_text("x")
+    repo = server_root / "repo"
+    config = write_config(tmp_path, sshd, repo)
+    assert backup(config, source, f"127.0.0.1:{repo}")[0] == 0
+    (first,) = os.listdir(repo / "snapshots")
+    # a run of this machine killed while it held the lock, and entries nobody should use
+    (repo / ".remote-lock").mkdir()
+    (repo / ".remote-lock" / "holder").write_text(json.dumps({"host": socket.gethostname(), "pid": 999999}) + "\n")
+    forged = repo / "snapshots" / "2026-01-01T00-00-00+0000\n2026-01-02T00-00-00+0000"
+    forged.mkdir()
+    os.symlink("/etc", repo / "snapshots" / "2026-01-03T00-00-00+0000")
+    (repo / "snapshots" / "2026-01-04T00-00-00+0000.in-progress").mkdir()
+    status, events = backup(config, source, f"127.0.0.1:{repo}", "-b")
+    assert status == 0, events
+    assert not (repo / ".remote-lock").exists()
+    status, _ = run(config, "rotate", "--hourly", "1", "--prefer-recent", "--discard-unfinished", "--remote", "nas")
+    assert status == 0
+    left = sorted(os.listdir(repo / "snapshots"))
+    assert forged.name in left and "2026-01-03T00-00-00+0000" in left  # never used, never deleted
+    assert "2026-01-04T00-00-00+0000.in-progress" not in left and first in left
+    assert os.path.islink(repo / "snapshots" / "2026-01-03T00-00-00+0000") and os.path.isdir("/etc")
