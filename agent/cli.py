@@ -514,6 +514,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if outcome.partial else EXIT_OK
 
 
+def _daemon_of(settings: Settings, name: str | None, given: str | None) -> Daemon | None:
+    """The rsync daemon module ``--remote NAME`` or an ``rsync://`` REPOSITORY names, as configured; None otherwise."""
+    if name is not None:
+        return configured_daemon(settings, name)
+    daemon = parse_daemon_destination(given) if given is not None else None
+    return daemon_as_configured(settings, daemon) if daemon is not None else None
+
+
 def _remote_of(settings: Settings, name: str | None, given: str | None) -> Remote | None:
     """The remote repository ``--remote NAME`` or a ``[user@]host:/path`` names; None for a local one."""
     if name is not None:
@@ -598,10 +606,15 @@ def _summary(outcome: Outcome, request: Request) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load(args)
-    remote = _remote_of(settings, args.remote, args.repository)
+    daemon = _daemon_of(settings, args.remote, args.repository)
+    remote = _remote_of(settings, args.remote, args.repository) if daemon is None else None
     opened: contextlib.AbstractContextManager[Repository | RemoteRepository]
-    if remote is not None:
-        opened = opened_for_reading(remote, Runner(), ssh=settings.commands.ssh, rsync=settings.commands.rsync)
+    if daemon is not None:
+        opened = opened_for_reading(
+            DaemonRepository(daemon, Runner(), ssh=settings.commands.ssh, rsync=settings.commands.rsync)
+        )
+    elif remote is not None:
+        opened = opened_for_reading(RemoteRepository(remote, Runner(), ssh=settings.commands.ssh, rsync=settings.commands.rsync))
     else:
         opened = access.open_repository(
             settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command="list"
@@ -743,6 +756,17 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     if args.relaxed:
         scheme = dataclasses.replace(scheme, strict=False)
     settings = dataclasses.replace(settings, rotation=scheme)
+    daemon = _daemon_of(settings, args.remote, args.repository)
+    if daemon is not None:
+        runner = Runner(dry_run=args.dry_run)
+        repository = DaemonRepository(daemon, runner, ssh=settings.commands.ssh, rsync=settings.commands.rsync)
+        module = dataclasses.replace(repository.remote, name=daemon_name(settings, daemon))
+        request = dataclasses.replace(
+            remote_request(settings, module, steps=frozenset({"rotate"}), dry_run=args.dry_run, discard_unfinished=args.discard_unfinished),
+            repository=daemon.shown,
+        )
+        outcome = RemoteCycle(request, Emitter(None), runner, module, ssh=settings.commands.ssh, repository=repository).run()
+        return _print_rotation(outcome, args)
     remote = _remote_of(settings, args.remote, args.repository)
     if remote is not None:
         request = remote_request(
@@ -910,7 +934,7 @@ def _restore_remote(
     """restore --repository [user@]host:/path: chosen and planned as locally, rsync reading from the server over ssh."""
     runner = Runner()
     commands = settings.commands
-    with opened_for_reading(remote, runner, ssh=commands.ssh, rsync=commands.rsync) as repo:
+    with opened_for_reading(RemoteRepository(remote, runner, ssh=commands.ssh, rsync=commands.rsync)) as repo:
         snaps = remote_snapshots(repo)
         kind_in = kind_finder(repo)
         targets = []

@@ -104,6 +104,11 @@ def test_backups_to_an_rsync_daemon_are_completed_by_the_server(rsyncd: RsyncDae
     assert os.listdir(repo / "snapshots") == [second]
     assert [n for n in os.listdir(repo / "metadata") if n.startswith(".")] == []
     assert os.listdir(repo / ".trash") == []
+    # list and rotate read and rotate the module too
+    status, _ = run(config, "list", "--remote", "daemon")
+    assert status == 0
+    status, _ = run(config, "rotate", url)
+    assert status == 0 and os.listdir(repo / "snapshots") == [second]
 
 
 @pytest.mark.integration

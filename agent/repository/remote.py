@@ -863,10 +863,9 @@ class RemoteRepository:
 
 
 @contextlib.contextmanager
-def opened_for_reading(remote: Remote, runner: Runner, *, ssh: str, rsync: str) -> Iterator[RemoteRepository]:
-    """The remote repository, listed and its metadata fetched, over one shared connection (list, restore)."""
-    with multiplexed(remote, runner, ssh) as shared:
-        repo = RemoteRepository(shared, runner, ssh=ssh, rsync=rsync)
+def opened_for_reading(repo: RemoteRepository) -> Iterator[RemoteRepository]:
+    """The remote repository, listed and its metadata fetched, over its connection (list, restore)."""
+    with repo.connected():
         try:
             with repo.opened(create=False, lock=False, ours=lambda marker: None):
                 repo.fetch_metadata()
