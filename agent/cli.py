@@ -48,6 +48,7 @@ from agent.core.errors import (
     BackupAgentError,
     DiskMissingError,
     Interrupted,
+    NotAvailableError,
     RepositoryError,
     StepError,
     UsageError,
@@ -813,7 +814,18 @@ def _print_rotation(outcome: Outcome, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _not_on_a_server(args: argparse.Namespace) -> None:
+    """versions, diff and verify read snapshots as local trees: a repository on a server is refused by name (exit 8)."""
+    given = args.repository
+    if given and (is_daemon_destination(given) or parse_destination(given) is not None):
+        raise NotAvailableError(
+            f"{args.command} does not read a repository on a server in this version ({given}): "
+            f"restore the path from it with backup-agent restore --repository {given} --to DIR, and look there"
+        )
+
+
 def _reading(args: argparse.Namespace, settings: Settings) -> "contextlib.AbstractContextManager[Repository]":
+    _not_on_a_server(args)
     return access.open_repository(
         settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command=args.command
     )
@@ -994,6 +1006,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = _load(args)
     runner = Runner()
     progress = _ProgressLine() if sys.stderr.isatty() and not args.quiet else None
+    _not_on_a_server(args)
     with access.open_repository(
         settings, runner, repository=args.repository, disk=args.disk, warn=log.warning, command="verify"
     ) as repo:

@@ -28,6 +28,7 @@ from agent.core.errors import (
     EXIT_CONNECTION_LOST,
     EXIT_DISK_FULL,
     EXIT_HOST_KEY,
+    EXIT_NOT_AVAILABLE,
     EXIT_REFUSED,
     EXIT_REPOSITORY,
     EXIT_UNREACHABLE,
@@ -499,3 +500,13 @@ def test_a_lock_this_machine_left_is_taken_over_and_odd_entries_are_left_alone(s
     assert forged.name in left and "2026-01-03T00-00-00+0000" in left  # never used, never deleted
     assert "2026-01-04T00-00-00+0000.in-progress" not in left and first in left
     assert os.path.islink(repo / "snapshots" / "2026-01-03T00-00-00+0000") and os.path.isdir("/etc")
+
+
+@pytest.mark.parametrize("command", [["versions", "/etc/hosts"], ["diff"], ["verify"]])
+def test_reading_commands_refuse_a_server_by_name(command: list[str], tmp_path: Path) -> None:
+    """They read snapshots as local trees: a repository on a server is exit 8 and says what to do, before any connection."""
+    config = tmp_path / "config.toml"
+    config.write_text(FAST)
+    for where in ("nas.invalid:/srv/backup", "rsync://nas.invalid/laptop"):
+        status, _ = run(config, command[0], "--repository", where, *command[1:])
+        assert status == EXIT_NOT_AVAILABLE
