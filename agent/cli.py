@@ -817,6 +817,11 @@ def _print_rotation(outcome: Outcome, args: argparse.Namespace) -> int:
 def _not_on_a_server(args: argparse.Namespace) -> None:
     """versions, diff and verify read snapshots as local trees: a repository on a server is refused by name (exit 8)."""
     given = args.repository
+    if given and args.command == "restore" and is_daemon_destination(given):
+        raise NotAvailableError(
+            f"restore does not read an rsync daemon in this version ({given}): copy the files with "
+            f"rsync -aHAX --numeric-ids {given.rstrip('/')}/snapshots/<snapshot>/<path> DIR (backup-agent list {given} names the snapshots)"
+        )
     if given and (is_daemon_destination(given) or parse_destination(given) is not None):
         raise NotAvailableError(
             f"{args.command} does not read a repository on a server in this version ({given}): "
