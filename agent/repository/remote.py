@@ -741,7 +741,15 @@ class RemoteRepository:
             yield found
         finally:
             if lock:
-                self.run_script(UNLOCK, self.remote.path, holder, step=step)
+                self._unlock(holder, step=step)
+
+    def _unlock(self, holder: str, *, step: str) -> None:
+        """Release the lock; when the server cannot be told (the connection is gone), say so and go on:
+        the failure that ended the run is the one to report, and this machine's next run takes the lock over."""
+        try:
+            self.run_script(UNLOCK, self.remote.path, holder, step=step)
+        except BackupAgentError as exc:
+            log.warning("the lock of %s could not be released (%s): the next run of this machine takes it over", self.root, exc.message)
 
     @contextlib.contextmanager
     def connected(self) -> Iterator[None]:
