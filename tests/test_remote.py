@@ -8,6 +8,7 @@ side directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -511,3 +512,58 @@ def test_reading_commands_refuse_a_server_by_name(command: list[str], tmp_path: 
     for where in servers:
         status, _ = run(config, command[0], "--repository", where, *command[1:])
         assert status == EXIT_NOT_AVAILABLE
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (sshd's children put themselves in sessions of their own)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == current]
+        found += children
+        frontier += children
+    return found
+
+
+@pytest.mark.integration
+@requires_sshd
+def test_a_server_gone_mid_transfer_is_reported_as_such_and_not_as_the_unlock_after(server_root: Path, tmp_path: Path) -> None:
+    """The whole sshd dies during the transfer: the error is the lost connection (18), not the unlock that cannot be sent."""
+    with running_sshd(tmp_path / "own-sshd") as own:
+        source = tmp_path / "source"
+        source.mkdir()
+        (source / "a-first").write_text("small")
+        with open(source / "z-big", "wb") as big:
+            for _ in range(48):
+                big.write(os.urandom(1 << 20))
+        repo = server_root / "repo"
+        config = write_config(tmp_path, own, repo)
+        killed: list[int] = []
+
+        def cut() -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if list((repo / "snapshots").glob("*.in-progress/a-first")) and own.rsync_pidfile.exists():
+                    for pid in [own.process.pid, *descendants(own.process.pid)]:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(pid)
+                    return
+                time.sleep(0.005)
+
+        cutter = threading.Thread(target=cut)
+        cutter.start()
+        status, events = backup(config, source, f"127.0.0.1:{repo}")
+        cutter.join()
+        assert killed, "the transfer ended before the server could be killed"
+        assert status == EXIT_CONNECTION_LOST, events
+        assert the_error(events)["step"] == "transfer"
+        assert (repo / ".remote-lock").is_dir()  # left for this machine's next run to take over
