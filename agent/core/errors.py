@@ -26,11 +26,12 @@ EXIT_DAMAGED = 11  # verify found damage (a report, not an exception)
 EXIT_DISK_FULL = 12
 EXIT_UNVERIFIED = 13  # verify found nothing wrong, but could check no snapshot (no manifests)
 EXIT_STALE = 14  # check-stale: no backup succeeded for remind_after days (a report, not an exception)
-# Remote repositories (agent.repository.remote): why the server could not be used.
-EXIT_HOST_KEY = 15  # the server's host key is unknown or changed
-EXIT_REFUSED = 16  # the server refused the key (or the rsync daemon the password)
-EXIT_UNREACHABLE = 17  # no connection to the server at all
-EXIT_CONNECTION_LOST = 18  # the connection broke off during the run
+# Remote repositories (agent.repository.remote): why the server could not be used
+# (20 and up: 15 to 19 are taken by other kinds of failure).
+EXIT_HOST_KEY = 20  # the server's host key is unknown or changed
+EXIT_REFUSED = 21  # the server refused the key (or the rsync daemon the password)
+EXIT_UNREACHABLE = 22  # no connection to the server at all
+EXIT_CONNECTION_LOST = 23  # the connection broke off during the run
 EXIT_INTERRUPTED = 130
 
 
