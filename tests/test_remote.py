@@ -48,6 +48,7 @@ from agent.repository.remote import (
     connection_failure,
     is_daemon_destination,
     key_problem,
+    known_hosts_problem,
     parse_destination,
     parse_probe,
     remote_line,
@@ -150,6 +151,9 @@ def test_identity_file_must_be_private() -> None:
     assert "chmod 600" in (key_problem("/k", info(0o640, 0), as_root=True) or "")
     assert "not root" in (key_problem("/k", info(0o600, 1000), as_root=True) or "")
     assert key_problem("/k", info(0o600, 1000), as_root=False) is None
+    assert known_hosts_problem("/kh", info(0o644, 0), as_root=True) is None
+    assert "chmod go-w" in (known_hosts_problem("/kh", info(0o666, 0), as_root=True) or "")
+    assert "not root" in (known_hosts_problem("/kh", info(0o644, 1000), as_root=True) or "")
 
 
 def test_the_sudo_rule_has_one_backup_form_per_remote() -> None:
@@ -342,6 +346,11 @@ def test_refused_key_and_unreachable_host_fail_fast(sshd: SshServer, server_root
     stranger.chmod(0o644)
     status, _ = backup(write_config(tmp_path, sshd, repo, identity=stranger), source, f"127.0.0.1:{repo}")
     assert status == EXIT_USAGE  # refused before ssh runs: others could read it
+    writable = tmp_path / "writable_known_hosts"
+    writable.write_text(sshd.known_hosts.read_text())
+    writable.chmod(0o666)
+    status, events = backup(write_config(tmp_path, sshd, repo, known_hosts=writable), source, f"127.0.0.1:{repo}")
+    assert status == EXIT_USAGE and "chmod go-w" in str(the_error(events)["message"])
     config = tmp_path / "closed.toml"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -187,8 +187,27 @@ def key_problem(path: str, info: os.stat_result, *, as_root: bool) -> str | None
     return None
 
 
+def known_hosts_problem(path: str, info: os.stat_result, *, as_root: bool) -> str | None:
+    """Why a known_hosts file must not be trusted (others could add a key for a server in the middle), or None (pure)."""
+    if not stat.S_ISREG(info.st_mode):
+        return f"the known_hosts file {path} is not a regular file"
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        return f"the known_hosts file {path} can be changed by others: chmod go-w {path}"
+    if as_root and info.st_uid != 0:
+        return f"the known_hosts file {path} belongs to uid {info.st_uid}, not root: chown root: {path}"
+    return None
+
+
 def check_key(remote: Remote) -> None:
-    """Refuse an identity file others could read or change, before ssh is started (a UsageError)."""
+    """Refuse an identity file others could read or change, or a known_hosts others could change, before ssh is started (a UsageError)."""
+    if remote.known_hosts is not None:
+        try:
+            listed = os.lstat(remote.known_hosts)
+        except OSError as exc:
+            raise UsageError(f"the known_hosts file {remote.known_hosts} cannot be read: {exc.strerror}", step="prepare") from None
+        trouble = known_hosts_problem(remote.known_hosts, listed, as_root=os.geteuid() == 0)
+        if trouble is not None:
+            raise UsageError(trouble + "; nothing was sent", step="prepare")
     if remote.identity_file is None:
         return
     try:
