@@ -58,6 +58,26 @@ from agent.core.errors import (
 from agent.disk.eject import Eject
 from agent.core.events import Emitter, error
 from agent.repository.store import Repository, classify
+from agent.repository.remote import (
+    Remote,
+    RemoteRepository,
+    as_configured,
+    is_daemon_destination,
+    opened_for_reading,
+    parse_destination,
+    rsync_shell,
+)
+from agent.repository.remote import named as remote_named
+from agent.engine.remote import RemoteCycle, kind_finder, remote_request, remote_snapshots
+from agent.repository.daemon import (
+    Daemon,
+    DaemonRepository,
+    configured_daemon,
+    daemon_as_configured,
+    daemon_name,
+    parse_daemon_destination,
+    parse_tunnel,
+)
 from agent.policy.rotation import FREQUENCIES, Count, Plan, Scheme
 
 log = logging.getLogger("agent")
@@ -112,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("-c", "--crypto", metavar="NAME", help="unlock the encrypted backup disk first")
     backup.add_argument("-t", "--tunnel", metavar="TUNNEL_SPEC", help="reach an rsync daemon over SSH")
     backup.add_argument("--disk", metavar="NAME", help="back up to this configured disk")
+    backup.add_argument("--remote", metavar="NAME", help="back up to this configured [[remote]] over ssh")
     backup.add_argument("-i", "--ionice", metavar="CLASS", choices=sorted((*IONICE_CLASSES, "none")), help="I/O class for rsync and rm")
     backup.add_argument("-u", "--no-sudo", action="store_true", help="run as the current user (no root needed)")
     backup.add_argument("-n", "--dry-run", action="store_true", help="write nothing anywhere; say what would happen")
@@ -133,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", parents=[common], help="list the snapshots of a repository")
     listing.add_argument("--json", action="store_true", help="one JSON array of snapshots")
     listing.add_argument("--disk", metavar="NAME", help="list this configured disk (default: the one attached)")
+    listing.add_argument("--remote", metavar="NAME", help="list this configured [[remote]] over ssh")
     listing.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
     rotate = sub.add_parser("rotate", parents=[common], help="rotate old snapshots now")
@@ -146,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--discard-unfinished", action="store_true", help="delete the unfinished transfer too (else kept to resume from)"
     )
     rotate.add_argument("--disk", metavar="NAME", help="rotate this configured disk (default: the one attached)")
+    rotate.add_argument("--remote", metavar="NAME", help="rotate this configured [[remote]] over ssh")
     rotate.add_argument("repository", nargs="?", metavar="REPOSITORY")
 
     reading = _Parser(add_help=False)
@@ -276,12 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
 # configuration decides those. The agent's rule allows fewer still
 # (agent.system.install.agent_argvs); an administrator may run these forms.
 SUDO_FORMS: dict[str, str] = {
-    "backup": "backup [--json] [--disk NAME [--passphrase-stdin] | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
+    "backup": "backup [--json] [--disk NAME [--passphrase-stdin] | --remote NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
     "init": "init --disk NAME [--yes] [-q|-v]",
     "eject": "eject --disk NAME [--json] [-q|-v]",
     "open": "open --disk NAME [--json] [--passphrase-stdin] [-q|-v]",
-    "list": "list [--json] [--disk NAME] [-q|-v]",
-    "rotate": "rotate [-n] [--json] [--disk NAME] [--discard-unfinished] [-q|-v]",
+    "list": "list [--json] [--disk NAME | --remote NAME] [-q|-v]",
+    "rotate": "rotate [-n] [--json] [--disk NAME | --remote NAME] [--discard-unfinished] [-q|-v]",
     "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
     "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
@@ -292,13 +315,13 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     # --passphrase-stdin: the passphrase only ever reaches `cryptsetup open` of
     # the configured disk's LUKS partition (README, "A disk with a passphrase").
     "backup": frozenset(
-        {"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications", "passphrase_stdin"}
+        {"json", "disk", "remote", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications", "passphrase_stdin"}
     ),
     "init": frozenset({"disk", "yes", "quiet", "verbose"}),
     "eject": frozenset({"disk", "json", "quiet", "verbose"}),
     "open": frozenset({"disk", "json", "quiet", "verbose", "passphrase_stdin"}),
-    "list": frozenset({"json", "disk", "quiet", "verbose"}),
-    "rotate": frozenset({"json", "dry_run", "disk", "discard_unfinished", "quiet", "verbose"}),
+    "list": frozenset({"json", "disk", "remote", "quiet", "verbose"}),
+    "rotate": frozenset({"json", "dry_run", "disk", "remote", "discard_unfinished", "quiet", "verbose"}),
     # Reading only, and restoring only into a new directory beside the
     # original (restore itself checks the caller owns that directory and
     # could reach the path): --repository, --to and --in-place choose what is
@@ -448,10 +471,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         refusal = through_sudo_refusal(args)  # main() checked already; this keeps cmd_backup safe on its own
         if refusal is not None:
             raise UsageError(refusal)
-    if args.tunnel:
-        raise NotAvailableError(
-            "--tunnel (an rsync daemon over SSH) is not available in this version: "
-            "back up to a local disk or a mounted directory instead"
+    given = args.destination if args.destination is not None else args.source
+    if args.tunnel and (given is None or not is_daemon_destination(given)):
+        raise UsageError(
+            "--tunnel reaches an rsync daemon through ssh: give DESTINATION as rsync://host/module or host::module"
         )
     check_platform(args.force)
     if os.geteuid() != 0 and not args.no_sudo:
@@ -461,7 +484,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         )
     settings = _load(args)
     source, destination = args.source, args.destination
-    if source is not None and destination is None:
+    if source is not None and destination is None and not args.remote:  # with --remote, one path alone is the SOURCE
         source, destination = None, source
     overrides: dict[str, Any] = {}
     if source is not None:
@@ -486,6 +509,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
         overrides["exclude"] = effective_excludes(settings) + tuple(args.exclude)
     settings = dataclasses.replace(settings, **overrides)
     steps = frozenset(s for s in STEPS if getattr(args, s)) or frozenset(STEPS)
+    daemon = parse_daemon_destination(destination) if destination is not None else None
+    if daemon is None and args.remote is not None:
+        daemon = configured_daemon(settings, args.remote)
+    if daemon is not None:
+        return _backup_daemon(args, settings, daemon, steps)
+    remote = _remote_of(settings, args.remote, destination)
+    if remote is not None:
+        return _backup_remote(args, settings, remote, steps)
     disk = select_disk(settings, name=args.disk, crypto=args.crypto, mount=args.mount)
     if disk is not None and destination is not None:
         raise UsageError(f"give either DESTINATION or a disk ({disk.name}), not both: the disk's repository is {disk.repository}")
@@ -534,6 +565,64 @@ def _passphrase(args: argparse.Namespace) -> bytearray | None:
     return read_passphrase(sys.stdin.fileno())
 
 
+def _daemon_of(settings: Settings, name: str | None, given: str | None) -> Daemon | None:
+    """The rsync daemon module ``--remote NAME`` or an ``rsync://`` REPOSITORY names, as configured; None otherwise."""
+    if name is not None:
+        return configured_daemon(settings, name)
+    daemon = parse_daemon_destination(given) if given is not None else None
+    return daemon_as_configured(settings, daemon) if daemon is not None else None
+
+
+def _remote_of(settings: Settings, name: str | None, given: str | None) -> Remote | None:
+    """The remote repository ``--remote NAME`` or a ``[user@]host:/path`` names; None for a local one."""
+    if name is not None:
+        if given is not None:
+            raise UsageError(f"give either --remote {name} or a repository ({given}), not both")
+        return remote_named(settings, name)
+    remote = parse_destination(given) if given is not None else None
+    return as_configured(settings, remote) if remote is not None else None
+
+
+def _backup_daemon(args: argparse.Namespace, settings: Settings, daemon: Daemon, steps: frozenset[str]) -> int:
+    """A backup into an rsync daemon's module (agent.repository.daemon), through an ssh tunnel with --tunnel."""
+    if args.disk or args.crypto or args.mount:
+        raise UsageError(f"{daemon.shown} is an rsync daemon: --disk, --crypto and --mount name a local disk; give one or the other")
+    daemon = daemon_as_configured(settings, daemon)
+    tunnel = as_configured(settings, parse_tunnel(args.tunnel), any_path=True) if args.tunnel else None
+    runner = Runner(dry_run=args.dry_run)
+    repository = DaemonRepository(daemon, runner, ssh=settings.commands.ssh, rsync=settings.commands.rsync, tunnel=tunnel)
+    remote = dataclasses.replace(repository.remote, name=daemon_name(settings, daemon))
+    request = dataclasses.replace(
+        remote_request(settings, remote, steps=steps, dry_run=args.dry_run, interactive=sys.stdin.isatty()), repository=daemon.shown
+    )
+    chosen = channels.backup_channels(
+        sys.stdout if args.json else None, None if args.dry_run else settings, host=socket.gethostname(), repository=daemon.shown
+    )
+    with channels.reporting(chosen) as emitter:
+        outcome = RemoteCycle(request, emitter, runner, remote, ssh=settings.commands.ssh, repository=repository).run()
+    if not args.json and not args.quiet:
+        print(_summary(outcome, request))
+    return EXIT_PARTIAL if outcome.partial else EXIT_OK
+
+
+def _backup_remote(args: argparse.Namespace, settings: Settings, remote: Remote, steps: frozenset[str]) -> int:
+    """A backup into a repository on a server over ssh (agent.engine.remote)."""
+    if args.disk or args.crypto or args.mount:
+        raise UsageError(f"{remote.shown} is a remote repository: --disk, --crypto and --mount name a local disk; give one or the other")
+    request = remote_request(settings, remote, steps=steps, dry_run=args.dry_run, interactive=sys.stdin.isatty())
+    chosen = channels.backup_channels(
+        sys.stdout if args.json else None,
+        None if args.dry_run else settings,
+        host=socket.gethostname(),
+        repository=request.repository,
+    )
+    with channels.reporting(chosen) as emitter:
+        outcome = RemoteCycle(request, emitter, Runner(dry_run=args.dry_run), remote, ssh=settings.commands.ssh).run()
+    if not args.json and not args.quiet:
+        print(_summary(outcome, request))
+    return EXIT_PARTIAL if outcome.partial else EXIT_OK
+
+
 def _no_disk(settings: Settings, *, interactive: bool) -> int:
     message = none_attached(settings)
     if interactive:
@@ -568,9 +657,20 @@ def _summary(outcome: Outcome, request: Request) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load(args)
-    with access.open_repository(
-        settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command="list"
-    ) as repo:
+    daemon = _daemon_of(settings, args.remote, args.repository)
+    remote = _remote_of(settings, args.remote, args.repository) if daemon is None else None
+    opened: contextlib.AbstractContextManager[Repository | RemoteRepository]
+    if daemon is not None:
+        opened = opened_for_reading(
+            DaemonRepository(daemon, Runner(), ssh=settings.commands.ssh, rsync=settings.commands.rsync)
+        )
+    elif remote is not None:
+        opened = opened_for_reading(RemoteRepository(remote, Runner(), ssh=settings.commands.ssh, rsync=settings.commands.rsync))
+    else:
+        opened = access.open_repository(
+            settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command="list"
+        )
+    with opened as repo:
         rows = []
         for name in repo.snapshot_names():
             metadata = repo.read_metadata(name) or {}
@@ -712,6 +812,24 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     if args.relaxed:
         scheme = dataclasses.replace(scheme, strict=False)
     settings = dataclasses.replace(settings, rotation=scheme)
+    daemon = _daemon_of(settings, args.remote, args.repository)
+    if daemon is not None:
+        runner = Runner(dry_run=args.dry_run)
+        repository = DaemonRepository(daemon, runner, ssh=settings.commands.ssh, rsync=settings.commands.rsync)
+        module = dataclasses.replace(repository.remote, name=daemon_name(settings, daemon))
+        request = dataclasses.replace(
+            remote_request(settings, module, steps=frozenset({"rotate"}), dry_run=args.dry_run, discard_unfinished=args.discard_unfinished),
+            repository=daemon.shown,
+        )
+        outcome = RemoteCycle(request, Emitter(None), runner, module, ssh=settings.commands.ssh, repository=repository).run()
+        return _print_rotation(outcome, args)
+    remote = _remote_of(settings, args.remote, args.repository)
+    if remote is not None:
+        request = remote_request(
+            settings, remote, steps=frozenset({"rotate"}), dry_run=args.dry_run, discard_unfinished=args.discard_unfinished
+        )
+        outcome = RemoteCycle(request, Emitter(None), Runner(dry_run=args.dry_run), remote, ssh=settings.commands.ssh).run()
+        return _print_rotation(outcome, args)
     # The configured disk, opened as a backup opens it (read-write), unless a repository is named.
     disk = select_disk(settings, name=args.disk, crypto=None, mount=None)
     if disk is not None and args.repository is not None:
@@ -732,6 +850,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         discard_unfinished=args.discard_unfinished,
     )
     outcome = Cycle(request, Emitter(None), Runner(dry_run=args.dry_run)).run()
+    return _print_rotation(outcome, args)
+
+
+def _print_rotation(outcome: Outcome, args: argparse.Namespace) -> int:
     if outcome.skipped and not args.json:
         print(f"nothing done: {outcome.skipped}")
         return EXIT_OK
@@ -747,7 +869,23 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _not_on_a_server(args: argparse.Namespace) -> None:
+    """versions, diff and verify read snapshots as local trees: a repository on a server is refused by name (exit 8)."""
+    given = args.repository
+    if given and args.command == "restore" and is_daemon_destination(given):
+        raise NotAvailableError(
+            f"restore does not read an rsync daemon in this version ({given}): copy the files with "
+            f"rsync -aHAX --numeric-ids {given.rstrip('/')}/snapshots/<snapshot>/<path> DIR (backup-agent list {given} names the snapshots)"
+        )
+    if given and (is_daemon_destination(given) or parse_destination(given) is not None):
+        raise NotAvailableError(
+            f"{args.command} does not read a repository on a server in this version ({given}): "
+            f"restore the path from it with backup-agent restore --repository {given} --to DIR, and look there"
+        )
+
+
 def _reading(args: argparse.Namespace, settings: Settings) -> "contextlib.AbstractContextManager[Repository]":
+    _not_on_a_server(args)
     return access.open_repository(
         settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command=args.command
     )
@@ -869,6 +1007,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         early = restoring.early_refusal(paths, caller, os.path.lexists, lambda path: os.lstat(path).st_uid)
         if early is not None:
             raise UsageError(early + "; nothing was opened or restored")
+    remote = _remote_of(settings, None, args.repository) if args.repository else None
+    if remote is not None:
+        return _restore_remote(args, settings, remote, paths, to=to, now=now, at=at)
     with _reading(args, settings) as repo:
         snaps = history.snapshots(repo)
         targets = []
@@ -890,6 +1031,32 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(f"{verb} {item.path} from {_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}{moved}")
         if not args.dry_run:
             restoring.execute(plan, Runner(), settings.commands.rsync, say=print, caller=caller)
+            print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
+    return EXIT_OK
+
+
+def _restore_remote(
+    args: argparse.Namespace, settings: Settings, remote: Remote, paths: list[str], *, to: str | None, now: dt.datetime, at: dt.datetime | None
+) -> int:
+    """restore --repository [user@]host:/path: chosen and planned as locally, rsync reading from the server over ssh."""
+    runner = Runner()
+    commands = settings.commands
+    with opened_for_reading(RemoteRepository(remote, runner, ssh=commands.ssh, rsync=commands.rsync)) as repo:
+        snaps = remote_snapshots(repo)
+        kind_in = kind_finder(repo)
+        targets = []
+        for path in paths:
+            try:
+                targets.append(restoring.choose(snaps, path, snapshot=args.snapshot, at=at, kind_in=kind_in))
+            except LookupError:
+                raise history.not_held(snaps, path) from None
+        plan = restoring.plan_restore(targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
+        verb = "would restore" if args.dry_run else "restoring"
+        for item in plan.items:
+            print(f"{verb} {item.path} from {remote.login}:{_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}")
+        if not args.dry_run:
+            shared = (rsync_shell(repo.remote, commands.ssh), remote.host)
+            restoring.execute(plan, runner, commands.rsync, say=print, remote=shared)
             print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
     return EXIT_OK
 
@@ -934,6 +1101,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = _load(args)
     runner = Runner()
     progress = _ProgressLine() if sys.stderr.isatty() and not args.quiet else None
+    _not_on_a_server(args)
     with access.open_repository(
         settings, runner, repository=args.repository, disk=args.disk, warn=log.warning, command="verify"
     ) as repo:

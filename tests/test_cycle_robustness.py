@@ -32,7 +32,6 @@ import pytest
 from agent.core import lock
 from agent.core.errors import (
     EXIT_BUSY,
-    EXIT_NOT_AVAILABLE,
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_REPOSITORY,
@@ -1016,13 +1015,14 @@ def test_refuses_a_missing_source(cli: Cli, tmp_path: Path) -> None:
     assert not destination.exists()
 
 
-def test_the_tunnel_option_is_refused_as_not_available(cli: Cli, tmp_path: Path) -> None:
+def test_the_tunnel_option_needs_an_rsync_daemon_destination(cli: Cli, tmp_path: Path) -> None:
+    """--tunnel reaches an rsync daemon (tests/test_daemon_repository.py); with a directory it is a usage error."""
     source = small_source(tmp_path / "source")
     destination = tmp_path / "repo"
     result = cli.run("backup", "--no-sudo", "-t", "host", "--config", write_config(tmp_path / "c.toml"), source.path, destination)
-    assert result.returncode == EXIT_NOT_AVAILABLE, result.stderr
+    assert result.returncode == EXIT_USAGE, result.stderr
     lines = error_lines(result.stderr)
-    assert len(lines) == 1 and "not available" in lines[0] and "--tunnel" in lines[0]
+    assert len(lines) == 1 and "--tunnel" in lines[0] and "rsync://" in lines[0]
     assert not destination.exists() and os.listdir(cli.run_dir) == []
 
 

@@ -92,7 +92,7 @@ def _backup_parser() -> argparse.ArgumentParser:
 
 
 ALLOWED_OPTIONS = {
-    "-h", "--help", "--json", "--disk", "-c", "--crypto", "-m", "--mount", "-n", "--dry-run", "-q", "--quiet",
+    "-h", "--help", "--json", "--disk", "--remote", "-c", "--crypto", "-m", "--mount", "-n", "--dry-run", "-q", "--quiet",
     "-v", "--verbose", "--disable-notifications", "--passphrase-stdin",
 }
 

@@ -67,6 +67,29 @@ class Commands:
     sync: str = "/bin/sync"
     btrfs: str = "/bin/btrfs"  # a frozen source's read-only snapshot (freeze)
     unshare: str = "/usr/bin/unshare"  # the private mount namespace a frozen source is read in
+    ssh: str = "/usr/bin/ssh"  # remote repositories (agent.repository.remote)
+
+
+@dataclass(frozen=True)
+class RemoteRepository:
+    """One [[remote]]: a repository on a server reached over ssh (agent.repository.remote).
+
+    ``identity_file`` and ``known_hosts`` are files on this machine; None
+    leaves them to ssh (the running user's ~/.ssh). ``interval`` is the
+    agent's seconds between backups to it while it is reachable.
+    """
+
+    name: str
+    host: str
+    path: str
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    connect_timeout: int = 10
+    # An rsync daemon's module instead of a path over ssh (agent.repository.daemon), and its password file.
+    module: str | None = None
+    password_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +234,7 @@ class Settings:
     tray: bool = True  # [tray]: the agent's status icon (StatusNotifierItem) where the desktop shows one
     remind_after: int = 7  # [notifications]: days without a successful backup before a reminder; 0: never
     disks: tuple[Disk, ...] = ()
+    remotes: tuple[RemoteRepository, ...] = ()  # [[remote]]: repositories on servers over ssh
     hooks: tuple[Hook, ...] = ()
     reports: tuple[Report, ...] = ()  # [[report]]: who hears the root cycle's result besides the desktop
     command_sources: tuple[CommandSource, ...] = ()  # [[command_source]]: dumps stored in every snapshot

@@ -35,6 +35,7 @@ from agent.config.model import (
     MailReport,
     Packages,
     PingReport,
+    RemoteRepository,
     Report,
     Settings,
     SourceSpec,
@@ -105,6 +106,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "sync",
             "btrfs",
             "unshare",
+            "ssh",
         ),
         "notifications": ("enabled", "remind_after"),
         "tray": ("enabled",),
@@ -144,11 +146,17 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         ),
         "command_source": ("name", "command", "file", "compress", "timeout", "critical"),
         "source": ("path", "name", "exclude", "one_file_system", "skip_cachedir_tagged", "freeze"),
+        "remote": (
+            "name", "host", "port", "user", "path", "identity_file", "known_hosts", "connect_timeout", "module", "password_file",
+        ),  # fmt: skip
     }
 )
 # What one element of each array of tables is, for messages.
 _ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType(
-    {"disk": "disk", "hooks": "hook", "report": "report channel", "command_source": "command source", "source": "source"}
+    {
+        "disk": "disk", "hooks": "hook", "report": "report channel", "command_source": "command source", "source": "source",
+        "remote": "remote repository",
+    }
 )
 
 UNLOCK_METHODS: Final[tuple[str, ...]] = ("auto", "cryptdisks", "systemd")
@@ -1140,6 +1148,66 @@ def _sources(file: str, value: object, backup: Mapping[str, Any]) -> tuple[Sourc
     return tuple(specs)
 
 
+_REMOTE_HOST_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*", re.ASCII)
+_REMOTE_USER_RE: Final = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,63}", re.ASCII)
+_REMOTE_PATH_RE: Final = re.compile(r"/[^\x00-\x1f\x7f]*", re.ASCII | re.DOTALL)
+
+
+def _remote(file: str, index: int, data: Mapping[str, Any]) -> RemoteRepository:
+    prefix = f"remote[{index}]"
+    _check_keys(file, "remote", data, prefix=prefix)
+    name = _disk_name(file, f"{prefix}.name", _required(file, prefix, data, "name", _DISK_NAME_EXPECTED))
+    host_expected = 'the server\'s host name or address, such as "nas.home.arpa" or "192.168.1.10"'
+    host = _text(file, f"{prefix}.host", _required(file, prefix, data, "host", host_expected), host_expected, _REMOTE_HOST_RE)
+    module = None
+    if "module" in data:
+        module = _text(file, f"{prefix}.module", data["module"], 'an rsync daemon module\'s name, such as "laptop"', _REMOTE_USER_RE)
+        if "path" in data:
+            fail(file, f"{prefix}.path", "got both module and path; expected one: an rsync daemon's module is the repository itself")
+    path_expected = 'the repository\'s absolute path on the server, such as "/srv/backup/laptop" (or an rsync daemon\'s module)'
+    path = "" if module else _text(file, f"{prefix}.path", _required(file, prefix, data, "path", path_expected), path_expected, _REMOTE_PATH_RE)
+    password_file = None
+    if "password_file" in data:
+        if module is None:
+            fail(file, f"{prefix}.password_file", "got a password file without module; expected it only for an rsync daemon")
+        password_file = _path(file, f"{prefix}.password_file", data["password_file"], what="an absolute path to a file only root can read")
+    user = None
+    if "user" in data:
+        user = _text(file, f"{prefix}.user", data["user"], "a login name on the server, such as \"backup\"", _REMOTE_USER_RE)
+    port = None
+    if "port" in data:
+        port = data["port"]
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            fail(file, f"{prefix}.port", f"{got_type(port)}; expected the ssh server's TCP port from 1 to 65535 (22 by default)")
+    identity = None
+    if "identity_file" in data:
+        identity = _path(file, f"{prefix}.identity_file", data["identity_file"], what="an absolute path to a private key only root can read")
+    known_hosts = None
+    if "known_hosts" in data:
+        known_hosts = _path(
+            file, f"{prefix}.known_hosts", data["known_hosts"], what="an absolute path to a known_hosts file holding the server's key"
+        )
+    timeout = 10
+    if "connect_timeout" in data:
+        timeout = _duration(file, f"{prefix}.connect_timeout", data["connect_timeout"])
+        if not 1 <= timeout <= 120:
+            fail(file, f"{prefix}.connect_timeout", f'got {show(data["connect_timeout"])}; expected a duration from "1s" to "2m"')
+    return RemoteRepository(
+        name=name, host=host, path=(path.rstrip("/") or "/") if path else "", user=user, port=port,
+        identity_file=identity, known_hosts=known_hosts, connect_timeout=timeout, module=module, password_file=password_file,
+    )
+
+
+def _remotes(file: str, value: object) -> tuple[RemoteRepository, ...]:
+    remotes = tuple(_remote(file, index, data) for index, data in enumerate(_elements(file, "remote", value)))
+    seen: set[str] = set()
+    for index, remote in enumerate(remotes):
+        if remote.name in seen:
+            fail(file, f"remote[{index}].name", f"got {show(remote.name)} twice; expected a name of its own for each [[remote]]")
+        seen.add(remote.name)
+    return remotes
+
+
 def _check_tables(file: str, data: Mapping[str, Any]) -> None:
     """Refuse anything at the top level that is not one of the known tables."""
     known = [*_TABLE_KEYS, *_ARRAY_KEYS]
@@ -1205,6 +1273,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields["packages"] = _packages(path, data["packages"])
     if "source" in data:
         fields["sources"] = _sources(path, data["source"], data.get("backup", {}))
+    if "remote" in data:
+        fields["remotes"] = _remotes(path, data["remote"])
     return Settings(path=path, **fields)
 
 

@@ -27,6 +27,12 @@ EXIT_DISK_FULL = 12
 EXIT_UNVERIFIED = 13  # verify found nothing wrong, but could check no snapshot (no manifests)
 EXIT_STALE = 14  # check-stale: no backup succeeded for remind_after days (a report, not an exception)
 EXIT_WRONG_PASSPHRASE = 15  # the passphrase given on standard input does not open the disk
+# Remote repositories (agent.repository.remote): why the server could not be used
+# (20 and up: 15 to 19 are kept for other kinds of failure).
+EXIT_HOST_KEY = 20  # the server's host key is unknown or changed
+EXIT_REFUSED = 21  # the server refused the key (or the rsync daemon the password)
+EXIT_UNREACHABLE = 22  # no connection to the server at all
+EXIT_CONNECTION_LOST = 23  # the connection broke off during the run
 EXIT_INTERRUPTED = 130
 
 
@@ -193,3 +199,27 @@ class Interrupted(BackupAgentError):
         super().__init__(f"interrupted by {name}", step=step)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+class HostKeyError(BackupAgentError):
+    """The server's host key is not the one known_hosts holds for it (unknown or changed): nothing was sent."""
+
+    exit_code = EXIT_HOST_KEY
+
+
+class RefusedError(BackupAgentError):
+    """The server refused our key (or the rsync daemon our password or module)."""
+
+    exit_code = EXIT_REFUSED
+
+
+class UnreachableError(BackupAgentError):
+    """The server could not be reached (refused, timed out, no route, unknown name)."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class ConnectionLostError(BackupAgentError):
+    """The connection to the server broke off during the run; the unfinished transfer is kept to resume from."""
+
+    exit_code = EXIT_CONNECTION_LOST

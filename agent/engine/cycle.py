@@ -26,7 +26,7 @@ import platform
 import socket
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from agent import __version__
 from agent.core import lock
@@ -458,14 +458,13 @@ class Cycle:
     def _transfer_into(self, begun: Begun, start: dt.datetime) -> str:
         """Open every source (frozen ones are snapshotted then, close together), then one rsync per source."""
         request = self.request
-        repo = self.repository
         name, latest, leftovers = begun.name, begun.previous, list(begun.resumed_from)
         self.hook_context.snapshot = name
         with (
             self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done,
             contextlib.ExitStack() as trees,
         ):
-            opened = [(part, trees.enter_context(part.source.opened(request.repository))) for part in self.parts]
+            opened = [(part, trees.enter_context(part.source.opened(self._excluded_repository()))) for part in self.parts]
             errors = rsync.ErrorCollector()
             partial_codes: list[int] = []
             each: list[dict[str, Any]] = []
@@ -509,8 +508,8 @@ class Cycle:
             skipped = [point for _part, tree in opened for point in tree.skipped_mounts]
             done.update(snapshot=name, statistics=self.outcome.statistics, skipped_mounts=skipped)
         metadata.update(self._system_state(begun))
-        if repo is not None and not request.dry_run:
-            repo.write_metadata(name, metadata)
+        if not request.dry_run:
+            self._write_transfer_metadata(name, metadata)
         self.outcome.snapshot = name
         return name
 
@@ -518,23 +517,11 @@ class Cycle:
         self, part: source_set.Part, tree: Tree, begun: Begun, errors: rsync.ErrorCollector, position: tuple[int, int]
     ) -> tuple[Result, dict[str, Any]]:
         """One source's rsync into its directory of the snapshot; its result and statistics."""
-        settings = self.settings
         request = self.request
         link_dests = source_set.part_link_dests(begun.link_dests, part.directory, part.source.path, self._metadata_of)
         copies_all = begun.copies_all or not link_dests
         index, count = position
-        argv = rsync.build_argv(
-            rsync=settings.commands.rsync,
-            source=tree.root,
-            target=os.path.join(begun.target, part.directory) if part.directory else begun.target,
-            link_dests=link_dests,
-            one_file_system=tree.one_file_system,
-            excludes=tree.excludes,
-            filter_rules=(*part.filter_rules, *tree.filter_rules, *self._state_rules(part)),
-            io_timeout=settings.io_timeout,
-            dry_run=request.dry_run,
-            priority_prefix=(*tree.command_prefix, *self._priority()),
-        )
+        argv = self._transfer_argv(begun, tree, part, link_dests)
         parser = rsync.ProgressParser()
         other_lines: list[str] = []
         last_emit = 0.0
@@ -572,6 +559,8 @@ class Cycle:
         )
         if unsent and result.kind != "error":
             emit(unsent[0], time.monotonic())  # where the transfer ended: a first snapshot's bytes may end below 100%
+        if (lost := self._transfer_failure(result.returncode, result.stderr_tail)) is not None:
+            raise lost
         if disk_full([*errors.first, *result.stderr_tail]) and result.kind in ("error", "partial"):
             raise DiskFullError(self._disk_full_message(), step="transfer")
         if result.kind == "error":
@@ -590,6 +579,37 @@ class Cycle:
         if result.kind == "partial" and count > 1:
             log.warning("%d files of %s could not be transferred", errors.count - before, part.source.path)
         return result, stats
+
+    # What a layout elsewhere than this machine changes (agent.engine.remote overrides these).
+
+    def _transfer_argv(self, begun: Begun, tree: Tree, part: source_set.Part, link_dests: Sequence[str]) -> tuple[str, ...]:
+        """rsync's argv for one source's transfer into ``begun`` (its directory there, with several)."""
+        settings = self.settings
+        request = self.request
+        return rsync.build_argv(
+            rsync=settings.commands.rsync,
+            source=tree.root,
+            target=os.path.join(begun.target, part.directory) if part.directory else begun.target,
+            link_dests=link_dests,
+            one_file_system=tree.one_file_system,
+            excludes=tree.excludes,
+            filter_rules=(*part.filter_rules, *tree.filter_rules, *self._state_rules(part)),
+            io_timeout=settings.io_timeout,
+            dry_run=request.dry_run,
+            priority_prefix=(*tree.command_prefix, *self._priority()),
+        )
+
+    def _excluded_repository(self) -> str:
+        """The local path the sources leave out (the repository, when it lies inside a source)."""
+        return self.request.repository
+
+    def _transfer_failure(self, returncode: int, stderr: tuple[str, ...]) -> BackupAgentError | None:
+        """A failure of the transfer with a meaning of its own (a lost connection); None: rsync's status says it."""
+        return None
+
+    def _write_transfer_metadata(self, name: str, metadata: dict[str, Any]) -> None:
+        if self.repository is not None:
+            self.repository.write_metadata(name, metadata)
 
     def _metadata_of(self, link_dest: str) -> dict[str, Any]:
         """What a snapshot the transfer links to says of itself (unfinished ones by their reserved name)."""

@@ -36,8 +36,10 @@ plugs in next, each a new class chosen in :func:`for_repository` by the kind
 ``init`` records: btrfs subvolumes (``begin`` gives a writable ``current``
 and no ``--link-dest``, ``complete`` takes a read-only snapshot of it,
 ``delete`` renames subvolumes aside, ``empty_trash`` is ``btrfs subvolume
-delete``), a repository over SSH or on an rsync daemon (the
-same names, each step run on the server).
+delete``). A repository over SSH or on an rsync daemon has its own layout,
+:class:`agent.engine.remote.RemoteLayout` (the same names, each step run on
+the server), chosen with its cycle by the command line, since the
+repository is not a directory here.
 """
 
 from __future__ import annotations

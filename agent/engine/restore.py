@@ -81,7 +81,12 @@ class Plan:
 
 
 def choose(
-    history: Sequence[Snapshot], path: str, *, snapshot: str | None, at: dt.datetime | None
+    history: Sequence[Snapshot],
+    path: str,
+    *,
+    snapshot: str | None,
+    at: dt.datetime | None,
+    kind_in: Callable[[Snapshot, str], str | None] | None = None,
 ) -> Target:
     """The snapshot to restore ``path`` from: the one named, the newest at or before ``at``, else the
     newest that holds it (a file deleted since is found in the last snapshot that had it)."""
@@ -101,14 +106,22 @@ def choose(
         candidates = list(reversed(history))
     for snap in candidates:
         rel = within(snap.source, path)
-        info = lstat_in(snap.path, rel) if rel is not None else None
-        if info is not None and rel is not None:
-            return Target(path, snap, rel, kind_of(info.st_mode))
+        if rel is None:
+            continue
+        kind = kind_in(snap, rel) if kind_in is not None else _local_kind(snap, rel)
+        if kind is not None:
+            return Target(path, snap, rel, kind)
     if snapshot is not None or at is not None:
         raise UsageError(
             f"snapshot {candidates[0].name} does not hold {path}: `backup-agent versions {path}` shows which ones do"
         )
     raise LookupError(path)  # the caller explains with history.not_held
+
+
+def _local_kind(snap: Snapshot, rel: str) -> str | None:
+    """What ``rel`` is in a snapshot on this machine (None: it does not hold it)."""
+    info = lstat_in(snap.path, rel)
+    return kind_of(info.st_mode) if info is not None else None
 
 
 def _numbered(name: str, sep: str) -> Iterator[str]:
@@ -335,10 +348,17 @@ def _move_aside(item: Item) -> Item:
 
 
 def execute(
-    plan: Plan, runner: Runner, rsync_program: str, *, say: Callable[[str], None], caller: int | None = None
+    plan: Plan,
+    runner: Runner,
+    rsync_program: str,
+    *,
+    say: Callable[[str], None],
+    caller: int | None = None,
+    remote: tuple[str, str] | None = None,
 ) -> None:
     """Create the directories, move aside, run rsync for each item; CommandError on a failure, after
-    putting back (or naming) what was moved aside.
+    putting back (or naming) what was moved aside. ``remote`` (the ssh command for rsync's ``-e``, the
+    host): the snapshots are paths on that server.
 
     A new ``restored-<snapshot>`` is written only through its descriptor
     (:class:`_Private`); ``caller`` (through sudo) is who must own the
@@ -356,7 +376,7 @@ def execute(
             except OSError as exc:
                 raise StepError(f"cannot create {directory}: {exc.strerror}; {_done(plan, None)}", step="restore") from exc
         for planned in plan.items:
-            _restore_one(plan, planned, runner, rsync_program, say, private, hand_out=caller is not None)
+            _restore_one(plan, planned, runner, rsync_program, say, private, hand_out=caller is not None, remote=remote)
     except BaseException:
         for held in private.values():
             problem = _hand_over(held)
@@ -377,6 +397,7 @@ def _restore_one(
     private: dict[str, _Private],
     *,
     hand_out: bool,
+    remote: tuple[str, str] | None = None,
 ) -> None:
     try:
         item = _move_aside(planned)
@@ -390,6 +411,9 @@ def _restore_one(
     held = private.get(item.destination)
     destination = f"/proc/self/fd/{held.fd}" if held is not None else item.destination
     argv = rsync.restore_argv(rsync=rsync_program, source=item.source, destination=destination, hand_out=hand_out)
+    if remote is not None:  # the snapshot is on a server (agent.engine.remote): rsync reads it over ssh
+        shell, host = remote
+        argv = (*argv[:-2], "-e", shell, f"{host}:{argv[-2]}", argv[-1])
     try:
         result = runner.run(
             argv, step="restore", exit_table=rsync.EXIT_TABLE, check=False, pass_fds=() if held is None else (held.fd,)

@@ -149,6 +149,43 @@ def build_argv(
     return tuple(argv)
 
 
+def over_ssh(argv: Sequence[str], *, shell: str, host: str, link_dests: Sequence[str] = ()) -> tuple[str, ...]:
+    """:func:`build_argv`'s argv sent to a server over ssh (pure).
+
+    rsync starts ``shell`` (ssh with its options, one string) and writes
+    into ``host:`` followed by the target, a path on the server.
+    ``link_dests`` are relative to the target, as rsync resolves them on the
+    receiving side: ``../<snapshot>`` (docs/ARCHITECTURE.md, "Remote
+    repositories"), so neither the repository's path nor its name ever
+    reaches them.
+    """
+    if len(argv) < 3:
+        raise ValueError("an rsync argv ends with its source and target")
+    for link_dest in link_dests:
+        name = link_dest[3:]
+        if not link_dest.startswith("../") or not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"a remote --link-dest is ../<entry of snapshots/>, not {link_dest!r}")
+    if len(link_dests) + sum(1 for a in argv if a.startswith("--link-dest=")) > MAX_LINK_DESTS:
+        raise ValueError(f"rsync accepts at most {MAX_LINK_DESTS} --link-dest directories")
+    if not host or host.startswith("-") or any(c in host for c in "/: \n") and not host.startswith("["):
+        raise ValueError(f"not a host name: {host!r}")
+    *head, source, target = argv
+    return (*head, "-e", shell, *(f"--link-dest={d}" for d in link_dests), source, f"{host}:{target}")
+
+
+def to_daemon(argv: Sequence[str], *, url: str, options: Sequence[str], link_dests: Sequence[str] = ()) -> tuple[str, ...]:
+    """:func:`build_argv`'s argv sent to an rsync daemon's module (pure): the target becomes ``url``
+    (``rsync://[user@]host[:port]/module/...``), ``options`` (``--password-file``, ``--contimeout``) are added,
+    and the link-dests are relative to the target as for :func:`over_ssh`."""
+    checked = over_ssh(argv, shell="-", host="placeholder", link_dests=link_dests)
+    if not url.startswith("rsync://"):
+        raise ValueError(f"not an rsync daemon URL: {url!r}")
+    *head, source, _target = checked
+    shell_at = head.index("-e")
+    head = head[:shell_at] + head[shell_at + 2 :]
+    return (*head, *options, source, url)
+
+
 # --- progress --------------------------------------------------------------
 
 

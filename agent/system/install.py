@@ -91,8 +91,12 @@ UDEVADM: Final = "udevadm"
 _UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
 
 
-def agent_argvs(disk_names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
-    """The argument lists the desktop agent passes to ``sudo -n backup-agent`` (pure)."""
+def agent_argvs(disk_names: Sequence[str], remote_names: Sequence[str] = ()) -> tuple[tuple[str, ...], ...]:
+    """The argument lists the desktop agent passes to ``sudo -n backup-agent`` (pure).
+
+    A ``[[remote]]`` (a repository on a server) gets its backup form only:
+    there is nothing to eject or open.
+    """
     backups = tuple(("backup", "--json", "--disk", name) for name in disk_names)
     ejects = tuple(("eject", "--json", "--disk", name) for name in disk_names)
     opens = tuple(("open", "--json", "--disk", name) for name in disk_names)
@@ -101,10 +105,11 @@ def agent_argvs(disk_names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     unlocking = tuple(
         (command, "--json", "--disk", name, "--passphrase-stdin") for name in disk_names for command in ("backup", "open")
     )
-    return (("backup", "--json"),) + backups + ejects + opens + unlocking
+    remotes = tuple(("backup", "--json", "--remote", name) for name in remote_names)
+    return (("backup", "--json"),) + backups + ejects + opens + unlocking + remotes
 
 
-def sudoers_rule(user: str, executable: str, disk_names: Sequence[str]) -> str:
+def sudoers_rule(user: str, executable: str, disk_names: Sequence[str], remote_names: Sequence[str] = ()) -> str:
     """The drop-in's text: ``user`` may run ``executable`` as root only in the agent's forms (pure).
 
     Raises :class:`UsageError` for a user name, executable path or disk name
@@ -118,16 +123,9 @@ def sudoers_rule(user: str, executable: str, disk_names: Sequence[str]) -> str:
     if user == "root":
         raise UsageError("root needs no sudo rule: give --user NAME, the user whose desktop agent starts backups")
     _check_executable(executable)
-    names: list[str] = []
-    for name in disk_names:
-        if not isinstance(name, str) or not DISK_NAME_RE.fullmatch(name):
-            raise UsageError(
-                f"disk name {name!r} cannot go in a sudo rule as it is: expected a letter or digit followed by "
-                "up to 63 letters, digits, _, . or -"
-            )
-        if name not in names:
-            names.append(name)
-    commands = [f"{executable} {' '.join(argv)}" for argv in agent_argvs(names)]
+    names = _rule_names(disk_names, "disk")
+    remotes = _rule_names(remote_names, "remote")
+    commands = [f"{executable} {' '.join(argv)}" for argv in agent_argvs(names, remotes)]
     return "\n".join(
         [
             MARKER,
@@ -140,6 +138,20 @@ def sudoers_rule(user: str, executable: str, disk_names: Sequence[str]) -> str:
             "",
         ]
     )
+
+
+def _rule_names(given: Sequence[str], what: str) -> list[str]:
+    """The names in the order given, once each; a UsageError for one sudoers would not take literally."""
+    names: list[str] = []
+    for name in given:
+        if not isinstance(name, str) or not DISK_NAME_RE.fullmatch(name):
+            raise UsageError(
+                f"{what} name {name!r} cannot go in a sudo rule as it is: expected a letter or digit followed by "
+                "up to 63 letters, digits, _, . or -"
+            )
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def _check_executable(executable: str) -> None:
@@ -456,8 +468,9 @@ def install(
     _check_user(name)
     settings = load_settings(None, through_sudo=True)  # the file the cycle will read through sudo
     disk_names = [disk.name for disk in settings.disks]
+    remote_names = [remote.name for remote in settings.remotes]
     texts = (
-        sudoers_rule(name, program.executable, disk_names),
+        sudoers_rule(name, program.executable, disk_names, remote_names),
         udev_rules(settings.disks),
         user_unit(program.executable),
     )
@@ -489,7 +502,7 @@ def install(
             out.write(text)
         return 0
     _write_checked(texts[0], drop_in, runner)
-    forms = "; ".join(f"{program.executable} {' '.join(argv)}" for argv in agent_argvs(disk_names))
+    forms = "; ".join(f"{program.executable} {' '.join(argv)}" for argv in agent_argvs(disk_names, remote_names))
     out.write(f"wrote {drop_in}: {name} may now run as root, without a password, only: {forms}\n")
     _write_checked(texts[1], rules, None, RULES_MODE)
     _reload_udev(runner)
