@@ -439,7 +439,8 @@ def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
         state = schedule.on_stopped(entry.state, now)
     else:
         state = schedule.on_finished(entry.state, now, False)
-    return _with(agenda, event.disk, replace(entry, state=state))
+    # When it is due again, said now: another disk may start at once and hold the settling back (status, the timer).
+    return _with(agenda, event.disk, replace(entry, state=state, next_due=schedule.next_due(state, agenda.policy, now)))
 
 
 def _settle(agenda: Agenda, now: float, actions: list[Action]) -> Agenda:
