@@ -440,7 +440,8 @@ def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
     else:
         state = schedule.on_finished(entry.state, now, False)
     # When it is due again, said now: another disk may start at once and hold the settling back (status, the timer).
-    return _with(agenda, event.disk, replace(entry, state=state, next_due=schedule.next_due(state, agenda.policy, now)))
+    due = None if entry.ejected else schedule.next_due(state, agenda.policy, now)
+    return _with(agenda, event.disk, replace(entry, state=state, next_due=due))
 
 
 def _settle(agenda: Agenda, now: float, actions: list[Action]) -> Agenda:
