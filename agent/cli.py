@@ -27,6 +27,7 @@ from agent.engine import channels, history, reports, stale
 from agent.core import when
 from agent.engine import restore as restoring
 from agent.engine import verify as verifier
+from agent.engine import offsite
 from agent.core.commands import IONICE_CLASSES, Runner
 from agent.disk.find import find_device, first_present, none_attached, select_disk
 from agent.disk.identity import id_path, record_id, recorded_id, verify_mount
@@ -35,7 +36,7 @@ from agent.disk.unlock import unlocked
 from agent.system import install as installer
 from agent.core import lock
 from agent.config.load import SYSTEM_CONFIG, load_settings
-from agent.config.model import Disk, Settings, effective_excludes
+from agent.config.model import Disk, Offsite, Settings, effective_excludes
 from agent.config.trust import running_through_sudo
 from agent.config.validate import check_exclude
 from agent.engine.cycle import STEPS, Cycle, Outcome, Request, check_platform, human_size
@@ -82,6 +83,11 @@ def _count(text: str) -> Count:
     return value
 
 
+def _offsite_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--offsite", action="store_true", help=what)
+    parser.add_argument("--offsite-name", metavar="NAME", help="which [[offsite]] (default: the first)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="backup-agent", description="Hard-linked rsync snapshots on a backup disk.")
     parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
@@ -122,13 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("destination", nargs="?", metavar="DESTINATION", help="the repository directory")
 
     init = sub.add_parser("init", parents=[common], help="create the repository on a new backup disk")
-    init.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to initialise")
+    init_what = init.add_mutually_exclusive_group(required=True)
+    init_what.add_argument("--disk", metavar="NAME", help="the configured disk to initialise")
+    init_what.add_argument("--offsite", metavar="NAME", help="create (or adopt) the restic repository of this [[offsite]]")
     init.add_argument("-y", "--yes", action="store_true", help="do it without asking")
 
     listing = sub.add_parser("list", parents=[common], help="list the snapshots of a repository")
     listing.add_argument("--json", action="store_true", help="one JSON array of snapshots")
     listing.add_argument("--disk", metavar="NAME", help="list this configured disk (default: the one attached)")
     listing.add_argument("repository", nargs="?", metavar="REPOSITORY")
+    _offsite_options(listing, "list the snapshots of the off-site repository (no disk needed)")
 
     rotate = sub.add_parser("rotate", parents=[common], help="rotate old snapshots now")
     rotate.add_argument("-n", "--dry-run", action="store_true", help="show the plan; delete nothing")
@@ -152,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     versions.add_argument("--json", action="store_true", help="one JSON object: path, versions")
     versions.add_argument("path", metavar="PATH", help="as it is (or was) on this machine; relative to here")
+    _offsite_options(versions, "look in the off-site repository (no disk needed)")
 
     differ = sub.add_parser("diff", parents=[common, reading], help="what changed between two snapshots")
     differ.add_argument("--json", action="store_true", help="one JSON object: a, b, source, changes")
@@ -169,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--in-place", action="store_true", help="back where it was; what is there now is moved aside")
     restore.add_argument("-n", "--dry-run", action="store_true", help="say what would be restored where; change nothing")
     restore.add_argument("paths", nargs="+", metavar="PATH", help="as it is (or was) on this machine; relative to here")
+    _offsite_options(restore, "restore from the off-site repository (no disk needed)")
 
     verify = sub.add_parser(
         "verify",
@@ -254,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 # (agent.system.install.agent_argvs); an administrator may run these forms.
 SUDO_FORMS: dict[str, str] = {
     "backup": "backup [--json] [--disk NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
-    "init": "init --disk NAME [--yes] [-q|-v]",
+    "init": "init --disk NAME | --offsite NAME [--yes] [-q|-v]",
     "eject": "eject --disk NAME [--json] [-q|-v]",
     "open": "open --disk NAME [--json] [-q|-v]",
     "list": "list [--json] [--disk NAME] [-q|-v]",
@@ -266,7 +277,7 @@ SUDO_FORMS: dict[str, str] = {
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset({"json", "disk", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications"}),
-    "init": frozenset({"disk", "yes", "quiet", "verbose"}),
+    "init": frozenset({"disk", "offsite", "yes", "quiet", "verbose"}),
     "eject": frozenset({"disk", "json", "quiet", "verbose"}),
     "open": frozenset({"disk", "json", "quiet", "verbose"}),
     "list": frozenset({"json", "disk", "quiet", "verbose"}),
@@ -518,6 +529,8 @@ def _summary(outcome: Outcome, request: Request) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load(args)
+    if args.offsite:
+        return _list_offsite(args, settings)
     with access.open_repository(
         settings, Runner(), repository=args.repository, disk=args.disk, warn=log.warning, command="list"
     ) as repo:
@@ -565,6 +578,8 @@ def _root_disk(args: argparse.Namespace, does: str) -> tuple[Settings, Disk]:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the repository and its marker on a disk, and record its id for this machine."""
+    if args.offsite:
+        return _init_offsite(args)
     settings, disk = _root_disk(args, "unlocks and mounts the disk")
     if not args.yes and not sys.stdin.isatty():
         # Refused before anything is touched: asking needs a terminal.
@@ -705,6 +720,8 @@ def _partial(snapshot: str, partial: Sequence[str]) -> str:
 def cmd_versions(args: argparse.Namespace) -> int:
     settings = _load(args)
     path = history.live_path(args.path, os.getcwd())
+    if args.offsite:
+        return _versions_offsite(args, settings, path)
     with _reading(args, settings) as repo:
         snaps = history.snapshots(repo)
         found = history.versions(snaps, path)
@@ -772,6 +789,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     paths = [history.live_path(path, cwd) for path in args.paths]
     to = history.live_path(args.to, cwd) if args.to else None
+    if args.offsite:
+        return _restore_offsite(args, settings, paths, at, to)
     # What the live system alone decides is refused before the disk is opened: --to, and through sudo the caller's directories.
     restoring.plan_restore([], to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
     caller = int(os.environ["SUDO_UID"]) if running_through_sudo() else None
@@ -1000,3 +1019,72 @@ def _error_line(exc: BackupAgentError) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- the off-site repository (agent/engine/offsite) ------------------------------------
+
+
+def _chosen_offsite(args: argparse.Namespace, settings: Settings) -> Offsite:
+    if os.geteuid() != 0 and not settings.offsite:
+        raise UsageError("no [[offsite]] is configured: see the README's [[offsite]]")
+    if args.offsite_name:
+        return offsite.find(settings, args.offsite_name)
+    if not settings.offsite:
+        raise UsageError(f"no [[offsite]] is configured in {settings.path}: see the README's [[offsite]]")
+    return settings.offsite[0]
+
+
+def _init_offsite(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    chosen = offsite.find(settings, args.offsite)
+    found, created = offsite.initialise(settings, chosen, Runner())
+    verb = "created" if created else "adopted (checked)"
+    print(f"off-site {chosen.name}: {verb} the restic repository {found[:12]}; recorded in {offsite.state_path(settings, chosen)}")
+    return EXIT_OK
+
+
+def _list_offsite(args: argparse.Namespace, settings: Settings) -> int:
+    chosen = _chosen_offsite(args, settings)
+    found = offsite.listing(settings, chosen, Runner())
+    rows = [{"id": s.id, "short_id": s.short_id, "time": s.time.isoformat(), "snapshot": s.local_name, "host": s.host} for s in found]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print(f"off-site {chosen.name}: no snapshots of this machine yet")
+        return EXIT_OK
+    print(f"{'SNAPSHOT':<26} {'OFF-SITE ID':<12} TIME")
+    for row in rows:
+        print(f"{row['snapshot'] or '?':<26} {row['short_id']:<12} {row['time']}")
+    return EXIT_OK
+
+
+def _versions_offsite(args: argparse.Namespace, settings: Settings, path: str) -> int:
+    chosen = _chosen_offsite(args, settings)
+    found = offsite.versions(settings, chosen, Runner(), path)
+    if not found:
+        raise UsageError(f"{path} is in no off-site snapshot of {chosen.name}")
+    rows: list[dict[str, Any]] = [
+        {
+            "snapshot": snap.local_name, "id": snap.short_id, "time": snap.time.isoformat(),
+            "kind": match.kind, "size": match.size, "mtime": match.mtime,
+        }
+        for snap, match in found
+    ]
+    if args.json:
+        print(json.dumps({"path": path, "offsite": chosen.name, "versions": rows}, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    print(f"{path}: in {len(rows)} off-site snapshot{'s' if len(rows) != 1 else ''} of {chosen.name}")
+    for row in rows:
+        print(f"{row['snapshot'] or row['id']:<26} {human_size(row['size'] or 0):>10}  {row['mtime']}  {row['kind']}")
+    return EXIT_OK
+
+
+def _restore_offsite(args: argparse.Namespace, settings: Settings, paths: Sequence[str], at: dt.datetime | None, to: str | None) -> int:
+    if args.in_place or args.dry_run:
+        raise UsageError("restore --offsite restores into a new directory only: leave out --in-place and --dry-run")
+    chosen = _chosen_offsite(args, settings)
+    for path in paths:
+        target, snap = offsite.restore(settings, chosen, Runner(), path, name=args.snapshot, at=at, to=to)
+        print(f"restored {path} from the off-site snapshot {snap.local_name or snap.short_id} ({chosen.name}) to {target}")
+    return EXIT_OK

@@ -35,7 +35,7 @@ FILE = "/etc/backup-agent/config.toml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.toml"
 IS_ROOT = os.geteuid() == 0
 
-TABLES = "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [[disk]], [[hooks]], [[report]]"
+TABLES = "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [[disk]], [[hooks]], [[report]], [[offsite]]"
 BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout"
 COUNT = 'expected a whole number of 0 or more, or "always"'
 DURATION = (
@@ -579,13 +579,13 @@ LIFECYCLE_ERRORS = [
     pytest.param(
         {"name": "backup1"},
         "name",
-        'got the key "name" outside any table; expected it below the line [[disk]] or [[hooks]]',
+        'got the key "name" outside any table; expected it below the line [[disk]] or [[hooks]] or [[offsite]]',
         id="key-outside-table-arrays",
     ),
     pytest.param(
         {"repository": "/srv/backup"},
         "repository",
-        'got the key "repository" outside any table; expected it below the line [backup] or [[disk]]',
+        'got the key "repository" outside any table; expected it below the line [backup] or [[disk]] or [[offsite]]',
         id="key-outside-table-backup-or-disk",
     ),
     pytest.param(
@@ -642,7 +642,7 @@ LIFECYCLE_ERRORS = [
         {"commands": {"cryptdisk_stop": "/sbin/cryptdisks_stop"}},
         "commands.cryptdisk_stop",
         'unknown key "cryptdisk_stop" in [commands], did you mean cryptdisks_stop?; expected one of rsync, ionice, '
-        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, systemctl, mount, umount, sync",
+        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, systemctl, mount, umount, sync, restic, unshare",
         id="commands-unknown-key-suggested",
     ),
     # [[disk]]: keys, required keys

@@ -62,6 +62,9 @@ class Commands:
     mount: str = "/bin/mount"
     umount: str = "/bin/umount"
     sync: str = "/bin/sync"
+    # The off-site copy (docs/ARCHITECTURE.md, "The off-site copy").
+    restic: str = "/usr/bin/restic"
+    unshare: str = "/usr/bin/unshare"
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,41 @@ class PingReport:
 
 Report = Union[MailReport, PingReport]
 
+#: [[offsite]] defaults: a copy a day, pruning a month apart, a check a week reading 1/12 of the data.
+DEFAULT_OFFSITE_INTERVAL: Final = 86400
+DEFAULT_PRUNE_INTERVAL: Final = 30 * 86400
+DEFAULT_CHECK_INTERVAL: Final = 7 * 86400
+DEFAULT_CHECK_PARTS: Final = 12
+
+
+@dataclass(frozen=True)
+class Offsite:
+    """One ``[[offsite]]``: a restic repository that receives a copy of the newest local snapshot.
+
+    Exactly one of ``repository``/``repository_file`` and one of
+    ``password_file``/``password_command``; every file is root's alone and
+    is handed to restic by name or through its environment, never on a
+    command line (docs/ARCHITECTURE.md, "The off-site copy").
+    """
+
+    name: str
+    repository: str | None = None  # "/path", "sftp:host:/path", "rest:https://...", "s3:..."
+    repository_file: str | None = None
+    password_file: str | None = None
+    password_command: tuple[str, ...] | None = None  # argv; its stdout is the password
+    environment_file: str | None = None  # KEY=VALUE lines for the backend (AWS_*, B2_*, ...), root's alone
+    host: str | None = None  # the --host of each off-site snapshot; default this machine's name
+    interval: int = DEFAULT_OFFSITE_INTERVAL  # seconds: at most one copy this often
+    metered: bool = False  # also copy over a metered connection
+    remind_after: int = 7  # days without an off-site copy before a reminder; 0: never
+    rotation: Scheme = DEFAULT_SCHEME  # [offsite.rotation]; default: the local [rotation]
+    append_only: bool = False  # the server refuses deletion: forget and prune are the server owner's
+    prune_interval: int = DEFAULT_PRUNE_INTERVAL
+    check_interval: int = DEFAULT_CHECK_INTERVAL
+    check_parts: int = DEFAULT_CHECK_PARTS  # N of --read-data-subset=k/N; 0: no reading of data
+    pack_size: int | None = None  # MiB (restic --pack-size)
+    limit_upload: int | None = None  # KiB/s (restic --limit-upload)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -155,6 +193,7 @@ class Settings:
     disks: tuple[Disk, ...] = ()
     hooks: tuple[Hook, ...] = ()
     reports: tuple[Report, ...] = ()  # [[report]]: who hears the root cycle's result besides the desktop
+    offsite: tuple[Offsite, ...] = ()  # [[offsite]]: restic repositories that get a copy of each snapshot
     keep_free: KeepFree | None = None
     interval: int = DEFAULT_INTERVAL  # [agent]: seconds between backups while the disk stays attached
     on_plug: str = DEFAULT_ON_PLUG  # [agent]: one of agent.policy.schedule.ON_PLUG_CHOICES

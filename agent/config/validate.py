@@ -21,6 +21,7 @@ from agent.core.commands import IONICE_CLASSES
 from agent.policy.rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
 from agent.policy.schedule import ON_PLUG_CHOICES
 from agent.config.messages import fail, got_type, literal, quote, show, suggest
+from agent.config.offsite_keys import OFFSITE_KEYS
 from agent.config.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_MIN_SNAPSHOTS,
@@ -95,6 +96,8 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "mount",
             "umount",
             "sync",
+            "restic",
+            "unshare",
         ),
         "notifications": ("enabled", "remind_after"),
         "tray": ("enabled",),
@@ -130,10 +133,13 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "url",
             "timeout",
         ),
+        "offsite": OFFSITE_KEYS,
     }
 )
 # What one element of each array of tables is, for messages.
-_ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType({"disk": "disk", "hooks": "hook", "report": "report channel"})
+_ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType(
+    {"disk": "disk", "hooks": "hook", "report": "report channel", "offsite": "off-site repository"}
+)
 
 UNLOCK_METHODS: Final[tuple[str, ...]] = ("auto", "cryptdisks", "systemd")
 HOOK_AROUND: Final[tuple[str, ...]] = ("backup", "snapshot")
@@ -1047,6 +1053,10 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields["hooks"] = _hooks(path, data["hooks"])
     if "report" in data:
         fields["reports"] = _reports(path, data["report"])
+    if "offsite" in data:
+        from agent.config.offsite import offsite_tables  # it uses this module's validators
+
+        fields["offsite"] = offsite_tables(path, _elements(path, "offsite", data["offsite"]), fields.get("rotation", DEFAULT_SCHEME))
     return Settings(path=path, **fields)
 
 
@@ -1064,4 +1074,7 @@ def named_programs(data: Mapping[str, Any], settings: Settings) -> tuple[tuple[s
         for side, argv in (("before", hook.before), ("after", hook.after)):
             if argv is not None:
                 programs.append((f"hooks[{index}].{side}", argv[0]))
+    for index, offsite in enumerate(settings.offsite):
+        if offsite.password_command is not None:
+            programs.append((f"offsite[{index}].password_command", offsite.password_command[0]))
     return tuple(programs)

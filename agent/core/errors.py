@@ -26,6 +26,8 @@ EXIT_DAMAGED = 11  # verify found damage (a report, not an exception)
 EXIT_DISK_FULL = 12
 EXIT_UNVERIFIED = 13  # verify found nothing wrong, but could check no snapshot (no manifests)
 EXIT_STALE = 14  # check-stale: no backup succeeded for remind_after days (a report, not an exception)
+EXIT_OFFSITE = 15  # the off-site copy failed (unreachable, restic failed); the local backup is not affected
+EXIT_OFFSITE_PASSWORD = 16  # the off-site repository refused the password (or has no key for it)
 EXIT_INTERRUPTED = 130
 
 
@@ -186,3 +188,27 @@ class Interrupted(BackupAgentError):
         super().__init__(f"interrupted by {name}", step=step)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+class OffsiteError(BackupAgentError):
+    """The off-site copy, or a command on the off-site repository, failed.
+
+    ``reason`` says what kind of failure it is in one word (``password``,
+    ``unreachable``, ``locked``, ``quota``, ``missing``, ``too-old``,
+    ``no-repository``, ``append-only``, ``failed``), and each has its exit
+    status, so the agent and scripts tell them apart without reading the text.
+    """
+
+    _EXIT_CODES = {
+        "password": EXIT_OFFSITE_PASSWORD,
+        "locked": EXIT_BUSY,
+        "quota": EXIT_DISK_FULL,
+        "missing": EXIT_NOT_AVAILABLE,
+        "too-old": EXIT_NOT_AVAILABLE,
+        "no-repository": EXIT_REPOSITORY,
+    }
+
+    def __init__(self, message: str, *, reason: str = "failed", step: str | None = "offsite") -> None:
+        super().__init__(message, step=step)
+        self.reason = reason
+        self.exit_code = self._EXIT_CODES.get(reason, EXIT_OFFSITE)
