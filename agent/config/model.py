@@ -164,6 +164,7 @@ class Offsite:
     metered: bool = False  # also copy over a metered connection
     remind_after: int = 7  # days without an off-site copy before a reminder; 0: never
     rotation: Scheme = DEFAULT_SCHEME  # [offsite.rotation]; default: the local [rotation]
+    keep_last: int = 1  # [offsite.rotation] last: restic forget --keep-last, the newest N kept whatever their period
     append_only: bool = False  # the server refuses deletion: forget and prune are the server owner's
     prune_interval: int = DEFAULT_PRUNE_INTERVAL
     check_interval: int = DEFAULT_CHECK_INTERVAL

@@ -24,9 +24,10 @@ _NAME_EXPECTED: Final = 'a name of 1 to 64 ASCII letters, digits, "_", "." and "
 _REPOSITORY_EXPECTED: Final = (
     'a restic repository: an absolute path, or one starting with ' + ", ".join(BACKENDS) + ' such as "sftp:backup@host:/srv/restic"'
 )
-_ROTATION_KEYS: Final = (*FREQUENCIES, "prefer_recent", "strict")
+_ROTATION_KEYS: Final = (*FREQUENCIES, "last", "prefer_recent", "strict")
 _ROOT_FILE: Final = "an absolute path to a file only root can read"
 MAX_CHECK_PARTS: Final = 1000
+MIN_PACK_SIZE: Final = 4  # MiB: restic refuses less
 MAX_PACK_SIZE: Final = 128  # MiB: restic's own limit
 
 
@@ -47,6 +48,13 @@ def _whole(file: str, key: str, value: object, low: int, high: int, what: str) -
         found = f"got {value}" if isinstance(value, int) and not isinstance(value, bool) else got_type(value)
         fail(file, key, f"{found}; expected {what}")
     return value
+
+
+def _keep_last(file: str, prefix: str, value: object) -> int:
+    """``[offsite.rotation] last``: restic's --keep-last (the newest N whatever their period); at least 1."""
+    if not isinstance(value, Mapping) or "last" not in value:
+        return 1
+    return _whole(file, f"{prefix}.rotation.last", value["last"], 1, v.MAX_COUNT, f"a whole number from 1 to {v.MAX_COUNT}")
 
 
 def _rotation(file: str, prefix: str, value: object, local: Scheme) -> Scheme:
@@ -119,10 +127,13 @@ def _one(file: str, index: int, data: Mapping[str, Any], local: Scheme, names: s
             f"N of restic check --read-data-subset=k/N, from 1 to {MAX_CHECK_PARTS} (0: check the structure only)",
         )
     if "pack_size" in data:
-        fields["pack_size"] = _whole(file, f"{prefix}.pack_size", data["pack_size"], 1, MAX_PACK_SIZE, f"MiB from 1 to {MAX_PACK_SIZE}")
+        fields["pack_size"] = _whole(
+            file, f"{prefix}.pack_size", data["pack_size"], MIN_PACK_SIZE, MAX_PACK_SIZE, f"MiB from {MIN_PACK_SIZE} to {MAX_PACK_SIZE}"
+        )
     if "limit_upload" in data:
         fields["limit_upload"] = _whole(file, f"{prefix}.limit_upload", data["limit_upload"], 1, 2**31 - 1, "KiB/s, 1 or more")
     fields["rotation"] = _rotation(file, prefix, data["rotation"], local) if "rotation" in data else local
+    fields["keep_last"] = _keep_last(file, prefix, data.get("rotation"))
     return Offsite(**fields)
 
 

@@ -268,8 +268,16 @@ class Restic:
         retry_locked: bool = True,
     ) -> Result:
         """Run restic; a lock left by a dead restic is removed (``restic unlock``) and the command tried once more."""
+
+        def on_stderr(line: str) -> None:
+            # restic 0.14 retries a refused deletion for most of a minute: a refusal is final, so it is stopped at once.
+            if restic.refused_deletion(line):
+                raise OffsiteError(f"off-site {self.offsite.name}: {restic.explain('append-only', [line])}", reason="append-only", step=step_name)
+
         try:
-            return self.runner.run((*prefix, *argv), step=step_name, on_stdout=on_stdout, mutating=mutating, env=self.environment())
+            return self.runner.run(
+                (*prefix, *argv), step=step_name, on_stdout=on_stdout, on_stderr=on_stderr, mutating=mutating, env=self.environment()
+            )
         except CommandError as exc:
             if exc.returncode is None and "was not found" in exc.message:
                 raise OffsiteError(f"restic was not found at {self.program}: apt install restic", reason="missing", step=step_name) from None
@@ -280,7 +288,7 @@ class Restic:
                     self.runner.run(restic.unlock_argv(self.program), step=step_name, env=self.environment())
                 return self.run(argv, step_name=step_name, on_stdout=on_stdout, mutating=mutating, prefix=prefix, retry_locked=False)
             raise OffsiteError(
-                f"off-site {self.offsite.name}: {restic.explain(reason, exc.stderr_tail)}", reason=reason, step=step_name
+                f"off-site {self.offsite.name}: {restic.explain(reason, exc.stderr_tail, exc.message)}", reason=reason, step=step_name
             ) from None
 
     def output(self, argv: Sequence[str], *, step_name: str = STEP) -> str:
@@ -474,7 +482,7 @@ class OffsiteCopy:
 
     def _forget(self, tool: Restic, offsite: Offsite) -> dict[str, Any]:
         lines: list[str] = []
-        tool.run(restic.forget_argv(tool.program, tool.host, offsite.rotation), step_name="offsite-forget", on_stdout=lines.append)
+        tool.run(restic.forget_argv(tool.program, tool.host, offsite.rotation, offsite.keep_last), step_name="offsite-forget", on_stdout=lines.append)
         removed = 0
         with contextlib.suppress(ValueError):
             for group in json.loads("\n".join(lines) or "[]"):
@@ -548,6 +556,10 @@ def initialise(settings: Settings, offsite: Offsite, runner: Runner) -> tuple[st
         tool.run(restic.check_argv(tool.program, 0, 0), step_name="init")
     state = read_state(settings, offsite)
     state.id = found
+    # Pruning and reading back are first due one interval after this: an initialised repository has nothing to prune or check.
+    stamp = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    state.last_prune = state.last_prune or stamp
+    state.last_check = state.last_check or stamp
     write_state(settings, offsite, state)
     return found, created
 

@@ -153,9 +153,10 @@ def keep_options(scheme: Scheme) -> tuple[str, ...]:
     return out
 
 
-def forget_argv(restic: str, host: str, scheme: Scheme) -> tuple[str, ...]:
-    """Forgets only this machine's off-site snapshots; the newest is always kept (``--keep-last 1``)."""
-    return (restic, "forget", "--json", "--host", host, "--tag", TAG, "--group-by", "host", "--keep-last", "1", *keep_options(scheme))
+def forget_argv(restic: str, host: str, scheme: Scheme, keep_last: int = 1) -> tuple[str, ...]:
+    """Forgets only this machine's off-site snapshots; the newest ``keep_last`` (at least 1) are always kept."""
+    last = str(max(keep_last, 1))
+    return (restic, "forget", "--json", "--host", host, "--tag", TAG, "--group-by", "host", "--keep-last", last, *keep_options(scheme))
 
 
 def prune_argv(restic: str, offsite: Offsite) -> tuple[str, ...]:
@@ -403,6 +404,12 @@ _ADVICE: Final[Mapping[str, str]] = {
 }
 
 
+def refused_deletion(line: str) -> bool:
+    """restic retrying a deletion the server refused (an append-only rest-server or rclone answers 403)."""
+    lowered = line.lower()
+    return lowered.startswith("remove(") and "403" in lowered and "retrying" in lowered
+
+
 def classify(lines: Iterable[str]) -> str:
     """The reason of a failure from restic's stderr (``failed`` when nothing known matches)."""
     text = "\n".join(lines).lower()
@@ -412,8 +419,8 @@ def classify(lines: Iterable[str]) -> str:
     return "failed"
 
 
-def explain(reason: str, lines: Sequence[str]) -> str:
-    """One line for a failure: what it means and what to do, then restic's own last words."""
-    said = next((line.strip() for line in reversed(lines) if line.strip()), "")
+def explain(reason: str, lines: Sequence[str], fallback: str = "") -> str:
+    """One line for a failure: what it means and what to do, then restic's own last words (or ``fallback``)."""
+    said = next((line.strip() for line in reversed(lines) if line.strip()), fallback)
     advice = _ADVICE.get(reason, "restic failed")
     return f"{advice} (restic: {said[:200]})" if said else advice

@@ -1,0 +1,368 @@
+"""The off-site copy (agent.engine.offsite) with real restic, real rclone and real backup cycles.
+
+Real parts: restic (Debian's 0.14) against a local directory repository and
+against a REST repository that ``rclone serve restic`` serves on 127.0.0.1
+(a port the kernel picked), also with ``--append-only``; the backup cycle
+with real rsync; ``unshare`` and bind mounts for the stable path. The one
+stand-in is a program that says it is an old restic (a process boundary),
+as this machine has only one restic. Each server is stopped by its pid.
+Trees are small and pack sizes 4 MiB (restic's least), so each test takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from agent import cli
+from agent.core.errors import EXIT_BUSY, EXIT_NOT_AVAILABLE, EXIT_OFFSITE, EXIT_OFFSITE_PASSWORD, EXIT_OK
+
+pytestmark = pytest.mark.integration
+
+RESTIC = shutil.which("restic")
+RCLONE = shutil.which("rclone")
+
+
+def _need(program: str | None, name: str) -> str:
+    if program is None:
+        pytest.skip(reason=f"{name} is not installed: run scripts/test, which installs it")
+    if os.geteuid() != 0:
+        pytest.skip(reason="the off-site copy bind-mounts the snapshot in a private mount namespace, which needs root")
+    return program
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class World:
+    """A source tree, a local repository, a password and a config with one [[offsite]]."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.source = base / "src"
+        self.local = base / "local"
+        self.state = base / "state"
+        self.password = base / "password"
+        self.config = base / "config.toml"
+        (self.source / "docs").mkdir(parents=True)
+        for index in range(20):
+            (self.source / "docs" / f"note{index}.txt").write_text(f"note {index}\n" * (index + 1))
+        (self.source / "bin.dat").write_bytes(os.urandom(200_000))
+        os.link(self.source / "bin.dat", self.source / "hardlink.dat")
+        (self.source / "link").symlink_to("docs/note1.txt")
+        os.chmod(self.source / "docs" / "note3.txt", 0o600)
+        self.password.write_text("correct horse\n")
+        os.chmod(self.password, 0o600)
+
+    def write_config(self, repository: str, **extra: Any) -> None:
+        lines = [
+            "[backup]", f'source = "{self.source}"', f'repository = "{self.local}"',
+            "[system]", f'state_dir = "{self.state}"',
+            "[[offsite]]", 'name = "far"', f'repository = "{repository}"', f'password_file = "{self.password}"',
+            'interval = "0"', "pack_size = 4",
+        ]
+        for key, value in extra.items():
+            lines.append(f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}")
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def cli(self, *arguments: str) -> int:
+        return cli.main(["--config", str(self.config), *arguments])
+
+    def backup(self, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[dict[str, Any]]]:
+        capsys.readouterr()
+        code = self.cli("backup", "--no-sudo", "--json")
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        return code, lines
+
+    def newest_local(self) -> Path:
+        return Path(os.path.realpath(self.local / "latest"))
+
+
+def offsite_steps(events: list[dict[str, Any]], name: str = "offsite") -> list[dict[str, Any]]:
+    return [event for event in events if event["event"] == "step" and event["step"] == name]
+
+
+@pytest.fixture
+def world(trusted_dir: Path) -> World:
+    _need(RESTIC, "restic")
+    return World(trusted_dir)
+
+
+@contextlib.contextmanager
+def rclone_rest(directory: Path, *, append_only: bool = False) -> Iterator[str]:
+    """``rclone serve restic`` on 127.0.0.1 and a free port; stopped by its pid."""
+    program = _need(RCLONE, "rclone")
+    port = free_port()
+    argv = [program, "serve", "restic", "--addr", f"127.0.0.1:{port}", str(directory)]
+    if append_only:
+        argv.insert(3, "--append-only")
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("rclone serve restic did not start")
+            time.sleep(0.05)
+        yield f"rest:http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_a_directory_repository_gets_the_newest_snapshot_and_gives_it_back_byte_for_byte(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world.write_config(str(world.base / "restic"))
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    code, events = world.backup(capsys)
+    assert code == EXIT_OK
+    steps = offsite_steps(events)
+    assert [s["state"] for s in steps] == ["start", "done"], steps
+    local = world.newest_local()
+    assert steps[-1]["snapshot"] == local.name and steps[-1]["files_new"] == 22
+    # restic's progress arrives as our progress fields, marked with the step.
+    assert any(e["event"] == "progress" and e.get("step") == "offsite" and "files_total" in e for e in events)
+    # The complete event (the local result) comes before the off-site step.
+    kinds = [(e["event"], e.get("step")) for e in events]
+    assert kinds.index(("complete", None)) < kinds.index(("step", "offsite"))
+
+    capsys.readouterr()
+    assert world.cli("list", "--offsite", "--json") == EXIT_OK
+    listed = json.loads(capsys.readouterr().out)
+    assert [row["snapshot"] for row in listed] == [local.name]
+
+    # Restored from the off-site copy, without the local repository: the same bytes, modes and links.
+    local = world.base / "aside" / local.name
+    os.rename(world.local / "snapshots", world.base / "aside")
+    target = world.base / "back"
+    assert world.cli("restore", "--offsite", str(world.source / "docs"), "--to", str(target)) == EXIT_OK
+    comparison = filecmp.dircmp(local / "docs", target / "docs")
+    assert not comparison.diff_files and not comparison.left_only and not comparison.right_only
+    for name in os.listdir(local / "docs"):
+        assert (local / "docs" / name).read_bytes() == (target / "docs" / name).read_bytes()
+        assert os.lstat(local / "docs" / name).st_mode == os.lstat(target / "docs" / name).st_mode
+    # Nothing is written over.
+    assert world.cli("restore", "--offsite", str(world.source / "docs"), "--to", str(target)) != EXIT_OK
+
+
+def test_the_second_copy_uses_the_stable_path_and_the_parent_and_reads_only_what_changed(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world.write_config(str(world.base / "restic"))
+    with open(world.config, "a") as config:
+        config.write("[offsite.rotation]\nlast = 5\n")  # both copies fall in one hour: keep them
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    assert world.backup(capsys)[0] == EXIT_OK
+    (world.source / "docs" / "note5.txt").write_text("changed\n")
+    time.sleep(1.1)  # a new snapshot name
+    code, events = world.backup(capsys)
+    done = offsite_steps(events)[-1]
+    assert code == EXIT_OK and done["state"] == "done"
+    # Hard-linked snapshot trees change every ctime and the path is new each time:
+    # only the stable path, --parent and --ignore-ctime keep the rest unread.
+    assert (done["files_new"], done["files_changed"]) == (0, 1)
+
+    capsys.readouterr()
+    assert world.cli("versions", "--offsite", "--json", str(world.source / "docs" / "note5.txt")) == EXIT_OK
+    found = json.loads(capsys.readouterr().out)["versions"]
+    assert len(found) == 2 and found[0]["size"] != found[1]["size"]
+    # --snapshot picks the older copy by its local name.
+    older = found[0]["snapshot"]
+    target = world.base / "old"
+    assert world.cli("restore", "--offsite", "--snapshot", older, str(world.source / "docs" / "note5.txt"), "--to", str(target)) == EXIT_OK
+    assert (target / "note5.txt").read_text() == "note 5\n" * 6
+
+
+def test_a_rest_server_and_an_append_only_one_where_forget_is_never_tried(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served = world.base / "served"
+    served.mkdir()
+    with rclone_rest(served) as url:
+        world.write_config(url)
+        assert world.cli("init", "--offsite", "far") == EXIT_OK
+        code, events = world.backup(capsys)
+        assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
+        assert [s["state"] for s in offsite_steps(events, "offsite-forget")] == ["start", "done"]
+    with rclone_rest(served, append_only=True) as url:
+        world.write_config(url, append_only=True)
+        time.sleep(1.1)
+        code, events = world.backup(capsys)
+        assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
+        forget = offsite_steps(events, "offsite-forget")
+        assert [s["state"] for s in forget] == ["skipped"] and "server's owner" in forget[0]["reason"]
+        assert not offsite_steps(events, "offsite-prune")
+
+
+def test_an_append_only_server_refuses_deletion_and_the_local_backup_is_still_a_success(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served = world.base / "served"
+    served.mkdir()
+    with rclone_rest(served, append_only=True) as url:
+        # Not told it is append-only, and keeping one snapshot: forget must delete and is refused.
+        world.write_config(url)
+        with open(world.config, "a") as config:
+            config.write("[offsite.rotation]\nhourly = 1\n")
+        assert world.cli("init", "--offsite", "far") == EXIT_OK
+        assert world.backup(capsys)[0] == EXIT_OK
+        time.sleep(1.1)
+        (world.source / "new.txt").write_text("new\n")
+        code, events = world.backup(capsys)
+        assert code == EXIT_OK
+        forget = offsite_steps(events, "offsite-forget")
+        assert forget[-1]["state"] == "failed" and forget[-1]["reason"] == "append-only", forget
+        assert any(e["event"] == "warning" and e["step"] == "offsite-forget" for e in events)
+        capsys.readouterr()
+        assert world.cli("list", "--offsite", "--json") == EXIT_OK
+        assert len(json.loads(capsys.readouterr().out)) == 2  # nothing was deleted
+        # The refusal is remembered: the next run does not try again.
+        time.sleep(1.1)
+        (world.source / "newer.txt").write_text("newer\n")
+        code, events = world.backup(capsys)
+        assert [s["state"] for s in offsite_steps(events, "offsite-forget")] == ["skipped"]
+
+
+def test_a_wrong_password_is_one_line_with_its_exit_status_and_the_local_backup_succeeds(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world.write_config(str(world.base / "restic"))
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    world.password.write_text("wrong\n")
+    code, events = world.backup(capsys)
+    assert code == EXIT_OK
+    failed = offsite_steps(events)[-1]
+    assert failed["state"] == "failed" and failed["reason"] == "password" and failed["exit_code"] == EXIT_OFFSITE_PASSWORD
+    assert world.newest_local().is_dir()
+    capsys.readouterr()
+    assert world.cli("list", "--offsite") == EXIT_OFFSITE_PASSWORD
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "password" in err[0] and "correct horse" not in err[0]
+
+
+def test_an_unreachable_backend_and_a_missing_or_old_restic_are_told_apart(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world.write_config(f"rest:http://127.0.0.1:{free_port()}/")
+    assert world.cli("init", "--offsite", "far") == EXIT_OFFSITE
+    assert "cannot be reached" in capsys.readouterr().err
+    world.write_config(str(world.base / "restic"))
+    with open(world.config, "a") as config:
+        config.write(f'[commands]\nrestic = "{world.base / "no-restic"}"\n')
+    assert world.cli("init", "--offsite", "far") == EXIT_NOT_AVAILABLE
+    assert "restic was not found" in capsys.readouterr().err
+    old = world.base / "old-restic"
+    old.write_text("#!/bin/sh\necho 'restic 0.9.6 compiled with go1.13 on linux/amd64'\n")
+    os.chmod(old, 0o755)
+    world.write_config(str(world.base / "restic"))
+    with open(world.config, "a") as config:
+        config.write(f'[commands]\nrestic = "{old}"\n')
+    assert world.cli("init", "--offsite", "far") == EXIT_NOT_AVAILABLE
+    assert "too old" in capsys.readouterr().err
+    assert not (world.base / "restic").exists()
+
+
+def test_a_repository_locked_by_a_live_client_is_refused_and_its_lock_is_kept(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world.write_config(str(world.base / "restic"))
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RESTIC_REPOSITORY": str(world.base / "restic"),
+        "RESTIC_PASSWORD_FILE": str(world.password), "RESTIC_CACHE_DIR": str(world.base / "cache"),
+    }
+    # A live client: restic backup --stdin holds its lock while it waits for input.
+    holder = subprocess.Popen(
+        [str(RESTIC), "backup", "--stdin", "--stdin-filename", "x"], stdin=subprocess.PIPE, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        locks = world.base / "restic" / "locks"
+        deadline = time.monotonic() + 10
+        while not any(locks.iterdir()):
+            assert time.monotonic() < deadline, "restic did not take its lock"
+            time.sleep(0.05)
+        # Adopting checks the repository, which needs it alone.
+        assert world.cli("init", "--offsite", "far") == EXIT_BUSY
+        err = capsys.readouterr().err
+        assert "locked by another client" in err and "--remove-all yourself" in err
+        assert any(locks.iterdir())  # the live client's lock was not removed
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=20)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (this test started them all)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parent = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_restic_killed_mid_upload_then_the_next_run_completes(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    (world.source / "big.dat").write_bytes(os.urandom(3 * 1024 * 1024))
+    world.write_config(str(world.base / "restic"), limit_upload=512)
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--config", str(world.config), "backup", "--no-sudo", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    killed = False
+    events = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        event = json.loads(line)
+        events.append(event)
+        if not killed and event["event"] == "progress" and event.get("step") == "offsite" and event["bytes"] > 0:
+            for pid in _descendants(process.pid):
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "restic":
+                        os.kill(pid, signal.SIGKILL)
+                        killed = True
+    assert process.wait(timeout=60) == EXIT_OK and killed
+    failed = offsite_steps(events)[-1]
+    assert failed["state"] == "failed" and "SIGKILL" in failed["message"]
+    # The next run copies again (the failure makes it due) and completes, the dead client's lock notwithstanding.
+    world.write_config(str(world.base / "restic"))
+    time.sleep(1.1)
+    code, events = world.backup(capsys)
+    assert code == EXIT_OK
+    assert offsite_steps(events)[-1]["state"] == "done"
+    assert [s["state"] for s in offsite_steps(events, "offsite-forget")][-1] == "done"
+    target = world.base / "back"
+    assert world.cli("restore", "--offsite", str(world.source / "big.dat"), "--to", str(target)) == EXIT_OK
+    assert (target / "big.dat").read_bytes() == (world.source / "big.dat").read_bytes()
