@@ -99,7 +99,10 @@ def test_find_output_is_one_match_per_snapshot() -> None:
             ],
             "unreachable",
         ),
-        (["Fatal: unable to open config file: stat /srv/x/config: no such file or directory", "Is there a repository at the following location?"], "no-repository"),
+        (
+            ["Fatal: unable to open config file: stat /srv/x/config: no such file or directory", "Is there a repository at the following location?"],
+            "no-repository",
+        ),
         (["unable to create lock in backend: repository is already locked by PID 4242 on laptop by root (UID 0, GID 0)"], "locked"),
         (["Save(<data/1234>) returned error: 507 Insufficient Storage"], "quota"),
         (["Fatal: unable to save snapshot: write /srv/x/data/12: no space left on device"], "quota"),
