@@ -1,7 +1,8 @@
 """Run a program with a snapshot bind-mounted read-only at one stable path.
 
-Started as ``unshare --mount --propagation private -- python -I -m
-agent.engine.bindrun MOUNT SNAPSHOT STABLE -- PROGRAM ARGS...``: inside the
+Started as ``unshare --mount --propagation private -- python -I
+.../agent/engine/bindrun.py MOUNT SNAPSHOT STABLE -- PROGRAM ARGS...`` (by its
+file: it imports nothing but the standard library): inside the
 private mount namespace that unshare made, it bind-mounts SNAPSHOT on
 STABLE, makes it read-only, changes into it and becomes PROGRAM (exec), so
 the mount lives exactly as long as PROGRAM and no one else sees it. Every

@@ -41,7 +41,7 @@ from agent.core.commands import Result, Runner
 from agent.core.errors import BackupAgentError, CommandError, Interrupted, OffsiteError, UsageError
 from agent.core.events import Emitter, progress, step, warning
 from agent.core.files import write_atomic
-from agent.engine import restic
+from agent.engine import bindrun, restic
 from agent.policy.rotation import parse_snapshot_name
 from agent.repository.store import Repository
 
@@ -327,10 +327,15 @@ class Copied:
 
 
 def namespace_prefix(settings: Settings, snapshot_path: str) -> tuple[str, ...]:
-    """The argv before restic's: a private mount namespace with the snapshot at :data:`STABLE_PATH`."""
+    """The argv before restic's: a private mount namespace with the snapshot at :data:`STABLE_PATH`.
+
+    The helper is run by its file (it needs nothing but the standard
+    library), isolated (``-I``: no environment, no user site, not the current
+    directory), so nothing but the installed package's own file is run.
+    """
     return (
         settings.commands.unshare, "--mount", "--propagation", "private", "--",
-        sys.executable, "-I", "-m", "agent.engine.bindrun", settings.commands.mount, snapshot_path, STABLE_PATH, "--",
+        sys.executable, "-I", os.path.abspath(bindrun.__file__), settings.commands.mount, snapshot_path, STABLE_PATH, "--",
     )
 
 
