@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import pytest
 
 from agent import cli
-from agent.core.errors import EXIT_BUSY, EXIT_NOT_AVAILABLE, EXIT_OFFSITE, EXIT_OFFSITE_PASSWORD, EXIT_OK
+from agent.core.errors import EXIT_BUSY, EXIT_DISK_FULL, EXIT_NOT_AVAILABLE, EXIT_OFFSITE, EXIT_OFFSITE_PASSWORD, EXIT_OK
 
 pytestmark = pytest.mark.integration
 
@@ -366,3 +366,25 @@ def test_restic_killed_mid_upload_then_the_next_run_completes(world: World, caps
     target = world.base / "back"
     assert world.cli("restore", "--offsite", str(world.source / "big.dat"), "--to", str(target)) == EXIT_OK
     assert (target / "big.dat").read_bytes() == (world.source / "big.dat").read_bytes()
+
+
+def test_a_full_offsite_store_is_quota_exceeded_at_once_and_the_backup_succeeds(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real full filesystem: a tmpfs of 6 MiB holds the repository; the source holds 12 MiB that do not compress."""
+    store = world.base / "small"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(store)], check=True)
+    try:
+        (world.source / "big.dat").write_bytes(os.urandom(12 * 1024 * 1024))
+        world.write_config(str(store / "restic"))
+        assert world.cli("init", "--offsite", "far") == EXIT_OK
+        started = time.monotonic()
+        code, events = world.backup(capsys)
+        assert code == EXIT_OK and world.newest_local().is_dir()
+        failed = offsite_steps(events)[-1]
+        assert failed["state"] == "failed" and failed["reason"] == "quota" and failed["exit_code"] == EXIT_DISK_FULL
+        assert "quota exceeded" in failed["message"]
+        assert time.monotonic() - started < 30, "restic's retries were waited out"
+    finally:
+        subprocess.run(["umount", str(store)], check=True)

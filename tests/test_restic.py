@@ -120,6 +120,10 @@ def test_a_refused_deletion_is_recognised_while_restic_still_retries() -> None:
     line = "Remove(<snapshot/ed380f3980>) returned error, retrying after 552.330144ms: blob not removed, server response: 403 Forbidden (403)"
     assert restic.refused_deletion(line)
     assert not restic.refused_deletion("Save(<data/12>) returned error, retrying after 1s: 500 Internal Server Error")
+    assert restic.final_retry(line) == "append-only"
+    full = "Save(<data/0f1e2d3c>) returned error, retrying after 720ms: write /srv/r/data/0f/0f1e: no space left on device"
+    assert restic.final_retry(full) == "quota"
+    assert restic.final_retry("Save(<data/12>) returned error, retrying after 1s: 500 Internal Server Error") is None
 
 
 def test_the_backup_argv_carries_the_mapping_to_the_local_snapshot() -> None:

@@ -270,9 +270,10 @@ class Restic:
         """Run restic; a lock left by a dead restic is removed (``restic unlock``) and the command tried once more."""
 
         def on_stderr(line: str) -> None:
-            # restic 0.14 retries a refused deletion for most of a minute: a refusal is final, so it is stopped at once.
-            if restic.refused_deletion(line):
-                raise OffsiteError(f"off-site {self.offsite.name}: {restic.explain('append-only', [line])}", reason="append-only", step=step_name)
+            # restic 0.14 retries a refused deletion or a full store for most of a minute: both are final, so it is stopped at once.
+            reason = restic.final_retry(line)
+            if reason is not None:
+                raise OffsiteError(f"off-site {self.offsite.name}: {restic.explain(reason, [line])}", reason=reason, step=step_name)
 
         try:
             return self.runner.run(

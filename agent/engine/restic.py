@@ -410,6 +410,23 @@ def refused_deletion(line: str) -> bool:
     return lowered.startswith("remove(") and "403" in lowered and "retrying" in lowered
 
 
+_FULL: Final = ("no space left on device", "quota", "insufficient storage", "507 ")
+
+
+def final_retry(line: str) -> str | None:
+    """The reason when restic retries what will not get better by retrying (``append-only``, ``quota``), else None.
+
+    restic 0.14 retries every failed save or deletion ten times over most of
+    a minute; a refusal or a full store is final, so the caller stops it at once.
+    """
+    if refused_deletion(line):
+        return "append-only"
+    lowered = line.lower()
+    if lowered.startswith("save(") and "retrying" in lowered and any(word in lowered for word in _FULL):
+        return "quota"
+    return None
+
+
 def classify(lines: Iterable[str]) -> str:
     """The reason of a failure from restic's stderr (``failed`` when nothing known matches)."""
     text = "\n".join(lines).lower()
