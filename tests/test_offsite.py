@@ -12,6 +12,7 @@ Trees are small and pack sizes 4 MiB (restic's least), so each test takes a few 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import filecmp
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Any, Iterator
 import pytest
 
 from agent import cli
+from agent.policy.rotation import parse_snapshot_name
 from agent.core.errors import EXIT_BUSY, EXIT_DISK_FULL, EXIT_NOT_AVAILABLE, EXIT_OFFSITE, EXIT_OFFSITE_PASSWORD, EXIT_OK
 
 pytestmark = pytest.mark.integration
@@ -153,6 +155,8 @@ def test_a_directory_repository_gets_the_newest_snapshot_and_gives_it_back_byte_
     assert world.cli("list", "--offsite", "--json") == EXIT_OK
     listed = json.loads(capsys.readouterr().out)
     assert [row["snapshot"] for row in listed] == [local.name]
+    # --time: the off-site snapshot carries the local snapshot's own time.
+    assert dt.datetime.fromisoformat(listed[0]["time"]) == parse_snapshot_name(local.name)
 
     # Restored from the off-site copy, without the local repository: the same bytes, modes and links.
     local = world.base / "aside" / local.name

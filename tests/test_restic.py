@@ -132,7 +132,10 @@ def test_the_backup_argv_carries_the_mapping_to_the_local_snapshot() -> None:
     assert argv[:3] == ("/usr/bin/restic", "backup", "--json") and argv[-1] == "."
     pairs = dict(zip(argv, argv[1:]))
     assert pairs["--host"] == "laptop" and pairs["--parent"] == "7aece025"
-    assert pairs["--time"] == moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    assert pairs["--time"] == "2026-12-05 08:26:39"
+    east = moment.astimezone(dt.timezone(dt.timedelta(hours=2)))
+    assert restic.backup_argv("r", SITE, host="h", snapshot="s", moment=east, parent=None)[argv.index("--time") + 1] == "2026-12-05 08:26:39"
+    assert restic.environment(SITE, "/c", {})["TZ"] == "UTC"
     assert "--ignore-ctime" in argv and argv.count("--tag") == 2 and "backup-agent" in argv
     assert "--parent" not in restic.backup_argv("r", SITE, host="h", snapshot="s", moment=moment, parent=None)
 

@@ -71,6 +71,7 @@ def environment(offsite: Offsite, cache_dir: str, credentials: Mapping[str, str]
         env["RESTIC_PASSWORD_COMMAND"] = shlex.join(offsite.password_command)
     env["RESTIC_CACHE_DIR"] = cache_dir
     env["RESTIC_PROGRESS_FPS"] = PROGRESS_FPS
+    env["TZ"] = "UTC"  # --time is read in this zone, whatever the machine's or the caller's
     # restic looks for a home for nothing else; a fixed one keeps root's out of it.
     env["HOME"] = cache_dir
     return env
@@ -103,8 +104,8 @@ def global_options(offsite: Offsite) -> tuple[str, ...]:
 
 
 def restic_time(moment: dt.datetime) -> str:
-    """``--time``: restic reads it in its own local zone, so the moment is given in ours (the same)."""
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    """``--time``: restic reads it in its own zone, which :func:`environment` makes UTC, so it is given in UTC."""
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def backup_argv(
