@@ -392,3 +392,62 @@ def test_a_full_offsite_store_is_quota_exceeded_at_once_and_the_backup_succeeds(
         assert time.monotonic() - started < 30, "restic's retries were waited out"
     finally:
         subprocess.run(["umount", str(store)], check=True)
+
+
+@contextlib.contextmanager
+def sshd(base: Path) -> Iterator[tuple[int, Path, Path]]:
+    """A real sshd on 127.0.0.1 and a free port, key login only, with sftp; yields (port, client key, known_hosts).
+
+    Stopped by its pid. ``/run/sshd`` (sshd's privilege separation directory) is made when missing and left.
+    """
+    program = "/usr/sbin/sshd"
+    if not os.access(program, os.X_OK) or shutil.which("ssh-keygen") is None:
+        pytest.skip(reason="openssh-server is not installed: apt-get install -y openssh-server")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True)
+    (base / "authorized_keys").write_text((base / "client.pub").read_text())
+    port = free_port()
+    (base / "known_hosts").write_text(f"[127.0.0.1]:{port} {(base / 'host.pub').read_text()}")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    argv = [
+        program, "-D", "-e", "-f", "/dev/null", "-o", f"Port={port}", "-o", "ListenAddress=127.0.0.1",
+        "-o", f"HostKey={base / 'host'}", "-o", f"AuthorizedKeysFile={base / 'authorized_keys'}",
+        "-o", f"PidFile={base / 'sshd.pid'}", "-o", "StrictModes=no", "-o", "Subsystem sftp internal-sftp",
+        "-o", "PermitRootLogin=prohibit-password", "-o", "PasswordAuthentication=no",
+    ]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("sshd did not start")
+            time.sleep(0.05)
+        yield port, base / "client", base / "known_hosts"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_an_sftp_repository_through_a_real_sshd(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = world.base / "ssh"
+    keys.mkdir(mode=0o700)
+    with sshd(keys) as (port, key, known_hosts):
+        command = (
+            f"/usr/bin/ssh -p {port} -i {key} -o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes "
+            "-o BatchMode=yes -o IdentitiesOnly=yes root@127.0.0.1 -s sftp"
+        )
+        world.write_config(f"sftp:root@127.0.0.1:{world.base / 'over-ssh'}", options=[f"sftp.command={command}"])
+        assert world.cli("init", "--offsite", "far") == EXIT_OK
+        code, events = world.backup(capsys)
+        assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
+        target = world.base / "back"
+        assert world.cli("restore", "--offsite", str(world.source / "bin.dat"), "--to", str(target)) == EXIT_OK
+        assert (target / "bin.dat").read_bytes() == (world.source / "bin.dat").read_bytes()
+    assert (world.base / "over-ssh" / "config").is_file()

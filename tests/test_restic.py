@@ -128,16 +128,16 @@ def test_a_refused_deletion_is_recognised_while_restic_still_retries() -> None:
 
 def test_the_backup_argv_carries_the_mapping_to_the_local_snapshot() -> None:
     moment = dt.datetime(2026, 12, 5, 8, 26, 39, tzinfo=UTC)
-    argv = restic.backup_argv("/usr/bin/restic", SITE, host="laptop", snapshot="2026-12-05T08-26-39+0000", moment=moment, parent="7aece025")
+    argv = restic.backup_argv("/usr/bin/restic", host="laptop", snapshot="2026-12-05T08-26-39+0000", moment=moment, parent="7aece025")
     assert argv[:3] == ("/usr/bin/restic", "backup", "--json") and argv[-1] == "."
     pairs = dict(zip(argv, argv[1:]))
     assert pairs["--host"] == "laptop" and pairs["--parent"] == "7aece025"
     assert pairs["--time"] == "2026-12-05 08:26:39"
     east = moment.astimezone(dt.timezone(dt.timedelta(hours=2)))
-    assert restic.backup_argv("r", SITE, host="h", snapshot="s", moment=east, parent=None)[argv.index("--time") + 1] == "2026-12-05 08:26:39"
+    assert restic.backup_argv("r", host="h", snapshot="s", moment=east, parent=None)[argv.index("--time") + 1] == "2026-12-05 08:26:39"
     assert restic.environment(SITE, "/c", {})["TZ"] == "UTC"
     assert "--ignore-ctime" in argv and argv.count("--tag") == 2 and "backup-agent" in argv
-    assert "--parent" not in restic.backup_argv("r", SITE, host="h", snapshot="s", moment=moment, parent=None)
+    assert "--parent" not in restic.backup_argv("r", host="h", snapshot="s", moment=moment, parent=None)
 
 
 def test_no_secret_is_ever_on_an_argv_and_credentials_cannot_redirect_restic() -> None:
@@ -148,12 +148,20 @@ def test_no_secret_is_ever_on_an_argv_and_credentials_cannot_redirect_restic() -
     assert env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
     moment = dt.datetime(2026, 1, 1, tzinfo=UTC)
     for argv in (
-        restic.backup_argv("r", site, host="h", snapshot="s", moment=moment, parent=None),
+        restic.backup_argv("r", host="h", snapshot="s", moment=moment, parent=None),
         restic.forget_argv("r", "h", Scheme(counts={"daily": 7})),
         restic.check_argv("r", 1, 12),
-        restic.init_argv("r", site),
+        restic.init_argv("r"),
+        restic.with_options(restic.snapshots_argv("r", "h"), site),
     ):
         assert not any("s3cr3t" in word or "/etc/repo" in word or "pass" in word for word in argv)
+
+
+def test_backend_options_and_limits_go_before_every_command() -> None:
+    site = Offsite(name="far", repository="sftp:b@h:/r", password_file="/p", options=("sftp.command=/usr/bin/ssh -i /k b@h -s sftp",), pack_size=16)
+    assert restic.with_options(restic.check_argv("/usr/bin/restic", 1, 4), site) == (
+        "/usr/bin/restic", "-o", "sftp.command=/usr/bin/ssh -i /k b@h -s sftp", "--pack-size", "16", "check", "--read-data-subset=1/4",
+    )
 
 
 def test_the_environment_file_format() -> None:
@@ -251,6 +259,8 @@ def test_the_offsite_table_and_its_defaults() -> None:
         ({"rotation": {"daily": 0}}, "only counts of 0"),
         ({"rotation": {"dayly": 3}}, "unknown key"),
         ({"colour": "blue"}, "unknown key"),
+        ({"options": "sftp.command=x"}, "an array of restic options"),
+        ({"options": ["--no-lock"]}, "an array of restic options"),
     ],
 )
 def test_a_wrong_offsite_table_is_one_line_naming_the_key(table: dict[str, Any], words: str) -> None:

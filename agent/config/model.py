@@ -171,6 +171,7 @@ class Offsite:
     check_parts: int = DEFAULT_CHECK_PARTS  # N of --read-data-subset=k/N; 0: no reading of data
     pack_size: int | None = None  # MiB (restic --pack-size)
     limit_upload: int | None = None  # KiB/s (restic --limit-upload)
+    options: tuple[str, ...] = ()  # restic -o key=value (sftp.command, s3.storage-class, ...); on its command line: no secrets
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,20 @@ def _rotation(file: str, prefix: str, value: object, local: Scheme) -> Scheme:
     return Scheme(counts=kept or dict(local.counts), prefer_recent=prefer_recent, strict=strict)
 
 
+_OPTION_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]*=[^\x00\r\n]*", re.ASCII)
+_OPTION_EXPECTED: Final = 'an array of restic options "key=value", such as ["sftp.command=/usr/bin/ssh -i /root/.ssh/backup host -s sftp"]'
+
+
+def _options(file: str, key: str, value: object) -> tuple[str, ...]:
+    """restic's ``-o key=value`` options; they are on restic's command line, so no secret belongs here."""
+    if not isinstance(value, list):
+        fail(file, key, f"{got_type(value)}; expected {_OPTION_EXPECTED}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or _OPTION_RE.fullmatch(item) is None:
+            fail(file, f"{key}[{index}]", f"{got_type(item) if not isinstance(item, str) else 'got ' + show(item)}; expected {_OPTION_EXPECTED}")
+    return tuple(value)
+
+
 def _one(file: str, index: int, data: Mapping[str, Any], local: Scheme, names: set[str]) -> Offsite:
     prefix = f"offsite[{index}]"
     v._check_keys(file, "offsite", data, prefix=prefix)
@@ -132,6 +146,8 @@ def _one(file: str, index: int, data: Mapping[str, Any], local: Scheme, names: s
         )
     if "limit_upload" in data:
         fields["limit_upload"] = _whole(file, f"{prefix}.limit_upload", data["limit_upload"], 1, 2**31 - 1, "KiB/s, 1 or more")
+    if "options" in data:
+        fields["options"] = _options(file, f"{prefix}.options", data["options"])
     fields["rotation"] = _rotation(file, prefix, data["rotation"], local) if "rotation" in data else local
     fields["keep_last"] = _keep_last(file, prefix, data.get("rotation"))
     return Offsite(**fields)

@@ -22,4 +22,5 @@ OFFSITE_KEYS: Final[tuple[str, ...]] = (
     "check_parts",
     "pack_size",
     "limit_upload",
+    "options",
 )

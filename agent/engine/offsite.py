@@ -275,9 +275,10 @@ class Restic:
             if reason is not None:
                 raise OffsiteError(f"off-site {self.offsite.name}: {restic.explain(reason, [line])}", reason=reason, step=step_name)
 
+        full = restic.with_options(argv, self.offsite)
         try:
             return self.runner.run(
-                (*prefix, *argv), step=step_name, on_stdout=on_stdout, on_stderr=on_stderr, mutating=mutating, env=self.environment()
+                (*prefix, *full), step=step_name, on_stdout=on_stdout, on_stderr=on_stderr, mutating=mutating, env=self.environment()
             )
         except CommandError as exc:
             if exc.returncode is None and "was not found" in exc.message:
@@ -285,8 +286,10 @@ class Restic:
             reason = restic.classify(exc.stderr_tail)
             if reason == "locked" and retry_locked:
                 log.info("the off-site repository %s is locked; removing stale locks as restic advises (restic unlock)", self.offsite.name)
-                with contextlib.suppress(CommandError):
-                    self.runner.run(restic.unlock_argv(self.program), step=step_name, env=self.environment())
+                try:
+                    self.runner.run(restic.with_options(restic.unlock_argv(self.program), self.offsite), step=step_name, env=self.environment())
+                except CommandError as unlocking:
+                    log.warning("restic unlock failed (%s); trying once more anyway", unlocking.message)
                 return self.run(argv, step_name=step_name, on_stdout=on_stdout, mutating=mutating, prefix=prefix, retry_locked=False)
             raise OffsiteError(
                 f"off-site {self.offsite.name}: {restic.explain(reason, exc.stderr_tail, exc.message)}", reason=reason, step=step_name
@@ -418,7 +421,7 @@ class OffsiteCopy:
             log.info("off-site %s: %s is already there", offsite.name, newest)
         parent = earlier[-1].id if earlier else None
         moment = parse_snapshot_name(newest) or self.now()
-        argv = restic.backup_argv(tool.program, offsite, host=tool.host, snapshot=newest, moment=moment, parent=parent)
+        argv = restic.backup_argv(tool.program, host=tool.host, snapshot=newest, moment=moment, parent=parent)
         summary: list[restic.Summary] = []
         problems: list[restic.Problem] = []
         last = [0.0]
@@ -496,7 +499,7 @@ class OffsiteCopy:
         return {"forgotten": removed}
 
     def _prune(self, tool: Restic, offsite: Offsite, state: State) -> dict[str, Any]:
-        tool.run(restic.prune_argv(tool.program, offsite), step_name="offsite-prune")
+        tool.run(restic.prune_argv(tool.program), step_name="offsite-prune")
         state.last_prune = self.now().isoformat(timespec="seconds")
         return {}
 
@@ -554,7 +557,7 @@ def initialise(settings: Settings, offsite: Offsite, runner: Runner) -> tuple[st
     except OffsiteError as exc:
         if exc.reason != "no-repository":
             raise
-        tool.run(restic.init_argv(tool.program, offsite), step_name="init")
+        tool.run(restic.init_argv(tool.program), step_name="init")
         found = tool.repository_id()
         created = True
     else:

@@ -94,8 +94,16 @@ def parse_environment_file(text: str, where: str) -> dict[str, str]:
     return found
 
 
+def with_options(argv: Sequence[str], offsite: Offsite) -> tuple[str, ...]:
+    """``argv`` with this repository's global options after the program (restic takes them before the command)."""
+    return (argv[0], *global_options(offsite), *argv[1:])
+
+
 def global_options(offsite: Offsite) -> tuple[str, ...]:
+    """The options every command of this repository gets (``-o``: a backend's own, such as ``sftp.command``)."""
     out: tuple[str, ...] = ()
+    for option in offsite.options:
+        out += ("-o", option)
     if offsite.pack_size is not None:
         out += ("--pack-size", str(offsite.pack_size))
     if offsite.limit_upload is not None:
@@ -109,15 +117,15 @@ def restic_time(moment: dt.datetime) -> str:
 
 
 def backup_argv(
-    restic: str, offsite: Offsite, *, host: str, snapshot: str, moment: dt.datetime, parent: str | None
+    restic: str, *, host: str, snapshot: str, moment: dt.datetime, parent: str | None
 ) -> tuple[str, ...]:
     """``restic backup .`` run in the stable path, so the off-site tree's root is the snapshot's.
 
     ``--ignore-ctime``: every hard-link snapshot changes ctimes; ``--parent``:
     the previous off-site copy, whose unchanged files are not read again.
     """
-    argv = (
-        restic, "backup", "--json", *global_options(offsite), "--ignore-ctime", "--host", host,
+    argv: tuple[str, ...] = (
+        restic, "backup", "--json", "--ignore-ctime", "--host", host,
         "--tag", TAG, "--tag", snapshot, "--time", restic_time(moment),
     )
     if parent is not None:
@@ -129,8 +137,8 @@ def snapshots_argv(restic: str, host: str) -> tuple[str, ...]:
     return (restic, "snapshots", "--json", "--no-lock", "--host", host, "--tag", TAG)
 
 
-def init_argv(restic: str, offsite: Offsite) -> tuple[str, ...]:
-    return (restic, "init", *global_options(offsite))
+def init_argv(restic: str) -> tuple[str, ...]:
+    return (restic, "init")
 
 
 def config_argv(restic: str) -> tuple[str, ...]:
@@ -160,8 +168,8 @@ def forget_argv(restic: str, host: str, scheme: Scheme, keep_last: int = 1) -> t
     return (restic, "forget", "--json", "--host", host, "--tag", TAG, "--group-by", "host", "--keep-last", last, *keep_options(scheme))
 
 
-def prune_argv(restic: str, offsite: Offsite) -> tuple[str, ...]:
-    return (restic, "prune", *global_options(offsite))
+def prune_argv(restic: str) -> tuple[str, ...]:
+    return (restic, "prune")
 
 
 def check_argv(restic: str, part: int, parts: int) -> tuple[str, ...]:
