@@ -21,7 +21,7 @@ from agent.desktop.dbus.client import format_status, offsite_line, status_from_m
 from agent.desktop.dbus.notify import LOW, NORMAL
 from agent.desktop.dbus import notify
 from agent.desktop.dbus.texts import offsite_reminder_text, offsite_text, step_words
-from agent.desktop.state import AgentStatus, OffsiteStatus, offsite_after, offsite_from
+from agent.desktop.state import AgentStatus, OffsiteStatus, offsite_after, offsite_from, offsite_maintained
 from tests.test_dbus_control import PrivateBus, private_bus, run  # noqa: F401  (fixture)
 from tests.test_notify import Clock, FakeClock, FakeController, FakeDisks, serve, session_bus  # noqa: F401  (fixture)
 
@@ -38,6 +38,19 @@ def test_an_offsite_step_changes_the_record_as_it_ended() -> None:
     assert (failed.result, failed.last_copy, failed.message) == ("failed", NOW, "the off-site repository cannot be reached")
     skipped = offsite_after(done, "skipped", {"reason": "the connection is metered"}, NOW + 60)
     assert (skipped.result, skipped.last_copy, skipped.message) == ("copied", NOW, "the connection is metered")
+
+
+def test_status_says_pruning_belongs_to_the_server_owner_and_shows_the_last_check() -> None:
+    record = OffsiteStatus("cloud", NOW, "s", "copied")
+    note = "cloud is append-only: forgetting and pruning old off-site snapshots belong to the server's owner"
+    record = offsite_maintained(record, "offsite-forget", "skipped", {"offsite": "cloud", "reason": note})
+    record = offsite_maintained(record, "offsite-check", "done", {"offsite": "cloud", "subset": "3/12", "result": "ok"})
+    assert (record.retention, record.check) == (note, "ok (3/12)")
+    line = offsite_line(record, NOW)
+    assert "belong to the server's owner" in line and "last check ok (3/12)" in line
+    damaged = offsite_maintained(record, "offsite-check", "failed", {"message": "restic check of 4/12 found damage: pack 1f is damaged"})
+    assert damaged.check == "restic check of 4/12 found damage: pack 1f is damaged"
+    assert offsite_maintained(record, "offsite-forget", "done", {"forgotten": 2}).retention == ""
 
 
 def test_records_follow_the_configuration_and_keep_what_was_saved() -> None:

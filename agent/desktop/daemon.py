@@ -70,6 +70,7 @@ from agent.desktop.state import (
     disk_left,
     offsite_after,
     offsite_from,
+    offsite_maintained,
 )
 from agent.desktop.udev import DiskGone, DiskSeen, Monitor
 
@@ -762,6 +763,8 @@ class Agent:
                 cycle.closing[event.step] = event.state
             if event.step == "offsite" and event.state in ("done", "failed", "skipped"):
                 self._offsite_finished(event)
+            elif event.step.startswith("offsite-") and event.state in ("done", "failed", "skipped"):
+                self._offsite_maintained(event)
             self._status.step = event.step
             self._refresh()
         elif isinstance(event, events.ProgressEvent):
@@ -977,6 +980,15 @@ class Agent:
             when = dt.datetime.fromtimestamp(due).strftime("%H:%M") if due is not None else "?"
             return f"{status.disk} attached; next backup at {when}"
         return "waiting for a backup disk"
+
+    def _offsite_maintained(self, event: events.StepEvent) -> None:
+        """forget, prune or check ended: the record says so (``status``: pruning is the server owner's, the last check)."""
+        records = self._status.offsite
+        for index, record in enumerate(records):
+            if record.name == event.detail.get("offsite"):
+                records[index] = offsite_maintained(record, event.step, event.state, event.detail)
+                self._save()
+                self._refresh()
 
     def _offsite_finished(self, event: events.StepEvent) -> None:
         """An off-site copy ended: its record in the status (saved with it), then the listeners that hear of it."""

@@ -72,6 +72,21 @@ class OffsiteStatus:
     snapshot: str | None = None  # the local snapshot it copied
     result: str = "none"
     message: str = ""
+    retention: str = ""  # why forget/prune did not run ("pruning belongs to the server's owner"), or failed
+    check: str = ""  # the last rolling check: "ok (1/12)", or what it found
+
+
+def offsite_maintained(previous: OffsiteStatus, step: str, state: str, detail: Mapping[str, Any]) -> OffsiteStatus:
+    """What an ``offsite-forget``/``-prune``/``-check`` step's end makes of the record (pure)."""
+    said = detail.get("message") if state == "failed" else detail.get("reason")
+    why = said if isinstance(said, str) else ""
+    if step == "offsite-check":
+        if state == "done":
+            return dataclasses.replace(previous, check=f"ok ({detail.get('subset', '?')})")
+        return dataclasses.replace(previous, check=why) if why else previous
+    if state == "done" and step == "offsite-forget":
+        return dataclasses.replace(previous, retention="")
+    return dataclasses.replace(previous, retention=why) if state in ("skipped", "failed") and why else previous
 
 
 def offsite_from(value: Any) -> OffsiteStatus | None:
@@ -83,7 +98,7 @@ def offsite_from(value: Any) -> OffsiteStatus | None:
     last = value.get("last_copy")
     if isinstance(last, (int, float)) and not isinstance(last, bool):
         found.last_copy = float(last)
-    for key in ("snapshot", "result", "message"):
+    for key in ("snapshot", "result", "message", "retention", "check"):
         if isinstance(value.get(key), str):
             setattr(found, key, value[key])
     return found

@@ -359,6 +359,10 @@ def offsite_line(record: OffsiteStatus, now: float) -> str:
         parts.append(f"last try failed: {record.message}")
     elif record.message:
         parts.append(record.message)
+    if record.retention:
+        parts.append(record.retention)
+    if record.check:
+        parts.append(f"last check {record.check}")
     return "; ".join(parts)
 
 
