@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dbus_fast.aio import MessageBus
 
 from agent.config.model import Offsite, Settings
 from agent.core import events
-from agent.desktop.daemon import offsite_records
+from agent.desktop.daemon import Agent, AgentOptions, _Cycle, offsite_records
 from agent.desktop.dbus import control, traylook
 from agent.desktop.dbus.client import format_status, offsite_line, status_from_mapping
 from agent.desktop.dbus.notify import LOW, NORMAL
@@ -140,3 +141,49 @@ def test_copied_off_site_is_told_and_an_old_copy_is_reminded_of(session_bus: Pri
         server_bus.disconnect()
 
     run(scenario())
+
+
+class Heard:
+    """A listener that hears off-site copies (and everything else, to pass it by)."""
+
+    def __init__(self) -> None:
+        self.offsite: list[tuple[OffsiteStatus, str]] = []
+        self.statuses: list[AgentStatus] = []
+        self.progressed: list[events.ProgressEvent] = []
+
+    def offsite_finished(self, offsite: OffsiteStatus, state: str) -> None:
+        self.offsite.append((offsite, state))
+
+    def status_changed(self, status: AgentStatus) -> None:
+        self.statuses.append(status)
+
+    def progress(self, event: events.ProgressEvent) -> None:
+        self.progressed.append(event)
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: None
+
+
+def test_the_agent_records_each_copy_from_the_cycles_lines_and_keeps_it_across_a_restart(tmp_path: Path) -> None:
+    """The cycle's real JSON lines, read where the agent reads them (its stdout handler), with a real state file."""
+    settings = Settings(path=None, offsite=(Offsite("cloud", repository="/r", password_file="/p"),))
+    options = AgentOptions(cycle_argv=("/bin/false",), state_file=str(tmp_path / "state.json"))
+    heard = Heard()
+    agent = Agent(settings, options, [heard], clock=lambda: NOW)
+    cycle = _Cycle(disk="backup1", reason="now", started=NOW, started_monotonic=0.0)
+    lines = [
+        events.step("offsite", "start", offsite="cloud", snapshot="2025-11-22T12-00-00+0000"),
+        events.progress(40.0, 400, 4, 100.0, 6, step="offsite", bytes_total=1000, files_total=10, errors=0, current="/a"),
+        events.step("offsite", "done", offsite="cloud", snapshot="2025-11-22T12-00-00+0000", id="abcd", files=10),
+        events.step("offsite-forget", "skipped", offsite="cloud", reason="cloud is append-only: ... belong to the server's owner"),
+        events.step("offsite", "done", offsite="elsewhere", snapshot="x"),  # not configured: passed over
+    ]
+    for event in lines:
+        agent._on_stdout(cycle, events.encode(event))
+    [record] = agent.status().offsite
+    assert (record.last_copy, record.snapshot, record.result) == (NOW, "2025-11-22T12-00-00+0000", "copied")
+    assert "server's owner" in record.retention
+    assert [(o.name, state) for o, state in heard.offsite] == [("cloud", "done")]
+    assert [(p.step, p.files_total, p.current) for p in heard.progressed] == [("offsite", 10, "/a")]
+    again = Agent(settings, options, [], clock=lambda: NOW + DAY)
+    assert again.status().offsite == [record]
