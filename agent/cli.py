@@ -524,6 +524,11 @@ def _summary(outcome: Outcome, request: Request) -> str:
         verb = "would delete" if request.dry_run else "deleted"
         parts.append(f"rotation kept {len(outcome.plan.keep)}, {verb} {len(outcome.plan.delete)}")
     parts.append(f"in {outcome.duration:.1f} s")
+    for copied in outcome.offsite:  # engine/offsite's Copied: said apart, an off-site failure is not the backup's
+        if copied.state == "done":
+            parts.append(f"copied off-site to {copied.name}")
+        elif copied.state == "failed":
+            parts.append(f"NOT copied off-site to {copied.name}: {copied.message}")
     return "; ".join(parts)
 
 

@@ -265,6 +265,11 @@ def test_a_wrong_password_is_one_line_with_its_exit_status_and_the_local_backup_
     assert world.cli("list", "--offsite") == EXIT_OFFSITE_PASSWORD
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "password" in err[0] and "correct horse" not in err[0]
+    # The summary of a backup from a terminal says it apart from the backup's own result.
+    time.sleep(1.1)
+    assert world.cli("backup", "--no-sudo") == EXIT_OK
+    summary = capsys.readouterr().out
+    assert summary.startswith("made snapshot") and "; NOT copied off-site to far: off-site far: the repository refused the password" in summary
 
 
 def test_an_unreachable_backend_and_a_missing_or_old_restic_are_told_apart(
@@ -451,3 +456,35 @@ def test_an_sftp_repository_through_a_real_sshd(world: World, capsys: pytest.Cap
         assert world.cli("restore", "--offsite", str(world.source / "bin.dat"), "--to", str(target)) == EXIT_OK
         assert (target / "bin.dat").read_bytes() == (world.source / "bin.dat").read_bytes()
     assert (world.base / "over-ssh" / "config").is_file()
+
+
+def test_a_dry_run_says_what_it_would_copy_and_a_copy_already_there_is_not_made_again(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world.write_config(str(world.base / "restic"))
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    capsys.readouterr()
+    assert world.cli("backup", "--no-sudo", "--json", "--dry-run") == EXIT_OK
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    [said] = offsite_steps(events)
+    assert said["state"] == "skipped" and said["reason"].startswith("dry run: would copy")
+    assert not (world.base / "restic" / "snapshots").exists() or not any((world.base / "restic" / "snapshots").iterdir())
+    code, events = world.backup(capsys)
+    assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
+    # The record of that copy is lost: the next run finds it in the repository instead of copying it again.
+    os.unlink(world.state / "offsite" / "far.json")
+    assert world.cli("init", "--offsite", "far") == EXIT_OK  # adopts it, after checking
+    capsys.readouterr()
+    from agent.config.load import load_settings
+    from agent.core.commands import Runner
+    from agent.core.events import Emitter
+    from agent.engine import offsite
+    from agent.repository.store import Repository
+
+    settings = load_settings(str(world.config))
+    seen: list[Any] = []
+    emitter = Emitter()
+    emitter.subscribe(seen.append)
+    [copied] = offsite.OffsiteCopy(settings, emitter, Runner()).run(Repository.open(str(world.local)))
+    assert copied.state == "done" and copied.summary is None
+    assert [e.detail.get("already") for e in seen if getattr(e, "step", None) == "offsite" and e.state == "done"] == [True]

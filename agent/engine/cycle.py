@@ -743,12 +743,14 @@ class Cycle:
         (docs/ARCHITECTURE.md, "The off-site copy").
         """
         request = self.request
-        if not (self._completed and self.settings.offsite and self.repository is not None and "backup" in request.steps):
-            return
-        if request.dry_run or self.outcome.snapshot is None:
+        if not (self._completed and self.settings.offsite and "backup" in request.steps and self.outcome.snapshot is not None):
             return
         self.current_step = "offsite"
-        self.outcome.offsite = offsite.OffsiteCopy(self.settings, self.emitter, self.runner, metered=self.metered).run(self.repository)
+        copier = offsite.OffsiteCopy(self.settings, self.emitter, self.runner, metered=self.metered)
+        if request.dry_run:
+            copier.dry_run(self.outcome.snapshot)
+        elif self.repository is not None:
+            self.outcome.offsite = copier.run(self.repository)
 
     def _empty_trash(self) -> None:
         """Remove what this run (or an interrupted one) moved into .trash, after the cycle reported success.

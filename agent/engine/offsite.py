@@ -417,8 +417,13 @@ class OffsiteCopy:
                 reason="no-repository",
             )
         earlier = tool.snapshots()
-        if any(newest in snapshot.tags for snapshot in earlier):
-            log.info("off-site %s: %s is already there", offsite.name, newest)
+        there = [snapshot for snapshot in earlier if newest in snapshot.tags]
+        if there:
+            # Copied before this machine's record said so (a lost state file, a copy stopped after restic finished).
+            log.info("off-site %s: %s is already there (%s)", offsite.name, newest, there[-1].short_id)
+            self._record(offsite, state, newest, there[-1].short_id)
+            self.emitter.emit(step(STEP, "done", offsite=offsite.name, snapshot=newest, id=there[-1].short_id, already=True))
+            return Copied(offsite.name, "done", snapshot=newest, offsite_id=there[-1].short_id)
         parent = earlier[-1].id if earlier else None
         moment = parse_snapshot_name(newest) or self.now()
         argv = restic.backup_argv(tool.program, host=tool.host, snapshot=newest, moment=moment, parent=parent)
@@ -446,11 +451,7 @@ class OffsiteCopy:
         if not summary:
             raise OffsiteError(f"off-site {offsite.name}: restic backup ended ({result.meaning}) without saying which snapshot it made")
         made = summary[-1]
-        state.last_copy = self.now().isoformat(timespec="seconds")
-        state.snapshot = newest
-        state.offsite_id = made.snapshot_id
-        state.last_failure = None
-        write_state(self.settings, offsite, state)
+        self._record(offsite, state, newest, made.snapshot_id)
         self.emitter.emit(
             step(
                 STEP, "done", offsite=offsite.name, snapshot=newest, id=made.snapshot_id, files=made.files,
@@ -459,6 +460,21 @@ class OffsiteCopy:
             )
         )
         return Copied(offsite.name, "done", snapshot=newest, offsite_id=made.snapshot_id, summary=made)
+
+    def _record(self, offsite: Offsite, state: State, newest: str, offsite_id: str) -> None:
+        state.last_copy = self.now().isoformat(timespec="seconds")
+        state.snapshot = newest
+        state.offsite_id = offsite_id
+        state.last_failure = None
+        write_state(self.settings, offsite, state)
+
+    def dry_run(self, newest: str) -> None:
+        """What a real run would do with the snapshot it would make, said and not done (docs/ARCHITECTURE.md, rule 7)."""
+        for offsite in self.settings.offsite:
+            reason = skip_reason(offsite, read_state(self.settings, offsite), newest=newest, now=self.now(), metered=None)
+            what = reason or f"dry run: would copy {newest} to {offsite.name}"
+            self.emitter.emit(step(STEP, "skipped", offsite=offsite.name, reason=what))
+            log.info("off-site %s: %s", offsite.name, what)
 
     # -- retention and checks ----------------------------------------------------------------
 
