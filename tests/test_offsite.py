@@ -488,3 +488,29 @@ def test_a_dry_run_says_what_it_would_copy_and_a_copy_already_there_is_not_made_
     [copied] = offsite.OffsiteCopy(settings, emitter, Runner()).run(Repository.open(str(world.local)))
     assert copied.state == "done" and copied.summary is None
     assert [e.detail.get("already") for e in seen if getattr(e, "step", None) == "offsite" and e.state == "done"] == [True]
+
+
+def test_the_metered_hook_holds_the_copy_back_unless_metered_is_allowed(world: World) -> None:
+    """The hook the conditions answer through (Cycle(metered=...)); today's CLI answers "not known"."""
+    from agent.config.load import load_settings
+    from agent.core.commands import Runner
+    from agent.core.events import Emitter
+    from agent.engine.cycle import Cycle, Request
+
+    def run(metered: bool) -> list[Any]:
+        settings = load_settings(str(world.config))
+        heard: list[Any] = []
+        emitter = Emitter()
+        emitter.subscribe(heard.append)
+        request = Request(settings=settings, source=settings.source, repository=str(world.local))
+        Cycle(request, emitter, Runner(), metered=lambda: metered).run()
+        return [e for e in heard if e.kind == "step" and e.step == "offsite" and e.state != "start"]
+
+    world.write_config(str(world.base / "restic"))
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    [held] = run(True)
+    assert held.state == "skipped" and "metered" in held.detail["reason"]
+    world.write_config(str(world.base / "restic"), metered=True)
+    time.sleep(1.1)
+    [copied] = run(True)
+    assert copied.state == "done"
