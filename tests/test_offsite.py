@@ -487,7 +487,7 @@ def test_a_dry_run_says_what_it_would_copy_and_a_copy_already_there_is_not_made_
     emitter.subscribe(seen.append)
     [copied] = offsite.OffsiteCopy(settings, emitter, Runner()).run(Repository.open(str(world.local)))
     assert copied.state == "done" and copied.summary is None
-    assert [e.detail.get("already") for e in seen if getattr(e, "step", None) == "offsite" and e.state == "done"] == [True]
+    assert [e.detail.get("already") for e in seen if e.kind == "step" and e.step == "offsite" and e.state == "done"] == [True]
 
 
 def test_the_metered_hook_holds_the_copy_back_unless_metered_is_allowed(world: World) -> None:
