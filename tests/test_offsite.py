@@ -514,3 +514,30 @@ def test_the_metered_hook_holds_the_copy_back_unless_metered_is_allowed(world: W
     time.sleep(1.1)
     [copied] = run(True)
     assert copied.state == "done"
+
+
+def test_a_stop_during_the_copy_ends_only_the_copy(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM to the cycle while restic uploads (what the agent's Stop sends): restic is stopped, the backup stands."""
+    (world.source / "big.dat").write_bytes(os.urandom(3 * 1024 * 1024))
+    world.write_config(str(world.base / "restic"), limit_upload=256)
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--config", str(world.config), "backup", "--no-sudo", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    events, stopped, restic_pids = [], False, []
+    assert process.stdout is not None
+    for line in process.stdout:
+        event = json.loads(line)
+        events.append(event)
+        if not stopped and event["event"] == "progress" and event.get("step") == "offsite":
+            restic_pids = [pid for pid in _descendants(process.pid) if Path(f"/proc/{pid}/comm").read_text().strip() == "restic"]
+            process.send_signal(signal.SIGTERM)
+            stopped = True
+    assert process.wait(timeout=60) == EXIT_OK and stopped and restic_pids
+    kinds = [(e["event"], e.get("step"), e.get("state")) for e in events]
+    assert ("complete", None, None) in kinds and not any(kind == "error" for kind, _, _ in kinds)
+    failed = offsite_steps(events)[-1]
+    assert failed["state"] == "failed" and failed["reason"] == "interrupted"
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in restic_pids)
+    assert world.newest_local().is_dir()

@@ -364,9 +364,11 @@ class OffsiteCopy:
     def run(self, repo: Repository) -> list[Copied]:
         """Copy the newest complete snapshot of ``repo`` where due; never raises but for an interruption."""
         newest = repo.latest_name()
-        results = []
+        results: list[Copied] = []
         for offsite in self.settings.offsite:
             results.append(self.one(offsite, repo, newest))
+            if results[-1].reason == "interrupted":
+                break  # stopped: the other repositories wait for the next backup too
         return results
 
     def one(self, offsite: Offsite, repo: Repository, newest: str | None) -> Copied:
