@@ -541,3 +541,24 @@ def test_a_stop_during_the_copy_ends_only_the_copy(world: World, capsys: pytest.
     assert failed["state"] == "failed" and failed["reason"] == "interrupted"
     assert not any(os.path.exists(f"/proc/{pid}") for pid in restic_pids)
     assert world.newest_local().is_dir()
+
+
+def test_the_rolling_check_reads_the_data_and_reports_damage_as_verify_does(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    world.write_config(str(world.base / "restic"), check_interval="0", check_parts=1)
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    code, events = world.backup(capsys)
+    check = offsite_steps(events, "offsite-check")
+    assert code == EXIT_OK and check[-1]["state"] == "done" and check[-1]["subset"] == "1/1"
+    # A pack of file contents is damaged where it is stored.
+    packs = sorted(path for path in (world.base / "restic" / "data").rglob("*") if path.is_file())
+    biggest = max(packs, key=lambda path: path.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    (world.source / "docs" / "note1.txt").write_text("changed\n")
+    time.sleep(1.1)
+    code, events = world.backup(capsys)
+    assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
+    check = offsite_steps(events, "offsite-check")
+    assert check[-1]["state"] == "failed" and check[-1]["reason"] == "damaged" and "found damage" in check[-1]["message"]
+    assert any(e["event"] == "warning" and e["step"] == "offsite-check" for e in events)
