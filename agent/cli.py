@@ -268,9 +268,9 @@ SUDO_FORMS: dict[str, str] = {
     "init": "init --disk NAME | --offsite NAME [--yes] [-q|-v]",
     "eject": "eject --disk NAME [--json] [-q|-v]",
     "open": "open --disk NAME [--json] [-q|-v]",
-    "list": "list [--json] [--disk NAME] [-q|-v]",
+    "list": "list [--json] [--disk NAME | --offsite [--offsite-name NAME]] [-q|-v]",
     "rotate": "rotate [-n] [--json] [--disk NAME] [--discard-unfinished] [-q|-v]",
-    "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
+    "versions": "versions [--json] [--disk NAME | --offsite [--offsite-name NAME]] PATH [-q|-v]",
     "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
     "verify": "verify [SNAPSHOT | --all] [--disk NAME] [--json] [-q|-v]",
@@ -280,13 +280,14 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     "init": frozenset({"disk", "offsite", "yes", "quiet", "verbose"}),
     "eject": frozenset({"disk", "json", "quiet", "verbose"}),
     "open": frozenset({"disk", "json", "quiet", "verbose"}),
-    "list": frozenset({"json", "disk", "quiet", "verbose"}),
+    "list": frozenset({"json", "disk", "offsite", "offsite_name", "quiet", "verbose"}),
     "rotate": frozenset({"json", "dry_run", "disk", "discard_unfinished", "quiet", "verbose"}),
     # Reading only, and restoring only into a new directory beside the
     # original (restore itself checks the caller owns that directory and
     # could reach the path): --repository, --to and --in-place choose what is
     # read or written, so they need a root shell.
-    "versions": frozenset({"json", "disk", "path", "quiet", "verbose"}),
+    # --offsite reads the configured [[offsite]] repository only; restore --offsite writes, so it needs a root shell.
+    "versions": frozenset({"json", "disk", "offsite", "offsite_name", "path", "quiet", "verbose"}),
     "diff": frozenset({"json", "disk", "a", "b", "quiet", "verbose"}),
     "restore": frozenset({"disk", "snapshot", "at", "dry_run", "paths", "quiet", "verbose"}),
     # Read-only; SNAPSHOT must be one of the repository's snapshot names.

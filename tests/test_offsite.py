@@ -562,3 +562,11 @@ def test_the_rolling_check_reads_the_data_and_reports_damage_as_verify_does(worl
     check = offsite_steps(events, "offsite-check")
     assert check[-1]["state"] == "failed" and check[-1]["reason"] == "damaged" and "found damage" in check[-1]["message"]
     assert any(e["event"] == "warning" and e["step"] == "offsite-check" for e in events)
+
+
+def test_through_sudo_list_and_versions_may_read_off_site_and_restore_may_not() -> None:
+    parser = cli.build_parser()
+    for argv in (["list", "--offsite"], ["versions", "--offsite", "--offsite-name", "far", "/etc/hosts"]):
+        assert cli.through_sudo_refusal(parser.parse_args(argv), parser) is None
+    refusal = cli.through_sudo_refusal(parser.parse_args(["restore", "--offsite", "/etc/hosts"]), parser)
+    assert refusal is not None and "--offsite" in refusal
