@@ -28,6 +28,7 @@ from agent.core import when
 from agent.engine import restore as restoring
 from agent.engine import verify as verifier
 from agent.engine.sysstate import packages as sysstate_packages
+from agent.engine import offsite
 from agent.core.commands import IONICE_CLASSES, Runner
 from agent.disk.find import find_device, first_present, none_attached, select_disk
 from agent.disk.identity import id_path, record_id, recorded_id, verify_mount
@@ -37,7 +38,7 @@ from agent.disk.unlock import unlocked
 from agent.system import install as installer
 from agent.core import lock
 from agent.config.load import SYSTEM_CONFIG, load_settings
-from agent.config.model import Disk, Settings, effective_excludes
+from agent.config.model import Disk, Offsite, Settings, effective_excludes
 from agent.config.trust import running_through_sudo
 from agent.config.validate import check_exclude
 from agent.engine.cycle import STEPS, Cycle, Outcome, Request, check_platform, human_size
@@ -104,6 +105,11 @@ def _count(text: str) -> Count:
     return value
 
 
+def _offsite_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--offsite", action="store_true", help=what)
+    parser.add_argument("--offsite-name", metavar="NAME", help="which [[offsite]] (default: the first)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="backup-agent", description="Hard-linked rsync snapshots on a backup disk.")
     parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
@@ -148,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("destination", nargs="?", metavar="DESTINATION", help="the repository directory")
 
     init = sub.add_parser("init", parents=[common], help="create the repository on a new backup disk")
-    init.add_argument("--disk", metavar="NAME", required=True, help="the configured disk to initialise")
+    init_what = init.add_mutually_exclusive_group(required=True)
+    init_what.add_argument("--disk", metavar="NAME", help="the configured disk to initialise")
+    init_what.add_argument("--offsite", metavar="NAME", help="create (or adopt) the restic repository of this [[offsite]]")
     init.add_argument("-y", "--yes", action="store_true", help="do it without asking")
 
     listing = sub.add_parser("list", parents=[common], help="list the snapshots of a repository")
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--disk", metavar="NAME", help="list this configured disk (default: the one attached)")
     listing.add_argument("--remote", metavar="NAME", help="list this configured [[remote]] over ssh")
     listing.add_argument("repository", nargs="?", metavar="REPOSITORY")
+    _offsite_options(listing, "list the snapshots of the off-site repository (no disk needed)")
 
     rotate = sub.add_parser("rotate", parents=[common], help="rotate old snapshots now")
     rotate.add_argument("-n", "--dry-run", action="store_true", help="show the plan; delete nothing")
@@ -180,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     versions.add_argument("--json", action="store_true", help="one JSON object: path, versions")
     versions.add_argument("path", metavar="PATH", help="as it is (or was) on this machine; relative to here")
+    _offsite_options(versions, "look in the off-site repository (no disk needed)")
 
     differ = sub.add_parser("diff", parents=[common, reading], help="what changed between two snapshots")
     differ.add_argument("--json", action="store_true", help="one JSON object: a, b, source, changes")
@@ -197,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--in-place", action="store_true", help="back where it was; what is there now is moved aside")
     restore.add_argument("-n", "--dry-run", action="store_true", help="say what would be restored where; change nothing")
     restore.add_argument("paths", nargs="+", metavar="PATH", help="as it is (or was) on this machine; relative to here")
+    _offsite_options(restore, "restore from the off-site repository (no disk needed)")
 
     packaged = sub.add_parser(
         "packages",
@@ -300,12 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
 # (agent.system.install.agent_argvs); an administrator may run these forms.
 SUDO_FORMS: dict[str, str] = {
     "backup": "backup [--json] [--disk NAME [--passphrase-stdin] | --remote NAME | -c NAME | -m DIR] [-n] [-q|-v] [--disable-notifications]",
-    "init": "init --disk NAME [--yes] [-q|-v]",
+    "init": "init --disk NAME | --offsite NAME [--yes] [-q|-v]",
     "eject": "eject --disk NAME [--json] [-q|-v]",
     "open": "open --disk NAME [--json] [--passphrase-stdin] [-q|-v]",
-    "list": "list [--json] [--disk NAME | --remote NAME] [-q|-v]",
+    "list": "list [--json] [--disk NAME | --remote NAME | --offsite [--offsite-name NAME]] [-q|-v]",
     "rotate": "rotate [-n] [--json] [--disk NAME | --remote NAME] [--discard-unfinished] [-q|-v]",
-    "versions": "versions [--json] [--disk NAME] PATH [-q|-v]",
+    "versions": "versions [--json] [--disk NAME | --offsite [--offsite-name NAME]] PATH [-q|-v]",
     "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
     "verify": "verify [SNAPSHOT | --all] [--disk NAME] [--json] [-q|-v]",
@@ -317,16 +328,17 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     "backup": frozenset(
         {"json", "disk", "remote", "crypto", "mount", "dry_run", "quiet", "verbose", "disable_notifications", "passphrase_stdin"}
     ),
-    "init": frozenset({"disk", "yes", "quiet", "verbose"}),
+    "init": frozenset({"disk", "offsite", "yes", "quiet", "verbose"}),
     "eject": frozenset({"disk", "json", "quiet", "verbose"}),
     "open": frozenset({"disk", "json", "quiet", "verbose", "passphrase_stdin"}),
-    "list": frozenset({"json", "disk", "remote", "quiet", "verbose"}),
+    "list": frozenset({"json", "disk", "remote", "offsite", "offsite_name", "quiet", "verbose"}),
     "rotate": frozenset({"json", "dry_run", "disk", "remote", "discard_unfinished", "quiet", "verbose"}),
     # Reading only, and restoring only into a new directory beside the
     # original (restore itself checks the caller owns that directory and
     # could reach the path): --repository, --to and --in-place choose what is
     # read or written, so they need a root shell.
-    "versions": frozenset({"json", "disk", "path", "quiet", "verbose"}),
+    # --offsite reads the configured [[offsite]] repository only; restore --offsite writes, so it needs a root shell.
+    "versions": frozenset({"json", "disk", "offsite", "offsite_name", "path", "quiet", "verbose"}),
     "diff": frozenset({"json", "disk", "a", "b", "quiet", "verbose"}),
     "restore": frozenset({"disk", "snapshot", "at", "dry_run", "paths", "quiet", "verbose"}),
     # Read-only; SNAPSHOT must be one of the repository's snapshot names.
@@ -652,11 +664,18 @@ def _summary(outcome: Outcome, request: Request) -> str:
         verb = "would delete" if request.dry_run else "deleted"
         parts.append(f"rotation kept {len(outcome.plan.keep)}, {verb} {len(outcome.plan.delete)}")
     parts.append(f"in {outcome.duration:.1f} s")
+    for copied in outcome.offsite:  # engine/offsite's Copied: said apart, an off-site failure is not the backup's
+        if copied.state == "done":
+            parts.append(f"copied off-site to {copied.name}")
+        elif copied.state == "failed":
+            parts.append(f"NOT copied off-site to {copied.name}: {copied.message}")
     return "; ".join(parts)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load(args)
+    if args.offsite:
+        return _list_offsite(args, settings)
     daemon = _daemon_of(settings, args.remote, args.repository)
     remote = _remote_of(settings, args.remote, args.repository) if daemon is None else None
     opened: contextlib.AbstractContextManager[Repository | RemoteRepository]
@@ -715,6 +734,8 @@ def _root_disk(args: argparse.Namespace, does: str) -> tuple[Settings, Disk]:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the repository and its marker on a disk, and record its id for this machine."""
+    if args.offsite:
+        return _init_offsite(args)
     settings, disk = _root_disk(args, "unlocks and mounts the disk")
     if not args.yes and not sys.stdin.isatty():
         # Refused before anything is touched: asking needs a terminal.
@@ -898,6 +919,8 @@ def _partial(snapshot: str, partial: Sequence[str]) -> str:
 def cmd_versions(args: argparse.Namespace) -> int:
     settings = _load(args)
     path = history.live_path(args.path, os.getcwd())
+    if args.offsite:
+        return _versions_offsite(args, settings, path)
     with _reading(args, settings) as repo:
         snaps = history.snapshots(repo)
         found = history.versions(snaps, path)
@@ -1000,6 +1023,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     paths = [history.live_path(path, cwd) for path in args.paths]
     to = history.live_path(args.to, cwd) if args.to else None
+    if args.offsite:
+        return _restore_offsite(args, settings, paths, at, to)
     # What the live system alone decides is refused before the disk is opened: --to, and through sudo the caller's directories.
     restoring.plan_restore([], to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
     caller = int(os.environ["SUDO_UID"]) if running_through_sudo() else None
@@ -1259,3 +1284,72 @@ def _error_line(exc: BackupAgentError) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- the off-site repository (agent/engine/offsite) ------------------------------------
+
+
+def _chosen_offsite(args: argparse.Namespace, settings: Settings) -> Offsite:
+    if os.geteuid() != 0 and not settings.offsite:
+        raise UsageError("no [[offsite]] is configured: see the README's [[offsite]]")
+    if args.offsite_name:
+        return offsite.find(settings, args.offsite_name)
+    if not settings.offsite:
+        raise UsageError(f"no [[offsite]] is configured in {settings.path}: see the README's [[offsite]]")
+    return settings.offsite[0]
+
+
+def _init_offsite(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    chosen = offsite.find(settings, args.offsite)
+    found, created = offsite.initialise(settings, chosen, Runner())
+    verb = "created" if created else "adopted (checked)"
+    print(f"off-site {chosen.name}: {verb} the restic repository {found[:12]}; recorded in {offsite.state_path(settings, chosen)}")
+    return EXIT_OK
+
+
+def _list_offsite(args: argparse.Namespace, settings: Settings) -> int:
+    chosen = _chosen_offsite(args, settings)
+    found = offsite.listing(settings, chosen, Runner())
+    rows = [{"id": s.id, "short_id": s.short_id, "time": s.time.isoformat(), "snapshot": s.local_name, "host": s.host} for s in found]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print(f"off-site {chosen.name}: no snapshots of this machine yet")
+        return EXIT_OK
+    print(f"{'SNAPSHOT':<26} {'OFF-SITE ID':<12} TIME")
+    for row in rows:
+        print(f"{row['snapshot'] or '?':<26} {row['short_id']:<12} {row['time']}")
+    return EXIT_OK
+
+
+def _versions_offsite(args: argparse.Namespace, settings: Settings, path: str) -> int:
+    chosen = _chosen_offsite(args, settings)
+    found = offsite.versions(settings, chosen, Runner(), path)
+    if not found:
+        raise UsageError(f"{path} is in no off-site snapshot of {chosen.name}")
+    rows: list[dict[str, Any]] = [
+        {
+            "snapshot": snap.local_name, "id": snap.short_id, "time": snap.time.isoformat(),
+            "kind": match.kind, "size": match.size, "mtime": match.mtime,
+        }
+        for snap, match in found
+    ]
+    if args.json:
+        print(json.dumps({"path": path, "offsite": chosen.name, "versions": rows}, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    print(f"{path}: in {len(rows)} off-site snapshot{'s' if len(rows) != 1 else ''} of {chosen.name}")
+    for row in rows:
+        print(f"{row['snapshot'] or row['id']:<26} {human_size(row['size'] or 0):>10}  {row['mtime']}  {row['kind']}")
+    return EXIT_OK
+
+
+def _restore_offsite(args: argparse.Namespace, settings: Settings, paths: Sequence[str], at: dt.datetime | None, to: str | None) -> int:
+    if args.in_place or args.dry_run:
+        raise UsageError("restore --offsite restores into a new directory only: leave out --in-place and --dry-run")
+    chosen = _chosen_offsite(args, settings)
+    for path in paths:
+        target, snap = offsite.restore(settings, chosen, Runner(), path, name=args.snapshot, at=at, to=to)
+        print(f"restored {path} from the off-site snapshot {snap.local_name or snap.short_id} ({chosen.name}) to {target}")
+    return EXIT_OK

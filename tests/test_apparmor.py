@@ -86,6 +86,7 @@ def test_every_default_program_of_commands_may_run_under_the_profile() -> None:
             assert may_run(seen), f"{seen} may not run under the profile"
     assert may_run("/usr/bin/python3.11")
     assert not may_run("/usr/bin/curl") and not may_run("/tmp/rm")
+    assert may_run("/usr/bin/ssh")  # restic's sftp: backend
 
 
 def test_the_profile_writes_the_state_directory_and_the_machine_lock() -> None:

@@ -37,7 +37,7 @@ IS_ROOT = os.geteuid() == 0
 
 TABLES = (
     "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [packages], [conditions], "
-    "[[disk]], [[hooks]], [[report]], [[command_source]], [[source]], [[remote]]"
+    "[[disk]], [[hooks]], [[report]], [[command_source]], [[source]], [[remote]], [[offsite]]"
 )
 BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout, freeze"
 COUNT = 'expected a whole number of 0 or more, or "always"'
@@ -582,13 +582,14 @@ LIFECYCLE_ERRORS = [
     pytest.param(
         {"name": "backup1"},
         "name",
-        'got the key "name" outside any table; expected it below the line [[disk]] or [[hooks]] or [[command_source]] or [[source]] or [[remote]]',
+        'got the key "name" outside any table; expected it below the line [[disk]] or [[hooks]] or [[command_source]] or [[source]] '
+        "or [[remote]] or [[offsite]]",
         id="key-outside-table-arrays",
     ),
     pytest.param(
         {"repository": "/srv/backup"},
         "repository",
-        'got the key "repository" outside any table; expected it below the line [backup] or [[disk]]',
+        'got the key "repository" outside any table; expected it below the line [backup] or [[disk]] or [[offsite]]',
         id="key-outside-table-backup-or-disk",
     ),
     pytest.param(
@@ -645,7 +646,7 @@ LIFECYCLE_ERRORS = [
         {"commands": {"cryptdisk_stop": "/sbin/cryptdisks_stop"}},
         "commands.cryptdisk_stop",
         'unknown key "cryptdisk_stop" in [commands], did you mean cryptdisks_stop?; expected one of rsync, ionice, '
-        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, cryptsetup, systemctl, mount, umount, sync, btrfs, unshare, ssh",
+        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, cryptsetup, systemctl, mount, umount, sync, btrfs, unshare, ssh, restic",
         id="commands-unknown-key-suggested",
     ),
     # [[disk]]: keys, required keys

@@ -68,6 +68,8 @@ class Commands:
     btrfs: str = "/bin/btrfs"  # a frozen source's read-only snapshot (freeze)
     unshare: str = "/usr/bin/unshare"  # the private mount namespace a frozen source is read in
     ssh: str = "/usr/bin/ssh"  # remote repositories (agent.repository.remote)
+    # The off-site copy (docs/ARCHITECTURE.md, "The off-site copy"); it also runs in unshare's namespace.
+    restic: str = "/usr/bin/restic"
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,43 @@ class PingReport:
 
 Report = Union[MailReport, PingReport]
 
+#: [[offsite]] defaults: a copy a day, pruning a month apart, a check a week reading 1/12 of the data.
+DEFAULT_OFFSITE_INTERVAL: Final = 86400
+DEFAULT_PRUNE_INTERVAL: Final = 30 * 86400
+DEFAULT_CHECK_INTERVAL: Final = 7 * 86400
+DEFAULT_CHECK_PARTS: Final = 12
+
+
+@dataclass(frozen=True)
+class Offsite:
+    """One ``[[offsite]]``: a restic repository that receives a copy of the newest local snapshot.
+
+    Exactly one of ``repository``/``repository_file`` and one of
+    ``password_file``/``password_command``; every file is root's alone and
+    is handed to restic by name or through its environment, never on a
+    command line (docs/ARCHITECTURE.md, "The off-site copy").
+    """
+
+    name: str
+    repository: str | None = None  # "/path", "sftp:host:/path", "rest:https://...", "s3:..."
+    repository_file: str | None = None
+    password_file: str | None = None
+    password_command: tuple[str, ...] | None = None  # argv; its stdout is the password
+    environment_file: str | None = None  # KEY=VALUE lines for the backend (AWS_*, B2_*, ...), root's alone
+    host: str | None = None  # the --host of each off-site snapshot; default this machine's name
+    interval: int = DEFAULT_OFFSITE_INTERVAL  # seconds: at most one copy this often
+    metered: bool = False  # also copy over a metered connection
+    remind_after: int = 7  # days without an off-site copy before a reminder; 0: never
+    rotation: Scheme = DEFAULT_SCHEME  # [offsite.rotation]; default: the local [rotation]
+    keep_last: int = 1  # [offsite.rotation] last: restic forget --keep-last, the newest N kept whatever their period
+    append_only: bool = False  # the server refuses deletion: forget and prune are the server owner's
+    prune_interval: int = DEFAULT_PRUNE_INTERVAL
+    check_interval: int = DEFAULT_CHECK_INTERVAL
+    check_parts: int = DEFAULT_CHECK_PARTS  # N of --read-data-subset=k/N; 0: no reading of data
+    pack_size: int | None = None  # MiB (restic --pack-size)
+    limit_upload: int | None = None  # KiB/s (restic --limit-upload)
+    options: tuple[str, ...] = ()  # restic -o key=value (sftp.command, s3.storage-class, ...); on its command line: no secrets
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -239,6 +278,7 @@ class Settings:
     reports: tuple[Report, ...] = ()  # [[report]]: who hears the root cycle's result besides the desktop
     command_sources: tuple[CommandSource, ...] = ()  # [[command_source]]: dumps stored in every snapshot
     packages: Packages = Packages()  # [packages]: the package lists and database with every snapshot
+    offsite: tuple[Offsite, ...] = ()  # [[offsite]]: restic repositories that get a copy of each snapshot
     keep_free: KeepFree | None = None
     freeze: str = "auto"  # [backup]: the single source's, when it is a btrfs subvolume
     sources: tuple[SourceSpec, ...] = ()  # [[source]]: several sources in one snapshot (replaces [backup] source)

@@ -22,6 +22,7 @@ from agent.policy.rotation import DEFAULT_SCHEME, FREQUENCIES, Count, Scheme
 from agent.policy.schedule import ON_PLUG_CHOICES
 from agent.policy.conditions import parse_quiet_hours
 from agent.config.messages import fail, got_type, literal, quote, show, suggest
+from agent.config.offsite_keys import OFFSITE_KEYS
 from agent.config.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_MIN_SNAPSHOTS,
@@ -107,6 +108,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "btrfs",
             "unshare",
             "ssh",
+            "restic",
         ),
         "notifications": ("enabled", "remind_after"),
         "tray": ("enabled",),
@@ -149,13 +151,14 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "remote": (
             "name", "host", "port", "user", "path", "identity_file", "known_hosts", "connect_timeout", "module", "password_file",
         ),  # fmt: skip
+        "offsite": OFFSITE_KEYS,
     }
 )
 # What one element of each array of tables is, for messages.
 _ARRAY_ELEMENT: Final[Mapping[str, str]] = MappingProxyType(
     {
         "disk": "disk", "hooks": "hook", "report": "report channel", "command_source": "command source", "source": "source",
-        "remote": "remote repository",
+        "remote": "remote repository", "offsite": "off-site repository",
     }
 )
 
@@ -1275,6 +1278,10 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields["sources"] = _sources(path, data["source"], data.get("backup", {}))
     if "remote" in data:
         fields["remotes"] = _remotes(path, data["remote"])
+    if "offsite" in data:
+        from agent.config.offsite import offsite_tables  # it uses this module's validators
+
+        fields["offsite"] = offsite_tables(path, _elements(path, "offsite", data["offsite"]), fields.get("rotation", DEFAULT_SCHEME))
     return Settings(path=path, **fields)
 
 
@@ -1294,4 +1301,7 @@ def named_programs(data: Mapping[str, Any], settings: Settings) -> tuple[tuple[s
                 programs.append((f"hooks[{index}].{side}", argv[0]))
     for index, source in enumerate(settings.command_sources):
         programs.append((f"command_source[{index}].command", source.command[0]))
+    for index, offsite in enumerate(settings.offsite):
+        if offsite.password_command is not None:
+            programs.append((f"offsite[{index}].password_command", offsite.password_command[0]))
     return tuple(programs)

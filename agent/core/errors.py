@@ -28,11 +28,14 @@ EXIT_UNVERIFIED = 13  # verify found nothing wrong, but could check no snapshot 
 EXIT_STALE = 14  # check-stale: no backup succeeded for remind_after days (a report, not an exception)
 EXIT_WRONG_PASSPHRASE = 15  # the passphrase given on standard input does not open the disk
 # Remote repositories (agent.repository.remote): why the server could not be used
-# (20 and up: 15 to 19 are kept for other kinds of failure).
+# (20 and up).
 EXIT_HOST_KEY = 20  # the server's host key is unknown or changed
 EXIT_REFUSED = 21  # the server refused the key (or the rsync daemon the password)
 EXIT_UNREACHABLE = 22  # no connection to the server at all
 EXIT_CONNECTION_LOST = 23  # the connection broke off during the run
+# The off-site copy (agent.engine.offsite); the local backup is not affected by either.
+EXIT_OFFSITE = 16  # the off-site copy failed (unreachable, restic failed)
+EXIT_OFFSITE_PASSWORD = 17  # the off-site repository refused the password (or has no key for it)
 EXIT_INTERRUPTED = 130
 
 
@@ -223,3 +226,27 @@ class ConnectionLostError(BackupAgentError):
     """The connection to the server broke off during the run; the unfinished transfer is kept to resume from."""
 
     exit_code = EXIT_CONNECTION_LOST
+
+
+class OffsiteError(BackupAgentError):
+    """The off-site copy, or a command on the off-site repository, failed.
+
+    ``reason`` says what kind of failure it is in one word (``password``,
+    ``unreachable``, ``locked``, ``quota``, ``missing``, ``too-old``,
+    ``no-repository``, ``append-only``, ``failed``), and each has its exit
+    status, so the agent and scripts tell them apart without reading the text.
+    """
+
+    _EXIT_CODES = {
+        "password": EXIT_OFFSITE_PASSWORD,
+        "locked": EXIT_BUSY,
+        "quota": EXIT_DISK_FULL,
+        "missing": EXIT_NOT_AVAILABLE,
+        "too-old": EXIT_NOT_AVAILABLE,
+        "no-repository": EXIT_REPOSITORY,
+    }
+
+    def __init__(self, message: str, *, reason: str = "failed", step: str | None = "offsite") -> None:
+        super().__init__(message, step=step)
+        self.reason = reason
+        self.exit_code = self._EXIT_CODES.get(reason, EXIT_OFFSITE)

@@ -81,7 +81,12 @@ class StepEvent:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """The transfer's progress: ``percent`` (0-100, None before rsync knows), ``eta`` (s, or None)."""
+    """The transfer's progress: ``percent`` (0-100, None before rsync knows), ``eta`` (s, or None).
+
+    The off-site step (``step="offsite"``) adds what restic knows besides:
+    the totals, the errors so far and the file being read (README,
+    "JSON-lines protocol"); the local transfer leaves them out (None).
+    """
 
     kind: ClassVar[str] = "progress"
     percent: float | None
@@ -89,6 +94,11 @@ class ProgressEvent:
     files: int
     rate: float | None
     eta: int | None
+    step: str | None = None
+    bytes_total: int | None = None
+    files_total: int | None = None
+    errors: int | None = None
+    current: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.kind, "percent", self.percent, self.percent is None or _is_number(self.percent))
@@ -96,9 +106,22 @@ class ProgressEvent:
         _check(self.kind, "files", self.files, _is_int(self.files))
         _check(self.kind, "rate", self.rate, self.rate is None or _is_number(self.rate))
         _check(self.kind, "eta", self.eta, self.eta is None or _is_int(self.eta))
+        _check(self.kind, "step", self.step, self.step is None or isinstance(self.step, str))
+        for name in ("bytes_total", "files_total", "errors"):
+            value = getattr(self, name)
+            _check(self.kind, name, value, value is None or _is_int(value))
+        _check(self.kind, "current", self.current, self.current is None or isinstance(self.current, str))
 
     def fields(self) -> dict[str, Any]:
-        return {"percent": self.percent, "bytes": self.bytes, "files": self.files, "rate": self.rate, "eta": self.eta}
+        out: dict[str, Any] = {"percent": self.percent, "bytes": self.bytes, "files": self.files, "rate": self.rate, "eta": self.eta}
+        for name in _PROGRESS_EXTRA:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+_PROGRESS_EXTRA = ("step", "bytes_total", "files_total", "errors", "current")
 
 
 @dataclass(frozen=True)
@@ -237,8 +260,10 @@ def progress(
     files: int,
     rate: float | None,
     eta: int | None,
+    **extra: Any,
 ) -> ProgressEvent:
-    return ProgressEvent(percent, bytes_done, files, rate, eta)
+    """``extra``: the off-site step's fields (``step``, ``bytes_total``, ``files_total``, ``errors``, ``current``)."""
+    return ProgressEvent(percent, bytes_done, files, rate, eta, **extra)
 
 
 def warning(step_name: str, message: str, **detail: Any) -> WarningEvent:
@@ -272,7 +297,8 @@ def _from_fields(kind: str, value: dict[str, Any]) -> Event:
     if kind == "step":
         return StepEvent(value.pop("step"), value.pop("state"), value)
     if kind == "progress":
-        return ProgressEvent(value["percent"], value["bytes"], value["files"], value["rate"], value["eta"])
+        extra = {name: value.get(name) for name in _PROGRESS_EXTRA}
+        return ProgressEvent(value["percent"], value["bytes"], value["files"], value["rate"], value["eta"], **extra)
     if kind == "warning":
         return WarningEvent(value.pop("step"), value.pop("message"), value)
     if kind == "complete":

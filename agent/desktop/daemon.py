@@ -63,7 +63,20 @@ from agent.desktop.pinentry import PromptUnavailable
 from agent.desktop.process import ChildProcess, run_to_end
 from agent.desktop.sdnotify import Notifier, watchdog_interval
 from agent.desktop.statefile import DiskRecord, load_state, save_state, state_file_path
-from agent.desktop.state import AgentStatus, BrowseReply, DiskStatus, EjectReply, Listener, Result, disk_left
+from agent.desktop.state import (
+    AgentStatus,
+    BrowseReply,
+    DiskStatus,
+    EjectReply,
+    Listener,
+    OffsiteListener,
+    OffsiteStatus,
+    Result,
+    disk_left,
+    offsite_after,
+    offsite_from,
+    offsite_maintained,
+)
 from agent.desktop.udev import DiskGone, DiskSeen, Monitor
 
 log = logging.getLogger(__name__)
@@ -249,6 +262,7 @@ class Agent:
         self._last_notified = ""
         last_disk = saved_status.get("disk")
         self._status = AgentStatus(disk=last_disk if last_disk in self._records else None)
+        self._status.offsite = offsite_records(settings, saved_status.get("offsite"))
         self._published: AgentStatus | None = None
         self._last_returncode: int | None = None
         self._ejecting: str | None = None  # the disk an eject is closing now
@@ -900,6 +914,10 @@ class Agent:
                 else:  # found unlocked: the passphrase proved nothing
                     given.wipe()
                 self._announce(cycle)
+            if event.step == "offsite" and event.state in ("done", "failed", "skipped"):
+                self._offsite_finished(event)
+            elif event.step.startswith("offsite-") and event.state in ("done", "failed", "skipped"):
+                self._offsite_maintained(event)
             self._status.step = event.step
             self._refresh()
         elif isinstance(event, events.ProgressEvent):
@@ -1142,10 +1160,39 @@ class Agent:
             return f"{status.disk} attached; next backup at {when}"
         return "waiting for a backup disk"
 
+    def _offsite_maintained(self, event: events.StepEvent) -> None:
+        """forget, prune or check ended: the record says so (``status``: pruning is the server owner's, the last check)."""
+        records = self._status.offsite
+        for index, record in enumerate(records):
+            if record.name == event.detail.get("offsite"):
+                records[index] = offsite_maintained(record, event.step, event.state, event.detail)
+                self._save()
+                self._refresh()
+
+    def _offsite_finished(self, event: events.StepEvent) -> None:
+        """An off-site copy ended: its record in the status (saved with it), then the listeners that hear of it."""
+        name = event.detail.get("offsite")
+        records = self._status.offsite
+        index = next((i for i, record in enumerate(records) if record.name == name), None)
+        if index is None:
+            return
+        records[index] = offsite_after(records[index], event.state, event.detail, self._clock())
+        self._save()
+        self._refresh()
+        for listener in list(self._listeners):
+            if isinstance(listener, OffsiteListener):
+                try:
+                    listener.offsite_finished(dataclasses.replace(records[index]), event.state)
+                except Exception:
+                    log.exception("listener %r failed in offsite_finished", listener)
+
     @staticmethod
     def _copy(status: AgentStatus) -> AgentStatus:
         return dataclasses.replace(
-            status, progress=dict(status.progress), disks=[dataclasses.replace(disk) for disk in status.disks]
+            status,
+            progress=dict(status.progress),
+            disks=[dataclasses.replace(disk) for disk in status.disks],
+            offsite=[dataclasses.replace(record) for record in status.offsite],
         )
 
     def _tell(self, method: str, *args: Any) -> None:
@@ -1168,6 +1215,13 @@ def remote_destinations(settings: Settings) -> tuple[str, ...]:
     itself here (docs/ARCHITECTURE.md, "Moments not to back up").
     """
     return ()
+
+
+def offsite_records(settings: Settings, saved: Any) -> list[OffsiteStatus]:
+    """One record per configured [[offsite]], in order, carrying what the saved status knew of it (pure)."""
+    found = [offsite_from(item) for item in saved] if isinstance(saved, list) else []
+    known = {record.name: record for record in found if record is not None}
+    return [known.get(site.name, OffsiteStatus(site.name)) for site in settings.offsite]
 
 
 # -- eject ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Protocol
+from typing import Any, Literal, Mapping, Protocol, runtime_checkable
 
 from agent.core.events import CompleteEvent, ProgressEvent
 
@@ -61,6 +61,63 @@ class DiskStatus:
 
 
 @dataclass
+class OffsiteStatus:
+    """One ``[[offsite]]`` as the agent saw its last copy (the cycle's ``offsite`` steps).
+
+    ``result``: "none" (no copy seen yet), "copied" or "failed"; a skipped
+    copy (not due, metered) changes only ``message``.
+    """
+
+    name: str
+    last_copy: float | None = None  # epoch seconds of the last copy that succeeded
+    snapshot: str | None = None  # the local snapshot it copied
+    result: str = "none"
+    message: str = ""
+    retention: str = ""  # why forget/prune did not run ("pruning belongs to the server's owner"), or failed
+    check: str = ""  # the last rolling check: "ok (1/12)", or what it found
+
+
+def offsite_maintained(previous: OffsiteStatus, step: str, state: str, detail: Mapping[str, Any]) -> OffsiteStatus:
+    """What an ``offsite-forget``/``-prune``/``-check`` step's end makes of the record (pure)."""
+    said = detail.get("message") if state == "failed" else detail.get("reason")
+    why = said if isinstance(said, str) else ""
+    if step == "offsite-check":
+        if state == "done":
+            return dataclasses.replace(previous, check=f"ok ({detail.get('subset', '?')})")
+        return dataclasses.replace(previous, check=why) if why else previous
+    if state == "done" and step == "offsite-forget":
+        return dataclasses.replace(previous, retention="")
+    return dataclasses.replace(previous, retention=why) if state in ("skipped", "failed") and why else previous
+
+
+def offsite_from(value: Any) -> OffsiteStatus | None:
+    """An OffsiteStatus from its saved or sent fields; None when it has no name (pure)."""
+    name = value.get("name") if isinstance(value, Mapping) else None
+    if not isinstance(name, str) or not name:
+        return None
+    found = OffsiteStatus(name)
+    last = value.get("last_copy")
+    if isinstance(last, (int, float)) and not isinstance(last, bool):
+        found.last_copy = float(last)
+    for key in ("snapshot", "result", "message", "retention", "check"):
+        if isinstance(value.get(key), str):
+            setattr(found, key, value[key])
+    return found
+
+
+def offsite_after(previous: OffsiteStatus, state: str, detail: Mapping[str, Any], now: float) -> OffsiteStatus:
+    """What an ``offsite`` step event (``done``, ``failed``, ``skipped``) makes of the record (pure)."""
+    said = detail.get("message") if state == "failed" else detail.get("reason")
+    message = said if isinstance(said, str) else ""
+    if state == "done":
+        snapshot = detail.get("snapshot")
+        return OffsiteStatus(previous.name, now, snapshot if isinstance(snapshot, str) else None, "copied", "")
+    if state == "failed":
+        return dataclasses.replace(previous, result="failed", message=message or "the off-site copy failed")
+    return dataclasses.replace(previous, message=message)
+
+
+@dataclass
 class AgentStatus:
     """Everything a status query or a tray tooltip needs, as plain values."""
 
@@ -77,6 +134,7 @@ class AgentStatus:
     disk_left_detail: str = ""  # the mount point ("mounted"), or why locking failed ("lock-failed")
     disks: list[DiskStatus] = field(default_factory=list)  # every configured disk, in the configuration's order
     skipped: str = ""  # why the disk's due backup waits now (a condition, never a failure); "": it does not
+    offsite: list[OffsiteStatus] = field(default_factory=list)  # every [[offsite]], in the configuration's order
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,4 +230,13 @@ class Listener(Protocol):
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
         """The cycle failed in ``step``; ``exit_code`` is the cycle's (agent.core.errors), None when not known."""
+        ...
+
+
+@runtime_checkable
+class OffsiteListener(Protocol):
+    """A listener that also hears how each off-site copy ended (the agent asks each listener whether it is one)."""
+
+    def offsite_finished(self, offsite: OffsiteStatus, state: str) -> None:
+        """``state``: the step's "done", "failed" or "skipped"; ``offsite``: the record after it."""
         ...

@@ -40,6 +40,7 @@ from agent.disk.unlock import unlocked
 from agent.engine import hooks
 from agent.engine import layouts
 from agent.engine import sysstate
+from agent.engine import offsite
 from agent.repository import manifest as manifests
 from agent.repository import unfinished
 from agent.core.commands import Result, Runner, priority_prefix
@@ -109,6 +110,7 @@ class Outcome:
     deleted: tuple[str, ...] = ()
     duration: float = 0.0
     skipped: str | None = None  # why nothing was done (the disk is not attached)
+    offsite: list[Any] = field(default_factory=list)  # engine/offsite's Copied, one per [[offsite]]
 
 
 def transfer_progress(update: rsync.Progress, elapsed: float, *, copies_all: bool = False) -> tuple[int, int | None]:
@@ -138,8 +140,18 @@ def transfer_progress(update: rsync.Progress, elapsed: float, *, copies_all: boo
 class Cycle:
     """Runs one request; emits events; raises BackupAgentError on failure."""
 
-    def __init__(self, request: Request, emitter: Emitter, runner: Runner, *, source: Source | None = None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        emitter: Emitter,
+        runner: Runner,
+        *,
+        source: Source | None = None,
+        metered: offsite.Metered = offsite.not_known,
+    ) -> None:
         self.request = request
+        # Whether the connection is metered now, for [[offsite]] metered (the conditions decide; unknown by default).
+        self.metered = metered
         self.settings = request.settings
         self.emitter = emitter
         self.runner = runner
@@ -202,6 +214,8 @@ class Cycle:
                 if request.disk is not None and not self._open_disk(stack, request.disk):
                     self._emit_complete()
                     return self.outcome
+                # After the trash is emptied, while the disk is open: the off-site copy.
+                stack.callback(self._offsite)
                 # After success is reported and after_backup ran, before the
                 # disk is unmounted and locked: the ExitStack unwinds in reverse.
                 stack.callback(self._empty_trash)
@@ -820,6 +834,22 @@ class Cycle:
             # empty-trash step, after the complete event (_empty_trash).
             self._layout().delete(plan.delete, step="rotate")
             self.outcome.deleted += plan.delete
+
+    def _offsite(self) -> None:
+        """Copy the newest snapshot off-site (engine/offsite): only after a complete, never a dry run.
+
+        Its failures are its own steps and warnings, never the cycle's error
+        (docs/ARCHITECTURE.md, "The off-site copy").
+        """
+        request = self.request
+        if not (self._completed and self.settings.offsite and "backup" in request.steps and self.outcome.snapshot is not None):
+            return
+        self.current_step = "offsite"
+        copier = offsite.OffsiteCopy(self.settings, self.emitter, self.runner, metered=self.metered)
+        if request.dry_run:
+            copier.dry_run(self.outcome.snapshot)
+        elif self.repository is not None:
+            self.outcome.offsite = copier.run(self.repository)
 
     def _empty_trash(self) -> None:
         """Remove what this run (or an interrupted one) moved into .trash, after the cycle reported success.

@@ -38,7 +38,7 @@ from dbus_fast.aio import MessageBus
 
 from agent.core.errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, BackupAgentError, UsageError
 from agent.desktop import statefile
-from agent.desktop.state import AgentStatus, DiskLeft, DiskStatus, Result, State
+from agent.desktop.state import AgentStatus, DiskLeft, DiskStatus, OffsiteStatus, Result, State, offsite_from
 from agent.desktop.statefile import state_file_path
 from agent.desktop.dbus import BUS_NAME, EXIT_NO_AGENT, INTERFACE, OBJECT_PATH, session_bus_address
 from agent.desktop.dbus.bus import CALL_TIMEOUT, send
@@ -200,6 +200,11 @@ def status_from_mapping(values: Any, *, source: str) -> AgentStatus:
                 status.disks = [disk for disk in (_disk_from(item, source) for item in value) if disk is not None]
             else:
                 bad(name, "a list of objects")
+        elif name == "offsite":
+            if isinstance(value, list):
+                status.offsite = [record for record in (offsite_from(item) for item in value) if record is not None]
+            else:
+                bad(name, "a list of objects")
         elif name == "cycle_pid":
             if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 status.cycle_pid = value
@@ -342,7 +347,30 @@ def format_status(status: AgentStatus, *, live: bool, saved_at: float | None = N
         lines.append("disks:")
         for disk in status.disks:
             lines.append(f"  {disk.name}: {_disk_line(disk, live=live)}")
+    if status.offsite:
+        lines.append("off-site:")
+        for record in status.offsite:
+            lines.append(f"  {record.name}: {offsite_line(record, time.time())}")
     return "\n".join(lines) + "\n"
+
+
+def offsite_line(record: OffsiteStatus, now: float) -> str:
+    """One [[offsite]] in ``status``: its newest copy and how old it is, and the last try's trouble (pure)."""
+    if record.last_copy is None:
+        parts = ["no copy yet"]
+    else:
+        days, rest = divmod(max(0, int(now - record.last_copy)), 86400)
+        old = f"{days} d {rest // 3600} h" if days else f"{rest // 3600} h {rest % 3600 // 60} min"
+        parts = [f"newest copy {record.snapshot or '?'}, made {_when(record.last_copy)} ({old} old)"]
+    if record.result == "failed":
+        parts.append(f"last try failed: {record.message}")
+    elif record.message:
+        parts.append(record.message)
+    if record.retention:
+        parts.append(record.retention)
+    if record.check:
+        parts.append(f"last check {record.check}")
+    return "; ".join(parts)
 
 
 def _disk_line(disk: DiskStatus, *, live: bool) -> str:

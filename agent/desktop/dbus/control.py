@@ -27,7 +27,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 
 from agent.core.errors import EXIT_BUSY, BackupAgentError
 from agent.core.events import CompleteEvent, ProgressEvent
-from agent.desktop.state import AgentStatus, Controller, Listener
+from agent.desktop.state import AgentStatus, Controller, Listener, OffsiteStatus
 from agent.desktop.dbus import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, driver_call, session_bus_address
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ STATUS_SIGNATURES: dict[str, str] = {
     "disk_left_detail": "s",
     "disks": "aa{sv}",
     "skipped": "s",
+    "offsite": "aa{sv}",
 }
 
 
@@ -138,6 +139,8 @@ def status_vardict(status: AgentStatus) -> dict[str, Variant]:
     """GetStatus's reply: the AgentStatus fields with their fixed types; None fields left out."""
     result: dict[str, Variant] = {}
     for name, value in status.as_dict().items():
+        if name == "offsite" and not value:
+            continue  # no [[offsite]]: the reply stays as it was before off-site copies
         signature = STATUS_SIGNATURES.get(name)
         variant = _typed(signature, value) if signature else to_variant(value)
         if variant is not None:
@@ -151,13 +154,19 @@ def progress_vardict(event: ProgressEvent, elapsed: float | None) -> dict[str, V
     The signal's names (README, D-Bus interface) for the event's fields:
     bytes -> bytes_done, files -> files_done, eta -> remaining; "elapsed" comes from the agent.
     """
-    given: dict[str, tuple[str, float | None]] = {
+    given: dict[str, tuple[str, float | str | None]] = {
         "percent": ("d", event.percent),
         "bytes_done": ("x", event.bytes),
         "files_done": ("x", event.files),
         "rate": ("d", event.rate),
         "remaining": ("x", event.eta),
         "elapsed": ("d", elapsed),
+        # The off-site step's (restic's) fields; the local transfer leaves them out.
+        "step": ("s", event.step),
+        "bytes_total": ("x", event.bytes_total),
+        "files_total": ("x", event.files_total),
+        "errors": ("x", event.errors),
+        "current": ("s", event.current),
     }
     result: dict[str, Variant] = {}
     for key, (signature, value) in given.items():
@@ -303,6 +312,12 @@ class ControlInterface(ServiceInterface):
     def _error_signal(self, step: str, message: str) -> Annotated[tuple[str, str], DBusSignature("ss")]:
         return step, message
 
+    @dbus_signal(name="OffsiteFinished")
+    def _offsite_finished_signal(
+        self, name: str, state: str, message: str
+    ) -> Annotated[tuple[str, str, str], DBusSignature("sss")]:
+        return (name, state, message)
+
     @dbus_signal(name="DiskAttached")
     def _disk_attached_signal(self, disk: str) -> DBusStr:
         return disk
@@ -347,6 +362,10 @@ class ControlInterface(ServiceInterface):
         self._started = None
         self._error_signal(step or "", message)
 
+    def offsite_finished(self, offsite: OffsiteStatus, state: str) -> None:
+        """OffsiteFinished(name, state, message): "done" (copied), "failed" or "skipped", and why."""
+        self._offsite_finished_signal(offsite.name, state, offsite.message)
+
 
 # Argument names for the introspection XML (dbus-fast leaves them out).
 ARGUMENT_NAMES: dict[str, tuple[str, ...]] = {
@@ -360,6 +379,7 @@ ARGUMENT_NAMES: dict[str, tuple[str, ...]] = {
     "Error": ("step", "message"),
     "DiskAttached": ("disk",),
     "DiskRemoved": ("disk", "during_backup"),
+    "OffsiteFinished": ("name", "state", "message"),
 }
 
 

@@ -69,7 +69,7 @@ from agent.desktop.reminder import (
     stale_cards,
 )
 from agent.repository.store import SNAPSHOTS
-from agent.desktop.state import AgentStatus, Controller, Listener
+from agent.desktop.state import AgentStatus, Controller, Listener, OffsiteStatus
 from agent.desktop.dbus import driver_call, sender
 from agent.desktop.dbus.actions import show_folder
 from agent.desktop.dbus.bus import BusCallError, match_rule, send
@@ -86,6 +86,8 @@ from agent.desktop.dbus.texts import (  # the words, re-exported: callers and te
     failed_text,
     failure_hint,
     missed_text,
+    offsite_reminder_text,
+    offsite_text,
     past,
     progress_text,
     reminder_text,
@@ -183,6 +185,8 @@ class Notifier:
         self._app_name = app_name
         self._disks = disks
         self._remind_after = settings.remind_after if settings is not None else 0
+        # [[offsite]] remind_after, each its own (0: never).
+        self._offsite_remind = {site.name: site.remind_after for site in settings.offsite} if settings is not None else {}
         self._repositories = {disk.name: disk.repository for disk in settings.disks} if settings is not None else {}
         self._state_path = state_path
         self._notice = load_notice_state(state_path) if state_path is not None else NoticeState()
@@ -353,9 +357,13 @@ class Notifier:
         if self._reminder_timer is not None:
             self._reminder_timer.cancel()
             self._reminder_timer = None
-        if self._disks is None or not self._logged_in or self._closed or self._remind_after <= 0:
+        if self._disks is None or not self._logged_in or self._closed:
             return
         now = self._now()
+        offsite_wake = self._offsite_reminders(now, login)
+        if self._remind_after <= 0:
+            self._arm(offsite_wake, now)
+            return
         successes = self._disks.last_successes()
         views = {
             name: DiskView(last, name in self._attached, self._notice.known_since.get(name),
@@ -376,6 +384,11 @@ class Notifier:
                            icon="drive-harddisk", category="device", about=(reminder.disk, "reminder"),
                            shown=functools.partial(self._reminded, reminder.disk, True),
                            missed=functools.partial(self._reminded, reminder.disk, False))
+        if offsite_wake is not None:
+            wake = offsite_wake if wake is None else min(wake, offsite_wake)
+        self._arm(wake, now)
+
+    def _arm(self, wake: float | None, now: float) -> None:
         if wake is not None:
             try:
                 loop = asyncio.get_running_loop()
@@ -383,6 +396,29 @@ class Notifier:
                 return
             # At least a second: a clock that disagrees with the plan never spins.
             self._reminder_timer = loop.call_later(max(1.0, wake - now), self.remind)
+
+    def _offsite_reminders(self, now: float, login: bool) -> float | None:
+        """Remind of each [[offsite]] whose last copy is older than its own remind_after; when to look again."""
+        if self._retry_at is not None and now < self._retry_at:
+            return self._retry_at
+        records = {record.name: record for record in (self._status.offsite if self._status is not None else [])}
+        wake: float | None = None
+        for name, days in self._offsite_remind.items():
+            key = f"offsite:{name}"
+            last = records[name].last_copy if name in records else None
+            since = self._notice.known_since.setdefault(key, now)
+            plan = plan_reminders(now, {key: DiskView(last, False, since, self._notice.reminded.get(key))}, days, login=login, tz=self._tz)
+            if plan.next_check is not None:
+                wake = plan.next_check if wake is None else min(wake, plan.next_check)
+            for _due in plan.due:
+                if key in self._reminding:
+                    continue
+                self._reminding.add(key)
+                self._post(f"reminder:{key}", offsite_reminder_text(name, last, now, self._tz),
+                           icon="network-server", category="transfer", about=(key, "reminder"),
+                           shown=functools.partial(self._reminded, key, True),
+                           missed=functools.partial(self._reminded, key, False))
+        return wake
 
     @property
     def reminder_timer(self) -> asyncio.TimerHandle | None:
@@ -511,7 +547,9 @@ class Notifier:
         self._card = (disk, "running")
 
     def progress(self, event: ProgressEvent) -> None:
-        if self._muted or self._removed or self.progress_elsewhere():
+        if self._muted or self._removed or event.step == "offsite":
+            return  # the off-site copy runs after "completed" was said: its progress is the tray's and D-Bus's
+        if self.progress_elsewhere():
             return
         now = self._clock()
         if self._last_update is not None and now - self._last_update < self._min_interval:
@@ -529,6 +567,15 @@ class Notifier:
         self._muted = False
         self._post("cycle", completed_text(self._disk or "the disk", event, None),
                    icon="drive-harddisk", category="transfer", about=(self._disk or "the disk", "running"))
+
+    def offsite_finished(self, offsite: OffsiteStatus, state: str) -> None:
+        """ "Copied off-site" or why not; a copy that was not due says nothing."""
+        if state not in ("done", "failed"):
+            return
+        self._post(f"offsite:{offsite.name}", offsite_text(offsite.name, state, offsite.snapshot, offsite.message),
+                   icon="network-server", category="transfer", about=(f"offsite:{offsite.name}", state))
+        if state == "done":
+            self._notice.reminded.pop(f"offsite:{offsite.name}", None)
 
     def backup_failed(self, step: str | None, message: str, exit_code: int | None = None) -> None:
         completed, self._completed = self._completed, None

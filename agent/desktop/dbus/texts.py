@@ -43,6 +43,10 @@ _STEPS: dict[str, str] = {
     "empty-trash": "freeing the space of old snapshots",
     "unmount": "unmounting the disk",
     "lock-disk": "locking the disk",
+    "offsite": "copying the snapshot off-site",
+    "offsite-forget": "forgetting old off-site snapshots",
+    "offsite-prune": "pruning the off-site repository",
+    "offsite-check": "checking the off-site repository",
 }
 
 # What to do, by the cause when the cycle's exit status tells it (agent.core.errors),
@@ -304,6 +308,32 @@ def reminder_text(disk: str, last_success: float | None, now: float, tz: dt.tzin
     return Text(
         f"No backup to {disk} for {_plural(days, 'day')}", f"Last backup on {day(last_success, now, tz)}. {plug}", NORMAL
     )
+
+
+def offsite_text(name: str, state: str, snapshot: str | None, message: str) -> Text:
+    """An off-site copy ended: "copied off-site", or why not (the local backup stands either way)."""
+    if state == "done":
+        what = f"The snapshot {snapshot}" if snapshot else "The newest snapshot"
+        return Text(f"Copied off-site to {name}", f"{what} is copied, encrypted, to {name}.", LOW)
+    why = sentence_of(message) or "The off-site copy failed."
+    return Text(f"Not copied off-site to {name}", f"{why} The backup on the disk is complete and untouched.", NORMAL)
+
+
+def offsite_reminder_text(name: str, last_copy: float | None, now: float, tz: dt.tzinfo | None = None) -> Text:
+    """No off-site copy for a while: the repository, and the date of its last copy ("never")."""
+    if last_copy is None:
+        return Text(f"No off-site copy to {name} yet", "Back up with the disk while online, or run backup-agent init --offsite.", NORMAL)
+    days = max(0, int((now - last_copy) // DAY))
+    return Text(
+        f"No off-site copy to {name} for {_plural(days, 'day')}",
+        f"Last copy on {day(last_copy, now, tz)}. The next backup while online copies the newest snapshot.",
+        NORMAL,
+    )
+
+
+def sentence_of(text: str) -> str:
+    text = text.strip().rstrip(".")
+    return f"{text[0].upper()}{text[1:]}." if text else ""
 
 
 def removed_text(disk: str) -> Text:

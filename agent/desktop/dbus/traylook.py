@@ -120,12 +120,26 @@ def tooltip(status: AgentStatus, progress: ProgressEvent | None, now: float) -> 
         return f"Backup to {disk} failed", f"{what}\n{last} Earlier snapshots are untouched."
     if status.last_result in ("success", "partial") and status.last_message and status.last_success is not None:
         last = f"Last backup {age(status.last_success, now)}: {status.last_message}."
+    last += offsite_words(status, now)
     if status.state == "disk-attached" and status.skipped:
         return f"{disk} attached", f"{last} A backup is due and waits: {status.skipped}. It starts when that ends."
     if status.state == "disk-attached":
         due = f" Next backup {when(status.next_due, now)}." if status.next_due is not None else ""
         return f"{disk} attached", f"{last}{due}"
     return APP_NAME, f"{last} Plug in the backup disk to back up."
+
+
+def offsite_words(status: AgentStatus, now: float) -> str:
+    """The off-site copies in the tooltip: " Copied off-site to cloud 2 hours ago." or why not."""
+    words = []
+    for record in status.offsite:
+        if record.result == "failed":
+            words.append(f" Not copied off-site to {record.name}: {sentence(record.message)}")
+        elif record.last_copy is not None:
+            words.append(f" Copied off-site to {record.name} {age(record.last_copy, now)}.")
+        else:
+            words.append(f" No off-site copy to {record.name} yet.")
+    return "".join(words)
 
 
 @dataclass(frozen=True)
