@@ -626,10 +626,10 @@ class Cycle:
         checksums would be worse; the next snapshot then hashes every file.
         """
         started = time.monotonic()  # the step's cost includes reading the previous manifest
-        known: manifests.Known = {}
+        known = manifests.Known()
         if previous is not None:
             try:
-                known = manifests.reusable(repo.manifest_path(previous), owners=True)
+                known = manifests.reusable(repo.manifest_path(previous))
             except FileNotFoundError:
                 log.info("snapshot %s has no manifest: every file of %s is hashed", previous, name)
             except (OSError, CorruptManifestError) as exc:
@@ -650,9 +650,9 @@ class Cycle:
         log.info(
             "manifest of %s: %d files, %d hashed (%s), %d reused from %s, in %.2f s",
             name, recorded.entries, recorded.hashed_files, human_size(recorded.hashed_bytes),
-            recorded.reused_files, previous if known else "none", recorded.seconds,
+            recorded.reused_files, previous if known.lines else "none", recorded.seconds,
         )
-        return recorded.as_metadata(previous if known else None)
+        return recorded.as_metadata(previous if known.lines else None)
 
     def _shrink_check(self, repo: Repository, previous: str | None, metadata: dict[str, Any]) -> str | None:
         if previous is None:
