@@ -13,7 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -339,3 +343,32 @@ def test_known_gives_the_start_and_owner_of_every_file(tmp_path: Path) -> None:
     }
     assert {inode: known.owner(inode) for inode in known.lines} == owners
     assert known.start(1) is None and known.owner(1) is None
+
+
+def test_the_previous_manifest_is_read_while_rsync_runs(tmp_path: Path, rsync_path: str) -> None:
+    """Reading the previous manifest costs no time of its own: strace shows another thread open it before rsync
+    ends (the old code read it in the main thread, in the snapshot step, after rsync's exit)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip(reason="strace is not installed: run scripts/test, which installs it")
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    for index in range(300):  # enough files that rsync runs for a while
+        (source / "deep" / f"more-{index}").write_text(f"{index}\n")
+    first = backup(source, repo, cfg)
+    log = tmp_path / "strace.log"
+    result = subprocess.run(
+        [strace, "-f", "-q", "-s", "300", "-o", str(log), "-e", "trace=openat,execve",
+         sys.executable, "-m", "agent.cli", "backup", "--no-sudo", "-q", "--config", str(cfg), str(source), str(repo)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = log.read_text().splitlines()
+    main_pid = lines[0].split()[0]
+    started = next(i for i, line in enumerate(lines) if re.match(r'\d+\s+execve\("[^"]*rsync"', line))
+    pid = lines[started].split()[0]
+    ended = next(i for i, line in enumerate(lines) if re.match(rf"{pid}\s+\+\+\+ exited with 0 \+\+\+", line))
+    read = [i for i, line in enumerate(lines)
+            if "openat(" in line and f"{first}.manifest" in line and line.split()[0] != main_pid]
+    assert read and read[0] < ended, "\n".join(line for line in lines if ".manifest" in line or "exited" in line)
+    assert metadata(repo, os.readlink(repo / "latest").split("/")[-1])["manifest"]["reused_from"] == first

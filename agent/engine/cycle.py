@@ -18,6 +18,7 @@ report channels (:mod:`agent.engine.channels`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import logging
@@ -152,6 +153,8 @@ class Cycle:
         self._started = time.monotonic()
         self._failed_step: str | None = None
         self._completed = False  # the complete event was sent: what is left is emptying the trash and closing
+        # The previous snapshot's manifest, read while rsync runs (_preload_manifest): its name and the reading.
+        self._preloaded: tuple[str, concurrent.futures.Future[manifests.Known]] | None = None
 
     # -- helpers ------------------------------------------------------------
 
@@ -490,6 +493,8 @@ class Cycle:
                     unsent.clear()
                     emit(update, now)
 
+            if repo is not None and latest is not None and not request.dry_run and "snapshot" in request.steps:
+                self._preload_manifest(repo, latest)
             result = self.runner.run(
                 argv,
                 step="transfer",
@@ -618,6 +623,25 @@ class Cycle:
         self.outcome.snapshot = name
         return name
 
+    def _preload_manifest(self, repo: Repository, previous: str) -> None:
+        """Start reading ``previous``'s manifest for reuse (manifests.reusable) beside the transfer.
+
+        rsync keeps about one core busy and waits on the disk; reading and
+        indexing the manifest (a tenth of a second for 50,000 files) then
+        costs the backup no time. _record_manifest takes the result, or
+        the error, as if it had read the manifest itself.
+        """
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifest")
+        self._preloaded = (previous, pool.submit(manifests.reusable, repo.manifest_path(previous)))
+        pool.shutdown(wait=False)  # the one task still runs; its thread ends with it
+
+    def _reusable(self, repo: Repository, previous: str) -> manifests.Known:
+        """``previous``'s manifest for reuse: the one read during the transfer, else read now."""
+        preloaded, self._preloaded = self._preloaded, None
+        if preloaded is not None and preloaded[0] == previous:
+            return preloaded[1].result()
+        return manifests.reusable(repo.manifest_path(previous))
+
     def _record_manifest(self, repo: Repository, name: str, previous: str | None) -> dict[str, Any]:
         """Checksums of the snapshot's files, reusing the previous manifest's for shared inodes.
 
@@ -629,7 +653,7 @@ class Cycle:
         known = manifests.Known()
         if previous is not None:
             try:
-                known = manifests.reusable(repo.manifest_path(previous))
+                known = self._reusable(repo, previous)
             except FileNotFoundError:
                 log.info("snapshot %s has no manifest: every file of %s is hashed", previous, name)
             except (OSError, CorruptManifestError) as exc:
