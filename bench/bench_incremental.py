@@ -10,7 +10,9 @@ user + system, of the command's whole process tree), the ratio to the floor
 
 Tools:
 
-- floor: ``rsync -aHAX --numeric-ids --link-dest=PREV SRC/ NEW/``
+- floor: ``rsync -aHAX --numeric-ids --link-dest=PREV SRC/ NEW/``, PREV and NEW in
+  DEST/snapshots/, as deep as backup-agent's (rsync's cost per file grows
+  with the depth of the --link-dest path: see the Floor class)
 - backup-agent: ``PYTHON -m agent.cli backup --no-sudo --config CFG SRC DEST``:
   the whole backup, its rotation step included. Each of its backups runs
   with ``TZ`` one hour further east than the one before, so its snapshot is
@@ -275,18 +277,33 @@ class Tool(ABC):
 
 
 class Floor(Tool):
+    """Bare rsync --link-dest, its snapshots in DEST/snapshots/ as deep as backup-agent's.
+
+    rsync 3.5 opens a --link-dest file by walking its absolute path from /
+    one component at a time, twice per file (about six system calls per
+    component and file, counted with strace -c): every directory level
+    above the snapshots costs 0.3 million calls on 50,000 files. Kept at
+    the same depth, the floor differs from backup-agent by the tool, not by
+    where the snapshots are.
+    """
+
     key = "floor"
     label = "floor (rsync --link-dest)"
 
+    def setup(self) -> None:
+        super().setup()
+        self.snapshots_dir = self.dest / "snapshots"
+        self.snapshots_dir.mkdir()
+
     def snapshots(self) -> list[Path]:
-        return sorted(p for p in self.dest.iterdir() if p.is_dir())
+        return sorted(p for p in self.snapshots_dir.iterdir() if p.is_dir())
 
     def backup(self) -> float:
         previous = self.snapshots()
         argv = ["rsync", "-aHAX", "--numeric-ids"]
         if previous:
             argv.append(f"--link-dest={previous[-1]}")
-        new = self.dest / f"{len(previous):04d}"
+        new = self.snapshots_dir / f"{len(previous):04d}"
         return self._timed([*argv, f"{self.ctx.src}/", f"{new}/"])
 
 
