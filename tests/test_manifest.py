@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +373,17 @@ def test_the_previous_manifest_is_read_while_rsync_runs(tmp_path: Path, rsync_pa
             if "openat(" in line and f"{first}.manifest" in line and line.split()[0] != main_pid]
     assert read and read[0] < ended, "\n".join(line for line in lines if ".manifest" in line or "exited" in line)
     assert metadata(repo, os.readlink(repo / "latest").split("/")[-1])["manifest"]["reused_from"] == first
+
+
+def test_a_failed_transfer_waits_for_the_manifest_read_beside_it(tmp_path: Path, rsync_path: str) -> None:
+    """The previous manifest is read by a thread beside rsync and holds its file open: when rsync fails, the
+    cycle waits for that read to end before it unwinds (on a disk, before unmounting), so none outlives it."""
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    first = backup(source, repo, cfg)
+    count = 200_000  # a manifest that takes a while to read, beside an rsync that fails at once
+    body = b"".join(manifests.line("0" * 64, index, 10**9 + index, b"f%d" % index) for index in range(count))
+    manifest_path(repo, first).write_bytes(manifests.render(body, count)[0])
+    failing = write_config(tmp_path / "failing.toml", rsync=shutil.which("false"))
+    assert main(["backup", "--no-sudo", "-q", "--config", str(failing), str(source), str(repo)]) != 0
+    assert [t.name for t in threading.enumerate() if t.name.startswith("manifest")] == []

@@ -199,6 +199,8 @@ class Cycle:
                 # After success is reported and after_backup ran, before the
                 # disk is unmounted and locked: the ExitStack unwinds in reverse.
                 stack.callback(self._empty_trash)
+                # Whatever fails, a manifest still being read holds a file open on the disk: wait before unmounting.
+                stack.callback(self._forget_preloaded)
                 if "backup" in request.steps:
                     self.current_step = "before_backup"
                     stack.enter_context(
@@ -634,6 +636,17 @@ class Cycle:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifest")
         self._preloaded = (previous, pool.submit(manifests.reusable, repo.manifest_path(previous)))
         pool.shutdown(wait=False)  # the one task still runs; its thread ends with it
+
+    def _forget_preloaded(self) -> None:
+        """Wait until a manifest read beside a transfer that failed has ended, and drop it.
+
+        Its thread holds the file open: unmounting the disk under it would
+        fail and leave the disk mounted. Nothing is waited for after a
+        success, where the snapshot step took the result.
+        """
+        preloaded, self._preloaded = self._preloaded, None
+        if preloaded is not None:
+            concurrent.futures.wait([preloaded[1]])
 
     def _reusable(self, repo: Repository, previous: str) -> manifests.Known:
         """``previous``'s manifest for reuse: the one read during the transfer, else read now."""
