@@ -553,9 +553,17 @@ def find_rsb(explicit: Path | None) -> Path | None:
 
 
 def agent_env(ctx: Context) -> dict[str, str]:
-    """backup-agent's environment: the project on PYTHONPATH."""
+    """backup-agent's environment: the project on PYTHONPATH, the machine lock in the run's directory.
+
+    The lock there, not /run's: a backup or a test running elsewhere on the
+    machine would otherwise make a timed backup fail ("another backup is
+    running"), and the benchmark never stands in a real backup's way.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ctx.project), os.environ.get("PYTHONPATH", "")) if p)
+    runtime = ctx.runs / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env["BACKUP_AGENT_RUNTIME_DIR"] = str(runtime)
     return env
 
 
