@@ -20,6 +20,9 @@ Tools:
   (``hourly = "always"``) keeps every one: the rotation step reads and plans
   over every snapshot and deletes nothing (removing a snapshot is work the
   floor does not do; bench_rotation.py measures it).
+- backup-agent-before (only when asked for in --tools): the same command
+  with the package as it was at ``--before`` (``git archive``), to compare
+  two versions round by round
 - backup-agent (rss): the same, in-process through ``bench/_peak_rss.py``,
   which reports the Python process's VmHWM (rsync not included)
 - rsnapshot: ``rsnapshot sync`` + ``rsnapshot hourly`` (sync_first, cp -al)
@@ -205,6 +208,7 @@ class Context:
     project: Path
     rsb: Path | None
     agent_rotation: bool  # run backup-agent's whole backup, rotation included (else -b -s)
+    before: str  # the commit backup-agent-before runs
 
 
 @dataclass
@@ -343,6 +347,25 @@ class BackupAgent(Tool):
         return []
 
 
+class BackupAgentBefore(BackupAgent):
+    key = "backup-agent-before"
+    label = "backup-agent before"
+
+    def setup(self) -> None:
+        self.code = unpack(self.ctx.before, self.ctx.runs / "before-code")
+        super().setup()
+        self.label = f"backup-agent at {self.ctx.before}"
+        self.note = "the same command, the package as it was then"
+        compile_agent(self.ctx, self.code)
+        self.env = agent_env(self.ctx, self.code)
+
+    def backup(self) -> float:
+        steps = [] if self.ctx.agent_rotation else ["-b", "-s"]
+        argv = [*self.command(), "backup", "--no-sudo", *steps, "--config", str(self.config),
+                str(self.ctx.src), str(self.dest)]
+        return self._timed(argv, cwd=self.code, env={**self.env, "TZ": f"UTC-{self._runs}"})
+
+
 class BackupAgentRss(BackupAgent):
     key = "backup-agent-rss"
     label = "backup-agent (in-process, RSS)"
@@ -422,8 +445,9 @@ class RsyncSystemBackup(Tool):
 
 
 TOOLS: dict[str, type[Tool]] = {
-    cls.key: cls for cls in (Floor, BackupAgent, BackupAgentRss, Rsnapshot, RsyncSystemBackup)
+    cls.key: cls for cls in (Floor, BackupAgent, BackupAgentBefore, BackupAgentRss, Rsnapshot, RsyncSystemBackup)
 }
+DEFAULT_TOOLS = ("floor", "backup-agent", "backup-agent-rss", "rsnapshot", "rsync-system-backup")
 
 
 # --------------------------------------------------------------------------
@@ -526,8 +550,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--without-rotation", dest="agent_rotation", action="store_false",
                    help="time backup-agent -b -s (transfer and snapshot only, like rsync-system-backup "
                    "-b -s) instead of its whole backup with the rotation step")
-    p.add_argument("--tools", default=",".join(TOOLS),
-                   help=f"comma-separated subset of: {', '.join(TOOLS)} (default: all)")
+    p.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
+                   help=f"comma-separated subset of: {', '.join(TOOLS)} (default: {','.join(DEFAULT_TOOLS)})")
+    p.add_argument("--before", default="ba38f78",
+                   help="the commit whose agent/ backup-agent-before runs (default ba38f78, before the links "
+                   "layout's cost was cut)")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = p.parse_args(argv)
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -536,7 +563,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown tool(s): {', '.join(unknown)}")
     if args.files < 1 or args.rounds < 1 or args.big_files < 0:
         p.error("--files and --rounds must be positive, --big-files not negative")
-    if args.rounds + 1 > MAX_AGENT_BACKUPS and {"backup-agent", "backup-agent-rss"} & set(args.tools):
+    if args.rounds + 1 > MAX_AGENT_BACKUPS and {"backup-agent", "backup-agent-before", "backup-agent-rss"} & set(args.tools):
         p.error(f"--rounds must be at most {MAX_AGENT_BACKUPS - 1}: each backup-agent backup is named one hour "
                 "after the one before, within the 24 hours a TZ offset allows")
     return args
@@ -552,7 +579,17 @@ def find_rsb(explicit: Path | None) -> Path | None:
     return Path(found) if found else None
 
 
-def agent_env(ctx: Context) -> dict[str, str]:
+def unpack(commit: str, into: Path) -> Path:
+    """The package as it was at ``commit`` (git archive), to run as another version."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(PROJECT_DIR), "archive", commit, "agent"], capture_output=True)
+    if archive.returncode != 0:
+        raise BenchError(f"git archive {commit} agent failed: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def agent_env(ctx: Context, project: Path | None = None) -> dict[str, str]:
     """backup-agent's environment: the project on PYTHONPATH, the machine lock in the run's directory.
 
     The lock there, not /run's: a backup or a test running elsewhere on the
@@ -560,14 +597,15 @@ def agent_env(ctx: Context) -> dict[str, str]:
     running"), and the benchmark never stands in a real backup's way.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ctx.project), os.environ.get("PYTHONPATH", "")) if p)
+    first = str(project or ctx.project)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (first, os.environ.get("PYTHONPATH", "")) if p)
     runtime = ctx.runs / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
     env["BACKUP_AGENT_RUNTIME_DIR"] = str(runtime)
     return env
 
 
-def compile_agent(ctx: Context) -> None:
+def compile_agent(ctx: Context, project: Path | None = None) -> None:
     """Compile the package's bytecode once, untimed, as an installed package has it.
 
     A checkout run with PYTHONDONTWRITEBYTECODE=1 would otherwise compile
@@ -576,8 +614,8 @@ def compile_agent(ctx: Context) -> None:
     ``__pycache__`` directories (ignored by git); not a PYTHONPYCACHEPREFIX,
     under which Python would also ignore the standard library's bytecode.
     """
-    argv = [str(ctx.python), "-m", "compileall", "-q", str(ctx.project / "agent")]
-    env = {k: v for k, v in agent_env(ctx).items() if k not in ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")}
+    argv = [str(ctx.python), "-m", "compileall", "-q", str((project or ctx.project) / "agent")]
+    env = {k: v for k, v in agent_env(ctx, project).items() if k not in ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")}
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise BenchError(f"{' '.join(argv)} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
@@ -610,7 +648,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         shutil.rmtree(runs)
     runs.mkdir()
     ctx = Context(src=tree.path, runs=runs, python=args.python, project=PROJECT_DIR,
-                  rsb=find_rsb(args.rsb), agent_rotation=args.agent_rotation)
+                  rsb=find_rsb(args.rsb), agent_rotation=args.agent_rotation, before=args.before)
     if "rsync-system-backup" in args.tools and ctx.rsb is None:
         print("rsync-system-backup not found: python3 -m venv bench/.venv-rsb && "
               "bench/.venv-rsb/bin/pip install rsync-system-backup (or pass --rsb, or leave it "
