@@ -55,9 +55,10 @@ READ_SIZE = 1 << 20
 _HEADER = re.compile(rb"# backup-agent manifest (\d+) ([a-z0-9_]+)\n")
 _TRAILER = re.compile(rb"# end (\d+) ([a-z0-9_]+):([0-9a-f]+)\n")
 _ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
-# A content line (the algorithm's digest length), and the ``=`` line of the
-# same inode, size and path right after it when there is one (format 2
-# writes them together): group 5 then holds b"<mode> <uid> <gid>".
+# A content line (a digest of the algorithm's length), and, when there is
+# one, the ``=`` line of the same inode, size and path right after it
+# (format 2 writes them together): group 4 is that line, group 5 its
+# b"<mode> <uid> <gid>".
 _REUSABLE = re.compile(
     rb"^[0-9a-f]{%d} ([0-9]+) ([0-9]+) ([^\n]*)\n(= \2 f ([0-7]+ [0-9]+ [0-9]+) \1 - \3\n)?"
     % (2 * hashlib.new(ALGORITHM).digest_size),
