@@ -13,8 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import stat
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +163,9 @@ def test_what_the_next_snapshot_reuses_is_what_parse_reads(entries: list[tuple[b
         Path(path).write_bytes(data)
         known = manifests.reusable(path)
     # The last line of an inode wins in both (a hard link is listed once per name, with one checksum).
-    assert known == {e.inode: b"%s %d" % (e.digest.encode(), e.size) for e in manifests.parse(data, "m").entries}
+    expected = {e.inode: b"%s %d" % (e.digest.encode(), e.size) for e in manifests.parse(data, "m").entries}
+    assert {inode: known.start(inode) for inode in known.lines} == expected
+    assert all(known.owner(inode) is None for inode in known.lines)  # format 1 lines: no owner recorded
 
 
 def test_reuse_refuses_a_corrupt_manifest_and_skips_another_algorithm(tmp_path: Path) -> None:
@@ -170,7 +177,7 @@ def test_reuse_refuses_a_corrupt_manifest_and_skips_another_algorithm(tmp_path: 
         manifests.reusable(str(damaged))
     other = tmp_path / "other"
     other.write_bytes(manifests.render(body, 5, "sha512")[0])
-    assert manifests.reusable(str(other)) == {}
+    assert manifests.reusable(str(other)).lines == {}
 
 
 # -- through the real cycle ---------------------------------------------------------------
@@ -281,3 +288,102 @@ def test_rotation_deletes_a_snapshots_manifest_with_it(tmp_path: Path, rsync_pat
     assert main(["rotate", "--config", str(cfg), "--hourly", "1", "--prefer-recent", str(repo)]) == 0
     assert not (repo / "snapshots" / first).exists()
     assert not manifest_path(repo, first).exists() and not (repo / "metadata" / f"{first}.json").exists()
+
+
+# -- reuse without the cycle: record() twice over one tree (the same inodes, as --link-dest leaves them) ---------
+
+
+def record_twice(root: Path, tmp_path: Path, edit: Any = None) -> tuple[bytes, bytes, manifests.Recorded]:
+    """The manifest of ``root``, then ``root``'s manifest again reusing the first (after ``edit`` of its bytes)."""
+    first, second = str(tmp_path / "first.manifest"), str(tmp_path / "second.manifest")
+    manifests.record(str(root), first, manifests.Known())
+    before = Path(first).read_bytes()
+    if edit is not None:
+        body = edit(before[before.index(b"\n") + 1 : before.rindex(b"# end ")])
+        entries = sum(1 for line in body.split(b"\n")[:-1] if not line.startswith(b"= "))
+        Path(first).write_bytes(manifests.render(body, entries)[0])
+    again = manifests.record(str(root), second, manifests.reusable(first))
+    return Path(first).read_bytes(), Path(second).read_bytes(), again
+
+
+def test_a_tree_shared_whole_gets_the_same_manifest_without_reading_a_file(tmp_path: Path) -> None:
+    build_source(tmp_path / "tree")
+    first, second, again = record_twice(tmp_path / "tree", tmp_path)
+    assert second == first  # every line the same, in the same order, and so the same trailer
+    assert (again.hashed_files, again.reused_files, again.entries) == (0, 29, 29)  # a hard-linked pair is two
+    assert manifests.parse(second, "m").attributes == manifests.parse(first, "m").attributes
+
+
+def test_reuse_takes_a_files_owner_only_from_an_attribute_line_that_agrees(tmp_path: Path) -> None:
+    """A previous manifest whose ``=`` line of a file disagrees with its content line (another size, as a
+    hostile disk may hold) gives the checksum, but the owner is read from the snapshot, not copied."""
+    tree = tmp_path / "tree"
+    build_source(tree)
+    os.chmod(tree / "plain.txt", 0o640)
+    size = (tree / "plain.txt").stat().st_size
+
+    def lie(body: bytes) -> bytes:
+        return body.replace(b" f 640 0 0 %d - plain.txt\n" % size, b" f 777 0 0 %d - plain.txt\n" % (size + 1))
+
+    first, second, again = record_twice(tree, tmp_path, lie)
+    assert b" f 777 0 0 %d - plain.txt\n" % (size + 1) in first
+    written = {a.path: a for a in manifests.parse(second, "m").attributes}
+    ours = os.lstat(tree / "plain.txt")
+    assert (written[b"plain.txt"].mode, written[b"plain.txt"].uid, written[b"plain.txt"].size) == (0o640, ours.st_uid, size)
+    assert again.hashed_files == 0  # the checksum is still the previous one's
+
+
+def test_known_gives_the_start_and_owner_of_every_file(tmp_path: Path) -> None:
+    build_source(tmp_path / "tree")
+    first, _, _ = record_twice(tmp_path / "tree", tmp_path)
+    known = manifests.reusable(str(tmp_path / "first.manifest"))
+    loaded = manifests.parse(first, "m")
+    owners = {a.inode: b"%o %d %d" % (a.mode, a.uid, a.gid) for a in loaded.attributes if a.type == "f"}
+    assert {inode: known.start(inode) for inode in known.lines} == {
+        e.inode: b"%s %d" % (e.digest.encode(), e.size) for e in loaded.entries
+    }
+    assert {inode: known.owner(inode) for inode in known.lines} == owners
+    assert known.start(1) is None and known.owner(1) is None
+
+
+def test_the_previous_manifest_is_read_while_rsync_runs(tmp_path: Path, rsync_path: str) -> None:
+    """Reading the previous manifest costs no time of its own: strace shows another thread open it before rsync
+    ends (the old code read it in the main thread, in the snapshot step, after rsync's exit)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip(reason="strace is not installed: run scripts/test, which installs it")
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    for index in range(300):  # enough files that rsync runs for a while
+        (source / "deep" / f"more-{index}").write_text(f"{index}\n")
+    first = backup(source, repo, cfg)
+    log = tmp_path / "strace.log"
+    result = subprocess.run(
+        [strace, "-f", "-q", "-s", "300", "-o", str(log), "-e", "trace=openat,execve",
+         sys.executable, "-m", "agent.cli", "backup", "--no-sudo", "-q", "--config", str(cfg), str(source), str(repo)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = log.read_text().splitlines()
+    main_pid = lines[0].split()[0]
+    started = next(i for i, line in enumerate(lines) if re.match(r'\d+\s+execve\("[^"]*rsync"', line))
+    pid = lines[started].split()[0]
+    ended = next(i for i, line in enumerate(lines) if re.match(rf"{pid}\s+\+\+\+ exited with 0 \+\+\+", line))
+    read = [i for i, line in enumerate(lines)
+            if "openat(" in line and f"{first}.manifest" in line and line.split()[0] != main_pid]
+    assert read and read[0] < ended, "\n".join(line for line in lines if ".manifest" in line or "exited" in line)
+    assert metadata(repo, os.readlink(repo / "latest").split("/")[-1])["manifest"]["reused_from"] == first
+
+
+def test_a_failed_transfer_waits_for_the_manifest_read_beside_it(tmp_path: Path, rsync_path: str) -> None:
+    """The previous manifest is read by a thread beside rsync and holds its file open: when rsync fails, the
+    cycle waits for that read to end before it unwinds (on a disk, before unmounting), so none outlives it."""
+    source, repo, cfg = tmp_path / "source", tmp_path / "repo", config(tmp_path)
+    build_source(source)
+    first = backup(source, repo, cfg)
+    count = 200_000  # a manifest that takes a while to read, beside an rsync that fails at once
+    body = b"".join(manifests.line("0" * 64, index, 10**9 + index, b"f%d" % index) for index in range(count))
+    manifest_path(repo, first).write_bytes(manifests.render(body, count)[0])
+    failing = write_config(tmp_path / "failing.toml", rsync=shutil.which("false"))
+    assert main(["backup", "--no-sudo", "-q", "--config", str(failing), str(source), str(repo)]) != 0
+    assert [t.name for t in threading.enumerate() if t.name.startswith("manifest")] == []

@@ -19,21 +19,19 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import smtplib
 import socket
-import ssl
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
-from typing import Final, Sequence
+from typing import TYPE_CHECKING, Final, Sequence
 
 from agent.config.model import MailReport, PingReport, Report
 from agent.config.trust import Distrust, read_secret, walk_trusted
 from agent.core.events import CompleteEvent, ErrorEvent, Event, StepEvent, WarningEvent
 from agent.engine.cycle import human_size
+
+if TYPE_CHECKING:
+    import smtplib
+    from email.message import EmailMessage
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +144,9 @@ def with_tail(text: str, tail: Sequence[str]) -> str:
 
 def mail_message(report: MailReport, subject: str, text: str) -> EmailMessage:
     """The plain-text message (pure but for its date and id)."""
+    from email.message import EmailMessage  # mail's modules only when a mail is sent: not in every backup's start-up
+    from email.utils import formatdate, make_msgid
+
     message = EmailMessage()
     message["From"] = report.sender
     message["To"] = ", ".join(report.to)
@@ -159,6 +160,9 @@ def mail_message(report: MailReport, subject: str, text: str) -> EmailMessage:
 
 def send_mail(report: MailReport, subject: str, text: str) -> None:
     """One mail over SMTP (STARTTLS, TLS or plain), certificates checked; raises OSError, SMTPException or Distrust."""
+    import smtplib
+    import ssl
+
     if report.ca_file is not None and os.geteuid() == 0:
         walk_trusted(report.ca_file)  # whoever could change it could read the mail, and the password
     context = ssl.create_default_context(cafile=report.ca_file)
@@ -183,6 +187,8 @@ def _login(smtp: smtplib.SMTP, user: str, password: str) -> None:
     only asks the same wrong password again: one clear answer is what the
     log needs, and a server may count each try against the account.
     """
+    import smtplib
+
     smtp.ehlo_or_helo_if_needed()
     if "PLAIN" in smtp.esmtp_features.get("auth", "").upper().split():
         smtp.user, smtp.password = user, password
@@ -195,6 +201,9 @@ def _login(smtp: smtplib.SMTP, user: str, password: str) -> None:
 
 def _mail_failure(report: MailReport, exc: BaseException) -> str:
     """Why a mail was not sent, in words that never hold the password."""
+    import smtplib
+    import ssl
+
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         reply = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
         return f"the server refused the login of {report.user!r} ({exc.smtp_code} {reply}): check user and password_file"
@@ -234,6 +243,8 @@ def ping_url(report: PingReport, when: str) -> str:
 
 def ping(report: PingReport, when: str, body: str) -> None:
     """One POST, no retry; raises OSError (URLError, a timeout) or ValueError for an answer that is not 2xx."""
+    import urllib.request
+
     request = urllib.request.Request(
         ping_url(report, when),
         data=body.encode("utf-8"),
@@ -246,6 +257,8 @@ def ping(report: PingReport, when: str, body: str) -> None:
 
 
 def _ping_logged(report: PingReport, when: str, body: str) -> bool:
+    import urllib.error
+
     try:
         ping(report, when, body)
     except (OSError, ValueError) as exc:
@@ -297,6 +310,8 @@ def deliver(report: Report, found: Verdict, tail: Sequence[str] = ()) -> bool:
         return False
     if isinstance(report, PingReport):
         return _ping_logged(report, found.when, with_tail(found.text, tail))
+    import smtplib
+
     try:
         send_mail(report, found.subject, with_tail(found.text, tail))
     except (OSError, smtplib.SMTPException, Distrust, ValueError) as exc:

@@ -34,7 +34,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from agent.core.errors import CorruptManifestError
@@ -55,8 +55,15 @@ READ_SIZE = 1 << 20
 _HEADER = re.compile(rb"# backup-agent manifest (\d+) ([a-z0-9_]+)\n")
 _TRAILER = re.compile(rb"# end (\d+) ([a-z0-9_]+):([0-9a-f]+)\n")
 _ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
-_REUSABLE = re.compile(rb"^([0-9a-f]+ [0-9]+) ([0-9]+) [^\n]*\n", re.MULTILINE)
-_FILE_ATTRIBUTES = re.compile(rb"^= ([0-9]+) f ([0-7]+ [0-9]+ [0-9]+) ", re.MULTILINE)
+# A content line (a digest of the algorithm's length), and, when there is
+# one, the ``=`` line of the same inode, size and path right after it
+# (format 2 writes them together): group 4 is that line, group 5 its
+# b"<mode> <uid> <gid>".
+_REUSABLE = re.compile(
+    rb"^[0-9a-f]{%d} ([0-9]+) ([0-9]+) ([^\n]*)\n(= \2 f ([0-7]+ [0-9]+ [0-9]+) \1 - \3\n)?"
+    % (2 * hashlib.new(ALGORITHM).digest_size),
+    re.MULTILINE,
+)
 TYPES = {
     stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
     stat.S_IFSOCK: "s", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
@@ -243,10 +250,52 @@ def _parse_attributes(line: bytes) -> Attributes:
     )
 
 
-# inode -> b"<digest> <size>", the start of its manifest line: what the next
-# snapshot reuses for a file it shares (with its owner after a NUL, when
-# reusable() is asked for owners: split_known).
-Known = dict[int, bytes]
+@dataclass(frozen=True)
+class Known:
+    """The previous snapshot's manifest as the next one reuses it (:func:`reusable`).
+
+    ``data`` is the checked manifest itself; ``lines`` maps an inode to
+    where its file's line starts in ``data``, shifted left by one, the low
+    bit set when the file's ``=`` line follows it and agrees (same inode,
+    size and path). One small int per file and the bytes already read: a
+    bytes object per file cost more memory (a backup of a whole system
+    has hundreds of thousands), and a file shared under the same path is
+    written out as the two lines it had, with nothing parsed or formatted.
+    """
+
+    data: bytes = b""
+    lines: dict[int, int] = field(default_factory=dict)
+
+    def start(self, inode: int) -> bytes | None:
+        """b"<digest> <size>" of the file at ``inode``, None when the manifest does not list it."""
+        where = self.lines.get(inode)
+        if where is None:
+            return None
+        begin = where >> 1
+        return self.data[begin : self.data.index(b" ", self.data.index(b" ", begin) + 1)]
+
+    def owner(self, inode: int) -> bytes | None:
+        """b"<mode> <uid> <gid>" of the file at ``inode`` as its ``=`` line records it, None when it has none."""
+        where = self.lines.get(inode)
+        if where is None or not where & 1:
+            return None
+        data = self.data
+        attributes = data.index(b"\n", where >> 1) + 1  # "= <inode> f <mode> <uid> <gid> ..."
+        begin = data.index(b" ", data.index(b" ", attributes + 2) + 1) + 1
+        return data[begin : data.index(b" ", data.index(b" ", data.index(b" ", begin) + 1) + 1)]
+
+
+def shared_line(known: Known, inode: int) -> int | None:
+    """Where ``known`` records the file now at ``inode`` when this snapshot shares it with the previous one.
+
+    The reuse decision, in one place: the same inode on the same
+    filesystem is the same file, since rsync --link-dest made it a hard
+    link to the previous snapshot's, whose inodes are live until rotation
+    runs after this (the module's docstring). What the previous manifest
+    says of it is then true of this one. The value is :attr:`Known.lines`'
+    (None: not shared, read it).
+    """
+    return known.lines.get(inode)
 
 
 def read_manifest(path: str) -> bytes:
@@ -265,44 +314,29 @@ def read_manifest(path: str) -> bytes:
         os.close(fd)
 
 
-def reusable(path: str, *, owners: bool = False) -> Known:
-    """The previous snapshot's checksums by inode, checked like :func:`load`.
+def reusable(path: str) -> Known:
+    """The previous snapshot's manifest, checked like :func:`load`, indexed by inode for reuse.
 
     Leaner than :func:`parse` (a backup of a whole system has hundreds of
-    thousands of files): no object per entry, only the start of each line
-    by its inode. A manifest of another algorithm gives nothing to reuse.
-    With ``owners``, a file's value also carries its b"<mode> <uid> <gid>"
-    after a NUL (format 2; :func:`split_known`), so a shared file needs no
-    stat either. Kept in the one value rather than a second dict by inode:
-    that dict cost 5.7 MiB for 50,000 files, a tenth of the cycle's peak.
+    thousands of files): no object per entry (:class:`Known`). A manifest
+    of another algorithm gives nothing to reuse.
     """
     data = read_manifest(path)
     checked = _check(data, path)
-    known: Known = {}
     if checked.algorithm != ALGORITHM:
         log.info("%s uses %s, not %s: nothing in it is reused", path, checked.algorithm, ALGORITHM)
-        return known
+        return Known()
+    lines: dict[int, int] = {}
     found = 0
-    # One match per well-formed line (a path never holds a raw newline): a
-    # line that does not match leaves the count short of the trailer's.
+    # One match per well-formed content line (a path never holds a raw
+    # newline): a line that does not match leaves the count short of the
+    # trailer's. The last line of an inode wins, as in parse().
     for match in _REUSABLE.finditer(data, checked.start, checked.cut):  # not findall: no list of every line
-        known[int(match[2])] = match[1]
+        lines[int(match[2])] = match.start() << 1 | (match.start(4) >= 0)
         found += 1
     if found != checked.count:
         raise _wrong_count(path, found, checked)
-    if owners:
-        for match in _FILE_ATTRIBUTES.finditer(data, checked.start, checked.cut):
-            inode = int(match[1])
-            start = known.get(inode)
-            if start is not None and b"\0" not in start:  # assigning keeps the key object known already has
-                known[inode] = start + b"\0" + match[2]
-    return known
-
-
-def split_known(value: bytes) -> tuple[bytes, bytes | None]:
-    """A :data:`Known` value as (b"<digest> <size>", b"<mode> <uid> <gid>" or None when not recorded)."""
-    start, _, owner = value.partition(b"\0")
-    return start, owner or None
+    return Known(data, lines)
 
 
 def load(path: str) -> Manifest:
@@ -383,6 +417,7 @@ def walk_files(
 
 
 _BATCH = 1024  # lines hashed and written together
+_DIGEST_HEX = 2 * hashlib.new(ALGORITHM).digest_size  # the length of a content line's first field
 
 
 class _Writer:
@@ -390,9 +425,9 @@ class _Writer:
 
     def __init__(self, root: bytes, known: Known, on_file: Callable[[int], None] | None) -> None:
         self.root = root
-        self.known = known  # the previous manifest's, owners included (reusable(owners=True))
+        self.known = known  # the previous manifest's (reusable())
         self.owners: dict[int, bytes] = {}  # inode -> b"<mode> <uid> <gid>" of what this snapshot read or lstat'ed
-        self.hashed: Known = {}  # inodes read in this snapshot (hard links inside it)
+        self.hashed: dict[int, bytes] = {}  # inode -> b"<digest> <size>" of what this snapshot read (hard links inside it)
         self.on_file = on_file
         self.own = hashlib.new(ALGORITHM)
         self.entries = self.hashed_files = self.hashed_bytes = self.reused = 0
@@ -403,11 +438,19 @@ class _Writer:
         batch: list[bytes] = []
         others: list[tuple[bytes, os.DirEntry[bytes]]] = []
         for rel, inode in walk_files(self.root, others=others):
+            where = shared_line(self.known, inode)
+            if where is not None and where & 1 and self._same_path(where >> 1, rel, batch):
+                self.reused += 1
+                self.entries += 1
+                if others:
+                    self._others(others, batch)
+                if len(batch) >= _BATCH:
+                    yield self._hashed(batch)
+                continue
             owner: bytes | None = None
-            previous = self.known.get(inode)
             start = self.hashed.get(inode)
-            if previous is not None:
-                start, owner = split_known(previous)
+            if where is not None:
+                start, owner = self.known.start(inode), self.known.owner(inode)
             if start is None:
                 fd = open_to_hash(self.root + b"/" + rel)
                 try:
@@ -435,6 +478,23 @@ class _Writer:
         self._others(others, batch)  # what the walk found after the last file
         yield self._hashed(batch)
         yield trailer(self.entries, self.digest)
+
+    def _same_path(self, begin: int, rel: bytes, batch: list[bytes]) -> bool:
+        """When the previous manifest's line at ``begin`` names ``rel``: its two lines (content and ``=``) added to ``batch``.
+
+        They are what this snapshot's lines for the shared file would say
+        (the same inode, checksum, size, owner and path), so they are
+        copied, not parsed and formatted again: the no-change backup's
+        common case. ``reusable`` checked that the ``=`` line agrees.
+        """
+        data = self.known.data
+        escaped = escape_path(rel)
+        path = data.index(b" ", data.index(b" ", begin + _DIGEST_HEX + 1) + 1) + 1  # "<digest> <size> <inode> <path>"
+        end = data.index(b"\n", path)
+        if end - path != len(escaped) or not data.startswith(escaped, path):
+            return False  # another name of the inode (a hard link inside the tree): formatted anew
+        batch.append(data[begin : data.index(b"\n", end + 1) + 1])
+        return True
 
     @staticmethod
     def _others(others: list[tuple[bytes, "os.DirEntry[bytes]"]], batch: list[bytes]) -> None:
