@@ -62,6 +62,7 @@ class Commands:
     mount: str = "/bin/mount"
     umount: str = "/bin/umount"
     sync: str = "/bin/sync"
+    btrfs: str = "/bin/btrfs"  # the btrfs layout and method = "send" (btrfs-progs)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class Disk:
     # (mount -t FILESYSTEM -o OPTIONS); otherwise through the fstab entry.
     filesystem: str | None = None
     mount_options: tuple[str, ...] = ()
+    # "links" | "btrfs" forces the repository's layout at init; None: [backup] layout.
+    layout: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,10 @@ class Settings:
     nice: int = 19
     skip_cachedir_tagged: bool = True
     io_timeout: int = 0
+    # Destination layout (agent.engine.layouts): "auto" (btrfs on a btrfs filesystem, else links), "links", "btrfs".
+    layout: str = "auto"
+    # "rsync", or "send" (btrfs send | receive from a source subvolume into a btrfs repository).
+    method: str = "rsync"
     rotation: Scheme = DEFAULT_SCHEME
     commands: Commands = Commands()
     notifications: bool = True

@@ -68,7 +68,10 @@ NICE_RANGE: Final = (0, 19)
 MAX_COUNT: Final = 100_000
 # rsync's --timeout is a C int.
 MAX_IO_TIMEOUT: Final = 2**31 - 1
-MAX_REMIND_DAYS: Final = 3650  # [notifications] remind_after: ten years
+MAX_REMIND_DAYS: Final = 3650
+# Destination layouts (README, "Choosing a layout") and transfer methods.
+LAYOUT_CHOICES: Final[tuple[str, ...]] = ("auto", "links", "btrfs")
+METHOD_CHOICES: Final[tuple[str, ...]] = ("rsync", "send")  # [notifications] remind_after: ten years
 
 _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
@@ -81,6 +84,8 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "nice",
             "skip_cachedir_tagged",
             "io_timeout",
+            "layout",
+            "method",
         ),
         "rotation": (*FREQUENCIES, "prefer_recent", "strict", "keep_free", "min_snapshots"),
         "commands": (
@@ -95,6 +100,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "mount",
             "umount",
             "sync",
+            "btrfs",
         ),
         "notifications": ("enabled", "remind_after"),
         "tray": ("enabled",),
@@ -114,6 +120,7 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "unlock",
             "filesystem",
             "mount_options",
+            "layout",
         ),
         "hooks": ("name", "around", "before", "after", "timeout", "critical"),
         "report": (
@@ -310,6 +317,10 @@ def _backup(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
         out["nice"] = _nice(file, data["nice"])
     if "io_timeout" in data:
         out["io_timeout"] = _io_timeout(file, data["io_timeout"])
+    if "layout" in data:
+        out["layout"] = _choice(file, "backup.layout", data["layout"], LAYOUT_CHOICES)
+    if "method" in data:
+        out["method"] = _choice(file, "backup.method", data["method"], METHOD_CHOICES)
     return out
 
 
@@ -753,6 +764,7 @@ def _disk(file: str, index: int, data: Mapping[str, Any], hostname: str) -> Disk
         unlock=unlock,
         filesystem=filesystem,
         mount_options=mount_options,
+        layout=_choice(file, f"{prefix}.layout", data["layout"], LAYOUT_CHOICES[1:]) if "layout" in data else None,
     )
 
 

@@ -39,6 +39,7 @@ from agent.disk.mount import disk_full, mounted
 from agent.disk.unlock import unlocked
 from agent.engine import hooks
 from agent.engine import layouts
+from agent.engine.btrfs import detect_layout
 from agent.repository import manifest as manifests
 from agent.repository import unfinished
 from agent.core.commands import Runner, priority_prefix
@@ -395,7 +396,8 @@ class Cycle:
                 # The cycle never creates a repository on a disk by itself (init does).
                 self.repository = Repository.open(request.repository)
             else:
-                self.repository = Repository.create(request.repository)
+                kind = detect_layout(request.repository, self._wanted_layout()) if state != "repository" else "links"
+                self.repository = Repository.create(request.repository, layout=kind)
             stack.enter_context(lock.hold(self.repository.lock_path, self._holder()))
             self.repository.remove_leftovers()
             self._open_layout()
@@ -421,8 +423,19 @@ class Cycle:
 
     def _open_layout(self) -> None:
         self.layout = layouts.for_repository(
-            self.request.repository, self.repository, runner=self.runner, rm_argv=self._rm_argv(), warn=self._warn
+            self.request.repository,
+            self.repository,
+            runner=self.runner,
+            rm_argv=self._rm_argv(),
+            warn=self._warn,
+            btrfs=self.settings.commands.btrfs,
+            wanted=self._wanted_layout(),
         )
+
+    def _wanted_layout(self) -> str:
+        """The configured layout: the disk's own, else [backup] layout."""
+        disk = self.request.disk
+        return disk.layout if disk is not None and disk.layout is not None else self.settings.layout
 
     # -- transfer ------------------------------------------------------------
 
@@ -465,6 +478,7 @@ class Cycle:
                 io_timeout=settings.io_timeout,
                 dry_run=request.dry_run,
                 priority_prefix=self._priority(),
+                inplace=begun.inplace,
             )
             parser = rsync.ProgressParser()
             errors = rsync.ErrorCollector()
@@ -636,7 +650,12 @@ class Cycle:
                 log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
         target = repo.manifest_path(name)
         try:
-            recorded = manifests.record(self._layout().transfer_path(name), target, known)
+            recorded = manifests.record(
+                self._layout().transfer_path(name),
+                target,
+                known,
+                previous=repo.snapshot_path(previous) if known and previous is not None else None,
+            )
             recorded = replace(recorded, seconds=time.monotonic() - started)
         except OSError as exc:
             what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)

@@ -84,6 +84,9 @@ OUTPUT_OPTIONS: tuple[str, ...] = (
     "--no-human-readable",
 )
 
+# Updating a clone of the previous snapshot (the btrfs layout).
+INPLACE_OPTIONS: tuple[str, ...] = ("--inplace", "--no-whole-file", "--delete", "--delete-excluded")
+
 _FILTER_PREFIXES = ("--include=", "--exclude=", "--filter=")
 
 
@@ -108,8 +111,15 @@ def build_argv(
     io_timeout: int = 0,
     dry_run: bool = False,
     priority_prefix: Sequence[str] = (),
+    inplace: bool = False,
 ) -> tuple[str, ...]:
     """The argv that copies ``source`` into ``target`` (pure).
+
+    ``inplace``: ``target`` already holds the previous tree (a writable btrfs
+    clone, agent.engine.btrfs): rsync writes only the changed blocks of a
+    changed file into its own inode (``--inplace --no-whole-file``) and
+    deletes what the source no longer has or now excludes, so the target
+    ends as a copy of the source, as a fresh directory would.
 
     ``filter_rules`` are whole argv elements (``--include=...``,
     ``--exclude=...`` or ``--filter=...``, e.g. from
@@ -138,6 +148,10 @@ def build_argv(
         argv.append("--one-file-system")
     argv.extend(OUTPUT_OPTIONS)
     argv.extend(f"--link-dest={link_dest}" for link_dest in link_dests)
+    if inplace:
+        if link_dests:
+            raise ValueError("--inplace updates the previous tree itself: it takes no --link-dest")
+        argv.extend(INPLACE_OPTIONS)
     if io_timeout > 0:
         argv.append(f"--timeout={io_timeout}")
     if dry_run:

@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 
 from agent.core.errors import CorruptManifestError
 from agent.core.files import write_atomic
+from agent.repository.versions import same_version, shares_inodes
 
 log = logging.getLogger(__name__)
 
@@ -388,9 +389,14 @@ _BATCH = 1024  # lines hashed and written together
 class _Writer:
     """The manifest's bytes as the walk finds the files, its own checksum kept on the way."""
 
-    def __init__(self, root: bytes, known: Known, on_file: Callable[[int], None] | None) -> None:
+    def __init__(
+        self, root: bytes, known: Known, on_file: Callable[[int], None] | None, previous: bytes | None = None
+    ) -> None:
         self.root = root
         self.known = known  # the previous manifest's, owners included (reusable(owners=True))
+        # The previous snapshot's tree, when it is not on this tree's device (btrfs subvolumes):
+        # there one inode number is not one version (_reuse).
+        self.previous = previous if previous is not None and not shares_inodes(previous, root) else None
         self.owners: dict[int, bytes] = {}  # inode -> b"<mode> <uid> <gid>" of what this snapshot read or lstat'ed
         self.hashed: Known = {}  # inodes read in this snapshot (hard links inside it)
         self.on_file = on_file
@@ -404,7 +410,7 @@ class _Writer:
         others: list[tuple[bytes, os.DirEntry[bytes]]] = []
         for rel, inode in walk_files(self.root, others=others):
             owner: bytes | None = None
-            previous = self.known.get(inode)
+            previous = self._reuse(rel, inode)
             start = self.hashed.get(inode)
             if previous is not None:
                 start, owner = split_known(previous)
@@ -436,6 +442,23 @@ class _Writer:
         yield self._hashed(batch)
         yield trailer(self.entries, self.digest)
 
+    def _reuse(self, rel: bytes, inode: int) -> bytes | None:
+        """The previous manifest's value for this file, when the file is the version it recorded.
+
+        On one device the inode is the proof (a hard link). Across devices
+        (btrfs snapshots keep inode numbers through changes made in place)
+        the file at the same path in the previous snapshot must be the same
+        version (agent.repository.versions): two lstat, only in that layout.
+        """
+        value = self.known.get(inode)
+        if value is None or self.previous is None:
+            return value
+        try:
+            now, before = os.lstat(self.root + b"/" + rel), os.lstat(self.previous + b"/" + rel)
+        except OSError:
+            return None
+        return value if same_version(now, before) else None
+
     @staticmethod
     def _others(others: list[tuple[bytes, "os.DirEntry[bytes]"]], batch: list[bytes]) -> None:
         """The ``=`` lines of the entries that are not regular files (one lstat each), emptying ``others``."""
@@ -463,16 +486,19 @@ def record(
     known: Known,
     *,
     on_file: Callable[[int], None] | None = None,
+    previous: str | None = None,
 ) -> Recorded:
     """Write the manifest of the tree at ``snapshot`` to ``target`` (atomically).
 
-    Files whose inode is in ``known`` (the previous snapshot's manifest) or
+    Files whose inode is in ``known`` (the previous snapshot's manifest, whose
+    tree is ``previous``: on another device, as btrfs snapshots are, a file
+    must also be the same version there, :meth:`_Writer._reuse`) or
     was hashed already (a hard link inside this snapshot) are not read. The
     lines are hashed and written as the walk goes: memory follows ``known``
     and the new files, not the whole manifest.
     """
     started = time.monotonic()
-    writer = _Writer(os.fsencode(snapshot), known, on_file)
+    writer = _Writer(os.fsencode(snapshot), known, on_file, os.fsencode(previous) if previous is not None else None)
     # Not durable by itself: Repository.complete syncs the filesystem before the rename.
     # Root's alone: it names every file with a checksum of its content, also
     # files only their owner may read (a disk opened for browsing, agent.disk.browse).
