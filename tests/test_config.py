@@ -642,7 +642,7 @@ LIFECYCLE_ERRORS = [
         {"commands": {"cryptdisk_stop": "/sbin/cryptdisks_stop"}},
         "commands.cryptdisk_stop",
         'unknown key "cryptdisk_stop" in [commands], did you mean cryptdisks_stop?; expected one of rsync, ionice, '
-        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, systemctl, mount, umount, sync, btrfs",
+        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, systemctl, mount, umount, sync, btrfs, find",
         id="commands-unknown-key-suggested",
     ),
     # [[disk]]: keys, required keys

@@ -63,6 +63,7 @@ class Commands:
     umount: str = "/bin/umount"
     sync: str = "/bin/sync"
     btrfs: str = "/bin/btrfs"  # the btrfs layout and method = "send" (btrfs-progs)
+    find: str = "/usr/bin/find"  # the btrfs layout: hard links to split before rsync --inplace
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "umount",
             "sync",
             "btrfs",
+            "find",
         ),
         "notifications": ("enabled", "remind_after"),
         "tray": ("enabled",),

@@ -94,6 +94,30 @@ def subvolume_sync_argv(btrfs: str, path: str) -> tuple[str, ...]:
     return (btrfs, "subvolume", "sync", path)
 
 
+def linked_inodes_argv(find: str, target: str) -> tuple[str, ...]:
+    """find's argv that prints the inode number of every regular file with more than one link below ``target``."""
+    return (find, target, "-xdev", "-type", "f", "-links", "+1", "-printf", "%i\\n")
+
+
+def groups_to_split(groups: dict[int, list[bytes]], source: Callable[[bytes], os.stat_result | None]) -> list[bytes]:
+    """The paths to unlink from a clone so that no write in place reaches a file it should not (pure).
+
+    ``groups``: the clone's hard-linked paths by inode; ``source(path)``: the
+    source's lstat of a path (None when it is gone). A group the source
+    still has as one file is kept (a write into it is right for every
+    path); otherwise every path but the first is unlinked, and rsync makes
+    it anew.
+    """
+    doomed: list[bytes] = []
+    for paths in groups.values():
+        seen = [source(path) for path in paths]
+        found = {(info.st_dev, info.st_ino) for info in seen if info is not None and stat.S_ISREG(info.st_mode)}
+        if len(found) == 1 and all(info is not None for info in seen):
+            continue
+        doomed.extend(sorted(paths)[1:])
+    return doomed
+
+
 # -- acting ---------------------------------------------------------------------
 
 
@@ -103,6 +127,51 @@ def detect_layout(path: str, wanted: str) -> str:
     while not os.path.exists(probe) and probe != "/":
         probe = os.path.dirname(probe)
     return choose_layout(wanted, filesystem_type(probe, read_mountinfo()), path)
+
+
+def split_hard_links(target: str, source: str, *, runner: Runner, find: str, step: str) -> int:
+    """Unlink from the clone at ``target`` the hard links the source no longer has; the count unlinked.
+
+    Needed before rsync --inplace: rsync writes into a file's inode, so
+    where the clone still links two paths the source has split, the write
+    for one would show through the other (rsync's manual: with --inplace
+    "hard links are not broken"). find lists the linked inodes (most trees
+    have few); only then is the clone walked for their paths (readdir, no stat).
+    """
+    inodes: set[int] = set()
+    runner.run(
+        linked_inodes_argv(find, target),
+        step=step,
+        mutating=False,
+        on_stdout=lambda line: inodes.add(int(line)) if line.strip().isdigit() else None,
+    )
+    if not inodes:
+        return 0
+    groups: dict[int, list[bytes]] = {}
+    root = os.fsencode(target)
+    pending = [b""]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(root + b"/" + relative if relative else root) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(relative + entry.name + b"/")
+                elif entry.inode() in inodes and entry.is_file(follow_symlinks=False):
+                    groups.setdefault(entry.inode(), []).append(relative + entry.name)
+    origin = os.fsencode(source.rstrip("/"))
+
+    def in_source(path: bytes) -> os.stat_result | None:
+        try:
+            return os.lstat(origin + b"/" + path)
+        except OSError:
+            return None
+
+    doomed = groups_to_split(groups, in_source)
+    for path in doomed:
+        os.unlink(root + b"/" + path)
+    if doomed:
+        log.info("unlinked %d hard links in %s that the source split", len(doomed), target)
+    return len(doomed)
 
 
 def is_subvolume(info: os.stat_result) -> bool:

@@ -39,7 +39,7 @@ from agent.disk.mount import disk_full, mounted
 from agent.disk.unlock import unlocked
 from agent.engine import hooks
 from agent.engine import layouts
-from agent.engine.btrfs import detect_layout
+from agent.engine.btrfs import detect_layout, split_hard_links
 from agent.repository import manifest as manifests
 from agent.repository import unfinished
 from agent.core.commands import Runner, priority_prefix
@@ -467,6 +467,9 @@ class Cycle:
             self._step("transfer", snapshot=name, link_dest=latest, resumed_from=leftovers) as done,
             self.source.opened(request.repository) as tree,
         ):
+            if begun.inplace and not request.dry_run:
+                # A clone updated in place keeps the previous tree's hard links (agent.engine.btrfs).
+                split_hard_links(begun.target, tree.root, runner=self.runner, find=settings.commands.find, step="transfer")
             argv = rsync.build_argv(
                 rsync=settings.commands.rsync,
                 source=tree.root,

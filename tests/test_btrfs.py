@@ -1,0 +1,303 @@
+"""The btrfs layout (agent.engine.btrfs): real btrfs on a loop device, real rsync, real subvolumes.
+
+The pure parts (which filesystem, which layout, the argv, which hard links
+to split) are tested directly. The rest runs whole backups into a
+repository on a loop-mounted btrfs (the session's ``btrfs_mount``), and
+checks what a careful user relies on: read-only snapshots, history never
+rewritten, a file changed in place (same inode number in every snapshot)
+told from an unchanged one by the manifest, versions, diff and verify in
+both layouts, rotation by ``btrfs subvolume delete``, and a kill at each
+btrfs step leaving nothing that looks complete and is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.core.errors import RepositoryError
+from agent.core.mounts import MountEntry
+from agent.engine import btrfs, history
+from agent.engine.rsync import build_argv
+from agent.repository.store import Repository
+
+pytestmark = pytest.mark.integration
+
+FAST = '[backup]\nionice = "none"\nnice = 0\n[rotation]\nhourly = "always"\n'
+
+
+def entry(point: str, fstype: str) -> MountEntry:
+    return MountEntry(point, fstype, "/dev/x", "0:1")
+
+
+# -- pure ----------------------------------------------------------------------------
+
+
+def test_filesystem_type_is_the_deepest_mount_above_the_path() -> None:
+    mounts = [entry("/", "ext4"), entry("/mnt/backup", "btrfs"), entry("/mnt/backup/other", "xfs"), entry("/mnt/b", "vfat")]
+    assert btrfs.filesystem_type("/mnt/backup/host", mounts) == "btrfs"
+    assert btrfs.filesystem_type("/mnt/backup", mounts) == "btrfs"
+    assert btrfs.filesystem_type("/mnt/backup/other/x", mounts) == "xfs"
+    assert btrfs.filesystem_type("/mnt/backupx", mounts) == "ext4"  # not below /mnt/backup
+    assert btrfs.filesystem_type("/srv", [entry("/mnt", "btrfs")]) is None
+
+
+def test_choose_layout() -> None:
+    assert btrfs.choose_layout("auto", "btrfs", "/r") == "btrfs"
+    assert btrfs.choose_layout("auto", "ext4", "/r") == "links"
+    assert btrfs.choose_layout("links", "btrfs", "/r") == "links"
+    assert btrfs.choose_layout("btrfs", "btrfs", "/r") == "btrfs"
+    with pytest.raises(RepositoryError, match=r'layout = "btrfs" needs a btrfs filesystem, and /r is on ext4'):
+        btrfs.choose_layout("btrfs", "ext4", "/r")
+
+
+def test_inplace_argv_updates_the_clone_and_takes_no_link_dest() -> None:
+    argv = build_argv(rsync="/usr/bin/rsync", source="/src", target="/t", link_dests=(), one_file_system=True, excludes=(), inplace=True)
+    assert {"--inplace", "--no-whole-file", "--delete", "--delete-excluded"} <= set(argv)
+    assert not any(a.startswith("--link-dest") for a in argv)
+    with pytest.raises(ValueError, match="no --link-dest"):
+        build_argv(rsync="/usr/bin/rsync", source="/src", target="/t", link_dests=("/l",), one_file_system=True, excludes=(), inplace=True)
+    assert btrfs.subvolume_snapshot_argv("/bin/btrfs", "/a", "/b", readonly=True) == ("/bin/btrfs", "subvolume", "snapshot", "-r", "/a", "/b")
+    assert btrfs.set_readonly_argv("/bin/btrfs", "/b") == ("/bin/btrfs", "property", "set", "-ts", "/b", "ro", "true")
+
+
+def test_groups_to_split_keeps_groups_the_source_still_links(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("1")
+    os.link(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "c").write_text("2")
+    (tmp_path / "d").write_text("2")
+
+    def lstat(path: bytes) -> os.stat_result | None:
+        try:
+            return os.lstat(os.fsencode(tmp_path) + b"/" + path)
+        except OSError:
+            return None
+
+    groups = {1: [b"a", b"b"], 2: [b"d", b"c"], 3: [b"e", b"a"]}
+    # a/b still one file: kept; c/d split in the source: d unlinked; e is gone from the source: a... kept, e unlinked
+    assert btrfs.groups_to_split(groups, lstat) == [b"d", b"e"]
+
+
+# -- real btrfs ------------------------------------------------------------------
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(FAST)
+    return path
+
+
+def backup(source: Path, repo: Path, config: Path) -> str:
+    assert main(["backup", "--no-sudo", "-q", "--config", str(config), str(source), str(repo)]) == 0
+    return os.readlink(repo / "latest").split("/")[-1]
+
+
+def read_only(path: Path) -> bool:
+    out = subprocess.run(["btrfs", "property", "get", "-ts", str(path), "ro"], capture_output=True, text=True, check=True)
+    return out.stdout.strip() == "ro=true"
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def layout_root(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    return Path(request.getfixturevalue("btrfs_dir")) if kind == "btrfs" else tmp_path
+
+
+def test_snapshots_are_read_only_subvolumes_of_a_btrfs_repository(btrfs_dir: Path, tmp_path: Path, config: Path, rsync_path: str) -> None:
+    source, repo = tmp_path / "src", btrfs_dir / "repo"
+    source.mkdir()
+    (source / "a").write_text("one\n")
+    (source / "gone").write_text("deleted later\n")
+    first = backup(source, repo, config)
+    assert Repository.open(str(repo)).marker.layout == "btrfs"
+    (source / "a").write_text("two, longer\n")
+    (source / "gone").unlink()
+    second = backup(source, repo, config)
+    snaps = repo / "snapshots"
+    assert sorted(os.listdir(snaps)) == [first, second]
+    for name in (first, second):
+        assert os.lstat(snaps / name).st_ino == btrfs.SUBVOLUME_INODE and read_only(snaps / name)
+        assert json.loads((repo / "metadata" / f"{name}.json").read_text())["state"] == "complete"
+    assert tree(snaps / first).keys() == {"a", "gone"} and (snaps / first / "a").read_text() == "one\n"
+    assert tree(snaps / second) == tree(source)
+    with pytest.raises(OSError):
+        (snaps / first / "a").write_text("history")  # read-only: nothing rewrites a snapshot
+
+
+def test_init_style_choice_refuses_btrfs_on_another_filesystem(tmp_path: Path, config: Path, rsync_path: str) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    forced = tmp_path / "forced.toml"
+    forced.write_text(FAST.replace("nice = 0\n", 'nice = 0\nlayout = "btrfs"\n'))
+    assert main(["backup", "--no-sudo", "-q", "--config", str(forced), str(source), str(tmp_path / "repo")]) != 0
+    assert not (tmp_path / "repo").exists()  # nothing written
+
+
+def test_a_repository_keeps_its_layout(btrfs_dir: Path, tmp_path: Path, config: Path, rsync_path: str) -> None:
+    source, repo = tmp_path / "src", btrfs_dir / "repo"
+    source.mkdir()
+    backup(source, repo, config)
+    links = tmp_path / "links.toml"
+    links.write_text(FAST.replace("nice = 0\n", 'nice = 0\nlayout = "links"\n'))
+    assert main(["backup", "--no-sudo", "-q", "--config", str(links), str(source), str(repo)]) != 0
+
+
+@pytest.mark.parametrize("kind", ["links", "btrfs"])
+def test_a_file_changed_in_place_is_told_from_an_unchanged_one(
+    kind: str, tmp_path: Path, config: Path, request: pytest.FixtureRequest, rsync_path: str
+) -> None:
+    """Manifest reuse, versions, diff and verify: same size, new content, new mtime; the btrfs snapshot keeps its inode number."""
+    source, repo = tmp_path / "src", layout_root(kind, tmp_path, request) / "repo"
+    source.mkdir()
+    (source / "changed").write_bytes(b"A" * 5000)
+    (source / "same").write_bytes(b"S" * 5000)
+    os.utime(source / "changed", (1_600_000_000, 1_600_000_000))
+    first = backup(source, repo, config)
+    (source / "changed").write_bytes(b"B" * 5000)  # same size
+    os.utime(source / "changed", (1_600_000_100, 1_600_000_100))
+    second = backup(source, repo, config)
+    snaps = repo / "snapshots"
+    if kind == "btrfs":  # the case the inode alone cannot tell
+        assert os.lstat(snaps / first / "changed").st_ino == os.lstat(snaps / second / "changed").st_ino
+
+    recorded = json.loads((repo / "metadata" / f"{second}.json").read_text())["manifest"]
+    assert (recorded["hashed_files"], recorded["reused_files"]) == (1, 1), recorded
+    manifest = (repo / "metadata" / f"{second}.manifest").read_text()
+    assert hashlib.sha256(b"B" * 5000).hexdigest() + " 5000 " in manifest
+
+    repository = Repository.open(str(repo))
+    snaps_list = history.snapshots(repository)
+    assert [(v.first, v.last) for v in history.versions(snaps_list, str(source / "changed"))] == [(first, first), (second, second)]
+    assert [(v.first, v.last) for v in history.versions(snaps_list, str(source / "same"))] == [(first, second)]
+    assert [(c.path, c.change) for c in history.diff(str(snaps / first), str(snaps / second))] == [("changed", "changed")]
+    assert main(["verify", "--all", "-q", "--config", str(config), "--repository", str(repo)]) == 0
+
+
+def test_a_hard_link_the_source_split_is_split_in_the_clone(btrfs_dir: Path, tmp_path: Path, config: Path, rsync_path: str) -> None:
+    """rsync --inplace writes through hard links: the clone's must follow the source's first."""
+    source, repo = tmp_path / "src", btrfs_dir / "repo"
+    (source / "deep").mkdir(parents=True)
+    (source / "hard-a").write_text("shared inode\n")
+    os.link(source / "hard-a", source / "deep" / "hard-b")
+    (source / "x").write_text("1\n")
+    os.link(source / "x", source / "y")
+    first = backup(source, repo, config)
+    (source / "deep" / "hard-b").unlink()
+    (source / "deep" / "hard-b").write_text("split\n")
+    second = backup(source, repo, config)
+    snap = repo / "snapshots" / second
+    assert (snap / "hard-a").read_text() == "shared inode\n" and (snap / "deep" / "hard-b").read_text() == "split\n"
+    assert os.lstat(snap / "x").st_ino == os.lstat(snap / "y").st_ino  # a link the source keeps stays one
+    assert (repo / "snapshots" / first / "deep" / "hard-b").read_text() == "shared inode\n"
+
+
+OLD = "2020-01-01T00-00-00+0000"
+
+
+def add_old_snapshot(repo: Path, of: str) -> None:
+    """A read-only snapshot from long ago (another hour, so hourly = 1 rotates it away)."""
+    snaps = repo / "snapshots"
+    subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(snaps / of), str(snaps / OLD)], check=True, capture_output=True)
+    (repo / "metadata" / f"{OLD}.json").write_text((repo / "metadata" / f"{of}.json").read_text())
+
+
+def test_rotation_deletes_subvolumes(btrfs_dir: Path, tmp_path: Path, rsync_path: str) -> None:
+    source, repo = tmp_path / "src", btrfs_dir / "repo"
+    source.mkdir()
+    (source / "a").write_text("a\n")
+    keep_one = tmp_path / "one.toml"
+    keep_one.write_text('[backup]\nionice = "none"\nnice = 0\n[rotation]\nhourly = 1\n')
+    first = backup(source, repo, keep_one)
+    add_old_snapshot(repo, first)
+    backup(source, repo, keep_one)
+    assert OLD not in os.listdir(repo / "snapshots")
+    assert not (repo / "metadata" / f"{OLD}.json").exists()
+    assert not (repo / ".trash").exists() or os.listdir(repo / ".trash") == []  # deleted as a subvolume, not moved aside
+
+
+# -- a kill at each btrfs step ---------------------------------------------------------
+
+# A stand-in for btrfs at the process boundary: the real btrfs runs, and
+# the backup process is killed (SIGKILL) just before or just after the
+# step named.
+WRAPPER = """#!/bin/sh
+if [ "$1 $2" = "{step}" ]; then
+    {before}
+    {real} "$@"
+    kill -9 $PPID
+    exit 0
+fi
+exec {real} "$@"
+"""
+
+STEPS = [
+    ("subvolume snapshot", "before"),  # begin: the clone of latest
+    ("subvolume snapshot", "after"),
+    ("property set", "before"),  # complete: read-only
+    ("property set", "after"),
+    ("subvolume delete", "before"),  # rotation
+    ("subvolume delete", "after"),
+]
+
+
+def check_nothing_looks_complete_that_is_not(repo: Path, states: list[dict[str, str]]) -> None:
+    repository = Repository.open(str(repo))
+    for name in repository.snapshot_names():
+        path = repo / "snapshots" / name
+        assert os.lstat(path).st_ino == btrfs.SUBVOLUME_INODE and read_only(path), name
+        assert (repository.read_metadata(name) or {}).get("state") == "complete", name
+        assert tree(path) in states, name
+    assert len(repository.in_progress_names()) <= 1
+
+
+@pytest.mark.parametrize(("step", "when"), STEPS, ids=[f"{s.replace(' ', '-')}-{w}" for s, w in STEPS])
+def test_a_kill_at_each_btrfs_step_leaves_nothing_that_looks_complete(
+    step: str, when: str, btrfs_dir: Path, tmp_path: Path, trusted_dir: Path, rsync_path: str
+) -> None:
+    real = shutil.which("btrfs")
+    assert real is not None
+    wrapper = trusted_dir / "btrfs"
+    wrapper.write_text(WRAPPER.format(step=step, real=real, before="kill -9 $PPID; exit 0" if when == "before" else ":"))
+    wrapper.chmod(0o755)
+    source, repo = tmp_path / "src", btrfs_dir / "repo"
+    source.mkdir()
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[backup]\nionice = "none"\nnice = 0\n[rotation]\nhourly = 1\n')
+    killing = tmp_path / "killing.toml"
+    killing.write_text(plain.read_text() + f'[commands]\nbtrfs = "{wrapper}"\n')
+    states = []
+    (source / "a").write_text("first\n")
+    states.append(tree(source))
+    first = backup(source, repo, plain)
+    add_old_snapshot(repo, first)
+    (source / "a").write_text("second state\n")
+    (source / "b").write_text("new\n")
+    states.append(tree(source))
+    run = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "backup", "--no-sudo", "-q", "--config", str(killing), str(source), str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == -9, run.stderr  # killed, at the step named
+    check_nothing_looks_complete_that_is_not(repo, states)
+    name = backup(source, repo, plain)  # the next run finishes the work
+    check_nothing_looks_complete_that_is_not(repo, states)
+    assert tree(repo / "snapshots" / name) == tree(source)
+    assert OLD not in Repository.open(str(repo)).snapshot_names() and Repository.open(str(repo)).latest_name() == name
+    assert main(["verify", "--all", "-q", "--config", str(plain), "--repository", str(repo)]) == 0
