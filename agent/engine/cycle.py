@@ -39,11 +39,12 @@ from agent.disk.mount import disk_full, mounted
 from agent.disk.unlock import unlocked
 from agent.engine import hooks
 from agent.engine import layouts
-from agent.engine.btrfs import detect_layout, split_hard_links
+from agent.engine import send as sending
+from agent.engine.btrfs import BtrfsLayout, detect_layout, split_hard_links
 from agent.repository import manifest as manifests
 from agent.repository import unfinished
 from agent.core.commands import Runner, priority_prefix
-from agent.config.model import Disk, Settings
+from agent.config.model import Disk, Settings, effective_excludes
 from agent.core.errors import (
     BackupAgentError,
     CommandError,
@@ -58,7 +59,7 @@ from agent.core.events import Emitter, complete, error, progress, step, warning
 from agent.engine.hooks import HookContext
 from agent.engine.layouts import Begun, Layout
 from agent.core.mounts import read_mountinfo
-from agent.repository.store import IN_PROGRESS, Repository, classify, free_space
+from agent.repository.store import IN_PROGRESS, Repository, classify, free_space, reserve_name
 from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
 from agent.engine.sources import PathSource, Source
 
@@ -443,6 +444,10 @@ class Cycle:
         """The transfer, leaving at most one unfinished transfer behind, whatever happens (agent.repository.unfinished)."""
         layout = self._layout()
         start = dt.datetime.now().astimezone()
+        if self.settings.method == "send" and not self.request.dry_run:
+            sent = self._send(start)
+            if sent is not None:
+                return sent
         begun = layout.begin(start, dry_run=self.request.dry_run)
         try:
             name = self._transfer_into(begun, start)
@@ -454,6 +459,52 @@ class Cycle:
             raise
         if not self.request.dry_run:
             layout.end_transfer(begun, whole=True)
+        return name
+
+    def _send(self, start: dt.datetime) -> str | None:
+        """``method = "send"`` (agent.engine.send): the snapshot's name, or None when rsync must make it (warned)."""
+        repo = self.repository
+        why = sending.refusal(self.layout, self.source.path) if repo is not None else "there is no repository yet"
+        if why is not None or repo is None or not isinstance(self.layout, BtrfsLayout):
+            self._warn(f'method = "send" is not used: {why}; rsync makes this snapshot')
+            return None
+        if effective_excludes(self.settings):
+            self._warn(f'method = "send": exclude does not apply inside the subvolume {self.source.path}; all of it is sent')
+        name = reserve_name(repo.snapshots_dir, start, create=False)
+        self.hook_context.snapshot = name
+        with self._step("transfer", snapshot=name, method="send") as done:
+            try:
+                sent = sending.send(
+                    repo, self.layout, self.source.path, name,
+                    runner=self.runner, btrfs=self.settings.commands.btrfs, warn=self._warn,
+                )
+            except (OSError, BackupAgentError) as exc:
+                what = exc.message if isinstance(exc, BackupAgentError) else str(exc)
+                self._warn(f"btrfs send | receive failed ({what}): rsync makes this snapshot instead")
+                done["fallback"] = "rsync"
+                return None
+            self.outcome.statistics = {}
+            repo.write_metadata(name, {
+                "format": 1,
+                "name": name,
+                "state": "transferred",
+                "host": socket.gethostname(),
+                "source": self.source.path,
+                "tool_version": __version__,
+                "start": start.isoformat(timespec="milliseconds"),
+                "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
+                "link_dest": sent.parent,
+                "resumed_from": [],
+                "statistics": {},
+                "partial": False,
+                "errors": {"count": 0, "first": []},
+                "vanished": 0,
+                "warnings": list(self.outcome.warnings),
+                "method": "send",
+                "sent": sent.record,
+            })
+            done.update(snapshot=name, statistics={}, method="send", parent=sent.parent)
+        self.outcome.snapshot = name
         return name
 
     def _transfer_into(self, begun: Begun, start: dt.datetime) -> str:
