@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,7 @@ def tree(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
+        if p.is_file() and not p.is_symlink() and ".backup-agent-send" not in p.parts  # method = "send"'s own
     }
 
 
@@ -236,23 +237,40 @@ def test_rotation_deletes_subvolumes(btrfs_dir: Path, tmp_path: Path, rsync_path
 # the backup process is killed (SIGKILL) just before or just after the
 # step named.
 WRAPPER = """#!/bin/sh
-if [ "$1 $2" = "{step}" ]; then
+echo $$ >> {pids}
+case "$1 $2" in
+"{step}"*)
     {before}
     {real} "$@"
     kill -9 $PPID
-    exit 0
-fi
+    exit 0;;
+esac
 exec {real} "$@"
 """
 
 STEPS = [
-    ("subvolume snapshot", "before"),  # begin: the clone of latest
-    ("subvolume snapshot", "after"),
-    ("property set", "before"),  # complete: read-only
-    ("property set", "after"),
-    ("subvolume delete", "before"),  # rotation
-    ("subvolume delete", "after"),
+    ("rsync", "subvolume snapshot", "before"),  # begin: the clone of latest
+    ("rsync", "subvolume snapshot", "after"),
+    ("rsync", "property set", "before"),  # complete: read-only
+    ("rsync", "property set", "after"),
+    ("rsync", "subvolume delete", "before"),  # rotation
+    ("rsync", "subvolume delete", "after"),
+    ("send", "subvolume snapshot", "before"),  # the source's snapshot
+    ("send", "subvolume snapshot", "after"),
+    ("send", "send", "before"),
+    ("send", "send", "after"),
+    ("send", "receive", "before"),
+    ("send", "receive", "after"),
+    ("send", "subvolume delete", "after"),  # rotation
 ]
+
+
+def wait_gone(pids: Path) -> None:
+    """The stand-in's processes that outlived the killed backup (the other half of send | receive) have ended."""
+    deadline = time.monotonic() + 20
+    for pid in pids.read_text().split() if pids.exists() else []:
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def check_nothing_looks_complete_that_is_not(repo: Path, states: list[dict[str, str]]) -> None:
@@ -265,19 +283,22 @@ def check_nothing_looks_complete_that_is_not(repo: Path, states: list[dict[str, 
     assert len(repository.in_progress_names()) <= 1
 
 
-@pytest.mark.parametrize(("step", "when"), STEPS, ids=[f"{s.replace(' ', '-')}-{w}" for s, w in STEPS])
+@pytest.mark.parametrize(("method", "step", "when"), STEPS, ids=[f"{m}-{s.replace(' ', '-')}-{w}" for m, s, w in STEPS])
 def test_a_kill_at_each_btrfs_step_leaves_nothing_that_looks_complete(
-    step: str, when: str, btrfs_dir: Path, tmp_path: Path, trusted_dir: Path, rsync_path: str
+    method: str, step: str, when: str, btrfs_dir: Path, tmp_path: Path, trusted_dir: Path, rsync_path: str
 ) -> None:
     real = shutil.which("btrfs")
     assert real is not None
     wrapper = trusted_dir / "btrfs"
-    wrapper.write_text(WRAPPER.format(step=step, real=real, before="kill -9 $PPID; exit 0" if when == "before" else ":"))
+    pids = tmp_path / "pids"
+    wrapper.write_text(
+        WRAPPER.format(step=step, real=real, pids=pids, before="kill -9 $PPID; exit 0" if when == "before" else ":")
+    )
     wrapper.chmod(0o755)
-    source, repo = tmp_path / "src", btrfs_dir / "repo"
-    source.mkdir()
+    source, repo = btrfs_dir / "src", btrfs_dir / "repo"
+    subprocess.run(["btrfs", "subvolume", "create", str(source)], check=True, capture_output=True)
     plain = tmp_path / "plain.toml"
-    plain.write_text('[backup]\nionice = "none"\nnice = 0\n[rotation]\nhourly = 1\n')
+    plain.write_text(f'[backup]\nionice = "none"\nnice = 0\nmethod = "{method}"\n[rotation]\nhourly = 1\n')
     killing = tmp_path / "killing.toml"
     killing.write_text(plain.read_text() + f'[commands]\nbtrfs = "{wrapper}"\n')
     states = []
@@ -295,9 +316,69 @@ def test_a_kill_at_each_btrfs_step_leaves_nothing_that_looks_complete(
         timeout=60,
     )
     assert run.returncode == -9, run.stderr  # killed, at the step named
+    wait_gone(pids)
     check_nothing_looks_complete_that_is_not(repo, states)
     name = backup(source, repo, plain)  # the next run finishes the work
     check_nothing_looks_complete_that_is_not(repo, states)
     assert tree(repo / "snapshots" / name) == tree(source)
     assert OLD not in Repository.open(str(repo)).snapshot_names() and Repository.open(str(repo)).latest_name() == name
     assert main(["verify", "--all", "-q", "--config", str(plain), "--repository", str(repo)]) == 0
+
+
+# -- method = "send" -------------------------------------------------------------------
+
+
+def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[dict[str, object]]]:
+    status = main(argv)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    return status, lines
+
+
+def test_send_is_incremental_and_its_snapshots_are_ordinary(
+    btrfs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], rsync_path: str
+) -> None:
+    source, repo = btrfs_dir / "src", btrfs_dir / "repo"
+    subprocess.run(["btrfs", "subvolume", "create", str(source)], check=True, capture_output=True)
+    (source / "a").write_text("one\n")
+    (source / "same").write_bytes(b"S" * 9000)
+    config = tmp_path / "send.toml"
+    config.write_text('[backup]\nionice = "none"\nnice = 0\nmethod = "send"\n[rotation]\nhourly = "always"\n')
+    argv = ["backup", "--no-sudo", "--json", "--config", str(config), str(source), str(repo)]
+    status, events = run_json(argv, capsys)
+    assert status == 0
+    assert any(e["event"] == "warning" and "whole subvolume is sent" in str(e["message"]) for e in events)
+    first = os.readlink(repo / "latest").split("/")[-1]
+    (source / "a").write_text("two, longer\n")
+    status, events = run_json(argv, capsys)
+    assert status == 0 and not [e for e in events if e["event"] == "warning"]
+    second = os.readlink(repo / "latest").split("/")[-1]
+    meta = json.loads((repo / "metadata" / f"{second}.json").read_text())
+    assert meta["method"] == "send" and meta["sent"]["parent"] == first and meta["sent"]["whole"] is False
+    assert (meta["manifest"]["hashed_files"], meta["manifest"]["reused_files"]) == (1, 1)
+    snaps = repo / "snapshots"
+    assert tree(snaps / second) == tree(source) and (snaps / first / "a").read_text() == "one\n"
+    assert read_only(snaps / second) and os.lstat(snaps / second).st_ino == btrfs.SUBVOLUME_INODE
+    # Ordinary snapshots for every other command.
+    assert main(["verify", "--all", "-q", "--config", str(config), "--repository", str(repo)]) == 0
+    found = history.versions(history.snapshots(Repository.open(str(repo))), str(source / "a"))
+    assert [(v.first, v.last) for v in found] == [(first, first), (second, second)]
+    # The source side keeps the parent it used and the snapshot just sent (the next run's parent); no more.
+    (chain,) = os.listdir(source / ".backup-agent-send")
+    assert sorted(os.listdir(source / ".backup-agent-send" / chain)) == [f"{first}.in-progress", f"{second}.in-progress"]
+
+
+def test_send_falls_back_to_rsync_with_a_warning(
+    btrfs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], rsync_path: str
+) -> None:
+    source, repo = tmp_path / "plain-dir", btrfs_dir / "repo"
+    source.mkdir()
+    (source / "a").write_text("x\n")
+    config = tmp_path / "send.toml"
+    config.write_text('[backup]\nionice = "none"\nnice = 0\nmethod = "send"\n')
+    status, events = run_json(["backup", "--no-sudo", "--json", "--config", str(config), str(source), str(repo)], capsys)
+    assert status == 0
+    warned = [str(e["message"]) for e in events if e["event"] == "warning"]
+    assert any('method = "send" is not used' in w and "not on btrfs" in w for w in warned), warned
+    name = os.readlink(repo / "latest").split("/")[-1]
+    assert tree(repo / "snapshots" / name) == tree(source)
+    assert "method" not in json.loads((repo / "metadata" / f"{name}.json").read_text())
