@@ -28,7 +28,9 @@ from agent.core.errors import RepositoryError
 from agent.core.mounts import MountEntry
 from agent.engine import btrfs, history
 from agent.engine.rsync import build_argv
-from agent.repository.store import Repository
+from agent.repository.store import MARKER, Repository
+from tests.test_disk import rig  # noqa: F401  (the fixture bench uses)
+from tests.test_disk_cycle import Bench, bench  # noqa: F401  (a LUKS disk rig with the CLI)
 
 pytestmark = pytest.mark.integration
 
@@ -382,3 +384,45 @@ def test_send_falls_back_to_rsync_with_a_warning(
     name = os.readlink(repo / "latest").split("/")[-1]
     assert tree(repo / "snapshots" / name) == tree(source)
     assert "method" not in json.loads((repo / "metadata" / f"{name}.json").read_text())
+
+
+# -- init on a btrfs disk ------------------------------------------------------------------
+
+
+def test_init_records_the_btrfs_layout_of_a_btrfs_disk(bench: Bench) -> None:
+    """The disk rig (LUKS header, stand-in mapping, real mounts) with its plain device made btrfs, as crypttab-examples/btrfs."""
+    image = bench.tmp / "btrfs.img"
+    with open(image, "wb") as handle:
+        handle.truncate(64 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", "--mixed", str(image)], check=True, capture_output=True)
+    device = bench.rig.attach(image)  # detached by the rig's cleanup
+    bench.write_config(target=device, disk={"filesystem": "btrfs", "mount_options": ["noatime", "compress=zstd"]})
+    run = bench.init()
+    assert "layout btrfs (read-only btrfs subvolume snapshots)" in run.stdout
+    name = bench.backup_ok()
+    bench.assert_locked_and_unmounted(device)
+    with bench.looking(device) as root:
+        assert 'layout = "btrfs"' in (root / "host" / MARKER).read_text()
+        snapshot = root / "host" / "snapshots" / name
+        assert os.lstat(snapshot).st_ino == btrfs.SUBVOLUME_INODE and (snapshot / "plain.txt").read_text() == "plain\n"
+
+
+def test_init_refuses_a_forced_btrfs_layout_on_ext4_and_writes_nothing(bench: Bench) -> None:
+    bench.write_config(disk={"layout": "btrfs"})
+    run = bench.cli("init", "--disk", bench.rig.name, "--yes", "--config", str(bench.config))
+    assert run.returncode != 0
+    assert 'layout = "btrfs" needs a btrfs filesystem' in run.stderr and "nothing was written" in run.stderr
+    bench.assert_locked_and_unmounted()
+    with bench.looking() as root:
+        assert not (root / "host").exists()
+
+
+def test_mountinfo_names_the_block_device_under_a_btrfs_mount(btrfs_mount: Path) -> None:
+    """btrfs shows an anonymous device in mountinfo; the disk checks compare the one its source names."""
+    from agent.core.mounts import read_mountinfo
+    from agent.disk.devices import device_number, top_mount
+
+    entry = top_mount(read_mountinfo(), str(btrfs_mount))
+    assert entry is not None and entry.fstype == "btrfs"
+    loop = device_number(os.stat(entry.source).st_rdev)
+    assert entry.device != loop and entry.backing == loop and entry.from_device(loop)
