@@ -499,7 +499,9 @@ def _summary(outcome: Outcome, request: Request) -> str:
     parts = []
     if outcome.skipped:
         return f"nothing done: {outcome.skipped}"
-    if outcome.snapshot and "backup" in request.steps:
+    if outcome.snapshot and "backup" in request.steps and "files" not in stats and not request.dry_run:
+        parts.append(f"{prefix} snapshot {outcome.snapshot} (btrfs send: no per-file statistics)")
+    elif outcome.snapshot and "backup" in request.steps:
         parts.append(
             f"{prefix} snapshot {outcome.snapshot}: {stats.get('files', 0)} files, "
             f"{stats.get('transferred_files', 0)} changed ({human_size(stats.get('transferred_size', 0))})"

@@ -140,6 +140,14 @@ def test_snapshots_are_read_only_subvolumes_of_a_btrfs_repository(btrfs_dir: Pat
     assert tree(snaps / second) == tree(source)
     with pytest.raises(OSError):
         (snaps / first / "a").write_text("history")  # read-only: nothing rewrites a snapshot
+    # A dry run writes nothing; restore reads a read-only subvolume like any snapshot.
+    before = sorted(os.listdir(snaps)), os.readlink(repo / "latest")
+    (source / "a").write_text("three\n")
+    assert main(["backup", "--no-sudo", "-q", "--dry-run", "--config", str(config), str(source), str(repo)]) == 0
+    assert (sorted(os.listdir(snaps)), os.readlink(repo / "latest")) == before
+    restore = ["restore", "-q", "--config", str(config), "--repository", str(repo), "--snapshot", first, str(source / "gone")]
+    assert main(restore) == 0
+    assert (source / f"restored-{first}" / "gone").read_text() == "deleted later\n"
 
 
 def test_init_style_choice_refuses_btrfs_on_another_filesystem(tmp_path: Path, config: Path, rsync_path: str) -> None:
