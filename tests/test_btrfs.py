@@ -434,3 +434,41 @@ def test_mountinfo_names_the_block_device_under_a_btrfs_mount(btrfs_mount: Path)
     assert entry is not None and entry.fstype == "btrfs"
     loop = device_number(os.stat(entry.source).st_rdev)
     assert entry.device != loop and entry.backing == loop and entry.from_device(loop)
+
+
+def test_a_stop_during_receive_stops_and_does_not_fall_back_to_rsync(
+    btrfs_dir: Path, tmp_path: Path, trusted_dir: Path, rsync_path: str
+) -> None:
+    """SIGTERM (the agent's Stop) while btrfs receive runs: the cycle stops, deletes the partial copy, makes nothing else."""
+    real = shutil.which("btrfs")
+    started = tmp_path / "receive-started"
+    wrapper = trusted_dir / "btrfs"  # a stand-in only for receive, which waits like a slow one
+    wrapper.write_text(f'#!/bin/sh\nif [ "$1" = receive ]; then : > {started}; exec sleep 30; fi\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    source, repo = btrfs_dir / "src", btrfs_dir / "repo"
+    subprocess.run(["btrfs", "subvolume", "create", str(source)], check=True, capture_output=True)
+    (source / "a").write_text("a\n")
+    config = tmp_path / "send.toml"
+    config.write_text(f'[backup]\nionice = "none"\nnice = 0\nmethod = "send"\n[commands]\nbtrfs = "{wrapper}"\n')
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "backup", "--no-sudo", "--json", "--config", str(config), str(source), str(repo)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        assert started.exists()
+        process.terminate()
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + 15, err
+
+    events = [json.loads(line) for line in out.splitlines()]
+    assert not [e for e in events if e.get("fallback") or e["event"] == "complete"]
+    assert Repository.open(str(repo)).snapshot_names() == [] and Repository.open(str(repo)).in_progress_names() == []
+    (chain,) = os.listdir(source / ".backup-agent-send")
+    assert os.listdir(source / ".backup-agent-send" / chain) == []  # the source side's snapshot deleted too

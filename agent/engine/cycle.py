@@ -51,6 +51,7 @@ from agent.core.errors import (
     CorruptManifestError,
     DiskFullError,
     DiskMissingError,
+    Interrupted,
     RepositoryError,
     StepError,
     UsageError,
@@ -478,6 +479,8 @@ class Cycle:
                     repo, self.layout, self.source.path, name,
                     runner=self.runner, btrfs=self.settings.commands.btrfs, warn=self._warn,
                 )
+            except Interrupted:
+                raise  # a stop is a stop, not a reason to try rsync
             except (OSError, BackupAgentError) as exc:
                 what = exc.message if isinstance(exc, BackupAgentError) else str(exc)
                 self._warn(f"btrfs send | receive failed ({what}): rsync makes this snapshot instead")
