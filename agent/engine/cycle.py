@@ -487,25 +487,7 @@ class Cycle:
                 done["fallback"] = "rsync"
                 return None
             self.outcome.statistics = {}
-            repo.write_metadata(name, {
-                "format": 1,
-                "name": name,
-                "state": "transferred",
-                "host": socket.gethostname(),
-                "source": self.source.path,
-                "tool_version": __version__,
-                "start": start.isoformat(timespec="milliseconds"),
-                "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
-                "link_dest": sent.parent,
-                "resumed_from": [],
-                "statistics": {},
-                "partial": False,
-                "errors": {"count": 0, "first": []},
-                "vanished": 0,
-                "warnings": list(self.outcome.warnings),
-                "method": "send",
-                "sent": sent.record,
-            })
+            repo.write_metadata(name, sending.metadata(sent, start, self.source.path, __version__, self.outcome.warnings))
             done.update(snapshot=name, statistics={}, method="send", parent=sent.parent)
         self.outcome.snapshot = name
         return name

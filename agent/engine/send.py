@@ -23,8 +23,10 @@ copy is deleted and the run goes on with rsync (a warning says why).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
+import socket
 import stat
 import threading
 from dataclasses import dataclass
@@ -87,6 +89,29 @@ class Sent:
     name: str
     parent: str | None
     record: dict[str, Any]
+
+
+def metadata(sent: Sent, start: dt.datetime, source: str, version: str, warnings: list[str]) -> dict[str, Any]:
+    """The metadata of a received transfer (state ``transferred``), in the fields rsync's transfer writes."""
+    return {
+        "format": 1,
+        "name": sent.name,
+        "state": "transferred",
+        "host": socket.gethostname(),
+        "source": source,
+        "tool_version": version,
+        "start": start.isoformat(timespec="milliseconds"),
+        "transfer_end": dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
+        "link_dest": sent.parent,
+        "resumed_from": [],
+        "statistics": {},  # send reports no per-file counts
+        "partial": False,
+        "errors": {"count": 0, "first": []},
+        "vanished": 0,
+        "warnings": list(warnings),
+        "method": "send",
+        "sent": sent.record,
+    }
 
 
 def refusal(layout: object, source: str) -> str | None:
