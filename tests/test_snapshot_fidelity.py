@@ -1,6 +1,8 @@
 """A snapshot equals its source, and nothing ever changes a completed snapshot.
 
-Real rsync, real files. The history test also runs against the classic design
+Real rsync, real files, in both layouts: hard links (a repository in tmp_path)
+and btrfs subvolumes (a repository on a real btrfs on a loop device, where
+rsync updates a writable clone in place). The history test also runs against the classic design
 (rsync into one mirror, then ``cp --archive --link``), where it must fail:
 that is the reason snapshots are made with ``rsync --link-dest``.
 """
