@@ -472,3 +472,42 @@ def test_a_stop_during_receive_stops_and_does_not_fall_back_to_rsync(
     assert Repository.open(str(repo)).snapshot_names() == [] and Repository.open(str(repo)).in_progress_names() == []
     (chain,) = os.listdir(source / ".backup-agent-send")
     assert os.listdir(source / ".backup-agent-send" / chain) == []  # the source side's snapshot deleted too
+
+
+def test_itemized_changes_name_the_files_written_byte_for_byte() -> None:
+    from agent.engine.rsync import Written
+
+    written = Written()
+    for line in [
+        ">f+++++++++ new.txt",
+        ".f...p..... mode only",
+        ">f.st...... d/we\\#377ird",  # rsync's escape of a byte that is not printable ASCII
+        "hf+++++++++ hard => link",
+        "cd+++++++++ d/",
+        "*deleting   gone.txt",
+        "cL+++++++++ link -> target",
+    ]:
+        written.feed(line)
+    assert written.files == {b"new.txt", b"mode only", b"d/we\xffird", b"hard => link"} and written.exact
+    assert not written.feed("Number of files: 3") and written.feed(">f..t...... caf\u00e9") and not written.exact
+
+
+def test_manifest_reuse_without_a_list_compares_the_previous_snapshot(btrfs_dir: Path) -> None:
+    """No itemized list (a received snapshot, a resumed clone): inode, ctime, mtime and size decide, file by file."""
+    from agent.repository import manifest as manifests
+
+    tree = btrfs_dir / "tree"
+    subprocess.run(["btrfs", "subvolume", "create", str(tree)], check=True, capture_output=True)
+    (tree / "changed").write_bytes(b"A" * 4096)
+    (tree / "same").write_bytes(b"S" * 4096)
+    previous = btrfs_dir / "previous"
+    subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(tree), str(previous)], check=True, capture_output=True)
+    manifests.record(str(previous), str(btrfs_dir / "previous.manifest"), {})
+    with open(tree / "changed", "r+b") as handle:  # in place: the inode stays
+        os.pwrite(handle.fileno(), b"B", 100)
+    known = manifests.reusable(str(btrfs_dir / "previous.manifest"), owners=True)
+    for written in (None, frozenset({b"changed"})):
+        recorded = manifests.record(str(tree), str(btrfs_dir / "new.manifest"), known, previous=str(previous), written=written)
+        assert (recorded.hashed_files, recorded.reused_files) == (1, 1)
+        entries = {e.path: e.digest for e in manifests.load(str(btrfs_dir / "new.manifest")).entries}
+        assert entries[b"changed"] == hashlib.sha256((tree / "changed").read_bytes()).hexdigest()

@@ -155,6 +155,9 @@ class Cycle:
         self._started = time.monotonic()
         self._failed_step: str | None = None
         self._completed = False  # the complete event was sent: what is left is emptying the trash and closing
+        # name -> (the snapshot its clone was made of, the files rsync wrote into it): the manifest's
+        # reuse without a stat per file, in the btrfs layout (agent.repository.manifest._Writer._reuse).
+        self._written: dict[str, tuple[str | None, frozenset[bytes]]] = {}
 
     # -- helpers ------------------------------------------------------------
 
@@ -520,6 +523,7 @@ class Cycle:
                 inplace=begun.inplace,
             )
             parser = rsync.ProgressParser()
+            written = rsync.Written() if begun.inplace else None
             errors = rsync.ErrorCollector()
             other_lines: list[str] = []
             last_emit = 0.0
@@ -534,7 +538,8 @@ class Cycle:
                 nonlocal last_emit
                 update = parser.feed(line)
                 if update is None:
-                    other_lines.append(line)
+                    if written is None or not written.feed(line):
+                        other_lines.append(line)
                     return
                 now = time.monotonic()
                 unsent[:] = [update]
@@ -565,6 +570,9 @@ class Cycle:
                     stderr_tail=result.stderr_tail,
                     step="transfer",
                 )
+            if written is not None and written.exact and not begun.resumed_from and not request.dry_run:
+                # The clone was latest itself: what rsync wrote is all that differs from it.
+                self._written[name] = (begun.previous, frozenset(written.files))
             stats = rsync.parse_stats(other_lines)
             self.outcome.statistics = stats.as_dict()
             if result.kind == "warning":
@@ -689,11 +697,13 @@ class Cycle:
                 log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
         target = repo.manifest_path(name)
         try:
+            clone_of, written = self._written.get(name, (None, None))
             recorded = manifests.record(
                 self._layout().transfer_path(name),
                 target,
                 known,
                 previous=repo.snapshot_path(previous) if known and previous is not None else None,
+                written=written if clone_of == previous else None,
             )
             recorded = replace(recorded, seconds=time.monotonic() - started)
         except OSError as exc:

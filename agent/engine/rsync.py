@@ -85,7 +85,9 @@ OUTPUT_OPTIONS: tuple[str, ...] = (
 )
 
 # Updating a clone of the previous snapshot (the btrfs layout).
-INPLACE_OPTIONS: tuple[str, ...] = ("--inplace", "--no-whole-file", "--delete", "--delete-excluded")
+# --itemize-changes: one line per file written (Written), so that the
+# manifest knows what changed in the clone without a stat per file.
+INPLACE_OPTIONS: tuple[str, ...] = ("--inplace", "--no-whole-file", "--delete", "--delete-excluded", "--itemize-changes")
 
 _FILTER_PREFIXES = ("--include=", "--exclude=", "--filter=")
 
@@ -334,6 +336,39 @@ def parse_stats(lines: Iterable[str]) -> Stats:
             values["regular_files"] = detail.get("reg", 0)
             values["directories"] = detail.get("dir", 0)
     return Stats(**values)
+
+
+# --- itemized changes ------------------------------------------------------
+
+# "<update type><f><9 flags> <name>" (--itemize-changes with -A -X); "*deleting" lines are not files written.
+_ITEMIZED = re.compile(r"^[<>ch.]f[^ ]{9} (?P<name>.+)$")
+_ESCAPED_BYTE = re.compile(rb"\\#([0-7]{3})")
+
+
+class Written:
+    """The regular files rsync wrote or changed, from its ``--itemize-changes`` lines on stdout.
+
+    rsync (in the C locale the runner gives it) prints every byte that is
+    not printable ASCII as ``\\#ooo``, a backslash before ``#`` included, so a
+    name is read back exactly. A line that is not ASCII could not be: then
+    ``exact`` turns false and the list must not be trusted.
+    """
+
+    def __init__(self) -> None:
+        self.files: set[bytes] = set()
+        self.exact = True
+
+    def feed(self, line: str) -> bool:
+        """Take ``line`` when it is an itemized regular file (True); else leave it to the caller."""
+        match = _ITEMIZED.match(line)
+        if match is None:
+            return False
+        if not line.isascii():
+            self.exact = False
+            return True
+        name = match["name"].encode("ascii")
+        self.files.add(_ESCAPED_BYTE.sub(lambda m: bytes((int(m[1], 8),)), name))
+        return True
 
 
 # --- stderr ----------------------------------------------------------------

@@ -390,13 +390,19 @@ class _Writer:
     """The manifest's bytes as the walk finds the files, its own checksum kept on the way."""
 
     def __init__(
-        self, root: bytes, known: Known, on_file: Callable[[int], None] | None, previous: bytes | None = None
+        self,
+        root: bytes,
+        known: Known,
+        on_file: Callable[[int], None] | None,
+        previous: bytes | None = None,
+        written: frozenset[bytes] | None = None,
     ) -> None:
         self.root = root
         self.known = known  # the previous manifest's, owners included (reusable(owners=True))
         # The previous snapshot's tree, when it is not on this tree's device (btrfs subvolumes):
         # there one inode number is not one version (_reuse).
         self.previous = previous if previous is not None and not shares_inodes(previous, root) else None
+        self.written = written  # when known: the only files changed since the previous snapshot
         self.owners: dict[int, bytes] = {}  # inode -> b"<mode> <uid> <gid>" of what this snapshot read or lstat'ed
         self.hashed: Known = {}  # inodes read in this snapshot (hard links inside it)
         self.on_file = on_file
@@ -447,12 +453,16 @@ class _Writer:
 
         On one device the inode is the proof (a hard link). Across devices
         (btrfs snapshots keep inode numbers through changes made in place)
-        the file at the same path in the previous snapshot must be the same
-        version (agent.repository.versions): two lstat, only in that layout.
+        a file rsync did not write into a clone of the previous snapshot
+        (``written``, its itemized list) is that snapshot's; without that
+        list the file at the same path in the previous snapshot must be the
+        same version (agent.repository.versions): two lstat per file.
         """
         value = self.known.get(inode)
         if value is None or self.previous is None:
             return value
+        if self.written is not None:
+            return None if rel in self.written else value
         try:
             now, before = os.lstat(self.root + b"/" + rel), os.lstat(self.previous + b"/" + rel)
         except OSError:
@@ -487,6 +497,7 @@ def record(
     *,
     on_file: Callable[[int], None] | None = None,
     previous: str | None = None,
+    written: frozenset[bytes] | None = None,
 ) -> Recorded:
     """Write the manifest of the tree at ``snapshot`` to ``target`` (atomically).
 
@@ -498,7 +509,7 @@ def record(
     and the new files, not the whole manifest.
     """
     started = time.monotonic()
-    writer = _Writer(os.fsencode(snapshot), known, on_file, os.fsencode(previous) if previous is not None else None)
+    writer = _Writer(os.fsencode(snapshot), known, on_file, os.fsencode(previous) if previous is not None else None, written)
     # Not durable by itself: Repository.complete syncs the filesystem before the rename.
     # Root's alone: it names every file with a checksum of its content, also
     # files only their owner may read (a disk opened for browsing, agent.disk.browse).
