@@ -511,3 +511,47 @@ def test_manifest_reuse_without_a_list_compares_the_previous_snapshot(btrfs_dir:
         assert (recorded.hashed_files, recorded.reused_files) == (1, 1)
         entries = {e.path: e.digest for e in manifests.load(str(btrfs_dir / "new.manifest")).entries}
         assert entries[b"changed"] == hashlib.sha256((tree / "changed").read_bytes()).hexdigest()
+
+
+DUMP = r"""snapshot        ./new.in-progress                uuid=4d transid=51 parent_uuid=9f parent_transid=50
+rename          ./new.in-progress/dir                        dest=./new.in-progress/dir2
+update_extent   ./new.in-progress/dir2/a                     offset=0 len=10
+chmod           ./new.in-progress/b                          mode=600
+mkdir           ./new.in-progress/o260-51-0
+mkfile          ./new.in-progress/o261-51-0
+update_extent   ./new.in-progress/o261-51-0                  offset=0 len=2
+rename          ./new.in-progress/o261-51-0                  dest=./new.in-progress/o260-51-0/we\ ird\377
+rename          ./new.in-progress/o260-51-0                  dest=./new.in-progress/newdir
+unlink          ./new.in-progress/gone
+utimes          ./new.in-progress/                           atime=2026-12-05T08:54:23+0000 mtime=2026-12-05T08:54:23+0000"""
+
+
+def test_what_an_incremental_stream_changed_is_read_from_its_dump() -> None:
+    from agent.engine.send import written_from_dump
+
+    found = written_from_dump(DUMP.splitlines(), "new.in-progress")
+    assert found is not None
+    assert {b"dir2/a", b"b", b"newdir/we ird\xff"} <= found and b"gone" not in found
+    assert not any(p.startswith(b"o26") for p in found)  # temporary names followed to their final ones
+    assert written_from_dump([r"update_extent ./new.in-progress/odd\n  offset=0 len=1"], "new.in-progress") is None
+
+
+def test_send_lists_what_it_changed(btrfs_dir: Path, tmp_path: Path, rsync_path: str) -> None:
+    from agent.core.commands import Runner
+    from agent.engine import layouts
+    from agent.engine import send as sending
+
+    source, repo = btrfs_dir / "src", btrfs_dir / "repo"
+    subprocess.run(["btrfs", "subvolume", "create", str(source)], check=True, capture_output=True)
+    (source / "a").write_text("one\n")
+    (source / "same").write_text("same\n")
+    config = tmp_path / "send.toml"
+    config.write_text('[backup]\nionice = "none"\nnice = 0\nmethod = "send"\n')
+    backup(source, repo, config)
+    (source / "a").write_text("two\n")
+    repository = Repository.open(str(repo))
+    layout = layouts.for_repository(str(repo), repository, runner=Runner(), rm_argv=("/bin/rm",), warn=print)
+    assert isinstance(layout, btrfs.BtrfsLayout)
+    sent = sending.send(repository, layout, str(source), "2030-01-01T00-00-00+0000", runner=Runner(), btrfs="btrfs", warn=print)
+    assert sent.parent is not None and sent.written is not None
+    assert b"a" in sent.written and b"same" not in sent.written

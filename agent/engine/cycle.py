@@ -490,6 +490,8 @@ class Cycle:
                 done["fallback"] = "rsync"
                 return None
             self.outcome.statistics = {}
+            if sent.written is not None:
+                self._written[name] = (sent.parent, sent.written)
             repo.write_metadata(name, sending.metadata(sent, start, self.source.path, __version__, self.outcome.warnings))
             done.update(snapshot=name, statistics={}, method="send", parent=sent.parent)
         self.outcome.snapshot = name

@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import stat
 import threading
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from agent.core.commands import Runner
-from agent.core.errors import BackupAgentError, RepositoryError
+from agent.core.errors import BackupAgentError, Interrupted, RepositoryError
 from agent.core.mounts import read_mountinfo
 from agent.engine.btrfs import SUBVOLUME_INODE, BtrfsLayout, filesystem_type, subvolume_delete_argv, subvolume_snapshot_argv
 from agent.repository.store import IN_PROGRESS, SNAPSHOTS, Repository
@@ -53,6 +54,81 @@ def send_argv(btrfs: str, snapshot: str, parent: str | None, out: str) -> tuple[
 def receive_argv(btrfs: str, into: str, stream: str) -> tuple[str, ...]:
     # -e: stop at the stream's end marker rather than wait for the end of the pipe.
     return (btrfs, "receive", "-e", "-f", stream, into)
+
+
+def dump_argv(btrfs: str, stream: str) -> tuple[str, ...]:
+    return (btrfs, "receive", "--dump", "-f", stream)
+
+
+_DUMP_LINE = re.compile(r"^(?P<command>\S+)\s+(?P<path>(?:\\.|[^\s\\])+)(?P<rest>.*)$")
+_DUMP_DEST = re.compile(r"\bdest=(?P<path>(?:\\.|[^\s\\])+)")
+
+
+def _dump_path(token: str, prefix: str) -> bytes | None:
+    """A path of ``btrfs receive --dump`` (``./<subvolume>/<path>``, escaped) as bytes relative to the subvolume.
+
+    btrfs escapes a space or a backslash with a backslash and any other byte
+    that is not printable as ``\\ooo``; anything else after a backslash is
+    not read, and None says so (the caller then trusts nothing of the dump).
+    """
+    if not token.startswith(prefix) or not token.isascii():
+        return None
+    out = bytearray()
+    text = token[len(prefix):]
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char != "\\":
+            out += char.encode("ascii")
+            index += 1
+            continue
+        octal = text[index + 1 : index + 4]
+        if len(octal) == 3 and all(digit in "01234567" for digit in octal):
+            out.append(int(octal, 8))
+            index += 4
+        elif text[index + 1 : index + 2] in (" ", "\\"):
+            out += text[index + 1].encode("ascii")
+            index += 2
+        else:
+            return None
+    return bytes(out)
+
+
+def written_from_dump(lines: list[str], entry: str) -> frozenset[bytes] | None:
+    """Every path an incremental stream (its ``receive --dump``) creates, writes or changes, renames followed (pure).
+
+    ``entry`` is the received subvolume's name. A file a rename moves (or a
+    directory above it) is named at its final path. None when a line cannot
+    be read exactly: then nothing may be concluded from the list.
+    """
+    prefix = f"./{entry}/"
+    written: set[bytes] = set()
+    for line in lines:
+        match = _DUMP_LINE.match(line)
+        if match is None:
+            return None
+        command = match["command"]
+        if command in ("snapshot", "subvol"):
+            continue
+        path = _dump_path(match["path"], prefix)
+        if path is None:
+            if match["path"] in (prefix, prefix.rstrip("/")):
+                continue  # the subvolume's own directory
+            return None
+        if command in ("unlink", "rmdir"):
+            written.discard(path)
+            continue
+        if command == "rename":
+            dest_match = _DUMP_DEST.search(match["rest"])
+            dest = _dump_path(dest_match["path"], prefix) if dest_match else None
+            if dest is None:
+                return None
+            under = path + b"/"
+            moved = {dest + p[len(path):] for p in written if p == path or p.startswith(under)}
+            written = {p for p in written if p != path and not p.startswith(under)} | moved | {dest}
+            continue
+        written.add(path)
+    return frozenset(written)
 
 
 def choose_parent(snapshots: list[str], metadata: Callable[[str], dict[str, Any] | None], sent: set[str]) -> str | None:
@@ -89,6 +165,8 @@ class Sent:
     name: str
     parent: str | None
     record: dict[str, Any]
+    # What the stream changed (written_from_dump), when it was incremental and read exactly.
+    written: frozenset[bytes] | None = None
 
 
 def metadata(sent: Sent, start: dt.datetime, source: str, version: str, warnings: list[str]) -> dict[str, Any]:
@@ -155,6 +233,7 @@ def _pipe(
     step: str,
     send_fds: tuple[int, ...],
     receive_fds: tuple[int, ...],
+    on_receive_line: Callable[[str], None] | None = None,
 ) -> None:
     """Run send into a pipe read by receive, each through the runner; the first failure is raised.
 
@@ -182,7 +261,7 @@ def _pipe(
     thread = threading.Thread(target=sending, name="btrfs-send", daemon=True)
     thread.start()
     try:
-        runner.run(receive(read_end), step=step, pass_fds=(read_end, *receive_fds))
+        runner.run(receive(read_end), step=step, pass_fds=(read_end, *receive_fds), on_stdout=on_receive_line)
     finally:
         close("read")
         thread.join()
@@ -246,5 +325,31 @@ def send(
             with contextlib.suppress(OSError, BackupAgentError):
                 layout.delete([entry], step="transfer")
             raise
+        written = _changed(runner, btrfs, here, entry, parent_sent, side) if parent_sent else None
     log.info("received %s from %s%s", entry, source, f" (parent {parent})" if parent else " (whole)")
-    return Sent(name, parent, {"snapshot": entry, "parent": parent, "whole": parent is None})
+    return Sent(name, parent, {"snapshot": entry, "parent": parent, "whole": parent is None}, written)
+
+
+def _changed(runner: Runner, btrfs: str, here: str, entry: str, parent: str, side: int) -> frozenset[bytes] | None:
+    """What the incremental stream changed: its metadata alone (send --no-data) read by receive --dump.
+
+    Cheap (no file data), and it spares the manifest a stat of every file
+    (agent.repository.manifest._Writer._reuse). A failure only costs that.
+    """
+    lines: list[str] = []
+    try:
+        _pipe(
+            runner,
+            lambda out: (btrfs, "send", "--no-data", "-p", f"{here}/{parent}", "-f", f"/proc/self/fd/{out}", f"{here}/{entry}"),
+            lambda stream: dump_argv(btrfs, f"/proc/self/fd/{stream}"),
+            "transfer",
+            (side,),
+            (),
+            lines.append,
+        )
+    except Interrupted:
+        raise
+    except BackupAgentError as exc:
+        log.warning("what the stream changed could not be listed (%s): the manifest compares every file", exc)
+        return None
+    return written_from_dump(lines, entry)
