@@ -197,14 +197,18 @@ def run_set(args: argparse.Namespace, workdir: Path, files: int, rounds: int) ->
     started = time.perf_counter()
     tree, reused = build_source(workdir, files, args.big_files, args.seed)
     build_seconds = time.perf_counter() - started
-    size = max(4 << 30, tree.total_bytes * 6 + files * 8192)
+    # Sparse images; what counts is what is written. btrfs holds four copies of the tree (the source
+    # subvolume, two repositories, rsync-system-backup's mirror), and small files live in its metadata,
+    # which is kept twice (DUP): 500,000 files need about 20 GiB there. ext4 holds two copies.
+    btrfs_size = max(4 << 30, tree.total_bytes * 6 + files * 40960)
+    ext4_size = max(4 << 30, tree.total_bytes * 3 + files * 16384)
     runs = workdir / f"runs-{files}"
     shutil.rmtree(runs, ignore_errors=True)
     logs = runs / "logs"
     logs.mkdir(parents=True)
     with (
-        loop_filesystem(runs / "ext4.img", size, "ext4", runs / "ext4") as ext4,
-        loop_filesystem(runs / "btrfs.img", size, "btrfs", runs / "btrfs") as btr,
+        loop_filesystem(runs / "ext4.img", ext4_size, "ext4", runs / "ext4") as ext4,
+        loop_filesystem(runs / "btrfs.img", btrfs_size, "btrfs", runs / "btrfs") as btr,
     ):
         subvolume = btr / "source"
         make_subvolume_copy(tree.path, subvolume)
