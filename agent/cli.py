@@ -41,6 +41,7 @@ from agent.config.load import SYSTEM_CONFIG, load_settings
 from agent.config.model import Disk, Offsite, Settings, effective_excludes
 from agent.config.trust import running_through_sudo
 from agent.config.validate import check_exclude
+from agent.engine.btrfs import detect_layout
 from agent.engine.cycle import STEPS, Cycle, Outcome, Request, check_platform, human_size
 from agent.core.errors import (
     EXIT_DAMAGED,
@@ -649,7 +650,9 @@ def _summary(outcome: Outcome, request: Request) -> str:
     parts = []
     if outcome.skipped:
         return f"nothing done: {outcome.skipped}"
-    if outcome.snapshot and "backup" in request.steps:
+    if outcome.snapshot and "backup" in request.steps and "files" not in stats and not request.dry_run:
+        parts.append(f"{prefix} snapshot {outcome.snapshot} (btrfs send: no per-file statistics)")
+    elif outcome.snapshot and "backup" in request.steps:
         parts.append(
             f"{prefix} snapshot {outcome.snapshot}: {stats.get('files', 0)} files, "
             f"{stats.get('transferred_files', 0)} changed ({human_size(stats.get('transferred_size', 0))})"
@@ -768,13 +771,18 @@ def cmd_init(args: argparse.Namespace) -> int:
                 f"{disk.repository} exists and is not empty: nothing was written; give [[disk]] repository another path"
             )
         print(f"backup disk {disk.name}: {device}, unlocked as {disk.mapped_device}, mounted on {disk.mount_point}")
-        print(f"will create the repository {disk.repository} (snapshots/, metadata/, and a marker with a new random id)")
+        # The layout is decided (and a forced btrfs on another filesystem refused) before anything is written.
+        kind = detect_layout(disk.repository, disk.layout or settings.layout)
+        print(
+            f"will create the repository {disk.repository} (snapshots/, metadata/, and a marker with a new random id), "
+            f"layout {kind}" + (" (read-only btrfs subvolume snapshots)" if kind == "btrfs" else " (hard links)")
+        )
         print(f"and record its id in {id_path(settings, disk)}" + (f", replacing {recorded}" if recorded else ""))
         if not args.yes:
             if input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("nothing written")
                 return EXIT_OK
-        repo = Repository.create(disk.repository)
+        repo = Repository.create(disk.repository, layout=kind)
         record_id(settings, disk, repo.marker.id)
         print(f"initialised {disk.repository} (id {repo.marker.id}); back up with: backup-agent backup --disk {disk.name}")
     return EXIT_OK

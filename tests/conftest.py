@@ -205,3 +205,46 @@ def readable_code() -> Generator[ReadableCode, None, None]:
 
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, other owners); run the suite as root")
+
+
+@pytest.fixture(scope="session")
+def btrfs_mount(tmp_path_factory: pytest.TempPathFactory) -> Generator[Path, None, None]:
+    """A real btrfs filesystem on a loop device, shared by the session's tests (each takes a directory of its own).
+
+    mkfs.btrfs needs about 110 MiB; the image is sparse. Unmounted and its
+    loop device detached (mount -o loop sets autoclear) whatever the tests did.
+    """
+    if os.geteuid() != 0:
+        pytest.skip(reason="a btrfs filesystem on a loop device needs root")
+    if shutil.which("mkfs.btrfs") is None:
+        pytest.skip(reason="btrfs-progs is missing: run scripts/test, which installs it")
+    base = tmp_path_factory.mktemp("btrfs")
+    image, point = base / "image", base / "mnt"
+    with open(image, "wb") as handle:
+        handle.truncate(256 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], check=True, capture_output=True)
+    point.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=False)
+        image.unlink()
+
+
+@pytest.fixture
+def btrfs_dir(btrfs_mount: Path, request: pytest.FixtureRequest) -> Generator[Path, None, None]:
+    """A fresh directory on the session's btrfs filesystem; its subvolumes are deleted afterwards."""
+    path = Path(tempfile.mkdtemp(dir=btrfs_mount, prefix="t-"))
+    try:
+        yield path
+    finally:
+        subvolumes = [
+            os.path.join(top, name)
+            for top, dirs, _ in os.walk(path)
+            for name in dirs
+            if os.lstat(os.path.join(top, name)).st_ino == 256  # a subvolume's root
+        ]
+        for subvolume in sorted(subvolumes, key=len, reverse=True):  # the deepest first
+            subprocess.run(["btrfs", "subvolume", "delete", subvolume], capture_output=True, check=False)
+        shutil.rmtree(path, ignore_errors=True)

@@ -39,7 +39,7 @@ TABLES = (
     "[backup], [rotation], [commands], [notifications], [tray], [system], [agent], [packages], [conditions], "
     "[[disk]], [[hooks]], [[report]], [[command_source]], [[source]], [[remote]], [[offsite]]"
 )
-BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout, freeze"
+BACKUP_KEYS = "source, repository, exclude, one_file_system, ionice, nice, skip_cachedir_tagged, io_timeout, freeze, layout, method"
 COUNT = 'expected a whole number of 0 or more, or "always"'
 DURATION = (
     'expected a duration string such as "90s", "10m", "1h30m" or "7d" (whole numbers with the units '
@@ -490,7 +490,7 @@ ERRORS = [
 
 HOST = "testhost"
 UUID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
-DISK_KEYS = "name, luks_uuid, mount_point, mapped_device, repository, unlock, filesystem, mount_options"
+DISK_KEYS = "name, luks_uuid, mount_point, mapped_device, repository, unlock, filesystem, mount_options, layout"
 HOOK_KEYS = "name, around, before, after, timeout, critical"
 DISK_NAME = (
     'a name of 1 to 64 ASCII letters, digits, "_", "." and "-" that starts with a letter or digit, '
@@ -646,7 +646,7 @@ LIFECYCLE_ERRORS = [
         {"commands": {"cryptdisk_stop": "/sbin/cryptdisks_stop"}},
         "commands.cryptdisk_stop",
         'unknown key "cryptdisk_stop" in [commands], did you mean cryptdisks_stop?; expected one of rsync, ionice, '
-        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, cryptsetup, systemctl, mount, umount, sync, btrfs, unshare, ssh, restic",
+        "nice, rm, blkid, cryptdisks_start, cryptdisks_stop, cryptsetup, systemctl, mount, umount, sync, btrfs, unshare, ssh, restic, find",
         id="commands-unknown-key-suggested",
     ),
     # [[disk]]: keys, required keys
@@ -1774,6 +1774,7 @@ def test_example_commented_disk_and_hooks_are_valid() -> None:
         unlock="auto",
         filesystem="ext4",
         mount_options=("noatime", "nodev"),
+        layout="btrfs",
     )
     assert [(hook.name, hook.around) for hook in settings.hooks] == [
         ("stop the mail server", "backup"),

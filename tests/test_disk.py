@@ -961,7 +961,7 @@ def test_real_cryptdisks_start_where_device_mapper_exists(rig: Rig) -> None:
 # -- crypttab-examples/ ----------------------------------------------------------
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "crypttab-examples"
-EXAMPLE_DIRS = ["key-file", "passphrase", "luks2-by-uuid", "systemd"]
+EXAMPLE_DIRS = ["key-file", "passphrase", "luks2-by-uuid", "systemd", "btrfs"]
 
 
 def _example(directory: str) -> tuple[CrypttabEntry, list[FstabEntry], Disk]:

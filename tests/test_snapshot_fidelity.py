@@ -1,6 +1,8 @@
 """A snapshot equals its source, and nothing ever changes a completed snapshot.
 
-Real rsync, real files. The history test also runs against the classic design
+Real rsync, real files, in both layouts: hard links (a repository in tmp_path)
+and btrfs subvolumes (a repository on a real btrfs on a loop device, where
+rsync updates a writable clone in place). The history test also runs against the classic design
 (rsync into one mirror, then ``cp --archive --link``), where it must fail:
 that is the reason snapshots are made with ``rsync --link-dest``.
 """
@@ -75,8 +77,19 @@ def source(tmp_path: Path) -> Path:
     return root
 
 
-def test_snapshot_equals_source(source: Path, tmp_path: Path, config: Path, rsync_path: str) -> None:
-    repo = tmp_path / "repo"
+LAYOUTS = ["links", "btrfs"]
+
+
+def repository_in(layout: str, tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """Where the repository goes: tmp_path (hard links), or a real btrfs on a loop device (the layout is detected)."""
+    return (Path(request.getfixturevalue("btrfs_dir")) if layout == "btrfs" else tmp_path) / "repo"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_snapshot_equals_source(
+    layout: str, source: Path, tmp_path: Path, config: Path, rsync_path: str, request: pytest.FixtureRequest
+) -> None:
+    repo = repository_in(layout, tmp_path, request)
     name = backup(source, repo, config)
     expected = describe(source)
     assert describe(repo / "snapshots" / name) == expected
@@ -87,11 +100,14 @@ def test_snapshot_equals_source(source: Path, tmp_path: Path, config: Path, rsyn
 
 
 @requires_root
-def test_owners_are_kept_numerically(source: Path, tmp_path: Path, config: Path, rsync_path: str) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_owners_are_kept_numerically(
+    layout: str, source: Path, tmp_path: Path, config: Path, rsync_path: str, request: pytest.FixtureRequest
+) -> None:
     os.chown(source / "plain.txt", 4242, 4343)
     os.lchown(source / "link-to-plain", 4444, 4545)
     os.chown(source / "empty-dir", 4646, 4747)
-    repo = tmp_path / "repo"
+    repo = repository_in(layout, tmp_path, request)
     name = backup(source, repo, config)
     snap = repo / "snapshots" / name
     assert (os.lstat(snap / "plain.txt").st_uid, os.lstat(snap / "plain.txt").st_gid) == (4242, 4343)
@@ -146,6 +162,7 @@ def snapshot_classic(source: Path, repo: Path, config: Path) -> Path:
 
 DESIGNS = {
     "rsync --link-dest": snapshot_with_backup_agent,
+    "btrfs subvolumes": snapshot_with_backup_agent,  # the same command; the repository is on btrfs
     "classic mirror + cp -al": snapshot_classic,
 }
 
@@ -154,6 +171,8 @@ DESIGNS = {
 # design keeps those; only changes rsync applies in place leak into history.
 IN_PLACE = [change for change in ("mode", "owner", "xattr", "acl") if change in CHANGES]
 CASES = [pytest.param("rsync --link-dest", change, id=f"link-dest-{change}") for change in sorted(CHANGES)] + [
+    pytest.param("btrfs subvolumes", change, id=f"btrfs-{change}") for change in sorted(CHANGES)
+] + [
     pytest.param(
         "classic mirror + cp -al",
         change,
@@ -166,9 +185,9 @@ CASES = [pytest.param("rsync --link-dest", change, id=f"link-dest-{change}") for
 
 @pytest.mark.parametrize(("design", "change"), CASES)
 def test_older_snapshot_is_never_rewritten(
-    design: str, change: str, source: Path, tmp_path: Path, config: Path, rsync_path: str
+    design: str, change: str, source: Path, tmp_path: Path, config: Path, rsync_path: str, request: pytest.FixtureRequest
 ) -> None:
-    repo = tmp_path / "repo"
+    repo = repository_in("btrfs" if design == "btrfs subvolumes" else "links", tmp_path, request)
     repo.mkdir()
     make = DESIGNS[design]
     first = make(source, repo, config)

@@ -65,11 +65,12 @@ class Commands:
     mount: str = "/bin/mount"
     umount: str = "/bin/umount"
     sync: str = "/bin/sync"
-    btrfs: str = "/bin/btrfs"  # a frozen source's read-only snapshot (freeze)
+    btrfs: str = "/bin/btrfs"  # a frozen source's read-only snapshot (freeze), the btrfs layout, method = "send"
     unshare: str = "/usr/bin/unshare"  # the private mount namespace a frozen source is read in
     ssh: str = "/usr/bin/ssh"  # remote repositories (agent.repository.remote)
     # The off-site copy (docs/ARCHITECTURE.md, "The off-site copy"); it also runs in unshare's namespace.
     restic: str = "/usr/bin/restic"
+    find: str = "/usr/bin/find"  # the btrfs layout: hard links to split before rsync --inplace
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class Disk:
     # (mount -t FILESYSTEM -o OPTIONS); otherwise through the fstab entry.
     filesystem: str | None = None
     mount_options: tuple[str, ...] = ()
+    # "links" | "btrfs" forces the repository's layout at init; None: [backup] layout.
+    layout: str | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,10 @@ class Settings:
     nice: int = 19
     skip_cachedir_tagged: bool = True
     io_timeout: int = 0
+    # Destination layout (agent.engine.layouts): "auto" (btrfs on a btrfs filesystem, else links), "links", "btrfs".
+    layout: str = "auto"
+    # "rsync", or "send" (btrfs send | receive from a source subvolume into a btrfs repository).
+    method: str = "rsync"
     rotation: Scheme = DEFAULT_SCHEME
     commands: Commands = Commands()
     notifications: bool = True

@@ -76,7 +76,10 @@ NICE_RANGE: Final = (0, 19)
 MAX_COUNT: Final = 100_000
 # rsync's --timeout is a C int.
 MAX_IO_TIMEOUT: Final = 2**31 - 1
-MAX_REMIND_DAYS: Final = 3650  # [notifications] remind_after: ten years
+MAX_REMIND_DAYS: Final = 3650
+# Destination layouts (README, "Choosing a layout") and transfer methods.
+LAYOUT_CHOICES: Final[tuple[str, ...]] = ("auto", "links", "btrfs")
+METHOD_CHOICES: Final[tuple[str, ...]] = ("rsync", "send")  # [notifications] remind_after: ten years
 
 _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
@@ -90,6 +93,8 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "skip_cachedir_tagged",
             "io_timeout",
             "freeze",
+            "layout",
+            "method",
         ),
         "rotation": (*FREQUENCIES, "prefer_recent", "strict", "keep_free", "min_snapshots"),
         "commands": (
@@ -109,6 +114,7 @@ _TABLE_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "unshare",
             "ssh",
             "restic",
+            "find",
         ),
         "notifications": ("enabled", "remind_after"),
         "tray": ("enabled",),
@@ -130,6 +136,7 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "unlock",
             "filesystem",
             "mount_options",
+            "layout",
         ),
         "hooks": ("name", "around", "before", "after", "timeout", "critical"),
         "report": (
@@ -339,6 +346,10 @@ def _backup(file: str, data: Mapping[str, Any]) -> dict[str, Any]:
         out["io_timeout"] = _io_timeout(file, data["io_timeout"])
     if "freeze" in data:
         out["freeze"] = _choice(file, "backup.freeze", data["freeze"], FREEZE_CHOICES)
+    if "layout" in data:
+        out["layout"] = _choice(file, "backup.layout", data["layout"], LAYOUT_CHOICES)
+    if "method" in data:
+        out["method"] = _choice(file, "backup.method", data["method"], METHOD_CHOICES)
     return out
 
 
@@ -807,6 +818,7 @@ def _disk(file: str, index: int, data: Mapping[str, Any], hostname: str) -> Disk
         unlock=unlock,
         filesystem=filesystem,
         mount_options=mount_options,
+        layout=_choice(file, f"{prefix}.layout", data["layout"], LAYOUT_CHOICES[1:]) if "layout" in data else None,
     )
 
 

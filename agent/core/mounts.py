@@ -7,9 +7,11 @@ directories so the user can be told what the snapshot leaves out.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import re
+import stat
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -24,6 +26,14 @@ class MountEntry:
     fstype: str
     source: str
     device: str  # "major:minor"
+    # The "major:minor" of the block device ``source`` names, where it is not
+    # ``device``: btrfs gives each mount an anonymous device of its own, so
+    # mountinfo's major:minor never is the disk's (read_mountinfo fills it).
+    backing: str | None = None
+
+    def from_device(self, rdev: str) -> bool:
+        """Whether this filesystem is the one on the block device ``rdev`` ("major:minor")."""
+        return rdev in (self.device, self.backing)
 
 
 _OCTAL_RE = re.compile(rb"\\([0-3][0-7]{2})")
@@ -73,7 +83,21 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
 def read_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
     """The mount table of this process (names decoded like os.fsdecode)."""
     with open(path, "rb") as file:
-        return parse_mountinfo(os.fsdecode(file.read()))
+        entries = parse_mountinfo(os.fsdecode(file.read()))
+    return [_with_backing(entry) if entry.fstype == "btrfs" else entry for entry in entries]
+
+
+def _with_backing(entry: MountEntry) -> MountEntry:
+    """A btrfs entry with the block device its source names (a path under /dev), when it is one."""
+    if not entry.source.startswith("/dev/"):
+        return entry
+    try:
+        info = os.stat(entry.source)
+    except OSError:
+        return entry
+    if not stat.S_ISBLK(info.st_mode):
+        return entry
+    return dataclasses.replace(entry, backing=f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}")
 
 
 def _normalize(path: str) -> str:

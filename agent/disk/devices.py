@@ -47,7 +47,7 @@ def top_mount(entries: Iterable[MountEntry], mount_point: str) -> MountEntry | N
 
 
 def mounts_of(entries: Iterable[MountEntry], device: str) -> list[MountEntry]:
-    return [entry for entry in entries if entry.device == device]
+    return [entry for entry in entries if entry.from_device(device)]
 
 
 def device_number(dev: int) -> str:

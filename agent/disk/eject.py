@@ -62,7 +62,7 @@ def plan_eject(disk: Disk, entries: Sequence[MountEntry], mapped_rdev: str | Non
     """
     mount_point = disk.mount_point
     top = devices.top_mount(entries, mount_point)
-    if top is not None and top.device != mapped_rdev:
+    if top is not None and (mapped_rdev is None or not top.from_device(mapped_rdev)):
         raise WrongDiskError(
             f"{mount_point} is mounted from {top.source} ({top.fstype}, device {top.device}), not from the backup "
             f"disk {disk.name} ({disk.mapped_device}): nothing was unmounted or locked; unmount it yourself, "
@@ -71,7 +71,7 @@ def plan_eject(disk: Disk, entries: Sequence[MountEntry], mapped_rdev: str | Non
     if mapped_rdev is None:
         return EjectPlan(unmount=False, lock=False)
     elsewhere = sorted(
-        {entry.mount_point for entry in entries if entry.device == mapped_rdev and entry.mount_point != mount_point}
+        {entry.mount_point for entry in entries if entry.from_device(mapped_rdev) and entry.mount_point != mount_point}
     )
     if elsewhere:
         where = ", ".join(elsewhere)

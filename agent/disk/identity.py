@@ -84,7 +84,7 @@ def check_mount(disk: Disk, entries: list[MountEntry], mapped_rdev: str, root_de
             f"not on the backup disk {disk.name}: nothing was written",
             step="verify",
         )
-    if entry.device != mapped_rdev:
+    if not entry.from_device(mapped_rdev):
         raise WrongDiskError(
             f"{mount_point} is mounted from {entry.source} ({entry.fstype}, device {entry.device}), "
             f"not from the backup disk {disk.name} ({disk.mapped_device}, device {mapped_rdev}): "

@@ -127,7 +127,7 @@ def holders(mount_point: str) -> list[tuple[int, str]]:
 
 def _is_mounted_from(entries: Iterable[MountEntry], mount_point: str, device: str) -> bool:
     entry = top_mount(entries, mount_point)
-    return entry is not None and entry.device == device
+    return entry is not None and entry.from_device(device)
 
 
 def _check_fstab_line(disk: Disk, settings: Settings, device: str) -> None:
@@ -246,7 +246,7 @@ def mounted(
     mount_point = os.path.realpath(disk.mount_point)
     device = mapped_rdev(disk)
     top = top_mount(read_mountinfo(), mount_point)
-    if top is not None and top.device == device:
+    if top is not None and top.from_device(device):
         log.info("%s is already mounted on %s: it stays so", disk.mapped_device, mount_point)
         yield False
         return
@@ -279,7 +279,7 @@ def mounted(
     except CommandError as error:
         failure = error
     top = top_mount(read_mountinfo(), mount_point)
-    if failure is not None or top is None or top.device != device:
+    if failure is not None or top is None or not top.from_device(device):
         if top is not None:
             # Nothing was mounted here before: whatever is there now, this run mounted it.
             unmount_disk(disk, mount_point, top.device, settings, runner, warn, failing=True)

@@ -42,16 +42,19 @@ from agent.engine import hooks
 from agent.engine import layouts
 from agent.engine import sysstate
 from agent.engine import offsite
+from agent.engine import send as sending
+from agent.engine.btrfs import BtrfsLayout, detect_layout, split_hard_links
 from agent.repository import manifest as manifests
 from agent.repository import unfinished
 from agent.core.commands import Result, Runner, priority_prefix
-from agent.config.model import Disk, Settings
+from agent.config.model import Disk, Settings, effective_excludes
 from agent.core.errors import (
     BackupAgentError,
     CommandError,
     CorruptManifestError,
     DiskFullError,
     DiskMissingError,
+    Interrupted,
     RepositoryError,
     StepError,
     UsageError,
@@ -60,7 +63,7 @@ from agent.core.events import Emitter, complete, error, progress, step, warning
 from agent.engine.hooks import HookContext
 from agent.engine.layouts import Begun, Layout
 from agent.core.mounts import read_mountinfo
-from agent.repository.store import IN_PROGRESS, Repository, classify, free_space
+from agent.repository.store import IN_PROGRESS, Repository, classify, free_space, reserve_name
 from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
 from agent.engine import source_set
 from agent.engine.sources import Source, Tree
@@ -176,6 +179,9 @@ class Cycle:
         self._completed = False  # the complete event was sent: what is left is emptying the trash and closing
         # The previous snapshot's manifest, read while rsync runs (_preload_manifest): its name and the reading.
         self._preloaded: tuple[str, concurrent.futures.Future[manifests.Known]] | None = None
+        # name -> (the snapshot its clone was made of, the files rsync wrote into it): the manifest's
+        # reuse without a stat per file, in the btrfs layout (agent.repository.manifest._Writer._reuse).
+        self._written: dict[str, tuple[str | None, frozenset[bytes]]] = {}
 
     # -- helpers ------------------------------------------------------------
 
@@ -426,7 +432,8 @@ class Cycle:
                 # The cycle never creates a repository on a disk by itself (init does).
                 self.repository = Repository.open(request.repository)
             else:
-                self.repository = Repository.create(request.repository)
+                kind = detect_layout(request.repository, self._wanted_layout()) if state != "repository" else "links"
+                self.repository = Repository.create(request.repository, layout=kind)
             stack.enter_context(lock.hold(self.repository.lock_path, self._holder()))
             self.repository.remove_leftovers()
             self._open_layout()
@@ -452,8 +459,19 @@ class Cycle:
 
     def _open_layout(self) -> None:
         self.layout = layouts.for_repository(
-            self.request.repository, self.repository, runner=self.runner, rm_argv=self._rm_argv(), warn=self._warn
+            self.request.repository,
+            self.repository,
+            runner=self.runner,
+            rm_argv=self._rm_argv(),
+            warn=self._warn,
+            btrfs=self.settings.commands.btrfs,
+            wanted=self._wanted_layout(),
         )
+
+    def _wanted_layout(self) -> str:
+        """The configured layout: the disk's own, else [backup] layout."""
+        disk = self.request.disk
+        return disk.layout if disk is not None and disk.layout is not None else self.settings.layout
 
     # -- transfer ------------------------------------------------------------
 
@@ -461,6 +479,10 @@ class Cycle:
         """The transfer, leaving at most one unfinished transfer behind, whatever happens (agent.repository.unfinished)."""
         layout = self._layout()
         start = dt.datetime.now().astimezone()
+        if self.settings.method == "send" and not self.request.dry_run:
+            sent = self._send(start)
+            if sent is not None:
+                return sent
         begun = layout.begin(start, dry_run=self.request.dry_run)
         try:
             name = self._transfer_into(begun, start)
@@ -472,6 +494,42 @@ class Cycle:
             raise
         if not self.request.dry_run:
             layout.end_transfer(begun, whole=True)
+        return name
+
+    def _send(self, start: dt.datetime) -> str | None:
+        """``method = "send"`` (agent.engine.send): the snapshot's name, or None when rsync must make it (warned)."""
+        repo = self.repository
+        why = sending.refusal(self.layout, self.source.path) if repo is not None else "there is no repository yet"
+        if len(self.parts) > 1:
+            why = "several [[source]] are sent by rsync, each into its directory"
+        if why is not None or repo is None or not isinstance(self.layout, BtrfsLayout):
+            self._warn(f'method = "send" is not used: {why}; rsync makes this snapshot')
+            return None
+        if effective_excludes(self.settings):
+            self._warn(f'method = "send": exclude does not apply inside the subvolume {self.source.path}; all of it is sent')
+        name = reserve_name(repo.snapshots_dir, start, create=False)
+        self.hook_context.snapshot = name
+        with self._step("transfer", snapshot=name, method="send") as done:
+            try:
+                sent = sending.send(
+                    repo, self.layout, self.source.path, name,
+                    runner=self.runner, btrfs=self.settings.commands.btrfs, warn=self._warn,
+                )
+            except Interrupted:
+                raise  # a stop is a stop, not a reason to try rsync
+            except (OSError, BackupAgentError) as exc:
+                what = exc.message if isinstance(exc, BackupAgentError) else str(exc)
+                self._warn(f"btrfs send | receive failed ({what}): rsync makes this snapshot instead")
+                done["fallback"] = "rsync"
+                return None
+            self.outcome.statistics = {}
+            if self.settings.command_sources or self.settings.packages.enabled:
+                self._warn('method = "send" stores no command sources or package lists: a received snapshot is read-only')
+            if sent.written is not None:
+                self._written[name] = (sent.parent, sent.written)
+            repo.write_metadata(name, sending.metadata(sent, start, self.source.path, __version__, self.outcome.warnings))
+            done.update(snapshot=name, statistics={}, method="send", parent=sent.parent)
+        self.outcome.snapshot = name
         return name
 
     def _transfer_into(self, begun: Begun, start: dt.datetime) -> str:
@@ -489,12 +547,16 @@ class Cycle:
                 self._preload_manifest(self.repository, latest)  # read while rsync runs (docs/ARCHITECTURE.md, "One backup")
             partial_codes: list[int] = []
             each: list[dict[str, Any]] = []
+            written = rsync.Written() if begun.inplace else None  # the files rsync wrote, over every source
             for index, (part, tree) in enumerate(opened):
-                result, stats = self._transfer_part(part, tree, begun, errors, (index, len(opened)))
+                result, stats = self._transfer_part(part, tree, begun, errors, (index, len(opened)), written)
                 if result.kind == "partial":
                     partial_codes.append(result.returncode)
                 each.append(stats)
             self.outcome.statistics = each[0] if len(each) == 1 else source_set.sum_statistics(each)
+            if written is not None and written.exact and not begun.resumed_from and not request.dry_run:
+                # The clone was latest itself: what rsync wrote is all that differs from it (agent.engine.btrfs).
+                self._written[name] = (begun.previous, frozenset(written.files))
             if partial_codes:
                 self.outcome.partial = True
                 self._warn(
@@ -535,10 +597,25 @@ class Cycle:
         return name
 
     def _transfer_part(
-        self, part: source_set.Part, tree: Tree, begun: Begun, errors: rsync.ErrorCollector, position: tuple[int, int]
+        self,
+        part: source_set.Part,
+        tree: Tree,
+        begun: Begun,
+        errors: rsync.ErrorCollector,
+        position: tuple[int, int],
+        written: rsync.Written | None = None,
     ) -> tuple[Result, dict[str, Any]]:
-        """One source's rsync into its directory of the snapshot; its result and statistics."""
+        """One source's rsync into its directory of the snapshot; its result and statistics.
+
+        ``written`` (a clone updated in place, the btrfs layout) gathers the files rsync wrote, as paths
+        in the snapshot.
+        """
         request = self.request
+        if begun.inplace and not request.dry_run:
+            # A clone updated in place keeps the previous tree's hard links (agent.engine.btrfs).
+            target = os.path.join(begun.target, part.directory) if part.directory else begun.target
+            split_hard_links(target, tree.root, runner=self.runner, find=self.settings.commands.find, step="transfer")
+        part_written = rsync.Written() if written is not None else None
         link_dests = source_set.part_link_dests(begun.link_dests, part.directory, part.source.path, self._metadata_of)
         copies_all = begun.copies_all or not link_dests
         index, count = position
@@ -559,7 +636,8 @@ class Cycle:
             nonlocal last_emit
             update = parser.feed(line)
             if update is None:
-                other_lines.append(line)
+                if part_written is None or not part_written.feed(line):
+                    other_lines.append(line)
                 return
             now = time.monotonic()
             unsent[:] = [update]
@@ -594,6 +672,10 @@ class Cycle:
                 stderr_tail=result.stderr_tail,
                 step="transfer",
             )
+        if written is not None and part_written is not None:
+            prefix = os.fsencode(part.directory) + b"/" if part.directory else b""
+            written.files.update(prefix + path for path in part_written.files)
+            written.exact = written.exact and part_written.exact
         stats = rsync.parse_stats(other_lines).as_dict()
         if result.kind == "warning":
             self._warn(f"rsync: {result.meaning} ({errors.vanished} files)", code=result.returncode)
@@ -618,6 +700,7 @@ class Cycle:
             io_timeout=settings.io_timeout,
             dry_run=request.dry_run,
             priority_prefix=(*tree.command_prefix, *self._priority()),
+            inplace=begun.inplace,
         )
 
     def _excluded_repository(self) -> str:
@@ -786,7 +869,14 @@ class Cycle:
                 log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
         target = repo.manifest_path(name)
         try:
-            recorded = manifests.record(self._layout().transfer_path(name), target, known)
+            clone_of, written = self._written.get(name, (None, None))
+            recorded = manifests.record(
+                self._layout().transfer_path(name),
+                target,
+                known,
+                previous=repo.snapshot_path(previous) if known and previous is not None else None,
+                written=written if clone_of == previous else None,
+            )
             recorded = replace(recorded, seconds=time.monotonic() - started)
         except OSError as exc:
             what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename else str(exc)

@@ -1,7 +1,8 @@
 """Reading the history a repository holds: where a path lies in each snapshot,
 its versions, and what changed between two snapshots.
 
-Hard links do the work. A snapshot is made with ``rsync --link-dest``, so a
+Hard links do the work (and in the btrfs layout, where a snapshot keeps
+every inode number, the inode's change time: agent.repository.versions). A snapshot is made with ``rsync --link-dest``, so a
 file that did not change is the previous snapshot's inode, and one that
 changed in any way (content, mode, owner, times, ACLs, xattrs) is a new one:
 
@@ -42,6 +43,7 @@ from typing import Any, Iterator, Sequence
 from agent.core.errors import RepositoryError, UsageError
 from agent.engine.source_set import covering, stored_parts
 from agent.repository.store import Repository
+from agent.repository.versions import same_version, shares_inodes
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,13 @@ def versions(history: Sequence[Snapshot], path: str) -> list[Version]:
         full = os.path.join(snap.path, rel) if rel else snap.path
         kind = kind_of(info.st_mode)
         signature = _directory_signature(full, info) if kind == "directory" else None
-        key: object = ("directory", signature) if signature is not None else (kind, info.st_ino)
+        # One inode, change time, modification time and size: one version in
+        # either layout (agent.repository.versions; a btrfs snapshot keeps inode numbers).
+        key: object = (
+            ("directory", signature)
+            if signature is not None
+            else (kind, info.st_ino, info.st_ctime_ns, info.st_mtime_ns, info.st_size)
+        )
         if found and key == previous_key:
             current = found[-1]
             current.last = snap.name
@@ -386,6 +394,9 @@ def diff(a_root: str, b_root: str) -> list[Change]:
     on their own.
     """
     out: list[Change] = []
+    # One device (hard links): one inode is one version, no stat needed.
+    # btrfs snapshots keep inode numbers through changes: there the stat decides.
+    linked = shares_inodes(a_root, b_root)
     pending = [""]
     while pending:
         rel = pending.pop()
@@ -401,9 +412,11 @@ def diff(a_root: str, b_root: str) -> list[Change]:
                 out.extend(_subtree(b_root, child, "added"))
                 continue
             a_is_dir, b_is_dir = ea.is_dir(follow_symlinks=False), eb.is_dir(follow_symlinks=False)
-            if not a_is_dir and not b_is_dir and ea.inode() == eb.inode():
+            if not a_is_dir and not b_is_dir and ea.inode() == eb.inode() and linked:
                 continue  # one inode: unchanged, nothing to look at
             info_a, info_b = ea.stat(follow_symlinks=False), eb.stat(follow_symlinks=False)
+            if not a_is_dir and not b_is_dir and same_version(info_a, info_b):
+                continue
             if a_is_dir and b_is_dir:
                 own_a = (stat.S_IMODE(info_a.st_mode), info_a.st_uid, info_a.st_gid)
                 if own_a != (stat.S_IMODE(info_b.st_mode), info_b.st_uid, info_b.st_gid):

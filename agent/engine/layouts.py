@@ -28,15 +28,13 @@ repository gets its layout. Listing snapshots, metadata and manifests stay
 with :class:`agent.repository.store.Repository`, shared by every layout and by the
 reading commands.
 
-Today there is one layout, :class:`LinksLayout`: ``rsync --link-dest`` into
+Two layouts: :class:`LinksLayout`: ``rsync --link-dest`` into
 ``snapshots/<name>.in-progress``, completed by a rename, deleted through
 ``.trash``, every step a call into :class:`~agent.repository.store.Repository`,
-whose operations open directories by descriptor and follow no link. What
-plugs in next, each a new class chosen in :func:`for_repository` by the kind
-``init`` records: btrfs subvolumes (``begin`` gives a writable ``current``
-and no ``--link-dest``, ``complete`` takes a read-only snapshot of it,
-``delete`` renames subvolumes aside, ``empty_trash`` is ``btrfs subvolume
-delete``). A repository over SSH or on an rsync daemon has its own layout,
+whose operations open directories by descriptor and follow no link; and
+:class:`agent.engine.btrfs.BtrfsLayout` (read-only subvolume snapshots),
+chosen in :func:`for_repository` by the kind ``init`` records in the
+marker. A repository over SSH or on an rsync daemon has its own layout,
 :class:`agent.engine.remote.RemoteLayout` (the same names, each step run on
 the server), chosen with its cycle by the command line, since the
 repository is not a directory here.
@@ -74,6 +72,9 @@ class Begun:
     link_dests: tuple[str, ...]
     previous: str | None
     resumed_from: tuple[str, ...]
+    # rsync updates ``target`` in place (--inplace --no-whole-file --delete): a
+    # clone of the newest tree (agent.engine.btrfs), not a fresh directory.
+    inplace: bool = False
 
     @property
     def copies_all(self) -> bool:
@@ -256,10 +257,25 @@ def for_repository(
     runner: Runner,
     rm_argv: Sequence[str],
     warn: Callable[[str], None],
+    btrfs: str = "/bin/btrfs",
+    wanted: str = "auto",
 ) -> Layout:
-    """The layout of the repository at ``root``: today always hard links.
+    """The layout of the repository at ``root``: the one its marker records (hard links when it records none).
 
-    The one place a layout is chosen; a btrfs or remote repository's layout
-    is picked here from what its marker records.
+    The one place a layout is chosen. ``wanted`` is the configuration's
+    ``layout``: "auto" accepts what the marker says; "links" or "btrfs"
+    must agree with it (a repository keeps the layout it was made with).
+    A dry run into a repository not made yet plans hard links.
     """
+    kind = repository.marker.layout if repository is not None else "links"
+    if repository is not None and wanted not in ("auto", kind):
+        raise RepositoryError(
+            f"{root} was made with layout = \"{kind}\" and the configuration asks for \"{wanted}\": a repository "
+            f"keeps its layout; set layout = \"{kind}\" (or \"auto\"), or give a new repository for the other layout",
+            step="prepare",
+        )
+    if kind == "btrfs":
+        from agent.engine.btrfs import BtrfsLayout  # it builds on LinksLayout, defined above
+
+        return BtrfsLayout(root, repository, runner=runner, rm_argv=rm_argv, btrfs=btrfs, warn=warn)
     return LinksLayout(root, repository, runner=runner, rm_argv=rm_argv, warn=warn)

@@ -84,6 +84,11 @@ OUTPUT_OPTIONS: tuple[str, ...] = (
     "--no-human-readable",
 )
 
+# Updating a clone of the previous snapshot (the btrfs layout).
+# --itemize-changes: one line per file written (Written), so that the
+# manifest knows what changed in the clone without a stat per file.
+INPLACE_OPTIONS: tuple[str, ...] = ("--inplace", "--no-whole-file", "--delete", "--delete-excluded", "--itemize-changes")
+
 _FILTER_PREFIXES = ("--include=", "--exclude=", "--filter=")
 
 
@@ -108,8 +113,15 @@ def build_argv(
     io_timeout: int = 0,
     dry_run: bool = False,
     priority_prefix: Sequence[str] = (),
+    inplace: bool = False,
 ) -> tuple[str, ...]:
     """The argv that copies ``source`` into ``target`` (pure).
+
+    ``inplace``: ``target`` already holds the previous tree (a writable btrfs
+    clone, agent.engine.btrfs): rsync writes only the changed blocks of a
+    changed file into its own inode (``--inplace --no-whole-file``) and
+    deletes what the source no longer has or now excludes, so the target
+    ends as a copy of the source, as a fresh directory would.
 
     ``filter_rules`` are whole argv elements (``--include=...``,
     ``--exclude=...`` or ``--filter=...``, e.g. from
@@ -138,6 +150,10 @@ def build_argv(
         argv.append("--one-file-system")
     argv.extend(OUTPUT_OPTIONS)
     argv.extend(f"--link-dest={link_dest}" for link_dest in link_dests)
+    if inplace:
+        if link_dests:
+            raise ValueError("--inplace updates the previous tree itself: it takes no --link-dest")
+        argv.extend(INPLACE_OPTIONS)
     if io_timeout > 0:
         argv.append(f"--timeout={io_timeout}")
     if dry_run:
@@ -357,6 +373,39 @@ def parse_stats(lines: Iterable[str]) -> Stats:
             values["regular_files"] = detail.get("reg", 0)
             values["directories"] = detail.get("dir", 0)
     return Stats(**values)
+
+
+# --- itemized changes ------------------------------------------------------
+
+# "<update type><f><9 flags> <name>" (--itemize-changes with -A -X); "*deleting" lines are not files written.
+_ITEMIZED = re.compile(r"^[<>ch.]f[^ ]{9} (?P<name>.+)$")
+_ESCAPED_BYTE = re.compile(rb"\\#([0-7]{3})")
+
+
+class Written:
+    """The regular files rsync wrote or changed, from its ``--itemize-changes`` lines on stdout.
+
+    rsync (in the C locale the runner gives it) prints every byte that is
+    not printable ASCII as ``\\#ooo``, a backslash before ``#`` included, so a
+    name is read back exactly. A line that is not ASCII could not be: then
+    ``exact`` turns false and the list must not be trusted.
+    """
+
+    def __init__(self) -> None:
+        self.files: set[bytes] = set()
+        self.exact = True
+
+    def feed(self, line: str) -> bool:
+        """Take ``line`` when it is an itemized regular file (True); else leave it to the caller."""
+        match = _ITEMIZED.match(line)
+        if match is None:
+            return False
+        if not line.isascii():
+            self.exact = False
+            return True
+        name = match["name"].encode("ascii")
+        self.files.add(_ESCAPED_BYTE.sub(lambda m: bytes((int(m[1], 8),)), name))
+        return True
 
 
 # --- stderr ----------------------------------------------------------------

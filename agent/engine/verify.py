@@ -244,9 +244,12 @@ def verify(
     """Check ``names`` against their manifests; every problem goes into the report."""
     started = time.monotonic()
     report = Report(repo.root)
-    digests: dict[int, _Read] = {}  # inode -> what it holds now, across the snapshots checked
-    # inode -> (expected digest, expected size, where) for every snapshot path that disagrees
-    bad: dict[int, list[tuple[str, int, Location]]] = {}
+    # device -> inode -> what it holds now, across the snapshots checked: one
+    # device for hard-linked snapshots, one per snapshot for btrfs subvolumes,
+    # whose inode numbers repeat with other contents (agent.repository.versions).
+    by_device: dict[int, dict[int, _Read]] = {}
+    # (device, inode) -> (expected digest, expected size, where) for every snapshot path that disagrees
+    bad: dict[tuple[int, int], list[tuple[str, int, Location]]] = {}
     progress = Progress(snapshots=len(names))
     for index, name in enumerate(names):
         progress.snapshot, progress.index = name, index + 1
@@ -254,6 +257,12 @@ def verify(
         if loaded is None:
             continue
         root = os.fsencode(repo.snapshot_path(name))
+        try:
+            device = os.lstat(root).st_dev
+        except OSError:
+            report.unchecked[name] = "deleted while it was being verified"
+            continue
+        digests = by_device.setdefault(device, {})
         unlistable: list[tuple[bytes, OSError]] = []
         others: list[tuple[bytes, os.DirEntry[bytes]]] = []
         present = dict(manifests.walk_files(root, unlistable, others if loaded.attributes else None))
@@ -298,7 +307,7 @@ def verify(
                 continue
             report.files += 1
             if digests[inode].digest != entry.digest:
-                bad.setdefault(inode, []).append((entry.digest, entry.size, Location(name, entry.path)))
+                bad.setdefault((device, inode), []).append((entry.digest, entry.size, Location(name, entry.path)))
         if loaded.attributes:
             found += _changed(name, root, loaded.attributes, hidden)
             listed.update(attributes.path for attributes in loaded.attributes)
@@ -310,8 +319,8 @@ def verify(
         report.checked.append(name)
     if bad:
         _add_sharers(repo, names, bad)
-    for inode, places in sorted(bad.items(), key=lambda item: item[1][0][2].path):
-        now = digests[inode]
+    for (device, inode), places in sorted(bad.items(), key=lambda item: item[1][0][2].path):
+        now = by_device[device][inode]
         expected, expected_size, _ = places[0]
         locations = [where for _, _, where in places]
         if now.error is not None:
@@ -422,12 +431,13 @@ def _below(directories: Iterable[bytes]) -> Callable[[bytes], bool]:
     return lambda path: path.startswith(prefixes)
 
 
-def _add_sharers(repo: Repository, checked: list[str], bad: dict[int, list[tuple[str, int, Location]]]) -> None:
+def _add_sharers(repo: Repository, checked: list[str], bad: dict[tuple[int, int], list[tuple[str, int, Location]]]) -> None:
     """Name the snapshots not checked in this run that hold a damaged inode too.
 
     Their manifests record each file's inode; a path still carrying that
-    inode (lstat) is the same damaged file.
+    inode (lstat) on the same device is the same damaged file.
     """
+    inodes = {inode for _, inode in bad}
     for name in repo.snapshot_names():
         if name in checked:
             continue
@@ -438,13 +448,14 @@ def _add_sharers(repo: Repository, checked: list[str], bad: dict[int, list[tuple
             continue
         root = os.fsencode(repo.snapshot_path(name))
         for entry in other.entries:
-            places = bad.get(entry.inode)
-            if places is None:
+            if entry.inode not in inodes:
                 continue
             try:
-                if os.lstat(root + b"/" + entry.path).st_ino != entry.inode:
-                    continue
+                info = os.lstat(root + b"/" + entry.path)
             except OSError:
+                continue
+            places = bad.get((info.st_dev, entry.inode)) if info.st_ino == entry.inode else None
+            if places is None:
                 continue
             places.append((entry.digest, entry.size, Location(name, entry.path)))
     for places in bad.values():

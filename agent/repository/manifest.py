@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 
 from agent.core.errors import CorruptManifestError
 from agent.core.files import write_atomic
+from agent.repository.versions import same_version, shares_inodes
 
 log = logging.getLogger(__name__)
 
@@ -423,9 +424,20 @@ _DIGEST_HEX = 2 * hashlib.new(ALGORITHM).digest_size  # the length of a content 
 class _Writer:
     """The manifest's bytes as the walk finds the files, its own checksum kept on the way."""
 
-    def __init__(self, root: bytes, known: Known, on_file: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        root: bytes,
+        known: Known,
+        on_file: Callable[[int], None] | None,
+        previous: bytes | None = None,
+        written: frozenset[bytes] | None = None,
+    ) -> None:
         self.root = root
         self.known = known  # the previous manifest's (reusable())
+        # The previous snapshot's tree, when it is not on this tree's device (btrfs subvolumes):
+        # there one inode number is not one version (_shared).
+        self.previous = previous if previous is not None and not shares_inodes(previous, root) else None
+        self.written = written  # when known: the only files changed since the previous snapshot
         self.owners: dict[int, bytes] = {}  # inode -> b"<mode> <uid> <gid>" of what this snapshot read or lstat'ed
         self.hashed: dict[int, bytes] = {}  # inode -> b"<digest> <size>" of what this snapshot read (hard links inside it)
         self.on_file = on_file
@@ -438,7 +450,7 @@ class _Writer:
         batch: list[bytes] = []
         others: list[tuple[bytes, os.DirEntry[bytes]]] = []
         for rel, inode in walk_files(self.root, others=others):
-            where = shared_line(self.known, inode)
+            where = self._shared(rel, inode)
             if where is not None and where & 1 and self._same_path(where >> 1, rel, batch):
                 self.reused += 1
                 self.entries += 1
@@ -496,6 +508,27 @@ class _Writer:
         batch.append(data[begin : data.index(b"\n", end + 1) + 1])
         return True
 
+    def _shared(self, rel: bytes, inode: int) -> int | None:
+        """Where the previous manifest holds this file (:func:`shared_line`), when the file is the version it recorded.
+
+        On one device the inode is the proof (a hard link). Across devices
+        (btrfs snapshots keep inode numbers through changes made in place)
+        a file rsync did not write into a clone of the previous snapshot
+        (``written``, its itemized list) is that snapshot's; without that
+        list the file at the same path in the previous snapshot must be the
+        same version (agent.repository.versions): two lstat per file.
+        """
+        where = shared_line(self.known, inode)
+        if where is None or self.previous is None:
+            return where
+        if self.written is not None:
+            return None if rel in self.written else where
+        try:
+            now, before = os.lstat(self.root + b"/" + rel), os.lstat(self.previous + b"/" + rel)
+        except OSError:
+            return None
+        return where if same_version(now, before) else None
+
     @staticmethod
     def _others(others: list[tuple[bytes, "os.DirEntry[bytes]"]], batch: list[bytes]) -> None:
         """The ``=`` lines of the entries that are not regular files (one lstat each), emptying ``others``."""
@@ -523,16 +556,20 @@ def record(
     known: Known,
     *,
     on_file: Callable[[int], None] | None = None,
+    previous: str | None = None,
+    written: frozenset[bytes] | None = None,
 ) -> Recorded:
     """Write the manifest of the tree at ``snapshot`` to ``target`` (atomically).
 
-    Files whose inode is in ``known`` (the previous snapshot's manifest) or
+    Files whose inode is in ``known`` (the previous snapshot's manifest, whose
+    tree is ``previous``: on another device, as btrfs snapshots are, a file
+    must also be the same version there, :meth:`_Writer._reuse`) or
     was hashed already (a hard link inside this snapshot) are not read. The
     lines are hashed and written as the walk goes: memory follows ``known``
     and the new files, not the whole manifest.
     """
     started = time.monotonic()
-    writer = _Writer(os.fsencode(snapshot), known, on_file)
+    writer = _Writer(os.fsencode(snapshot), known, on_file, os.fsencode(previous) if previous is not None else None, written)
     # Not durable by itself: Repository.complete syncs the filesystem before the rename.
     # Root's alone: it names every file with a checksum of its content, also
     # files only their owner may read (a disk opened for browsing, agent.disk.browse).

@@ -45,6 +45,8 @@ TRASH = ".trash"
 LATEST = "latest"
 LOCK = ".lock"
 MANIFEST_SUFFIX = ".manifest"
+# The ways a repository makes its snapshots (the marker's layout; agent.engine.layouts).
+LAYOUTS = ("links", "btrfs")
 
 # Bounds on what is read from a repository (it lives on a removable disk
 # anyone may have written): a file larger than this is not read at all.
@@ -66,6 +68,9 @@ class Marker:
     id: str
     host: str
     created: str
+    # How snapshots are made (agent.engine.layouts): "links" (hard links) or
+    # "btrfs" (subvolumes). A marker without it is a links repository.
+    layout: str = "links"
 
     def render(self) -> str:
         return (
@@ -74,6 +79,7 @@ class Marker:
             f'id = "{self.id}"\n'
             f'host = "{_toml_safe(self.host)}"\n'
             f'created = "{self.created}"\n'
+            + (f'layout = "{self.layout}"\n' if self.layout != "links" else "")
         )
 
 
@@ -94,9 +100,14 @@ def parse_marker(text: str, path: str) -> Marker:
         values[match.group(1)] = match.group(2) if match.group(2) is not None else match.group(3)
     try:
         version = int(values["version"])
-        marker = Marker(version, values["id"], values["host"], values["created"])
+        marker = Marker(version, values["id"], values["host"], values["created"], values.get("layout", "links"))
     except (KeyError, ValueError):
         raise RepositoryError(f"{path}: incomplete repository marker (needs version, id, host, created)", step="prepare") from None
+    if marker.layout not in LAYOUTS:
+        raise RepositoryError(
+            f"{path}: layout {marker.layout!r} is not one this version knows ({', '.join(LAYOUTS)}); upgrade backup-agent",
+            step="prepare",
+        )
     if version != FORMAT_VERSION:
         raise RepositoryError(
             f"{path}: repository format {version} is not supported by this version (format {FORMAT_VERSION}); upgrade backup-agent",
@@ -198,8 +209,8 @@ class Repository:
         return repository
 
     @classmethod
-    def create(cls, root: str, *, host: str | None = None) -> "Repository":
-        """Create a repository in a missing or empty directory."""
+    def create(cls, root: str, *, host: str | None = None, layout: str = "links") -> "Repository":
+        """Create a repository in a missing or empty directory; ``layout`` is recorded in its marker."""
         state = classify(root)
         if state == "repository":
             return cls.open(root)
@@ -215,6 +226,7 @@ class Repository:
             uuid.uuid4().hex,
             host or socket.gethostname(),
             dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            layout,
         )
         # The marker first: a create killed half-way leaves a repository
         # (or a directory classify() still calls empty), never a foreign one.
@@ -456,6 +468,10 @@ class Repository:
                 # directories are descriptors: no link is followed.
                 os.rename(entry, f"{entry}.{uuid.uuid4().hex[:12]}", src_dir_fd=snapshots, dst_dir_fd=trash)
                 log.info("deleting %s", entry)
+        self.forget(entries)
+
+    def forget(self, entries: Sequence[str]) -> None:
+        """Remove the metadata and manifests of entries of snapshots/ (names with any suffix) that are gone."""
         with self.directory(METADATA) as metadata:
             for entry in entries if metadata is not None else ():
                 name = entry.removesuffix(IN_PROGRESS)

@@ -79,10 +79,10 @@ def place_of(
     """
     if mapped_rdev is None:
         return Place()
-    mounts = tuple(entry.mount_point for entry in entries if entry.device == mapped_rdev)
+    mounts = tuple(entry.mount_point for entry in entries if entry.from_device(mapped_rdev))
     latest = None
     top = top_mount(entries, disk.mount_point)
-    if top is not None and top.device == mapped_rdev and latest_link is not None:
+    if top is not None and top.from_device(mapped_rdev) and latest_link is not None:
         relative = posixpath.normpath(latest_link)
         parts = relative.split("/")
         if len(parts) == 2 and parts[0] == "snapshots" and parts[1] not in ("", ".", ".."):
