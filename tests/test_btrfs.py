@@ -502,10 +502,10 @@ def test_manifest_reuse_without_a_list_compares_the_previous_snapshot(btrfs_dir:
     (tree / "same").write_bytes(b"S" * 4096)
     previous = btrfs_dir / "previous"
     subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(tree), str(previous)], check=True, capture_output=True)
-    manifests.record(str(previous), str(btrfs_dir / "previous.manifest"), {})
+    manifests.record(str(previous), str(btrfs_dir / "previous.manifest"), manifests.Known())
     with open(tree / "changed", "r+b") as handle:  # in place: the inode stays
         os.pwrite(handle.fileno(), b"B", 100)
-    known = manifests.reusable(str(btrfs_dir / "previous.manifest"), owners=True)
+    known = manifests.reusable(str(btrfs_dir / "previous.manifest"))
     for written in (None, frozenset({b"changed"})):
         recorded = manifests.record(str(tree), str(btrfs_dir / "new.manifest"), known, previous=str(previous), written=written)
         assert (recorded.hashed_files, recorded.reused_files) == (1, 1)

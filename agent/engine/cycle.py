@@ -874,7 +874,7 @@ class Cycle:
                 self._layout().transfer_path(name),
                 target,
                 known,
-                previous=repo.snapshot_path(previous) if known and previous is not None else None,
+                previous=repo.snapshot_path(previous) if known.lines and previous is not None else None,
                 written=written if clone_of == previous else None,
             )
             recorded = replace(recorded, seconds=time.monotonic() - started)
