@@ -373,3 +373,24 @@ def test_a_dump_compressed_by_zstd_in_the_command_is_linked_while_unchanged_and_
     broken = ["/bin/bash", "-o", "pipefail", "-c", f"{SQLITE3} -bail {tmp_path}/absent/db .dump | {zstd} -q"]
     with pytest.raises(HookError):
         _backup(_settings(trusted_dir, rsync_path, database, command=broken), source, repo)
+
+
+@pytest.mark.integration
+def test_an_unchanged_dump_in_a_btrfs_repository_shares_its_extents_where_no_link_can_cross(
+    btrfs_dir: Path, trusted_dir: Path, tmp_path: Path, rsync_path: str
+) -> None:
+    """Each snapshot of the btrfs layout is its own subvolume, and a hard link between two fails with EXDEV."""
+    source, repo, database = tmp_path / "source", btrfs_dir / "repo", tmp_path / "shop.sqlite"
+    source.mkdir()
+    (source / "file").write_text("data\n")
+    _database(database, 500)
+    settings = _settings(trusted_dir, rsync_path, database)
+    first = _backup(settings, source, repo).snapshot
+    stored = _dump(repo, first).read_bytes()
+    second = _backup(settings, source, repo).snapshot
+    assert Repository.open(str(repo)).marker.layout == "btrfs" and first != second
+    assert _dump(repo, second).read_bytes() == stored
+    assert b"INSERT INTO t VALUES(500," in stored
+    recorded = Repository.open(str(repo)).read_metadata(second) or {}
+    assert recorded["system_state"]["commands"]["sqlite"]["linked"] is True
+    assert _dump(repo, second).stat().st_mode & 0o777 == 0o600

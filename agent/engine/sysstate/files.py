@@ -121,12 +121,37 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def link_from(source_fd: int, name: str, target_fd: int, new_name: str | None = None) -> bool:
-    """Hard-link a regular file of the previous snapshot into this one; False when it is not one."""
+    """Hard-link a regular file of the previous snapshot into this one; False when it is not one.
+
+    In the btrfs layout each snapshot is a subvolume of its own, and a hard
+    link cannot cross subvolumes (EXDEV): there the file is copied with
+    copy_file_range, which btrfs carries out by sharing the extents, so the
+    copy costs no data either.
+    """
     try:
         info = os.stat(name, dir_fd=source_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     if not stat.S_ISREG(info.st_mode):
         return False
-    os.link(name, new_name or name, src_dir_fd=source_fd, dst_dir_fd=target_fd, follow_symlinks=False)
+    try:
+        os.link(name, new_name or name, src_dir_fd=source_fd, dst_dir_fd=target_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_shared(source_fd, name, target_fd, new_name or name, stat.S_IMODE(info.st_mode))
     return True
+
+
+def _copy_shared(source_fd: int, name: str, target_fd: int, new_name: str, mode: int) -> None:
+    """Copy a regular file between directories on different subvolumes, its extents shared where the filesystem can."""
+    source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=source_fd)
+    try:
+        target = create(target_fd, new_name, mode)
+        try:
+            while os.copy_file_range(source, target, 1 << 30) > 0:
+                pass
+        finally:
+            os.close(target)
+    finally:
+        os.close(source)
