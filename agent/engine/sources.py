@@ -27,9 +27,10 @@ removes them on exit, also after a failure, and its tree's
 ``command_prefix`` reads them at the live path inside a private mount
 namespace. Several sources in one snapshot, each under its own directory,
 are :class:`agent.engine.source_set.Part`s: the cycle opens each and runs
-one transfer per source. What plugs in next: a command's output and the
-system's package lists (``opened`` writes them into a staging directory,
-removed on exit).
+one transfer per source. A command's output and the system's package lists
+are not sources of this seam: the system-state step writes them into the
+snapshot after the transfer (agent.engine.sysstate; docs/ARCHITECTURE.md,
+"System state").
 """
 
 from __future__ import annotations
