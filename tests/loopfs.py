@@ -22,10 +22,10 @@ SIZE = {"ext4": 16, "vfat": 16, "btrfs": 120}  # MiB: btrfs wants at least 114
 def need_root_and_tools(*kinds: str) -> None:
     """Skip, saying why, where loop mounts of these filesystems cannot be made."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount loop devices")
+        pytest.skip(reason="needs root to mount loop devices")
     for kind in kinds:
         if shutil.which(MKFS[kind][0]) is None:
-            pytest.skip(f"{MKFS[kind][0]} is not installed (scripts/test installs it)")
+            pytest.skip(reason=f"{MKFS[kind][0]} is not installed (scripts/test installs it)")
 
 
 @contextlib.contextmanager

@@ -101,7 +101,7 @@ def test_two_command_sources_may_not_share_a_file() -> None:
 
 def test_command_sources_are_read_as_root_only_from_a_file_root_controls(tmp_path: Path) -> None:
     if os.geteuid() != 0:
-        pytest.skip("only root refuses an untrusted file")
+        pytest.skip(reason="only root refuses an untrusted file")
     config = tmp_path / "config.toml"  # under /tmp: anyone may write there
     config.write_text('[[command_source]]\nname = "db"\ncommand = ["/bin/true"]\nfile = "d.sql"\n')
     with pytest.raises(ConfigError, match=r"command_source: got \[\[command_source\]\] in a file that root does not control"):
@@ -360,7 +360,7 @@ def test_a_dump_compressed_by_zstd_in_the_command_is_linked_while_unchanged_and_
     """The README's way to another compressor: a shell with pipefail running the dump into zstd."""
     zstd = shutil.which("zstd")
     if zstd is None:
-        pytest.skip("zstd is not installed")
+        pytest.skip(reason="zstd is not installed (scripts/test installs it)")
     source, repo, database = tmp_path / "source", tmp_path / "repo", tmp_path / "shop.sqlite"
     source.mkdir()
     _database(database, 300)

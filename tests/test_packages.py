@@ -228,7 +228,7 @@ def _dpkg(*args: str) -> None:
 def tiny_package(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A package built with dpkg-deb that installs one file; purged afterwards whatever happened."""
     if os.geteuid() != 0 or shutil.which("dpkg-deb") is None or not os.path.isfile("/var/lib/dpkg/status"):
-        pytest.skip("needs root and dpkg (a Debian system) to install a package")
+        pytest.skip(reason="needs root and dpkg (a Debian system) to install a package")
     name = f"backup-agent-test-{uuid.uuid4().hex[:8]}"
     root = tmp_path / "pkg"
     (root / "DEBIAN").mkdir(parents=True)
