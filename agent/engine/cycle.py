@@ -64,7 +64,7 @@ from agent.engine.hooks import HookContext
 from agent.engine.layouts import Begun, Layout
 from agent.core.mounts import read_mountinfo
 from agent.repository.store import IN_PROGRESS, Repository, classify, free_space, reserve_name
-from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
+from agent.policy.rotation import Plan, Scheme, parse_snapshot_name, plan_rotation
 from agent.engine import source_set
 from agent.engine.sources import Source, Tree
 
@@ -140,6 +140,25 @@ def transfer_progress(update: rsync.Progress, elapsed: float, *, copies_all: boo
         eta = 0
     return percent, eta
 
+
+
+def rotation_plan(
+    names: Sequence[str], scheme: Scheme, protected: dict[str, str], *, made: str | None, discard_unfinished: bool
+) -> Plan:
+    """The planner's plan for a repository's entries, with what a cycle adds to it (pure).
+
+    ``--discard-unfinished`` deletes the unfinished transfers too. The
+    snapshot just made always stays: names sort by wall-clock time, and in
+    the hour repeated when clocks go back it may sort before an older one,
+    though it is the newest in fact. Local and remote cycles share it.
+    """
+    plan = plan_rotation(names, scheme, protected)
+    if discard_unfinished:
+        gone = tuple(n for n in names if n.endswith(IN_PROGRESS))
+        plan = Plan(keep={k: v for k, v in plan.keep.items() if k not in gone}, delete=(*plan.delete, *gone))
+    if made is not None and made in plan.delete:
+        plan = Plan(keep={**plan.keep, made: ("just made",)}, delete=tuple(n for n in plan.delete if n != made))
+    return plan
 
 class Cycle:
     """Runs one request; emits events; raises BackupAgentError on failure."""
@@ -941,15 +960,7 @@ class Cycle:
             if not names:
                 done["keep"], done["delete"] = {}, []
                 return
-            plan = plan_rotation(names, self.settings.rotation, protected)
-            if request.discard_unfinished:
-                gone = tuple(n for n in names if n.endswith(IN_PROGRESS))
-                plan = Plan(keep={k: v for k, v in plan.keep.items() if k not in gone}, delete=(*plan.delete, *gone))
-            if made is not None and made in plan.delete:
-                # Names sort by wall-clock time; in the hour repeated when
-                # clocks go back, the snapshot just made may sort before an
-                # older one. It is the newest in fact, so it stays.
-                plan = Plan(keep={**plan.keep, made: ("just made",)}, delete=tuple(n for n in plan.delete if n != made))
+            plan = rotation_plan(names, self.settings.rotation, protected, made=made, discard_unfinished=request.discard_unfinished)
             self.outcome.plan = plan
             done["keep"] = {k: list(v) for k, v in plan.keep.items()}
             done["delete"] = list(plan.delete)

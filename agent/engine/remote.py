@@ -34,12 +34,12 @@ from agent.core.events import Emitter
 from agent.core.commands import Runner
 from agent.disk.mount import disk_full
 from agent.engine import rsync
-from agent.engine.cycle import Cycle, Request
+from agent.engine.cycle import Cycle, Request, rotation_plan
 from agent.engine.layouts import Begun
 from agent.engine.history import Snapshot
 from agent.engine.source_set import Part
 from agent.engine.sources import Source, Tree
-from agent.policy.rotation import Plan, parse_snapshot_name, plan_rotation
+from agent.policy.rotation import parse_snapshot_name
 from agent.repository.daemon import DaemonRepository, daemon_failure, daemon_options
 from agent.repository.remote import Remote, RemoteRepository, connection_failure, free_name, rsync_shell
 from agent.core.files import write_atomic
@@ -359,12 +359,7 @@ class RemoteCycle(Cycle):
             if not names:
                 done["keep"], done["delete"] = {}, []
                 return
-            plan = plan_rotation(names, self.settings.rotation, protected)
-            if request.discard_unfinished:
-                gone = tuple(n for n in names if n.endswith(IN_PROGRESS))
-                plan = Plan(keep={k: v for k, v in plan.keep.items() if k not in gone}, delete=(*plan.delete, *gone))
-            if made is not None and made in plan.delete:
-                plan = Plan(keep={**plan.keep, made: ("just made",)}, delete=tuple(n for n in plan.delete if n != made))
+            plan = rotation_plan(names, self.settings.rotation, protected, made=made, discard_unfinished=request.discard_unfinished)
             self.outcome.plan = plan
             done["keep"] = {k: list(v) for k, v in plan.keep.items()}
             done["delete"] = list(plan.delete)
