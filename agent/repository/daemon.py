@@ -49,7 +49,16 @@ from agent.core.errors import (
     UnreachableError,
     UsageError,
 )
-from agent.repository.remote import Probe, Remote, RemoteRepository, check_key, connection_failure, free_name, ssh_argv
+from agent.repository.remote import (
+    Probe,
+    Remote,
+    RemoteRepository,
+    check_key,
+    connection_failure,
+    free_name,
+    matching_line,
+    ssh_argv,
+)
 from agent.repository.store import FORMAT_VERSION, IN_PROGRESS, MARKER, MAX_MARKER_BYTES, Marker, parse_marker, read_bounded
 
 log = logging.getLogger(__name__)
@@ -171,13 +180,13 @@ def daemon_failure(daemon: Daemon, stderr: Sequence[str], *, step: str | None, d
         )
     if _MODULE_REFUSED.search(text):
         return RefusedError(
-            f"the rsync daemon on {daemon.host} refused the module {daemon.module} ({_line(text, _MODULE_REFUSED)}): "
+            f"the rsync daemon on {daemon.host} refused the module {daemon.module} ({matching_line(text, _MODULE_REFUSED)}): "
             "nothing was sent; install the module stanza the README gives",
             step=step,
         )
     if _UNREACHABLE.search(text) and not during:
         return UnreachableError(
-            f"the rsync daemon on {daemon.host} cannot be reached ({_line(text, _UNREACHABLE)}): nothing was sent; the next run "
+            f"the rsync daemon on {daemon.host} cannot be reached ({matching_line(text, _UNREACHABLE)}): nothing was sent; the next run "
             "tries again",
             step=step,
         )
@@ -185,15 +194,6 @@ def daemon_failure(daemon: Daemon, stderr: Sequence[str], *, step: str | None, d
         kept = "; the unfinished transfer is kept on the server and the next run resumes from it" if during else ""
         return ConnectionLostError(f"the connection to the rsync daemon on {daemon.host} broke off{kept}", step=step)
     return None
-
-
-def _line(text: str, pattern: re.Pattern[str]) -> str:
-    match = pattern.search(text)
-    if match is None:
-        return ""
-    start = text.rfind("\n", 0, match.start()) + 1
-    end = text.find("\n", match.end())
-    return text[start : end if end >= 0 else len(text)].strip()[:200]
 
 
 def password_problem(path: str, info: os.stat_result, *, as_root: bool) -> str | None:

@@ -575,26 +575,27 @@ def connection_failure(remote: Remote, stderr: Sequence[str], *, step: str | Non
     if _REFUSED.search(text):
         key = f" {remote.identity_file}" if remote.identity_file else ""
         return RefusedError(
-            f"{remote.login} refused the key{key} (ssh: {_first(text, _REFUSED)}): nothing was sent; add the public key to "
+            f"{remote.login} refused the key{key} (ssh: {matching_line(text, _REFUSED)}): nothing was sent; add the public key to "
             f"{remote.user or 'the user'}'s ~/.ssh/authorized_keys on {remote.host}",
             step=step,
         )
     if _UNREACHABLE.search(text) and not during:
         return UnreachableError(
-            f"{remote.host} cannot be reached ({_first(text, _UNREACHABLE)}): nothing was sent; the earlier snapshots on "
+            f"{remote.host} cannot be reached ({matching_line(text, _UNREACHABLE)}): nothing was sent; the earlier snapshots on "
             f"{where} are untouched, and the next run tries again",
             step=step,
         )
     if _LOST.search(text) or (during and _UNREACHABLE.search(text)):
         kept = "; the unfinished transfer is kept on the server and the next run resumes from it" if during else ""
         return ConnectionLostError(
-            f"the connection to {remote.host} broke off ({_first(text, _LOST) or _first(text, _UNREACHABLE)}){kept}",
+            f"the connection to {remote.host} broke off ({matching_line(text, _LOST) or matching_line(text, _UNREACHABLE)}){kept}",
             step=step,
         )
     return None
 
 
-def _first(text: str, pattern: re.Pattern[str]) -> str:
+def matching_line(text: str, pattern: re.Pattern[str]) -> str:
+    """The line of ``text`` where ``pattern`` first matches, stripped and cut to 200 characters ("": none)."""
     match = pattern.search(text)
     if match is None:
         return ""
