@@ -135,8 +135,13 @@ class Recorded:
 # -- the format (pure) -------------------------------------------------------
 
 
+_SPACE, _NEWLINE, _BACKSLASH = ord(" "), ord("\n"), ord("\\")
+
+
 def escape_path(path: bytes) -> bytes:
-    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n") if b"\\" in path or b"\n" in path else path
+    # The bytes' values, not one-byte bytes: ``b"\\" in path`` first tries the needle as an int and
+    # drops the TypeError it raises, which cost a sixth of the manifest's walk.
+    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n") if _BACKSLASH in path or _NEWLINE in path else path
 
 
 def unescape_path(text: bytes) -> bytes:
@@ -449,16 +454,33 @@ class _Writer:
         buffer = bytearray(READ_SIZE)
         batch: list[bytes] = []
         others: list[tuple[bytes, os.DirEntry[bytes]]] = []
+        # The no-change common case, inlined (docs/ARCHITECTURE.md, "One backup"): a file shared
+        # with the previous snapshot under the same path is its two lines copied, not parsed and
+        # formatted again; they say what this snapshot's lines would (the same inode, checksum,
+        # size, owner and path), and reusable() checked that the "=" line agrees. Another name of
+        # the inode (a hard link inside the tree) is formatted anew below.
+        same_device = self.previous is None
+        lines = self.known.lines
+        data = self.known.data
+        find = data.index
+        copied = 0
         for rel, inode in walk_files(self.root, others=others):
-            where = self._shared(rel, inode)
-            if where is not None and where & 1 and self._same_path(where >> 1, rel, batch):
-                self.reused += 1
-                self.entries += 1
-                if others:
-                    self._others(others, batch)
-                if len(batch) >= _BATCH:
-                    yield self._hashed(batch)
-                continue
+            where = lines.get(inode) if same_device else self._shared(rel, inode)
+            if where is not None and where & 1:
+                # "<digest> <size> <inode> <path>\n= <inode> f ... <path>\n": the path starts after
+                # the size's end, a space, the inode's digits and a space; it must end at a newline.
+                begin = where >> 1
+                escaped = escape_path(rel) if _BACKSLASH in rel or _NEWLINE in rel else rel
+                path = find(_SPACE, begin + _DIGEST_HEX + 1) + len(b"%d" % inode) + 2
+                end = path + len(escaped)
+                if data[end : end + 1] == b"\n" and data.startswith(escaped, path):
+                    batch.append(data[begin : find(_NEWLINE, end + 1) + 1])
+                    copied += 1
+                    if others:
+                        self._others(others, batch)
+                    if len(batch) >= _BATCH:
+                        yield self._hashed(batch)
+                    continue
             owner: bytes | None = None
             start = self.hashed.get(inode)
             if where is not None:
@@ -488,25 +510,10 @@ class _Writer:
             if len(batch) >= _BATCH:
                 yield self._hashed(batch)
         self._others(others, batch)  # what the walk found after the last file
+        self.reused += copied
+        self.entries += copied
         yield self._hashed(batch)
         yield trailer(self.entries, self.digest)
-
-    def _same_path(self, begin: int, rel: bytes, batch: list[bytes]) -> bool:
-        """When the previous manifest's line at ``begin`` names ``rel``: its two lines (content and ``=``) added to ``batch``.
-
-        They are what this snapshot's lines for the shared file would say
-        (the same inode, checksum, size, owner and path), so they are
-        copied, not parsed and formatted again: the no-change backup's
-        common case. ``reusable`` checked that the ``=`` line agrees.
-        """
-        data = self.known.data
-        escaped = escape_path(rel)
-        path = data.index(b" ", data.index(b" ", begin + _DIGEST_HEX + 1) + 1) + 1  # "<digest> <size> <inode> <path>"
-        end = data.index(b"\n", path)
-        if end - path != len(escaped) or not data.startswith(escaped, path):
-            return False  # another name of the inode (a hard link inside the tree): formatted anew
-        batch.append(data[begin : data.index(b"\n", end + 1) + 1])
-        return True
 
     def _shared(self, rel: bytes, inode: int) -> int | None:
         """Where the previous manifest holds this file (:func:`shared_line`), when the file is the version it recorded.
