@@ -93,6 +93,8 @@ class RemoteRepository:
     # An rsync daemon's module instead of a path over ssh (agent.repository.daemon), and its password file.
     module: str | None = None
     password_file: str | None = None
+    # The desktop agent backs up to it on a metered connection too (docs/ARCHITECTURE.md, "Remote destinations").
+    metered: bool = False
 
 
 @dataclass(frozen=True)

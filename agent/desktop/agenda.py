@@ -36,6 +36,14 @@ Rules (besides the schedule's):
 - "Not now" (:class:`NotNow`) stops the running cycle as a stop does, and
   the next try is exactly one interval after it was said
   (:func:`agent.policy.schedule.on_postponed`).
+- A remote destination (a server: the agenda's ``servers``) is "attached"
+  while the network may reach it: from the start, and until NetworkManager
+  says there is no network (``Circumstances.offline``), so without a network
+  it is never due and never tried. A try that finds the server silent ends
+  as ``unreachable``: no failure, the entry is ``waiting``
+  (:mod:`agent.policy.reach`) and looked for again after a growing delay;
+  a network that comes back looks at once. See ``docs/ARCHITECTURE.md``,
+  "Remote destinations".
 """
 
 from __future__ import annotations
@@ -44,10 +52,10 @@ import datetime as dt
 from dataclasses import dataclass, field, replace
 from typing import Literal, Mapping, Sequence, Union
 
-from agent.policy import conditions, schedule
+from agent.policy import conditions, reach, schedule
 
 Held = Literal["plugged", "asked"]
-Outcome = Literal["success", "failure", "busy", "skipped"]
+Outcome = Literal["success", "failure", "busy", "skipped", "unreachable"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class DiskAgenda:
     held: Held | None = None  # a trigger waiting for the running cycle to end
     next_due: float | None = None  # the last decision's due time (None: not attached, or ejected)
     skipped: conditions.Hold | None = None  # a due backup waits for this condition to end
+    waiting: reach.Waiting | None = None  # a server that did not answer: looked for again at its retry_at
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class Agenda:
     circumstances: conditions.Circumstances = conditions.Circumstances()  # battery and network, as last told
     remote: frozenset[str] = frozenset()  # disks whose destination is remote (a metered connection holds them)
     tz: dt.tzinfo | None = None  # the zone quiet hours are read in (None: the machine's)
+    servers: frozenset[str] = frozenset()  # remote destinations: attached while the network may reach them
 
     def disk(self, name: str) -> DiskAgenda:
         return self.disks.get(name, DiskAgenda())
@@ -102,17 +112,22 @@ def new(
     rules: conditions.Rules = conditions.Rules(),
     remote: Sequence[str] = (),
     tz: dt.tzinfo | None = None,
+    servers: Sequence[str] = (),
 ) -> Agenda:
-    """The agenda at start: each disk's remembered state (not attached, nothing running)."""
+    """The agenda at start: each disk's remembered state (not attached, nothing running).
+
+    ``servers`` (remote destinations, in ``order`` too) start attached: the
+    network may reach them until NetworkManager says otherwise.
+    """
     known = states or {}
     disks = {
         name: DiskAgenda(
-            state=replace(known.get(name, schedule.DiskState()), attached=False, running=False),
-            ejected=name in ejected,
+            state=replace(known.get(name, schedule.DiskState()), attached=name in servers, running=False),
+            ejected=name in ejected and name not in servers,
         )
         for name in order
     }
-    return Agenda(policy, tuple(order), disks, rules=rules, remote=frozenset(remote), tz=tz)
+    return Agenda(policy, tuple(order), disks, rules=rules, remote=frozenset(remote), tz=tz, servers=frozenset(servers))
 
 
 # -- events ----------------------------------------------------------------------------
@@ -159,11 +174,13 @@ class Finished:
     or ``skipped`` (it did not run, and that is no failure: the user cancelled the passphrase prompt).
 
     ``snapshot_time``: what the new snapshot is named after (a success).
+    ``unreachable``: a server did not answer (``why`` says how); no failure.
     """
 
     disk: str
     outcome: Outcome
     snapshot_time: float | None = None
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -341,6 +358,7 @@ def _apply(agenda: Agenda, event: Event, now: float, actions: list[Action]) -> A
     if isinstance(event, Blocked):
         return replace(agenda, blocked=event.reason)
     if isinstance(event, Circumstance):
+        agenda = _network(agenda, event.now)
         return replace(agenda, circumstances=event.now)  # _settle then starts what no longer waits
     if isinstance(event, NotNow):
         if agenda.running is None:
@@ -349,6 +367,22 @@ def _apply(agenda: Agenda, event: Event, now: float, actions: list[Action]) -> A
         actions += [Stop(agenda.running.disk), Answer("postponed")]
         return replace(agenda, running=replace(agenda.running, stopping=True, postponed_at=now))
     raise ValueError(f"unknown event {event!r}")
+
+
+def _network(agenda: Agenda, now: conditions.Circumstances) -> Agenda:
+    """Servers follow the network: gone while there is none; back (and looked for at once) when it returns."""
+    if now.offline == agenda.circumstances.offline:
+        return agenda
+    for name in agenda.order:
+        if name not in agenda.servers:
+            continue
+        entry = agenda.disk(name)
+        if now.offline:
+            state = schedule.on_unplugged(entry.state)
+            agenda = _with(agenda, name, replace(entry, state=state, held=None, next_due=None, skipped=None, waiting=None))
+        else:
+            agenda = _with(agenda, name, replace(entry, state=replace(entry.state, attached=True), waiting=None))
+    return agenda
 
 
 def _ask(agenda: Agenda, disk: str | None, now: float, actions: list[Action]) -> Agenda:
@@ -391,6 +425,9 @@ def _try(agenda: Agenda, name: str, trigger: schedule.Trigger, now: float, actio
         due = decision.next_due if decision.reason != "running" else entry.next_due
         skipped = entry.skipped if entry.held == "plugged" else None  # a skipped plug-in still waits
         return _with(agenda, name, replace(entry, state=state, next_due=due, skipped=skipped))
+    waiting = entry.waiting
+    if trigger != "asked" and waiting is not None and now < waiting.retry_at:
+        return _with(agenda, name, replace(entry, state=state, next_due=waiting.retry_at, skipped=None))
     if trigger != "asked":
         held_by = conditions.hold(agenda.rules, agenda.circumstances, now, remote=name in agenda.remote, tz=agenda.tz)
         if held_by is not None:
@@ -428,6 +465,12 @@ def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
         if running.postponed_at is not None:
             state = replace(state, postponed_until=running.postponed_at + agenda.policy.interval)
         return _with(agenda, event.disk, replace(entry, state=state, held=held))
+    if event.outcome == "unreachable":
+        # Not a failure, and nothing was sent: the server is looked for again later.
+        waiting = reach.missed(entry.waiting, now, event.why or "no answer", agenda.policy.interval)
+        state = replace(entry.state, running=False)
+        return _with(agenda, event.disk, replace(entry, state=state, next_due=waiting.retry_at, waiting=waiting))
+    entry = replace(entry, waiting=None)  # it answered
     if event.outcome == "skipped":
         # As after a stop, the next regular try is an interval away; nothing was transferred.
         state = replace(entry.state, running=False, stopped_at=now)

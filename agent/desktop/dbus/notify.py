@@ -91,6 +91,7 @@ from agent.desktop.dbus.texts import (  # the words, re-exported: callers and te
     past,
     progress_text,
     reminder_text,
+    remote_reminder_text,
     removed_text,
     skipped_text,
     started_text,
@@ -188,6 +189,7 @@ class Notifier:
         # [[offsite]] remind_after, each its own (0: never).
         self._offsite_remind = {site.name: site.remind_after for site in settings.offsite} if settings is not None else {}
         self._repositories = {disk.name: disk.repository for disk in settings.disks} if settings is not None else {}
+        self._servers = frozenset(remote.name for remote in settings.remotes) if settings is not None else frozenset()
         self._state_path = state_path
         self._notice = load_notice_state(state_path) if state_path is not None else NoticeState()
         self._logged_in = False
@@ -380,7 +382,8 @@ class Notifier:
                 if reminder.disk in self._reminding:
                     continue
                 self._reminding.add(reminder.disk)
-                self._post(f"reminder:{reminder.disk}", reminder_text(reminder.disk, reminder.last_success, now, self._tz),
+                words = remote_reminder_text if reminder.disk in self._servers else reminder_text
+                self._post(f"reminder:{reminder.disk}", words(reminder.disk, reminder.last_success, now, self._tz),
                            icon="drive-harddisk", category="device", about=(reminder.disk, "reminder"),
                            shown=functools.partial(self._reminded, reminder.disk, True),
                            missed=functools.partial(self._reminded, reminder.disk, False))

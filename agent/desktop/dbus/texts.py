@@ -310,6 +310,17 @@ def reminder_text(disk: str, last_success: float | None, now: float, tz: dt.tzin
     )
 
 
+def remote_reminder_text(name: str, last_success: float | None, now: float, tz: dt.tzinfo | None = None) -> Text:
+    """No backup to a server succeeded for a while: it was not reachable (or failed) all that time."""
+    reach = f"The backup starts by itself whenever {name} can be reached: `backup-agent status` says why it waits."
+    if last_success is None:
+        return Text(f"No backup to {name} yet", f"Last backup: never. {reach}", NORMAL)
+    days = max(0, int((now - last_success) // DAY))
+    return Text(
+        f"No backup to {name} for {_plural(days, 'day')}", f"Last backup on {day(last_success, now, tz)}. {reach}", NORMAL
+    )
+
+
 def offsite_text(name: str, state: str, snapshot: str | None, message: str) -> Text:
     """An off-site copy ended: "copied off-site", or why not (the local backup stands either way)."""
     if state == "done":
