@@ -463,7 +463,8 @@ class Notifier:
             if status.last_result in ("success", "partial"):
                 disk = self._disk or status.disk or "the disk"
                 open_path = self._reachable_snapshot(disk, event, status)
-                self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail),
+                self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail,
+                                                   remote=disk in self._servers),
                            actions=(ACTION_OPEN,) if open_path else (), icon="drive-harddisk",
                            category="transfer.complete", open_path=open_path, about=(disk, "complete"))
                 self._card = (disk, "complete")
@@ -545,7 +546,7 @@ class Notifier:
         # place, and a "no backup needed yet" or a missed failure of this disk is withdrawn.
         self._withdraw("disk")
         self._withdraw(f"missed:{disk}")
-        self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP, ACTION_NOT_NOW),
+        self._post("cycle", started_text(disk, reason, last, self._now(), remote=disk in self._servers), actions=(ACTION_STOP, ACTION_NOT_NOW),
                    icon="drive-harddisk", category="transfer", transient=True, about=(disk, "running"))
         self._card = (disk, "running")
 
@@ -568,7 +569,7 @@ class Notifier:
     def backup_completed(self, event: CompleteEvent) -> None:
         self._completed = event
         self._muted = False
-        self._post("cycle", completed_text(self._disk or "the disk", event, None),
+        self._post("cycle", completed_text(self._disk or "the disk", event, None, remote=self._disk in self._servers),
                    icon="drive-harddisk", category="transfer", about=(self._disk or "the disk", "running"))
 
     def offsite_finished(self, offsite: OffsiteStatus, state: str) -> None:

@@ -173,19 +173,16 @@ def _time_left(seconds: float) -> str:
     return f"about {_plural(hours, 'hour')}" + (f" {minutes} min" if minutes else "") + " left"
 
 
-def started_text(disk: str, reason: str, last_success: float | None, now: float) -> Text:
-    """Backup started: which disk, why, and the last backup's age."""
+def started_text(disk: str, reason: str, last_success: float | None, now: float, *, remote: bool = False) -> Text:
+    """Backup started: which disk (or server, ``remote``), why, and the last backup's age."""
     why = _REASONS.get(reason, reason)
     if last_success is None:
-        first = "First backup to this disk: it can take a while."
+        first = f"First backup to this {'server' if remote else 'disk'}: it can take a while."
     else:
         first = f"Last backup {age(last_success, now)}."
     because = f" Started because {why}." if why else ""
-    return Text(
-        f"Backing up to {disk}",
-        f"{first}{because} Keep the disk plugged in until it is safe to unplug.",
-        NORMAL,
-    )
+    keep = " Stay on this network until it is complete." if remote else " Keep the disk plugged in until it is safe to unplug."
+    return Text(f"Backing up to {disk}", f"{first}{because}{keep}", NORMAL)
 
 
 def progress_text(disk: str, event: ProgressEvent | None, step: str | None) -> Text:
@@ -220,7 +217,7 @@ def _left_words(disk: str, left: DiskLeft | None, detail: str) -> str:
     return f"Eject {disk} from the file manager before you unplug it."
 
 
-def completed_text(disk: str, event: CompleteEvent, left: DiskLeft | None, detail: str = "") -> Text:
+def completed_text(disk: str, event: CompleteEvent, left: DiskLeft | None, detail: str = "", *, remote: bool = False) -> Text:
     """Completed: what changed, how long it took, the snapshot, and how the disk was left.
 
     ``left``: None while the disk is still being closed; otherwise the
@@ -248,6 +245,8 @@ def completed_text(disk: str, event: CompleteEvent, left: DiskLeft | None, detai
     if event.flagged:
         line += " This snapshot has far fewer files than the last one: check that nothing is missing."
     summary = f"Backup to {disk} finished with problems" if partial else f"Backup to {disk} complete"
+    if remote:  # a server: nothing to unplug or lock
+        return Text(summary, f"{line}\nThe snapshot is complete on {disk}.", NORMAL)
     if left == "lock-failed":
         summary += ", but the disk is still unlocked"
     return Text(summary, f"{line}\n{_left_words(disk, left, detail)}", NORMAL)
