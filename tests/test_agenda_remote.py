@@ -13,9 +13,10 @@ import pytest
 from agent.config.validate import settings_from_mapping
 from agent.core.errors import ConfigError
 from agent.desktop import agenda
-from agent.desktop.daemon import remote_destinations
+from agent.desktop.daemon import destination_args, remote_destinations
 from agent.desktop.servers import address
 from agent.policy import conditions, reach, schedule
+from agent.system.install import agent_argvs, sudoers_rule
 
 HOUR = 3600.0
 T0 = 1_800_000_000.0
@@ -81,6 +82,15 @@ def test_a_remote_may_allow_a_metered_connection_and_its_name_is_its_own() -> No
     disk = {"name": "nas", "luks_uuid": "0b5c3c4e-3a6f-4c39-9d2e-1c2b3a4d5e6f", "mount_point": "/mnt/nas"}
     with pytest.raises(ConfigError, match=r"remote\[0\]\.name.*\[\[disk\]\] too"):
         settings_from_mapping({"disk": [disk], "remote": [{"name": "nas", "host": "nas", "path": "/b"}]}, "c.toml")
+
+
+def test_the_agent_asks_sudo_for_exactly_the_form_the_rule_has_for_each_remote() -> None:
+    forms = agent_argvs(["usb"], ["nas", "attic"])
+    for name, remote in (("usb", False), ("nas", True), ("attic", True)):
+        assert ("backup", "--json", *destination_args(name, remote=remote)) in forms
+    rule = sudoers_rule("alice", "/usr/local/bin/backup-agent", ["usb"], ["nas"])
+    assert "/usr/local/bin/backup-agent backup --json --remote nas" in rule
+    assert "--remote *" not in rule and "--remote ALL" not in rule  # nothing takes a host or path from the caller
 
 
 # -- the agenda ----------------------------------------------------------------------------------

@@ -852,7 +852,7 @@ class Agent:
         if passphrases is not None and cycle.given is None and passphrases.needed(cycle.disk):
             cycle.launch = loop.create_task(self._ask_then_spawn(loop, cycle, passphrases))
             return
-        argv = [*self._options.cycle_argv, "--remote" if cycle.disk in self._remotes else "--disk", cycle.disk]
+        argv = [*self._options.cycle_argv, *destination_args(cycle.disk, remote=cycle.disk in self._remotes)]
         if cycle.given is not None:
             argv.append("--passphrase-stdin")
 
@@ -1278,6 +1278,11 @@ def remote_destinations(settings: Settings) -> tuple[str, ...]:
     (docs/ARCHITECTURE.md, "Moments not to back up", "Remote destinations").
     """
     return tuple(remote.name for remote in settings.remotes if not remote.metered)
+
+
+def destination_args(name: str, *, remote: bool) -> tuple[str, str]:
+    """What follows ``backup --json`` for one destination: the exact words of a sudo rule's form (pure)."""
+    return ("--remote", name) if remote else ("--disk", name)
 
 
 def offsite_records(settings: Settings, saved: Any) -> list[OffsiteStatus]:
