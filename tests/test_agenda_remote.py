@@ -13,6 +13,8 @@ import pytest
 from agent.config.validate import settings_from_mapping
 from agent.core.errors import ConfigError
 from agent.desktop import agenda
+from agent.desktop.dbus.traylook import tooltip
+from agent.desktop.state import AgentStatus, DiskStatus
 from agent.desktop.daemon import destination_args, remote_destinations
 from agent.desktop.servers import address
 from agent.policy import conditions, reach, schedule
@@ -195,3 +197,15 @@ def test_a_server_remembered_from_before_is_due_by_its_own_last_success() -> Non
     plan = fresh(states={"nas": schedule.DiskState(last_success=T0 - 600)})
     plan, actions = agenda.step(plan, agenda.Tick(), T0)
     assert starts(actions) == [] and plan.disk("nas").next_due == T0 - 600 + HOUR
+
+
+def test_the_tooltip_shows_each_server_on_its_own() -> None:
+    status = AgentStatus(disks=[
+        DiskStatus("nas", attached=True, last_success=T0 - 2 * HOUR, next_due=T0 + 600, remote=True),
+        DiskStatus("attic", remote=True, waiting="waiting for attic (no network)"),
+    ])  # fmt: skip
+    title, text = tooltip(status, None, T0)
+    assert title == "Backups" and "Plug in" not in text, text
+    assert " nas: last backup 2 hours ago; next backup " in text and " attic: no backup yet; waiting for attic (no network)." in text
+    status.disks.append(DiskStatus("usb"))
+    assert tooltip(status, None, T0)[1].endswith("Plug in the backup disk to back up.")

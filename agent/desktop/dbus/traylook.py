@@ -120,13 +120,34 @@ def tooltip(status: AgentStatus, progress: ProgressEvent | None, now: float) -> 
         return f"Backup to {disk} failed", f"{what}\n{last} Earlier snapshots are untouched."
     if status.last_result in ("success", "partial") and status.last_message and status.last_success is not None:
         last = f"Last backup {age(status.last_success, now)}: {status.last_message}."
-    last += offsite_words(status, now)
+    last += offsite_words(status, now) + remote_words(status, now)
     if status.state == "disk-attached" and status.skipped:
         return f"{disk} attached", f"{last} A backup is due and waits: {status.skipped}. It starts when that ends."
     if status.state == "disk-attached":
         due = f" Next backup {when(status.next_due, now)}." if status.next_due is not None else ""
         return f"{disk} attached", f"{last}{due}"
+    if status.disks and all(entry.remote for entry in status.disks):
+        return APP_NAME, last  # servers only: nothing to plug in
     return APP_NAME, f"{last} Plug in the backup disk to back up."
+
+
+def remote_words(status: AgentStatus, now: float) -> str:
+    """The servers in the tooltip, each on its own schedule ("nas: last backup 2 hours ago; waiting for nas (no network).")."""
+    words = []
+    for entry in status.disks:
+        if not entry.remote:
+            continue
+        last = f"last backup {age(entry.last_success, now)}" if entry.last_success is not None else "no backup yet"
+        if entry.waiting:
+            then = entry.waiting
+        elif entry.skipped:
+            then = f"the backup waits: {entry.skipped}"
+        elif entry.next_due is not None and status.state != "running":
+            then = f"next backup {when(entry.next_due, now)}"
+        else:
+            then = ""
+        words.append(f" {entry.name}: {last}" + (f"; {then}." if then else "."))
+    return "".join(words)
 
 
 def offsite_words(status: AgentStatus, now: float) -> str:
