@@ -166,3 +166,38 @@ def test_remote_destinations_follow_the_network_wait_for_a_silent_server_and_bac
                     agent.wait()
 
         asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+@pytest.mark.integration
+def test_a_server_not_backed_up_for_remind_after_days_is_reminded_of_without_plugging_advice(tmp_path: Path) -> None:
+    """The notifier (agent/desktop/dbus/notify.py) with a recording notification server on a private bus."""
+    from dbus_fast.aio import MessageBus
+
+    from agent.config.model import RemoteRepository, Settings
+    from agent.desktop.dbus import notify
+    from tests.test_notify import NOW, UTC, Clock, FakeClock, FakeController, FakeDisks
+
+    needs_dbus()
+    settings = Settings(path=None, remotes=(RemoteRepository("nas", "nas.home.arpa", "/srv/b"),), remind_after=7)
+    # The agent never calls a server attached (Agent.attached), reachable or not: the reminder comes all the same.
+    disks = FakeDisks({"nas": NOW - 9 * 86400})
+
+    async def scenario(address: str) -> None:
+        server_bus, server = await serve_notifications(address, ["body"])
+        bus = await MessageBus(bus_address=address).connect()
+        try:
+            notifier = await notify.start(bus, FakeController(), disks=disks, settings=settings,
+                                          state_path=str(tmp_path / "notifications.json"), clock=FakeClock(),
+                                          now=Clock(NOW), tz=UTC)
+            notifier.login()
+            await notifier.flush()
+            [shown] = server.shown
+            assert shown.summary == "No backup to nas for 9 days", shown
+            assert "whenever nas can be reached" in shown.body and "Plug" not in shown.body, shown.body
+            notifier.close()
+        finally:
+            bus.disconnect()
+            server_bus.disconnect()
+
+    with private_bus("session") as session:
+        asyncio.run(asyncio.wait_for(scenario(session.address), 30))
