@@ -28,7 +28,11 @@ from agent.desktop.statefile import DiskRecord, load_state
 from tests.helpers.desktop_services import serve_networkmanager
 from tests.sshserver import SshServer, free_port, requires_sshd, running_sshd
 from tests.test_conditions_dbus import needs_dbus
-from tests.test_daemon import REPO, until
+from agent.policy import schedule
+from tests.test_daemon import REPO, agent_on, detach, here, one_cycle, real, settle, until  # noqa: F401  (here: fixture)
+from tests.test_disk import NAME, rig  # noqa: F401  (fixture)
+from tests.test_disk_cycle import Bench, bench  # noqa: F401  (fixture)
+from tests.test_udev import udevd  # noqa: F401  (fixture)
 from tests.test_dbus_control import private_bus
 from tests.test_notify import serve as serve_notifications
 
@@ -201,3 +205,52 @@ def test_a_server_not_backed_up_for_remind_after_days_is_reminded_of_without_plu
 
     with private_bus("session") as session:
         asyncio.run(asyncio.wait_for(scenario(session.address), 30))
+
+
+@real
+@requires_sshd
+def test_a_disk_and_a_server_keep_their_own_schedules(
+    bench: Bench, here: None, sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent in this process (tests/test_daemon.py's agent_on) with a real LUKS disk bench and the real sshd."""
+    monkeypatch.setenv("BACKUP_AGENT_RUNTIME_DIR", str(tmp_path))  # the machine lock is this test's
+    bench.init()
+    detach(bench.rig.luks_device)
+    settle()
+    repo = tmp_path / "server" / "repo"
+    repo.parent.mkdir()
+    with open(bench.config, "a", encoding="utf-8") as config:
+        config.write(sshd.config(str(repo), name="nas"))
+    ahead = [0.0]
+
+    def clock() -> float:
+        return time.time() + ahead[0]
+
+    async def scenario() -> None:
+        async with agent_on(bench, clock=clock, policy=schedule.Policy(interval=3600.0)) as (agent, recorder):
+            # never backed up, and no NetworkManager to say otherwise: the server is due at once
+            await one_cycle(agent, recorder, 1)
+            assert recorder.of("backup_started")[0][0] == "nas"
+            bench.rig.attach(bench.rig.luks_image)  # the plug-in: the disk, due too
+            await one_cycle(agent, recorder, 2)
+            assert recorder.of("backup_started")[1][0] == NAME
+            assert not recorder.of("backup_failed")
+            by_name = {entry.name: entry for entry in agent.status().disks}
+            disk, nas = by_name[NAME], by_name["nas"]
+            assert (disk.last_result, nas.last_result, disk.remote, nas.remote) == ("success", "success", False, True)
+            assert disk.last_success is not None and nas.last_success is not None
+            assert nas.last_success < disk.last_success
+            assert nas.next_due == nas.last_success + 3600 and disk.next_due == disk.last_success + 3600
+            assert len(os.listdir(repo / "snapshots")) == 1
+            # an hour on, the server is due and the disk not yet: only the server is backed up
+            ahead[0] = nas.next_due + 0.1 - time.time()
+            agent.tick()
+            await one_cycle(agent, recorder, 3)
+            assert [args[0] for args in recorder.of("backup_started")] == ["nas", NAME, "nas"]
+            after = {entry.name: entry for entry in agent.status().disks}
+            assert after[NAME].last_success == disk.last_success and after[NAME].next_due == disk.next_due
+            assert after["nas"].last_success is not None and after["nas"].last_success > nas.last_success
+            assert len(os.listdir(repo / "snapshots")) == 2
+        bench.assert_locked_and_unmounted()
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))

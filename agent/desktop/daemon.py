@@ -344,12 +344,15 @@ class Agent:
                 self._monitor.start(loop)
             finally:
                 self._starting = False
+            if self._remotes:
+                self._do(agenda.Tick())  # servers are attached from the start: those due start now (or wait)
             self._notifier.send("READY=1")
             self._notify_status()
             interval = watchdog_interval()
             if interval is not None and self._notifier.enabled:
                 self._watchdog(loop, interval)
-            log.info("watching for %s", ", ".join(self._disk_names) or "no disk")
+            log.info("watching for %s%s", ", ".join(self._disk_names) or "no disk",
+                     f"; backing up to {', '.join(self._remotes)} while reachable" if self._remotes else "")
             await stop.wait()
         finally:
             self._shutdown()
