@@ -13,7 +13,7 @@ import pytest
 from agent.config.validate import settings_from_mapping
 from agent.core.errors import ConfigError
 from agent.desktop import agenda
-from agent.desktop.dbus.traylook import tooltip
+from agent.desktop.dbus.traylook import BACK_UP_NOW, BACKUP_BASE, EJECT_BASE, menu_items, tooltip
 from agent.desktop.state import AgentStatus, DiskStatus
 from agent.desktop.daemon import destination_args, remote_destinations
 from agent.desktop.servers import address
@@ -209,3 +209,13 @@ def test_the_tooltip_shows_each_server_on_its_own() -> None:
     assert " nas: last backup 2 hours ago; next backup " in text and " attic: no backup yet; waiting for attic (no network)." in text
     status.disks.append(DiskStatus("usb"))
     assert tooltip(status, None, T0)[1].endswith("Plug in the backup disk to back up.")
+
+
+def test_the_tray_backs_up_to_a_reachable_server_and_never_ejects_one() -> None:
+    status = AgentStatus(state="disk-attached", disk="usb")
+    items = {item.id: item for item in menu_items(status, ["usb"], ["usb", "nas", "attic"], None, ["nas"])}
+    assert items[BACKUP_BASE + 0].label == "Back up now to usb" and items[BACKUP_BASE + 1].label == "Back up now to nas"
+    assert BACKUP_BASE + 2 not in items  # attic is not reachable now
+    assert [item.label for item in items.values() if item.id >= EJECT_BASE and item.id < BACKUP_BASE] == ["Eject usb"]
+    alone = {item.id: item for item in menu_items(AgentStatus(), [], ["nas"], None, ["nas"])}
+    assert alone[BACK_UP_NOW].enabled and not any(EJECT_BASE <= ident < BACKUP_BASE for ident in alone)

@@ -187,11 +187,17 @@ class Item:
 
 
 def menu_items(
-    status: AgentStatus, attached: Sequence[str], disks: Sequence[str], place: Place | None
+    status: AgentStatus, attached: Sequence[str], disks: Sequence[str], place: Place | None,
+    servers: Sequence[str] = (),
 ) -> tuple[Item, ...]:
-    """The menu for this state (pure); ``place``: where the status's disk stands, when looked at."""
+    """The menu for this state (pure); ``place``: where the status's disk stands, when looked at.
+
+    ``servers``: the reachable remote destinations, named in ``disks`` after the disks: each may be
+    backed up now, none is ejected or browsed.
+    """
     running = status.state == "running"
-    here = [name for name in disks if name in attached]
+    here = [name for name in disks if name in attached and name not in servers]
+    targets = here + [name for name in disks if name in servers]
     if running:
         open_label, can_open = "Open latest backup (after this backup)", False
     elif status.disk is None or status.disk not in here:
@@ -204,13 +210,13 @@ def menu_items(
         open_label, can_open = "Open latest backup (none found on the disk)", False
     else:
         open_label, can_open = "Open latest backup", True
-    if len(here) > 1:  # several disks: the user says which
+    if len(targets) > 1:  # several disks (or servers): the user says which
         items = [
             Item(BACKUP_BASE + disks.index(name), f"Back up now to {name}", not running, icon="document-save")
-            for name in here
+            for name in targets
         ]
     else:
-        items = [Item(BACK_UP_NOW, "Back up now", bool(here) and not running, icon="document-save")]
+        items = [Item(BACK_UP_NOW, "Back up now", bool(targets) and not running, icon="document-save")]
     items += [
         Item(STOP, "Stop the backup", running, icon="process-stop"),
         Item(OPEN_LATEST, open_label, can_open, icon="folder-open"),
