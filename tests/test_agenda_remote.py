@@ -153,7 +153,10 @@ def test_a_silent_server_waits_without_a_failure_looks_again_later_and_at_once_o
     assert starts(actions) == ["nas"]
     plan, actions = agenda.step(plan, agenda.Finished("nas", "unreachable", why="refused"), T0 + 63)
     assert plan.disk("nas").waiting == reach.Waiting(T0 + 2, 2, "refused", T0 + 183)
-    # "Back up now" tries at once
+    # "Back up now" tries at once (and without a network says so)
+    offline, actions = agenda.step(plan, agenda.Circumstance(OFFLINE), T0 + 65)
+    _, actions = agenda.step(offline, agenda.Asked("nas"), T0 + 66)
+    assert [a.word for a in actions if isinstance(a, agenda.Answer)] == ["no-network"] and starts(actions) == []
     plan, actions = agenda.step(plan, agenda.Asked("nas"), T0 + 70)
     assert starts(actions) == ["nas"]
     plan, _ = agenda.step(plan, agenda.Finished("nas", "unreachable", why="refused"), T0 + 71)

@@ -120,6 +120,8 @@ def test_remote_destinations_follow_the_network_wait_for_a_silent_server_and_bac
                 assert offline["nas"]["waiting"] == "waiting for nas (no network)", offline
                 assert offline["attic"]["waiting"] == "waiting for attic (no network)"
                 assert offline["nas"]["remote"] and offline["nas"]["next_due"] is None
+                code, said = await cli("now", "--disk", "nas")
+                assert code == 22 and "nas cannot be reached: there is no network" in said, said
                 await asyncio.sleep(0.5)
                 assert "starting the backup" not in log() and not repo.exists()
 

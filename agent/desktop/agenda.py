@@ -395,7 +395,7 @@ def _ask(agenda: Agenda, disk: str | None, now: float, actions: list[Action]) ->
     attached = agenda.attached()
     name = disk if disk is not None else (attached[0] if attached else None)
     if name is None or not agenda.disk(name).state.attached:
-        actions.append(Answer("no-disk"))
+        actions.append(Answer("no-network" if name in agenda.servers else "no-disk"))
         return agenda
     agenda = _with(agenda, name, replace(agenda.disk(name), ejected=False))
     agenda = _try(agenda, name, "asked", now, actions)

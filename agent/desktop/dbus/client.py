@@ -36,7 +36,7 @@ from typing import Any, Mapping, cast, get_args
 from dbus_fast import Message, MessageFlag, MessageType, unpack_variants
 from dbus_fast.aio import MessageBus
 
-from agent.core.errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, BackupAgentError, UsageError
+from agent.core.errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, EXIT_UNREACHABLE, BackupAgentError, UsageError
 from agent.desktop import statefile
 from agent.desktop.state import AgentStatus, DiskLeft, DiskStatus, OffsiteStatus, Result, State, offsite_from
 from agent.desktop.statefile import state_file_path
@@ -278,8 +278,12 @@ def run_now(disk: str | None = None) -> int:
         raise UsageError(f"{disk} is not a configured backup disk: `backup-agent status` lists them")
     if word == "no-disk" and disk is not None:
         print(f"{disk} is not attached: plug it in and the agent backs it up")
+    elif word == "no-network":
+        print(f"{disk} cannot be reached: there is no network; the agent backs it up when there is")
     else:
         print(_NOW_LINES.get(word, word))
+    if word == "no-network":
+        return EXIT_UNREACHABLE
     return EXIT_DISK_MISSING if word == "no-disk" else EXIT_OK
 
 
