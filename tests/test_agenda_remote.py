@@ -15,7 +15,7 @@ from agent.core.errors import ConfigError
 from agent.desktop import agenda
 from agent.desktop.dbus.traylook import BACK_UP_NOW, BACKUP_BASE, EJECT_BASE, menu_items, tooltip
 from agent.desktop.state import AgentStatus, DiskStatus
-from agent.desktop.daemon import destination_args, remote_destinations
+from agent.desktop.daemon import destination_args, own_policies, remote_destinations
 from agent.desktop.servers import address
 from agent.policy import conditions, reach, schedule
 from agent.system.install import agent_argvs, sudoers_rule
@@ -222,3 +222,26 @@ def test_the_tray_backs_up_to_a_reachable_server_and_never_ejects_one() -> None:
     assert [item.label for item in items.values() if item.id >= EJECT_BASE and item.id < BACKUP_BASE] == ["Eject usb"]
     alone = {item.id: item for item in menu_items(AgentStatus(), [], ["nas"], None, ["nas"])}
     assert alone[BACK_UP_NOW].enabled and not any(EJECT_BASE <= ident < BACKUP_BASE for ident in alone)
+
+
+def test_a_remote_may_have_its_own_interval() -> None:
+    settings = settings_from_mapping({"agent": {"interval": "1h"}, "remote": [
+        {"name": "nas", "host": "nas", "path": "/b", "interval": "1d"},
+        {"name": "pi", "host": "pi", "path": "/b"},
+    ]}, "c.toml")  # fmt: skip
+    assert [remote.interval for remote in settings.remotes] == [86400, None]
+    policies = own_policies(settings, POLICY)
+    assert policies == {"nas": schedule.Policy(interval=86400.0)}
+    for bad in ("30s", "400d", 5):
+        with pytest.raises(ConfigError, match=r"remote\[0\]\.interval"):
+            settings_from_mapping({"remote": [{"name": "nas", "host": "nas", "path": "/b", "interval": bad}]}, "c.toml")
+    plan = agenda.new(POLICY, ("usb", "nas"), servers=("nas",), policies=policies)
+    plan, actions = agenda.step(plan, agenda.Plugged("usb"), T0)
+    plan, actions = agenda.step(plan, agenda.Finished("usb", "success", snapshot_time=T0), T0 + 10)
+    assert starts(actions) == ["nas"]
+    plan, actions = agenda.step(plan, agenda.Finished("nas", "success", snapshot_time=T0 + 10), T0 + 20)
+    assert plan.disk("usb").next_due == T0 + HOUR and plan.disk("nas").next_due == T0 + 10 + 86400
+    plan, actions = agenda.step(plan, agenda.Tick(), T0 + HOUR)
+    assert starts(actions) == ["usb"]
+    plan, actions = agenda.step(plan, agenda.Finished("usb", "success", snapshot_time=T0 + HOUR), T0 + HOUR + 10)
+    assert starts(actions) == [] and wake(actions) == T0 + 2 * HOUR

@@ -95,6 +95,7 @@ class RemoteRepository:
     password_file: str | None = None
     # The desktop agent backs up to it on a metered connection too (docs/ARCHITECTURE.md, "Remote destinations").
     metered: bool = False
+    interval: int | None = None  # the agent's seconds between backups to it; None: [agent] interval
 
 
 @dataclass(frozen=True)

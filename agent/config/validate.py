@@ -157,7 +157,7 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "source": ("path", "name", "exclude", "one_file_system", "skip_cachedir_tagged", "freeze"),
         "remote": (
             "name", "host", "port", "user", "path", "identity_file", "known_hosts", "connect_timeout", "module", "password_file",
-            "metered",
+            "metered", "interval",
         ),  # fmt: skip
         "offsite": OFFSITE_KEYS,
     }
@@ -1209,10 +1209,15 @@ def _remote(file: str, index: int, data: Mapping[str, Any]) -> RemoteRepository:
         if not 1 <= timeout <= 120:
             fail(file, f"{prefix}.connect_timeout", f'got {show(data["connect_timeout"])}; expected a duration from "1s" to "2m"')
     metered = _bool(file, f"{prefix}.metered", data["metered"]) if "metered" in data else False
+    interval = None
+    if "interval" in data:
+        interval = _duration(file, f"{prefix}.interval", data["interval"])
+        if not MIN_INTERVAL <= interval <= MAX_INTERVAL:
+            fail(file, f"{prefix}.interval", f'got {show(data["interval"])}; expected a duration from "1m" to "366d"')
     return RemoteRepository(
         name=name, host=host, path=(path.rstrip("/") or "/") if path else "", user=user, port=port,
         identity_file=identity, known_hosts=known_hosts, connect_timeout=timeout, module=module, password_file=password_file,
-        metered=metered,
+        metered=metered, interval=interval,
     )
 
 

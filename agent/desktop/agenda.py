@@ -95,9 +95,14 @@ class Agenda:
     remote: frozenset[str] = frozenset()  # disks whose destination is remote (a metered connection holds them)
     tz: dt.tzinfo | None = None  # the zone quiet hours are read in (None: the machine's)
     servers: frozenset[str] = frozenset()  # remote destinations: attached while the network may reach them
+    policies: Mapping[str, schedule.Policy] = field(default_factory=dict)  # a destination's own (a [[remote]] interval)
 
     def disk(self, name: str) -> DiskAgenda:
         return self.disks.get(name, DiskAgenda())
+
+    def policy_for(self, name: str) -> schedule.Policy:
+        """The schedule of one destination: its own when it has one, else the agent's."""
+        return self.policies.get(name, self.policy)
 
     def attached(self) -> tuple[str, ...]:
         return tuple(name for name in self.order if self.disk(name).state.attached)
@@ -113,6 +118,7 @@ def new(
     remote: Sequence[str] = (),
     tz: dt.tzinfo | None = None,
     servers: Sequence[str] = (),
+    policies: Mapping[str, schedule.Policy] | None = None,
 ) -> Agenda:
     """The agenda at start: each disk's remembered state (not attached, nothing running).
 
@@ -127,7 +133,10 @@ def new(
         )
         for name in order
     }
-    return Agenda(policy, tuple(order), disks, rules=rules, remote=frozenset(remote), tz=tz, servers=frozenset(servers))
+    return Agenda(
+        policy, tuple(order), disks, rules=rules, remote=frozenset(remote), tz=tz, servers=frozenset(servers),
+        policies=dict(policies or {}),
+    )
 
 
 # -- events ----------------------------------------------------------------------------
@@ -420,7 +429,7 @@ def _try(agenda: Agenda, name: str, trigger: schedule.Trigger, now: float, actio
     entry = agenda.disk(name)
     if entry.ejected and trigger in ("tick", "resumed"):
         return _with(agenda, name, replace(entry, next_due=None))
-    state, decision = _decide(entry, agenda.policy, now, trigger)
+    state, decision = _decide(entry, agenda.policy_for(name), now, trigger)
     if not decision.start_now:
         due = decision.next_due if decision.reason != "running" else entry.next_due
         skipped = entry.skipped if entry.held == "plugged" else None  # a skipped plug-in still waits
@@ -463,11 +472,11 @@ def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
             held = None  # gone or closed meanwhile, or "not now": nothing to carry on with
         state = replace(entry.state, running=False)
         if running.postponed_at is not None:
-            state = replace(state, postponed_until=running.postponed_at + agenda.policy.interval)
+            state = replace(state, postponed_until=running.postponed_at + agenda.policy_for(event.disk).interval)
         return _with(agenda, event.disk, replace(entry, state=state, held=held))
     if event.outcome == "unreachable":
         # Not a failure, and nothing was sent: the server is looked for again later.
-        waiting = reach.missed(entry.waiting, now, event.why or "no answer", agenda.policy.interval)
+        waiting = reach.missed(entry.waiting, now, event.why or "no answer", agenda.policy_for(event.disk).interval)
         state = replace(entry.state, running=False)
         return _with(agenda, event.disk, replace(entry, state=state, next_due=waiting.retry_at, waiting=waiting))
     entry = replace(entry, waiting=None)  # it answered
@@ -477,13 +486,13 @@ def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
     elif event.outcome == "success":
         state = schedule.on_finished(entry.state, now, True, snapshot_time=event.snapshot_time)
     elif running.stopping and running.postponed_at is not None:
-        state = schedule.on_postponed(entry.state, agenda.policy, running.postponed_at)
+        state = schedule.on_postponed(entry.state, agenda.policy_for(event.disk), running.postponed_at)
     elif running.stopping:
         state = schedule.on_stopped(entry.state, now)
     else:
         state = schedule.on_finished(entry.state, now, False)
     # When it is due again, said now: another disk may start at once and hold the settling back (status, the timer).
-    due = None if entry.ejected else schedule.next_due(state, agenda.policy, now)
+    due = None if entry.ejected else schedule.next_due(state, agenda.policy_for(event.disk), now)
     return _with(agenda, event.disk, replace(entry, state=state, next_due=due))
 
 

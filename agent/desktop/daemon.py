@@ -255,6 +255,7 @@ class Agent:
             rules=rules_of(settings),
             remote=remote_destinations(settings),
             servers=tuple(self._remotes),
+            policies=own_policies(settings, options.policy),
         )
         self._queue: list[agenda.Event] = []  # events that came while one was being carried out
         self._stepping = False
@@ -390,6 +391,7 @@ class Agent:
             rules=self._agenda.rules,
             remote=tuple(self._agenda.remote),
             servers=tuple(self._remotes),
+            policies=self._agenda.policies,
         )
         self._queue.clear()
         self._loop = None
@@ -1079,7 +1081,7 @@ class Agent:
             message = "as asked; the next backup carries on from where this one stopped"
             running = self._agenda.running
             if running is not None and running.disk == name and running.postponed_at is not None:
-                later = dt.datetime.fromtimestamp(running.postponed_at + self._agenda.policy.interval)
+                later = dt.datetime.fromtimestamp(running.postponed_at + self._agenda.policy_for(name).interval)
                 message = f"not now, as asked; the next backup at {later:%H:%M} carries on from where this one stopped"
             record = dataclasses.replace(record, last_result="stopped", last_message=message)
             log.info("backup of %s stopped as asked", name)
@@ -1281,6 +1283,15 @@ def remote_destinations(settings: Settings) -> tuple[str, ...]:
     (docs/ARCHITECTURE.md, "Moments not to back up", "Remote destinations").
     """
     return tuple(remote.name for remote in settings.remotes if not remote.metered)
+
+
+def own_policies(settings: Settings, policy: schedule.Policy) -> dict[str, schedule.Policy]:
+    """The schedules of the destinations that have their own: each ``[[remote]]`` with an ``interval``."""
+    return {
+        remote.name: dataclasses.replace(policy, interval=float(remote.interval))
+        for remote in settings.remotes
+        if remote.interval is not None
+    }
 
 
 def destination_args(name: str, *, remote: bool) -> tuple[str, str]:
