@@ -100,7 +100,11 @@ def test_the_agent_asks_sudo_for_exactly_the_form_the_rule_has_for_each_remote()
 
 def test_a_due_server_starts_with_no_plug_in_and_is_due_again_an_interval_later() -> None:
     plan = fresh()
-    plan, actions = agenda.step(plan, agenda.Tick(), T0)
+    # NetworkManager may speak before the agent runs: nothing starts before it watches
+    plan, actions = agenda.step(plan, agenda.Circumstance(conditions.Circumstances(on_battery=False)), T0 - 1)
+    plan, actions = agenda.step(plan, agenda.Tick(), T0 - 1)
+    assert starts(actions) == [] and not plan.disk("nas").state.attached
+    plan, actions = agenda.step(plan, agenda.Watching(), T0)
     assert starts(actions) == ["nas"] and plan.disk("nas").state.attached
     plan, actions = agenda.step(plan, agenda.Finished("nas", "success", snapshot_time=T0), T0 + 30)
     assert starts(actions) == [] and plan.disk("nas").next_due == T0 + HOUR and wake(actions) == T0 + HOUR
@@ -111,6 +115,7 @@ def test_a_due_server_starts_with_no_plug_in_and_is_due_again_an_interval_later(
 def test_without_a_network_a_server_is_not_due_and_not_tried_and_is_tried_when_the_network_returns() -> None:
     plan = fresh()
     plan, actions = agenda.step(plan, agenda.Circumstance(OFFLINE), T0)
+    plan, actions = agenda.step(plan, agenda.Watching(), T0)
     assert starts(actions) == [] and not plan.disk("nas").state.attached and plan.disk("nas").next_due is None
     assert wake(actions) is None  # no timer for it: the network's return is an event
     for later in (T0 + 60, T0 + 5 * HOUR):
@@ -123,6 +128,8 @@ def test_without_a_network_a_server_is_not_due_and_not_tried_and_is_tried_when_t
 def test_a_metered_connection_holds_a_server_unless_it_allows_one_and_the_backup_is_caught_up_after() -> None:
     plan = fresh(order=("nas", "cloud"), servers=("nas", "cloud"), remote=("nas",))
     plan, actions = agenda.step(plan, agenda.Circumstance(METERED), T0)
+    assert starts(actions) == []  # before the agent watches
+    plan, actions = agenda.step(plan, agenda.Watching(), T0)
     assert starts(actions) == ["cloud"]  # metered = true: it goes
     assert [a.reason for a in actions if isinstance(a, agenda.Skipped)] == ["on a metered connection"]
     skipped = plan.disk("nas").skipped
@@ -140,7 +147,7 @@ def test_a_metered_connection_holds_a_server_unless_it_allows_one_and_the_backup
 
 def test_a_silent_server_waits_without_a_failure_looks_again_later_and_at_once_on_a_new_network() -> None:
     plan = fresh(order=("nas",))
-    plan, actions = agenda.step(plan, agenda.Tick(), T0)
+    plan, actions = agenda.step(plan, agenda.Watching(), T0)
     assert starts(actions) == ["nas"]
     plan, actions = agenda.step(plan, agenda.Finished("nas", "unreachable", why="no answer from nas:22"), T0 + 2)
     entry = plan.disk("nas")
@@ -175,7 +182,8 @@ def test_a_disk_and_a_server_keep_their_own_schedules_one_cycle_at_a_time() -> N
     plan = fresh()
     plan, actions = agenda.step(plan, agenda.Plugged("usb"), T0)
     assert starts(actions) == ["usb"]  # the server is due too, and waits for the disk's cycle
-    assert plan.disk("nas").held is None and plan.disk("nas").next_due is None
+    plan, actions = agenda.step(plan, agenda.Watching(), T0)  # the agent started with the disk in: it came first
+    assert starts(actions) == [] and plan.disk("nas").state.attached  # and waits for the disk's cycle
     plan, actions = agenda.step(plan, agenda.Finished("usb", "success", snapshot_time=T0), T0 + 100)
     assert starts(actions) == ["nas"]
     plan, actions = agenda.step(plan, agenda.Finished("nas", "failure"), T0 + 200)
@@ -198,7 +206,7 @@ def test_a_disk_and_a_server_keep_their_own_schedules_one_cycle_at_a_time() -> N
 
 def test_a_server_remembered_from_before_is_due_by_its_own_last_success() -> None:
     plan = fresh(states={"nas": schedule.DiskState(last_success=T0 - 600)})
-    plan, actions = agenda.step(plan, agenda.Tick(), T0)
+    plan, actions = agenda.step(plan, agenda.Watching(), T0)
     assert starts(actions) == [] and plan.disk("nas").next_due == T0 - 600 + HOUR
 
 
@@ -237,6 +245,7 @@ def test_a_remote_may_have_its_own_interval() -> None:
             settings_from_mapping({"remote": [{"name": "nas", "host": "nas", "path": "/b", "interval": bad}]}, "c.toml")
     plan = agenda.new(POLICY, ("usb", "nas"), servers=("nas",), policies=policies)
     plan, actions = agenda.step(plan, agenda.Plugged("usb"), T0)
+    plan, actions = agenda.step(plan, agenda.Watching(), T0)
     plan, actions = agenda.step(plan, agenda.Finished("usb", "success", snapshot_time=T0), T0 + 10)
     assert starts(actions) == ["nas"]
     plan, actions = agenda.step(plan, agenda.Finished("nas", "success", snapshot_time=T0 + 10), T0 + 20)

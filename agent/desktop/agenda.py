@@ -37,8 +37,8 @@ Rules (besides the schedule's):
   the next try is exactly one interval after it was said
   (:func:`agent.policy.schedule.on_postponed`).
 - A remote destination (a server: the agenda's ``servers``) is "attached"
-  while the network may reach it: from the start, and until NetworkManager
-  says there is no network (``Circumstances.offline``), so without a network
+  while the network may reach it: from :class:`Watching` (the agent runs),
+  and until NetworkManager says there is no network (``Circumstances.offline``), so without a network
   it is never due and never tried. A try that finds the server silent ends
   as ``unreachable``: no failure, the entry is ``waiting``
   (:mod:`agent.policy.reach`) and looked for again after a growing delay;
@@ -96,6 +96,7 @@ class Agenda:
     tz: dt.tzinfo | None = None  # the zone quiet hours are read in (None: the machine's)
     servers: frozenset[str] = frozenset()  # remote destinations: attached while the network may reach them
     policies: Mapping[str, schedule.Policy] = field(default_factory=dict)  # a destination's own (a [[remote]] interval)
+    watching: bool = False  # the agent runs (Watching): servers may be attached
 
     def disk(self, name: str) -> DiskAgenda:
         return self.disks.get(name, DiskAgenda())
@@ -122,13 +123,13 @@ def new(
 ) -> Agenda:
     """The agenda at start: each disk's remembered state (not attached, nothing running).
 
-    ``servers`` (remote destinations, in ``order`` too) start attached: the
-    network may reach them until NetworkManager says otherwise.
+    ``servers`` (remote destinations, in ``order`` too) are attached by
+    :class:`Watching`: the network may reach them until NetworkManager says otherwise.
     """
     known = states or {}
     disks = {
         name: DiskAgenda(
-            state=replace(known.get(name, schedule.DiskState()), attached=name in servers, running=False),
+            state=replace(known.get(name, schedule.DiskState()), attached=False, running=False),
             ejected=name in ejected and name not in servers,
         )
         for name in order
@@ -214,11 +215,18 @@ class Circumstance:
 
 
 @dataclass(frozen=True)
+class Watching:
+    """The agent runs and can start cycles: the servers are attached (unless there is no network)."""
+
+
+@dataclass(frozen=True)
 class NotNow:
     """"Not now" on the started notification: stop the running cycle; the next try one interval later."""
 
 
-Event = Union[Plugged, Unplugged, Tick, Resumed, Asked, StopAsked, Finished, Ejected, Blocked, Circumstance, NotNow]
+Event = Union[
+    Plugged, Unplugged, Tick, Resumed, Asked, StopAsked, Finished, Ejected, Blocked, Circumstance, NotNow, Watching
+]
 
 # -- actions ---------------------------------------------------------------------------------
 
@@ -369,6 +377,15 @@ def _apply(agenda: Agenda, event: Event, now: float, actions: list[Action]) -> A
     if isinstance(event, Circumstance):
         agenda = _network(agenda, event.now)
         return replace(agenda, circumstances=event.now)  # _settle then starts what no longer waits
+    if isinstance(event, Watching):
+        agenda = replace(agenda, watching=True)
+        if agenda.circumstances.offline:
+            return agenda
+        for name in agenda.order:
+            if name in agenda.servers:
+                entry = agenda.disk(name)
+                agenda = _with(agenda, name, replace(entry, state=replace(entry.state, attached=True)))
+        return agenda  # _settle then starts those due
     if isinstance(event, NotNow):
         if agenda.running is None:
             actions.append(Answer("not-running"))
@@ -389,7 +406,7 @@ def _network(agenda: Agenda, now: conditions.Circumstances) -> Agenda:
         if now.offline:
             state = schedule.on_unplugged(entry.state)
             agenda = _with(agenda, name, replace(entry, state=state, held=None, next_due=None, skipped=None, waiting=None))
-        else:
+        elif agenda.watching:
             agenda = _with(agenda, name, replace(entry, state=replace(entry.state, attached=True), waiting=None))
     return agenda
 
@@ -519,6 +536,6 @@ def _settle(agenda: Agenda, now: float, actions: list[Action]) -> Agenda:
 __all__ = [
     "Action", "Agenda", "Answer", "Asked", "Blocked", "Circumstance", "DiskAgenda", "Ejected", "Event", "Finished",
     "NotNow", "Plugged", "Resumed", "Running", "Save", "Skipped", "Start", "Stop", "StopAsked", "Tick", "Unplugged",
-    "Wake", "Waits",
+    "Wake", "Waits", "Watching",
     "new", "persisted", "step", "wake_at",
 ]

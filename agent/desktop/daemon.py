@@ -346,7 +346,7 @@ class Agent:
             finally:
                 self._starting = False
             if self._remotes:
-                self._do(agenda.Tick())  # servers are attached from the start: those due start now (or wait)
+                self._do(agenda.Watching())  # the servers are attached now: those due start (or wait)
             self._notifier.send("READY=1")
             self._notify_status()
             interval = watchdog_interval()
