@@ -13,6 +13,7 @@ import pytest
 from agent.config.validate import settings_from_mapping
 from agent.core.errors import ConfigError
 from agent.desktop import agenda
+from agent.desktop.dbus.texts import failure_hint
 from agent.desktop.dbus.traylook import BACK_UP_NOW, BACKUP_BASE, EJECT_BASE, menu_items, tooltip
 from agent.desktop.state import AgentStatus, DiskStatus
 from agent.desktop.daemon import destination_args, own_policies, remote_destinations
@@ -254,3 +255,8 @@ def test_a_remote_may_have_its_own_interval() -> None:
     assert starts(actions) == ["usb"]
     plan, actions = agenda.step(plan, agenda.Finished("usb", "success", snapshot_time=T0 + HOUR), T0 + HOUR + 10)
     assert starts(actions) == [] and wake(actions) == T0 + 2 * HOUR
+
+
+def test_a_server_failure_card_says_what_to_do_about_its_cause() -> None:
+    assert "known_hosts" in failure_hint("connect", 20) and "authorized_keys" in failure_hint("connect", 21)
+    assert "carries on" in failure_hint("transfer", 23) and "plugged in" not in failure_hint("transfer", 23)

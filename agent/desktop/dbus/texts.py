@@ -11,7 +11,10 @@ import datetime as dt
 from typing import NamedTuple
 
 from agent.engine.cycle import human_size
-from agent.core.errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_DISK_FULL, EXIT_DISK_MISSING, EXIT_REPOSITORY, EXIT_USAGE
+from agent.core.errors import (
+    EXIT_BUSY, EXIT_CONNECTION_LOST, EXIT_DISK_BUSY, EXIT_DISK_FULL, EXIT_DISK_MISSING, EXIT_HOST_KEY, EXIT_REFUSED,
+    EXIT_REPOSITORY, EXIT_USAGE,
+)
 from agent.core.events import CompleteEvent, ProgressEvent
 from agent.desktop.reminder import DAY, MissedSummary
 from agent.desktop.state import DiskLeft
@@ -58,6 +61,11 @@ _CAUSE_HINTS: dict[int, str] = {
     EXIT_DISK_MISSING: "Plug the backup disk in and try again.",
     EXIT_DISK_BUSY: "Close the programs it names, then eject the disk from the file manager.",
     EXIT_DISK_FULL: "Make room on the disk as it says, then try again with Back up now.",
+    # A server ([[remote]]): README, "Backing up to a server".
+    EXIT_HOST_KEY: "Compare the server's host key with its fingerprint and record it in the configured known_hosts as root; "
+    "nothing was sent.",
+    EXIT_REFUSED: "Give the server the backup key (its authorized_keys), or the rsync daemon the right password, then try again.",
+    EXIT_CONNECTION_LOST: "The next backup carries on from where this one stopped; earlier snapshots are untouched.",
 }
 _STOPPED_HINT = "Back up now starts it again."  # exit status 128 + the signal: stopped, not broken
 _HINTS: dict[str, str] = {
