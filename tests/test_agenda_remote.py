@@ -260,3 +260,41 @@ def test_a_remote_may_have_its_own_interval() -> None:
 def test_a_server_failure_card_says_what_to_do_about_its_cause() -> None:
     assert "known_hosts" in failure_hint("connect", 20) and "authorized_keys" in failure_hint("connect", 21)
     assert "carries on" in failure_hint("transfer", 23) and "plugged in" not in failure_hint("transfer", 23)
+
+
+def test_the_look_is_a_real_connect_that_never_waits_longer_than_its_timeout() -> None:
+    """agent/desktop/servers.unreachable against real sockets on 127.0.0.1: one that accepts, a closed port,
+    and one whose queue is full (the kernel drops the connect: what a server that does not answer looks like)."""
+    import asyncio
+    import socket
+    import time
+
+    from agent.desktop.servers import unreachable
+
+    with socket.socket() as open_one, socket.socket() as full, socket.socket() as closed:
+        open_one.bind(("127.0.0.1", 0))
+        open_one.listen(8)
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        closed_port = closed.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(full.getsockname())
+            time.sleep(0.05)
+
+            async def looks() -> list[str | None]:
+                return [await unreachable("127.0.0.1", sock.getsockname()[1], 0.4) for sock in (open_one, closed, full)]
+
+            started = time.monotonic()
+            here, refused, silent = asyncio.run(looks())
+            took = time.monotonic() - started
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert here is None
+    assert refused == f"127.0.0.1:{closed_port}: the connection was refused"
+    assert silent is not None and silent.startswith("no answer from 127.0.0.1:") and silent.endswith("within 0.4 s")
+    assert took < 1.5  # the silent one costs its timeout, no more
