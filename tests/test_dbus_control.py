@@ -314,10 +314,10 @@ def test_methods_reach_the_controller_and_return_its_word(session_bus: PrivateBu
             "disks": ("aa{sv}", [
                 {"name": ("s", "backup1"), "attached": ("b", True), "ejected": ("b", False),
                  "last_success": ("d", 1763812800.5), "last_result": ("s", "success"), "last_message": ("s", ""),
-                 "unfinished": ("b", False), "skipped": ("s", "")},
+                 "unfinished": ("b", False), "skipped": ("s", ""), "remote": ("b", False), "waiting": ("s", "")},
                 {"name": ("s", "offsite"), "attached": ("b", True), "ejected": ("b", True),
                  "last_result": ("s", "stopped"), "last_message": ("s", ""), "unfinished": ("b", True),
-                 "skipped": ("s", "")},
+                 "skipped": ("s", ""), "remote": ("b", False), "waiting": ("s", "")},
             ]),
             "skipped": ("s", ""),
         }

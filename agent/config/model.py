@@ -93,6 +93,9 @@ class RemoteRepository:
     # An rsync daemon's module instead of a path over ssh (agent.repository.daemon), and its password file.
     module: str | None = None
     password_file: str | None = None
+    # The desktop agent backs up to it on a metered connection too (docs/ARCHITECTURE.md, "Remote destinations").
+    metered: bool = False
+    interval: int | None = None  # the agent's seconds between backups to it; None: [agent] interval
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,7 @@ _ARRAY_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "source": ("path", "name", "exclude", "one_file_system", "skip_cachedir_tagged", "freeze"),
         "remote": (
             "name", "host", "port", "user", "path", "identity_file", "known_hosts", "connect_timeout", "module", "password_file",
+            "metered", "interval",
         ),  # fmt: skip
         "offsite": OFFSITE_KEYS,
     }
@@ -1207,10 +1208,25 @@ def _remote(file: str, index: int, data: Mapping[str, Any]) -> RemoteRepository:
         timeout = _duration(file, f"{prefix}.connect_timeout", data["connect_timeout"])
         if not 1 <= timeout <= 120:
             fail(file, f"{prefix}.connect_timeout", f'got {show(data["connect_timeout"])}; expected a duration from "1s" to "2m"')
+    metered = _bool(file, f"{prefix}.metered", data["metered"]) if "metered" in data else False
+    interval = None
+    if "interval" in data:
+        interval = _duration(file, f"{prefix}.interval", data["interval"])
+        if not MIN_INTERVAL <= interval <= MAX_INTERVAL:
+            fail(file, f"{prefix}.interval", f'got {show(data["interval"])}; expected a duration from "1m" to "366d"')
     return RemoteRepository(
         name=name, host=host, path=(path.rstrip("/") or "/") if path else "", user=user, port=port,
         identity_file=identity, known_hosts=known_hosts, connect_timeout=timeout, module=module, password_file=password_file,
+        metered=metered, interval=interval,
     )
+
+
+def _remote_names_apart(file: str, remotes: tuple[RemoteRepository, ...], disks: tuple[Disk, ...]) -> None:
+    """The desktop agent keeps one schedule per name, disks and remotes alike: a name may not be both."""
+    disk_names = {disk.name for disk in disks}
+    for index, remote in enumerate(remotes):
+        if remote.name in disk_names:
+            fail(file, f"remote[{index}].name", f"got {show(remote.name)}, the name of a [[disk]] too; expected a name of its own")
 
 
 def _remotes(file: str, value: object) -> tuple[RemoteRepository, ...]:
@@ -1290,6 +1306,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str, *, hostname: str |
         fields["sources"] = _sources(path, data["source"], data.get("backup", {}))
     if "remote" in data:
         fields["remotes"] = _remotes(path, data["remote"])
+        _remote_names_apart(path, fields["remotes"], fields.get("disks", ()))
     if "offsite" in data:
         from agent.config.offsite import offsite_tables  # it uses this module's validators
 

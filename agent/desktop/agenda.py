@@ -36,6 +36,14 @@ Rules (besides the schedule's):
 - "Not now" (:class:`NotNow`) stops the running cycle as a stop does, and
   the next try is exactly one interval after it was said
   (:func:`agent.policy.schedule.on_postponed`).
+- A remote destination (a server: the agenda's ``servers``) is "attached"
+  while the network may reach it: from :class:`Watching` (the agent runs),
+  and until NetworkManager says there is no network (``Circumstances.offline``), so without a network
+  it is never due and never tried. A try that finds the server silent ends
+  as ``unreachable``: no failure, the entry is ``waiting``
+  (:mod:`agent.policy.reach`) and looked for again after a growing delay;
+  a network that comes back looks at once. See ``docs/ARCHITECTURE.md``,
+  "Remote destinations".
 """
 
 from __future__ import annotations
@@ -44,10 +52,10 @@ import datetime as dt
 from dataclasses import dataclass, field, replace
 from typing import Literal, Mapping, Sequence, Union
 
-from agent.policy import conditions, schedule
+from agent.policy import conditions, reach, schedule
 
 Held = Literal["plugged", "asked"]
-Outcome = Literal["success", "failure", "busy", "skipped"]
+Outcome = Literal["success", "failure", "busy", "skipped", "unreachable"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class DiskAgenda:
     held: Held | None = None  # a trigger waiting for the running cycle to end
     next_due: float | None = None  # the last decision's due time (None: not attached, or ejected)
     skipped: conditions.Hold | None = None  # a due backup waits for this condition to end
+    waiting: reach.Waiting | None = None  # a server that did not answer: looked for again at its retry_at
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,16 @@ class Agenda:
     circumstances: conditions.Circumstances = conditions.Circumstances()  # battery and network, as last told
     remote: frozenset[str] = frozenset()  # disks whose destination is remote (a metered connection holds them)
     tz: dt.tzinfo | None = None  # the zone quiet hours are read in (None: the machine's)
+    servers: frozenset[str] = frozenset()  # remote destinations: attached while the network may reach them
+    policies: Mapping[str, schedule.Policy] = field(default_factory=dict)  # a destination's own (a [[remote]] interval)
+    watching: bool = False  # the agent runs (Watching): servers may be attached
 
     def disk(self, name: str) -> DiskAgenda:
         return self.disks.get(name, DiskAgenda())
+
+    def policy_for(self, name: str) -> schedule.Policy:
+        """The schedule of one destination: its own when it has one, else the agent's."""
+        return self.policies.get(name, self.policy)
 
     def attached(self) -> tuple[str, ...]:
         return tuple(name for name in self.order if self.disk(name).state.attached)
@@ -102,17 +118,26 @@ def new(
     rules: conditions.Rules = conditions.Rules(),
     remote: Sequence[str] = (),
     tz: dt.tzinfo | None = None,
+    servers: Sequence[str] = (),
+    policies: Mapping[str, schedule.Policy] | None = None,
 ) -> Agenda:
-    """The agenda at start: each disk's remembered state (not attached, nothing running)."""
+    """The agenda at start: each disk's remembered state (not attached, nothing running).
+
+    ``servers`` (remote destinations, in ``order`` too) are attached by
+    :class:`Watching`: the network may reach them until NetworkManager says otherwise.
+    """
     known = states or {}
     disks = {
         name: DiskAgenda(
             state=replace(known.get(name, schedule.DiskState()), attached=False, running=False),
-            ejected=name in ejected,
+            ejected=name in ejected and name not in servers,
         )
         for name in order
     }
-    return Agenda(policy, tuple(order), disks, rules=rules, remote=frozenset(remote), tz=tz)
+    return Agenda(
+        policy, tuple(order), disks, rules=rules, remote=frozenset(remote), tz=tz, servers=frozenset(servers),
+        policies=dict(policies or {}),
+    )
 
 
 # -- events ----------------------------------------------------------------------------
@@ -159,11 +184,13 @@ class Finished:
     or ``skipped`` (it did not run, and that is no failure: the user cancelled the passphrase prompt).
 
     ``snapshot_time``: what the new snapshot is named after (a success).
+    ``unreachable``: a server did not answer (``why`` says how); no failure.
     """
 
     disk: str
     outcome: Outcome
     snapshot_time: float | None = None
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -188,11 +215,18 @@ class Circumstance:
 
 
 @dataclass(frozen=True)
+class Watching:
+    """The agent runs and can start cycles: the servers are attached (unless there is no network)."""
+
+
+@dataclass(frozen=True)
 class NotNow:
     """"Not now" on the started notification: stop the running cycle; the next try one interval later."""
 
 
-Event = Union[Plugged, Unplugged, Tick, Resumed, Asked, StopAsked, Finished, Ejected, Blocked, Circumstance, NotNow]
+Event = Union[
+    Plugged, Unplugged, Tick, Resumed, Asked, StopAsked, Finished, Ejected, Blocked, Circumstance, NotNow, Watching
+]
 
 # -- actions ---------------------------------------------------------------------------------
 
@@ -341,7 +375,17 @@ def _apply(agenda: Agenda, event: Event, now: float, actions: list[Action]) -> A
     if isinstance(event, Blocked):
         return replace(agenda, blocked=event.reason)
     if isinstance(event, Circumstance):
+        agenda = _network(agenda, event.now)
         return replace(agenda, circumstances=event.now)  # _settle then starts what no longer waits
+    if isinstance(event, Watching):
+        agenda = replace(agenda, watching=True)
+        if agenda.circumstances.offline:
+            return agenda
+        for name in agenda.order:
+            if name in agenda.servers:
+                entry = agenda.disk(name)
+                agenda = _with(agenda, name, replace(entry, state=replace(entry.state, attached=True)))
+        return agenda  # _settle then starts those due
     if isinstance(event, NotNow):
         if agenda.running is None:
             actions.append(Answer("not-running"))
@@ -349,6 +393,22 @@ def _apply(agenda: Agenda, event: Event, now: float, actions: list[Action]) -> A
         actions += [Stop(agenda.running.disk), Answer("postponed")]
         return replace(agenda, running=replace(agenda.running, stopping=True, postponed_at=now))
     raise ValueError(f"unknown event {event!r}")
+
+
+def _network(agenda: Agenda, now: conditions.Circumstances) -> Agenda:
+    """Servers follow the network: gone while there is none; back (and looked for at once) when it returns."""
+    if now.offline == agenda.circumstances.offline:
+        return agenda
+    for name in agenda.order:
+        if name not in agenda.servers:
+            continue
+        entry = agenda.disk(name)
+        if now.offline:
+            state = schedule.on_unplugged(entry.state)
+            agenda = _with(agenda, name, replace(entry, state=state, held=None, next_due=None, skipped=None, waiting=None))
+        elif agenda.watching:
+            agenda = _with(agenda, name, replace(entry, state=replace(entry.state, attached=True), waiting=None))
+    return agenda
 
 
 def _ask(agenda: Agenda, disk: str | None, now: float, actions: list[Action]) -> Agenda:
@@ -361,7 +421,7 @@ def _ask(agenda: Agenda, disk: str | None, now: float, actions: list[Action]) ->
     attached = agenda.attached()
     name = disk if disk is not None else (attached[0] if attached else None)
     if name is None or not agenda.disk(name).state.attached:
-        actions.append(Answer("no-disk"))
+        actions.append(Answer("no-network" if name in agenda.servers else "no-disk"))
         return agenda
     agenda = _with(agenda, name, replace(agenda.disk(name), ejected=False))
     agenda = _try(agenda, name, "asked", now, actions)
@@ -386,11 +446,14 @@ def _try(agenda: Agenda, name: str, trigger: schedule.Trigger, now: float, actio
     entry = agenda.disk(name)
     if entry.ejected and trigger in ("tick", "resumed"):
         return _with(agenda, name, replace(entry, next_due=None))
-    state, decision = _decide(entry, agenda.policy, now, trigger)
+    state, decision = _decide(entry, agenda.policy_for(name), now, trigger)
     if not decision.start_now:
         due = decision.next_due if decision.reason != "running" else entry.next_due
         skipped = entry.skipped if entry.held == "plugged" else None  # a skipped plug-in still waits
         return _with(agenda, name, replace(entry, state=state, next_due=due, skipped=skipped))
+    waiting = entry.waiting
+    if trigger != "asked" and waiting is not None and now < waiting.retry_at:
+        return _with(agenda, name, replace(entry, state=state, next_due=waiting.retry_at, skipped=None))
     if trigger != "asked":
         held_by = conditions.hold(agenda.rules, agenda.circumstances, now, remote=name in agenda.remote, tz=agenda.tz)
         if held_by is not None:
@@ -426,21 +489,27 @@ def _finish(agenda: Agenda, event: Finished, now: float) -> Agenda:
             held = None  # gone or closed meanwhile, or "not now": nothing to carry on with
         state = replace(entry.state, running=False)
         if running.postponed_at is not None:
-            state = replace(state, postponed_until=running.postponed_at + agenda.policy.interval)
+            state = replace(state, postponed_until=running.postponed_at + agenda.policy_for(event.disk).interval)
         return _with(agenda, event.disk, replace(entry, state=state, held=held))
+    if event.outcome == "unreachable":
+        # Not a failure, and nothing was sent: the server is looked for again later.
+        waiting = reach.missed(entry.waiting, now, event.why or "no answer", agenda.policy_for(event.disk).interval)
+        state = replace(entry.state, running=False)
+        return _with(agenda, event.disk, replace(entry, state=state, next_due=waiting.retry_at, waiting=waiting))
+    entry = replace(entry, waiting=None)  # it answered
     if event.outcome == "skipped":
         # As after a stop, the next regular try is an interval away; nothing was transferred.
         state = replace(entry.state, running=False, stopped_at=now)
     elif event.outcome == "success":
         state = schedule.on_finished(entry.state, now, True, snapshot_time=event.snapshot_time)
     elif running.stopping and running.postponed_at is not None:
-        state = schedule.on_postponed(entry.state, agenda.policy, running.postponed_at)
+        state = schedule.on_postponed(entry.state, agenda.policy_for(event.disk), running.postponed_at)
     elif running.stopping:
         state = schedule.on_stopped(entry.state, now)
     else:
         state = schedule.on_finished(entry.state, now, False)
     # When it is due again, said now: another disk may start at once and hold the settling back (status, the timer).
-    due = None if entry.ejected else schedule.next_due(state, agenda.policy, now)
+    due = None if entry.ejected else schedule.next_due(state, agenda.policy_for(event.disk), now)
     return _with(agenda, event.disk, replace(entry, state=state, next_due=due))
 
 
@@ -467,6 +536,6 @@ def _settle(agenda: Agenda, now: float, actions: list[Action]) -> Agenda:
 __all__ = [
     "Action", "Agenda", "Answer", "Asked", "Blocked", "Circumstance", "DiskAgenda", "Ejected", "Event", "Finished",
     "NotNow", "Plugged", "Resumed", "Running", "Save", "Skipped", "Start", "Stop", "StopAsked", "Tick", "Unplugged",
-    "Wake", "Waits",
+    "Wake", "Waits", "Watching",
     "new", "persisted", "step", "wake_at",
 ]

@@ -51,11 +51,14 @@ from typing import Any, Awaitable, Callable, Final, Literal, Protocol, Sequence
 from agent.desktop import agenda
 from agent.core import events, lock
 from agent.policy import conditions, schedule
-from agent.config.model import Settings
+from agent.config.model import RemoteRepository, Settings
 from agent.disk.mount import holders
 from agent.core.errors import (
-    EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, EXIT_WRONG_PASSPHRASE, BusyError, LockFileError, UsageError,
+    EXIT_BUSY, EXIT_DISK_BUSY, EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_WRONG_PASSPHRASE, BusyError, LockFileError,
+    UsageError,
 )
+from agent.desktop import servers
+from agent.policy import reach
 from agent.desktop.reminder import notice_state_path
 from agent.desktop.passphrase import TRIES, Given, Passphrases, too_many_tries
 from agent.desktop import pinentry
@@ -184,6 +187,7 @@ class _Cycle:
     forgotten: bool = False  # a remembered one did not open it and was forgotten
     remember: bool | None = None  # the user's answer to "remember it?"
     skipped: str | None = None  # not run, and not a failure: why (a cancelled prompt)
+    unreachable: str | None = None  # a server that did not answer: why (not run, not a failure)
     announced: bool = False  # listeners heard backup_started
     asking: bool = False  # the passphrase prompt is up
 
@@ -226,13 +230,16 @@ class Agent:
         self._listeners: list[Listener] = list(listeners)
         self._clock = clock
         self._disk_names = tuple(disk.name for disk in settings.disks)
+        # Remote destinations (docs/ARCHITECTURE.md, "Remote destinations"): scheduled and recorded as disks are.
+        self._remotes = {remote.name: remote for remote in settings.remotes}
+        self._names = self._disk_names + tuple(self._remotes)
         records, saved_status = load_state(options.state_file)
-        self._records: dict[str, DiskRecord] = {name: records.get(name, DiskRecord()) for name in self._disk_names}
+        self._records: dict[str, DiskRecord] = {name: records.get(name, DiskRecord()) for name in self._names}
         # Records of disks no longer configured are kept in the file, untouched.
         self._other_records = {name: record for name, record in records.items() if name not in self._records}
         self._agenda = agenda.new(
             options.policy,
-            self._disk_names,
+            self._names,
             {
                 name: schedule.DiskState(
                     last_success=record.last_success,
@@ -247,6 +254,8 @@ class Agent:
             ejected=[name for name, record in self._records.items() if record.ejected],
             rules=rules_of(settings),
             remote=remote_destinations(settings),
+            servers=tuple(self._remotes),
+            policies=own_policies(settings, options.policy),
         )
         self._queue: list[agenda.Event] = []  # events that came while one was being carried out
         self._stepping = False
@@ -299,8 +308,9 @@ class Agent:
         return self._last_returncode
 
     def attached(self) -> list[str]:
-        """The configured disks attached now, in the configuration's order."""
-        return list(self._agenda.attached())
+        """The configured disks attached now, in the configuration's order (servers are never attached:
+        a reminder for one comes when no backup to it succeeded for long, reachable or not)."""
+        return [name for name in self._agenda.attached() if name not in self._remotes]
 
     def current_agenda(self) -> agenda.Agenda:
         """What the agent decides from now (a value)."""
@@ -335,12 +345,15 @@ class Agent:
                 self._monitor.start(loop)
             finally:
                 self._starting = False
+            if self._remotes:
+                self._do(agenda.Watching())  # the servers are attached now: those due start (or wait)
             self._notifier.send("READY=1")
             self._notify_status()
             interval = watchdog_interval()
             if interval is not None and self._notifier.enabled:
                 self._watchdog(loop, interval)
-            log.info("watching for %s", ", ".join(self._disk_names) or "no disk")
+            log.info("watching for %s%s", ", ".join(self._disk_names) or "no disk",
+                     f"; backing up to {', '.join(self._remotes)} while reachable" if self._remotes else "")
             await stop.wait()
         finally:
             self._shutdown()
@@ -372,11 +385,13 @@ class Agent:
         # Not watching any more: nothing is known to be attached, nothing can start.
         self._agenda = agenda.new(
             self._agenda.policy,
-            self._disk_names,
-            {name: self._agenda.disk(name).state for name in self._disk_names},
+            self._names,
+            {name: self._agenda.disk(name).state for name in self._names},
             ejected=[name for name in self._disk_names if self._agenda.disk(name).ejected],
             rules=self._agenda.rules,
             remote=tuple(self._agenda.remote),
+            servers=tuple(self._remotes),
+            policies=self._agenda.policies,
         )
         self._queue.clear()
         self._loop = None
@@ -412,14 +427,17 @@ class Agent:
         battery = conditions.on_battery_percent(on_battery, percent)
         self._circumstances(dataclasses.replace(battery, metered=self._agenda.circumstances.metered))
 
-    def on_network(self, metered: bool | None) -> None:
-        """NetworkManager told whether the connection is metered (None: not known, taken as not)."""
-        self._circumstances(dataclasses.replace(self._agenda.circumstances, metered=metered is True))
+    def on_network(self, metered: bool | None, online: bool | None = None) -> None:
+        """NetworkManager told whether the connection is metered (None: not known, taken as not), and
+        whether there is a network at all (False: none, so no server is tried; None: not known, tried)."""
+        self._circumstances(
+            dataclasses.replace(self._agenda.circumstances, metered=metered is True, offline=online is False)
+        )
 
     def _circumstances(self, now: conditions.Circumstances) -> None:
         if now != self._agenda.circumstances:
-            log.info("on battery: %s (%s%%); metered connection: %s", now.on_battery,
-                     "?" if now.battery_percent is None else f"{now.battery_percent:.0f}", now.metered)
+            log.info("on battery: %s (%s%%); metered connection: %s; no network: %s", now.on_battery,
+                     "?" if now.battery_percent is None else f"{now.battery_percent:.0f}", now.metered, now.offline)
             self._do(agenda.Circumstance(now))
 
     def _kill(self, disk: str) -> None:
@@ -688,7 +706,7 @@ class Agent:
 
     def _keep_agenda(self) -> None:
         """Copy what the agenda must keep across a restart into the records the state file holds."""
-        for name in self._disk_names:
+        for name in self._names:
             entry = self._agenda.disk(name)
             state = entry.state
             self._records[name] = dataclasses.replace(
@@ -781,14 +799,41 @@ class Agent:
         # before they hear that it started: the first plug-in after the agent
         # started would otherwise be told as a first backup ever.
         self._refresh()
+        remote = self._remotes.get(name)
+        if remote is not None:
+            # Told once the server answered: a server that is not there is "waiting", never a card.
+            cycle.launch = loop.create_task(self._probe_then_spawn(loop, cycle, remote))
+            return
         passphrases = self._options.passphrases
         if passphrases is None or not passphrases.needed(name):
             self._announce(cycle)  # else once the passphrase opened the disk, or at the end: a cancel leaves no card
+        self._launch(loop, cycle)
+
+    def _launch(self, loop: asyncio.AbstractEventLoop, cycle: _Cycle) -> None:
         inhibit = self._options.inhibit
         if inhibit is None:
             self._spawn(loop, cycle)
         else:
             cycle.launch = loop.create_task(self._inhibit_then_spawn(loop, cycle, inhibit))
+
+    async def _probe_then_spawn(
+        self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, remote: RemoteRepository
+    ) -> None:
+        """Connect to the server's port (a second or two at most); start the cycle only when it answered."""
+        host, port = servers.address(remote)
+        why = await servers.unreachable(host, port, reach.PROBE_TIMEOUT)
+        if cycle is not self._cycle:  # the agent shut down meanwhile
+            return
+        if cycle.stop_requested:
+            cycle.skipped = "stopped before it started"
+            self._finish(cycle, None, None)
+            return
+        if why is not None:
+            cycle.unreachable = why
+            self._finish(cycle, None, None)
+            return
+        self._announce(cycle)
+        self._launch(loop, cycle)
 
     async def _inhibit_then_spawn(
         self, loop: asyncio.AbstractEventLoop, cycle: _Cycle, inhibit: Callable[[], Awaitable[Releasable | None]]
@@ -812,7 +857,7 @@ class Agent:
         if passphrases is not None and cycle.given is None and passphrases.needed(cycle.disk):
             cycle.launch = loop.create_task(self._ask_then_spawn(loop, cycle, passphrases))
             return
-        argv = [*self._options.cycle_argv, "--disk", cycle.disk]
+        argv = [*self._options.cycle_argv, *destination_args(cycle.disk, remote=cycle.disk in self._remotes)]
         if cycle.given is not None:
             argv.append("--passphrase-stdin")
 
@@ -944,6 +989,8 @@ class Agent:
                 return
             if exit_code == EXIT_WRONG_PASSPHRASE:
                 return  # asked again, or told after the last try (_finish)
+            if exit_code == EXIT_UNREACHABLE and cycle.disk in self._remotes:
+                return  # the server went away after it answered: waiting, not a failure (_finish)
             if cycle.stop_requested:
                 log.info("backup of %s: %s (stopped as asked)", cycle.disk, message)
                 return
@@ -984,6 +1031,17 @@ class Agent:
         )
         if busy:
             self._look_for_foreign()
+        if cycle.unreachable is None and name in self._remotes and not cycle.stop_requested and (
+            returncode == EXIT_UNREACHABLE and error is not None
+        ):
+            cycle.unreachable = error.message or "the server cannot be reached"
+        if cycle.unreachable is not None:
+            # Not there: no failure, no card; "waiting for NAME", looked for again later (agent.policy.reach).
+            log.info("%s cannot be reached (%s): waiting for it", name, cycle.unreachable)
+            self._status.step = None
+            self._status.progress = {}
+            self._do(agenda.Finished(name, "unreachable", why=cycle.unreachable))
+            return
         if cycle.skipped is not None:
             # Not run, and not a failure: no card; the next try comes after an interval.
             log.info("the backup of %s was skipped: %s", name, cycle.skipped)
@@ -1023,7 +1081,7 @@ class Agent:
             message = "as asked; the next backup carries on from where this one stopped"
             running = self._agenda.running
             if running is not None and running.disk == name and running.postponed_at is not None:
-                later = dt.datetime.fromtimestamp(running.postponed_at + self._agenda.policy.interval)
+                later = dt.datetime.fromtimestamp(running.postponed_at + self._agenda.policy_for(name).interval)
                 message = f"not now, as asked; the next backup at {later:%H:%M} carries on from where this one stopped"
             record = dataclasses.replace(record, last_result="stopped", last_message=message)
             log.info("backup of %s stopped as asked", name)
@@ -1050,7 +1108,7 @@ class Agent:
         self._status.step = None
         self._status.progress = {}
         self._status.disk = name
-        self._status.disk_left = disk_left(cycle.closing)
+        self._status.disk_left = disk_left(cycle.closing) if name not in self._remotes else ""
         self._status.disk_left_detail = {
             "mounted": next((d.mount_point for d in self._settings.disks if d.name == name), ""),
             "lock-failed": cycle.lock_warning,
@@ -1094,7 +1152,7 @@ class Agent:
             status.last_success = record.last_success
             status.last_result = record.last_result
             status.last_message = record.last_message
-        status.disks = [self._disk_status(name, running) for name in self._disk_names]
+        status.disks = [self._disk_status(name, running) for name in self._names]
         dues = [disk.next_due for disk in status.disks if disk.next_due is not None]
         status.next_due = min(dues) if dues else None
         status.skipped = next((disk.skipped for disk in status.disks if disk.name == status.disk), "")
@@ -1126,6 +1184,13 @@ class Agent:
         skipped = entry.skipped.text if entry.skipped is not None and due is not None else ""
         if entry.skipped is not None and due is not None:
             due = entry.skipped.until  # the end of quiet hours; an event ends the others
+        waiting = ""
+        if name in self._remotes:
+            if not attached:
+                waiting = reach.offline_text(name)
+            elif entry.waiting is not None:
+                waiting = reach.waiting_text(name, entry.waiting)
+                attached = False
         return DiskStatus(
             name=name,
             attached=attached,
@@ -1136,6 +1201,9 @@ class Agent:
             next_due=due,
             unfinished=entry.state.unfinished,
             skipped=skipped,
+            remote=name in self._remotes,
+            waiting=waiting,
+            last_failure=entry.state.last_failure,
         )
 
     def _notify_status(self) -> None:
@@ -1211,10 +1279,24 @@ def rules_of(settings: Settings) -> conditions.Rules:
 def remote_destinations(settings: Settings) -> tuple[str, ...]:
     """The configured backups whose destination is remote, which a metered connection holds back.
 
-    None yet: every destination is a local disk. A remote destination names
-    itself here (docs/ARCHITECTURE.md, "Moments not to back up").
+    Every ``[[remote]]`` but those that allow a metered connection (``metered = true``)
+    (docs/ARCHITECTURE.md, "Moments not to back up", "Remote destinations").
     """
-    return ()
+    return tuple(remote.name for remote in settings.remotes if not remote.metered)
+
+
+def own_policies(settings: Settings, policy: schedule.Policy) -> dict[str, schedule.Policy]:
+    """The schedules of the destinations that have their own: each ``[[remote]]`` with an ``interval``."""
+    return {
+        remote.name: dataclasses.replace(policy, interval=float(remote.interval))
+        for remote in settings.remotes
+        if remote.interval is not None
+    }
+
+
+def destination_args(name: str, *, remote: bool) -> tuple[str, str]:
+    """What follows ``backup --json`` for one destination: the exact words of a sudo rule's form (pure)."""
+    return ("--remote", name) if remote else ("--disk", name)
 
 
 def offsite_records(settings: Settings, saved: Any) -> list[OffsiteStatus]:
@@ -1414,7 +1496,9 @@ def main(*, config: str | None, no_sudo: bool, argv0: str, notifications: bool =
             power = await upower.watch_power(system, agent.on_power)
             if power is not None:
                 stack.callback(power.close)
-            network = await networkmanager.watch_network(system, lambda state: agent.on_network(state.metered))
+            network = await networkmanager.watch_network(
+                system, lambda state: agent.on_network(state.metered, state.connectivity != "none")
+            )
             if network is not None:
                 stack.callback(network.close)
             sleep_watch = await logind.watch_sleep(system, agent.on_resumed)

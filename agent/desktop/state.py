@@ -58,6 +58,11 @@ class DiskStatus:
     next_due: float | None = None  # None: not attached, ejected, or a backup runs
     unfinished: bool = False  # the last run failed or was stopped: the next plug-in carries on with it
     skipped: str = ""  # why a due backup waits now (agent.policy.conditions: battery, quiet hours...); "": it does not
+    # A remote destination (a [[remote]]: a server) is listed here too; "attached": the network may reach it
+    # and it answered the last look. "waiting": why it is not tried now ("waiting for nas (no network)"), never a failure.
+    remote: bool = False
+    waiting: str = ""
+    last_failure: float | None = None  # epoch seconds of the last failed run (None: none since the last success)
 
 
 @dataclass

@@ -97,6 +97,7 @@ class Circumstances:
     on_battery: bool = False
     battery_percent: float | None = None  # the display device's charge; None: not known
     metered: bool = False
+    offline: bool = False  # NetworkManager says there is no network at all: no server can be reached
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,11 @@ class NetworkManager(ServiceInterface):
         self.metered = value
         self.emit_properties_changed({"Metered": value})
 
+    def set_connectivity(self, value: int) -> None:
+        """NMConnectivityState: 1 none, 2 portal, 3 limited, 4 full."""
+        self.connectivity = value
+        self.emit_properties_changed({"Connectivity": value})
+
 
 async def serve_networkmanager(address: str, *, metered: int, connectivity: int = 4) -> tuple[MessageBus, NetworkManager]:
     bus = await MessageBus(bus_address=address).connect()

@@ -36,7 +36,7 @@ from typing import Any, Mapping, cast, get_args
 from dbus_fast import Message, MessageFlag, MessageType, unpack_variants
 from dbus_fast.aio import MessageBus
 
-from agent.core.errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, BackupAgentError, UsageError
+from agent.core.errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, EXIT_UNREACHABLE, BackupAgentError, UsageError
 from agent.desktop import statefile
 from agent.desktop.state import AgentStatus, DiskLeft, DiskStatus, OffsiteStatus, Result, State, offsite_from
 from agent.desktop.statefile import state_file_path
@@ -220,10 +220,10 @@ def _disk_from(value: Any, source: str) -> DiskStatus | None:
         log.warning("%s: an entry of disks has no name; ignored", source)
         return None
     disk = DiskStatus(name=name)
-    for key in ("attached", "ejected", "unfinished"):
+    for key in ("attached", "ejected", "unfinished", "remote"):
         if isinstance(value.get(key), bool):
             setattr(disk, key, value[key])
-    for key in ("last_success", "next_due"):
+    for key in ("last_success", "next_due", "last_failure"):
         if _number(value.get(key)):
             setattr(disk, key, float(value[key]))
     result = value.get("last_result")
@@ -235,6 +235,9 @@ def _disk_from(value: Any, source: str) -> DiskStatus | None:
     skipped = value.get("skipped")
     if isinstance(skipped, str):
         disk.skipped = skipped
+    waiting = value.get("waiting")
+    if isinstance(waiting, str):
+        disk.waiting = waiting
     return disk
 
 
@@ -275,8 +278,12 @@ def run_now(disk: str | None = None) -> int:
         raise UsageError(f"{disk} is not a configured backup disk: `backup-agent status` lists them")
     if word == "no-disk" and disk is not None:
         print(f"{disk} is not attached: plug it in and the agent backs it up")
+    elif word == "no-network":
+        print(f"{disk} cannot be reached: there is no network; the agent backs it up when there is")
     else:
         print(_NOW_LINES.get(word, word))
+    if word == "no-network":
+        return EXIT_UNREACHABLE
     return EXIT_DISK_MISSING if word == "no-disk" else EXIT_OK
 
 
@@ -343,7 +350,7 @@ def format_status(status: AgentStatus, *, live: bool, saved_at: float | None = N
         lines.append(f"waiting:      {status.skipped} (the due backup starts when this ends; not a failure)")
     if status.cycle_pid is not None:
         lines.append(f"cycle:        pid {status.cycle_pid}")
-    if len(status.disks) > 1 or any(disk.ejected for disk in status.disks):
+    if len(status.disks) > 1 or any(disk.ejected or disk.remote for disk in status.disks):
         lines.append("disks:")
         for disk in status.disks:
             lines.append(f"  {disk.name}: {_disk_line(disk, live=live)}")
@@ -375,14 +382,19 @@ def offsite_line(record: OffsiteStatus, now: float) -> str:
 
 def _disk_line(disk: DiskStatus, *, live: bool) -> str:
     """One configured disk in ``status``: attached or not, its last success and result, when it is due."""
-    where = "ejected (closed until plugged in again)" if disk.ejected else "attached" if disk.attached else "not attached"
+    if disk.remote:
+        where = "server, reachable" if disk.attached else "server"
+    else:
+        where = "ejected (closed until plugged in again)" if disk.ejected else "attached" if disk.attached else "not attached"
     parts = [where, f"last success {_when(disk.last_success) if disk.last_success is not None else 'never'}"]
     if disk.last_result in ("failure", "stopped"):
         parts.append(f"last run {disk.last_result}" + (f": {disk.last_message}" if disk.last_message else ""))
     if disk.unfinished:
-        parts.append("the next plug-in carries on with the unfinished backup")
+        parts.append(f"the next {'run' if disk.remote else 'plug-in'} carries on with the unfinished backup")
     if live and disk.skipped:
         parts.append(f"waiting: {disk.skipped}")
+    if live and disk.waiting:
+        parts.append(disk.waiting)
     if live and disk.next_due is not None:
         parts.append(f"next backup {_when(disk.next_due)}")
     return "; ".join(parts)

@@ -91,6 +91,7 @@ from agent.desktop.dbus.texts import (  # the words, re-exported: callers and te
     past,
     progress_text,
     reminder_text,
+    remote_reminder_text,
     removed_text,
     skipped_text,
     started_text,
@@ -188,6 +189,7 @@ class Notifier:
         # [[offsite]] remind_after, each its own (0: never).
         self._offsite_remind = {site.name: site.remind_after for site in settings.offsite} if settings is not None else {}
         self._repositories = {disk.name: disk.repository for disk in settings.disks} if settings is not None else {}
+        self._servers = frozenset(remote.name for remote in settings.remotes) if settings is not None else frozenset()
         self._state_path = state_path
         self._notice = load_notice_state(state_path) if state_path is not None else NoticeState()
         self._logged_in = False
@@ -380,7 +382,8 @@ class Notifier:
                 if reminder.disk in self._reminding:
                     continue
                 self._reminding.add(reminder.disk)
-                self._post(f"reminder:{reminder.disk}", reminder_text(reminder.disk, reminder.last_success, now, self._tz),
+                words = remote_reminder_text if reminder.disk in self._servers else reminder_text
+                self._post(f"reminder:{reminder.disk}", words(reminder.disk, reminder.last_success, now, self._tz),
                            icon="drive-harddisk", category="device", about=(reminder.disk, "reminder"),
                            shown=functools.partial(self._reminded, reminder.disk, True),
                            missed=functools.partial(self._reminded, reminder.disk, False))
@@ -460,7 +463,8 @@ class Notifier:
             if status.last_result in ("success", "partial"):
                 disk = self._disk or status.disk or "the disk"
                 open_path = self._reachable_snapshot(disk, event, status)
-                self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail),
+                self._post("cycle", completed_text(disk, event, status.disk_left, status.disk_left_detail,
+                                                   remote=disk in self._servers),
                            actions=(ACTION_OPEN,) if open_path else (), icon="drive-harddisk",
                            category="transfer.complete", open_path=open_path, about=(disk, "complete"))
                 self._card = (disk, "complete")
@@ -542,7 +546,7 @@ class Notifier:
         # place, and a "no backup needed yet" or a missed failure of this disk is withdrawn.
         self._withdraw("disk")
         self._withdraw(f"missed:{disk}")
-        self._post("cycle", started_text(disk, reason, last, self._now()), actions=(ACTION_STOP, ACTION_NOT_NOW),
+        self._post("cycle", started_text(disk, reason, last, self._now(), remote=disk in self._servers), actions=(ACTION_STOP, ACTION_NOT_NOW),
                    icon="drive-harddisk", category="transfer", transient=True, about=(disk, "running"))
         self._card = (disk, "running")
 
@@ -565,7 +569,7 @@ class Notifier:
     def backup_completed(self, event: CompleteEvent) -> None:
         self._completed = event
         self._muted = False
-        self._post("cycle", completed_text(self._disk or "the disk", event, None),
+        self._post("cycle", completed_text(self._disk or "the disk", event, None, remote=self._disk in self._servers),
                    icon="drive-harddisk", category="transfer", about=(self._disk or "the disk", "running"))
 
     def offsite_finished(self, offsite: OffsiteStatus, state: str) -> None:

@@ -11,7 +11,10 @@ import datetime as dt
 from typing import NamedTuple
 
 from agent.engine.cycle import human_size
-from agent.core.errors import EXIT_BUSY, EXIT_DISK_BUSY, EXIT_DISK_FULL, EXIT_DISK_MISSING, EXIT_REPOSITORY, EXIT_USAGE
+from agent.core.errors import (
+    EXIT_BUSY, EXIT_CONNECTION_LOST, EXIT_DISK_BUSY, EXIT_DISK_FULL, EXIT_DISK_MISSING, EXIT_HOST_KEY, EXIT_REFUSED,
+    EXIT_REPOSITORY, EXIT_USAGE,
+)
 from agent.core.events import CompleteEvent, ProgressEvent
 from agent.desktop.reminder import DAY, MissedSummary
 from agent.desktop.state import DiskLeft
@@ -58,6 +61,11 @@ _CAUSE_HINTS: dict[int, str] = {
     EXIT_DISK_MISSING: "Plug the backup disk in and try again.",
     EXIT_DISK_BUSY: "Close the programs it names, then eject the disk from the file manager.",
     EXIT_DISK_FULL: "Make room on the disk as it says, then try again with Back up now.",
+    # A server ([[remote]]): README, "Backing up to a server".
+    EXIT_HOST_KEY: "Compare the server's host key with its fingerprint and record it in the configured known_hosts as root; "
+    "nothing was sent.",
+    EXIT_REFUSED: "Give the server the backup key (its authorized_keys), or the rsync daemon the right password, then try again.",
+    EXIT_CONNECTION_LOST: "The next backup carries on from where this one stopped; earlier snapshots are untouched.",
 }
 _STOPPED_HINT = "Back up now starts it again."  # exit status 128 + the signal: stopped, not broken
 _HINTS: dict[str, str] = {
@@ -173,19 +181,16 @@ def _time_left(seconds: float) -> str:
     return f"about {_plural(hours, 'hour')}" + (f" {minutes} min" if minutes else "") + " left"
 
 
-def started_text(disk: str, reason: str, last_success: float | None, now: float) -> Text:
-    """Backup started: which disk, why, and the last backup's age."""
+def started_text(disk: str, reason: str, last_success: float | None, now: float, *, remote: bool = False) -> Text:
+    """Backup started: which disk (or server, ``remote``), why, and the last backup's age."""
     why = _REASONS.get(reason, reason)
     if last_success is None:
-        first = "First backup to this disk: it can take a while."
+        first = f"First backup to this {'server' if remote else 'disk'}: it can take a while."
     else:
         first = f"Last backup {age(last_success, now)}."
     because = f" Started because {why}." if why else ""
-    return Text(
-        f"Backing up to {disk}",
-        f"{first}{because} Keep the disk plugged in until it is safe to unplug.",
-        NORMAL,
-    )
+    keep = " Stay on this network until it is complete." if remote else " Keep the disk plugged in until it is safe to unplug."
+    return Text(f"Backing up to {disk}", f"{first}{because}{keep}", NORMAL)
 
 
 def progress_text(disk: str, event: ProgressEvent | None, step: str | None) -> Text:
@@ -220,7 +225,7 @@ def _left_words(disk: str, left: DiskLeft | None, detail: str) -> str:
     return f"Eject {disk} from the file manager before you unplug it."
 
 
-def completed_text(disk: str, event: CompleteEvent, left: DiskLeft | None, detail: str = "") -> Text:
+def completed_text(disk: str, event: CompleteEvent, left: DiskLeft | None, detail: str = "", *, remote: bool = False) -> Text:
     """Completed: what changed, how long it took, the snapshot, and how the disk was left.
 
     ``left``: None while the disk is still being closed; otherwise the
@@ -248,6 +253,8 @@ def completed_text(disk: str, event: CompleteEvent, left: DiskLeft | None, detai
     if event.flagged:
         line += " This snapshot has far fewer files than the last one: check that nothing is missing."
     summary = f"Backup to {disk} finished with problems" if partial else f"Backup to {disk} complete"
+    if remote:  # a server: nothing to unplug or lock
+        return Text(summary, f"{line}\nThe snapshot is complete on {disk}.", NORMAL)
     if left == "lock-failed":
         summary += ", but the disk is still unlocked"
     return Text(summary, f"{line}\n{_left_words(disk, left, detail)}", NORMAL)
@@ -307,6 +314,17 @@ def reminder_text(disk: str, last_success: float | None, now: float, tz: dt.tzin
     days = max(0, int((now - last_success) // DAY))
     return Text(
         f"No backup to {disk} for {_plural(days, 'day')}", f"Last backup on {day(last_success, now, tz)}. {plug}", NORMAL
+    )
+
+
+def remote_reminder_text(name: str, last_success: float | None, now: float, tz: dt.tzinfo | None = None) -> Text:
+    """No backup to a server succeeded for a while: it was not reachable (or failed) all that time."""
+    reach = f"The backup starts by itself whenever {name} can be reached: `backup-agent status` says why it waits."
+    if last_success is None:
+        return Text(f"No backup to {name} yet", f"Last backup: never. {reach}", NORMAL)
+    days = max(0, int((now - last_success) // DAY))
+    return Text(
+        f"No backup to {name} for {_plural(days, 'day')}", f"Last backup on {day(last_success, now, tz)}. {reach}", NORMAL
     )
 
 

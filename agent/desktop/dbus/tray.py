@@ -163,6 +163,7 @@ class Tray:
         self._item = ItemService(self)
         self._menu = MenuService(self)
         self._disks = {disk.name: disk for disk in settings.disks}
+        self._servers = [remote.name for remote in settings.remotes]  # after the disks in the menu's numbering
         self._status = AgentStatus()
         self._progress: ProgressEvent | None = None
         self._attached: list[str] = []
@@ -342,7 +343,8 @@ class Tray:
 
     def _menu_now(self) -> tuple[Item, ...]:
         place = self._places.get(self._status.disk) if self._status.disk is not None else None
-        return menu_items(self._status, self._attached, list(self._disks), place)
+        reachable = [entry.name for entry in self._status.disks if entry.remote and entry.attached]
+        return menu_items(self._status, self._attached, [*self._disks, *self._servers], place, reachable)
 
     def _publish(self) -> bool:
         """Emit the signals for what changed since the last time; True when the menu changed."""
@@ -415,8 +417,8 @@ class Tray:
                 self._start(self._open_latest())
             elif ident == BROWSE:
                 self._start(self._browse())
-            elif BACKUP_BASE <= ident < BACKUP_BASE + len(self._disks):
-                name = list(self._disks)[ident - BACKUP_BASE]
+            elif BACKUP_BASE <= ident < BACKUP_BASE + len(self._disks) + len(self._servers):
+                name = [*self._disks, *self._servers][ident - BACKUP_BASE]
                 log.info("tray: Back up now to %s: %s", name, self.controller.backup_now(name))
             elif ident >= EJECT_BASE:
                 names = list(self._disks)

@@ -120,13 +120,34 @@ def tooltip(status: AgentStatus, progress: ProgressEvent | None, now: float) -> 
         return f"Backup to {disk} failed", f"{what}\n{last} Earlier snapshots are untouched."
     if status.last_result in ("success", "partial") and status.last_message and status.last_success is not None:
         last = f"Last backup {age(status.last_success, now)}: {status.last_message}."
-    last += offsite_words(status, now)
+    last += offsite_words(status, now) + remote_words(status, now)
     if status.state == "disk-attached" and status.skipped:
         return f"{disk} attached", f"{last} A backup is due and waits: {status.skipped}. It starts when that ends."
     if status.state == "disk-attached":
         due = f" Next backup {when(status.next_due, now)}." if status.next_due is not None else ""
         return f"{disk} attached", f"{last}{due}"
+    if status.disks and all(entry.remote for entry in status.disks):
+        return APP_NAME, last  # servers only: nothing to plug in
     return APP_NAME, f"{last} Plug in the backup disk to back up."
+
+
+def remote_words(status: AgentStatus, now: float) -> str:
+    """The servers in the tooltip, each on its own schedule ("nas: last backup 2 hours ago; waiting for nas (no network).")."""
+    words = []
+    for entry in status.disks:
+        if not entry.remote:
+            continue
+        last = f"last backup {age(entry.last_success, now)}" if entry.last_success is not None else "no backup yet"
+        if entry.waiting:
+            then = entry.waiting
+        elif entry.skipped:
+            then = f"the backup waits: {entry.skipped}"
+        elif entry.next_due is not None and status.state != "running":
+            then = f"next backup {when(entry.next_due, now)}"
+        else:
+            then = ""
+        words.append(f" {entry.name}: {last}" + (f"; {then}." if then else "."))
+    return "".join(words)
 
 
 def offsite_words(status: AgentStatus, now: float) -> str:
@@ -166,11 +187,17 @@ class Item:
 
 
 def menu_items(
-    status: AgentStatus, attached: Sequence[str], disks: Sequence[str], place: Place | None
+    status: AgentStatus, attached: Sequence[str], disks: Sequence[str], place: Place | None,
+    servers: Sequence[str] = (),
 ) -> tuple[Item, ...]:
-    """The menu for this state (pure); ``place``: where the status's disk stands, when looked at."""
+    """The menu for this state (pure); ``place``: where the status's disk stands, when looked at.
+
+    ``servers``: the reachable remote destinations, named in ``disks`` after the disks: each may be
+    backed up now, none is ejected or browsed.
+    """
     running = status.state == "running"
-    here = [name for name in disks if name in attached]
+    here = [name for name in disks if name in attached and name not in servers]
+    targets = here + [name for name in disks if name in servers]
     if running:
         open_label, can_open = "Open latest backup (after this backup)", False
     elif status.disk is None or status.disk not in here:
@@ -183,13 +210,13 @@ def menu_items(
         open_label, can_open = "Open latest backup (none found on the disk)", False
     else:
         open_label, can_open = "Open latest backup", True
-    if len(here) > 1:  # several disks: the user says which
+    if len(targets) > 1:  # several disks (or servers): the user says which
         items = [
             Item(BACKUP_BASE + disks.index(name), f"Back up now to {name}", not running, icon="document-save")
-            for name in here
+            for name in targets
         ]
     else:
-        items = [Item(BACK_UP_NOW, "Back up now", bool(here) and not running, icon="document-save")]
+        items = [Item(BACK_UP_NOW, "Back up now", bool(targets) and not running, icon="document-save")]
     items += [
         Item(STOP, "Stop the backup", running, icon="process-stop"),
         Item(OPEN_LATEST, open_label, can_open, icon="folder-open"),
