@@ -49,6 +49,10 @@ def test_the_job_view_is_told_percent_speed_and_what_was_copied() -> None:
         JobCall("setProcessedAmount", "ts", (12, "files")),
         JobCall("setDescriptionField", "uss", (1, "Copied", "12 files, 1.0 MiB")),
     )
+    # the file being copied, once the cycle names one, in the second field (as Plasma's own copies show it)
+    copying = jobview.progress_calls(events.progress(42.7, 1048576, 12, 350000.0, 90, current="/home/a/b.txt"))
+    assert copying[-1] == JobCall("setDescriptionField", "uss", (1, "File", "/home/a/b.txt"))
+    assert jobview.v3_update(copying)["descriptionValue2"].value == "/home/a/b.txt"
     # what rsync does not know yet is not said
     assert [c.member for c in jobview.progress_calls(events.progress(None, 0, 0, None, None))] == [
         "setProcessedAmount", "setProcessedAmount", "setDescriptionField"]
@@ -210,3 +214,4 @@ def test_a_server_with_only_the_newer_form_gets_one_update_per_change_and_its_ca
         server_bus.disconnect()
 
     run(scenario())
+

@@ -87,7 +87,8 @@ def step_calls(disk: str, step: str | None) -> tuple[JobCall, ...]:
 
 
 def progress_calls(event: ProgressEvent) -> tuple[JobCall, ...]:
-    """The transfer's progress: percent, speed, and what was copied so far."""
+    """The transfer's progress: percent, speed, and the file being copied (or, before one is named, what
+    was copied so far), in the second of the two fields Plasma shows, as its own copies show the file."""
     calls: list[JobCall] = []
     if event.percent is not None:
         calls.append(JobCall("setPercent", "u", (int(min(100.0, max(0.0, event.percent))),)))
@@ -96,8 +97,11 @@ def progress_calls(event: ProgressEvent) -> tuple[JobCall, ...]:
     calls += [
         JobCall("setProcessedAmount", "ts", (max(0, event.bytes), "bytes")),
         JobCall("setProcessedAmount", "ts", (max(0, event.files), "files")),
-        JobCall("setDescriptionField", "uss", (1, "Copied", f"{event.files} files, {human_size(event.bytes)}")),
     ]
+    if event.current:
+        calls.append(JobCall("setDescriptionField", "uss", (1, "File", event.current)))
+    else:
+        calls.append(JobCall("setDescriptionField", "uss", (1, "Copied", f"{event.files} files, {human_size(event.bytes)}")))
     return tuple(calls)
 
 
