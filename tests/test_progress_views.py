@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import pytest
-from dbus_fast import DBusError, NameFlag
+from dbus_fast import DBusError, Message, NameFlag
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusObjectPath, DBusSignature, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method
@@ -215,3 +215,33 @@ def test_a_server_with_only_the_newer_form_gets_one_update_per_change_and_its_ca
 
     run(scenario())
 
+
+@pytest.mark.integration
+def test_the_dock_hears_the_progress_for_the_launcher_install_writes(session_bus: PrivateBus) -> None:
+    """The Update broadcast and Query name application://backup-agent.desktop, the file install puts in place."""
+    from agent.system.install import LAUNCHER_FILE
+    from tests.helpers.desktop_services import listen_to_launcher
+    from tests.test_notify import until
+
+    uri = "application://" + Path(LAUNCHER_FILE).name
+
+    async def scenario() -> None:
+        dock_bus, heard = await listen_to_launcher(session_bus.address)
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        clock = FakeClock()
+        shown = launcher.start(bus, clock=clock)
+        assert shown is not None
+        shown.entry.backup_started("backup1", "asked")
+        clock.now += 2
+        shown.entry.progress(events.progress(40.0, 10, 1, 5.0, 3))
+        await until(lambda: len(heard) == 2)
+        assert heard == [(uri, {"progress": 0.0, "progress-visible": True}),
+                         (uri, {"progress": 0.4, "progress-visible": True})]
+        reply = await dock_bus.call(Message(destination=bus.unique_name, path=launcher.LAUNCHER_PATH,
+                                            interface=launcher.LAUNCHER_INTERFACE, member="Query"))
+        assert reply is not None and reply.body[0] == uri
+        shown.close()
+        bus.disconnect()
+        dock_bus.disconnect()
+
+    run(scenario())

@@ -15,8 +15,8 @@ A server that offers only ``org.kde.JobViewServerV2`` (its
 ``terminate(errorCode, errorMessage, hints)``) gets the same calls in that
 form (:func:`v3_update`). The first form is preferred where both are
 offered, as Plasma does: it names the application and its icon itself,
-where the second looks them up in a desktop entry the project does not
-install.
+where the second looks them up in the desktop entry ``backup-agent
+install`` writes (agent.system.install.launcher_entry).
 
 :class:`JobViews` is a :class:`~agent.desktop.state.Listener`. Whether a
 job server is there is asked when a backup starts (one may come and go with
@@ -52,7 +52,7 @@ JOB_SERVER_INTERFACE = "org.kde.JobViewServer"
 JOB_SERVER_V2_INTERFACE = "org.kde.JobViewServerV2"
 JOB_VIEW_INTERFACE = "org.kde.JobViewV2"
 JOB_VIEW_V3_INTERFACE = "org.kde.JobViewV3"
-DESKTOP_ENTRY = "backup-agent"  # what the V2 server is told (a desktop entry of that name, where there is one)
+DESKTOP_ENTRY = "backup-agent"  # what the V2 server is told: the desktop entry install writes, backup-agent.desktop
 KILLABLE = 1  # KJob::Killable: the view shows a cancel button (our Stop)
 USER_DEFINED_ERROR = 100  # KJob::UserDefinedError: the job failed (0: it did not; 1 would say "cancelled")
 APP_NAME = "Backups"
