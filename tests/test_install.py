@@ -774,7 +774,7 @@ def test_the_launcher_is_a_valid_desktop_entry_named_as_the_dock_progress_says(t
     assert subprocess.run([validate, str(tmp_path / "broken.desktop")], capture_output=True, timeout=30).returncode != 0
     groups = _desktop_groups(text)
     entry, stop = groups["Desktop Entry"], groups["Desktop Action stop"]
-    assert (entry["Exec"], stop["Exec"], entry["Icon"]) == (f"{EXE} now", f"{EXE} stop", jobview.APP_ICON)
+    assert (entry["Exec"], stop["Exec"], entry["Icon"]) == (f"{EXE} now --notify", f"{EXE} stop --notify", jobview.APP_ICON)
     assert entry["Terminal"] == "false" and "NoDisplay" not in entry  # listed, so it can be pinned to a dock
     parser = cli.build_parser()
     for command in (entry["Exec"], stop["Exec"]):

@@ -245,3 +245,46 @@ def test_the_dock_hears_the_progress_for_the_launcher_install_writes(session_bus
         dock_bus.disconnect()
 
     run(scenario())
+
+
+@pytest.mark.integration
+def test_the_launcher_s_commands_show_an_answer_no_terminal_would(
+    session_bus: PrivateBus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``now --notify`` and ``stop --notify`` (the launcher's Exec lines), run as the CLI, against the control
+    interface with a plain controller and a recording notification server on a private bus."""
+    from agent.core.errors import EXIT_DISK_MISSING
+    from agent.desktop.dbus import EXIT_NO_AGENT
+    from tests.test_dbus_control import FakeController, backup_agent, cli_env, with_agent
+    from tests.test_notify import until
+
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", session_bus.address)
+    controller = FakeController()
+    env = cli_env(tmp_path, session_bus.address)
+
+    async def scenario() -> None:
+        server_bus, cards = await serve(session_bus.address, ["actions", "body"])
+
+        async def body(service: object, other: MessageBus) -> None:
+            assert await backup_agent(env, "now", "--notify") == (0, "backup started\n", "")
+            assert cards.shown == []  # started: the agent's own card says so
+            controller.now_word = "no-disk"
+            code, out, _ = await backup_agent(env, "now", "--notify")
+            assert (code, out) == (EXIT_DISK_MISSING, "no backup disk is attached: plug one in and the agent backs it up\n")
+            controller.stop_word = "not-running"
+            assert (await backup_agent(env, "stop", "--notify"))[:2] == (0, "no backup is running\n")
+
+        await with_agent(controller, body)
+        assert [(card.app_name, card.summary, card.body) for card in cards.shown] == [
+            ("Backups", "Backups", "No backup disk is attached: plug one in and the agent backs it up."),
+            ("Backups", "Backups", "No backup is running."),
+        ]
+        assert cards.shown[0].hints["desktop-entry"] == "backup-agent"
+        # no agent at all: the one line on stderr and the exit status, as without --notify, and the card
+        code, out, err = await backup_agent(env, "now", "--notify")
+        assert (code, out) == (EXIT_NO_AGENT, "") and err.startswith("backup-agent: no backup agent")
+        await until(lambda: len(cards.shown) == 3)
+        assert cards.shown[2].body.startswith("No backup agent runs in this session") and cards.shown[2].hints["urgency"] == 1
+        server_bus.disconnect()
+
+    run(scenario(), timeout=60)

@@ -256,8 +256,9 @@ _LAUNCHER: Final = """\
 # broadcasts it as com.canonical.Unity.LauncherEntry for
 # application://backup-agent.desktop. Pin "Backups" to the dock to see the bar on
 # its icon. Opening it asks the running agent to back up now, as the tray's
-# "Back up now" does; its one action stops the running backup. Exec names the
-# backup-agent command that ran install.
+# "Back up now" does; its one action stops the running backup; --notify shows
+# an answer other than "started" (no disk, no agent) as a notification, since
+# no terminal shows it. Exec names the backup-agent command that ran install.
 [Desktop Entry]
 Type=Application
 Version=1.4
@@ -265,7 +266,7 @@ Name=Backups
 GenericName=Backup
 Comment=Back up to the attached backup disk now
 Icon=drive-harddisk
-Exec={executable} now
+Exec={executable} now --notify
 Terminal=false
 StartupNotify=false
 Categories=Utility;Archiving;
@@ -275,12 +276,12 @@ Actions=stop;
 
 [Desktop Action stop]
 Name=Stop the Backup
-Exec={executable} stop
+Exec={executable} stop --notify
 """
 
 
 def launcher_entry(executable: str) -> str:
-    """The desktop entry's text, opening ``executable now`` (pure; same path checks as the sudo rule,
+    """The desktop entry's text, opening ``executable now --notify`` (pure; same path checks as the sudo rule,
     which leave nothing the Exec key would need to quote)."""
     _check_executable(executable)
     return LAUNCHER_MARKER + "\n" + _LAUNCHER.replace("{executable}", executable)
