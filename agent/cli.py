@@ -290,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disable-notifications", action="store_true", help="no desktop notifications (whatever the config says)")
     now = sub.add_parser("now", parents=[loud], help="ask the running agent to back up now (D-Bus)")
     now.add_argument("--disk", metavar="NAME", help="this configured disk (default: the first one attached)")
-    sub.add_parser("stop", parents=[loud], help="ask the running agent to stop the running backup (D-Bus)")
+    stopping = sub.add_parser("stop", parents=[loud], help="ask the running agent to stop the running backup (D-Bus)")
+    for told in (now, stopping):  # the launcher (backup-agent.desktop) runs them where no terminal shows the answer
+        told.add_argument("--notify", action="store_true", help="also show the answer as a desktop notification")
     sub.add_parser(
         "check-stale",
         parents=[common],
@@ -1215,13 +1217,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_now(args: argparse.Namespace) -> int:
     from agent.desktop.dbus import client  # dbus_fast only for these commands
 
-    return client.run_now(args.disk)
+    return client.run_now(args.disk, notify=args.notify)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from agent.desktop.dbus import client
 
-    return client.run_stop()
+    return client.run_stop(notify=args.notify)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from tests import test_udev
 from tests.test_udev import loops, luks_image  # noqa: F401 (fixtures)
 
 from agent.system.install import (
+    LAUNCHER_MARKER,
     MARKER,
     RULES_MARKER,
     UNIT_MARKER,
@@ -40,6 +41,7 @@ from agent.system.install import (
     console_script,
     sudoers_rule,
     trust_problem,
+    launcher_entry,
     udev_rules,
     user_unit,
 )
@@ -290,7 +292,7 @@ def test_install_dry_run_shows_a_rule_visudo_accepts_and_writes_nothing(
 ) -> None:
     script = stand_in(trusted_dir, trusted_python, extra=trusted_agent)
     before = sorted(os.listdir("/etc/sudoers.d"))
-    others = [os.path.lexists(path) for path in (installer.RULES_FILE, installer.UNIT_FILE)]
+    others = [os.path.lexists(path) for path in (installer.RULES_FILE, installer.UNIT_FILE, installer.LAUNCHER_FILE)]
     user = some_user()
     result = run([str(script), "install", "--dry-run", "--user", user])
     assert result.returncode == 0, result.stderr
@@ -299,15 +301,17 @@ def test_install_dry_run_shows_a_rule_visudo_accepts_and_writes_nothing(
         (installer.DROP_IN, "(mode 0440, owner root:root), which visudo -csf accepts"),
         (installer.RULES_FILE, "(mode 0644, owner root:root), then run udevadm control --reload"),
         (installer.UNIT_FILE, "(mode 0644, owner root:root)"),
+        (installer.LAUNCHER_FILE, "(mode 0644, owner root:root)"),
     ]
     text = shown[installer.DROP_IN][1]
     assert text.startswith(MARKER + "\n")
     assert shown[installer.RULES_FILE][1].startswith(RULES_MARKER + "\n")
     assert shown[installer.UNIT_FILE][1] == user_unit(str(script))
+    assert shown[installer.LAUNCHER_FILE][1] == launcher_entry(str(script))
     assert f"{user} ALL = (root) NOPASSWD: {script} backup --json" in text
     assert visudo_accepts(text, tmp_path).returncode == 0
     assert sorted(os.listdir("/etc/sudoers.d")) == before
-    assert [os.path.lexists(path) for path in (installer.RULES_FILE, installer.UNIT_FILE)] == others
+    assert [os.path.lexists(path) for path in (installer.RULES_FILE, installer.UNIT_FILE, installer.LAUNCHER_FILE)] == others
     # Through sudo (SUDO_USER set by sudo), the user who ran sudo is the default.
     through = run([str(script), "install", "-n"], SUDO_UID="4242", SUDO_USER=user)
     assert through.returncode == 0, through.stderr
@@ -375,16 +379,18 @@ class Targets(TypedDict):
     drop_in: str
     rules: str
     unit: str
+    launcher: str
 
 
 @pytest.fixture
 def targets(sudoers_dir: Path) -> Targets:
-    """install's three paths under a root-owned temporary etc (the udev and systemd directories not made yet)."""
+    """install's four paths under a root-owned temporary etc (the other directories not made yet)."""
     etc = sudoers_dir.parent
     return Targets(
         drop_in=str(sudoers_dir / "backup-agent"),
         rules=str(etc / "udev" / "rules.d" / "70-backup-agent.rules"),
         unit=str(etc / "systemd" / "user" / "backup-agent.service"),
+        launcher=str(etc / "applications" / "backup-agent.desktop"),
     )
 
 
@@ -394,13 +400,14 @@ def written(targets: Targets) -> list[str]:
     return sorted(str(path.relative_to(etc)) for path in etc.rglob("*") if not path.is_dir())
 
 
-ALL_THREE = ["sudoers.d/backup-agent", "systemd/user/backup-agent.service", "udev/rules.d/70-backup-agent.rules"]
+ALL_FOUR = ["applications/backup-agent.desktop", "sudoers.d/backup-agent", "systemd/user/backup-agent.service",
+            "udev/rules.d/70-backup-agent.rules"]
 
 
 @pytest.mark.integration
 @needs_visudo
 @needs_root
-def test_install_writes_the_three_files_atomically_and_replaces_only_its_own(
+def test_install_writes_the_four_files_atomically_and_replaces_only_its_own(
     trusted_dir: Path,
     targets: Targets,
     trusted_python: str,
@@ -414,13 +421,14 @@ def test_install_writes_the_three_files_atomically_and_replaces_only_its_own(
     out = io.StringIO()
     user = some_user()
     assert installer.install(user=user, dry_run=False, argv0=str(script), out=out, **targets) == 0
-    assert written(targets) == ALL_THREE  # no temporary file left
+    assert written(targets) == ALL_FOUR  # no temporary file left
     expected = {
         "drop_in": (sudoers_rule(user, str(script), []), 0o440),
         "rules": (udev_rules([]), 0o644),
         "unit": (user_unit(str(script)), 0o644),
+        "launcher": (launcher_entry(str(script)), 0o644),
     }
-    paths = {"drop_in": targets["drop_in"], "rules": targets["rules"], "unit": targets["unit"]}
+    paths: dict[str, str] = dict(targets)
     for key, (text, mode) in expected.items():
         info = os.lstat(paths[key])
         assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == mode, key
@@ -430,10 +438,11 @@ def test_install_writes_the_three_files_atomically_and_replaces_only_its_own(
     assert lines[0].startswith(f"wrote {targets['drop_in']}: {user} may now run as root")
     assert lines[1].startswith(f"wrote {targets['rules']}: udev marks no disk")
     assert lines[2].startswith(f"wrote {targets['unit']}: the desktop agent for every user")
+    assert lines[3].startswith(f"wrote {targets['launcher']}: \"Backups\" for the menus and the dock")
     # Run again: ours, so replaced.
     assert installer.install(user=user, dry_run=False, argv0=str(script), out=io.StringIO(), **targets) == 0
-    assert written(targets) == ALL_THREE
-    # Someone else's file of any of the three names is never overwritten, and then nothing is written.
+    assert written(targets) == ALL_FOUR
+    # Someone else's file of any of the four names is never overwritten, and then nothing is written.
     for key in paths:
         for other in paths.values():
             if os.path.lexists(other):
@@ -448,7 +457,7 @@ def test_install_writes_the_three_files_atomically_and_replaces_only_its_own(
 @pytest.mark.integration
 @needs_visudo
 @needs_root
-def test_install_dry_run_into_a_root_shows_three_files_and_writes_nothing(
+def test_install_dry_run_into_a_root_shows_four_files_and_writes_nothing(
     trusted_dir: Path, targets: Targets, trusted_python: str, trusted_agent: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(installer, "trust_problem", trusted_only(trusted_python, trusted_dir))
@@ -460,6 +469,7 @@ def test_install_dry_run_into_a_root_shows_three_files_and_writes_nothing(
         targets["drop_in"]: ("(mode 0440, owner root:root), which visudo -csf accepts", sudoers_rule(user, str(script), [])),
         targets["rules"]: ("(mode 0644, owner root:root), then run udevadm control --reload", udev_rules([])),
         targets["unit"]: ("(mode 0644, owner root:root)", user_unit(str(script))),
+        targets["launcher"]: ("(mode 0644, owner root:root)", launcher_entry(str(script))),
     }
     assert written(targets) == []
 
@@ -480,9 +490,11 @@ def test_a_rule_visudo_refuses_is_never_put_in_place(
 
 def test_uninstall_removes_only_our_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    paths = {key: tmp_path / name for key, name in (("drop_in", "sudo"), ("rules", "rules"), ("unit", "unit"))}
-    targets = Targets(drop_in=str(paths["drop_in"]), rules=str(paths["rules"]), unit=str(paths["unit"]))
-    markers = {"drop_in": MARKER, "rules": RULES_MARKER, "unit": UNIT_MARKER}
+    paths = {key: tmp_path / name for key, name in (("drop_in", "sudo"), ("rules", "rules"), ("unit", "unit"),
+                                                    ("launcher", "launcher"))}
+    targets = Targets(drop_in=str(paths["drop_in"]), rules=str(paths["rules"]), unit=str(paths["unit"]),
+                      launcher=str(paths["launcher"]))
+    markers = {"drop_in": MARKER, "rules": RULES_MARKER, "unit": UNIT_MARKER, "launcher": LAUNCHER_MARKER}
     out = io.StringIO()
     assert installer.uninstall(dry_run=False, out=out, **targets) == 0
     assert out.getvalue() == "".join(f"nothing to remove: {path} does not exist\n" for path in targets.values())
@@ -505,7 +517,7 @@ def test_uninstall_removes_only_our_files(tmp_path: Path, monkeypatch: pytest.Mo
         target.unlink()
     for key, target in paths.items():
         os.rename(tmp_path / f"ours-{key}", target)
-    # All three ours: dry run names them, then they go.
+    # All four ours: dry run names them, then they go.
     out = io.StringIO()
     assert installer.uninstall(dry_run=True, out=out, **targets) == 0
     assert out.getvalue() == "".join(f"would remove {path}\n" for path in targets.values())
@@ -514,9 +526,9 @@ def test_uninstall_removes_only_our_files(tmp_path: Path, monkeypatch: pytest.Mo
     assert installer.uninstall(dry_run=False, out=out, **targets) == 0
     assert [line.partition(":")[0] for line in out.getvalue().splitlines()] == [f"removed {p}" for p in targets.values()]
     assert not any(path.exists() for path in paths.values())
-    # One foreign file: the other two are still removed, and the foreign one is named.
+    # One foreign file: the others are still removed, and the foreign one is named.
     paths["rules"].write_text("foreign\n")
-    for key in ("drop_in", "unit"):
+    for key in ("drop_in", "unit", "launcher"):
         paths[key].write_text(markers[key] + "\n")
     with pytest.raises(UsageError, match=f"{paths['rules']} was not written"):
         installer.uninstall(dry_run=False, out=io.StringIO(), **targets)
@@ -529,7 +541,7 @@ def test_uninstall_removes_only_our_files(tmp_path: Path, monkeypatch: pytest.Mo
 def test_install_and_uninstall_for_real_in_etc(
     trusted_dir: Path, request: pytest.FixtureRequest, trusted_python: str, trusted_agent: str
 ) -> None:
-    real = (installer.DROP_IN, installer.RULES_FILE, installer.UNIT_FILE)
+    real = (installer.DROP_IN, installer.RULES_FILE, installer.UNIT_FILE, installer.LAUNCHER_FILE)
     present = [path for path in real if os.path.lexists(path)]
     if present:
         request.applymarker(pytest.mark.may_skip)
@@ -547,7 +559,7 @@ def test_install_and_uninstall_for_real_in_etc(
             assert Path(path).read_text() == shown[path][1]
         info = os.lstat(installer.DROP_IN)
         assert stat.S_IMODE(info.st_mode) == 0o440 and (info.st_uid, info.st_gid) == (0, 0)
-        assert [stat.S_IMODE(os.lstat(path).st_mode) for path in real[1:]] == [0o644, 0o644]
+        assert [stat.S_IMODE(os.lstat(path).st_mode) for path in real[1:]] == [0o644, 0o644, 0o644]
         assert not [name for name in os.listdir("/etc/sudoers.d") if name.startswith(".backup-agent")]
         whole = subprocess.run([VISUDO or "visudo", "-c"], capture_output=True, text=True, timeout=30)
         assert whole.returncode == 0, whole.stdout + whole.stderr
@@ -560,7 +572,7 @@ def test_install_and_uninstall_for_real_in_etc(
         assert removed.returncode == 0 and removed.stdout.startswith(f"removed {installer.DROP_IN}")
         assert not any(os.path.lexists(path) for path in real)
     finally:
-        for path, marker in zip(real, (MARKER, RULES_MARKER, UNIT_MARKER)):
+        for path, marker in zip(real, (MARKER, RULES_MARKER, UNIT_MARKER, LAUNCHER_MARKER)):
             if os.path.lexists(path) and installer._is_ours(path, marker):
                 os.unlink(path)
 
@@ -624,6 +636,8 @@ def test_the_user_unit_runs_the_installed_command_and_survives_its_cycle() -> No
 def test_the_files_in_the_checkout_are_what_install_writes() -> None:
     unit = (REPO / "systemd-user" / "backup-agent.service").read_text()
     assert UNIT_MARKER + "\n" + unit == user_unit("/usr/local/sbin/backup-agent")
+    entry = (REPO / "applications" / "backup-agent.desktop").read_text()
+    assert LAUNCHER_MARKER + "\n" + entry == launcher_entry("/usr/local/sbin/backup-agent")
     example = (REPO / "udev" / "70-backup-agent.rules").read_text()
     assert RULES_MARKER + "\n" + example == udev_rules([disk()])
 
@@ -723,3 +737,47 @@ def test_udev_applies_the_rule_to_a_real_luks_device(luks_image: tuple[Path, str
         if made:
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+# -- the launcher -------------------------------------------------------------------
+
+
+def _desktop_groups(text: str) -> dict[str, dict[str, str]]:
+    groups: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = groups.setdefault(line[1:-1], {})
+        elif line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            current[key] = value
+    return groups
+
+
+def test_the_launcher_is_a_valid_desktop_entry_named_as_the_dock_progress_says(tmp_path: Path) -> None:
+    """desktop-file-validate (Debian's desktop-file-utils) accepts it without a word; the docks find it by its
+    name, which the launcher entry's application:// URI and the KDE job's desktop entry both give."""
+    from agent import cli
+    from agent.desktop.dbus import jobview, launcher
+
+    validate = shutil.which("desktop-file-validate")
+    if validate is None:
+        pytest.skip(reason="desktop-file-validate is not installed: apt-get install -y desktop-file-utils (scripts/test does)")
+    name = os.path.basename(installer.LAUNCHER_FILE)
+    assert launcher.APP_URI == f"application://{name}" and f"{jobview.DESKTOP_ENTRY}.desktop" == name
+    text = launcher_entry(EXE)
+    assert text.startswith(LAUNCHER_MARKER + "\n")
+    (tmp_path / name).write_text(text)
+    result = subprocess.run([validate, str(tmp_path / name)], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    (tmp_path / "broken.desktop").write_text(text.replace("Type=Application\n", ""))  # the check can fail
+    assert subprocess.run([validate, str(tmp_path / "broken.desktop")], capture_output=True, timeout=30).returncode != 0
+    groups = _desktop_groups(text)
+    entry, stop = groups["Desktop Entry"], groups["Desktop Action stop"]
+    assert (entry["Exec"], stop["Exec"], entry["Icon"]) == (f"{EXE} now --notify", f"{EXE} stop --notify", jobview.APP_ICON)
+    assert entry["Terminal"] == "false" and "NoDisplay" not in entry  # listed, so it can be pinned to a dock
+    parser = cli.build_parser()
+    for command in (entry["Exec"], stop["Exec"]):
+        parser.parse_args(command.split()[1:])  # real subcommands, in a form the CLI takes
+    with pytest.raises(UsageError):
+        launcher_entry("/opt/with space/backup-agent")

@@ -111,6 +111,13 @@ def test_progress_text() -> None:
     )
     unknown = notify.progress_text("backup1", None, None)
     assert unknown == Text("Backing up to backup1", "Working out the time left: copying files.", LOW)
+    # the file being copied, on a line of its own: its name, a long one shortened in the middle
+    copying = events.progress(42, 1048576, 12, 350000.0, 240, current="/home/alice/Music/a song.flac")
+    assert notify.progress_text("backup1", copying, "transfer").body == (
+        "About 4 minutes left: copying files (12 files, 1.0 MiB so far).\nNow: a song.flac")
+    long = events.progress(42, 1048576, 12, 350000.0, 240, current="/d/" + "x" * 100 + ".tar.zst")
+    line = notify.progress_text("backup1", long, "transfer").body.splitlines()[1]
+    assert len(line) == len("Now: ") + 48 and line.startswith("Now: xxx") and line.endswith("x.tar.zst") and "…" in line
 
 
 def test_sizes_are_the_cli_s_binary_units() -> None:

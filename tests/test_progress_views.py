@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import pytest
-from dbus_fast import DBusError, NameFlag
+from dbus_fast import DBusError, Message, NameFlag
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusObjectPath, DBusSignature, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method
@@ -49,6 +49,10 @@ def test_the_job_view_is_told_percent_speed_and_what_was_copied() -> None:
         JobCall("setProcessedAmount", "ts", (12, "files")),
         JobCall("setDescriptionField", "uss", (1, "Copied", "12 files, 1.0 MiB")),
     )
+    # the file being copied, once the cycle names one, in the second field (as Plasma's own copies show it)
+    copying = jobview.progress_calls(events.progress(42.7, 1048576, 12, 350000.0, 90, current="/home/a/b.txt"))
+    assert copying[-1] == JobCall("setDescriptionField", "uss", (1, "File", "/home/a/b.txt"))
+    assert jobview.v3_update(copying)["descriptionValue2"].value == "/home/a/b.txt"
     # what rsync does not know yet is not said
     assert [c.member for c in jobview.progress_calls(events.progress(None, 0, 0, None, None))] == [
         "setProcessedAmount", "setProcessedAmount", "setDescriptionField"]
@@ -210,3 +214,77 @@ def test_a_server_with_only_the_newer_form_gets_one_update_per_change_and_its_ca
         server_bus.disconnect()
 
     run(scenario())
+
+
+@pytest.mark.integration
+def test_the_dock_hears_the_progress_for_the_launcher_install_writes(session_bus: PrivateBus) -> None:
+    """The Update broadcast and Query name application://backup-agent.desktop, the file install puts in place."""
+    from agent.system.install import LAUNCHER_FILE
+    from tests.helpers.desktop_services import listen_to_launcher
+    from tests.test_notify import until
+
+    uri = "application://" + Path(LAUNCHER_FILE).name
+
+    async def scenario() -> None:
+        dock_bus, heard = await listen_to_launcher(session_bus.address)
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        clock = FakeClock()
+        shown = launcher.start(bus, clock=clock)
+        assert shown is not None
+        shown.entry.backup_started("backup1", "asked")
+        clock.now += 2
+        shown.entry.progress(events.progress(40.0, 10, 1, 5.0, 3))
+        await until(lambda: len(heard) == 2)
+        assert heard == [(uri, {"progress": 0.0, "progress-visible": True}),
+                         (uri, {"progress": 0.4, "progress-visible": True})]
+        reply = await dock_bus.call(Message(destination=bus.unique_name, path=launcher.LAUNCHER_PATH,
+                                            interface=launcher.LAUNCHER_INTERFACE, member="Query"))
+        assert reply is not None and reply.body[0] == uri
+        shown.close()
+        bus.disconnect()
+        dock_bus.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_the_launcher_s_commands_show_an_answer_no_terminal_would(
+    session_bus: PrivateBus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``now --notify`` and ``stop --notify`` (the launcher's Exec lines), run as the CLI, against the control
+    interface with a plain controller and a recording notification server on a private bus."""
+    from agent.core.errors import EXIT_DISK_MISSING
+    from agent.desktop.dbus import EXIT_NO_AGENT
+    from tests.test_dbus_control import FakeController, backup_agent, cli_env, with_agent
+    from tests.test_notify import until
+
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", session_bus.address)
+    controller = FakeController()
+    env = cli_env(tmp_path, session_bus.address)
+
+    async def scenario() -> None:
+        server_bus, cards = await serve(session_bus.address, ["actions", "body"])
+
+        async def body(service: object, other: MessageBus) -> None:
+            assert await backup_agent(env, "now", "--notify") == (0, "backup started\n", "")
+            assert cards.shown == []  # started: the agent's own card says so
+            controller.now_word = "no-disk"
+            code, out, _ = await backup_agent(env, "now", "--notify")
+            assert (code, out) == (EXIT_DISK_MISSING, "no backup disk is attached: plug one in and the agent backs it up\n")
+            controller.stop_word = "not-running"
+            assert (await backup_agent(env, "stop", "--notify"))[:2] == (0, "no backup is running\n")
+
+        await with_agent(controller, body)
+        assert [(card.app_name, card.summary, card.body) for card in cards.shown] == [
+            ("Backups", "Backups", "No backup disk is attached: plug one in and the agent backs it up."),
+            ("Backups", "Backups", "No backup is running."),
+        ]
+        assert cards.shown[0].hints["desktop-entry"] == "backup-agent"
+        # no agent at all: the one line on stderr and the exit status, as without --notify, and the card
+        code, out, err = await backup_agent(env, "now", "--notify")
+        assert (code, out) == (EXIT_NO_AGENT, "") and err.startswith("backup-agent: no backup agent")
+        await until(lambda: len(cards.shown) == 3)
+        assert cards.shown[2].body.startswith("No backup agent runs in this session") and cards.shown[2].hints["urgency"] == 1
+        server_bus.disconnect()
+
+    run(scenario(), timeout=60)

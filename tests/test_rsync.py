@@ -31,6 +31,7 @@ from agent.engine.rsync import (
     exclude_repository_rule,
     is_cachedir_tag,
     parse_stats,
+    readable_name,
 )
 
 RSYNC = shutil.which("rsync") or "/usr/bin/rsync"
@@ -156,6 +157,7 @@ def test_build_argv_full() -> None:
         "--numeric-ids",
         "--one-file-system",
         "--info=progress2",
+        "--itemize-changes",
         "--stats",
         "--no-human-readable",
         "--link-dest=/media/disk/host/snapshots/A",
@@ -183,6 +185,7 @@ def test_build_argv_minimal() -> None:
         "--xattrs",
         "--numeric-ids",
         "--info=progress2",
+        "--itemize-changes",
         "--stats",
         "--no-human-readable",
         "/",
@@ -745,3 +748,44 @@ def test_installed_rsync_accepts_every_option() -> None:
     # 23: the source does not exist; 1 would be an unknown option.
     assert completed.returncode == 23, completed.stderr
     assert "unknown option" not in completed.stderr
+
+
+# --- the file being copied ---------------------------------------------------
+
+
+def test_itemized_lines_name_the_file_being_copied_and_nothing_else_does() -> None:
+    """Lines as rsync 3.5.0 prints them with --itemize-changes; only a file received or sent is "being copied"."""
+    parser = ProgressParser()
+    record = "              7  31%    0.00kB/s    0:00:00 (xfr#1, to-chk=8/12)"
+
+    def current() -> str | None:
+        update = parser.feed(record)
+        assert update is not None
+        return update.current
+
+    assert current() is None
+    for line, taken, expected in [
+        (">f+++++++++ a/new file", True, "a/new file"),
+        ("cd+++++++++ a/dir/", True, "a/new file"),
+        ("*deleting   a/zz", True, "a/new file"),
+        ("hf+++++++++ a/hard => a/f1", True, "a/new file"),
+        ("cL+++++++++ a/link -> f1", True, "a/new file"),
+        (".f..t...... a/touched", True, "a/new file"),
+        ("<f.st...... remote/sent", True, "remote/sent"),
+        (">f.st...... caf\\#303\\#251", True, "caf\\#303\\#251"),
+        ("created directory /media/disk/snapshots/x.in-progress", False, "caf\\#303\\#251"),
+        ("Number of files: 12 (reg: 8, dir: 3, link: 1)", False, "caf\\#303\\#251"),
+        ("Total file size: 22 bytes", False, "caf\\#303\\#251"),
+        ("sent 213 bytes  received 43 bytes  512.00 bytes/sec", False, "caf\\#303\\#251"),
+        (record, False, "caf\\#303\\#251"),
+    ]:
+        assert parser.item(line) is taken, line
+        assert current() == expected, line
+
+
+def test_a_name_is_read_back_as_one_line_of_text() -> None:
+    assert readable_name("a/plain name") == "a/plain name"
+    assert readable_name("caf\\#303\\#251/na\\#303\\#257ve") == "café/naïve"
+    assert readable_name("new\\#012line") == "new?line"
+    assert readable_name("latin1 \\#351t\\#351") == "latin1 \ufffdt\ufffd"
+    assert readable_name("back\\#134#slash") == "back\\#slash"

@@ -649,14 +649,20 @@ class Cycle:
             percent, eta = transfer_progress(update, now - transfer_started, copies_all=copies_all)
             if count > 1:  # each source its share of the bar, in order
                 percent, eta = (100 * index + percent) // count, None
-            self.emitter.emit(progress(percent, update.bytes, update.files, update.rate, eta))
+            current = None  # the file being copied: its name is read back only here, at most twice a second
+            if update.current is not None:
+                current = os.path.join(part.source.path, rsync.readable_name(update.current))
+            self.emitter.emit(progress(percent, update.bytes, update.files, update.rate, eta, current=current))
 
         def on_stdout(line: str) -> None:
             nonlocal last_emit
+            if parser.item(line):  # one line per file copied: the current file, the files written (btrfs)
+                if part_written is not None:
+                    part_written.feed(line)
+                return
             update = parser.feed(line)
             if update is None:
-                if part_written is None or not part_written.feed(line):
-                    other_lines.append(line)
+                other_lines.append(line)
                 return
             now = time.monotonic()
             unsent[:] = [update]

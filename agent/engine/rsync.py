@@ -23,6 +23,11 @@ Observed with rsync 3.5.0 (protocol 32), run with the flags of
   ``MB/s``, ``GB/s`` unit (powers of 1024) and two decimals.
 * ``--stats`` is the same as ``--info=stats2``: the block of
   ``Number of files: ...`` lines at the end of stdout.
+* ``--itemize-changes`` writes ``%i %n%L``: eleven characters of flags, a
+  space and the name, as ``>f+++++++++ a/b`` when a file starts to be
+  received (before its progress records), ``cd+++++++++ a/`` for a new
+  directory, ``*deleting   a/c``; a file hard-linked from a ``--link-dest``
+  gets no line, so a backup where nothing changed prints none.
 """
 
 from __future__ import annotations
@@ -76,18 +81,22 @@ BASE_OPTIONS: tuple[str, ...] = (
     "--numeric-ids",
 )
 
-# Parseable output: progress records and the statistics block on stdout, and
-# numbers without thousands separators (whatever the locale).
+# Parseable output: progress records, one itemized line per item rsync
+# changes, and the statistics block on stdout, and numbers without thousands
+# separators (whatever the locale). The itemized lines name the file being
+# copied (ProgressParser.item) and, in the btrfs layout, every file written,
+# so that the manifest knows what changed in the clone without a stat per
+# file (Written). A file hard-linked from a --link-dest is not itemized: a
+# backup where nothing changed prints none.
 OUTPUT_OPTIONS: tuple[str, ...] = (
     "--info=progress2",
+    "--itemize-changes",
     "--stats",
     "--no-human-readable",
 )
 
 # Updating a clone of the previous snapshot (the btrfs layout).
-# --itemize-changes: one line per file written (Written), so that the
-# manifest knows what changed in the clone without a stat per file.
-INPLACE_OPTIONS: tuple[str, ...] = ("--inplace", "--no-whole-file", "--delete", "--delete-excluded", "--itemize-changes")
+INPLACE_OPTIONS: tuple[str, ...] = ("--inplace", "--no-whole-file", "--delete", "--delete-excluded")
 
 _FILTER_PREFIXES = ("--include=", "--exclude=", "--filter=")
 
@@ -216,7 +225,9 @@ class Progress:
     ``checked``/``total``: files checked so far and files in the list
     (``to-chk``/``ir-chk``), None before the first file ends; ``scanning``:
     the file list is still being built (``ir-chk``), so ``total`` and
-    ``percent`` still move.
+    ``percent`` still move; ``current``: the last file rsync started to
+    copy, as its itemized line names it (relative to the transfer's root,
+    with rsync's escapes: :func:`readable_name`), None before the first.
     """
 
     bytes: int
@@ -227,6 +238,7 @@ class Progress:
     checked: int | None
     total: int | None
     scanning: bool = False
+    current: str | None = None
 
 
 _PROGRESS_RE = re.compile(
@@ -272,6 +284,22 @@ class ProgressParser:
         self._recent: tuple[int, ...] = ()  # the last three positions rsync printed
         self._total: int | None = None
         self._scanning = False
+        self._current: str | None = None
+
+    def item(self, line: str) -> bool:
+        """Take ``line`` when it is an ``--itemize-changes`` line (True); else leave it to the caller.
+
+        A regular file sent (``>f``, or ``<f`` to a server) becomes the
+        current file of the next records. rsync prints such a line as it
+        starts the file, before the file's own progress records. Called for
+        every line rsync prints, so it only slices the line: the eleven
+        flags, a space, the name (``*deleting  `` is eleven characters too).
+        """
+        if len(line) < 13 or line[11] != " " or line[0] not in "<>ch.*":
+            return False
+        if line[1] == "f" and line[0] in "<>":
+            self._current = line[12:]
+        return True
 
     def feed(self, line: str) -> Progress | None:
         match = _PROGRESS_RE.match(line)
@@ -307,7 +335,20 @@ class ProgressParser:
             checked=self._checked,
             total=self._total,
             scanning=self._scanning,
+            current=self._current,
         )
+
+
+def readable_name(name: str) -> str:
+    """An itemized name as text to show: rsync's ``\\#ooo`` escapes back to bytes, read as UTF-8.
+
+    Only for showing: a byte that is not UTF-8 becomes U+FFFD and a control character (a newline in a
+    name) "?", so the name stays one line; :class:`Written` keeps the exact bytes.
+    """
+    if "\\#" not in name:
+        return name
+    raw = _ESCAPED_BYTE.sub(lambda m: bytes((int(m[1], 8),)), name.encode("utf-8", "surrogateescape"))
+    return "".join(c if c.isprintable() else "?" for c in raw.decode("utf-8", "replace"))
 
 
 def _median_low(values: tuple[int, ...]) -> int:

@@ -1,6 +1,6 @@
-"""``backup-agent install`` / ``uninstall``: the sudo rule, the udev rule and the user unit.
+"""``backup-agent install`` / ``uninstall``: the sudo rule, the udev rule, the user unit and the launcher.
 
-``install`` puts three files in place, each atomically, each starting with
+``install`` puts four files in place, each atomically, each starting with
 its own marker line, and never over a file it did not write:
 
 * ``/etc/sudoers.d/backup-agent`` (0440): the one sudo rule the desktop agent
@@ -9,9 +9,11 @@ its own marker line, and never over a file it did not write:
   disk (``BACKUP_AGENT_DISK``) and hides it from desktop automounters
   (``UDISKS_IGNORE``), never ``RUN+=`` (:func:`udev_rules`);
 * ``/etc/systemd/user/backup-agent.service`` (0644): the user unit that runs
-  ``backup-agent run`` in every user's graphical session (:func:`user_unit`).
+  ``backup-agent run`` in every user's graphical session (:func:`user_unit`);
+* ``/usr/local/share/applications/backup-agent.desktop`` (0644): the desktop
+  entry docks match the agent's progress bar to (:func:`launcher_entry`).
 
-``uninstall`` removes those of the three that carry our marker.
+``uninstall`` removes those of the four that carry our marker.
 
 The desktop agent runs as the user and starts the root backup cycle with
 ``sudo -n backup-agent backup --json [--disk NAME]``, and the tray's Eject
@@ -87,6 +89,9 @@ RULES_MARKER: Final = "# backup-agent udev rule: written by `backup-agent instal
 UNIT_FILE: Final = "/etc/systemd/user/backup-agent.service"
 UNIT_MODE: Final = 0o644
 UNIT_MARKER: Final = "# backup-agent user unit: written by `backup-agent install`, removed by `backup-agent uninstall`"
+LAUNCHER_FILE: Final = "/usr/local/share/applications/backup-agent.desktop"
+LAUNCHER_MODE: Final = 0o644
+LAUNCHER_MARKER: Final = "# backup-agent launcher: written by `backup-agent install`, removed by `backup-agent uninstall`"
 UDEVADM: Final = "udevadm"
 _UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
 
@@ -244,6 +249,42 @@ def user_unit(executable: str) -> str:
     """The user unit's text, running ``executable run`` (pure; same path checks as the sudo rule)."""
     _check_executable(executable)
     return UNIT_MARKER + "\n" + _UNIT.replace("{executable}", executable)
+
+
+_LAUNCHER: Final = """\
+# The desktop entry docks match the backup's progress bar to: the desktop agent
+# broadcasts it as com.canonical.Unity.LauncherEntry for
+# application://backup-agent.desktop. Pin "Backups" to the dock to see the bar on
+# its icon. Opening it asks the running agent to back up now, as the tray's
+# "Back up now" does; its one action stops the running backup; --notify shows
+# an answer other than "started" (no disk, no agent) as a notification, since
+# no terminal shows it. Exec names the backup-agent command that ran install.
+[Desktop Entry]
+Type=Application
+Version=1.4
+Name=Backups
+GenericName=Backup
+Comment=Back up to the attached backup disk now
+Icon=drive-harddisk
+Exec={executable} now --notify
+Terminal=false
+StartupNotify=false
+Categories=Utility;Archiving;
+Keywords=backup;snapshot;restore;backup-agent;
+X-GNOME-UsesNotifications=true
+Actions=stop;
+
+[Desktop Action stop]
+Name=Stop the Backup
+Exec={executable} stop --notify
+"""
+
+
+def launcher_entry(executable: str) -> str:
+    """The desktop entry's text, opening ``executable now --notify`` (pure; same path checks as the sudo rule,
+    which leave nothing the Exec key would need to quote)."""
+    _check_executable(executable)
+    return LAUNCHER_MARKER + "\n" + _LAUNCHER.replace("{executable}", executable)
 
 
 # -- what the rule would hand root to -------------------------------------------
@@ -419,11 +460,12 @@ class _File:
     mode: int
 
 
-def _files(drop_in: str, rules: str, unit: str) -> tuple[_File, _File, _File]:
+def _files(drop_in: str, rules: str, unit: str, launcher: str) -> tuple[_File, _File, _File, _File]:
     return (
         _File("the sudo rule", drop_in, MARKER, DROP_IN_MODE),
         _File("the udev rule", rules, RULES_MARKER, RULES_MODE),
         _File("the user unit", unit, UNIT_MARKER, UNIT_MODE),
+        _File("the launcher", launcher, LAUNCHER_MARKER, LAUNCHER_MODE),
     )
 
 
@@ -447,13 +489,14 @@ def install(
     drop_in: str = DROP_IN,
     rules: str = RULES_FILE,
     unit: str = UNIT_FILE,
+    launcher: str = LAUNCHER_FILE,
     out: TextIO | None = None,
     runner: Runner | None = None,
 ) -> int:
-    """Put the sudo rule for ``user``, the udev rule and the user unit in place (``dry_run``: show them)."""
+    """Put the sudo rule for ``user``, the udev rule, the user unit and the launcher in place (``dry_run``: show them)."""
     out = out if out is not None else sys.stdout
     runner = runner if runner is not None else Runner()
-    files = _files(drop_in, rules, unit)
+    files = _files(drop_in, rules, unit, launcher)
     if not dry_run and os.geteuid() != 0:
         raise UsageError(
             f"install writes {', '.join(f.path for f in files)} and needs root: run it with sudo "
@@ -473,6 +516,7 @@ def install(
         sudoers_rule(name, program.executable, disk_names, remote_names),
         udev_rules(settings.disks),
         user_unit(program.executable),
+        launcher_entry(program.executable),
     )
     for file in files:
         if not os.path.lexists(file.path):
@@ -496,7 +540,7 @@ def install(
         log.warning("%s has no @includedir %s line: sudo will not read this rule", SUDOERS, os.path.dirname(drop_in))
     if dry_run:
         _check_temporary(texts[0], runner)
-        notes = (", which visudo -csf accepts", f", then run {UDEVADM} control --reload", "")
+        notes = (", which visudo -csf accepts", f", then run {UDEVADM} control --reload", "", "")
         for file, text, note in zip(files, texts, notes):
             out.write(f"would write {file.path} (mode {file.mode:04o}, owner root:root){note}:\n")
             out.write(text)
@@ -514,6 +558,8 @@ def install(
         "sudo systemctl --global enable backup-agent.service (all users) or "
         "systemctl --user daemon-reload && systemctl --user enable --now backup-agent.service (one user)\n"
     )
+    _write_checked(texts[3], launcher, None, LAUNCHER_MODE)
+    out.write(f"wrote {launcher}: \"Backups\" for the menus and the dock, where the backup's progress shows\n")
     return 0
 
 
@@ -523,6 +569,7 @@ def uninstall(
     drop_in: str = DROP_IN,
     rules: str = RULES_FILE,
     unit: str = UNIT_FILE,
+    launcher: str = LAUNCHER_FILE,
     out: TextIO | None = None,
     runner: Runner | None = None,
 ) -> int:
@@ -533,7 +580,7 @@ def uninstall(
     """
     out = out if out is not None else sys.stdout
     runner = runner if runner is not None else Runner()
-    files = _files(drop_in, rules, unit)
+    files = _files(drop_in, rules, unit, launcher)
     if not dry_run and os.geteuid() != 0:
         raise UsageError(f"uninstall removes {', '.join(f.path for f in files)} and needs root: run it with sudo")
     ours: list[_File] = []
@@ -561,6 +608,8 @@ def uninstall(
         elif file.marker == RULES_MARKER:
             _reload_udev(runner)
             out.write(f"removed {file.path}: udev no longer marks the backup disks\n")
+        elif file.marker == LAUNCHER_MARKER:
+            out.write(f"removed {file.path}: Backups leaves the menus and the dock\n")
         else:
             out.write(f"removed {file.path}: running agents stop when their session ends\n")
             links = _enabled_links(file.path)

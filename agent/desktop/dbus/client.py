@@ -27,13 +27,14 @@ are ignored, and a field of the wrong type is ignored with a warning.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import time
-from typing import Any, Mapping, cast, get_args
+from typing import Any, Iterator, Mapping, cast, get_args
 
-from dbus_fast import Message, MessageFlag, MessageType, unpack_variants
+from dbus_fast import Message, MessageFlag, MessageType, Variant, unpack_variants
 from dbus_fast.aio import MessageBus
 
 from agent.core.errors import EXIT_DISK_MISSING, EXIT_OK, EXIT_STEP_FAILED, EXIT_UNREACHABLE, BackupAgentError, UsageError
@@ -271,27 +272,77 @@ _STOP_LINES = {
 }
 
 
-def run_now(disk: str | None = None) -> int:
-    """``backup-agent now [--disk NAME]``."""
-    word = asyncio.run(backup_now(disk=disk))
-    if word == "unknown-disk":
-        raise UsageError(f"{disk} is not a configured backup disk: `backup-agent status` lists them")
+def run_now(disk: str | None = None, *, notify: bool = False) -> int:
+    """``backup-agent now [--disk NAME] [--notify]``."""
+    with _told_on_failure(notify):
+        word = asyncio.run(backup_now(disk=disk))
+        if word == "unknown-disk":
+            raise UsageError(f"{disk} is not a configured backup disk: `backup-agent status` lists them")
     if word == "no-disk" and disk is not None:
-        print(f"{disk} is not attached: plug it in and the agent backs it up")
+        line = f"{disk} is not attached: plug it in and the agent backs it up"
     elif word == "no-network":
-        print(f"{disk} cannot be reached: there is no network; the agent backs it up when there is")
+        line = f"{disk} cannot be reached: there is no network; the agent backs it up when there is"
     else:
-        print(_NOW_LINES.get(word, word))
+        line = _NOW_LINES.get(word, word)
+    print(line)
+    if notify and word != "started":  # once started, the agent's own card says so
+        tell(line)
     if word == "no-network":
         return EXIT_UNREACHABLE
     return EXIT_DISK_MISSING if word == "no-disk" else EXIT_OK
 
 
-def run_stop() -> int:
-    """``backup-agent stop``."""
-    word = asyncio.run(stop())
-    print(_STOP_LINES.get(word, word))
+def run_stop(*, notify: bool = False) -> int:
+    """``backup-agent stop [--notify]``."""
+    with _told_on_failure(notify):
+        word = asyncio.run(stop())
+    line = _STOP_LINES.get(word, word)
+    print(line)
+    if notify and word != "stopping":  # the agent's card says when it has stopped
+        tell(line)
     return EXIT_OK
+
+
+# -- --notify: the answer where no terminal shows it -------------------------------
+
+
+@contextlib.contextmanager
+def _told_on_failure(notify: bool) -> Iterator[None]:
+    """With ``notify``, an error's one line is shown as a notification too, then raised as before."""
+    try:
+        yield
+    except BackupAgentError as exc:
+        if notify:
+            tell(exc.message, failed=True)
+        raise
+
+
+def tell(line: str, *, failed: bool = False) -> None:
+    """``line`` as a desktop notification: ``now`` and ``stop`` from a launcher (``backup-agent.desktop``)
+    print into nothing, so ``--notify`` shows what they print. A notification that cannot be shown is
+    logged; the command's output and exit status stay as they are."""
+    try:
+        asyncio.run(_tell(line, failed))
+    except Exception as exc:
+        log.warning("could not show this as a notification (%s): %s", exc, line)
+
+
+async def _tell(line: str, failed: bool) -> None:
+    from agent.desktop.dbus import sender
+    from agent.desktop.dbus.notify import APP_NAME
+
+    address = session_bus_address()
+    if address is None:
+        raise NoAgentError("there is no session bus (DBUS_SESSION_BUS_ADDRESS is not set)")
+    bus = await asyncio.wait_for(MessageBus(bus_address=address).connect(), CALL_TIMEOUT)
+    try:
+        can = await sender.capabilities(bus)
+        hints = {"urgency": Variant("y", 1 if failed else 0), "desktop-entry": Variant("s", "backup-agent")}
+        await sender.notify(bus, app_name=APP_NAME, replaces=0, icon="dialog-error" if failed else "drive-harddisk",
+                            summary=APP_NAME, body=f"{line[:1].upper()}{line[1:]}.", actions=(), hints=hints,
+                            expire=-1, server_can=can)
+    finally:
+        bus.disconnect()
 
 
 def run_status(as_json: bool) -> int:

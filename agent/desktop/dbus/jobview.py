@@ -15,8 +15,8 @@ A server that offers only ``org.kde.JobViewServerV2`` (its
 ``terminate(errorCode, errorMessage, hints)``) gets the same calls in that
 form (:func:`v3_update`). The first form is preferred where both are
 offered, as Plasma does: it names the application and its icon itself,
-where the second looks them up in a desktop entry the project does not
-install.
+where the second looks them up in the desktop entry ``backup-agent
+install`` writes (agent.system.install.launcher_entry).
 
 :class:`JobViews` is a :class:`~agent.desktop.state.Listener`. Whether a
 job server is there is asked when a backup starts (one may come and go with
@@ -52,7 +52,7 @@ JOB_SERVER_INTERFACE = "org.kde.JobViewServer"
 JOB_SERVER_V2_INTERFACE = "org.kde.JobViewServerV2"
 JOB_VIEW_INTERFACE = "org.kde.JobViewV2"
 JOB_VIEW_V3_INTERFACE = "org.kde.JobViewV3"
-DESKTOP_ENTRY = "backup-agent"  # what the V2 server is told (a desktop entry of that name, where there is one)
+DESKTOP_ENTRY = "backup-agent"  # what the V2 server is told: the desktop entry install writes, backup-agent.desktop
 KILLABLE = 1  # KJob::Killable: the view shows a cancel button (our Stop)
 USER_DEFINED_ERROR = 100  # KJob::UserDefinedError: the job failed (0: it did not; 1 would say "cancelled")
 APP_NAME = "Backups"
@@ -87,7 +87,8 @@ def step_calls(disk: str, step: str | None) -> tuple[JobCall, ...]:
 
 
 def progress_calls(event: ProgressEvent) -> tuple[JobCall, ...]:
-    """The transfer's progress: percent, speed, and what was copied so far."""
+    """The transfer's progress: percent, speed, and the file being copied (or, before one is named, what
+    was copied so far), in the second of the two fields Plasma shows, as its own copies show the file."""
     calls: list[JobCall] = []
     if event.percent is not None:
         calls.append(JobCall("setPercent", "u", (int(min(100.0, max(0.0, event.percent))),)))
@@ -96,8 +97,11 @@ def progress_calls(event: ProgressEvent) -> tuple[JobCall, ...]:
     calls += [
         JobCall("setProcessedAmount", "ts", (max(0, event.bytes), "bytes")),
         JobCall("setProcessedAmount", "ts", (max(0, event.files), "files")),
-        JobCall("setDescriptionField", "uss", (1, "Copied", f"{event.files} files, {human_size(event.bytes)}")),
     ]
+    if event.current:
+        calls.append(JobCall("setDescriptionField", "uss", (1, "File", event.current)))
+    else:
+        calls.append(JobCall("setDescriptionField", "uss", (1, "Copied", f"{event.files} files, {human_size(event.bytes)}")))
     return tuple(calls)
 
 

@@ -6,7 +6,9 @@ for the broadcast signal ``com.canonical.Unity.LauncherEntry.Update(s
 app_uri, a{sv} properties)`` and ask ``Query()`` of a program they see
 later. The properties used here are ``progress`` (a double from 0 to 1) and
 ``progress-visible``. ``app_uri`` is ``application://backup-agent.desktop``:
-a dock draws it on the icon of that desktop entry.
+a dock draws it on the icon of that desktop entry, the launcher ``backup-agent
+install`` writes (agent.system.install.LAUNCHER_FILE; a test keeps the two
+names in step, as this layer does not import that one).
 
 A broadcast that no dock listens to is dropped by the bus, so this listener
 runs on every desktop; it costs one signal a second at most while a backup

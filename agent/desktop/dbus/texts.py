@@ -8,6 +8,7 @@ that every sentence a user reads can be tested without a bus.
 from __future__ import annotations
 
 import datetime as dt
+import posixpath
 from typing import NamedTuple
 
 from agent.engine.cycle import human_size
@@ -206,7 +207,16 @@ def progress_text(disk: str, event: ProgressEvent | None, step: str | None) -> T
     if event is not None:
         copied = [_plural(event.files, "file"), human_size(event.bytes)]
     so_far = f" ({', '.join(copied)} so far)" if copied else ""
-    return Text(summary, f"{left[0].upper()}{left[1:]}: {step_words(step or 'transfer')}{so_far}.", LOW)
+    now = f"\nNow: {_short(posixpath.basename(event.current.rstrip('/')) or event.current)}" if event and event.current else ""
+    return Text(summary, f"{left[0].upper()}{left[1:]}: {step_words(step or 'transfer')}{so_far}.{now}", LOW)
+
+
+def _short(name: str, room: int = 48) -> str:
+    """``name`` in at most ``room`` characters: a long one keeps its start and its end (the extension)."""
+    if len(name) <= room:
+        return name
+    keep = room - 1
+    return f"{name[: keep - keep // 3]}…{name[len(name) - keep // 3:]}"
 
 
 def _left_words(disk: str, left: DiskLeft | None, detail: str) -> str:
