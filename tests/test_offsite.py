@@ -68,6 +68,7 @@ class World:
     def __init__(self, base: Path, template: Path) -> None:
         self.base = base
         self.template = template
+        self.said = ""
         self.source = base / "src"
         self.local = base / "local"
         self.state = base / "state"
@@ -97,10 +98,13 @@ class World:
     def cli(self, *arguments: str) -> int:
         return cli.main(["--config", str(self.config), *arguments])
 
-    def backup(self, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[dict[str, Any]]]:
+    def backup(self, capsys: pytest.CaptureFixture[str], *verbose: str) -> tuple[int, list[dict[str, Any]]]:
+        """A backup with --json; its events. ``-v`` leaves its log (every command run) in ``self.said``."""
         capsys.readouterr()
-        code = self.cli("backup", "--no-sudo", "--json")
-        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        code = self.cli("backup", "--no-sudo", "--json", *verbose)
+        captured = capsys.readouterr()
+        self.said = captured.err
+        lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
         return code, lines
 
     def newest_local(self) -> Path:
@@ -237,6 +241,17 @@ def test_a_directory_repository_gets_the_newest_snapshot_and_gives_it_back_byte_
     assert world.cli("restore", "--offsite", str(world.source / "docs"), "--to", str(target)) != EXIT_OK
 
 
+def restic_commands(log: str) -> list[str]:
+    """The restic subcommands a verbose run started, in order (the log line of each command run)."""
+    found = []
+    for line in log.splitlines():
+        if "running: " in line and "restic" in line:
+            words = line.split("running: ", 1)[1].split()
+            restic_at = max(i for i, word in enumerate(words) if word.endswith("/restic"))
+            found.append(next(word for word in words[restic_at + 1:] if not word.startswith("-") and not word.isdigit()))
+    return found
+
+
 def test_the_second_copy_uses_the_stable_path_and_the_parent_and_reads_only_what_changed(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -247,12 +262,14 @@ def test_the_second_copy_uses_the_stable_path_and_the_parent_and_reads_only_what
     assert world.backup(capsys)[0] == EXIT_OK
     (world.source / "docs" / "note5.txt").write_text("changed\n")
     world.next_second()
-    code, events = world.backup(capsys)
+    code, events = world.backup(capsys, "-v")
     done = offsite_steps(events)[-1]
     assert code == EXIT_OK and done["state"] == "done"
     # Hard-linked snapshot trees change every ctime and the path is new each time:
     # only the stable path, --parent and --ignore-ctime keep the rest unread.
     assert (done["files_new"], done["files_changed"]) == (0, 1)
+    # The recorded copy is the parent: no id check or listing before it, each a key derivation of restic's.
+    assert restic_commands(world.said) == ["version", "backup", "forget"]
 
     capsys.readouterr()
     assert world.cli("versions", "--offsite", "--json", str(world.source / "docs" / "note5.txt")) == EXIT_OK
@@ -263,6 +280,19 @@ def test_the_second_copy_uses_the_stable_path_and_the_parent_and_reads_only_what
     target = world.base / "old"
     assert world.cli("restore", "--offsite", "--snapshot", older, str(world.source / "docs" / "note5.txt"), "--to", str(target)) == EXIT_OK
     assert (target / "note5.txt").read_text() == "note 5\n" * 6
+
+    # The recorded copy is forgotten behind this machine's back: the next copy checks the repository,
+    # lists it and takes the copy that is there as its parent.
+    env = {"PATH": "/usr/bin:/bin", "RESTIC_REPOSITORY": str(world.base / "restic"), "RESTIC_PASSWORD_FILE": str(world.password),
+           "RESTIC_CACHE_DIR": str(world.base / "cache"), "HOME": str(world.base)}
+    recorded = json.loads((world.state / "offsite" / "far.json").read_text())["offsite_id"]
+    subprocess.run([str(RESTIC), "forget", recorded], env=env, check=True, capture_output=True)
+    world.next_second()
+    code, events = world.backup(capsys, "-v")
+    done = offsite_steps(events)[-1]
+    assert code == EXIT_OK and done["state"] == "done", done
+    assert (done["files_new"], done["files_changed"]) == (0, 1)  # note5, against the older copy
+    assert restic_commands(world.said) == ["version", "backup", "cat", "snapshots", "backup", "forget"]
 
 
 def test_a_rest_server_and_an_append_only_one_where_forget_is_never_tried(
