@@ -551,6 +551,77 @@ def test_an_sftp_repository_through_a_real_sshd(world: World, capsys: pytest.Cap
     assert any((world.base / "over-ssh" / "snapshots").iterdir())  # the copy went there, over ssh
 
 
+def _moto_server() -> str:
+    """moto's S3 server, from the peers' environment that scripts/test makes (or this one, or PATH)."""
+    repo = Path(__file__).resolve().parent.parent
+    for candidate in (repo / ".venv-peers" / "bin" / "moto_server", Path(sys.executable).parent / "moto_server"):
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("moto_server")
+    if found is None:
+        pytest.skip(reason="moto_server is not installed: run scripts/test, which installs moto[server] in .venv-peers")
+    return found
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 and a free port, its objects in memory; stopped by its pid."""
+    port = free_port()
+    server = subprocess.Popen(
+        [_moto_server(), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_an_s3_repository_with_the_credentials_from_the_root_only_environment_file(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """restic's S3 backend against moto's S3 server: a stand-in at the process boundary (restic speaks S3 over HTTP).
+
+    moto accepts any credentials, so this shows the S3 path end to end and that
+    the keys reach restic from the environment file, not that a store checks them.
+    """
+    credentials = world.base / "s3.env"
+    credentials.write_text("# the store's keys\nAWS_ACCESS_KEY_ID=backup-agent-test\nexport AWS_SECRET_ACCESS_KEY='not a real secret'\n")
+    os.chmod(credentials, 0o600)
+    with s3_server() as endpoint:
+        world.write_config(f"s3:{endpoint}/backup-agent-offsite", environment_file=str(credentials))
+        assert world.cli("init", "--offsite", "far") == EXIT_OK  # restic creates the bucket and the repository in it
+        code, events = world.backup(capsys)
+        assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done", offsite_steps(events)
+        capsys.readouterr()
+        assert world.cli("list", "--offsite", "--json") == EXIT_OK
+        assert [row["snapshot"] for row in json.loads(capsys.readouterr().out)] == [world.newest_local().name]
+        target = world.base / "back"
+        assert world.cli("restore", "--offsite", str(world.source), "--to", str(target)) == EXIT_OK
+    restored = target / world.source.name
+    local = world.newest_local()
+    for path in sorted(local.rglob("*")):
+        twin = restored / path.relative_to(local)
+        assert os.lstat(path).st_mode == os.lstat(twin).st_mode, path
+        if path.is_symlink():
+            assert os.readlink(path) == os.readlink(twin)
+        elif path.is_file():
+            assert path.read_bytes() == twin.read_bytes(), path
+    assert sorted(p.relative_to(restored) for p in restored.rglob("*")) == sorted(p.relative_to(local) for p in local.rglob("*"))
+
+
 def test_a_dry_run_says_what_it_would_copy_and_a_copy_already_there_is_not_made_again(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
