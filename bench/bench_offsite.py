@@ -200,6 +200,9 @@ def main() -> int:
         repo_size = du(run / "restic")
         # restic alone starts where ours is after the first copy: the same repository, its copy as the parent.
         subprocess.run(["cp", "-a", "--", str(run / "restic"), str(floor_repo)], check=True)
+        cache.mkdir(mode=0o700, exist_ok=True)
+        # and with ours' restic cache (named by the repository's id, which the copy shares), as warm as ours.
+        subprocess.run(["cp", "-a", "--", str(run / "state" / "restic-cache"), str(cache / "floor")], check=True)
         floor_env = {**naive_env, "RESTIC_REPOSITORY": str(floor_repo), "RESTIC_CACHE_DIR": str(cache / "floor"), "HOME": str(cache / "floor")}
         floor_parent = made.offsite_id
         os.makedirs(offsite.STABLE_PATH, mode=0o700, exist_ok=True)
