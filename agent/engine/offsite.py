@@ -427,7 +427,7 @@ class OffsiteCopy:
         if recorded is not None:
             # The usual run: the last copy, recorded here, is the parent. Every restic command costs a key
             # derivation (restic aims it at half a second), so the id check and the listing are not run:
-            # restic looks the parent up before it writes anything, and only this repository holds it.
+            # restic looks the parent up before it stores anything but its lock, and only this repository holds it.
             try:
                 return self._backup(tool, repo, state, newest, recorded)
             except OffsiteError as exc:
