@@ -559,7 +559,7 @@ def _moto_server() -> str:
             return str(candidate)
     found = shutil.which("moto_server")
     if found is None:
-        pytest.skip(reason="moto_server is not installed: run scripts/test, which installs moto[server] in .venv-peers")
+        pytest.skip(reason="moto_server is not installed: run scripts/test, which installs moto's S3 server in .venv-peers")
     return found
 
 
