@@ -7,6 +7,15 @@ with real rsync; ``unshare`` and bind mounts for the stable path. The one
 stand-in is a program that says it is an old restic (a process boundary),
 as this machine has only one restic. Each server is stopped by its pid.
 Trees are small and pack sizes 4 MiB (restic's least), so each test takes a few seconds.
+
+Time: every restic command opens the repository by deriving its key with
+scrypt, at the cost ``restic init`` calibrated (half a second of this
+machine's time), and ``init`` itself calibrates for a second or two. restic
+0.14 has no option for that cost, so the module initialises one repository
+(:func:`template`) with the calibration slowed down, which leaves restic's
+cheapest key, and each test that does not test creating a repository gets a
+copy of it (``cp -a``) that ``init --offsite`` adopts. The first test
+creates its repository with ``init --offsite`` as a user would.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ pytestmark = pytest.mark.integration
 
 RESTIC = shutil.which("restic")
 RCLONE = shutil.which("rclone")
+PASSWORD = "correct horse"
 
 
 def _need(program: str | None, name: str) -> str:
@@ -55,8 +65,10 @@ def free_port() -> int:
 class World:
     """A source tree, a local repository, a password and a config with one [[offsite]]."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, template: Path) -> None:
         self.base = base
+        self.template = template
+        self.said = ""
         self.source = base / "src"
         self.local = base / "local"
         self.state = base / "state"
@@ -69,7 +81,7 @@ class World:
         os.link(self.source / "bin.dat", self.source / "hardlink.dat")
         (self.source / "link").symlink_to("docs/note1.txt")
         os.chmod(self.source / "docs" / "note3.txt", 0o600)
-        self.password.write_text("correct horse\n")
+        self.password.write_text(PASSWORD + "\n")
         os.chmod(self.password, 0o600)
 
     def write_config(self, repository: str, **extra: Any) -> None:
@@ -86,24 +98,81 @@ class World:
     def cli(self, *arguments: str) -> int:
         return cli.main(["--config", str(self.config), *arguments])
 
-    def backup(self, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[dict[str, Any]]]:
+    def backup(self, capsys: pytest.CaptureFixture[str], *verbose: str) -> tuple[int, list[dict[str, Any]]]:
+        """A backup with --json; its events. ``-v`` leaves its log (every command run) in ``self.said``."""
         capsys.readouterr()
-        code = self.cli("backup", "--no-sudo", "--json")
-        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        code = self.cli("backup", "--no-sudo", "--json", *verbose)
+        captured = capsys.readouterr()
+        self.said = captured.err
+        lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
         return code, lines
 
     def newest_local(self) -> Path:
         return Path(os.path.realpath(self.local / "latest"))
+
+    def repository(self, where: Path | None = None) -> Path:
+        """A fresh copy of the module's restic repository at ``where`` (``base/restic``), for init --offsite to adopt."""
+        target = where or self.base / "restic"
+        subprocess.run(["cp", "-a", "--", str(self.template), str(target)], check=True)
+        return target
+
+    def next_second(self) -> None:
+        """Wait until the newest snapshot's second is past, so the next snapshot has a name of its own and of its time.
+
+        A backup takes longer than a second here, so this rarely waits at all.
+        """
+        newest = parse_snapshot_name(self.newest_local().name)
+        assert newest is not None
+        while dt.datetime.now(dt.timezone.utc) < newest + dt.timedelta(seconds=1):
+            time.sleep(0.02)
 
 
 def offsite_steps(events: list[dict[str, Any]], name: str = "offsite") -> list[dict[str, Any]]:
     return [event for event in events if event["event"] == "step" and event["step"] == name]
 
 
+def _init_with_the_cheapest_key(restic: str, repository: Path, password: Path) -> None:
+    """``restic init`` paused most of the time (SIGSTOP/SIGCONT to this child only).
+
+    restic 0.14 picks its key's scrypt cost from the wall time of trial runs,
+    aiming at half a second (and every later command pays it again to open the
+    repository); slowed down twentyfold, the trials keep the cost at its
+    least. Nothing else about the repository differs from any other.
+    """
+    env = {"PATH": "/usr/bin:/bin", "RESTIC_REPOSITORY": str(repository), "RESTIC_PASSWORD_FILE": str(password),
+           "RESTIC_CACHE_DIR": str(repository.parent / "cache"), "HOME": str(repository.parent)}
+    process = subprocess.Popen([restic, "init"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while process.poll() is None:
+            time.sleep(0.005)
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(0.1)
+            process.send_signal(signal.SIGCONT)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+        _out, err = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"restic init of the template failed: {err.decode(errors='replace')[-500:]}")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One restic repository of the password :data:`PASSWORD`, with the cheapest key restic 0.14 makes, copied by each test."""
+    program = _need(RESTIC, "restic")
+    base = tmp_path_factory.mktemp("restic-template")
+    password = base / "password"
+    password.write_text(PASSWORD + "\n")
+    os.chmod(password, 0o600)
+    _init_with_the_cheapest_key(program, base / "repository", password)
+    return base / "repository"
+
+
 @pytest.fixture
-def world(trusted_dir: Path) -> World:
+def world(trusted_dir: Path, template: Path) -> World:
     _need(RESTIC, "restic")
-    return World(trusted_dir)
+    return World(trusted_dir, template)
 
 
 @contextlib.contextmanager
@@ -172,22 +241,35 @@ def test_a_directory_repository_gets_the_newest_snapshot_and_gives_it_back_byte_
     assert world.cli("restore", "--offsite", str(world.source / "docs"), "--to", str(target)) != EXIT_OK
 
 
+def restic_commands(log: str) -> list[str]:
+    """The restic subcommands a verbose run started, in order (the log line of each command run)."""
+    found = []
+    for line in log.splitlines():
+        if "running: " in line and "restic" in line:
+            words = line.split("running: ", 1)[1].split()
+            restic_at = max(i for i, word in enumerate(words) if word.endswith("/restic"))
+            found.append(next(word for word in words[restic_at + 1:] if not word.startswith("-") and not word.isdigit()))
+    return found
+
+
 def test_the_second_copy_uses_the_stable_path_and_the_parent_and_reads_only_what_changed(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    world.write_config(str(world.base / "restic"))
+    world.write_config(str(world.repository()))
     with open(world.config, "a") as config:
         config.write("[offsite.rotation]\nlast = 5\n")  # both copies fall in one hour: keep them
     assert world.cli("init", "--offsite", "far") == EXIT_OK
     assert world.backup(capsys)[0] == EXIT_OK
     (world.source / "docs" / "note5.txt").write_text("changed\n")
-    time.sleep(1.1)  # a new snapshot name
-    code, events = world.backup(capsys)
+    world.next_second()
+    code, events = world.backup(capsys, "-v")
     done = offsite_steps(events)[-1]
     assert code == EXIT_OK and done["state"] == "done"
     # Hard-linked snapshot trees change every ctime and the path is new each time:
     # only the stable path, --parent and --ignore-ctime keep the rest unread.
     assert (done["files_new"], done["files_changed"]) == (0, 1)
+    # The recorded copy is the parent: no id check or listing before it, each a key derivation of restic's.
+    assert restic_commands(world.said) == ["version", "backup", "forget"]
 
     capsys.readouterr()
     assert world.cli("versions", "--offsite", "--json", str(world.source / "docs" / "note5.txt")) == EXIT_OK
@@ -199,12 +281,24 @@ def test_the_second_copy_uses_the_stable_path_and_the_parent_and_reads_only_what
     assert world.cli("restore", "--offsite", "--snapshot", older, str(world.source / "docs" / "note5.txt"), "--to", str(target)) == EXIT_OK
     assert (target / "note5.txt").read_text() == "note 5\n" * 6
 
+    # The recorded copy is forgotten behind this machine's back: the next copy checks the repository,
+    # lists it and takes the copy that is there as its parent.
+    env = {"PATH": "/usr/bin:/bin", "RESTIC_REPOSITORY": str(world.base / "restic"), "RESTIC_PASSWORD_FILE": str(world.password),
+           "RESTIC_CACHE_DIR": str(world.base / "cache"), "HOME": str(world.base)}
+    recorded = json.loads((world.state / "offsite" / "far.json").read_text())["offsite_id"]
+    subprocess.run([str(RESTIC), "forget", recorded], env=env, check=True, capture_output=True)
+    world.next_second()
+    code, events = world.backup(capsys, "-v")
+    done = offsite_steps(events)[-1]
+    assert code == EXIT_OK and done["state"] == "done", done
+    assert (done["files_new"], done["files_changed"]) == (0, 1)  # note5, against the older copy
+    assert restic_commands(world.said) == ["version", "backup", "cat", "snapshots", "backup", "forget"]
+
 
 def test_a_rest_server_and_an_append_only_one_where_forget_is_never_tried(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    served = world.base / "served"
-    served.mkdir()
+    served = world.repository(world.base / "served")
     with rclone_rest(served) as url:
         world.write_config(url)
         assert world.cli("init", "--offsite", "far") == EXIT_OK
@@ -213,7 +307,7 @@ def test_a_rest_server_and_an_append_only_one_where_forget_is_never_tried(
         assert [s["state"] for s in offsite_steps(events, "offsite-forget")] == ["start", "done"]
     with rclone_rest(served, append_only=True) as url:
         world.write_config(url, append_only=True)
-        time.sleep(1.1)
+        world.next_second()
         code, events = world.backup(capsys)
         assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
         forget = offsite_steps(events, "offsite-forget")
@@ -224,8 +318,7 @@ def test_a_rest_server_and_an_append_only_one_where_forget_is_never_tried(
 def test_an_append_only_server_refuses_deletion_and_the_local_backup_is_still_a_success(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    served = world.base / "served"
-    served.mkdir()
+    served = world.repository(world.base / "served")
     with rclone_rest(served, append_only=True) as url:
         # Not told it is append-only, and keeping one snapshot: forget must delete and is refused.
         world.write_config(url)
@@ -233,7 +326,7 @@ def test_an_append_only_server_refuses_deletion_and_the_local_backup_is_still_a_
             config.write("[offsite.rotation]\nhourly = 1\n")
         assert world.cli("init", "--offsite", "far") == EXIT_OK
         assert world.backup(capsys)[0] == EXIT_OK
-        time.sleep(1.1)
+        world.next_second()
         (world.source / "new.txt").write_text("new\n")
         code, events = world.backup(capsys)
         assert code == EXIT_OK
@@ -244,7 +337,7 @@ def test_an_append_only_server_refuses_deletion_and_the_local_backup_is_still_a_
         assert world.cli("list", "--offsite", "--json") == EXIT_OK
         assert len(json.loads(capsys.readouterr().out)) == 2  # nothing was deleted
         # The refusal is remembered: the next run does not try again.
-        time.sleep(1.1)
+        world.next_second()
         (world.source / "newer.txt").write_text("newer\n")
         code, events = world.backup(capsys)
         assert [s["state"] for s in offsite_steps(events, "offsite-forget")] == ["skipped"]
@@ -253,7 +346,7 @@ def test_an_append_only_server_refuses_deletion_and_the_local_backup_is_still_a_
 def test_a_wrong_password_is_one_line_with_its_exit_status_and_the_local_backup_succeeds(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    world.write_config(str(world.base / "restic"))
+    world.write_config(str(world.repository()))
     assert world.cli("init", "--offsite", "far") == EXIT_OK
     world.password.write_text("wrong\n")
     code, events = world.backup(capsys)
@@ -266,7 +359,7 @@ def test_a_wrong_password_is_one_line_with_its_exit_status_and_the_local_backup_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "password" in err[0] and "correct horse" not in err[0]
     # The summary of a backup from a terminal says it apart from the backup's own result.
-    time.sleep(1.1)
+    world.next_second()
     assert world.cli("backup", "--no-sudo") == EXIT_OK
     summary = capsys.readouterr().out
     assert summary.startswith("made snapshot") and "; NOT copied off-site to far: off-site far: the repository refused the password" in summary
@@ -297,7 +390,7 @@ def test_an_unreachable_backend_and_a_missing_or_old_restic_are_told_apart(
 def test_a_repository_locked_by_a_live_client_is_refused_and_its_lock_is_kept(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    world.write_config(str(world.base / "restic"))
+    world.write_config(str(world.repository()))
     assert world.cli("init", "--offsite", "far") == EXIT_OK
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RESTIC_REPOSITORY": str(world.base / "restic"),
@@ -344,7 +437,7 @@ def _descendants(pid: int) -> list[int]:
 
 def test_restic_killed_mid_upload_then_the_next_run_completes(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     (world.source / "big.dat").write_bytes(os.urandom(3 * 1024 * 1024))
-    world.write_config(str(world.base / "restic"), limit_upload=512)
+    world.write_config(str(world.repository()), limit_upload=512)
     assert world.cli("init", "--offsite", "far") == EXIT_OK
     process = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "--config", str(world.config), "backup", "--no-sudo", "--json"],
@@ -367,7 +460,7 @@ def test_restic_killed_mid_upload_then_the_next_run_completes(world: World, caps
     assert failed["state"] == "failed" and "SIGKILL" in failed["message"]
     # The next run copies again (the failure makes it due) and completes, the dead client's lock notwithstanding.
     world.write_config(str(world.base / "restic"))
-    time.sleep(1.1)
+    world.next_second()
     code, events = world.backup(capsys)
     assert code == EXIT_OK
     assert offsite_steps(events)[-1]["state"] == "done"
@@ -386,7 +479,7 @@ def test_a_full_offsite_store_is_quota_exceeded_at_once_and_the_backup_succeeds(
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(store)], check=True)
     try:
         (world.source / "big.dat").write_bytes(os.urandom(12 * 1024 * 1024))
-        world.write_config(str(store / "restic"))
+        world.write_config(str(world.repository(store / "restic")))
         assert world.cli("init", "--offsite", "far") == EXIT_OK
         started = time.monotonic()
         code, events = world.backup(capsys)
@@ -448,20 +541,91 @@ def test_an_sftp_repository_through_a_real_sshd(world: World, capsys: pytest.Cap
             f"/usr/bin/ssh -p {port} -i {key} -o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes "
             "-o BatchMode=yes -o IdentitiesOnly=yes root@127.0.0.1 -s sftp"
         )
-        world.write_config(f"sftp:root@127.0.0.1:{world.base / 'over-ssh'}", options=[f"sftp.command={command}"])
+        world.write_config(f"sftp:root@127.0.0.1:{world.repository(world.base / 'over-ssh')}", options=[f"sftp.command={command}"])
         assert world.cli("init", "--offsite", "far") == EXIT_OK
         code, events = world.backup(capsys)
         assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
         target = world.base / "back"
         assert world.cli("restore", "--offsite", str(world.source / "bin.dat"), "--to", str(target)) == EXIT_OK
         assert (target / "bin.dat").read_bytes() == (world.source / "bin.dat").read_bytes()
-    assert (world.base / "over-ssh" / "config").is_file()
+    assert any((world.base / "over-ssh" / "snapshots").iterdir())  # the copy went there, over ssh
+
+
+def _moto_server() -> str:
+    """moto's S3 server, from the peers' environment that scripts/test makes (or this one, or PATH)."""
+    repo = Path(__file__).resolve().parent.parent
+    for candidate in (repo / ".venv-peers" / "bin" / "moto_server", Path(sys.executable).parent / "moto_server"):
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("moto_server")
+    if found is None:
+        pytest.skip(reason="moto_server is not installed: run scripts/test, which installs moto's S3 server in .venv-peers")
+    return found
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 and a free port, its objects in memory; stopped by its pid."""
+    port = free_port()
+    server = subprocess.Popen(
+        [_moto_server(), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_an_s3_repository_with_the_credentials_from_the_root_only_environment_file(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """restic's S3 backend against moto's S3 server: a stand-in at the process boundary (restic speaks S3 over HTTP).
+
+    moto accepts any credentials, so this shows the S3 path end to end and that
+    the keys reach restic from the environment file, not that a store checks them.
+    """
+    credentials = world.base / "s3.env"
+    credentials.write_text("# the store's keys\nAWS_ACCESS_KEY_ID=backup-agent-test\nexport AWS_SECRET_ACCESS_KEY='not a real secret'\n")
+    os.chmod(credentials, 0o600)
+    with s3_server() as endpoint:
+        world.write_config(f"s3:{endpoint}/backup-agent-offsite", environment_file=str(credentials))
+        assert world.cli("init", "--offsite", "far") == EXIT_OK  # restic creates the bucket and the repository in it
+        code, events = world.backup(capsys)
+        assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done", offsite_steps(events)
+        capsys.readouterr()
+        assert world.cli("list", "--offsite", "--json") == EXIT_OK
+        assert [row["snapshot"] for row in json.loads(capsys.readouterr().out)] == [world.newest_local().name]
+        target = world.base / "back"
+        assert world.cli("restore", "--offsite", str(world.source), "--to", str(target)) == EXIT_OK
+    restored = target / world.source.name
+    local = world.newest_local()
+    for path in sorted(local.rglob("*")):
+        twin = restored / path.relative_to(local)
+        assert os.lstat(path).st_mode == os.lstat(twin).st_mode, path
+        if path.is_symlink():
+            assert os.readlink(path) == os.readlink(twin)
+        elif path.is_file():
+            assert path.read_bytes() == twin.read_bytes(), path
+    assert sorted(p.relative_to(restored) for p in restored.rglob("*")) == sorted(p.relative_to(local) for p in local.rglob("*"))
 
 
 def test_a_dry_run_says_what_it_would_copy_and_a_copy_already_there_is_not_made_again(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    world.write_config(str(world.base / "restic"))
+    world.write_config(str(world.repository()))
     assert world.cli("init", "--offsite", "far") == EXIT_OK
     capsys.readouterr()
     assert world.cli("backup", "--no-sudo", "--json", "--dry-run") == EXIT_OK
@@ -506,12 +670,12 @@ def test_the_metered_hook_holds_the_copy_back_unless_metered_is_allowed(world: W
         Cycle(request, emitter, Runner(), metered=lambda: metered).run()
         return [e for e in heard if e.kind == "step" and e.step == "offsite" and e.state != "start"]
 
-    world.write_config(str(world.base / "restic"))
+    world.write_config(str(world.repository()))
     assert world.cli("init", "--offsite", "far") == EXIT_OK
     [held] = run(True)
     assert held.state == "skipped" and "metered" in held.detail["reason"]
     world.write_config(str(world.base / "restic"), metered=True)
-    time.sleep(1.1)
+    world.next_second()
     [copied] = run(True)
     assert copied.state == "done"
 
@@ -519,7 +683,7 @@ def test_the_metered_hook_holds_the_copy_back_unless_metered_is_allowed(world: W
 def test_a_stop_during_the_copy_ends_only_the_copy(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM to the cycle while restic uploads (what the agent's Stop sends): restic is stopped, the backup stands."""
     (world.source / "big.dat").write_bytes(os.urandom(3 * 1024 * 1024))
-    world.write_config(str(world.base / "restic"), limit_upload=256)
+    world.write_config(str(world.repository()), limit_upload=256)
     assert world.cli("init", "--offsite", "far") == EXIT_OK
     process = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "--config", str(world.config), "backup", "--no-sudo", "--json"],
@@ -544,7 +708,7 @@ def test_a_stop_during_the_copy_ends_only_the_copy(world: World, capsys: pytest.
 
 
 def test_the_rolling_check_reads_the_data_and_reports_damage_as_verify_does(world: World, capsys: pytest.CaptureFixture[str]) -> None:
-    world.write_config(str(world.base / "restic"), check_interval="0", check_parts=1)
+    world.write_config(str(world.repository()), check_interval="0", check_parts=1)
     assert world.cli("init", "--offsite", "far") == EXIT_OK
     code, events = world.backup(capsys)
     check = offsite_steps(events, "offsite-check")
@@ -556,7 +720,7 @@ def test_the_rolling_check_reads_the_data_and_reports_damage_as_verify_does(worl
     data[len(data) // 2] ^= 0xFF
     biggest.write_bytes(bytes(data))
     (world.source / "docs" / "note1.txt").write_text("changed\n")
-    time.sleep(1.1)
+    world.next_second()
     code, events = world.backup(capsys)
     assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
     check = offsite_steps(events, "offsite-check")

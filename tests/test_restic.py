@@ -107,6 +107,7 @@ def test_find_output_is_one_match_per_snapshot() -> None:
         (["Save(<data/1234>) returned error: 507 Insufficient Storage"], "quota"),
         (["Fatal: unable to save snapshot: write /srv/x/data/12: no space left on device"], "quota"),
         (["blob not removed, server response: 403 Forbidden (403)"], "append-only"),
+        (['Fatal: invalid id "932d7dcd": no matching ID found for prefix "932d7dcd"'], "no-parent"),
         (["something else entirely"], "failed"),
     ],
 )
@@ -209,6 +210,15 @@ def test_when_a_copy_is_skipped() -> None:
     assert offsite.skip_reason(SITE, failed, newest=newest, now=NOW, metered=None) is None
     done = _state(last_copy=(NOW - dt.timedelta(days=3)).isoformat(), snapshot=newest)
     assert "already copied" in (offsite.skip_reason(SITE, done, newest=newest, now=NOW, metered=None) or "")
+
+
+def test_the_recorded_copy_is_the_parent_only_while_the_record_is_whole() -> None:
+    copied = _state(last_copy=NOW.isoformat(), snapshot="2026-12-05T11-00-00+0000", offsite_id="932d7dcd")
+    assert offsite.recorded_parent(copied) == "932d7dcd"
+    # After a failure (a stopped restic may have made its snapshot), before any copy, or before init: listed instead.
+    assert offsite.recorded_parent(_state(snapshot="s", offsite_id="932d7dcd", last_failure="stopped")) is None
+    assert offsite.recorded_parent(_state()) is None
+    assert offsite.recorded_parent(offsite.State(snapshot="s", offsite_id="932d7dcd")) is None
 
 
 def test_a_malformed_state_file_reads_as_empty() -> None:

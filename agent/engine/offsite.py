@@ -150,6 +150,18 @@ def _age(then: str | None, now: dt.datetime) -> float | None:
 # -- decisions (pure) --------------------------------------------------------------------
 
 
+def recorded_parent(state: State) -> str | None:
+    """The last copy this machine recorded, when the record can be trusted to be the newest copy there.
+
+    Not after a failure (a stopped restic may have finished its snapshot),
+    nor when nothing was copied yet (or the record was lost and ``init``
+    adopted the repository): then the repository is listed.
+    """
+    if state.id is None or state.snapshot is None or state.last_failure is not None:
+        return None
+    return state.offsite_id
+
+
 def skip_reason(
     offsite: Offsite, state: State, *, newest: str | None, now: dt.datetime, metered: bool | None
 ) -> str | None:
@@ -411,6 +423,17 @@ class OffsiteCopy:
     def _copy(self, tool: Restic, state: State, repo: Repository, newest: str) -> Copied:
         offsite = tool.offsite
         tool.prepare()
+        recorded = recorded_parent(state)
+        if recorded is not None:
+            # The usual run: the last copy, recorded here, is the parent. Every restic command costs a key
+            # derivation (restic aims it at half a second), so the id check and the listing are not run:
+            # restic looks the parent up before it stores anything but its lock, and only this repository holds it.
+            try:
+                return self._backup(tool, repo, state, newest, recorded)
+            except OffsiteError as exc:
+                if exc.reason != "no-parent":
+                    raise
+                log.info("off-site %s: the last copy recorded here (%s) is not there; checking the repository", offsite.name, recorded)
         found_id = tool.repository_id()
         if found_id != state.id:
             raise OffsiteError(
@@ -426,7 +449,11 @@ class OffsiteCopy:
             self._record(offsite, state, newest, there[-1].short_id)
             self.emitter.emit(step(STEP, "done", offsite=offsite.name, snapshot=newest, id=there[-1].short_id, already=True))
             return Copied(offsite.name, "done", snapshot=newest, offsite_id=there[-1].short_id)
-        parent = earlier[-1].id if earlier else None
+        return self._backup(tool, repo, state, newest, earlier[-1].id if earlier else None)
+
+    def _backup(self, tool: Restic, repo: Repository, state: State, newest: str, parent: str | None) -> Copied:
+        """``restic backup`` of ``newest`` at the stable path with ``parent``; the copy recorded when it ends."""
+        offsite = tool.offsite
         moment = parse_snapshot_name(newest) or self.now()
         argv = restic.backup_argv(tool.program, host=tool.host, snapshot=newest, moment=moment, parent=parent)
         summary: list[restic.Summary] = []

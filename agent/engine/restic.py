@@ -396,6 +396,8 @@ _FAILURES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
         ),
     ),
     ("append-only", ("403 forbidden", "forbidden", "append-only", "appendonly")),
+    # --parent of a snapshot this repository does not hold (forgotten by someone else, or another repository).
+    ("no-parent", ("invalid id", "no matching id found")),
     ("no-repository", ("is there a repository at the following location", "unable to open config file", "config file does not exist")),
 )
 
@@ -408,6 +410,7 @@ _ADVICE: Final[Mapping[str, str]] = {
     ),
     "quota": "the off-site storage is full (quota exceeded): free space there or raise the quota",
     "append-only": "the server refused to delete (an append-only repository): set append_only = true for it, pruning is its owner's",
+    "no-parent": "the off-site snapshot given as the parent is not in the repository",
     "no-repository": "there is no restic repository there yet: create it with backup-agent init --offsite NAME",
     "unreachable": "the off-site repository cannot be reached: check the network and the repository address",
 }
