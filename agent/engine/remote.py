@@ -11,10 +11,9 @@ over ssh into ``snapshots/<name>.in-progress`` with ``--link-dest=../<latest>``,
 ``empty-trash`` removes it after the result was reported
 (docs/ARCHITECTURE.md, "Remote repositories").
 
-A remote snapshot has no manifest yet: hashing on the server would read
-every new file again over a slow disk, and reusing checksums by inode needs
-a listing no POSIX tool prints safely; its metadata says so, and ``verify``
-reports it unverified.
+A remote snapshot over ssh gets a manifest as a local one does, its new
+files hashed on the server (agent.engine.remote_read); on an rsync daemon,
+which runs no command for its client, its metadata says there is none.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from agent.core.errors import BackupAgentError, ConfigError, StepError
 from agent.core.events import Emitter
 from agent.core.commands import Runner
 from agent.disk.mount import disk_full
-from agent.engine import rsync
+from agent.engine import remote_read, rsync
 from agent.engine.cycle import Cycle, Request, rotation_plan
 from agent.engine.layouts import Begun
 from agent.engine.history import Snapshot
@@ -300,7 +299,7 @@ class RemoteCycle(Cycle):
                 duration=round((end - start).total_seconds(), 3),
                 flagged=self.outcome.flagged,
                 previous=previous,
-                manifest={"error": "not recorded: the repository is remote"},
+                manifest=self._remote_manifest(name, previous),
                 warnings=sorted(set(metadata.get("warnings", [])) | set(self.outcome.warnings)),
             )
             self.outcome.partial = bool(metadata.get("partial"))
@@ -309,6 +308,25 @@ class RemoteCycle(Cycle):
             done.update(snapshot=name, partial=self.outcome.partial, flagged=self.outcome.flagged, discarded=list(discarded))
         self.outcome.snapshot = name
         return name
+
+    def _remote_manifest(self, name: str, previous: str | None) -> dict[str, Any]:
+        """The snapshot's manifest, hashed on the server and uploaded before the rename (agent.engine.remote_read).
+
+        A failure is a warning, as locally: the snapshot completes without one and verify says so.
+        """
+        repo = self.remote_repository
+        if isinstance(repo, DaemonRepository):
+            return {"error": "not recorded: an rsync daemon runs no command for its client"}
+        try:
+            recorded = remote_read.record_manifest(repo, name, previous)
+        except BackupAgentError as exc:
+            self._warn(f"snapshot {name} is completed without a manifest ({exc.message}): verify cannot check it")
+            return {"error": exc.message}
+        log.info(
+            "manifest of %s: %d files, %d hashed on the server, %d reused from %s, in %.2f s",
+            name, recorded["entries"], recorded["hashed_files"], recorded["reused_files"], previous, recorded["duration"],
+        )  # fmt: skip
+        return recorded
 
     def _remote_shrink_check(self, previous: str | None, metadata: dict[str, Any]) -> str | None:
         if previous is None:
