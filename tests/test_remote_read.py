@@ -22,14 +22,15 @@ import pytest
 
 from agent.cli import main
 from agent.core.errors import EXIT_DAMAGED, EXIT_NOT_AVAILABLE, EXIT_UNVERIFIED, EXIT_USAGE
-from agent.engine.remote_read import finish_diff, manifest_lines, plan_diff, render_format1
+from agent.engine.remote_read import finish_diff, manifest_lines, plan_diff, render_format1, unchanged_manifest
 from agent.repository import manifest as manifests
 from agent.repository.remote_read import (
     BATCH,
     HASH,
-    HASH_BATCH,
+    HASH_ALONE,
     TREE,
     Stat,
+    escaped_by_sha256sum,
     parse_listing,
     parse_sums,
     pieces,
@@ -69,9 +70,12 @@ def test_listing_and_checksums_survive_any_name_through_a_real_sh(tmp_path: Path
     assert set(files) == expected
     assert files[b"sub/hard link"].inode == files[b"plain"].inode == os.lstat(tree / "plain").st_ino
     assert all(files[os.fsencode(n)].size == i for i, n in enumerate(NAMES))
-    stdin = b"".join(b"./" + rel + b"\0" for rel in sorted(files))
-    hashed = subprocess.run(["sh", "-c", HASH, "sh", str(tree), HASH_BATCH], input=stdin, capture_output=True, check=True).stdout
-    digests = {relative(name): digest for name, digest in parse_sums(hashed).items()}
+    digests: dict[bytes, str] = {}
+    for how in ("", "alone"):
+        chosen = [rel for rel in sorted(files) if escaped_by_sha256sum(rel) == (how == "alone")]
+        stdin = b"".join(b"./" + rel + b"\0" for rel in chosen)
+        hashed = subprocess.run(["sh", "-c", HASH, "sh", str(tree), how, HASH_ALONE], input=stdin, capture_output=True, check=True).stdout
+        digests.update((relative(name), digest) for name, digest in parse_sums(hashed).items())
     assert digests == {rel: manifests.hash_file(os.fsencode(tree) + b"/" + rel)[0] for rel in files}
     everything = subprocess.run(["sh", "-c", TREE, "sh", str(tree), "", BATCH], capture_output=True, check=True).stdout
     kinds = {relative(name): info for name, info in parse_listing(everything)}
@@ -97,6 +101,26 @@ def test_a_manifest_reuses_the_lines_of_shared_inodes_and_hashes_the_rest_once()
     data, own = render_format1(lines)
     parsed = manifests.parse(data, "test")
     assert parsed.digest == own and {e.path for e in parsed.entries} == set(files)
+
+
+def test_a_manifest_is_copied_only_when_rsync_wrote_nothing_and_no_file_is_gone() -> None:
+    recorded = {"digest": "sha256:x", "format": 1, "entries": 3, "algorithm": "sha256"}
+    ok = {"statistics": {"transferred_files": 0, "created_files": 0, "regular_files": 3}, "partial": False, "resumed_from": []}
+    copied = unchanged_manifest("A", ("A", frozenset()), ok, {"manifest": recorded}, [])
+    assert copied is not None and (copied["digest"], copied["reused_files"], copied["hashed_files"]) == ("sha256:x", 3, 0)
+    one_gone = {**ok, "statistics": {**ok["statistics"], "regular_files": 2}}
+    a_mode_changed = ("A", frozenset({b"f"}))  # rsync's "cf": a new inode with the old contents
+    for args in (
+        ("A", None, ok, {"manifest": recorded}, []),  # nothing itemized was gathered
+        ("A", a_mode_changed, ok, {"manifest": recorded}, []),
+        ("A", ("B", frozenset()), ok, {"manifest": recorded}, []),  # linked against another snapshot
+        ("A", ("A", frozenset()), one_gone, {"manifest": recorded}, []),
+        ("A", ("A", frozenset()), {**ok, "vanished": 1}, {"manifest": recorded}, []),
+        ("A", ("A", frozenset()), {**ok, "partial": True}, {"manifest": recorded}, []),
+        ("A", ("A", frozenset()), ok, {"manifest": {"error": "not recorded: the repository is remote"}}, []),
+        ("A", ("A", frozenset()), ok, {"manifest": recorded}, ["rsync: some files vanished before they could be transferred"]),
+    ):
+        assert unchanged_manifest(*args) is None, args
 
 
 def test_diff_plan_from_two_listings() -> None:
@@ -155,14 +179,21 @@ def test_remote_snapshots_get_a_manifest_that_verify_checks_on_the_server(sshd: 
         rel: manifests.hash_file(os.fsencode(repo / "snapshots" / second) + b"/" + rel)[0]
         for rel in (os.fsencode(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
     }
+    # nothing changed: the manifest is the previous one, copied on the server, and checks out
+    time.sleep(1)
+    assert backup(config, source, f"127.0.0.1:{repo}", "-b", "-s")[0] == 0  # no rotation: one hourly would be kept
+    third = max(os.listdir(repo / "snapshots"))
+    again = json.loads((repo / "metadata" / f"{third}.json").read_text())["manifest"]
+    assert again["copied"] and again["digest"] == metadata["digest"]
+    assert (repo / "metadata" / f"{third}.manifest").read_bytes() == (repo / "metadata" / f"{second}.manifest").read_bytes()
     status, out = text_of(config, "verify", "--remote", "nas", "--all")
-    assert status == 0 and out.startswith("intact: 2 snapshots"), out
+    assert status == 0 and out.startswith("intact: 3 snapshots"), out
     # a file changed on the server, in the newest snapshot only: damaged, named, and the exit status says so
-    tampered = repo / "snapshots" / second / "added"
-    tampered.write_text("NEW")
-    status, out = text_of(config, "verify", "--repository", f"127.0.0.1:{repo}")
+    tampered = repo / "snapshots" / third / "added"
+    tampered.write_text("NEW")  # one inode: the second and third snapshot hold it
+    status, out = text_of(config, "verify", "--repository", f"127.0.0.1:{repo}", "--all")
     assert status == EXIT_DAMAGED, out
-    assert "damaged: added (in " + second + "): content differs" in out
+    assert f"damaged: added (in 2 snapshots: {second}, {third}): content differs" in out
     status, out = text_of(config, "verify", "--remote", "nas", "--json", first)
     assert status == 0 and json.loads(out)["checked"] == [first]
 

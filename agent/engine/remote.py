@@ -238,11 +238,16 @@ class RemoteCycle(Cycle):
             dry_run=self.request.dry_run,
             priority_prefix=(*tree.command_prefix, *self._priority()),
         )
+        # One line per file rsync wrote (rsync.Written): none at all lets the manifest be the previous one (_remote_manifest).
+        local = (local[0], "--itemize-changes", *local[1:])
         repo = self.remote_repository
         if isinstance(repo, DaemonRepository):
             url = repo.daemon.url(begun.target) + "/"
             return rsync.to_daemon(local, url=url, options=daemon_options(repo.daemon), link_dests=begun.link_dests)
         return rsync.over_ssh(local, shell=rsync_shell(self.remote, self.ssh), host=self.remote.host, link_dests=begun.link_dests)
+
+    def _lists_written(self) -> bool:
+        return True
 
     def _transfer_failure(self, returncode: int, stderr: tuple[str, ...]) -> BackupAgentError | None:
         if returncode == 0 or disk_full(stderr):
@@ -299,7 +304,7 @@ class RemoteCycle(Cycle):
                 duration=round((end - start).total_seconds(), 3),
                 flagged=self.outcome.flagged,
                 previous=previous,
-                manifest=self._remote_manifest(name, previous),
+                manifest=self._remote_manifest(name, previous, metadata),
                 warnings=sorted(set(metadata.get("warnings", [])) | set(self.outcome.warnings)),
             )
             self.outcome.partial = bool(metadata.get("partial"))
@@ -309,15 +314,22 @@ class RemoteCycle(Cycle):
         self.outcome.snapshot = name
         return name
 
-    def _remote_manifest(self, name: str, previous: str | None) -> dict[str, Any]:
+    def _remote_manifest(self, name: str, previous: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
         """The snapshot's manifest, hashed on the server and uploaded before the rename (agent.engine.remote_read).
 
+        When rsync wrote no file and the snapshot holds as many as the previous manifest lists, it is the
+        previous snapshot's files themselves (hard links): the server copies that manifest (one call).
         A failure is a warning, as locally: the snapshot completes without one and verify says so.
         """
         repo = self.remote_repository
         if isinstance(repo, DaemonRepository):
             return {"error": "not recorded: an rsync daemon runs no command for its client"}
         try:
+            warned = [*metadata.get("warnings", []), *self.outcome.warnings]
+            before = repo.read_metadata(previous) if previous is not None else None
+            copied = remote_read.unchanged_manifest(previous, self._written.get(name), metadata, before, warned)
+            if previous is not None and copied is not None and remote_read.copy_manifest(repo, previous, name):
+                return copied
             recorded = remote_read.record_manifest(repo, name, previous)
         except BackupAgentError as exc:
             self._warn(f"snapshot {name} is completed without a manifest ({exc.message}): verify cannot check it")

@@ -37,7 +37,7 @@ from agent.engine import verify as verifier
 from agent.engine.history import Change, Snapshot, Version, kind_of, narrow, within
 from agent.repository import manifest as manifests
 from agent.repository.remote import RemoteRepository, rsync_remote_path, rsync_shell
-from agent.repository.remote_read import Held, Stat, held_at, same_contents, sums, tree
+from agent.repository.remote_read import COPY_MANIFEST, Held, Stat, held_at, run_bytes, same_contents, sums, tree
 from agent.repository.store import IN_PROGRESS, MANIFEST_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,46 @@ def manifest_lines(
     return lines, to_hash, reused
 
 
+def unchanged_manifest(
+    previous: str | None,
+    written: tuple[str | None, frozenset[bytes]] | None,
+    metadata: dict[str, Any],
+    previous_metadata: dict[str, Any] | None,
+    warnings: Sequence[str],
+) -> dict[str, Any] | None:
+    """What the metadata records when the new snapshot's manifest is the previous one, byte for byte; None when
+    it may not be (pure).
+
+    It is when rsync itemized no file written (``written``: the files it wrote, linked against ``previous``
+    alone, nothing resumed), created none and transferred none, every file of the source reached the snapshot
+    (not partial, no rsync warning) and the source has as many regular files as the previous manifest lists:
+    then every file is the previous snapshot's, hard-linked at the same path, with the same inode.
+    """
+    if previous is None or written is None or written[0] != previous or written[1]:
+        return None
+    recorded = (previous_metadata or {}).get("manifest")
+    statistics = metadata.get("statistics") or {}
+    if not isinstance(recorded, dict) or not recorded.get("digest") or recorded.get("format") != FORMAT:
+        return None
+    failed = metadata.get("vanished") or (metadata.get("errors") or {}).get("count")
+    if metadata.get("partial") or metadata.get("resumed_from") or failed or any(str(w).startswith("rsync:") for w in warnings):
+        return None
+    if statistics.get("transferred_files") != 0 or statistics.get("created_files") != 0:
+        return None
+    if not isinstance(recorded.get("entries"), int) or statistics.get("regular_files") != recorded["entries"]:
+        return None
+    return {
+        **recorded, "hashed_files": 0, "hashed_bytes": 0, "reused_files": recorded["entries"], "reused_from": previous,
+        "hashed_on": "server", "copied": True, "duration": 0.0,
+    }  # fmt: skip
+
+
+def copy_manifest(repo: RemoteRepository, previous: str, name: str, *, step: str = "snapshot") -> bool:
+    """Copy ``previous``'s manifest as ``name``'s on the server; False when it is not there (the caller lists and hashes)."""
+    data, _ = run_bytes(repo, COPY_MANIFEST, repo.remote.path, previous, name, step=step, ok=(0, 4))
+    return data.strip() == b"copied"
+
+
 def record_manifest(repo: RemoteRepository, name: str, previous: str | None, *, step: str = "snapshot") -> dict[str, Any]:
     """Write the manifest of ``snapshots/<name>.in-progress`` on the server; what the metadata records of it.
 
@@ -139,9 +179,12 @@ def record_manifest(repo: RemoteRepository, name: str, previous: str | None, *, 
                     log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
         directory = repo.remote.at("snapshots", name + IN_PROGRESS)
         files = tree(repo, directory, files_only=True, step=step)
-        _, to_hash, _ = manifest_lines(files, known, {})
-        digests, complaints = sums(repo, directory, to_hash, step=step) if to_hash else ({}, ())
-        lines, unhashed, reused = manifest_lines(files, known, digests)
+        lines, to_hash, reused = manifest_lines(files, known, {})
+        unhashed: list[bytes] = []
+        complaints: tuple[str, ...] = ()
+        if to_hash:
+            digests, complaints = sums(repo, directory, to_hash, step=step)
+            lines, unhashed, reused = manifest_lines(files, known, digests)
         if unhashed:
             shown = verifier.shown(next(iter(unhashed)))
             raise CommandError(

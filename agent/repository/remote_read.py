@@ -49,24 +49,17 @@ if [ "$2" = f ]; then exec find . -type f -exec sh -c "$3" sh {} +; fi
 exec find . -exec sh -c "$3" sh {} +
 """
 
-# Run by xargs -0 with names as "$@": the checksum of each (see the module's docstring).
-HASH_BATCH = r"""nl='
-'
-cr=$(printf '\r')
-n=$#
-for f do
-  case $f in
-    *"$nl"*|*"$cr"*|*\\*) if h=$(sha256sum < "$f"); then printf 'W%s\0%s\0' "${h%% *}" "$f"; fi ;;
-    *) set -- "$@" "$f" ;;
-  esac
+# Run by xargs -0 with names that sha256sum would escape (a newline, a carriage return or a backslash)
+# as "$@": each hashed alone from its standard input, so its name never passes through sha256sum.
+HASH_ALONE = r"""for f do
+  if h=$(sha256sum < "$f"); then printf 'W%s\0%s\0' "${h%% *}" "$f"; fi
 done
-shift "$n"
-[ "$#" -eq 0 ] || exec sha256sum -- "$@"
 """
 
-# $1 the snapshot directory, $2 HASH_BATCH; the names on stdin, NUL-separated.
+# $1 the snapshot directory, $2 "alone" for the names HASH_ALONE takes, $3 HASH_ALONE; the names on stdin, NUL-separated.
 HASH = r"""cd -- "$1" || exit 3
-exec xargs -0 sh -c "$2" sh
+if [ "$2" = alone ]; then exec xargs -0 sh -c "$3" sh; fi
+exec xargs -0 sha256sum --
 """
 
 # $1 the repository, $2 the path below each snapshot, $3 BATCH, then snapshot names. For each that
@@ -118,6 +111,13 @@ done
 
 # $1 the first tree, $2 the second, $3 SAME; the relative paths on stdin, NUL-separated.
 COMPARE = r"""exec xargs -0 sh -c "$3" sh "$1" "$2"
+"""
+
+# $1 the repository, $2 the previous snapshot, $3 the new one: the previous manifest copied as the new one's
+# (beside, then renamed); exit 4 when there is none to copy.
+COPY_MANIFEST = r"""cd -- "$1/metadata" || exit 3
+if [ -L "$2.manifest" ] || [ ! -f "$2.manifest" ]; then exit 4; fi
+cp -- "$2.manifest" ".$3.manifest.tmp" && mv -f -- ".$3.manifest.tmp" "$3.manifest" && echo copied
 """
 
 # What stdin carries per call: below a pipe's 64 KiB, so writing it never waits for the answer.
@@ -301,14 +301,23 @@ def tree(repo: RemoteRepository, directory: str, *, files_only: bool, step: str)
     return {relative(name): info for name, info in listed if name != b"."}
 
 
+def escaped_by_sha256sum(name: bytes) -> bool:
+    """Whether coreutils' sha256sum would escape ``name`` in its output (busybox's never does) (pure)."""
+    return b"\n" in name or b"\r" in name or b"\\" in name
+
+
 def sums(repo: RemoteRepository, directory: str, names: Iterable[bytes], *, step: str) -> tuple[dict[bytes, str], tuple[str, ...]]:
     """sha256 of each relative path below ``directory``, computed on the server; what could not be read is left out
     (with sha256sum's complaints, the last lines)."""
     found: dict[bytes, str] = {}
     complaints: list[str] = []
-    for piece in pieces(b"./" + name for name in names):
+    given = [b"./" + name for name in names]
+    plain = [name for name in given if not escaped_by_sha256sum(name)]
+    alone = [name for name in given if escaped_by_sha256sum(name)]
+    work = [(piece, "") for piece in pieces(plain)] + [(piece, "alone") for piece in pieces(alone)]
+    for piece, how in work:
         # xargs says 123 when a sha256sum said 1 (a file it could not read): the others are still good.
-        data, tail = run_bytes(repo, HASH, directory, HASH_BATCH, step=step, stdin=piece, ok=(0, 123))
+        data, tail = run_bytes(repo, HASH, directory, how, HASH_ALONE, step=step, stdin=piece, ok=(0, 123))
         complaints += tail
         try:
             answered = parse_sums(data)
