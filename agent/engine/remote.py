@@ -328,8 +328,9 @@ class RemoteCycle(Cycle):
             warned = [*metadata.get("warnings", []), *self.outcome.warnings]
             before = repo.read_metadata(previous) if previous is not None else None
             copied = remote_read.unchanged_manifest(previous, self._written.get(name), metadata, before, warned)
+            started = time.monotonic()
             if previous is not None and copied is not None and remote_read.copy_manifest(repo, previous, name):
-                return copied
+                return {**copied, "duration": round(time.monotonic() - started, 3)}
             recorded = remote_read.record_manifest(repo, name, previous)
         except BackupAgentError as exc:
             self._warn(f"snapshot {name} is completed without a manifest ({exc.message}): verify cannot check it")
