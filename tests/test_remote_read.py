@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import time
 from contextlib import redirect_stdout
@@ -26,12 +27,17 @@ from agent.engine.remote_read import finish_diff, manifest_lines, plan_diff, ren
 from agent.repository import manifest as manifests
 from agent.repository.remote_read import (
     BATCH,
+    COMPARE,
+    COPY_MANIFEST,
     HASH,
     HASH_ALONE,
+    SAME,
     TREE,
+    VERSIONS,
     Stat,
     escaped_by_sha256sum,
     parse_listing,
+    parse_versions,
     parse_sums,
     pieces,
     relative,
@@ -81,6 +87,46 @@ def test_listing_and_checksums_survive_any_name_through_a_real_sh(tmp_path: Path
     kinds = {relative(name): info for name, info in parse_listing(everything)}
     assert kinds[b"link"].is_link and kinds[b"sub"].is_dir and b"" in kinds
     assert list(pieces([b"a" * 5, b"b" * 5, b"c"], limit=12)) == [b"aaaaa\0bbbbb\0", b"c\0"]
+
+
+BUSYBOX_TOOLS = ("sh", "find", "stat", "sha256sum", "xargs", "cmp", "readlink", "cp", "mv", "printf", "cat")
+
+
+def test_the_server_scripts_run_on_busybox_alone(tmp_path: Path) -> None:
+    """A NAS often has busybox only: every script through busybox's sh, with busybox's tools alone on PATH."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip(reason="busybox is missing: run scripts/test, which installs it")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in BUSYBOX_TOOLS:
+        os.symlink(busybox, tools / tool)
+    env = {"PATH": str(tools)}
+    snap = tmp_path / "snapshots" / "A"
+    snap.mkdir(parents=True)
+    for index, name in enumerate(NAMES):
+        (snap / name).write_bytes(b"y" * (index + 1))
+    os.symlink("plain", snap / "link")
+
+    def sh(script: str, *args: str, stdin: bytes = b"") -> bytes:
+        done = subprocess.run([str(tools / "sh"), "-c", script, "sh", *args], input=stdin, capture_output=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    files = {relative(n): i for n, i in parse_listing(sh(TREE, str(snap), "f", BATCH))}
+    assert set(files) == {os.fsencode(n) for n in NAMES} and files[b"plain"].inode == os.lstat(snap / "plain").st_ino
+    digests: dict[bytes, str] = {}
+    for how in ("", "alone"):
+        chosen = b"".join(b"./" + rel + b"\0" for rel in files if escaped_by_sha256sum(rel) == (how == "alone"))
+        digests.update((relative(n), d) for n, d in parse_sums(sh(HASH, str(snap), how, HASH_ALONE, stdin=chosen)).items())
+    assert digests == {rel: manifests.hash_file(os.fsencode(snap) + b"/" + rel)[0] for rel in files}
+    (held,) = parse_versions(sh(VERSIONS, str(tmp_path), "link", BATCH, "A"))
+    assert held.target == b"plain" and held.stat.is_link
+    assert sh(COMPARE, str(snap), str(snap), SAME, stdin=b"plain\0link\0") == b"ss"
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "A.manifest").write_text("m")
+    assert sh(COPY_MANIFEST, str(tmp_path), "A", "B").strip() == b"copied"
+    assert (tmp_path / "metadata" / "B.manifest").read_text() == "m"
 
 
 def _stat(inode: int, size: int, mode: int = 0o100644, mtime: int = 1) -> Stat:
