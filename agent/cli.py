@@ -323,10 +323,10 @@ SUDO_FORMS: dict[str, str] = {
     "open": "open --disk NAME [--json] [--passphrase-stdin] [-q|-v]",
     "list": "list [--json] [--disk NAME | --remote NAME | --offsite [--offsite-name NAME]] [-q|-v]",
     "rotate": "rotate [-n] [--json] [--disk NAME | --remote NAME] [--discard-unfinished] [-q|-v]",
-    "versions": "versions [--json] [--disk NAME | --offsite [--offsite-name NAME]] PATH [-q|-v]",
-    "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
+    "versions": "versions [--json] [--disk NAME | --remote NAME | --offsite [--offsite-name NAME]] PATH [-q|-v]",
+    "diff": "diff [--json] [--disk NAME | --remote NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
-    "verify": "verify [SNAPSHOT | --all] [--disk NAME] [--json] [-q|-v]",
+    "verify": "verify [SNAPSHOT | --all] [--disk NAME | --remote NAME] [--json] [-q|-v]",
     "packages": "packages [--snapshot NAME | --diff A B] [--disk NAME] [--json] [-q|-v]",
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
@@ -345,12 +345,14 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     # could reach the path): --repository, --to and --in-place choose what is
     # read or written, so they need a root shell.
     # --offsite reads the configured [[offsite]] repository only; restore --offsite writes, so it needs a root shell.
-    "versions": frozenset({"json", "disk", "offsite", "offsite_name", "path", "quiet", "verbose"}),
-    "diff": frozenset({"json", "disk", "a", "b", "quiet", "verbose"}),
+    # --remote reads the configured [[remote]] only, with root's key (as list does); restore --remote writes
+    # without the caller checks a disk's restore makes, so it needs a root shell.
+    "versions": frozenset({"json", "disk", "remote", "offsite", "offsite_name", "path", "quiet", "verbose"}),
+    "diff": frozenset({"json", "disk", "remote", "a", "b", "quiet", "verbose"}),
     "restore": frozenset({"disk", "snapshot", "at", "dry_run", "paths", "quiet", "verbose"}),
     # Read-only; SNAPSHOT must be one of the repository's snapshot names.
     # --repository is refused: root would read and report on any directory.
-    "verify": frozenset({"snapshot", "all", "disk", "json", "quiet", "verbose"}),
+    "verify": frozenset({"snapshot", "all", "disk", "remote", "json", "quiet", "verbose"}),
     # Read-only; the names must be the repository's snapshots.
     "packages": frozenset({"snapshot", "diff", "disk", "json", "quiet", "verbose"}),
 }
