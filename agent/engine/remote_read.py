@@ -37,7 +37,7 @@ from agent.engine import verify as verifier
 from agent.engine.history import Change, Snapshot, Version, kind_of, narrow, within
 from agent.repository import manifest as manifests
 from agent.repository.remote import RemoteRepository, rsync_remote_path, rsync_shell
-from agent.repository.remote_read import COPY_MANIFEST, Held, Stat, held_at, run_bytes, same_contents, sums, tree
+from agent.repository.remote_read import COPY_MANIFEST, Held, Stat, hashed_tree, held_at, run_bytes, same_contents, sums, tree
 from agent.repository.store import IN_PROGRESS, MANIFEST_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -178,13 +178,19 @@ def record_manifest(repo: RemoteRepository, name: str, previous: str | None, *, 
                 except (CorruptManifestError, OSError) as exc:
                     log.warning("the manifest of %s is not used (%s): every file of %s is hashed", previous, exc, name)
         directory = repo.remote.at("snapshots", name + IN_PROGRESS)
-        files = tree(repo, directory, files_only=True, step=step)
-        lines, to_hash, reused = manifest_lines(files, known, {})
-        unhashed: list[bytes] = []
         complaints: tuple[str, ...] = ()
-        if to_hash:
-            digests, complaints = sums(repo, directory, to_hash, step=step)
-            lines, unhashed, reused = manifest_lines(files, known, digests)
+        unhashed: list[bytes] = []
+        if known.lines:
+            files = tree(repo, directory, files_only=True, step=step)
+            lines, hashed, reused = manifest_lines(files, known, {})
+            if hashed:
+                digests, complaints = sums(repo, directory, hashed, step=step)
+                lines, unhashed, reused = manifest_lines(files, known, digests)
+        else:  # nothing to reuse: every file is read anyway, listed and hashed in one call
+            both = hashed_tree(repo, directory, step=step)
+            files = {rel: info for rel, (info, _) in both.items()}
+            hashed = list(files)
+            lines, unhashed, reused = manifest_lines(files, known, {rel: d for rel, (_, d) in both.items() if d is not None})
         if unhashed:
             shown = verifier.shown(next(iter(unhashed)))
             raise CommandError(
@@ -198,14 +204,13 @@ def record_manifest(repo: RemoteRepository, name: str, previous: str | None, *, 
         upload_manifest(repo, local, name, step=step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    hashed = [files[rel] for rel in to_hash]
     return {
         "algorithm": manifests.ALGORITHM,
         "format": FORMAT,
         "entries": len(lines),
         "digest": own,
         "hashed_files": len(hashed),
-        "hashed_bytes": sum(info.size for info in hashed),
+        "hashed_bytes": sum(files[rel].size for rel in hashed),
         "reused_files": reused,
         "reused_from": previous,
         "hashed_on": "server",
@@ -258,7 +263,13 @@ def verify(repo: RemoteRepository, names: list[str]) -> verifier.Report:
             if loaded is None:
                 continue
             directory = repo.remote.at("snapshots", name)
-            present = tree(repo, directory, files_only=True, step="verify")
+            hashed_now: dict[bytes, str | None] | None = None
+            if not read:  # nothing read yet: the snapshot listed and every file hashed in one call
+                both = hashed_tree(repo, directory, step="verify")
+                present = {rel: info for rel, (info, _) in both.items()}
+                hashed_now = {rel: digest for rel, (_, digest) in both.items()}
+            else:  # listed, then only the inodes no snapshot checked before holds are hashed
+                present = tree(repo, directory, files_only=True, step="verify")
             found: list[verifier.Problem] = []
             to_read: dict[tuple[int, int], bytes] = {}
             for entry in loaded.entries:
@@ -270,7 +281,10 @@ def verify(repo: RemoteRepository, names: list[str]) -> verifier.Report:
                 key = (info.device, info.inode)
                 if key not in read and key not in to_read:
                     to_read[key] = entry.path
-            digests, _ = sums(repo, directory, to_read.values(), step="verify") if to_read else ({}, ())
+            if hashed_now is not None:
+                digests = {rel: digest for rel, digest in hashed_now.items() if digest is not None}
+            else:
+                digests, _ = sums(repo, directory, to_read.values(), step="verify") if to_read else ({}, ())
             for key, rel in to_read.items():
                 read[key] = digests.get(rel)
                 report.inodes += 1

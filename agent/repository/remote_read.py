@@ -43,7 +43,27 @@ printf '%s\0' "$@"
 exec stat -c '""" + STAT_FORMAT + r"""' -- "$@"
 """
 
-# $1 the snapshot directory, $2 "f" for regular files only, $3 BATCH.
+# As BATCH, each file then hashed: with no name sha256sum would escape, ``sha256sum -- NAMES`` and ``E\0``;
+# else each alone from stdin, ``W<hex>\0`` or ``X\0`` (unreadable) per name, in order.
+HASHED_BATCH = r"""printf 'B %d\0' "$#"
+[ "$#" -gt 0 ] || exit 0
+printf '%s\0' "$@"
+stat -c '""" + STAT_FORMAT + r"""' -- "$@"
+nl='
+'
+cr=$(printf '\r')
+for f do
+  case $f in
+    *"$nl"*|*"$cr"*|*\\*)
+      for g do if h=$(sha256sum < "$g"); then printf 'W%s\0' "${h%% *}"; else printf 'X\0'; fi; done
+      exit 0 ;;
+  esac
+done
+sha256sum -- "$@"
+printf 'E\0'
+"""
+
+# $1 the snapshot directory, $2 "f" for regular files only, $3 BATCH (or HASHED_BATCH, with "f").
 TREE = r"""cd -- "$1" || exit 3
 if [ "$2" = f ]; then exec find . -type f -exec sh -c "$3" sh {} +; fi
 exec find . -exec sh -c "$3" sh {} +
@@ -207,6 +227,30 @@ def parse_listing(data: bytes) -> list[tuple[bytes, Stat]]:
     return found
 
 
+def parse_hashed_listing(data: bytes) -> list[tuple[bytes, Stat, str | None]]:
+    """HASHED_BATCH's answers: (name as given, its stat, its sha256 or None when it could not be read) (pure)."""
+    reader = _Reader(data)
+    found: list[tuple[bytes, Stat, str | None]] = []
+    while not reader.done:
+        listed = _batch(reader)
+        if not listed:
+            continue
+        if reader.peek() in (b"W", b"X"):
+            for name, info in listed:
+                record = reader.until(b"\0")
+                found.append((name, info, record[1:].decode("ascii") if record[:1] == b"W" else None))
+            continue
+        digests: dict[bytes, str] = {}
+        while not reader.data.startswith(b"E\0", reader.at):
+            match = _SUM_LINE.fullmatch(reader.until(b"\n"))
+            if match is None:
+                raise AnswerError("not a checksum line")
+            digests[match[2]] = match[1].decode("ascii")
+        reader.at += 2
+        found += [(name, info, digests.get(name)) for name, info in listed]
+    return found
+
+
 def relative(name: bytes) -> bytes:
     """``./a/b`` as find names it -> ``a/b``; ``.`` -> ``b""`` (pure)."""
     return b"" if name == b"." else name[2:] if name.startswith(b"./") else name
@@ -304,6 +348,18 @@ def tree(repo: RemoteRepository, directory: str, *, files_only: bool, step: str)
 def escaped_by_sha256sum(name: bytes) -> bool:
     """Whether coreutils' sha256sum would escape ``name`` in its output (busybox's never does) (pure)."""
     return b"\n" in name or b"\r" in name or b"\\" in name
+
+
+def hashed_tree(repo: RemoteRepository, directory: str, *, step: str) -> dict[bytes, tuple[Stat, str | None]]:
+    """Every regular file below ``directory`` with its stat and sha256, listed and hashed on the server in one call
+    (the whole tree is read: for a first manifest, or the first snapshot verify checks)."""
+    # find says 1 when a sha256sum in it did (a file it could not read): the others are still good.
+    data, _ = run_bytes(repo, TREE, directory, "f", HASHED_BATCH, step=step, ok=(0, 1))
+    try:
+        listed = parse_hashed_listing(data)
+    except AnswerError as exc:
+        raise CommandError(f"the listing of {directory} on {repo.remote.host} could not be read ({exc})", step=step) from None
+    return {relative(name): (info, digest) for name, info, digest in listed}
 
 
 def sums(repo: RemoteRepository, directory: str, names: Iterable[bytes], *, step: str) -> tuple[dict[bytes, str], tuple[str, ...]]:
