@@ -43,24 +43,34 @@ printf '%s\0' "$@"
 exec stat -c '""" + STAT_FORMAT + r"""' -- "$@"
 """
 
-# As BATCH, each file then hashed: with no name sha256sum would escape, ``sha256sum -- NAMES`` and ``E\0``;
-# else each alone from stdin, ``W<hex>\0`` or ``X\0`` (unreadable) per name, in order.
+# As BATCH, each file then hashed: ``sha256sum -- NAMES`` and ``E\0`` (its lines are ``<hex>  <name>``).
 HASHED_BATCH = r"""printf 'B %d\0' "$#"
 [ "$#" -gt 0 ] || exit 0
 printf '%s\0' "$@"
 stat -c '""" + STAT_FORMAT + r"""' -- "$@"
+sha256sum -- "$@"
+printf 'E\0'
+"""
+
+# As BATCH, for names sha256sum would escape: each file then hashed alone from stdin, ``W<hex>\0`` or
+# ``X\0`` (unreadable) per name, in order.
+HASHED_ALONE_BATCH = r"""printf 'B %d\0' "$#"
+[ "$#" -gt 0 ] || exit 0
+printf '%s\0' "$@"
+stat -c '""" + STAT_FORMAT + r"""' -- "$@"
+for g do if h=$(sha256sum < "$g"); then printf 'W%s\0' "${h%% *}"; else printf 'X\0'; fi; done
+"""
+
+# $1 the snapshot directory, HASHED_BATCH and HASHED_ALONE_BATCH: every regular file listed and hashed, find
+# sorting the names sha256sum would escape (a newline, a carriage return or a backslash anywhere in the
+# path) to the second. No parentheses: busybox's find runs no "-exec {} +" inside them; -a binds
+# tighter than -o, and "-exec {} +" is true, so each file goes to the first branch it matches.
+HASHED_TREE = r"""cd -- "$1" || exit 3
 nl='
 '
 cr=$(printf '\r')
-for f do
-  case $f in
-    *"$nl"*|*"$cr"*|*\\*)
-      for g do if h=$(sha256sum < "$g"); then printf 'W%s\0' "${h%% *}"; else printf 'X\0'; fi; done
-      exit 0 ;;
-  esac
-done
-sha256sum -- "$@"
-printf 'E\0'
+exec find . -type f -path "*$nl*" -exec sh -c "$3" sh {} + -o -type f -path "*$cr*" -exec sh -c "$3" sh {} + \
+  -o -type f -path '*\\*' -exec sh -c "$3" sh {} + -o -type f -exec sh -c "$2" sh {} +
 """
 
 # $1 the snapshot directory, $2 "f" for regular files only, $3 BATCH (or HASHED_BATCH, with "f").
@@ -354,7 +364,7 @@ def hashed_tree(repo: RemoteRepository, directory: str, *, step: str) -> dict[by
     """Every regular file below ``directory`` with its stat and sha256, listed and hashed on the server in one call
     (the whole tree is read: for a first manifest, or the first snapshot verify checks)."""
     # find says 1 when a sha256sum in it did (a file it could not read): the others are still good.
-    data, _ = run_bytes(repo, TREE, directory, "f", HASHED_BATCH, step=step, ok=(0, 1))
+    data, _ = run_bytes(repo, HASHED_TREE, directory, HASHED_BATCH, HASHED_ALONE_BATCH, step=step, ok=(0, 1))
     try:
         listed = parse_hashed_listing(data)
     except AnswerError as exc:
