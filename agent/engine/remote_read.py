@@ -23,6 +23,7 @@ local rules (docs/ARCHITECTURE.md, "Remote repositories"):
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -257,15 +258,23 @@ def verify(repo: RemoteRepository, names: list[str]) -> verifier.Report:
     # (device, inode) -> digest read now (None: unreadable), across the snapshots checked: each read once.
     read: dict[tuple[int, int], str | None] = {}
     bad: dict[tuple[int, int], list[tuple[str, int, verifier.Location, Stat]]] = {}
+    # The server hashes while this side fetches and reads the manifest (one more ssh session on the shared connection).
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="remote-hash")
     try:
         for name in names:
+            directory = repo.remote.at("snapshots", name)
+            recorded = (repo.read_metadata(name) or {}).get("manifest")
+            ahead = None
+            if not read and isinstance(recorded, dict) and recorded.get("digest"):
+                ahead = pool.submit(hashed_tree, repo, directory, step="verify")
             loaded = _load(repo, name, work, report)
             if loaded is None:
+                if ahead is not None:
+                    ahead.result()  # its errors are the connection's, as _load's would be
                 continue
-            directory = repo.remote.at("snapshots", name)
             hashed_now: dict[bytes, str | None] | None = None
             if not read:  # nothing read yet: the snapshot listed and every file hashed in one call
-                both = hashed_tree(repo, directory, step="verify")
+                both = ahead.result() if ahead is not None else hashed_tree(repo, directory, step="verify")
                 present = {rel: info for rel, (info, _) in both.items()}
                 hashed_now = {rel: digest for rel, (_, digest) in both.items()}
             else:  # listed, then only the inodes no snapshot checked before holds are hashed
@@ -305,6 +314,7 @@ def verify(repo: RemoteRepository, names: list[str]) -> verifier.Report:
             report.problems += found
             report.checked.append(name)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(work, ignore_errors=True)
     for key, places in sorted(bad.items(), key=lambda item: item[1][0][2].path):
         expected, expected_size, _, now = places[0]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 import stat as stat_module
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from agent.core.errors import CommandError
 from agent.repository.remote import RemoteRepository, connection_failure, script_argv
@@ -154,9 +154,8 @@ cp -- "$2.manifest" ".$3.manifest.tmp" && mv -f -- ".$3.manifest.tmp" "$3.manife
 STDIN_PIECE = 60000
 
 
-@dataclass(frozen=True)
-class Stat:
-    """What ``stat -c STAT_FORMAT`` says of one entry."""
+class Stat(NamedTuple):
+    """What ``stat -c STAT_FORMAT`` says of one entry (a tuple: a snapshot has hundreds of thousands)."""
 
     device: int
     inode: int
@@ -180,7 +179,6 @@ class Stat:
         return stat_module.S_ISLNK(self.mode)
 
 
-_STAT_LINE = re.compile(rb"(\d+) (\d+) ([0-9a-fA-F]+) (\d+) (\d+) (\d+) (-?\d+) (-?\d+)")
 _SUM_LINE = re.compile(rb"\\?([0-9a-f]{64}) [ *](.*)", re.DOTALL)
 
 
@@ -189,11 +187,14 @@ class AnswerError(ValueError):
 
 
 def _stat(line: bytes) -> Stat:
-    match = _STAT_LINE.fullmatch(line)
-    if match is None:
+    fields = line.split(b" ")
+    if len(fields) != 8:
         raise AnswerError(f"not a stat line: {line[:80]!r}")
-    values = [int(v, 16) if index == 2 else int(v) for index, v in enumerate(match.groups())]
-    return Stat(*values)
+    try:
+        device, inode, mode, uid, gid, size, mtime, ctime = fields
+        return Stat(int(device), int(inode), int(mode, 16), int(uid), int(gid), int(size), int(mtime), int(ctime))
+    except ValueError:
+        raise AnswerError(f"not a stat line: {line[:80]!r}") from None
 
 
 class _Reader:
