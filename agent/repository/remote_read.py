@@ -13,12 +13,14 @@ so any name survives both ways:
   in the same order: a name is never parsed out of stat's output);
 - checksums: ``sha256sum -- NAMES...`` for names without a newline,
   carriage return or backslash (the only ones coreutils escapes), whose
-  lines are ``<hex>  <name>``; every other name is hashed alone from its
-  standard input and comes back as ``W<hex>\\0<name>\\0``.
+  lines are ``<hex>  <name>`` and matched to the names given; every other
+  name is hashed alone from its standard input (``W<hex>\\0``);
+- a whole snapshot can be listed and hashed in one call (HASHED_TREE): each
+  batch's stat lines are then followed by its checksums.
 
-Names to hash go to the server on standard input, NUL-separated, in
-pieces smaller than a pipe's buffer (the runner writes stdin whole before
-it reads the answer).
+Names to hash (the files of a later snapshot that no earlier one shares)
+go to the server on standard input, NUL-separated, in pieces smaller than
+a pipe's buffer (the runner writes stdin whole before it reads the answer).
 
 Scripts and parsers are pure; :func:`run_bytes` runs one through the runner.
 """
