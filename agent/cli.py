@@ -71,12 +71,14 @@ from agent.repository.remote import (
 )
 from agent.repository.remote import named as remote_named
 from agent.engine.remote import RemoteCycle, kind_finder, remote_request, remote_snapshots
+from agent.engine import remote_read
 from agent.repository.daemon import (
     Daemon,
     DaemonRepository,
     configured_daemon,
     daemon_as_configured,
     daemon_name,
+    daemon_options,
     parse_daemon_destination,
     parse_tunnel,
 )
@@ -190,12 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     versions.add_argument("--json", action="store_true", help="one JSON object: path, versions")
     versions.add_argument("path", metavar="PATH", help="as it is (or was) on this machine; relative to here")
+    versions.add_argument("--remote", metavar="NAME", help="read this configured [[remote]] over ssh")
     _offsite_options(versions, "look in the off-site repository (no disk needed)")
 
     differ = sub.add_parser("diff", parents=[common, reading], help="what changed between two snapshots")
     differ.add_argument("--json", action="store_true", help="one JSON object: a, b, source, changes")
     differ.add_argument("a", nargs="?", metavar="A", help="the older snapshot (default: the one before the newest)")
     differ.add_argument("b", nargs="?", metavar="B", help="the newer snapshot (default: the newest)")
+    differ.add_argument("--remote", metavar="NAME", help="read this configured [[remote]] over ssh")
 
     restore = sub.add_parser(
         "restore", parents=[common, reading], help="copy files or trees back out of a snapshot, every attribute kept"
@@ -208,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--in-place", action="store_true", help="back where it was; what is there now is moved aside")
     restore.add_argument("-n", "--dry-run", action="store_true", help="say what would be restored where; change nothing")
     restore.add_argument("paths", nargs="+", metavar="PATH", help="as it is (or was) on this machine; relative to here")
+    restore.add_argument("--remote", metavar="NAME", help="restore from this configured [[remote]] (ssh or an rsync daemon)")
     _offsite_options(restore, "restore from the off-site repository (no disk needed)")
 
     packaged = sub.add_parser(
@@ -234,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="the snapshot to check (default: the latest)")
     verify.add_argument("--all", action="store_true", help="check every snapshot")
     verify.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    verify.add_argument("--remote", metavar="NAME", help="verify this configured [[remote]] over ssh (hashed on the server)")
 
     eject = sub.add_parser(
         "eject",
@@ -319,10 +325,10 @@ SUDO_FORMS: dict[str, str] = {
     "open": "open --disk NAME [--json] [--passphrase-stdin] [-q|-v]",
     "list": "list [--json] [--disk NAME | --remote NAME | --offsite [--offsite-name NAME]] [-q|-v]",
     "rotate": "rotate [-n] [--json] [--disk NAME | --remote NAME] [--discard-unfinished] [-q|-v]",
-    "versions": "versions [--json] [--disk NAME | --offsite [--offsite-name NAME]] PATH [-q|-v]",
-    "diff": "diff [--json] [--disk NAME] [A] [B] [-q|-v]",
+    "versions": "versions [--json] [--disk NAME | --remote NAME | --offsite [--offsite-name NAME]] PATH [-q|-v]",
+    "diff": "diff [--json] [--disk NAME | --remote NAME] [A] [B] [-q|-v]",
     "restore": "restore [--disk NAME] [--snapshot NAME | --at TIME] [-n] PATH... [-q|-v] (into a new restored-<snapshot> directory)",
-    "verify": "verify [SNAPSHOT | --all] [--disk NAME] [--json] [-q|-v]",
+    "verify": "verify [SNAPSHOT | --all] [--disk NAME | --remote NAME] [--json] [-q|-v]",
     "packages": "packages [--snapshot NAME | --diff A B] [--disk NAME] [--json] [-q|-v]",
 }
 _SUDO_DESTS: dict[str, frozenset[str]] = {
@@ -341,12 +347,14 @@ _SUDO_DESTS: dict[str, frozenset[str]] = {
     # could reach the path): --repository, --to and --in-place choose what is
     # read or written, so they need a root shell.
     # --offsite reads the configured [[offsite]] repository only; restore --offsite writes, so it needs a root shell.
-    "versions": frozenset({"json", "disk", "offsite", "offsite_name", "path", "quiet", "verbose"}),
-    "diff": frozenset({"json", "disk", "a", "b", "quiet", "verbose"}),
+    # --remote reads the configured [[remote]] only, with root's key (as list does); restore --remote writes
+    # without the caller checks a disk's restore makes, so it needs a root shell.
+    "versions": frozenset({"json", "disk", "remote", "offsite", "offsite_name", "path", "quiet", "verbose"}),
+    "diff": frozenset({"json", "disk", "remote", "a", "b", "quiet", "verbose"}),
     "restore": frozenset({"disk", "snapshot", "at", "dry_run", "paths", "quiet", "verbose"}),
     # Read-only; SNAPSHOT must be one of the repository's snapshot names.
     # --repository is refused: root would read and report on any directory.
-    "verify": frozenset({"snapshot", "all", "disk", "json", "quiet", "verbose"}),
+    "verify": frozenset({"snapshot", "all", "disk", "remote", "json", "quiet", "verbose"}),
     # Read-only; the names must be the repository's snapshots.
     "packages": frozenset({"snapshot", "diff", "disk", "json", "quiet", "verbose"}),
 }
@@ -901,18 +909,35 @@ def _print_rotation(outcome: Outcome, args: argparse.Namespace) -> int:
 
 
 def _not_on_a_server(args: argparse.Namespace) -> None:
-    """versions, diff and verify read snapshots as local trees: a repository on a server is refused by name (exit 8)."""
+    """What reads snapshots as local trees only: an rsync daemon (versions, diff, verify: it runs no command for
+    us) and any server (packages) are refused by name (exit 8)."""
     given = args.repository
-    if given and args.command == "restore" and is_daemon_destination(given):
+    if given and args.command in ("versions", "diff", "verify") and is_daemon_destination(given):
         raise NotAvailableError(
-            f"restore does not read an rsync daemon in this version ({given}): copy the files with "
-            f"rsync -aHAX --numeric-ids {given.rstrip('/')}/snapshots/<snapshot>/<path> DIR (backup-agent list {given} names the snapshots)"
+            f"{args.command} does not read an rsync daemon ({given}): it runs no command for its client; restore the path "
+            f"with backup-agent restore --repository {given} --to DIR, and look there"
         )
-    if given and (is_daemon_destination(given) or parse_destination(given) is not None):
+    if given and args.command == "packages" and (is_daemon_destination(given) or parse_destination(given) is not None):
         raise NotAvailableError(
             f"{args.command} does not read a repository on a server in this version ({given}): "
             f"restore the path from it with backup-agent restore --repository {given} --to DIR, and look there"
         )
+
+
+def _remote_reader(args: argparse.Namespace, settings: Settings) -> RemoteRepository | None:
+    """versions, diff, verify: the repository on a server over ssh that --remote NAME or [user@]host:/path names; None otherwise."""
+    name = getattr(args, "remote", None)
+    if name is not None and configured_daemon(settings, name) is not None:
+        raise NotAvailableError(
+            f"{args.command} does not read an rsync daemon ([[remote]] {name}): it runs no command for its client; restore the "
+            f"path with backup-agent restore --remote {name} --to DIR, and look there"
+        )
+    if args.repository and is_daemon_destination(args.repository):
+        return None  # refused by _not_on_a_server
+    remote = _remote_of(settings, name, args.repository)
+    if remote is None:
+        return None
+    return RemoteRepository(remote, Runner(), ssh=settings.commands.ssh, rsync=settings.commands.rsync)
 
 
 def _reading(args: argparse.Namespace, settings: Settings) -> "contextlib.AbstractContextManager[Repository]":
@@ -931,11 +956,19 @@ def cmd_versions(args: argparse.Namespace) -> int:
     path = history.live_path(args.path, os.getcwd())
     if args.offsite:
         return _versions_offsite(args, settings, path)
-    with _reading(args, settings) as repo:
-        snaps = history.snapshots(repo)
-        found = history.versions(snaps, path)
-        if not found:
-            raise history.not_held(snaps, path)
+    on_server = _remote_reader(args, settings)
+    if on_server is not None:  # asked of the server (agent.engine.remote_read)
+        with opened_for_reading(on_server) as remote_repo:
+            snaps = remote_snapshots(remote_repo)
+            found = remote_read.versions(remote_repo, snaps, path)
+            if not found:
+                raise remote_read.not_held(remote_repo, snaps, path)
+    else:
+        with _reading(args, settings) as repo:
+            snaps = history.snapshots(repo)
+            found = history.versions(snaps, path)
+            if not found:
+                raise history.not_held(snaps, path)
     if args.json:
         print(json.dumps({"path": path, "versions": [v.as_dict() for v in found]}, indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -959,11 +992,18 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     settings = _load(args)
-    with _reading(args, settings) as repo:
-        snaps = history.snapshots(repo)
-        a, b = history.pick_pair(snaps, args.a, args.b)
-        # Several sources: each compared with itself, its changes named by their live paths.
-        changes = [(source, change) for source, in_a, in_b in history.part_pairs(a, b) for change in history.diff(in_a, in_b)]
+    on_server = _remote_reader(args, settings)
+    if on_server is not None:  # listed and compared on the server (agent.engine.remote_read)
+        with opened_for_reading(on_server) as remote_repo:
+            snaps = remote_snapshots(remote_repo)
+            a, b = history.pick_pair(snaps, args.a, args.b)
+            changes = [(b.source, change) for change in remote_read.diff(remote_repo, a, b)]
+    else:
+        with _reading(args, settings) as repo:
+            snaps = history.snapshots(repo)
+            a, b = history.pick_pair(snaps, args.a, args.b)
+            # Several sources: each compared with itself, its changes named by their live paths.
+            changes = [(source, change) for source, in_a, in_b in history.part_pairs(a, b) for change in history.diff(in_a, in_b)]
     if args.json:
         body = {
             "a": a.name,
@@ -1042,7 +1082,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         early = restoring.early_refusal(paths, caller, os.path.lexists, lambda path: os.lstat(path).st_uid)
         if early is not None:
             raise UsageError(early + "; nothing was opened or restored")
-    remote = _remote_of(settings, None, args.repository) if args.repository else None
+    daemon = _daemon_of(settings, args.remote, args.repository)
+    if daemon is not None:
+        return _restore_daemon(args, settings, daemon, paths, to=to, now=now, at=at)
+    remote = _remote_of(settings, args.remote, args.repository) if args.repository or args.remote else None
     if remote is not None:
         return _restore_remote(args, settings, remote, paths, to=to, now=now, at=at)
     with _reading(args, settings) as repo:
@@ -1096,6 +1139,35 @@ def _restore_remote(
     return EXIT_OK
 
 
+def _restore_daemon(
+    args: argparse.Namespace, settings: Settings, daemon: Daemon, paths: list[str], *, to: str | None, now: dt.datetime, at: dt.datetime | None
+) -> int:
+    """restore from an rsync daemon's module: chosen and planned as locally, rsync reading from the module
+    (with the module's password file, root's only, as the backup uses)."""
+    runner = Runner()
+    commands = settings.commands
+    daemon = daemon_as_configured(settings, daemon)
+    module_repo = DaemonRepository(daemon, runner, ssh=commands.ssh, rsync=commands.rsync)
+    with opened_for_reading(module_repo) as repo:
+        snaps = remote_snapshots(repo)
+        kind_in = kind_finder(repo)
+        targets = []
+        for path in paths:
+            try:
+                targets.append(restoring.choose(snaps, path, snapshot=args.snapshot, at=at, kind_in=kind_in))
+            except LookupError:
+                raise remote_read.not_held(repo, snaps, path) from None
+        plan = restoring.plan_restore(targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
+        verb = "would restore" if args.dry_run else "restoring"
+        for item in plan.items:
+            print(f"{verb} {item.path} from {daemon.shown}: {_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}")
+        if not args.dry_run:
+            module = (daemon_options(module_repo.daemon), module_repo.daemon.url().rstrip("/"))
+            restoring.execute(plan, runner, commands.rsync, say=print, daemon=module)
+            print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
+    return EXIT_OK
+
+
 def _groups(uid: int) -> list[int]:
     """The groups of the user sudo was called by."""
     try:
@@ -1136,6 +1208,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = _load(args)
     runner = Runner()
     progress = _ProgressLine() if sys.stderr.isatty() and not args.quiet else None
+    on_server = _remote_reader(args, settings)
+    if on_server is not None:  # every file hashed again on the server (agent.engine.remote_read)
+        with opened_for_reading(on_server) as remote_repo:
+            names = verifier.choose(remote_repo.snapshot_names(), args.snapshot, args.all)
+            if not names:
+                empty = verifier.Report(remote_repo.root)
+                print(json.dumps(empty.as_json(), indent=2) if args.json else f"{remote_repo.root}: no snapshots yet, nothing to verify")
+                return EXIT_OK
+            report = remote_read.verify(remote_repo, names)
+        return _verify_report(args, report)
     _not_on_a_server(args)
     with access.open_repository(
         settings, runner, repository=args.repository, disk=args.disk, warn=log.warning, command="verify"
@@ -1150,6 +1232,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         finally:
             if progress is not None:
                 progress.clear()
+    return _verify_report(args, report)
+
+
+def _verify_report(args: argparse.Namespace, report: verifier.Report) -> int:
+    """The report as the user asked for it, and its exit status (the same for a local and a remote repository)."""
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:

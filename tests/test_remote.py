@@ -512,12 +512,13 @@ def test_a_lock_this_machine_left_is_taken_over_and_odd_entries_are_left_alone(s
     assert os.path.islink(repo / "snapshots" / "2026-01-03T00-00-00+0000") and os.path.isdir("/etc")
 
 
-@pytest.mark.parametrize("command", [["versions", "/etc/hosts"], ["diff"], ["verify"], ["restore", "/etc/hosts"]])
-def test_reading_commands_refuse_a_server_by_name(command: list[str], tmp_path: Path) -> None:
-    """They read snapshots as local trees: a repository on a server is exit 8 and says what to do, before any connection."""
+@pytest.mark.parametrize("command", [["versions", "/etc/hosts"], ["diff"], ["verify"], ["packages"]])
+def test_reading_commands_refuse_a_server_they_cannot_read_by_name(command: list[str], tmp_path: Path) -> None:
+    """An rsync daemon runs no command for versions, diff and verify, and packages reads local trees only:
+    exit 8 and what to do, before any connection (over ssh the first three work: tests/test_remote_read.py)."""
     config = tmp_path / "config.toml"
     config.write_text(FAST)
-    servers = ("rsync://nas.invalid/laptop",) if command[0] == "restore" else ("nas.invalid:/srv/backup", "rsync://nas.invalid/laptop")
+    servers = ("nas.invalid:/srv/backup", "rsync://nas.invalid/laptop") if command[0] == "packages" else ("rsync://nas.invalid/laptop",)
     for where in servers:
         status, _ = run(config, command[0], "--repository", where, *command[1:])
         assert status == EXIT_NOT_AVAILABLE

@@ -133,6 +133,10 @@ ALLOWED = [
     ["rotate", "--discard-unfinished", "--disk", "backup1"],
     ["open", "--json", "--disk", "backup1"],
     ["-q", "open", "--disk", "backup1"],
+    # reading a configured [[remote]] with root's key
+    ["verify", "--remote", "nas", "--all"],
+    ["versions", "--remote", "nas", "/etc/hosts"],
+    ["diff", "--json", "--remote", "nas"],
     # a disk opened with a passphrase the agent asked for, on standard input
     ["backup", "--json", "--disk", "backup1", "--passphrase-stdin"],
     ["open", "--json", "--disk", "backup1", "--passphrase-stdin"],
@@ -158,6 +162,7 @@ def test_every_form_the_sudo_rule_allows_passes_the_cli_door() -> None:
         (["rotate", "--hourly", "0"], "--hourly"),
         (["rotate", "--relaxed"], "--relaxed"),
         (["rotate", "--prefer-recent"], "--prefer-recent"),
+        (["restore", "--remote", "nas", "/etc/hosts"], "--remote"),  # writes without a disk restore's caller checks
         (["init", "--disk", "backup1", "--config", "/tmp/evil.toml"], "--config"),
         (["eject", "--json", "--disk", "backup1", "--config", "/tmp/evil.toml"], "--config"),
     ],

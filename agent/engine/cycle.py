@@ -566,7 +566,7 @@ class Cycle:
                 self._preload_manifest(self.repository, latest)  # read while rsync runs (docs/ARCHITECTURE.md, "One backup")
             partial_codes: list[int] = []
             each: list[dict[str, Any]] = []
-            written = rsync.Written() if begun.inplace else None  # the files rsync wrote, over every source
+            written = rsync.Written() if begun.inplace or self._lists_written() else None  # the files rsync wrote, over every source
             for index, (part, tree) in enumerate(opened):
                 result, stats = self._transfer_part(part, tree, begun, errors, (index, len(opened)), written)
                 if result.kind == "partial":
@@ -727,6 +727,11 @@ class Cycle:
             priority_prefix=(*tree.command_prefix, *self._priority()),
             inplace=begun.inplace,
         )
+
+    def _lists_written(self) -> bool:
+        """Whether the transfer's itemized files are gathered without a clone updated in place (a remote
+        manifest's shortcut when rsync wrote nothing, agent.engine.remote_read)."""
+        return False
 
     def _excluded_repository(self) -> str:
         """The local path the sources leave out (the repository, when it lies inside a source)."""

@@ -11,10 +11,9 @@ over ssh into ``snapshots/<name>.in-progress`` with ``--link-dest=../<latest>``,
 ``empty-trash`` removes it after the result was reported
 (docs/ARCHITECTURE.md, "Remote repositories").
 
-A remote snapshot has no manifest yet: hashing on the server would read
-every new file again over a slow disk, and reusing checksums by inode needs
-a listing no POSIX tool prints safely; its metadata says so, and ``verify``
-reports it unverified.
+A remote snapshot over ssh gets a manifest as a local one does, its new
+files hashed on the server (agent.engine.remote_read); on an rsync daemon,
+which runs no command for its client, its metadata says there is none.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from agent.core.errors import BackupAgentError, ConfigError, StepError
 from agent.core.events import Emitter
 from agent.core.commands import Runner
 from agent.disk.mount import disk_full
-from agent.engine import rsync
+from agent.engine import remote_read, rsync
 from agent.engine.cycle import Cycle, Request, rotation_plan
 from agent.engine.layouts import Begun
 from agent.engine.history import Snapshot
@@ -239,11 +238,16 @@ class RemoteCycle(Cycle):
             dry_run=self.request.dry_run,
             priority_prefix=(*tree.command_prefix, *self._priority()),
         )
+        # One line per file rsync wrote (rsync.Written): none at all lets the manifest be the previous one (_remote_manifest).
+        local = (local[0], "--itemize-changes", *local[1:])
         repo = self.remote_repository
         if isinstance(repo, DaemonRepository):
             url = repo.daemon.url(begun.target) + "/"
             return rsync.to_daemon(local, url=url, options=daemon_options(repo.daemon), link_dests=begun.link_dests)
         return rsync.over_ssh(local, shell=rsync_shell(self.remote, self.ssh), host=self.remote.host, link_dests=begun.link_dests)
+
+    def _lists_written(self) -> bool:
+        return True
 
     def _transfer_failure(self, returncode: int, stderr: tuple[str, ...]) -> BackupAgentError | None:
         if returncode == 0 or disk_full(stderr):
@@ -300,7 +304,7 @@ class RemoteCycle(Cycle):
                 duration=round((end - start).total_seconds(), 3),
                 flagged=self.outcome.flagged,
                 previous=previous,
-                manifest={"error": "not recorded: the repository is remote"},
+                manifest=self._remote_manifest(name, previous, metadata),
                 warnings=sorted(set(metadata.get("warnings", [])) | set(self.outcome.warnings)),
             )
             self.outcome.partial = bool(metadata.get("partial"))
@@ -309,6 +313,33 @@ class RemoteCycle(Cycle):
             done.update(snapshot=name, partial=self.outcome.partial, flagged=self.outcome.flagged, discarded=list(discarded))
         self.outcome.snapshot = name
         return name
+
+    def _remote_manifest(self, name: str, previous: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The snapshot's manifest, hashed on the server and uploaded before the rename (agent.engine.remote_read).
+
+        When rsync wrote no file and the snapshot holds as many as the previous manifest lists, it is the
+        previous snapshot's files themselves (hard links): the server copies that manifest (one call).
+        A failure is a warning, as locally: the snapshot completes without one and verify says so.
+        """
+        repo = self.remote_repository
+        if isinstance(repo, DaemonRepository):
+            return {"error": "not recorded: an rsync daemon runs no command for its client"}
+        try:
+            warned = [*metadata.get("warnings", []), *self.outcome.warnings]
+            before = repo.read_metadata(previous) if previous is not None else None
+            copied = remote_read.unchanged_manifest(previous, self._written.get(name), metadata, before, warned)
+            started = time.monotonic()
+            if previous is not None and copied is not None and remote_read.copy_manifest(repo, previous, name):
+                return {**copied, "duration": round(time.monotonic() - started, 3)}
+            recorded = remote_read.record_manifest(repo, name, previous)
+        except BackupAgentError as exc:
+            self._warn(f"snapshot {name} is completed without a manifest ({exc.message}): verify cannot check it")
+            return {"error": exc.message}
+        log.info(
+            "manifest of %s: %d files, %d hashed on the server, %d reused from %s, in %.2f s",
+            name, recorded["entries"], recorded["hashed_files"], recorded["reused_files"], previous, recorded["duration"],
+        )  # fmt: skip
+        return recorded
 
     def _remote_shrink_check(self, previous: str | None, metadata: dict[str, Any]) -> str | None:
         if previous is None:

@@ -355,10 +355,12 @@ def execute(
     say: Callable[[str], None],
     caller: int | None = None,
     remote: tuple[str, str] | None = None,
+    daemon: tuple[tuple[str, ...], str] | None = None,
 ) -> None:
     """Create the directories, move aside, run rsync for each item; CommandError on a failure, after
     putting back (or naming) what was moved aside. ``remote`` (the ssh command for rsync's ``-e``, the
-    host): the snapshots are paths on that server.
+    host): the snapshots are paths on that server. ``daemon`` (rsync's options for it, the module's
+    ``rsync://`` URL): the snapshots are paths in that rsync daemon's module.
 
     A new ``restored-<snapshot>`` is written only through its descriptor
     (:class:`_Private`); ``caller`` (through sudo) is who must own the
@@ -376,7 +378,7 @@ def execute(
             except OSError as exc:
                 raise StepError(f"cannot create {directory}: {exc.strerror}; {_done(plan, None)}", step="restore") from exc
         for planned in plan.items:
-            _restore_one(plan, planned, runner, rsync_program, say, private, hand_out=caller is not None, remote=remote)
+            _restore_one(plan, planned, runner, rsync_program, say, private, hand_out=caller is not None, remote=remote, daemon=daemon)
     except BaseException:
         for held in private.values():
             problem = _hand_over(held)
@@ -398,6 +400,7 @@ def _restore_one(
     *,
     hand_out: bool,
     remote: tuple[str, str] | None = None,
+    daemon: tuple[tuple[str, ...], str] | None = None,
 ) -> None:
     try:
         item = _move_aside(planned)
@@ -414,6 +417,9 @@ def _restore_one(
     if remote is not None:  # the snapshot is on a server (agent.engine.remote): rsync reads it over ssh
         shell, host = remote
         argv = (*argv[:-2], "-e", shell, f"{host}:{argv[-2]}", argv[-1])
+    if daemon is not None:  # the snapshot is in an rsync daemon's module: rsync reads it from there
+        options, module_url = daemon
+        argv = (*argv[:-2], *options, module_url + argv[-2], argv[-1])
     try:
         result = runner.run(
             argv, step="restore", exit_table=rsync.EXIT_TABLE, check=False, pass_fds=() if held is None else (held.fd,)

@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import socket
@@ -135,6 +136,10 @@ def daemon_options(daemon: Daemon) -> tuple[str, ...]:
 
 _LIST = re.compile(r"^(?P<type>[-dlcbps])[-rwxsStT]{9}[+.]?\s+[\d,.]+\s+\S+\s+\S+\s(?P<name>.+)$")
 _ESCAPE = re.compile(r"\\#([0-7]{3})")
+
+
+# parse_list's types as restore names them (agent.repository.remote.KINDS' values).
+LISTED_KINDS = {"-": "file", "d": "directory", "l": "symlink"}
 
 
 def parse_list(lines: Sequence[str]) -> list[tuple[str, str]]:
@@ -373,7 +378,24 @@ class DaemonRepository(RemoteRepository):
         )  # fmt: skip
 
     def kinds_at(self, rel: str, names: Sequence[str], *, step: str = "restore") -> dict[str, str]:
-        raise UsageError(f"restoring from an rsync daemon is not available in this version: copy from {self.root} with rsync", step=step)
+        """What each snapshot of ``names`` holds at ``rel``: the entry itself as ``--list-only --dirs`` lists it (one call each)."""
+        found: dict[str, str] = {}
+        wanted = posixpath.basename(rel.rstrip("/"))
+        for name in names:
+            lines: list[str] = []
+            url = self.daemon.url("snapshots", name, rel).rstrip("/")
+            full = (self.rsync, *daemon_options(self.daemon), "--list-only", "--dirs", url)
+            result = self.runner.run(full, step=step, mutating=False, check=False, on_stdout=lines.append)
+            if result.returncode == 23 and any("No such file or directory" in line for line in result.stderr_tail):
+                continue
+            if result.returncode != 0:
+                raise daemon_failure(self.daemon, result.stderr_tail, step=step, during=False) or CommandError(
+                    f"the listing of {self.root} failed ({result.meaning})", argv=result.argv, step=step
+                )
+            for kind, entry in parse_list(lines):
+                if entry == (wanted or name):
+                    found[name] = LISTED_KINDS.get(kind, "other")
+        return found
 
     # -- writing -------------------------------------------------------------
 
