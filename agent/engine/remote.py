@@ -238,8 +238,8 @@ class RemoteCycle(Cycle):
             dry_run=self.request.dry_run,
             priority_prefix=(*tree.command_prefix, *self._priority()),
         )
-        # One line per file rsync wrote (rsync.Written): none at all lets the manifest be the previous one (_remote_manifest).
-        local = (local[0], "--itemize-changes", *local[1:])
+        # build_argv's --itemize-changes gives one line per file rsync wrote (rsync.Written): none at all lets the
+        # manifest be the previous one (_remote_manifest). Given twice it would itemize every file.
         repo = self.remote_repository
         if isinstance(repo, DaemonRepository):
             url = repo.daemon.url(begun.target) + "/"
