@@ -479,17 +479,49 @@ def test_a_full_offsite_store_is_quota_exceeded_at_once_and_the_backup_succeeds(
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(store)], check=True)
     try:
         (world.source / "big.dat").write_bytes(os.urandom(12 * 1024 * 1024))
-        world.write_config(str(world.repository(store / "restic")))
+        # restic 0.14 now and then stops for good on the full store instead of retrying (seen here once in about
+        # fifteen runs, its status printing the same numbers): the stall watch ends that after stall_timeout.
+        world.write_config(str(world.repository(store / "restic")), stall_timeout="5s")
         assert world.cli("init", "--offsite", "far") == EXIT_OK
         started = time.monotonic()
         code, events = world.backup(capsys)
         assert code == EXIT_OK and world.newest_local().is_dir()
         failed = offsite_steps(events)[-1]
-        assert failed["state"] == "failed" and failed["reason"] == "quota" and failed["exit_code"] == EXIT_DISK_FULL
-        assert "quota exceeded" in failed["message"]
+        assert failed["state"] == "failed" and failed["reason"] in ("quota", "stalled")
+        if failed["reason"] == "quota":
+            assert failed["exit_code"] == EXIT_DISK_FULL and "quota exceeded" in failed["message"]
         assert time.monotonic() - started < 30, "restic's retries were waited out"
     finally:
         subprocess.run(["umount", str(store)], check=True)
+
+
+def test_a_restic_backup_that_stops_moving_is_stopped_and_the_backup_succeeds(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """restic 0.14 stuck after a backend error prints the same status for ever; a stand-in at the process boundary
+    (a script in restic's place that passes every other command to the real restic) prints exactly that."""
+    stuck = world.base / "restic-stuck"
+    status = json.dumps({"message_type": "status", "seconds_elapsed": 1, "percent_done": 1, "total_files": 3,
+                         "files_done": 3, "total_bytes": 10, "bytes_done": 10})
+    stuck.write_text(
+        "#!/bin/sh\n"
+        f'case " $* " in *" backup "*) while :; do echo \'{status}\'; sleep 0.2; done ;; esac\n'
+        'exec /usr/bin/restic "$@"\n'
+    )
+    stuck.chmod(0o755)
+    world.write_config(str(world.repository(world.base / "restic")), stall_timeout="2s")
+    with world.config.open("a") as config:
+        config.write(f'[commands]\nrestic = "{stuck}"\n')
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    started = time.monotonic()
+    code, events = world.backup(capsys)
+    assert code == EXIT_OK and world.newest_local().is_dir()
+    failed = offsite_steps(events)[-1]
+    assert failed["state"] == "failed" and failed["reason"] == "stalled" and failed["exit_code"] == EXIT_OFFSITE
+    assert "no progress" in failed["message"] and "3 files" in failed["message"]
+    assert time.monotonic() - started < 20
+    leftover = subprocess.run(["pgrep", "-f", str(stuck)], capture_output=True, text=True)
+    assert leftover.stdout == "", "the stuck restic was left running"
 
 
 @contextlib.contextmanager

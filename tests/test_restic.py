@@ -46,6 +46,15 @@ def test_the_version_line_and_the_minimum() -> None:
     assert restic.version_problem(restic.parse_version("rustic 1")) is not None
 
 
+def test_a_stall_is_the_same_status_for_the_whole_limit() -> None:
+    watch = restic.StallWatch(10)
+    moving = [restic.Status(percent=50.0, bytes_done=n, bytes_total=100, files_done=1, files_total=2, eta=None, errors=0,
+                            current=None, elapsed=None) for n in (10, 20, 20, 20, 20)]
+    seen = [watch.stalled(status, clock) for status, clock in zip(moving, (0.0, 5.0, 9.0, 14.9, 15.0))]
+    assert seen == [False, False, False, False, True]  # unchanged since 5.0: stalled at 15.0, not before
+    assert not watch.stalled(moving[0], 16.0)  # any change starts the count again
+
+
 def test_a_status_line_becomes_our_progress_fields() -> None:
     status = restic.parse_backup_line(STATUS)
     assert status == restic.Status(25.0, 1000, 4000, 10, 40, 6, 1, "/docs/a", 2.0)

@@ -226,6 +226,9 @@ Report = Union[MailReport, PingReport]
 DEFAULT_OFFSITE_INTERVAL: Final = 86400
 DEFAULT_PRUNE_INTERVAL: Final = 30 * 86400
 DEFAULT_CHECK_INTERVAL: Final = 7 * 86400
+# restic 0.14 can stop making progress for good after a backend error while still printing its
+# status (docs/ARCHITECTURE.md, "The off-site copy"): half an hour without any is taken for that.
+DEFAULT_OFFSITE_STALL: Final = 30 * 60
 DEFAULT_CHECK_PARTS: Final = 12
 
 
@@ -254,6 +257,7 @@ class Offsite:
     append_only: bool = False  # the server refuses deletion: forget and prune are the server owner's
     prune_interval: int = DEFAULT_PRUNE_INTERVAL
     check_interval: int = DEFAULT_CHECK_INTERVAL
+    stall_timeout: int = DEFAULT_OFFSITE_STALL  # seconds restic's backup may report no progress before it is stopped
     check_parts: int = DEFAULT_CHECK_PARTS  # N of --read-data-subset=k/N; 0: no reading of data
     pack_size: int | None = None  # MiB (restic --pack-size)
     limit_upload: int | None = None  # KiB/s (restic --limit-upload)

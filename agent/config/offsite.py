@@ -122,9 +122,11 @@ def _one(file: str, index: int, data: Mapping[str, Any], local: Scheme, names: s
         if not isinstance(host, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}", host, re.ASCII):
             fail(file, f"{prefix}.host", f"{got_type(host)}; expected a host name such as \"laptop\"")
         fields["host"] = host
-    for key in ("interval", "prune_interval", "check_interval"):
+    for key in ("interval", "prune_interval", "check_interval", "stall_timeout"):
         if key in data:
             seconds = v._duration(file, f"{prefix}.{key}", data[key])
+            if key == "stall_timeout" and seconds < 1:
+                fail(file, f"{prefix}.{key}", f'got {show(data[key])}; expected at least "1s" (how long restic may show no progress)')
             if key == "interval" and seconds > v.MAX_INTERVAL:
                 fail(file, f"{prefix}.{key}", f'got {show(data[key])}; expected at most "366d"')
             fields[key] = seconds

@@ -19,6 +19,7 @@ OFFSITE_KEYS: Final[tuple[str, ...]] = (
     "append_only",
     "prune_interval",
     "check_interval",
+    "stall_timeout",
     "check_parts",
     "pack_size",
     "limit_upload",

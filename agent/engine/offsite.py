@@ -459,6 +459,7 @@ class OffsiteCopy:
         summary: list[restic.Summary] = []
         problems: list[restic.Problem] = []
         last = [0.0]
+        watch = restic.StallWatch(offsite.stall_timeout)
 
         def on_stdout(line: str) -> None:
             parsed = restic.parse_backup_line(line)
@@ -469,6 +470,12 @@ class OffsiteCopy:
                 log.warning("off-site %s: could not read %s: %s", offsite.name, parsed.item, parsed.message)
             elif isinstance(parsed, restic.Status):
                 clock = time.monotonic()
+                if watch.stalled(parsed, clock):  # raised here, restic is stopped by the runner
+                    raise OffsiteError(
+                        f"off-site {offsite.name}: {restic.explain('stalled', [], '')} "
+                        f"({offsite.stall_timeout} s at {parsed.files_done} files, {parsed.bytes_done} bytes)",
+                        reason="stalled",
+                    )
                 if clock - last[0] >= 0.5:
                     last[0] = clock
                     self.emitter.emit(status_progress(parsed))

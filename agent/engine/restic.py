@@ -380,6 +380,31 @@ def parse_find(text: str) -> list[Match]:
     return found
 
 
+# -- a backup that stopped moving ------------------------------------------------
+
+class StallWatch:
+    """Whether ``restic backup`` still moves, from its status lines (the clock is given: tested without waiting).
+
+    restic 0.14 can stop for good after a backend error (a pack it could not
+    store) while its status goes on printing the same numbers twice a second:
+    the cycle would wait for ever with the disk open. The same numbers for
+    ``limit`` seconds are taken for that (docs/ARCHITECTURE.md, "The off-site copy").
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._seen: tuple[int, int, int | None, int | None, int] | None = None
+        self._since = 0.0
+
+    def stalled(self, status: Status, clock: float) -> bool:
+        """Take one status line seen at ``clock``; True once nothing has moved for ``limit`` seconds."""
+        key = (status.bytes_done, status.files_done, status.bytes_total, status.files_total, status.errors)
+        if key != self._seen:
+            self._seen, self._since = key, clock
+            return False
+        return clock - self._since >= self.limit
+
+
 # -- why it failed ------------------------------------------------------------------
 
 # (reason, what restic says, in lower case): the first that matches the stderr tail wins.
@@ -411,6 +436,7 @@ _ADVICE: Final[Mapping[str, str]] = {
     "quota": "the off-site storage is full (quota exceeded): free space there or raise the quota",
     "append-only": "the server refused to delete (an append-only repository): set append_only = true for it, pruning is its owner's",
     "no-parent": "the off-site snapshot given as the parent is not in the repository",
+    "stalled": "restic showed no progress for stall_timeout and was stopped; the next backup copies again",
     "no-repository": "there is no restic repository there yet: create it with backup-agent init --offsite NAME",
     "unreachable": "the off-site repository cannot be reached: check the network and the repository address",
 }
