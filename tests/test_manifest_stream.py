@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -172,3 +173,63 @@ def test_a_received_snapshots_manifest_is_made_from_the_stream_and_equals_a_walk
     subprocess.run(["btrfs", "property", "set", "-ts", str(kept), "ro", "true"], check=True)
     assert main(["verify", "-q", "--config", str(config), "--repository", str(repo), third]) != 0
     assert first != second
+
+
+def _mutations(source: Path) -> list[list[tuple[str, ...]]]:
+    """Rounds of changes that make btrfs send order renames through temporary names (swaps, nesting, replacing)."""
+    return [
+        [("swap", "a", "b"), ("write", "c/one", "1"), ("rename", "c", "a/c"), ("over", "d/x", "d/y")],
+        [("rmtree", "a"), ("file_for_dir", "b"), ("dir_for_file", "d/y"), ("rename", "e/f/g", "g"), ("chmod", "g/h")],
+        [("swap", "b", "g"), ("write", "b/h", "22"), ("link", "b/h", "e/h-too"), ("unlink", "e/f/k")],
+    ]
+
+
+def _apply(source: Path, change: tuple[str, ...]) -> None:
+    kind, *args = change
+    path = source / args[0]
+    if kind == "swap":
+        other = source / args[1]
+        path.rename(source / "swap-tmp")
+        other.rename(path)
+        (source / "swap-tmp").rename(other)
+    elif kind == "write":
+        path.write_text(args[1])
+    elif kind == "rename":
+        path.rename(source / args[1])
+    elif kind == "over":
+        path.rename(source / args[1])  # replaces the file there
+    elif kind == "rmtree":
+        shutil.rmtree(path)
+    elif kind == "file_for_dir":
+        shutil.rmtree(path)
+        path.write_text("now a file")
+    elif kind == "dir_for_file":
+        path.unlink()
+        path.mkdir()
+        (path / "inside").write_text("in the new directory")
+    elif kind == "chmod":
+        os.chmod(path, 0o640)
+    elif kind == "link":
+        os.link(path, source / args[1])
+    elif kind == "unlink":
+        path.unlink()
+
+
+@pytest.mark.integration
+def test_renames_through_temporary_names_give_the_walks_manifest(btrfs_dir: Path, tmp_path: Path, rsync_path: str) -> None:
+    source, repo = btrfs_dir / "src", btrfs_dir / "repo"
+    subprocess.run(["btrfs", "subvolume", "create", str(source)], check=True, capture_output=True)
+    config = tmp_path / "send.toml"
+    config.write_text(FAST_SEND)
+    for rel in ["a/1", "a/2", "b/1", "b/3", "c/one", "d/x", "d/y", "e/f/g/h", "e/f/k", "top"]:
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / rel).write_text(f"{rel}\n")
+    _backup(source, repo, config)
+    for number, changes in enumerate(_mutations(source)):
+        for change in changes:
+            _apply(source, change)
+        name, meta = _backup(source, repo, config)
+        recorded = meta["manifest"]
+        assert isinstance(recorded, dict) and recorded.get("from_stream") == "changes", (number, recorded)
+        made = manifests.load(str(repo / "metadata" / f"{name}.manifest"))
+        assert _sorted(made) == _sorted(_walked(repo / "snapshots" / name, tmp_path / f"walked-{number}.manifest")), number
