@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import os
 import stat
 import tempfile
@@ -257,24 +258,30 @@ def record_from_stream(
     added = sum(1 for lines in listing.lines.values() if len(lines) == 2)
     entries = checked.count - dropped + added
 
-    def chunks() -> Iterator[bytes]:
-        position = start
-        for begin, end in sorted(spans):
-            yield data[position:begin]
-            position = end
-        yield data[position:cut]
-        for lines in listing.lines.values():
-            yield b"".join(lines)
+    kept: list[tuple[int, int]] = []  # the parts of the parent's lines that stay
+    position = start
+    for begin, end in sorted(spans):
+        kept.append((position, begin))
+        position = end
+    kept.append((position, cut))
+    checksum = hashlib.new(manifests.ALGORITHM)
 
-    head = manifests.header()
-    own_hash = hashlib.new(manifests.ALGORITHM, head)
-    body = [head]
-    for chunk in chunks():
-        own_hash.update(chunk)
-        body.append(chunk)
-    own = f"{manifests.ALGORITHM}:{own_hash.hexdigest()}"
-    body.append(manifests.trailer(entries, own))
-    write_atomic(target, body, mode=0o600, durable=False)
+    def chunks() -> Iterator[bytes]:
+        """The manifest, hashed as it is written, in pieces of at most READ_SIZE: no second copy of it in memory."""
+        pieces: Iterator[bytes] = (
+            data[at : min(at + manifests.READ_SIZE, end)] for begin, end in kept for at in range(begin, end, manifests.READ_SIZE)
+        )
+        for piece in itertools.chain((manifests.header(),), pieces):
+            checksum.update(piece)
+            yield piece
+        for lines in listing.lines.values():
+            piece = b"".join(lines)
+            checksum.update(piece)
+            yield piece
+        yield manifests.trailer(entries, f"{manifests.ALGORITHM}:{checksum.hexdigest()}")
+
+    write_atomic(target, chunks(), mode=0o600, durable=False)
     return manifests.Recorded(
-        entries, listing.hashed_files, listing.hashed_bytes, entries - listing.hashed_files, own, time.monotonic() - started
+        entries, listing.hashed_files, listing.hashed_bytes, entries - listing.hashed_files,
+        f"{manifests.ALGORITHM}:{checksum.hexdigest()}", time.monotonic() - started,
     )
