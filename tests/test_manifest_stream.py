@@ -233,3 +233,29 @@ def test_renames_through_temporary_names_give_the_walks_manifest(btrfs_dir: Path
         assert isinstance(recorded, dict) and recorded.get("from_stream") == "changes", (number, recorded)
         made = manifests.load(str(repo / "metadata" / f"{name}.manifest"))
         assert _sorted(made) == _sorted(_walked(repo / "snapshots" / name, tmp_path / f"walked-{number}.manifest")), number
+
+
+@pytest.mark.integration
+def test_a_damaged_parent_manifest_or_a_large_change_falls_back_to_the_walk(
+    btrfs_dir: Path, tmp_path: Path, rsync_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.repository import manifest_stream
+
+    source, repo = btrfs_dir / "src", btrfs_dir / "repo"
+    subprocess.run(["btrfs", "subvolume", "create", str(source)], check=True, capture_output=True)
+    config = tmp_path / "send.toml"
+    config.write_text(FAST_SEND)
+    (source / "a").write_text("a\n")
+    first, _ = _backup(source, repo, config)
+    parent = repo / "metadata" / f"{first}.manifest"
+    parent.write_bytes(parent.read_bytes().replace(b" a\n", b" b\n"))  # no longer matches its own checksum
+    second, meta = _backup(source, repo, config)  # nothing changed: a clone would copy the damage
+    assert isinstance(meta["manifest"], dict) and "from_stream" not in meta["manifest"]
+    assert [e.path for e in manifests.load(str(repo / "metadata" / f"{second}.manifest")).entries] == [b"a"]
+
+    monkeypatch.setattr(manifest_stream, "MAX_SEARCHES", 0)
+    (source / "a").write_text("changed\n")
+    third, meta = _backup(source, repo, config)
+    assert isinstance(meta["manifest"], dict) and "from_stream" not in meta["manifest"]
+    made = manifests.load(str(repo / "metadata" / f"{third}.manifest"))
+    assert _sorted(made) == _sorted(_walked(repo / "snapshots" / third, tmp_path / "walked.manifest"))
