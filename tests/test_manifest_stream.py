@@ -147,6 +147,7 @@ def test_a_received_snapshots_manifest_is_made_from_the_stream_and_equals_a_walk
     os.setxattr(source / "xattr", "user.note", b"only the xattr")
     (source / "link").unlink()
     os.symlink("changed", source / "link")
+    (source / "odd\nname with space").write_text("odd, changed\n")  # the dump escapes it as odd\nname\ with\ space
     second, meta = _backup(source, repo, config)
 
     recorded = meta["manifest"]

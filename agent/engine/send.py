@@ -66,10 +66,15 @@ _DUMP_LINE = re.compile(r"^(?P<command>\S+)\s+(?P<path>(?:\\.|[^\s\\])+)(?P<rest
 _DUMP_DEST = re.compile(r"\bdest=(?P<path>(?:\\.|[^\s\\])+)")
 
 
+# The escapes btrfs-progs (6.2) prints for control characters with a C name.
+_C_ESCAPES = {"a": 7, "b": 8, "e": 27, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
+
+
 def _dump_path(token: str, prefix: str) -> bytes | None:
     """A path of ``btrfs receive --dump`` (``./<subvolume>/<path>``, escaped) as bytes relative to the subvolume.
 
-    btrfs escapes a space or a backslash with a backslash and any other byte
+    btrfs escapes a space or a backslash with a backslash, the control
+    characters C names (``\\n``, ``\\t``...) as C does, and any other byte
     that is not printable as ``\\ooo``; anything else after a backslash is
     not read, and None says so (the caller then trusts nothing of the dump).
     """
@@ -90,6 +95,9 @@ def _dump_path(token: str, prefix: str) -> bytes | None:
             index += 4
         elif text[index + 1 : index + 2] in (" ", "\\"):
             out += text[index + 1].encode("ascii")
+            index += 2
+        elif (control := _C_ESCAPES.get(text[index + 1 : index + 2])) is not None:
+            out.append(control)
             index += 2
         else:
             return None
