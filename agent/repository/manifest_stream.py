@@ -152,7 +152,6 @@ class _Listing:
     root: bytes
     reusable: dict[int, bytes]  # inode -> b"<digest> <size>" of cut lines whose file the stream did not write
     lines: dict[bytes, list[bytes]]
-    entries: int = 0
     hashed_files: int = 0
     hashed_bytes: int = 0
 
