@@ -117,13 +117,13 @@ def _walked(snapshot: Path, target: Path) -> manifests.Manifest:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("searches", [1000, 0], ids=["searched", "indexed"])
+@pytest.mark.parametrize("searches", [1000, 0], ids=["searched", "one-pass"])
 def test_a_received_snapshots_manifest_is_made_from_the_stream_and_equals_a_walk(
     btrfs_dir: Path, tmp_path: Path, rsync_path: str, monkeypatch: pytest.MonkeyPatch, searches: int
 ) -> None:
     from agent.repository import manifest_stream
 
-    monkeypatch.setattr(manifest_stream, "MAX_SEARCHES", searches)  # one search of the manifest per path, or one index
+    monkeypatch.setattr(manifest_stream, "MAX_SEARCHES", searches)  # one search of the manifest per path, or one pass over it
     source, repo = btrfs_dir / "src", btrfs_dir / "repo"
     subprocess.run(["btrfs", "subvolume", "create", str(source)], check=True, capture_output=True)
     config = tmp_path / "send.toml"
@@ -221,7 +221,7 @@ def _apply(source: Path, change: tuple[str, ...]) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("searches", [1000, 0], ids=["searched", "indexed"])
+@pytest.mark.parametrize("searches", [1000, 0], ids=["searched", "one-pass"])
 def test_renames_through_temporary_names_give_the_walks_manifest(
     btrfs_dir: Path, tmp_path: Path, rsync_path: str, monkeypatch: pytest.MonkeyPatch, searches: int
 ) -> None:

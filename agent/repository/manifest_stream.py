@@ -18,8 +18,8 @@ are found by inode in the previous manifest.
 
 The lines to cut are found by searching the previous manifest for each
 path (a few hundredths of a second for 500,000 files each); beyond
-``MAX_SEARCHES`` paths, through one index of every line by its path
-(about a second for 500,000 files), still no walk of the snapshot.
+``MAX_SEARCHES`` paths, in one pass over every line (about a second for
+500,000 files), still no walk of the snapshot.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Iterator
 from agent.core.files import write_atomic
 from agent.repository import manifest as manifests
 
-# Beyond this many paths, one index of the previous manifest costs less than a search of it per path.
+# Beyond this many paths, one pass over the previous manifest costs less than a search of it per path.
 MAX_SEARCHES = 24
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
@@ -124,25 +124,24 @@ _ANY_LINE = re.compile(
 )
 
 
-def _indexed(
+def _one_pass(
     data: bytes, start: int, cut: int, exact: set[bytes] | frozenset[bytes], below: set[bytes], before: bytes
 ) -> set[tuple[int, int]]:
-    """The lines of ``exact`` paths and of what the previous snapshot ``before`` holds below ``below``, through one index.
+    """The lines of ``exact`` paths and of what the previous snapshot ``before`` holds below ``below``, in one pass.
 
-    For a change too large to search the manifest once per path: every
-    line is indexed by its path once (about a second for 500,000 files),
-    and what was below a gone directory is listed from the previous
-    snapshot, so the rest follows the change.
+    For a change too large to search the manifest once per path: one
+    regular expression reads every line's path and keeps the wanted ones
+    (about a second for 500,000 files), and what was below a gone
+    directory is listed from the previous snapshot, so the rest follows
+    the change.
     """
-    index: dict[bytes, list[tuple[int, int]]] = {}
-    for match in _ANY_LINE.finditer(data, start, cut):
-        index.setdefault(match[1], []).append(match.span())
     wanted = set(exact)
     for top in below:
         others: list[tuple[bytes, os.DirEntry[bytes]]] = []
         wanted.update(top + b"/" + rel for rel, _ in manifests.walk_files(before + b"/" + top, others=others))
         wanted.update(top + b"/" + rel for rel, _ in others)
-    return {span for path in wanted for span in index.get(manifests.escape_path(path), ())}
+    escaped = {manifests.escape_path(path) for path in wanted}
+    return {line.span() for line in _ANY_LINE.finditer(data, start, cut) if line[1] in escaped}
 
 
 @dataclass
@@ -262,7 +261,7 @@ def record_from_stream(
         spans = {span for path in exact for span in find_lines(data, start, cut, path, below=False)}
         spans.update(span for path in directories for span in find_lines(data, start, cut, path, below=True))
     else:
-        spans = _indexed(data, start, cut, exact, directories, before)
+        spans = _one_pass(data, start, cut, exact, directories, before)
     reusable: dict[int, bytes] = {}
     dropped = 0
     for begin, end in spans:
