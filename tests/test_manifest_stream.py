@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -261,3 +262,17 @@ def test_a_damaged_parent_manifest_falls_back_to_the_walk(
     second, meta = _backup(source, repo, config)  # nothing changed: a clone would copy the damage
     assert isinstance(meta["manifest"], dict) and "from_stream" not in meta["manifest"]
     assert [e.path for e in manifests.load(str(repo / "metadata" / f"{second}.manifest")).entries] == [b"a"]
+
+    # A line its checksum vouches for (anyone who can write the disk can make one) but that is not
+    # one this writes: the walk, not a crash.
+    latest = repo / "metadata" / f"{second}.manifest"
+    data = latest.read_bytes()
+    head, cut = len(manifests.header()), data.rindex(b"# end ")
+    body = re.sub(rb"^([0-9a-f]{64} [0-9]+ )[0-9]+( a\n)", rb"\1zz\2", data[head:cut], flags=re.MULTILINE)
+    assert body != data[head:cut]
+    latest.write_bytes(manifests.render(body, 1)[0])
+    (source / "a").write_text("changed\n")
+    third, meta = _backup(source, repo, config)
+    assert isinstance(meta["manifest"], dict) and "from_stream" not in meta["manifest"]
+    made = manifests.load(str(repo / "metadata" / f"{third}.manifest"))
+    assert _sorted(made) == _sorted(_walked(repo / "snapshots" / third, tmp_path / "walked.manifest"))

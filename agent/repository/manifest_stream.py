@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from agent.core.errors import CorruptManifestError
 from agent.core.files import write_atomic
 from agent.repository import manifest as manifests
 
@@ -234,6 +235,22 @@ def record_from_stream(
     if changes.empty:
         _clone(previous_manifest, target, len(data))
         return manifests.Recorded(checked.count, 0, 0, checked.count, own, time.monotonic() - started)
+    try:
+        return _spliced(data, checked, snapshot, previous_snapshot, target, changes, started)
+    except (ValueError, IndexError) as exc:  # a line its own checksum vouches for, but not one this writes
+        raise CorruptManifestError(f"{previous_manifest}: a line cannot be read ({exc})") from None
+
+
+def _spliced(
+    data: bytes,
+    checked: manifests._Checked,
+    snapshot: str,
+    previous_snapshot: str,
+    target: str,
+    changes: StreamChanges,
+    started: float,
+) -> manifests.Recorded:
+    """record_from_stream for a stream that changed something: the parent's lines cut and the changed paths listed."""
     root, before = os.fsencode(snapshot), os.fsencode(previous_snapshot)
     gone = {p for p in changes.gone if _kind(before + b"/" + p) is not None}
     touched = {p for p in changes.touched if not _under(p, changes.fresh)}
