@@ -533,7 +533,11 @@ def test_what_an_incremental_stream_changed_is_read_from_its_dump() -> None:
     assert found is not None
     assert {b"dir2/a", b"b", b"newdir/we ird\xff"} <= found and b"gone" not in found
     assert not any(p.startswith(b"o26") for p in found)  # temporary names followed to their final ones
-    assert written_from_dump([r"update_extent ./new.in-progress/odd\n  offset=0 len=1"], "new.in-progress") is None
+    assert written_from_dump([r"update_extent ./new.in-progress/odd\q  offset=0 len=1"], "new.in-progress") is None
+    # Control characters as btrfs-progs prints them, C's escapes and octal.
+    assert written_from_dump([r"write ./new.in-progress/a\nb\tc\\d\ e\001f\377 offset=0 len=1"], "new.in-progress") == {
+        b"a\nb\tc\\d e\001f\377"
+    }
 
 
 def test_send_lists_what_it_changed(btrfs_dir: Path, tmp_path: Path, rsync_path: str) -> None:

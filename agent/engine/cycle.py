@@ -45,6 +45,7 @@ from agent.engine import offsite
 from agent.engine import send as sending
 from agent.engine.btrfs import BtrfsLayout, detect_layout, split_hard_links
 from agent.repository import manifest as manifests
+from agent.repository import manifest_stream
 from agent.repository import unfinished
 from agent.core.commands import Result, Runner, priority_prefix
 from agent.config.model import Disk, Settings, effective_excludes
@@ -201,6 +202,8 @@ class Cycle:
         # name -> (the snapshot its clone was made of, the files rsync wrote into it): the manifest's
         # reuse without a stat per file, in the btrfs layout (agent.repository.manifest._Writer._reuse).
         self._written: dict[str, tuple[str | None, frozenset[bytes]]] = {}
+        # name -> (its parent, what the send stream changed): the manifest from the parent's (_manifest_from_stream).
+        self._streamed: dict[str, tuple[str, manifest_stream.StreamChanges]] = {}
 
     # -- helpers ------------------------------------------------------------
 
@@ -546,6 +549,8 @@ class Cycle:
                 self._warn('method = "send" stores no command sources or package lists: a received snapshot is read-only')
             if sent.written is not None:
                 self._written[name] = (sent.parent, sent.written)
+            if sent.changes is not None and sent.parent is not None:
+                self._streamed[name] = (sent.parent, sent.changes)
             repo.write_metadata(name, sending.metadata(sent, start, self.source.path, __version__, self.outcome.warnings))
             done.update(snapshot=name, statistics={}, method="send", parent=sent.parent)
         self.outcome.snapshot = name
@@ -888,6 +893,8 @@ class Cycle:
         (its metadata says why), since losing a good snapshot over its
         checksums would be worse; the next snapshot then hashes every file.
         """
+        if (streamed := self._manifest_from_stream(repo, name, previous)) is not None:
+            return streamed
         started = time.monotonic()  # the step's cost includes reading the previous manifest
         known = manifests.Known()
         if previous is not None:
@@ -923,6 +930,31 @@ class Cycle:
             recorded.reused_files, previous if known.lines else "none", recorded.seconds,
         )
         return recorded.as_metadata(previous if known.lines else None)
+
+    def _manifest_from_stream(self, repo: Repository, name: str, previous: str | None) -> dict[str, Any] | None:
+        """A received snapshot's manifest from its parent's and the stream (agent.repository.manifest_stream).
+
+        None when it cannot be made so (the parent is not the latest, its
+        manifest is missing or damaged, the change is large): the caller walks.
+        """
+        parent, changes = self._streamed.get(name, (None, None))
+        if parent is None or changes is None or parent != previous:
+            return None
+        try:
+            recorded = manifest_stream.record_from_stream(
+                self._layout().transfer_path(name), repo.snapshot_path(parent), repo.manifest_path(parent),
+                repo.manifest_path(name), changes,
+            )
+        except (OSError, CorruptManifestError) as exc:
+            log.warning("the manifest of %s is not made from %s's and the stream (%s): it is walked", name, parent, exc)
+            return None
+        if recorded is None:
+            return None
+        log.info(
+            "manifest of %s from %s's and the stream: %d files, %d hashed (%s), in %.2f s",
+            name, parent, recorded.entries, recorded.hashed_files, human_size(recorded.hashed_bytes), recorded.seconds,
+        )
+        return {**recorded.as_metadata(parent), "from_stream": "clone" if changes.empty else "changes"}
 
     def _shrink_check(self, repo: Repository, previous: str | None, metadata: dict[str, Any]) -> str | None:
         if previous is None:

@@ -27,16 +27,18 @@ import datetime as dt
 import logging
 import os
 import re
+import signal
 import socket
 import stat
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from agent.core.commands import Runner
+from agent.core.commands import ExitTable, Runner
 from agent.core.errors import BackupAgentError, Interrupted, RepositoryError
 from agent.core.mounts import read_mountinfo
 from agent.engine.btrfs import SUBVOLUME_INODE, BtrfsLayout, filesystem_type, subvolume_delete_argv, subvolume_snapshot_argv
+from agent.repository.manifest_stream import StreamChanges
 from agent.repository.store import IN_PROGRESS, SNAPSHOTS, Repository
 
 log = logging.getLogger(__name__)
@@ -64,10 +66,15 @@ _DUMP_LINE = re.compile(r"^(?P<command>\S+)\s+(?P<path>(?:\\.|[^\s\\])+)(?P<rest
 _DUMP_DEST = re.compile(r"\bdest=(?P<path>(?:\\.|[^\s\\])+)")
 
 
+# The escapes btrfs-progs (6.2) prints for control characters with a C name.
+_C_ESCAPES = {"a": 7, "b": 8, "e": 27, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
+
+
 def _dump_path(token: str, prefix: str) -> bytes | None:
     """A path of ``btrfs receive --dump`` (``./<subvolume>/<path>``, escaped) as bytes relative to the subvolume.
 
-    btrfs escapes a space or a backslash with a backslash and any other byte
+    btrfs escapes a space or a backslash with a backslash, the control
+    characters C names (``\\n``, ``\\t``...) as C does, and any other byte
     that is not printable as ``\\ooo``; anything else after a backslash is
     not read, and None says so (the caller then trusts nothing of the dump).
     """
@@ -88,6 +95,9 @@ def _dump_path(token: str, prefix: str) -> bytes | None:
             index += 4
         elif text[index + 1 : index + 2] in (" ", "\\"):
             out += text[index + 1].encode("ascii")
+            index += 2
+        elif (control := _C_ESCAPES.get(text[index + 1 : index + 2])) is not None:
+            out.append(control)
             index += 2
         else:
             return None
@@ -131,6 +141,110 @@ def written_from_dump(lines: list[str], entry: str) -> frozenset[bytes] | None:
     return frozenset(written)
 
 
+# What a command of ``btrfs receive --dump`` does to the manifest's entries.
+_CREATES = frozenset({"mkfile", "mkdir", "mknod", "mkfifo", "mksock", "symlink", "link"})
+_REMOVES = frozenset({"unlink", "rmdir"})
+# Contents, size, mode or owner (what a manifest line records); xattrs and
+# file attributes are not recorded but are counted too: one more file listed anew.
+_CHANGES = frozenset({
+    "write", "clone", "truncate", "chmod", "chown", "update_extent", "encoded_write", "fallocate",
+    "set_xattr", "remove_xattr", "fileattr", "enable_verity",
+})
+_TIMES = frozenset({"utimes"})  # a manifest records no times
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0]
+
+
+def _under(path: bytes, top: bytes) -> bool:
+    return path == top or path.startswith(top + b"/")
+
+
+def changes_from_dump(lines: list[str], entry: str) -> StreamChanges | None:
+    """What an incremental stream (its ``receive --dump``) changed, in the terms of a manifest (pure).
+
+    The stream's paths are those of the tree as it is being changed
+    (btrfs moves entries through temporary ``o<inode>-<gen>-0`` names), so
+    each rename is followed: ``moved`` maps a path of the tree now to the
+    previous snapshot's path it holds (None: made by the stream), and the
+    entries a path held in the previous snapshot before it was removed,
+    renamed or replaced are ``gone``. A directory that gained or lost an
+    entry changed size: it is listed anew too. None when a line is not
+    understood: then nothing may be concluded from the stream.
+    """
+    prefix = f"./{entry}/"
+    moved: dict[bytes, bytes | None] = {}
+    gone: set[bytes] = set()
+    touched: set[bytes] = set()
+
+    def origin(path: bytes) -> bytes | None:
+        """The previous snapshot's path of what ``path`` holds now (None: made by the stream)."""
+        top = path
+        while top:
+            if top in moved:
+                base = moved[top]
+                return None if base is None else base + path[len(top):]
+            top = _parent(top)
+        return path
+
+    def rekey(source: bytes, dest: bytes) -> None:
+        nonlocal touched
+        for key in [k for k in moved if _under(k, source)]:
+            moved[dest + key[len(source):]] = moved.pop(key)
+        touched = {dest + p[len(source):] if _under(p, source) else p for p in touched}
+
+    def drop(path: bytes) -> None:
+        nonlocal touched
+        for key in [k for k in moved if _under(k, path)]:
+            del moved[key]
+        touched = {p for p in touched if not _under(p, path)}
+
+    for line in lines:
+        match = _DUMP_LINE.match(line)
+        if match is None:
+            return None
+        command = match["command"]
+        if command in ("snapshot", "subvol"):
+            continue
+        path = _dump_path(match["path"], prefix)
+        if path is None:
+            if match["path"] in (prefix, prefix.rstrip("/")) and (command in _TIMES or command in _CHANGES):
+                continue  # the subvolume's own directory: the manifest has no line for it
+            return None
+        if command in _TIMES:
+            continue
+        if command in _CHANGES:
+            touched.add(path)
+        elif command in _CREATES:
+            drop(path)
+            moved[path] = None
+            touched.add(_parent(path))
+        elif command in _REMOVES:
+            was = origin(path)
+            if was is not None:
+                gone.add(was)
+            drop(path)
+            touched.add(_parent(path))
+        elif command == "rename":
+            dest_match = _DUMP_DEST.search(match["rest"])
+            dest = _dump_path(dest_match["path"], prefix) if dest_match else None
+            if dest is None or _under(dest, path):
+                return None
+            was, replaced = origin(path), origin(dest)
+            for old in (was, replaced):
+                if old is not None:
+                    gone.add(old)
+            drop(dest)
+            rekey(path, dest)
+            moved[dest] = was
+            touched.update((_parent(path), _parent(dest)))
+        else:
+            return None
+    touched.discard(b"")
+    return StreamChanges(gone=frozenset(gone), fresh=frozenset(moved), touched=frozenset(touched))
+
+
 def choose_parent(snapshots: list[str], metadata: Callable[[str], dict[str, Any] | None], sent: set[str]) -> str | None:
     """The newest complete snapshot that was received from a source snapshot still on the source side (pure).
 
@@ -167,6 +281,8 @@ class Sent:
     record: dict[str, Any]
     # What the stream changed (written_from_dump), when it was incremental and read exactly.
     written: frozenset[bytes] | None = None
+    # The same, in a manifest's terms (changes_from_dump): the manifest is made from the previous one.
+    changes: StreamChanges | None = None
 
 
 def metadata(sent: Sent, start: dt.datetime, source: str, version: str, warnings: list[str]) -> dict[str, Any]:
@@ -226,6 +342,10 @@ def _send_directory(source: str, repository_id: str) -> Iterator[int]:
         os.close(fd)
 
 
+# Only read once receive succeeded (_pipe): a receive that failed raises its own error first.
+_SEND_EXIT: ExitTable = {0: ("ok", "success"), -signal.SIGPIPE: ("ok", "stopped by receive at the stream's end command")}
+
+
 def _pipe(
     runner: Runner,
     send: Callable[[int], tuple[str, ...]],
@@ -240,6 +360,11 @@ def _pipe(
     Each end reaches its process as /proc/self/fd/N. send runs in a thread;
     when it ends the write end is closed (receive sees the end), when
     receive ends the read end is closed (a send still writing stops).
+
+    receive stops at the stream's end command, and send may still write
+    after it (its last bytes): send killed by SIGPIPE then is no failure.
+    receive's success proves the stream whole: it cannot have seen the end
+    of the pipe while send held it open, so it read the end command.
     """
     read_end, write_end = os.pipe()
     failures: list[BaseException] = []
@@ -252,7 +377,7 @@ def _pipe(
 
     def sending() -> None:
         try:
-            runner.run(send(write_end), step=step, pass_fds=(write_end, *send_fds))
+            runner.run(send(write_end), step=step, pass_fds=(write_end, *send_fds), exit_table=_SEND_EXIT)
         except BaseException as exc:  # handed to the main thread, which raises it
             failures.append(exc)
         finally:
@@ -325,15 +450,18 @@ def send(
             with contextlib.suppress(OSError, BackupAgentError):
                 layout.delete([entry], step="transfer")
             raise
-        written = _changed(runner, btrfs, here, entry, parent_sent, side) if parent_sent else None
+        dump = _dump(runner, btrfs, here, entry, parent_sent, side) if parent_sent else None
+    written = written_from_dump(dump, entry) if dump is not None else None
+    changes = changes_from_dump(dump, entry) if dump is not None else None
     log.info("received %s from %s%s", entry, source, f" (parent {parent})" if parent else " (whole)")
-    return Sent(name, parent, {"snapshot": entry, "parent": parent, "whole": parent is None}, written)
+    return Sent(name, parent, {"snapshot": entry, "parent": parent, "whole": parent is None}, written, changes)
 
 
-def _changed(runner: Runner, btrfs: str, here: str, entry: str, parent: str, side: int) -> frozenset[bytes] | None:
+def _dump(runner: Runner, btrfs: str, here: str, entry: str, parent: str, side: int) -> list[str] | None:
     """What the incremental stream changed: its metadata alone (send --no-data) read by receive --dump.
 
-    Cheap (no file data), and it spares the manifest a stat of every file
+    Cheap (no file data), and it spares the manifest a walk of the snapshot
+    (agent.repository.manifest_stream), or at least a stat of every file
     (agent.repository.manifest._Writer._reuse). A failure only costs that.
     """
     lines: list[str] = []
@@ -352,4 +480,4 @@ def _changed(runner: Runner, btrfs: str, here: str, entry: str, parent: str, sid
     except BackupAgentError as exc:
         log.warning("what the stream changed could not be listed (%s): the manifest compares every file", exc)
         return None
-    return written_from_dump(lines, entry)
+    return lines
