@@ -429,14 +429,10 @@ exit $s
 """
 
 
-# $1 root, $2 a path relative to a snapshot, then snapshot names: what each holds there
-# (f, d, l, o), following no link below the snapshot, like the local lstat_in.
-HOLDS = r"""set -f
-cd -- "$1/snapshots" || exit 3
-rel=$2
-shift 2
-for n in "$@"; do
-  p=$n; ok=1; saved=$IFS; IFS=/
+# A loop body's first lines, for snapshot $n and the path $rel below it: $p the path, reached
+# without following a symbolic link on the way (like the local lstat_in), else the next $n.
+# Shared by HOLDS and remote_read's VERSIONS; $IFS is restored whatever the path holds.
+WALK_WITHOUT_LINKS = r"""  p=$n; ok=1; saved=$IFS; IFS=/
   for c in $rel; do
     IFS=$saved
     [ -n "$c" ] || continue
@@ -445,7 +441,16 @@ for n in "$@"; do
   done
   IFS=$saved
   [ $ok = 1 ] || continue
-  if [ -L "$p" ]; then echo "l $n"; elif [ -d "$p" ]; then echo "d $n"; elif [ -f "$p" ]; then echo "f $n"
+"""
+
+# $1 root, $2 a path relative to a snapshot, then snapshot names: what each holds there
+# (f, d, l, o), following no link below the snapshot, like the local lstat_in.
+HOLDS = r"""set -f
+cd -- "$1/snapshots" || exit 3
+rel=$2
+shift 2
+for n in "$@"; do
+""" + WALK_WITHOUT_LINKS + r"""  if [ -L "$p" ]; then echo "l $n"; elif [ -d "$p" ]; then echo "d $n"; elif [ -f "$p" ]; then echo "f $n"
   elif [ -e "$p" ]; then echo "o $n"; fi
 done
 """

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from agent.core.errors import CommandError
-from agent.repository.remote import RemoteRepository, connection_failure, script_argv
+from agent.repository.remote import WALK_WITHOUT_LINKS, RemoteRepository, connection_failure, script_argv
 
 # One line of stat per name: device, inode, raw mode (hex), uid, gid, size, mtime, ctime (seconds).
 STAT_FORMAT = "%d %i %f %u %g %s %Y %Z"
@@ -102,16 +102,7 @@ cd -- "$1/snapshots" || exit 3
 rel=$2; batch=$3
 shift 3
 for n do
-  p=$n; ok=1; saved=$IFS; IFS=/
-  for c in $rel; do
-    IFS=$saved
-    [ -n "$c" ] || continue
-    if [ -L "$p" ] || [ ! -d "$p" ]; then ok=0; break; fi
-    p="$p/$c"
-  done
-  IFS=$saved
-  [ $ok = 1 ] || continue
-  [ -e "$p" ] || [ -L "$p" ] || continue
+""" + WALK_WITHOUT_LINKS + r"""  [ -e "$p" ] || [ -L "$p" ] || continue
   printf 'S%s\0' "$n"
   if [ -L "$p" ]; then printf 'L%s\0' "$(readlink -- "$p")"; sh -c "$batch" sh "$p"; continue; fi
   if [ -d "$p" ]; then
