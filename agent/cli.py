@@ -42,6 +42,7 @@ from agent.config.model import Disk, Offsite, Settings, effective_excludes
 from agent.config.trust import running_through_sudo
 from agent.config.validate import check_exclude
 from agent.engine.btrfs import detect_layout
+from agent.engine.metered import NetworkManagerMetered
 from agent.engine.cycle import STEPS, Cycle, Outcome, Request, check_platform, human_size
 from agent.core.errors import (
     EXIT_DAMAGED,
@@ -569,7 +570,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     )
     try:
         with channels.reporting(chosen) as emitter:
-            outcome = Cycle(request, emitter, Runner(dry_run=args.dry_run)).run()
+            runner = Runner(dry_run=args.dry_run)  # busctl only reads: it runs in a dry run too
+            outcome = Cycle(request, emitter, runner, metered=NetworkManagerMetered(runner)).run()
     finally:
         if passphrase is not None:
             wipe(passphrase)

@@ -687,7 +687,7 @@ def test_a_dry_run_says_what_it_would_copy_and_a_copy_already_there_is_not_made_
 
 
 def test_the_metered_hook_holds_the_copy_back_unless_metered_is_allowed(world: World) -> None:
-    """The hook the conditions answer through (Cycle(metered=...)); today's CLI answers "not known"."""
+    """The hook the off-site copy asks (Cycle(metered=...)): the CLI passes NetworkManager's answer (agent.engine.metered)."""
     from agent.config.load import load_settings
     from agent.core.commands import Runner
     from agent.core.events import Emitter
@@ -710,6 +710,56 @@ def test_the_metered_hook_holds_the_copy_back_unless_metered_is_allowed(world: W
     world.next_second()
     [copied] = run(True)
     assert copied.state == "done"
+
+
+_NETWORKMANAGER = """
+import asyncio, sys
+from tests.helpers.desktop_services import serve_networkmanager
+
+async def main() -> None:
+    await serve_networkmanager(sys.argv[1], metered=int(sys.argv[2]))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def networkmanager(address: str, metered: int) -> Iterator[None]:
+    """NetworkManager's stand-in (its Metered property only) on a private system bus, in a process of its own."""
+    process = subprocess.Popen([sys.executable, "-c", _NETWORKMANAGER, address, str(metered)], cwd=Path(__file__).parent.parent,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_the_cycle_asks_networkmanager_whether_the_connection_is_metered(
+    world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real CLI, busctl and a private system bus; NetworkManager is a stand-in at the process boundary."""
+    from tests.test_dbus_control import private_bus
+
+    world.write_config(str(world.repository()))
+    assert world.cli("init", "--offsite", "far") == EXIT_OK
+    with private_bus("system") as system:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", system.address)
+        with networkmanager(system.address, 1):  # NMMetered 1: yes
+            code, events = world.backup(capsys)
+        assert code == EXIT_OK
+        held = offsite_steps(events)[-1]
+        assert held["state"] == "skipped" and "metered" in held["reason"]
+        world.next_second()
+        with networkmanager(system.address, 4):  # 4: guess-no
+            code, events = world.backup(capsys)
+        assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
+        world.next_second()
+        code, events = world.backup(capsys)  # no NetworkManager on the bus: not known, copied
+        assert code == EXIT_OK and offsite_steps(events)[-1]["state"] == "done"
 
 
 def test_a_stop_during_the_copy_ends_only_the_copy(world: World, capsys: pytest.CaptureFixture[str]) -> None:

@@ -46,6 +46,14 @@ def test_the_version_line_and_the_minimum() -> None:
     assert restic.version_problem(restic.parse_version("rustic 1")) is not None
 
 
+def test_networkmanagers_metered_values_read_from_busctl() -> None:
+    from agent.engine.metered import busctl_argv, parse_metered
+
+    assert [parse_metered(f"u {n}\n") for n in range(6)] == [None, True, False, True, False, None]
+    assert parse_metered("") is None and parse_metered("s \"1\"") is None and parse_metered("u x") is None
+    assert busctl_argv("/usr/bin/busctl")[1:3] == ("--system", "get-property") and busctl_argv()[-1] == "Metered"
+
+
 def test_a_stall_is_the_same_status_for_the_whole_limit() -> None:
     watch = restic.StallWatch(10)
     moving = [restic.Status(percent=50.0, bytes_done=n, bytes_total=100, files_done=1, files_total=2, eta=None, errors=0,
