@@ -456,7 +456,7 @@ def model_delay(failures: int, policy: Policy) -> float:
 
 @dataclass
 class Model:
-    """The rules as the brief states them, kept apart from the scheduler."""
+    """The rules as the issue states them, kept apart from the scheduler."""
 
     policy: Policy
     attached: bool
