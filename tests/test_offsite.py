@@ -183,17 +183,24 @@ def rclone_rest(directory: Path, *, append_only: bool = False) -> Iterator[str]:
     argv = [program, "serve", "restic", "--addr", f"127.0.0.1:{port}", str(directory)]
     if append_only:
         argv.insert(3, "--append-only")
+    with listening(argv, port, within=10):
+        yield f"rest:http://127.0.0.1:{port}/"
+
+
+@contextlib.contextmanager
+def listening(argv: list[str], port: int, *, within: float) -> Iterator[None]:
+    """A server started from ``argv``, once it accepts on 127.0.0.1:``port``; stopped (then killed) by its pid."""
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + within
         while True:
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
             if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("rclone serve restic did not start")
+                raise RuntimeError(f"{argv[0]} did not start listening on 127.0.0.1:{port}")
             time.sleep(0.05)
-        yield f"rest:http://127.0.0.1:{port}/"
+        yield
     finally:
         server.terminate()
         try:
@@ -599,26 +606,8 @@ def _moto_server() -> str:
 def s3_server() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 and a free port, its objects in memory; stopped by its pid."""
     port = free_port()
-    server = subprocess.Popen(
-        [_moto_server(), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.05)
+    with listening([_moto_server(), "-H", "127.0.0.1", "-p", str(port)], port, within=20):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def test_an_s3_repository_with_the_credentials_from_the_root_only_environment_file(
