@@ -1122,23 +1122,11 @@ def _restore_remote(
     runner = Runner()
     commands = settings.commands
     with opened_for_reading(RemoteRepository(remote, runner, ssh=commands.ssh, rsync=commands.rsync)) as repo:
-        snaps = remote_snapshots(repo)
-        kind_in = kind_finder(repo)
-        targets = []
-        for path in paths:
-            try:
-                targets.append(restoring.choose(snaps, path, snapshot=args.snapshot, at=at, kind_in=kind_in))
-            except LookupError:
-                raise history.not_held(snaps, path) from None
-        plan = restoring.plan_restore(targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
-        verb = "would restore" if args.dry_run else "restoring"
-        for item in plan.items:
-            print(f"{verb} {item.path} from {remote.login}:{_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}")
-        if not args.dry_run:
-            shared = (rsync_shell(repo.remote, commands.ssh), remote.host)
-            restoring.execute(plan, runner, commands.rsync, say=print, remote=shared)
-            print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
-    return EXIT_OK
+        shared = (rsync_shell(repo.remote, commands.ssh), remote.host)
+        return _restore_planned(
+            args, repo, paths, to=to, now=now, at=at, shown=f"{remote.login}:", not_held=history.not_held,
+            execute=lambda plan: restoring.execute(plan, runner, commands.rsync, say=print, remote=shared),
+        )
 
 
 def _restore_daemon(
@@ -1151,22 +1139,43 @@ def _restore_daemon(
     daemon = daemon_as_configured(settings, daemon)
     module_repo = DaemonRepository(daemon, runner, ssh=commands.ssh, rsync=commands.rsync)
     with opened_for_reading(module_repo) as repo:
-        snaps = remote_snapshots(repo)
-        kind_in = kind_finder(repo)
-        targets = []
-        for path in paths:
-            try:
-                targets.append(restoring.choose(snaps, path, snapshot=args.snapshot, at=at, kind_in=kind_in))
-            except LookupError:
-                raise remote_read.not_held(repo, snaps, path) from None
-        plan = restoring.plan_restore(targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
-        verb = "would restore" if args.dry_run else "restoring"
-        for item in plan.items:
-            print(f"{verb} {item.path} from {daemon.shown}: {_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}")
-        if not args.dry_run:
-            module = (daemon_options(module_repo.daemon), module_repo.daemon.url().rstrip("/"))
-            restoring.execute(plan, runner, commands.rsync, say=print, daemon=module)
-            print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
+        module = (daemon_options(module_repo.daemon), module_repo.daemon.url().rstrip("/"))
+        return _restore_planned(
+            args, repo, paths, to=to, now=now, at=at, shown=f"{daemon.shown}: ",
+            not_held=lambda snaps, path: remote_read.not_held(repo, snaps, path),
+            execute=lambda plan: restoring.execute(plan, runner, commands.rsync, say=print, daemon=module),
+        )
+
+
+def _restore_planned(
+    args: argparse.Namespace,
+    repo: RemoteRepository,
+    paths: list[str],
+    *,
+    to: str | None,
+    now: dt.datetime,
+    at: dt.datetime | None,
+    shown: str,
+    not_held: Callable[[list[history.Snapshot], str], UsageError],
+    execute: Callable[[restoring.Plan], None],
+) -> int:
+    """A restore from a server, the same over ssh and from a daemon: each path's snapshot chosen as locally,
+    the plan printed (``shown`` names the server), then ``execute`` runs rsync reading from it."""
+    snaps = remote_snapshots(repo)
+    kind_in = kind_finder(repo)
+    targets = []
+    for path in paths:
+        try:
+            targets.append(restoring.choose(snaps, path, snapshot=args.snapshot, at=at, kind_in=kind_in))
+        except LookupError:
+            raise not_held(snaps, path) from None
+    plan = restoring.plan_restore(targets, to=to, in_place=args.in_place, now=now, exists=os.path.lexists, is_dir=os.path.isdir)
+    verb = "would restore" if args.dry_run else "restoring"
+    for item in plan.items:
+        print(f"{verb} {item.path} from {shown}{_partial(item.snapshot, [item.snapshot] if item.partial else [])} to {item.result}")
+    if not args.dry_run:
+        execute(plan)
+        print(f"restored {len(plan.items)} path{'s' if len(plan.items) != 1 else ''}")
     return EXIT_OK
 
 
